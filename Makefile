@@ -1,0 +1,43 @@
+# sdqkd — every task a developer or CI runs. `make test` works on a fresh machine:
+# it installs the Debian packages, creates .venv and installs the pinned Python set.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SDQKD := $(VENV)/bin/sdqkd
+STAMP := $(VENV)/.sdqkd-installed
+# yanglint (libyang) validates instance data against the official modules in tests.
+DEBS := libyang-tools
+PYTEST_ARGS ?=
+
+.PHONY: all debs venv bindings lint-yang test demo clean
+
+all: test
+
+debs:
+	@tools/install-debs $(DEBS)
+
+$(STAMP): setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: debs $(STAMP)
+
+# Regenerate bindings/ from yang/ (never edit bindings/ by hand).
+bindings: venv
+	$(SDQKD) yang bindings
+
+lint-yang: venv
+	$(SDQKD) yang lint
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Bring up the MadQCI lab and fetch a relayed key.
+demo: venv
+	$(SDQKD) lab up lab/topologies/madqci.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .sdqkd
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""SDN controller: discovery, topology, path computation, transactional provisioning, gRPC."""

@@ -1,0 +1,1 @@
+"""Emulated QKD networks from sdqkd-lab topology files."""

@@ -1,0 +1,3 @@
+from sdqkd.cli import main
+
+main()

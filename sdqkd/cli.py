@@ -1,0 +1,56 @@
+"""The `sdqkd` command: one entry point for operators, the lab and CI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+
+from sdqkd import __version__, yangmodels
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sdqkd")
+def main() -> None:
+    """Software-defined QKD network: agents, controller and lab."""
+
+
+@main.group()
+def yang() -> None:
+    """The YANG modules in yang/ and the bindings made from them."""
+
+
+@yang.command("bindings")
+@click.option("--check", is_flag=True, help="Only report drift between bindings/ and yang/.")
+def yang_bindings(check: bool) -> None:
+    """Regenerate bindings/ with pyangbind (or check it is up to date)."""
+    if check:
+        problems = yangmodels.drift()
+        for p in problems:
+            click.echo(p, err=True)
+        if problems:
+            raise click.ClickException("bindings/ differs from what yang/ generates: run `make bindings`")
+        click.echo("bindings/ is up to date")
+        return
+    for name in yangmodels.generate():
+        click.echo(f"wrote bindings/{name}")
+
+
+@yang.command("lint")
+def yang_lint() -> None:
+    """Run `pyang --strict` over every module of yang/."""
+    files = [str(m.path) for m in yangmodels.modules().values()]
+    proc = subprocess.run(yangmodels.pyang_command("--strict", *files))
+    sys.exit(proc.returncode)
+
+
+@main.group()
+def lab() -> None:
+    """Emulated QKD networks on loopback."""
+
+
+@lab.command("up")
+@click.argument("topology", required=False)
+def lab_up(topology: str | None) -> None:
+    """Bring up a lab from a topology file."""
+    raise click.ClickException("`sdqkd lab up` is not yet implemented (issue: Lab)")

@@ -1,0 +1,1 @@
+"""Mapping between the controller's optical model and ONF Transport API objects."""

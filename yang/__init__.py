@@ -1,0 +1,1 @@
+"""YANG modules of sdqkd, shipped as package data (see sdqkd.yangmodels)."""
