@@ -1,0 +1,1 @@
+"""The agent's NETCONF datastores (running, candidate, startup) and what edits them."""

@@ -1,0 +1,209 @@
+"""<edit-config> operations (RFC 6241 section 7.2) applied to a datastore's XML.
+
+The datastore keeps canonical XML; an edit is applied to a copy, node by node,
+using the schema only to tell leaves, containers, list entries (by key) and
+leaf-list entries (by value) apart. The result is then type-checked by decoding it
+into the bindings (ModelSet.canonical) before it replaces anything.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+from lxml import etree
+
+from sdqkd.agents import errors
+from sdqkd.agents.datastore.model import ModelSet
+from sdqkd.yangschema import Schema, SchemaNode
+
+NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+OPERATION = f"{{{NC_NS}}}operation"
+OPERATIONS = ("merge", "replace", "create", "delete", "remove")
+DEFAULT_OPERATIONS = ("merge", "replace", "none")
+
+
+def apply_edit(
+    target: Iterable[etree._Element], config: etree._Element, models: ModelSet, default_operation: str = "merge"
+) -> list[etree._Element]:
+    """New top-level elements of a datastore after applying <config>'s children."""
+    if default_operation not in DEFAULT_OPERATIONS:
+        raise errors.protocol(errors.InvalidValue, f"unknown default-operation '{default_operation}'", info={"bad-element": "default-operation"})
+    holder = etree.Element("holder")
+    for el in target:
+        holder.append(copy.deepcopy(el))
+    for edit in config:
+        if not isinstance(edit.tag, str):
+            continue
+        q = etree.QName(edit)
+        model = models.model_for(q.namespace or "", q.localname)
+        if model is None:
+            known = (q.namespace or "") in models.namespaces()
+            cls = errors.UnknownElement if known else errors.UnknownNamespace
+            info = {"bad-element": q.localname}
+            if not known:
+                info["bad-namespace"] = q.namespace or ""
+            raise cls(f"unknown top-level element <{q.localname}>", path=f"/{q.localname}", info=info)
+        node = model.schema.root(q.namespace or "", q.localname)
+        assert node is not None
+        _Editor(model.schema).edit(holder, edit, node, default_operation, "")
+    return list(holder)
+
+
+class _Editor:
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+
+    def _path(self, parent_path: str, node: SchemaNode, el: etree._Element | None = None) -> str:
+        pfx = self.schema.prefixes.get(node.module, node.module)
+        path = f"{parent_path}/{pfx}:{node.name}"
+        if el is not None and node.keyword == "list":
+            for k in node.keys:
+                kel = _find_child(el, node.namespace, k)
+                if kel is not None:
+                    path += f"[{pfx}:{k}='{(kel.text or '').strip()}']"
+        elif el is not None and node.keyword == "leaf-list":
+            path += f"[.='{(el.text or '').strip()}']"
+        return path
+
+    def edit(self, parent: etree._Element, edit: etree._Element, node: SchemaNode, inherited: str, parent_path: str) -> None:
+        op = edit.get(OPERATION, inherited)
+        if op not in OPERATIONS and op != "none":
+            raise errors.BadElement(f"unknown operation '{op}'", path=self._path(parent_path, node), info={"bad-attribute": "operation", "bad-element": node.name})
+        if not node.config:
+            raise errors.InvalidValue(f"<{node.name}> is state data and cannot be edited", path=self._path(parent_path, node))
+        if node.keyword == "list":
+            self._check_keys(edit, node, parent_path)
+        existing = self._find(parent, edit, node)
+        path = self._path(parent_path, node, edit)
+
+        if op in ("delete", "remove"):
+            if existing is None:
+                if op == "delete":
+                    raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
+                return
+            parent.remove(existing)
+            return
+        if op == "create" and existing is not None:
+            raise errors.DataExists(f"<{node.name}> already exists", path=path)
+        if op in ("create", "replace"):
+            new = self._clean_copy(edit, node, path)
+            if existing is not None:
+                parent.replace(existing, new)
+            else:
+                parent.append(new)
+            return
+        # merge, or none (only walks down to find deeper operations)
+        if node.keyword in ("leaf", "leaf-list"):
+            if op == "none":
+                if existing is None:
+                    raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
+                return
+            new = self._clean_copy(edit, node, path)
+            if existing is not None:
+                parent.replace(existing, new)
+            else:
+                parent.append(new)
+            return
+        if existing is None:
+            if op == "none" and not _has_deeper_create(edit):
+                raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
+            existing = etree.SubElement(parent, edit.tag, nsmap=edit.nsmap)
+            if node.keyword == "list":
+                for k in node.keys:
+                    kel = _find_child(edit, node.namespace, k)
+                    assert kel is not None
+                    existing.append(_strip(_detach(kel)))
+        for sub in edit:
+            if not isinstance(sub.tag, str):
+                continue
+            q = etree.QName(sub)
+            ch = node.child(q.namespace or "", q.localname)
+            if ch is None:
+                raise _unknown(self.schema, q, path)
+            if node.keyword == "list" and ch.name in node.keys and ch.namespace == node.namespace:
+                if sub.get(OPERATION) in ("delete", "remove", "replace", "create"):
+                    raise errors.BadElement("a list key cannot be edited on its own", path=f"{path}/{ch.name}", info={"bad-element": ch.name})
+                continue
+            self.edit(existing, sub, ch, op, path)
+
+    def _check_keys(self, edit: etree._Element, node: SchemaNode, parent_path: str) -> None:
+        for k in node.keys:
+            if _find_child(edit, node.namespace, k) is None:
+                pfx = self.schema.prefixes.get(node.module, node.module)
+                raise errors.MissingElement(
+                    f"list entry <{node.name}> has no key <{k}>",
+                    path=f"{parent_path}/{pfx}:{node.name}/{pfx}:{k}",
+                    info={"bad-element": k},
+                )
+
+    def _find(self, parent: etree._Element, edit: etree._Element, node: SchemaNode) -> etree._Element | None:
+        for cand in parent:
+            if not isinstance(cand.tag, str) or cand.tag != edit.tag:
+                continue
+            if node.keyword == "list":
+                if all(
+                    self._value(_find_child(cand, node.namespace, k), node.child_by_name(k))
+                    == self._value(_find_child(edit, node.namespace, k), node.child_by_name(k))
+                    for k in node.keys
+                ):
+                    return cand
+            elif node.keyword == "leaf-list":
+                if self._value(cand, node) == self._value(edit, node):
+                    return cand
+            else:
+                return cand
+        return None
+
+    def _value(self, el: etree._Element | None, node: SchemaNode | None) -> str | None:
+        """Canonical text of a leaf for matching: identityrefs by namespace, not prefix."""
+        if el is None:
+            return None
+        text = (el.text or "").strip()
+        if node is not None and node.type is not None and "identityref" in node.type.bases():
+            pfx, _, name = text.rpartition(":")
+            ns = el.nsmap.get(pfx or None)
+            return f"{{{ns}}}{name}" if ns else name
+        return text
+
+    def _clean_copy(self, edit: etree._Element, node: SchemaNode, path: str) -> etree._Element:
+        """A subtree to store: operation attributes removed, but a nested delete or
+        remove inside create/replace makes no sense and is refused."""
+        new = _detach(edit)
+        for el in new.iter():
+            if not isinstance(el.tag, str):
+                continue
+            op = el.attrib.pop(OPERATION, None)
+            if el is not new and op in ("delete", "remove"):
+                raise errors.BadElement(f"'{op}' inside a '{edit.get(OPERATION, 'merge')}'", path=path, info={"bad-attribute": "operation"})
+        return new
+
+
+def _detach(el: etree._Element) -> etree._Element:
+    """A deep copy that keeps every namespace in scope: identityref values
+    ('pfx:NAME') use prefixes declared on ancestors, which a plain copy drops."""
+    new = etree.Element(el.tag, attrib=dict(el.attrib), nsmap=el.nsmap)
+    new.text, new.tail = el.text, None
+    for ch in el:
+        new.append(copy.deepcopy(ch))
+    return new
+
+
+def _has_deeper_create(el: etree._Element) -> bool:
+    return any(isinstance(d.tag, str) and d.get(OPERATION) in ("merge", "replace", "create") for d in el.iter())
+
+
+def _find_child(el: etree._Element, ns: str, name: str) -> etree._Element | None:
+    return el.find(f"{{{ns}}}{name}")
+
+
+def _strip(el: etree._Element) -> etree._Element:
+    el.attrib.pop(OPERATION, None)
+    return el
+
+
+def _unknown(schema: Schema, q: etree.QName, path: str) -> errors.RpcError:
+    if q.namespace and schema.module_of_namespace(q.namespace) is None:
+        return errors.UnknownNamespace(
+            f"namespace '{q.namespace}' is not supported", path=path, info={"bad-element": q.localname, "bad-namespace": q.namespace}
+        )
+    return errors.UnknownElement(f"unknown element <{q.localname}>", path=f"{path}/{q.localname}", info={"bad-element": q.localname})

@@ -1,0 +1,87 @@
+"""Which YANG modules an agent serves, and the bindings that hold and validate their data."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from sdqkd import yangcodec
+from sdqkd.yangschema import Schema, SchemaNode, load
+
+
+@dataclass(frozen=True)
+class Model:
+    """A module with top-level data, its compiled schema and its pyangbind root class."""
+
+    module: str
+    schema: Schema
+    factory: Callable[[], Any]
+
+
+class ModelSet:
+    """The data models of one server: routes top-level elements to their bindings."""
+
+    def __init__(self, models: Iterable[Model]) -> None:
+        self.models = {m.module: m for m in models}
+        self._roots: dict[tuple[str, str], Model] = {}
+        self.prefixes: dict[str, str] = {}  # prefix -> namespace, for error-path
+        for m in self.models.values():
+            for key in m.schema.roots:
+                self._roots[key] = m
+            for mod, ns in m.schema.namespaces.items():
+                self.prefixes[m.schema.prefixes[mod]] = ns
+
+    def model_for(self, namespace: str, name: str) -> Model | None:
+        return self._roots.get((namespace, name))
+
+    def root_node(self, namespace: str, name: str) -> SchemaNode | None:
+        m = self.model_for(namespace, name)
+        return m.schema.root(namespace, name) if m else None
+
+    def namespaces(self) -> set[str]:
+        return {ns for m in self.models.values() for ns in m.schema.namespaces.values()}
+
+    def empty(self) -> dict[str, Any]:
+        return {name: m.factory() for name, m in self.models.items()}
+
+    def load(self, elements: Iterable[etree._Element], *, config_only: bool = True) -> dict[str, Any]:
+        """Decode top-level elements into fresh bindings (type-checks everything)."""
+        roots = self.empty()
+        for el in elements:
+            if not isinstance(el.tag, str):
+                continue
+            q = etree.QName(el)
+            m = self.model_for(q.namespace or "", q.localname)
+            if m is None:
+                known = any(q.namespace == ns for ns in self.namespaces())
+                kind = "unknown-element" if known else "unknown-namespace"
+                raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
+            yangcodec.decode_xml([el], roots[m.module], m.schema, config_only=config_only)
+        return roots
+
+    def dump(self, roots: dict[str, Any], *, config_only: bool) -> list[etree._Element]:
+        out: list[etree._Element] = []
+        for name, m in self.models.items():
+            out.extend(yangcodec.encode_xml(roots[name], m.schema, config_only=config_only))
+        return out
+
+    def canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
+        """Type-checked config in schema order: what a datastore keeps."""
+        return self.dump(self.load(elements), config_only=True)
+
+
+@functools.lru_cache(maxsize=None)
+def agent_models() -> ModelSet:
+    """The modules every sdqkd agent serves."""
+    from sdqkd.bindings.etsi_qkd_sdn_node import etsi_qkd_sdn_node
+    from sdqkd.bindings.sdqkd_optical_switch import sdqkd_optical_switch
+
+    return ModelSet(
+        [
+            Model("etsi-qkd-sdn-node", load("etsi-qkd-sdn-node"), etsi_qkd_sdn_node),
+            Model("sdqkd-optical-switch", load("sdqkd-optical-switch"), sdqkd_optical_switch),
+        ]
+    )

@@ -1,0 +1,316 @@
+"""running, candidate and startup, their locks, and the commit pipeline.
+
+A commit is sysrepo's two-phase shape: validate (YANG types, semantic checks, then
+Driver.check on every change), then apply per driver; if one apply fails, the
+changes already applied are undone with their inverse and running stays as it was.
+A confirmed commit (RFC 6241 8.4) keeps the previous running until confirmed, and
+rolls back when the timeout fires, or when the session that made it ends (unless
+it was given a persist id).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from sdqkd.agents import errors
+from sdqkd.agents.datastore import diff, edit, validate
+from sdqkd.agents.datastore.model import ModelSet
+from sdqkd.agents.drivers.base import Change, Driver, DriverError
+from sdqkd.yangcodec import CodecError
+
+log = logging.getLogger(__name__)
+
+NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+TARGETS = ("running", "candidate", "startup")
+
+
+@dataclass
+class _Confirmed:
+    previous: list[etree._Element]
+    session_id: int
+    persist: str | None
+    timer: threading.Timer
+
+
+class Datastores:
+    """The three configuration datastores of one agent."""
+
+    def __init__(
+        self,
+        models: ModelSet,
+        facts: validate.NodeFacts,
+        drivers: Iterable[Driver] = (),
+        startup_path: Path | None = None,
+        initial: Iterable[etree._Element] = (),
+        on_commit: Callable[[list[Change]], None] | None = None,
+    ) -> None:
+        self.models = models
+        self.facts = facts
+        self.drivers = list(drivers)
+        self.startup_path = startup_path
+        self.on_commit = on_commit
+        self.lock = threading.RLock()
+        self.locks: dict[str, int] = {}
+        self.candidate_dirty_by: int | None = None
+        self.confirmed: _Confirmed | None = None
+        base = list(initial)
+        if startup_path is not None and startup_path.exists():
+            base = self._read_file(startup_path)
+        self.running: list[etree._Element] = []
+        self._commit(base, session_id=0)
+        self.startup: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
+        self.candidate: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
+
+    # --- reading -----------------------------------------------------------------
+
+    def get(self, target: str) -> list[etree._Element]:
+        with self.lock:
+            return [copy.deepcopy(e) for e in self._store(target)]
+
+    def running_roots(self) -> dict[str, Any]:
+        with self.lock:
+            return self.models.load(self.running)
+
+    def _store(self, target: str) -> list[etree._Element]:
+        if target not in TARGETS:
+            raise errors.protocol(errors.BadElement, f"unknown datastore '{target}'", info={"bad-element": target})
+        return getattr(self, target)
+
+    # --- locks (RFC 6241 7.5) ----------------------------------------------------
+
+    def lock_target(self, target: str, session_id: int) -> None:
+        with self.lock:
+            self._store(target)
+            holder = self.locks.get(target)
+            if holder:
+                raise errors.LockDenied(f"{target} is locked by session {holder}", info={"session-id": str(holder)})
+            if target == "candidate" and self.candidate_dirty_by is not None:
+                raise errors.LockDenied("candidate has uncommitted changes", info={"session-id": "0"})
+            if target == "running" and self.confirmed is not None and self.confirmed.session_id != session_id:
+                raise errors.LockDenied("a confirmed commit is pending", info={"session-id": str(self.confirmed.session_id)})
+            self.locks[target] = session_id
+
+    def unlock_target(self, target: str, session_id: int) -> None:
+        with self.lock:
+            self._store(target)
+            holder = self.locks.get(target)
+            if holder != session_id:
+                raise errors.OperationFailed(f"{target} is not locked by this session", info={"session-id": str(holder or 0)})
+            del self.locks[target]
+            if target == "candidate" and self.candidate_dirty_by == session_id:
+                self.candidate = [copy.deepcopy(e) for e in self.running]  # RFC 6241 8.3.5.2
+                self.candidate_dirty_by = None
+
+    def _check_writable(self, target: str, session_id: int) -> None:
+        holder = self.locks.get(target)
+        if holder and holder != session_id:
+            raise errors.InUse(f"{target} is locked by session {holder}", info={"session-id": str(holder)})
+
+    def session_ended(self, session_id: int) -> None:
+        """Release what a closing session held (RFC 6241 7.5 and 8.4.1)."""
+        with self.lock:
+            for target in [t for t, s in self.locks.items() if s == session_id]:
+                self.unlock_target(target, session_id)
+            c = self.confirmed
+            if c is not None and c.session_id == session_id and c.persist is None:
+                self._rollback("session ended before confirming")
+
+    # --- editing -----------------------------------------------------------------
+
+    def edit(self, target: str, config: etree._Element, session_id: int, default_operation: str = "merge", test_option: str = "test-then-set") -> None:
+        with self.lock:
+            if target not in ("running", "candidate"):
+                raise errors.protocol(errors.BadElement, f"edit-config cannot target '{target}'", info={"bad-element": target})
+            self._check_writable(target, session_id)
+            new = edit.apply_edit(self._store(target), config, self.models, default_operation)
+            if test_option == "test-only":
+                self.check(new)
+                return
+            if target == "running":
+                self._commit(new, session_id)
+            else:
+                self.candidate = self._canonical(new)
+                self.candidate_dirty_by = session_id
+
+    def copy(self, source: list[etree._Element], target: str, session_id: int) -> None:
+        with self.lock:
+            self._check_writable(target, session_id)
+            if target == "running":
+                self._commit(source, session_id)
+            elif target == "candidate":
+                self.candidate = self._canonical(source)
+                self.candidate_dirty_by = session_id
+            elif target == "startup":
+                self.startup = self._canonical(source)
+                self._save_startup()
+            else:
+                self._store(target)
+
+    def delete_startup(self, session_id: int) -> None:
+        with self.lock:
+            self._check_writable("startup", session_id)
+            self.startup = []
+            if self.startup_path is not None and self.startup_path.exists():
+                self.startup_path.unlink()
+
+    def discard_changes(self, session_id: int) -> None:
+        with self.lock:
+            self._check_writable("candidate", session_id)
+            self.candidate = [copy.deepcopy(e) for e in self.running]
+            self.candidate_dirty_by = None
+
+    # --- validation and commit ---------------------------------------------------
+
+    def _canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
+        try:
+            return self.models.canonical(elements)
+        except CodecError as exc:
+            raise errors.from_codec(exc) from None
+
+    def check(self, elements: Iterable[etree._Element]) -> tuple[dict[str, Any], list[Change]]:
+        """Full validation of a would-be running config; the changes it implies."""
+        try:
+            roots = self.models.load(list(elements))
+        except CodecError as exc:
+            raise errors.from_codec(exc) from None
+        problems = validate.validate(roots, self.facts)
+        if problems:
+            raise errors.RpcErrors(problems)
+        current = self.models.load(self.running) if self.running else self.models.empty()
+        changes = diff.changes(current, roots, self.models)
+        failures: list[errors.RpcError] = []
+        for change in changes:
+            driver = self._driver_for(change)
+            if driver is None:
+                continue
+            try:
+                driver.check(change)
+            except DriverError as exc:
+                failures.append(errors.from_driver(exc.reason, exc.message, _change_path(change)))
+        if failures:
+            raise errors.RpcErrors(failures)
+        return roots, changes
+
+    def validate_target(self, target: str) -> None:
+        with self.lock:
+            self.check(self._store(target))
+
+    def _driver_for(self, change: Change) -> Driver | None:
+        return next((d for d in self.drivers if d.handles(change)), None)
+
+    def _commit(self, elements: Iterable[etree._Element], session_id: int) -> None:
+        roots, changes = self.check(elements)
+        done: list[tuple[Driver, Change]] = []
+        for change in changes:
+            driver = self._driver_for(change)
+            if driver is None:
+                continue
+            try:
+                driver.apply(change)
+                done.append((driver, change))
+            except Exception as exc:  # noqa: BLE001 - any device failure rolls back
+                log.error("apply failed on %s %s: %s", change.kind, change.key, exc)
+                for drv, ch in reversed(done):
+                    try:
+                        drv.apply(ch.inverse())
+                    except Exception:  # noqa: BLE001
+                        log.exception("rollback of %s %s failed", ch.kind, ch.key)
+                reason = exc.reason if isinstance(exc, DriverError) else "operation-failed"
+                message = exc.message if isinstance(exc, DriverError) else "the device failed to apply the change"
+                raise errors.from_driver(reason, message, _change_path(change)) from None
+        self.running = self.models.dump(roots, config_only=True)
+        if self.on_commit is not None and changes:
+            try:
+                self.on_commit(changes)
+            except Exception:  # noqa: BLE001 - listeners never undo a commit
+                log.exception("commit listener failed")
+
+    def commit(self, session_id: int, *, confirmed: bool = False, timeout: int = 600, persist: str | None = None, persist_id: str | None = None) -> None:
+        """candidate -> running; confirmed=True starts or extends a confirmed commit."""
+        with self.lock:
+            self._check_writable("running", session_id)
+            pending = self.confirmed
+            if pending is not None:
+                if pending.persist is not None and persist_id != pending.persist:
+                    if persist_id is None and pending.session_id != session_id:
+                        raise errors.InUse("a persistent confirmed commit is pending; give its persist-id")
+                    if persist_id is not None:
+                        raise errors.InvalidValue("persist-id does not match the pending confirmed commit", info={"bad-element": "persist-id"})
+                if pending.persist is None and pending.session_id != session_id:
+                    raise errors.InUse("another session's confirmed commit is pending", info={"session-id": str(pending.session_id)})
+            elif persist_id is not None:
+                raise errors.InvalidValue("no confirmed commit is pending", info={"bad-element": "persist-id"})
+            previous = pending.previous if pending else [copy.deepcopy(e) for e in self.running]
+            self._commit(self.candidate, session_id)
+            self.candidate_dirty_by = None
+            if pending is not None:
+                pending.timer.cancel()
+                self.confirmed = None
+            if confirmed:
+                timer = threading.Timer(timeout, self._timeout)
+                timer.daemon = True
+                self.confirmed = _Confirmed(previous, session_id, persist, timer)
+                timer.start()
+
+    def cancel_commit(self, session_id: int, persist_id: str | None = None) -> None:
+        with self.lock:
+            c = self.confirmed
+            if c is None:
+                raise errors.OperationFailed("no confirmed commit is pending")
+            if c.persist is not None and persist_id != c.persist:
+                raise errors.InvalidValue("persist-id does not match", info={"bad-element": "persist-id"})
+            if c.persist is None and c.session_id != session_id:
+                raise errors.InUse("the confirmed commit belongs to another session", info={"session-id": str(c.session_id)})
+            self._rollback("cancel-commit")
+
+    def _timeout(self) -> None:
+        with self.lock:
+            if self.confirmed is not None:
+                self._rollback("confirm-timeout expired")
+
+    def _rollback(self, why: str) -> None:
+        c = self.confirmed
+        assert c is not None
+        c.timer.cancel()
+        self.confirmed = None
+        log.warning("rolling back confirmed commit: %s", why)
+        self._commit(c.previous, session_id=0)
+        self.candidate = [copy.deepcopy(e) for e in self.running]
+        self.candidate_dirty_by = None
+
+    # --- startup file -------------------------------------------------------------
+
+    def _read_file(self, path: Path) -> list[etree._Element]:
+        root = etree.parse(str(path)).getroot()
+        return [el for el in root if isinstance(el.tag, str)]
+
+    def _save_startup(self) -> None:
+        if self.startup_path is None:
+            return
+        doc = etree.Element(f"{{{NC_NS}}}config", nsmap={None: NC_NS})
+        for el in self.startup:
+            doc.append(copy.deepcopy(el))
+        data = etree.tostring(doc, pretty_print=True, xml_declaration=True, encoding="UTF-8")
+        self.startup_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.startup_path.parent, prefix=".startup-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.startup_path)
+
+
+def _change_path(change: Change) -> str:
+    if change.kind == "qkd-link":
+        return f"/etsi-qkdn:qkd_node/etsi-qkdn:qkd_links/etsi-qkdn:qkd_link[etsi-qkdn:qkdl_id='{change.key}']"
+    sw, _, port = change.key.partition("/")
+    return f"/sdqkd-osw:optical-switches/sdqkd-osw:switch[sdqkd-osw:name='{sw}']/sdqkd-osw:cross-connect[sdqkd-osw:port-a='{port}']"
