@@ -173,6 +173,22 @@ class AccessDenied(RpcError):
     tag: str = "access-denied"
 
 
+@dataclass
+class MissingAttribute(RpcError):
+    """An expected attribute (message-id) is absent."""
+
+    error_type: str = "rpc"
+    tag: str = "missing-attribute"
+
+
+@dataclass
+class BadAttribute(RpcError):
+    """An attribute with a wrong value (an unknown operation)."""
+
+    error_type: str = "protocol"
+    tag: str = "bad-attribute"
+
+
 class RpcErrors(Exception):
     """Several rpc-errors for one request (validation collects them all)."""
 

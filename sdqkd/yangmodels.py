@@ -59,6 +59,12 @@ BINDING_SETS: tuple[BindingSet, ...] = (
     ),
 )
 
+# Modules served without bindings, and why.
+UNBOUND: dict[str, str] = {
+    "ietf-netconf-monitoring": "pyangbind cannot map instance-identifier; the agent builds "
+    "its state as XML and tests check it with yanglint",
+}
+
 _INIT = '''"""Python classes generated from yang/ by pyangbind (`make bindings`).
 
 Generated, never edited by hand: tests/test_bindings.py regenerates them and fails
@@ -76,6 +82,11 @@ def modules() -> dict[str, YangModule]:
             raise ValueError(f"{path}: not a 'name@revision.yang' file name")
         found[m["name"]] = YangModule(m["name"], m["rev"], path)
     return found
+
+
+def imports(module: YangModule) -> list[str]:
+    """Names of the modules `module` imports."""
+    return re.findall(r"^\s*import\s+([A-Za-z0-9_.-]+)", module.path.read_text(encoding="utf-8"), re.M)
 
 
 def module_path(name: str) -> Path:

@@ -68,7 +68,7 @@ class _Editor:
     def edit(self, parent: etree._Element, edit: etree._Element, node: SchemaNode, inherited: str, parent_path: str) -> None:
         op = edit.get(OPERATION, inherited)
         if op not in OPERATIONS and op != "none":
-            raise errors.BadElement(f"unknown operation '{op}'", path=self._path(parent_path, node), info={"bad-attribute": "operation", "bad-element": node.name})
+            raise errors.BadAttribute(f"unknown operation '{op}'", path=self._path(parent_path, node), info={"bad-attribute": "operation", "bad-element": node.name})
         if not node.config:
             raise errors.InvalidValue(f"<{node.name}> is state data and cannot be edited", path=self._path(parent_path, node))
         if node.keyword == "list":

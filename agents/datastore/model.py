@@ -28,11 +28,23 @@ class ModelSet:
         self.models = {m.module: m for m in models}
         self._roots: dict[tuple[str, str], Model] = {}
         self.prefixes: dict[str, str] = {}  # prefix -> namespace, for error-path
+        self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
         for m in self.models.values():
             for key in m.schema.roots:
                 self._roots[key] = m
             for mod, ns in m.schema.namespaces.items():
                 self.prefixes[m.schema.prefixes[mod]] = ns
+            todo = list(m.schema.roots.values())
+            while todo:
+                node = todo.pop()
+                if node.keyword == "list":
+                    self._keys[(node.namespace, node.name)] = node.keys
+                todo.extend(node.children.values())
+
+    def list_keys(self, el: etree._Element) -> tuple[str, ...]:
+        """Key leaf names of a list entry element (empty for anything else)."""
+        q = etree.QName(el)
+        return self._keys.get((q.namespace or "", q.localname), ())
 
     def model_for(self, namespace: str, name: str) -> Model | None:
         return self._roots.get((namespace, name))

@@ -1,0 +1,129 @@
+"""RFC 5277 event notifications: subscriptions, filtering, and a bounded replay log."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from sdqkd.agents import errors
+from sdqkd.agents.datastore import subtree
+
+log = logging.getLogger(__name__)
+
+NOTIF_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+NETMOD_NOTIF_NS = "urn:ietf:params:xml:ns:netmod:notification"
+STREAM = "NETCONF"
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def format_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str, what: str) -> dt.datetime:
+    """RFC 3339 date-and-time (yang:date-and-time)."""
+    try:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.protocol(errors.InvalidValue, f"{what} '{text}' is not an RFC 3339 date-and-time", info={"bad-element": what}) from None
+    if t.tzinfo is None:
+        raise errors.protocol(errors.InvalidValue, f"{what} needs a time zone", info={"bad-element": what})
+    return t
+
+
+@dataclass
+class _Subscription:
+    session: Any
+    filter: etree._Element | None
+    stop: dt.datetime | None
+
+
+def _wrap(event_time: dt.datetime, content: etree._Element) -> etree._Element:
+    n = etree.Element(f"{{{NOTIF_NS}}}notification", nsmap={None: NOTIF_NS})
+    etree.SubElement(n, f"{{{NOTIF_NS}}}eventTime").text = format_time(event_time)
+    n.append(content)
+    return n
+
+
+class NotificationHub:
+    """Fans agent events out to subscribed sessions."""
+
+    def __init__(self, replay_size: int = 1000) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[int, _Subscription] = {}
+        self._log: deque[tuple[dt.datetime, etree._Element]] = deque(maxlen=replay_size)
+        self.created = now()
+
+    def replay_start(self) -> dt.datetime:
+        with self._lock:
+            return self._log[0][0] if self._log else self.created
+
+    def subscribe(
+        self, session: Any, stream: str, filt: etree._Element | None, start: dt.datetime | None, stop: dt.datetime | None
+    ) -> Callable[[], None] | None:
+        """Register; returns the replay to run once the <ok/> reply has gone out."""
+        if stream != STREAM:
+            raise errors.InvalidValue(f"unknown stream '{stream}' (this server has '{STREAM}')", info={"bad-element": "stream"})
+        if stop is not None and start is None:
+            raise errors.protocol(errors.MissingElement, "stopTime needs startTime", info={"bad-element": "startTime"})
+        if start is not None and start > now():
+            raise errors.InvalidValue("startTime is in the future", info={"bad-element": "startTime"})
+        if stop is not None and start is not None and stop < start:
+            raise errors.InvalidValue("stopTime is before startTime", info={"bad-element": "stopTime"})
+        with self._lock:
+            if session.session_id in self._subs:
+                raise errors.InUse("this session already has a subscription")
+            sub = _Subscription(session, filt, stop)
+            self._subs[session.session_id] = sub
+            replay = [(t, c) for t, c in self._log if start is not None and t >= start and (stop is None or t <= stop)]
+        if start is None:
+            return None
+        return lambda: self._replay(sub, replay)
+
+    def _replay(self, sub: _Subscription, events: list[tuple[dt.datetime, etree._Element]]) -> None:
+        for t, content in events:
+            self._deliver(sub, t, content)
+        self._send(sub, now(), etree.Element(f"{{{NETMOD_NOTIF_NS}}}replayComplete", nsmap={None: NETMOD_NOTIF_NS}))
+        if sub.stop is not None and sub.stop <= now():
+            self._complete(sub)
+
+    def unsubscribe(self, session_id: int) -> None:
+        with self._lock:
+            self._subs.pop(session_id, None)
+
+    def publish(self, content: etree._Element, event_time: dt.datetime | None = None) -> None:
+        """Send one event (the notification's content element) to every subscriber."""
+        t = event_time or now()
+        with self._lock:
+            self._log.append((t, content))
+            subs = list(self._subs.values())
+        for sub in subs:
+            if sub.stop is not None and t > sub.stop:
+                self._complete(sub)
+                continue
+            self._deliver(sub, t, content)
+
+    def _deliver(self, sub: _Subscription, t: dt.datetime, content: etree._Element) -> None:
+        selected = subtree.apply([content], sub.filter) if sub.filter is not None else [content]
+        if selected:
+            self._send(sub, t, selected[0])
+
+    def _send(self, sub: _Subscription, t: dt.datetime, content: etree._Element) -> None:
+        try:
+            sub.session.send_notification(_wrap(t, etree.fromstring(etree.tostring(content))))
+        except Exception:  # noqa: BLE001 - a dead session must not stop the others
+            log.info("dropping subscription of session %s", getattr(sub.session, "session_id", "?"))
+            self.unsubscribe(getattr(sub.session, "session_id", -1))
+
+    def _complete(self, sub: _Subscription) -> None:
+        self._send(sub, now(), etree.Element(f"{{{NETMOD_NOTIF_NS}}}notificationComplete", nsmap={None: NETMOD_NOTIF_NS}))
+        self.unsubscribe(sub.session.session_id)
