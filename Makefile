@@ -5,8 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDQKD := $(VENV)/bin/sdqkd
 STAMP := $(VENV)/.sdqkd-installed
-# yanglint (libyang) validates instance data against the official modules in tests.
-DEBS := libyang-tools
+# yanglint (libyang) validates instance data in tests; yangcli and ssh-keygen are real clients for the agent tests.
+DEBS := libyang-tools yangcli openssh-client
 PYTEST_ARGS ?=
 
 .PHONY: all debs venv bindings lint-yang test demo clean

@@ -44,6 +44,31 @@ def yang_lint() -> None:
     sys.exit(proc.returncode)
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Agent config (JSON).")
+def agent(config_path: str) -> None:
+    """Run one SD-QKD node agent (NETCONF server, drivers) until SIGTERM/SIGINT."""
+    import logging
+    import signal
+
+    from sdqkd.agents import config as agent_config
+    from sdqkd.agents.agent import Agent
+
+    try:
+        cfg = agent_config.load(config_path)
+    except agent_config.ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"config error: {problem}", err=True)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = Agent(cfg)
+    node.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.stop())
+    click.echo(f"ready netconf={cfg.netconf.address}:{node.server.port}", err=True)
+    node.wait()
+
+
 @main.group()
 def lab() -> None:
     """Emulated QKD networks on loopback."""

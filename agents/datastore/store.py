@@ -65,8 +65,8 @@ class Datastores:
         base = list(initial)
         if startup_path is not None and startup_path.exists():
             base = self._read_file(startup_path)
-        self.running: list[etree._Element] = []
-        self._commit(base, session_id=0)
+        roots, _ = self.check(base, with_devices=False)
+        self.running: list[etree._Element] = self.models.dump(roots, config_only=True)
         self.startup: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
         self.candidate: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
 
@@ -176,7 +176,7 @@ class Datastores:
         except CodecError as exc:
             raise errors.from_codec(exc) from None
 
-    def check(self, elements: Iterable[etree._Element]) -> tuple[dict[str, Any], list[Change]]:
+    def check(self, elements: Iterable[etree._Element], *, with_devices: bool = True) -> tuple[dict[str, Any], list[Change]]:
         """Full validation of a would-be running config; the changes it implies."""
         try:
             roots = self.models.load(list(elements))
@@ -185,8 +185,10 @@ class Datastores:
         problems = validate.validate(roots, self.facts)
         if problems:
             raise errors.RpcErrors(problems)
-        current = self.models.load(self.running) if self.running else self.models.empty()
+        current = self.models.load(self.running) if getattr(self, "running", None) else self.models.empty()
         changes = diff.changes(current, roots, self.models)
+        if not with_devices:
+            return roots, changes
         failures: list[errors.RpcError] = []
         for change in changes:
             driver = self._driver_for(change)
@@ -200,9 +202,20 @@ class Datastores:
             raise errors.RpcErrors(failures)
         return roots, changes
 
-    def validate_target(self, target: str) -> None:
+    def reapply(self) -> None:
+        """Drive the devices to running (after they are opened at start-up). A device
+        that refuses keeps its part unapplied and says so in its state; the node
+        still comes up."""
         with self.lock:
-            self.check(self._store(target))
+            for change in diff.changes(self.models.empty(), self.models.load(self.running), self.models):
+                driver = self._driver_for(change)
+                if driver is None:
+                    continue
+                try:
+                    driver.check(change)
+                    driver.apply(change)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("start-up config of %s %s not applied: %s", change.kind, change.key, exc)
 
     def _driver_for(self, change: Change) -> Driver | None:
         return next((d for d in self.drivers if d.handles(change)), None)

@@ -1,0 +1,95 @@
+"""One SD-QKD node agent: drivers, datastores, NETCONF server, notifications.
+
+Wiring only; every piece lives in its own module. Data flows one way: config ->
+datastore -> drivers; drivers report state (read on <get>) and events (sent as
+ETSI 015 notifications).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from sdqkd.agents import config as agent_config
+from sdqkd.agents import events, ssh, state
+from sdqkd.agents.datastore.model import agent_models
+from sdqkd.agents.datastore.store import Datastores
+from sdqkd.agents.datastore.validate import NodeFacts
+from sdqkd.agents.drivers import wiring
+from sdqkd.agents.drivers.base import Driver, Event
+from sdqkd.agents.notify import NotificationHub
+from sdqkd.agents.rpcs import Rpcs
+from sdqkd.agents.server import NetconfServer
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """Everything one node runs. `start()` then `stop()`; tests use it in-process too."""
+
+    def __init__(self, cfg: agent_config.AgentConfig) -> None:
+        self.cfg = cfg
+        self.models = agent_models()
+        self.hub = NotificationHub()
+        self.devices = wiring.build(cfg)
+        self.drivers: list[Driver] = self.devices.drivers
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        self.datastores = Datastores(
+            self.models,
+            NodeFacts(cfg.node.qkdn_id),
+            drivers=self.drivers,
+            startup_path=cfg.startup_path,
+            initial=state.initial_config(cfg, self.drivers),
+        )
+        self.server: NetconfServer | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        for drv in self.drivers:
+            drv.open(self._on_event)
+        # Replay running into the devices now that they are open (startup config).
+        self.datastores.reapply()
+        users = [
+            ssh.User(u.name, u.password_hash, [ssh.parse_public_key(k) for k in u.authorized_keys]) for u in self.cfg.netconf.users
+        ]
+        host_key = ssh.load_or_create_host_key(Path(self.cfg.netconf.host_key))
+        rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions)
+        self.server = NetconfServer(rpcs, users, host_key, self.cfg.netconf.address, self.cfg.netconf.port)
+        log.info("agent %s (%s) serving NETCONF on %s:%s", self.cfg.node.name, self.cfg.node.qkdn_id, self.cfg.netconf.address, self.server.port)
+
+    def _sessions(self) -> list[Any]:
+        return self.server.sessions() if self.server else []
+
+    def _fill_state(self, roots: dict[str, Any]) -> None:
+        state.fill(roots, self.drivers)
+
+    def _on_event(self, event: Event) -> None:
+        try:
+            content = events.to_notification(event)
+        except Exception:  # noqa: BLE001 - a bad event must not kill a driver thread
+            log.exception("cannot encode event %s", event.kind)
+            return
+        if content is not None:
+            self.hub.publish(content)
+
+    def publish(self, content: etree._Element) -> None:
+        self.hub.publish(content)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.server is not None:
+            self.server.stop()
+        for drv in self.drivers:
+            try:
+                drv.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing driver failed")
+        self.devices.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()

@@ -1,0 +1,178 @@
+"""The agent's own configuration file (JSON), which `sdqkd lab up` writes per node.
+
+Faucet's Conf in small: dataclasses declare fields, types and defaults; parsing
+rejects unknown keys and wrong types and reports every problem at once as one
+ConfigError, before anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The config file is unusable; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class UserConf:
+    name: str
+    password_hash: str | None = None
+    authorized_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NetconfConf:
+    port: int
+    host_key: str
+    users: list[UserConf]
+    address: str = "127.0.0.1"
+
+
+@dataclass
+class NodeConf:
+    name: str
+    qkdn_id: str
+    location: str | None = None
+
+
+@dataclass
+class PlantConf:
+    """The emulated optical plant shared by the lab's agents."""
+
+    topology: str  # sdqkd-lab topology, RFC 7951 JSON
+    state: str  # shared SQLite file
+
+
+@dataclass
+class QkdModuleConf:
+    qkdi_id: int
+    profile: str  # name of a profile in the lab topology
+    role: str = "TRANSCEIVER"
+    driver: str = "qkd-emulated"
+    service_port: int = 0
+    device: str | None = None
+    port: int | None = None
+
+
+@dataclass
+class PeerConf:
+    """Another node: its name and where its QKD modules' service channels listen."""
+
+    node: str
+    service: dict[str, list[Any]] = field(default_factory=dict)  # qkdi_id -> [host, port]
+
+
+@dataclass
+class SwitchConf:
+    name: str
+    ports: int
+    insertion_loss: float = 1.0
+
+
+@dataclass
+class AgentConfig:
+    node: NodeConf
+    netconf: NetconfConf
+    state_dir: str
+    plant: PlantConf | None = None
+    service_key: str | None = None  # hex; authenticates the QKD service channels of the lab
+    qkd_modules: list[QkdModuleConf] = field(default_factory=list)
+    switches: list[SwitchConf] = field(default_factory=list)
+    peers: dict[str, PeerConf] = field(default_factory=dict)  # qkdn_id -> peer
+    log_level: str = "INFO"
+
+    @property
+    def startup_path(self) -> Path:
+        return Path(self.state_dir) / "startup.xml"
+
+
+def _parse(cls: Any, data: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(cls)
+    args = typing.get_args(cls)
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(inner[0], data, path, problems)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            problems.append(f"{path}: expected an object")
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in fields:
+                problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in data:
+                kwargs[name] = _parse(hints[name], data[name], f"{path}.{name}", problems)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                problems.append(f"{path}.{name}: missing")
+        try:
+            return cls(**kwargs)
+        except TypeError:
+            return None
+    if origin is list:
+        if not isinstance(data, list):
+            problems.append(f"{path}: expected a list")
+            return []
+        return [_parse(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(data)]
+    if origin is dict:
+        if not isinstance(data, dict):
+            problems.append(f"{path}: expected an object")
+            return {}
+        return {k: _parse(args[1], v, f"{path}.{k}", problems) for k, v in data.items()}
+    if cls is Any:
+        return data
+    if cls is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
+        problems.append(f"{path}: expected {cls.__name__}, got {type(data).__name__}")
+        return None
+    return data
+
+
+def load(path: Path) -> AgentConfig:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    return parse(data)
+
+
+def parse(data: dict[str, Any]) -> AgentConfig:
+    problems: list[str] = []
+    cfg = _parse(AgentConfig, data, "config", problems)
+    if cfg is not None and not problems:
+        problems.extend(_check(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _check(cfg: AgentConfig) -> list[str]:
+    problems = []
+    if not (0 <= cfg.netconf.port <= 65535):
+        problems.append("config.netconf.port: out of range")
+    if not cfg.netconf.users:
+        problems.append("config.netconf.users: at least one user is needed")
+    for u in cfg.netconf.users:
+        if not u.password_hash and not u.authorized_keys:
+            problems.append(f"config.netconf.users.{u.name}: needs a password_hash or authorized_keys")
+    ids = [m.qkdi_id for m in cfg.qkd_modules]
+    if len(ids) != len(set(ids)):
+        problems.append("config.qkd_modules: qkdi_id values repeat")
+    if cfg.qkd_modules and cfg.plant is None:
+        problems.append("config.plant: emulated QKD modules need the lab's optical plant")
+    return problems

@@ -1,0 +1,120 @@
+"""Builds an agent's devices from its config: the shared optical plant, one emulated
+QKD module per qkd_modules entry (profile from the lab topology, calibrated to the
+measured rate of its link when the topology gives one), one switch driver per switch."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdqkd.agents.config import AgentConfig
+from sdqkd.agents.drivers import registry
+from sdqkd.agents.drivers.base import Driver
+from sdqkd.agents.drivers.plant import Plant
+from sdqkd.agents.drivers.profile import QkdProfile, calibrate
+
+KeySink = Callable[[str, str, bytes], None]
+
+
+class KeyCounter:
+    """Counts the key each link delivers (the key store replaces it as the sink)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.keys: dict[str, int] = defaultdict(int)
+        self.bits: dict[str, int] = defaultdict(int)
+
+    def __call__(self, qkdl_id: str, key_id: str, key: bytes) -> None:
+        with self._lock:
+            self.keys[qkdl_id] += 1
+            self.bits[qkdl_id] += 8 * len(key)
+
+
+@dataclass
+class Devices:
+    drivers: list[Driver]
+    plant: Plant | None = None
+    modules: dict[int, Driver] = field(default_factory=dict)
+    switches: dict[str, Driver] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.plant is not None:
+            self.plant.close()
+
+
+def load_topology(path: Path) -> dict[str, Any]:
+    """The `sdqkd-lab:lab` object of a topology file (RFC 7951 JSON)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return data.get("sdqkd-lab:lab", data)
+
+
+def _profile_for(topo: dict[str, Any], node: str, qkdi_id: int, name: str) -> QkdProfile:
+    entry = next((p for p in topo.get("profile", []) if p.get("name") == name), None)
+    if entry is None:
+        raise ValueError(f"profile '{name}' is not in the lab topology")
+    profile = QkdProfile.from_dict(entry)
+    endpoint = f"{node}:{qkdi_id}"
+    for link in topo.get("link", []):
+        if endpoint in link.get("endpoints", []) and link.get("expected-skr") is not None and link.get("loss") is not None:
+            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]))
+    return profile
+
+
+def _channel_of(topo: dict[str, Any], node: str, qkdi_id: int) -> int | None:
+    for n in topo.get("node", []):
+        if n.get("name") == node:
+            for i in n.get("qkd-interface", []):
+                if int(i.get("id")) == qkdi_id and i.get("channel") is not None:
+                    return int(i["channel"])
+    return None
+
+
+def build(cfg: AgentConfig, key_sink: KeySink | None = None) -> Devices:
+    if cfg.plant is None:
+        return Devices([])
+    topo = load_topology(Path(cfg.plant.topology))
+    plant = Plant(topo, Path(cfg.plant.state))
+    service_key = bytes.fromhex(cfg.service_key or "")
+    if cfg.qkd_modules and len(service_key) < 16:
+        raise ValueError("service_key must be at least 16 bytes (hex)")
+
+    def peer_address(qkdn_id: str, qkdi_id: int) -> tuple[str, int] | None:
+        peer = cfg.peers.get(str(qkdn_id).lower())
+        addr = peer.service.get(str(qkdi_id)) if peer else None
+        return (str(addr[0]), int(addr[1])) if addr else None
+
+    def node_of(qkdn_id: str) -> str | None:
+        if str(qkdn_id).lower() == cfg.node.qkdn_id.lower():
+            return cfg.node.name
+        peer = cfg.peers.get(str(qkdn_id).lower())
+        return peer.node if peer else None
+
+    sink = key_sink or KeyCounter()
+    devices = Devices([], plant)
+    for m in cfg.qkd_modules:
+        drv = registry.create(
+            m.driver,
+            node=cfg.node.name,
+            qkdn_id=cfg.node.qkdn_id,
+            qkdi_id=m.qkdi_id,
+            profile=_profile_for(topo, cfg.node.name, m.qkdi_id, m.profile),
+            role=m.role,
+            plant=plant,
+            peer_address=peer_address,
+            node_of=node_of,
+            key_sink=sink,
+            service_key=service_key,
+            listen=(cfg.netconf.address, m.service_port),
+            channel=_channel_of(topo, cfg.node.name, m.qkdi_id),
+        )
+        devices.modules[m.qkdi_id] = drv
+        devices.drivers.append(drv)
+    for sw in cfg.switches:
+        drv = registry.create("optical-switch", name=sw.name, plant=plant, ports=sw.ports, insertion_loss=sw.insertion_loss)
+        devices.switches[sw.name] = drv
+        devices.drivers.append(drv)
+    return devices

@@ -1,0 +1,81 @@
+"""Driver events -> ETSI GS QKD 015 notifications (and sdqkd-optical-switch's)."""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from lxml import etree
+
+from sdqkd.agents.drivers.base import Event
+
+ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
+TYPES_NS = "urn:etsi:qkd:yang:etsi-qkd-node-types"
+OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
+
+
+def _root(name: str, ns: str = ETSI_NS) -> etree._Element:
+    return etree.Element(f"{{{ns}}}{name}", nsmap={None: ns, "etsi-qkdn-types": TYPES_NS} if ns == ETSI_NS else {None: ns})
+
+
+def _sub(parent: etree._Element, name: str, text: Any = None, ns: str = ETSI_NS) -> etree._Element:
+    el = etree.SubElement(parent, f"{{{ns}}}{name}")
+    if text is not None:
+        el.text = str(text)
+    return el
+
+
+def _ident(value: str) -> str:
+    return "etsi-qkdn-types:" + str(value).rsplit(":", 1)[-1]
+
+
+def _report(kind: str, section: str, key: str, key_value: Any, status_leaf: str, status: str, message: str, severity: str) -> etree._Element:
+    """alarm or event notification with one link/interface section."""
+    root = _root(kind)
+    sec = _sub(root, section)
+    _sub(sec, key, key_value)
+    _sub(sec, status_leaf, _ident(status))
+    _sub(sec, "message", message)
+    _sub(sec, "severity", _ident(severity))
+    return root
+
+
+def to_notification(event: Event) -> etree._Element | None:
+    """The notification content element for a driver event (None: not reported)."""
+    d = event.data
+    if event.kind == "link-status":
+        status = str(d["status"]).rsplit(":", 1)[-1]
+        reason = str(d.get("reason") or status.lower())
+        if status in ("PASSIVE", "OFF", "PENDING") and d.get("was") == "ACTIVE":
+            root = _root("sdqkdn_link_down")
+            link = _sub(root, "qkd_link")
+            _sub(link, "qkdl_id", d["qkdl_id"])
+            _sub(link, "reason", reason)
+            return root
+        return _report("event", "link", "qkdl_id", d["qkdl_id"], "qkdl_status", status, reason, "MINOR")
+    if event.kind == "link-perf":
+        root = _root("sdqkdn_link_perf_update")
+        link = _sub(root, "qkd_link")
+        _sub(link, "qkdl_id", d["qkdl_id"])
+        perf = _sub(link, "performance")
+        _sub(perf, "skr", int(d.get("skr", 0)))
+        if d.get("qber") is not None:
+            pp = _sub(perf, "phys_perf")
+            _sub(pp, "perf_type", _ident("QBER"))
+            _sub(pp, "value", Decimal(str(round(float(d["qber"]), 3))))
+        return root
+    if event.kind == "interface-status":
+        status = str(d["status"]).rsplit(":", 1)[-1]
+        reason = str(d.get("reason") or status.lower())
+        if status == "FAILED":
+            root = _root("sdqkdn_interface_down")
+            iface = _sub(root, "qkd_interface")
+            _sub(iface, "qkdi_id", d["qkdi_id"])
+            _sub(iface, "reason", reason)
+            return root
+        return _report("event", "interface", "qkdi_id", d["qkdi_id"], "qkdi_status", status, reason, "MINOR")
+    if event.kind == "switch-status":
+        root = _root("switch-status-change", OSW_NS)
+        _sub(root, "name", d["name"], OSW_NS)
+        _sub(root, "oper-status", d["oper-status"], OSW_NS)
+        return root
+    return None
