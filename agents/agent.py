@@ -7,6 +7,7 @@ ETSI 015 notifications).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,13 @@ class Agent:
         )
         self.server: NetconfServer | None = None
         self._stopped = threading.Event()
+        # Drivers emit from their own threads, possibly while a commit holds the
+        # datastore lock: events are queued and sent by one thread of ours.
+        self._events: queue.Queue[Event | None] = queue.Queue(maxsize=10000)
+        self._notifier = threading.Thread(target=self._notify_loop, name="notifier", daemon=True)
 
     def start(self) -> None:
+        self._notifier.start()
         for drv in self.drivers:
             drv.open(self._on_event)
         # Replay running into the devices now that they are open (startup config).
@@ -68,12 +74,21 @@ class Agent:
 
     def _on_event(self, event: Event) -> None:
         try:
-            content = events.to_notification(event)
-        except Exception:  # noqa: BLE001 - a bad event must not kill a driver thread
-            log.exception("cannot encode event %s", event.kind)
-            return
-        if content is not None:
-            self.hub.publish(content)
+            self._events.put_nowait(event)
+        except queue.Full:
+            log.warning("event queue full: dropping %s", event.kind)
+
+    def _notify_loop(self) -> None:
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            try:
+                content = events.to_notification(event)
+                if content is not None:
+                    self.hub.publish(content)
+            except Exception:  # noqa: BLE001 - a bad event must not stop notifications
+                log.exception("cannot send event %s", event.kind)
 
     def publish(self, content: etree._Element) -> None:
         self.hub.publish(content)
@@ -90,6 +105,7 @@ class Agent:
             except Exception:  # noqa: BLE001
                 log.exception("closing driver failed")
         self.devices.close()
+        self._events.put(None)
 
     def wait(self) -> None:
         self._stopped.wait()

@@ -221,25 +221,28 @@ class Datastores:
         return next((d for d in self.drivers if d.handles(change)), None)
 
     def _commit(self, elements: Iterable[etree._Element], session_id: int) -> None:
-        roots, changes = self.check(elements)
+        """Validate, then check and apply change by change (deletions come first, so
+        a device sees the resources they free); any failure undoes what was applied."""
+        roots, changes = self.check(elements, with_devices=False)
         done: list[tuple[Driver, Change]] = []
         for change in changes:
             driver = self._driver_for(change)
             if driver is None:
                 continue
             try:
+                driver.check(change)
                 driver.apply(change)
                 done.append((driver, change))
             except Exception as exc:  # noqa: BLE001 - any device failure rolls back
-                log.error("apply failed on %s %s: %s", change.kind, change.key, exc)
+                log.warning("%s %s refused: %s", change.kind, change.key, exc)
                 for drv, ch in reversed(done):
                     try:
                         drv.apply(ch.inverse())
                     except Exception:  # noqa: BLE001
                         log.exception("rollback of %s %s failed", ch.kind, ch.key)
-                reason = exc.reason if isinstance(exc, DriverError) else "operation-failed"
-                message = exc.message if isinstance(exc, DriverError) else "the device failed to apply the change"
-                raise errors.from_driver(reason, message, _change_path(change)) from None
+                if isinstance(exc, DriverError):
+                    raise errors.from_driver(exc.reason, exc.message, _change_path(change)) from None
+                raise errors.from_driver("operation-failed", "the device failed to apply the change", _change_path(change)) from None
         self.running = self.models.dump(roots, config_only=True)
         if self.on_commit is not None and changes:
             try:

@@ -58,9 +58,15 @@ def _profile_for(topo: dict[str, Any], node: str, qkdi_id: int, name: str) -> Qk
         raise ValueError(f"profile '{name}' is not in the lab topology")
     profile = QkdProfile.from_dict(entry)
     endpoint = f"{node}:{qkdi_id}"
+    fibres = {f["name"]: f for f in topo.get("fibre", [])}
     for link in topo.get("link", []):
         if endpoint in link.get("endpoints", []) and link.get("expected-skr") is not None and link.get("loss") is not None:
-            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]))
+            # The measured rate was taken with the fibre's classical channels lit.
+            classical = max(
+                (sum(1 for c in fibres.get(f, {}).get("classical-channel", []) if c.get("band", "C-band") == profile.band) for f in link.get("path", [])),
+                default=0,
+            )
+            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]), same_band_classical=classical)
     return profile
 
 
