@@ -50,6 +50,7 @@ class Agent:
         # Drivers emit from their own threads, possibly while a commit holds the
         # datastore lock: events are queued and sent by one thread of ours.
         self._events: queue.Queue[Event | None] = queue.Queue(maxsize=10000)
+        self._translate = events.Translator()
         self._notifier = threading.Thread(target=self._notify_loop, name="notifier", daemon=True)
 
     def start(self) -> None:
@@ -84,8 +85,7 @@ class Agent:
             if event is None:
                 return
             try:
-                content = events.to_notification(event)
-                if content is not None:
+                for content in self._translate(event):
                     self.hub.publish(content)
             except Exception:  # noqa: BLE001 - a bad event must not stop notifications
                 log.exception("cannot send event %s", event.kind)

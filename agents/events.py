@@ -39,19 +39,37 @@ def _report(kind: str, section: str, key: str, key_value: Any, status_leaf: str,
     return root
 
 
-def to_notification(event: Event) -> etree._Element | None:
-    """The notification content element for a driver event (None: not reported)."""
-    d = event.data
-    if event.kind == "link-status":
+class Translator:
+    """Remembers each link's last status, so that leaving ACTIVE is reported as
+    sdqkdn_link_down (what controllers react to) besides the plain event."""
+
+    def __init__(self) -> None:
+        self._links: dict[str, str] = {}
+
+    def __call__(self, event: Event) -> list[etree._Element]:
+        if event.kind != "link-status":
+            one = to_notification(event)
+            return [one] if one is not None else []
+        d = event.data
         status = str(d["status"]).rsplit(":", 1)[-1]
         reason = str(d.get("reason") or status.lower())
-        if status in ("PASSIVE", "OFF", "PENDING") and d.get("was") == "ACTIVE":
+        was = self._links.get(str(d["qkdl_id"]))
+        self._links[str(d["qkdl_id"])] = status
+        out = []
+        if was == "ACTIVE" and status != "ACTIVE":
             root = _root("sdqkdn_link_down")
             link = _sub(root, "qkd_link")
             _sub(link, "qkdl_id", d["qkdl_id"])
             _sub(link, "reason", reason)
-            return root
-        return _report("event", "link", "qkdl_id", d["qkdl_id"], "qkdl_status", status, reason, "MINOR")
+            out.append(root)
+        severity = "MAJOR" if was == "ACTIVE" and status != "ACTIVE" else "MINOR"
+        out.append(_report("event", "link", "qkdl_id", d["qkdl_id"], "qkdl_status", status, reason, severity))
+        return out
+
+
+def to_notification(event: Event) -> etree._Element | None:
+    """The notification content element for a stateless driver event (None: not reported)."""
+    d = event.data
     if event.kind == "link-perf":
         root = _root("sdqkdn_link_perf_update")
         link = _sub(root, "qkd_link")
