@@ -44,6 +44,7 @@ class Agent:
             drivers=self.drivers,
             startup_path=cfg.startup_path,
             initial=state.initial_config(cfg, self.drivers),
+            on_commit=self._on_commit,
         )
         self.server: NetconfServer | None = None
         self._stopped = threading.Event()
@@ -72,6 +73,10 @@ class Agent:
 
     def _fill_state(self, roots: dict[str, Any]) -> None:
         state.fill(roots, self.drivers)
+
+    def _on_commit(self, changes: list[Any]) -> None:
+        for content in events.application_changes(changes):
+            self.hub.publish(content)
 
     def _on_event(self, event: Event) -> None:
         try:

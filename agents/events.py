@@ -97,3 +97,32 @@ def to_notification(event: Event) -> etree._Element | None:
         _sub(root, "oper-status", d["oper-status"], OSW_NS)
         return root
     return None
+
+
+def application_changes(changes: list[Any]) -> list[etree._Element]:
+    """Notifications for qkd_app entries a commit created, changed or removed."""
+    out = []
+    for ch in changes:
+        if ch.kind != "qkd-app":
+            continue
+        if ch.new is None:
+            root = _root("sdqkdn_application_disconnected")
+            app = _sub(root, "qkd_application")
+            _sub(app, "app_id", ch.key)
+        elif ch.old is None:
+            root = _report("event", "application", "app_id", ch.key, "app_status", "ON", "application configured", "MINOR")
+        elif ch.old.get("app_qos") != ch.new.get("app_qos") or ch.old.get("app_priority") != ch.new.get("app_priority"):
+            root = _root("sdqkdn_application_qos_update")
+            app = _sub(root, "qkd_application")
+            _sub(app, "app_id", ch.key)
+            qos = _sub(app, "app_qos")
+            for leaf in ("max_bandwidth", "min_bandwidth", "jitter", "ttl", "clients_shared_path_enable", "clients_shared_keys_required"):
+                value = ch.new.get("app_qos", {}).get(leaf)
+                if value is not None:
+                    _sub(qos, leaf, str(value).lower() if isinstance(value, bool) else value)
+            if ch.new.get("app_priority") is not None:
+                _sub(app, "app_priority", ch.new["app_priority"])
+        else:
+            continue
+        out.append(root)
+    return out

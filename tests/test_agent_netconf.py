@@ -93,6 +93,25 @@ def test_candidate_edit_commit_discard(nc) -> None:
     assert running(nc).find(f".//{{{ETSI}}}qkd_app") is None
 
 
+def test_application_events_are_notified(agent, nc) -> None:
+    watcher = agent.connect()
+    try:
+        watcher.create_subscription()
+        nc.edit_config(target="running", config=cfg(APP))
+        nc.edit_config(target="running", config=cfg(APP.replace("<max_bandwidth>2048", "<max_bandwidth>4096")))
+        nc.edit_config(target="running", config=cfg(
+            f'<qkd_applications><qkd_app xmlns:nc="{NC}" nc:operation="delete"><app_id>c0ffee00-1234-4abc-8def-0123456789ab</app_id></qkd_app></qkd_applications>'))
+        seen = []
+        deadline = time.monotonic() + 5
+        while len(seen) < 3 and time.monotonic() < deadline:
+            n = watcher.take_notification(block=True, timeout=0.5)
+            if n is not None:
+                seen.append(etree.QName(etree.fromstring(n.notification_xml.encode())[1]).localname)
+        assert seen == ["event", "sdqkdn_application_qos_update", "sdqkdn_application_disconnected"]
+    finally:
+        watcher.close_session()
+
+
 def test_edit_operations(nc) -> None:
     link = (f"<qkd_links><qkd_link{{op}}><qkdl_id>{LINK}</qkdl_id>"
             "<qkdl_type xmlns:t='urn:etsi:qkd:yang:etsi-qkd-node-types'>t:VIRT</qkdl_type>"

@@ -15,6 +15,8 @@ def _entries(roots: dict[str, Any], models: ModelSet) -> dict[tuple[str, str], d
     node = etsi.get("etsi-qkd-sdn-node:qkd_node", {})
     for link in node.get("qkd_links", {}).get("qkd_link", []):
         out[("qkd-link", str(link["qkdl_id"]).lower())] = link
+    for app in node.get("qkd_applications", {}).get("qkd_app", []):
+        out[("qkd-app", str(app["app_id"]).lower())] = app
     osw = encode_json(roots["sdqkd-optical-switch"], models.models["sdqkd-optical-switch"].schema, config_only=True)
     for sw in osw.get("sdqkd-optical-switch:optical-switches", {}).get("switch", []):
         for xc in sw.get("cross-connect", []):
