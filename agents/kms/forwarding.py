@@ -1,0 +1,227 @@
+"""The forwarding module's wire: hop-by-hop key transport between adjacent nodes.
+
+Each hop protects an end key with link key only: a one-time pad made of link keys
+and a Poly1305 one-time authenticator keyed with one more link key (Wegman-Carter),
+over a header that binds the key to its ID, virtual link and SAE pair. The channel
+itself is mutual TLS between KMEs (certificates from the lab CA), which
+authenticates who sent a message; the pad and the tag do not depend on it.
+
+Messages are length-prefixed JSON on a persistent TLS connection; one request,
+one reply.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+log = logging.getLogger(__name__)
+
+LINK_KEY_BYTES = 32
+MAX_FRAME = 4 * 1024 * 1024
+
+Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+class RelayError(Exception):
+    """A hop refused or could not be reached; `code` is the HTTP status to report."""
+
+    def __init__(self, message: str, code: int = 503) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parts_for(size_bits: int) -> int:
+    """Link keys a one-time pad for a key of this size takes."""
+    return -(-size_bits // (8 * LINK_KEY_BYTES))
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def seal(end_key: bytes, pad: bytes, mac_key: bytes, header: bytes) -> tuple[bytes, bytes]:
+    ct = _xor(end_key, pad[: len(end_key)])
+    p = Poly1305(mac_key)
+    p.update(struct.pack(">I", len(header)) + header + ct)
+    return ct, p.finalize()
+
+
+def unseal(ct: bytes, tag: bytes, pad: bytes, mac_key: bytes, header: bytes) -> bytes:
+    try:
+        Poly1305.verify_tag(mac_key, struct.pack(">I", len(header)) + header + ct, tag)
+    except InvalidSignature:
+        raise RelayError("authentication of the relayed key failed", 400) from None
+    return _xor(ct, pad[: len(ct)])
+
+
+def header(key_id: str, vlink: str, master: str, slave: str) -> bytes:
+    return json.dumps([key_id, vlink, master, slave], separators=(",", ":")).encode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def _send_frame(sock: ssl.SSLSocket, obj: dict[str, Any]) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def _recv_exact(sock: ssl.SSLSocket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed the relay connection")
+        buf.extend(chunk)
+    return bytes(buf)
+
+
+def _recv_frame(sock: ssl.SSLSocket) -> dict[str, Any]:
+    (n,) = struct.unpack(">I", _recv_exact(sock, 4))
+    if n > MAX_FRAME:
+        raise ConnectionError("relay frame too large")
+    obj = json.loads(_recv_exact(sock, n))
+    if not isinstance(obj, dict):
+        raise ConnectionError("relay frame is not an object")
+    return obj
+
+
+def _peer_id(sock: ssl.SSLSocket) -> str:
+    cert = sock.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return str(v).lower()
+    raise ConnectionError("relay peer certificate has no common name")
+
+
+class Forwarder:
+    """Server and client of the relay channel for one node (its KME ID is its qkdn_id)."""
+
+    def __init__(self, kme_id: str, address: tuple[str, int], server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+                 peers: dict[str, tuple[str, int]], timeout: float = 10.0) -> None:
+        self.kme_id = kme_id.lower()
+        self.server_ctx, self.client_ctx = server_ctx, client_ctx
+        self.peers = {k.lower(): v for k, v in peers.items()}
+        self.timeout = timeout
+        self.handler: Handler | None = None
+        self._sock = socket.create_server(address)
+        self._sock.settimeout(0.5)
+        self.address = self._sock.getsockname()[:2]
+        self._pool: dict[str, list[ssl.SSLSocket]] = {}
+        self._pool_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, handler: Handler) -> None:
+        self.handler = handler
+        t = threading.Thread(target=self._accept_loop, name=f"relay-accept-{self.address[1]}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._sock.close()
+        with self._pool_lock:
+            for conns in self._pool.values():
+                for c in conns:
+                    c.close()
+            self._pool.clear()
+        for t in self._threads:
+            t.join(2)
+
+    # --- server side -------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                raw, _ = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(raw,), name="relay-conn", daemon=True)
+            t.start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(self.timeout)
+            sock = self.server_ctx.wrap_socket(raw, server_side=True)
+            peer = _peer_id(sock)
+            sock.settimeout(None)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("relay handshake refused: %s", exc)
+            raw.close()
+            return
+        with sock:
+            while not self._closing.is_set():
+                try:
+                    msg = _recv_frame(sock)
+                except (OSError, ConnectionError, ValueError):
+                    return
+                try:
+                    assert self.handler is not None
+                    reply = self.handler(peer, msg)
+                except RelayError as exc:
+                    reply = {"ok": False, "code": exc.code, "error": str(exc)}
+                except Exception:  # noqa: BLE001 - one bad message must not stop the channel
+                    log.exception("relay message from %s failed", peer)
+                    reply = {"ok": False, "code": 503, "error": "internal error at the relay node"}
+                try:
+                    _send_frame(sock, reply)
+                except OSError:
+                    return
+
+    # --- client side -------------------------------------------------------------------
+
+    def request(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send one message to an adjacent KME and return its reply (raises RelayError)."""
+        peer = peer.lower()
+        sock = self._checkout(peer)
+        try:
+            _send_frame(sock, msg)
+            reply = _recv_frame(sock)
+        except (OSError, ConnectionError, ValueError) as exc:
+            sock.close()
+            raise RelayError(f"relay to {peer} failed: {exc}") from None
+        self._checkin(peer, sock)
+        if not reply.get("ok"):
+            raise RelayError(str(reply.get("error", "refused")), int(reply.get("code", 503)))
+        return reply
+
+    def _checkout(self, peer: str) -> ssl.SSLSocket:
+        with self._pool_lock:
+            conns = self._pool.get(peer)
+            if conns:
+                return conns.pop()
+        addr = self.peers.get(peer)
+        if addr is None:
+            raise RelayError(f"no relay address for node {peer}")
+        try:
+            raw = socket.create_connection(addr, timeout=self.timeout)
+            sock = self.client_ctx.wrap_socket(raw, server_hostname=addr[0])
+        except (OSError, ssl.SSLError) as exc:
+            raise RelayError(f"cannot reach the relay of node {peer}: {exc}") from None
+        if _peer_id(sock) != peer:
+            sock.close()
+            raise RelayError(f"relay at {addr} is not node {peer}")
+        return sock
+
+    def _checkin(self, peer: str, sock: ssl.SSLSocket) -> None:
+        with self._pool_lock:
+            self._pool.setdefault(peer, []).append(sock)

@@ -1,0 +1,345 @@
+"""The node's key store: link keys from the QKD modules, end keys waiting for their
+slave SAE, spent key IDs, open ETSI 004 streams and per-application usage, in one
+SQLite file so that a restart loses no key and never hands one out twice.
+
+Every key leaves the store at most once: taking it deletes the row (with
+secure_delete, the bytes are overwritten on disk) and records its ID as spent in
+the same transaction, so a key that comes back (a re-sent block, a replayed
+message) is refused.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS link_keys (
+    key_id TEXT PRIMARY KEY,
+    link   TEXT NOT NULL,
+    mine   INTEGER NOT NULL,      -- 1: this end allocates it (the other end takes it by ID)
+    key    BLOB NOT NULL,
+    added  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS link_keys_pick ON link_keys(link, mine, added);
+CREATE TABLE IF NOT EXISTS deliverable (
+    key_id  TEXT NOT NULL,
+    slave   TEXT NOT NULL,
+    master  TEXT NOT NULL,
+    key     BLOB NOT NULL,
+    expires REAL,
+    stream  TEXT,
+    idx     INTEGER,
+    PRIMARY KEY (key_id, slave)
+);
+CREATE INDEX IF NOT EXISTS deliverable_stream ON deliverable(stream, idx);
+CREATE TABLE IF NOT EXISTS spent (
+    key_id TEXT PRIMARY KEY,
+    at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    app        TEXT NOT NULL,
+    window_end INTEGER NOT NULL,
+    start      INTEGER NOT NULL,
+    bits       INTEGER NOT NULL,
+    PRIMARY KEY (app, window_end)
+);
+CREATE TABLE IF NOT EXISTS streams (
+    ksid TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
+"""
+
+
+class MissingKeys(KeyError):
+    """Some requested key IDs are not (or no longer) in the store."""
+
+    def __init__(self, key_ids: list[str]) -> None:
+        super().__init__(", ".join(key_ids))
+        self.key_ids = key_ids
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    key_id: str
+    slave: str
+    master: str
+    key: bytes
+    expires: float | None = None
+    stream: str | None = None
+    idx: int | None = None
+
+
+class KeyStore:
+    """Thread-safe; QKD drivers write from their threads, the front ends read from theirs."""
+
+    def __init__(self, path: Path, *, flush_every: float = 0.05, usage_window: int = 60) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "secure_delete=ON", "foreign_keys=ON"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+        self._pending: list[tuple[str, str, bytes, float]] = []
+        self._mine: dict[str, Callable[[str], bool]] = {}
+        self.usage_window = usage_window
+        self._flush_every = flush_every
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
+        self._flusher.start()
+
+    # --- link keys ------------------------------------------------------------------
+
+    def set_allocator(self, link: str, mine: Callable[[str], bool]) -> None:
+        """Which link keys this end may allocate (the other end takes the rest by ID)."""
+        with self._lock:
+            self._mine[link] = mine
+
+    def sink(self, link: str, key_id: str, key: bytes) -> None:
+        """Key sink for a QKD driver: buffered, written in batches."""
+        with self._lock:
+            self._pending.append((key_id, link, bytes(key), time.time()))
+            if len(self._pending) >= 1024:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._pending:
+            return
+        rows = []
+        for key_id, link, key, added in self._pending:
+            mine = self._mine.get(link, _default_mine)
+            rows.append((key_id, link, 1 if mine(key_id) else 0, key, added))
+        self._pending = []
+        with _tx(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
+                "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1)",
+                rows,
+            )
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(self._flush_every):
+            try:
+                self.flush()
+            except sqlite3.Error:
+                if self._closed.is_set():
+                    return
+                raise
+
+    def count(self, link: str, *, mine: bool = True) -> int:
+        with self._lock:
+            self._flush_locked()
+            row = self._db.execute("SELECT COUNT(*) FROM link_keys WHERE link = ? AND mine = ?", (link, int(mine))).fetchone()
+            return int(row[0])
+
+    def take(self, link: str, n: int) -> list[tuple[str, bytes]]:
+        """n of this end's keys of `link`, oldest first, removed and marked spent; all or nothing."""
+        with self._lock:
+            self._flush_locked()
+            with _tx(self._db):
+                rows = self._db.execute(
+                    "SELECT key_id, key FROM link_keys WHERE link = ? AND mine = 1 ORDER BY added, key_id LIMIT ?", (link, n)
+                ).fetchall()
+                if len(rows) < n:
+                    return []
+                self._spend([r[0] for r in rows])
+            return [(r[0], bytes(r[1])) for r in rows]
+
+    def take_ids(self, link: str, key_ids: list[str]) -> list[bytes]:
+        """The keys with these IDs (the peer allocated them), removed and marked spent."""
+        with self._lock:
+            self._flush_locked()
+            with _tx(self._db):
+                found = dict(
+                    self._db.execute(
+                        f"SELECT key_id, key FROM link_keys WHERE link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
+                    ).fetchall()
+                )
+                missing = [k for k in key_ids if k not in found]
+                if missing:
+                    raise MissingKeys(missing)
+                self._spend(key_ids)
+            return [bytes(found[k]) for k in key_ids]
+
+    def put_back(self, link: str, keys: list[tuple[str, bytes]]) -> None:
+        """Return keys taken for a request that failed before anything left this node."""
+        with self._lock, _tx(self._db):
+            self._db.executemany("DELETE FROM spent WHERE key_id = ?", [(k,) for k, _ in keys])
+            self._db.executemany(
+                "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) VALUES (?, ?, 1, ?, 0)",
+                [(k, link, v) for k, v in keys],
+            )
+
+    def _spend(self, key_ids: list[str]) -> None:
+        now = time.time()
+        self._db.execute(f"DELETE FROM link_keys WHERE key_id IN ({_marks(key_ids)})", key_ids)
+        self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids])
+
+    def drop_link(self, link: str) -> int:
+        """Forget a deleted link's keys (they can no longer be matched with the peer)."""
+        with self._lock:
+            self._flush_locked()
+            with _tx(self._db):
+                ids = [r[0] for r in self._db.execute("SELECT key_id FROM link_keys WHERE link = ?", (link,))]
+                if ids:
+                    self._spend(ids)
+            return len(ids)
+
+    # --- end keys waiting for their slave ----------------------------------------------
+
+    def put_deliverable(self, items: Iterable[Deliverable]) -> None:
+        items = list(items)
+        with self._lock, _tx(self._db):
+            spent = self._spent_among([d.key_id for d in items])
+            if spent:
+                raise ValueError(f"key IDs already used: {', '.join(sorted(spent))}")
+            self._db.executemany(
+                "INSERT INTO deliverable(key_id, slave, master, key, expires, stream, idx) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(d.key_id, d.slave, d.master, d.key, d.expires, d.stream, d.idx) for d in items],
+            )
+
+    def fetch_deliverable(self, slave: str, master: str, key_ids: list[str]) -> list[bytes]:
+        """All of them or none; each at most once."""
+        now = time.time()
+        with self._lock, _tx(self._db):
+            rows = dict(
+                self._db.execute(
+                    f"SELECT key_id, key FROM deliverable WHERE slave = ? AND master = ? AND (expires IS NULL OR expires > ?) "
+                    f"AND key_id IN ({_marks(key_ids)})",
+                    (slave, master, now, *key_ids),
+                ).fetchall()
+            )
+            missing = [k for k in key_ids if k not in rows]
+            if missing or len(set(key_ids)) != len(key_ids):
+                raise MissingKeys(missing or key_ids)
+            self._db.execute(f"DELETE FROM deliverable WHERE slave = ? AND key_id IN ({_marks(key_ids)})", (slave, *key_ids))
+            self._mark_spent_if_last(key_ids)
+        return [bytes(rows[k]) for k in key_ids]
+
+    def fetch_stream_key(self, slave: str, stream: str, idx: int) -> tuple[str, bytes] | None:
+        now = time.time()
+        with self._lock, _tx(self._db):
+            row = self._db.execute(
+                "SELECT key_id, key FROM deliverable WHERE slave = ? AND stream = ? AND idx = ? AND (expires IS NULL OR expires > ?)",
+                (slave, stream, idx, now),
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute("DELETE FROM deliverable WHERE slave = ? AND key_id = ?", (slave, row[0]))
+            self._mark_spent_if_last([row[0]])
+        return row[0], bytes(row[1])
+
+    def _mark_spent_if_last(self, key_ids: list[str]) -> None:
+        """A key for several slaves is spent once the last of them has it."""
+        left = {r[0] for r in self._db.execute(f"SELECT key_id FROM deliverable WHERE key_id IN ({_marks(key_ids)})", key_ids)}
+        now = time.time()
+        self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids if k not in left])
+
+    def mark_spent(self, key_ids: list[str]) -> None:
+        now = time.time()
+        with self._lock, _tx(self._db):
+            self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids])
+
+    def is_spent(self, key_id: str) -> bool:
+        with self._lock:
+            return bool(self._spent_among([key_id]))
+
+    def _spent_among(self, key_ids: list[str]) -> set[str]:
+        if not key_ids:
+            return set()
+        return {r[0] for r in self._db.execute(f"SELECT key_id FROM spent WHERE key_id IN ({_marks(key_ids)})", key_ids)}
+
+    def waiting(self, slave: str, master: str) -> int:
+        with self._lock:
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM deliverable WHERE slave = ? AND master = ? AND (expires IS NULL OR expires > ?)",
+                    (slave, master, time.time()),
+                ).fetchone()[0]
+            )
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop end keys whose TTL ran out; they count as spent."""
+        now = time.time() if now is None else now
+        with self._lock, _tx(self._db):
+            ids = [r[0] for r in self._db.execute("SELECT key_id FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))]
+            if ids:
+                self._db.execute("DELETE FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))
+                self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in ids])
+            return len(ids)
+
+    # --- usage statistics (ETSI 015 app_statistics) -----------------------------------
+
+    def record_usage(self, app: str, bits: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        start = int(now // self.usage_window * self.usage_window)
+        with self._lock, _tx(self._db):
+            self._db.execute(
+                "INSERT INTO usage(app, window_end, start, bits) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(app, window_end) DO UPDATE SET bits = bits + excluded.bits",
+                (app, start + self.usage_window, start, bits),
+            )
+
+    def usage(self, app: str, last: int = 10) -> list[tuple[int, int, int]]:
+        """(start, end, consumed bits) of the latest windows, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT start, window_end, bits FROM usage WHERE app = ? ORDER BY window_end DESC LIMIT ?", (app, last)
+            ).fetchall()
+        return [(int(a), int(b), int(c)) for a, b, c in reversed(rows)]
+
+    # --- ETSI 004 streams -----------------------------------------------------------------
+
+    def save_stream(self, ksid: str, data: dict[str, Any]) -> None:
+        with self._lock, _tx(self._db):
+            self._db.execute("INSERT OR REPLACE INTO streams(ksid, data) VALUES (?, ?)", (ksid, json.dumps(data)))
+
+    def load_stream(self, ksid: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM streams WHERE ksid = ?", (ksid,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def delete_stream(self, ksid: str) -> None:
+        with self._lock, _tx(self._db):
+            self._db.execute("DELETE FROM streams WHERE ksid = ?", (ksid,))
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._flusher.join(2)
+        with self._lock:
+            self._flush_locked()
+            self._db.close()
+
+
+def _default_mine(key_id: str) -> bool:
+    return True
+
+
+def _marks(items: list[Any]) -> str:
+    return ",".join("?" * len(items))
+
+
+class _tx:
+    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

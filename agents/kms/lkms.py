@@ -1,0 +1,431 @@
+"""The LKMS of one node: serves keys to its SAEs (ETSI 014 / 004 front ends call it),
+keeps link keys from the QKD modules in the key store, and moves keys to other nodes.
+
+Where a key for (master, slave) comes from:
+- both SAEs on this node: an end key drawn from the entropy source;
+- slave on an adjacent node, over a PHYS link: link keys both ends already hold;
+  this end allocates them (each end allocates its half of the link's key IDs, so
+  the two never pick the same key) and tells the peer which IDs make which key;
+- otherwise (or for several slaves): a fresh end key from the entropy source,
+  relayed hop by hop by the forwarding module along the virtual link the
+  controller configured, one-time-padded with each hop's link key.
+If no application covers the pair yet, the controller is asked (sdqkdn_application_new)
+and the caller gets 503 until the path is configured.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdqkd.agents.kms import forwarding as fm
+from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
+from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+from sdqkd.agents.kms.service import Key, KmsError, Qos, Status, Stream
+
+log = logging.getLogger(__name__)
+
+STREAM_NS = uuid.UUID("6f1b5a3c-2d7e-4c8a-9b0f-5e4d3c2b1a09")
+
+
+@dataclass
+class LkmsConfig:
+    kme_id: str  # this node's qkdn_id
+    node: str
+    saes: dict[str, str]  # every SAE of the network -> the qkdn_id of its node
+    key_size: int = 256
+    min_key_size: int = 64
+    max_key_size: int = 8192
+    max_key_per_request: int = 128
+    max_key_count: int = 100000
+    max_sae_id_count: int = 8
+    default_ttl: int = 3600
+    peer_wait: float = 2.0  # how long a peer waits for link keys it has not stored yet
+    local_saes: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.kme_id = self.kme_id.lower()
+        self.saes = {k: v.lower() for k, v in self.saes.items()}
+        if not self.local_saes:
+            self.local_saes = {s for s, kme in self.saes.items() if kme == self.kme_id}
+
+
+def allocator(own: str, remote: str) -> Callable[[str], bool]:
+    """The end with the lower qkdn_id allocates link keys whose ID ends in an even hex digit."""
+    lower = own.lower() < remote.lower()
+    return lambda key_id: (int(key_id[-1], 16) % 2 == 0) == lower
+
+
+class Lkms:
+    """Implements sdqkd.agents.kms.service.KeyService."""
+
+    def __init__(self, cfg: LkmsConfig, store: KeyStore, entropy: Callable[[int], bytes] = os.urandom,
+                 forwarder: fm.Forwarder | None = None, on_missing_path: Callable[[str, str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.entropy = entropy
+        self.forwarder = forwarder
+        self.on_missing_path = on_missing_path
+        self.routes = RouteTable(cfg.kme_id)
+        self._lock = threading.Lock()
+        if forwarder is not None:
+            forwarder.start(self.handle_relay)
+
+    # --- configuration -------------------------------------------------------------------
+
+    def update_routes(self, table: RouteTable) -> None:
+        """Called after every commit; PHYS links get their allocation rule."""
+        for lk in table.links.values():
+            if lk.kind == "PHYS" and lk.remote:
+                self.store.set_allocator(lk.qkdl_id, allocator(self.cfg.kme_id, lk.remote))
+        with self._lock:
+            self.routes = table
+
+    def key_sink(self, link: str, key_id: str, key: bytes) -> None:
+        """Where the QKD modules deliver link keys."""
+        self.store.sink(link.lower(), key_id, key)
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def _local(self, sae: str) -> None:
+        if sae not in self.cfg.local_saes:
+            raise KmsError(401, f"SAE '{sae}' is not attached to this KME")
+
+    def _known(self, sae: str) -> str:
+        kme = self.cfg.saes.get(sae)
+        if kme is None:
+            raise KmsError(400, f"unknown SAE '{sae}'")
+        return kme
+
+    def _size(self, size: int | None) -> int:
+        size = self.cfg.key_size if size is None else size
+        if size < self.cfg.min_key_size or size > self.cfg.max_key_size or size % 8:
+            raise KmsError(400, f"size must be a multiple of 8 from {self.cfg.min_key_size} to {self.cfg.max_key_size} bits")
+        return size
+
+    # --- ETSI 014 --------------------------------------------------------------------------------
+
+    def status(self, master_sae: str, slave_sae: str) -> Status:
+        self._local(master_sae)
+        kme = self._known(slave_sae)
+        return Status(
+            source_KME_ID=self.cfg.kme_id,
+            target_KME_ID=kme,
+            master_SAE_ID=master_sae,
+            slave_SAE_ID=slave_sae,
+            key_size=self.cfg.key_size,
+            stored_key_count=self._stored(master_sae, slave_sae, kme),
+            max_key_count=self.cfg.max_key_count,
+            max_key_per_request=self.cfg.max_key_per_request,
+            max_key_size=self.cfg.max_key_size,
+            min_key_size=self.cfg.min_key_size,
+            max_SAE_ID_count=self.cfg.max_sae_id_count,
+        )
+
+    def _stored(self, master: str, slave: str, kme: str) -> int:
+        """Keys of the default size that could be served now."""
+        if kme == self.cfg.kme_id:
+            return self.cfg.max_key_count
+        app = self.routes.app_for(master, slave)
+        if app is None:
+            return 0
+        parts = fm.parts_for(self.cfg.key_size)
+        total = 0
+        for lk in self._paths(app):
+            first = self._first_hop(lk)
+            if first is not None:
+                per_key = parts if lk.kind == "PHYS" else parts + 1
+                total += self.store.count(first.qkdl_id) // per_key
+        return min(total, self.cfg.max_key_count)
+
+    def enc_keys(self, master_sae: str, slave_sae: str, number: int, size: int | None, additional_slaves: list[str]) -> list[Key]:
+        self._local(master_sae)
+        size = self._size(size)
+        if number < 1 or number > self.cfg.max_key_per_request:
+            raise KmsError(400, f"number must be from 1 to {self.cfg.max_key_per_request}")
+        targets = [slave_sae, *additional_slaves]
+        if len(set(targets)) != len(targets) or master_sae in targets and len(targets) > 1:
+            raise KmsError(400, "slave SAE IDs repeat")
+        if len(targets) > self.cfg.max_sae_id_count:
+            raise KmsError(400, f"at most {self.cfg.max_sae_id_count} slave SAEs")
+        plans = [(t, self._known(t)) for t in targets]
+        ttl = self.cfg.default_ttl
+        apps: list[tuple[str, AppRoute | None]] = []
+        for t, kme in plans:
+            app = None if kme == self.cfg.kme_id else self._app(master_sae, t)
+            apps.append((t, app))
+            if app is not None and app.ttl:
+                ttl = min(ttl, app.ttl)
+        expires = time.time() + ttl
+        ids = [str(uuid.uuid4()) for _ in range(number)]
+        if len(apps) == 1 and apps[0][1] is not None:
+            paths = self._paths(apps[0][1])
+            if paths and all(p.kind == "PHYS" for p in paths):
+                keys = self._reserve(paths, ids, size, master_sae, slave_sae, expires)
+                self.store.record_usage(apps[0][1].app_id, number * size)
+                return keys
+        end_keys = [self.entropy(size // 8) for _ in ids]
+        for t, app in apps:
+            if app is None:
+                self.store.put_deliverable(Deliverable(i, t, master_sae, k, expires) for i, k in zip(ids, end_keys))
+            else:
+                self._relay_over(app, ids, end_keys, master_sae, t, expires)
+                self.store.record_usage(app.app_id, number * size)
+        return [Key(i, k) for i, k in zip(ids, end_keys)]
+
+    def dec_keys(self, slave_sae: str, master_sae: str, key_ids: list[str]) -> list[Key]:
+        self._local(slave_sae)
+        if not key_ids:
+            raise KmsError(400, "no key_ID given")
+        bad = [k for k in key_ids if not _is_uuid(k)]
+        if bad:
+            raise KmsError(400, "key_ID must be a UUID", [{"bad_key_IDs": bad}])
+        try:
+            keys = self.store.fetch_deliverable(slave_sae, master_sae, [k.lower() for k in key_ids])
+        except MissingKeys as exc:
+            raise KmsError(400, "keys not found for this SAE pair (unknown, expired or already delivered)", [{"key_IDs_not_found": exc.key_ids}]) from None
+        return [Key(i, k) for i, k in zip(key_ids, keys)]
+
+    # --- how keys move ------------------------------------------------------------------------
+
+    def _app(self, a: str, b: str) -> AppRoute:
+        app = self.routes.app_for(a, b)
+        if app is None:
+            if self.on_missing_path is not None:
+                try:
+                    self.on_missing_path(a, b)
+                except Exception:  # noqa: BLE001 - asking the controller is best effort
+                    log.exception("cannot ask the controller for a path")
+            raise KmsError(503, f"no key path between '{a}' and '{b}' yet; the controller has been asked, retry later")
+        return app
+
+    def _paths(self, app: AppRoute) -> list[LinkRoute]:
+        return [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
+
+    def _first_hop(self, lk: LinkRoute) -> LinkRoute | None:
+        if lk.kind == "PHYS":
+            return lk
+        nxt = lk.next_hops[0] if lk.next_hops else None
+        links = self.routes.phys_to(nxt) if nxt else []
+        return max(links, key=lambda p: self.store.count(p.qkdl_id), default=None)
+
+    def _reserve(self, paths: list[LinkRoute], ids: list[str], size: int, master: str, slave: str, expires: float) -> list[Key]:
+        parts = fm.parts_for(size)
+        link = max(paths, key=lambda p: self.store.count(p.qkdl_id))
+        taken = self.store.take(link.qkdl_id, parts * len(ids))
+        if not taken:
+            raise KmsError(503, "not enough key on the link to the slave's node; retry later")
+        entries, keys = [], []
+        for n, key_id in enumerate(ids):
+            chunk = taken[n * parts:(n + 1) * parts]
+            keys.append(Key(key_id, b"".join(k for _, k in chunk)[: size // 8]))
+            entries.append({"key_id": key_id, "parts": [i for i, _ in chunk], "size": size})
+        msg = {"op": "reserve", "link": link.qkdl_id, "master": master, "slave": slave, "expires": expires, "keys": entries}
+        self._send(link.remote, msg)
+        return keys
+
+    def _relay_over(self, app: AppRoute, ids: list[str], end_keys: list[bytes], master: str, slave: str, expires: float) -> None:
+        paths = self._paths(app)
+        if not paths:
+            raise KmsError(503, "the application has no usable link")
+        # Spread the keys over the paths (aggregation), by the key each first hop holds.
+        batches: dict[str, list[int]] = {p.qkdl_id: [] for p in paths}
+        stock = {p.qkdl_id: self.store.count(self._first_hop(p).qkdl_id) if self._first_hop(p) else 0 for p in paths}
+        for n in range(len(ids)):
+            best = max(paths, key=lambda p: stock[p.qkdl_id] / (1 + len(batches[p.qkdl_id])))
+            batches[best.qkdl_id].append(n)
+        for lk in paths:
+            sel = batches[lk.qkdl_id]
+            if sel:
+                self._hop(lk.qkdl_id, lk, [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+
+    def _hop(self, vlink: str, lk: LinkRoute, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
+             stream: dict[str, Any] | None = None) -> None:
+        """Seal `keys` with the link to the next hop of `lk` and send them on."""
+        first = self._first_hop(lk)
+        if first is None or first.remote is None:
+            raise KmsError(503, f"no working link to the next hop of {vlink}")
+        sizes = [8 * len(k) for _, k in keys]
+        need = sum(fm.parts_for(s) + 1 for s in sizes)
+        taken = self.store.take(first.qkdl_id, need)
+        if not taken:
+            raise KmsError(503, "not enough key on the link to the next hop; retry later")
+        entries, pos = [], 0
+        for (key_id, key), s in zip(keys, sizes):
+            n = fm.parts_for(s)
+            pad_keys, mac = taken[pos:pos + n], taken[pos + n]
+            pos += n + 1
+            ct, tag = fm.seal(key, b"".join(k for _, k in pad_keys), mac[1], fm.header(key_id, vlink, master, slave))
+            entries.append({"key_id": key_id, "pad": [i for i, _ in pad_keys], "mac": mac[0], "ct": fm.b64(ct), "tag": fm.b64(tag)})
+        msg = {"op": "relay", "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
+               "expires": expires, "keys": entries, "stream": stream}
+        self._send(first.remote, msg)
+
+    def _send(self, peer: str | None, msg: dict[str, Any]) -> None:
+        if self.forwarder is None or peer is None:
+            raise KmsError(503, "this node has no forwarding module")
+        try:
+            self.forwarder.request(peer, msg)
+        except fm.RelayError as exc:
+            raise KmsError(503 if exc.code >= 500 else 400, f"key relay failed: {exc}") from None
+
+    # --- the other end of a hop ----------------------------------------------------------------
+
+    def handle_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "reserve":
+            return self._on_reserve(sender, msg)
+        if op == "relay":
+            return self._on_relay(sender, msg)
+        raise fm.RelayError(f"unknown relay operation {op!r}", 400)
+
+    def _link_with(self, link_id: str, sender: str) -> LinkRoute:
+        lk = self.routes.links.get(str(link_id).lower())
+        if lk is None or lk.kind != "PHYS" or lk.remote != sender:
+            raise fm.RelayError(f"link {link_id} is not a PHYS link with {sender}", 400)
+        return lk
+
+    def _take_peer_ids(self, link: str, ids: list[str]) -> list[bytes]:
+        """The sender allocated these; they may still be on their way from our module."""
+        deadline = time.monotonic() + self.cfg.peer_wait
+        while True:
+            try:
+                return self.store.take_ids(link, ids)
+            except MissingKeys as exc:
+                if time.monotonic() > deadline or any(self.store.is_spent(k) for k in exc.key_ids):
+                    raise fm.RelayError(f"link keys not held here: {len(exc.key_ids)} missing", 503) from None
+                time.sleep(0.02)
+
+    def _on_reserve(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        lk = self._link_with(msg["link"], sender)
+        slave, master = str(msg["slave"]), str(msg["master"])
+        if self.cfg.saes.get(slave) != self.cfg.kme_id:
+            raise fm.RelayError(f"SAE {slave} is not attached here", 400)
+        out = []
+        for entry in msg["keys"]:
+            parts = self._take_peer_ids(lk.qkdl_id, [str(p) for p in entry["parts"]])
+            out.append(Deliverable(str(entry["key_id"]), slave, master, b"".join(parts)[: int(entry["size"]) // 8], float(msg["expires"])))
+        self.store.put_deliverable(out)
+        return {"ok": True}
+
+    def _on_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        lk = self._link_with(msg["hop_link"], sender)
+        vlink, master, slave = str(msg["vlink"]), str(msg["master"]), str(msg["slave"])
+        keys = []
+        for entry in msg["keys"]:
+            pads = self._take_peer_ids(lk.qkdl_id, [str(p) for p in entry["pad"]] + [str(entry["mac"])])
+            key = fm.unseal(fm.unb64(entry["ct"]), fm.unb64(entry["tag"]), b"".join(pads[:-1]), pads[-1],
+                            fm.header(str(entry["key_id"]), vlink, master, slave))
+            keys.append((str(entry["key_id"]), key))
+        stream = msg.get("stream")
+        if self.cfg.saes.get(slave) == self.cfg.kme_id:
+            self.store.put_deliverable(
+                Deliverable(i, slave, master, k, float(msg["expires"]), stream and stream["ksid"], stream and int(stream["idx"]))
+                for i, k in keys
+            )
+            return {"ok": True}
+        route = self.routes.links.get(vlink.lower())
+        if route is None or not route.next_hops:
+            raise fm.RelayError(f"no next hop for virtual link {vlink} at this node", 503)
+        try:
+            self._hop(vlink, route, keys, master, slave, float(msg["expires"]), stream)
+        except KmsError as exc:
+            raise fm.RelayError(exc.message, exc.http_status) from None
+        return {"ok": True}
+
+    # --- ETSI 004 --------------------------------------------------------------------------------
+
+    def open_connect(self, caller_sae: str, source: str, destination: str, qos: Qos, key_stream_id: str | None) -> Stream:
+        self._local(caller_sae)
+        if caller_sae not in (source, destination):
+            raise KmsError(401, "the caller must be the source or the destination of the stream")
+        self._known(source)
+        self._known(destination)
+        if qos.key_chunk_size < 1 or 8 * qos.key_chunk_size > self.cfg.max_key_size:
+            raise KmsError(400, "key_chunk_size out of range", status004=7)
+        ksid = (key_stream_id or str(uuid.uuid4())).lower()
+        if not _is_uuid(ksid):
+            raise KmsError(400, "key_stream_id must be a UUID")
+        if self.store.load_stream(ksid) is not None:
+            raise KmsError(400, "key_stream_id is already in use", status004=5)
+        data = {"ksid": ksid, "source": source, "destination": destination, "caller": caller_sae, "qos": qos.__dict__, "next": 0}
+        self.store.save_stream(ksid, data)
+        return Stream(ksid, source, destination, qos, peer_connected=key_stream_id is not None)
+
+    def get_key(self, caller_sae: str, key_stream_id: str, index: int | None) -> tuple[int, bytes]:
+        ksid = key_stream_id.lower()
+        data = self.store.load_stream(ksid)
+        if data is None or data["caller"] != caller_sae:
+            raise KmsError(400, "no open key stream with that key_stream_id for this SAE")
+        qos = Qos(**data["qos"])
+        idx = data["next"] if index is None else index
+        if idx < 0:
+            raise KmsError(400, "index must be >= 0")
+        size = 8 * qos.key_chunk_size
+        key_id = str(uuid.uuid5(STREAM_NS, f"{ksid}/{idx}"))
+        if caller_sae == data["source"]:
+            key = self._stream_key_at_source(ksid, idx, key_id, size, data)
+        else:
+            key = self._stream_key_at_destination(ksid, idx, caller_sae, qos)
+        data["next"] = max(data["next"], idx + 1)
+        self.store.save_stream(ksid, data)
+        return idx, key
+
+    def _stream_key_at_source(self, ksid: str, idx: int, key_id: str, size: int, data: dict[str, Any]) -> bytes:
+        if self.store.is_spent(key_id):
+            raise KmsError(400, f"key {idx} of this stream was already delivered")
+        src, dst = data["source"], data["destination"]
+        key = self.entropy(size // 8)
+        expires = time.time() + (data["qos"].get("ttl") or self.cfg.default_ttl)
+        stream = {"ksid": ksid, "idx": idx}
+        if self._known(dst) == self.cfg.kme_id:
+            self.store.put_deliverable([Deliverable(key_id, dst, src, key, expires, ksid, idx)])
+        else:
+            try:
+                app = self._app(src, dst)
+            except KmsError as exc:
+                raise KmsError(exc.http_status, exc.message, status004=4) from None
+            paths = self._paths(app)
+            if not paths:
+                raise KmsError(503, "the application has no usable link", status004=4)
+            try:
+                self._hop(paths[0].qkdl_id, paths[0], [(key_id, key)], src, dst, expires, stream)
+            except KmsError as exc:
+                raise KmsError(exc.http_status, exc.message, status004=2) from None
+            self.store.record_usage(app.app_id, size)
+        self.store.mark_spent([key_id])  # the source SAE has it; this index is never served again
+        return key
+
+    def _stream_key_at_destination(self, ksid: str, idx: int, caller: str, qos: Qos) -> bytes:
+        deadline = time.monotonic() + qos.timeout / 1000.0
+        while True:
+            got = self.store.fetch_stream_key(caller, ksid, idx)
+            if got is not None:
+                return got[1]
+            if time.monotonic() >= deadline:
+                raise KmsError(503, f"key {idx} of this stream is not available yet", status004=2 if qos.timeout == 0 else 6)
+            time.sleep(0.02)
+
+    def close(self, caller_sae: str, key_stream_id: str) -> None:
+        data = self.store.load_stream(key_stream_id.lower())
+        if data is None or data["caller"] != caller_sae:
+            raise KmsError(400, "no open key stream with that key_stream_id for this SAE")
+        self.store.delete_stream(key_stream_id.lower())
+
+    def shutdown(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.close()
+        self.store.close()
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(str(text))
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,93 @@
+"""What the controller configured, as the LKMS and forwarding module need it: which
+applications exist, which links back them, and for each virtual link the next hop.
+
+Built from the ETSI 015 running datastore after every commit; immutable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdqkd.yangcodec import leaf_value, list_entries
+
+
+@dataclass(frozen=True)
+class LinkRoute:
+    qkdl_id: str
+    kind: str  # PHYS or VIRT
+    enabled: bool
+    remote: str | None  # qkdn_id at the far end of the (virtual) link
+    prev_hop: str | None = None
+    next_hops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AppRoute:
+    app_id: str
+    saes: frozenset[str]
+    backing: tuple[str, ...]
+    ttl: int | None = None
+    remote: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    own: str
+    links: dict[str, LinkRoute] = field(default_factory=dict)
+    apps: tuple[AppRoute, ...] = ()
+
+    def app_for(self, a: str, b: str) -> AppRoute | None:
+        """The application covering SAEs a and b (either may be server or client)."""
+        for app in self.apps:
+            if {a, b} <= app.saes:
+                return app
+        return None
+
+    def phys_to(self, peer: str) -> list[LinkRoute]:
+        """Enabled PHYS links to an adjacent node."""
+        return [lk for lk in self.links.values() if lk.kind == "PHYS" and lk.enabled and lk.remote == peer]
+
+    def next_hop(self, vlink: str) -> str | None:
+        lk = self.links.get(vlink)
+        if lk is None or not lk.next_hops:
+            return None
+        return lk.next_hops[0]
+
+
+def _s(leaf: Any) -> str | None:
+    v = leaf_value(leaf)
+    return str(v).lower() if v not in (None, "") else None
+
+
+def from_running(root: Any, own_qkdn_id: str) -> RouteTable:
+    """RouteTable from an etsi_qkd_sdn_node binding holding running."""
+    node = root.qkd_node
+    links = {}
+    for lk in list_entries(node.qkd_links.qkd_link):
+        kind = str(leaf_value(lk.qkdl_type) or "").rsplit(":", 1)[-1]
+        enabled = leaf_value(lk.qkdl_enable)
+        links[str(lk.qkdl_id).lower()] = LinkRoute(
+            qkdl_id=str(lk.qkdl_id).lower(),
+            kind=kind,
+            enabled=True if enabled is None else bool(enabled),
+            remote=_s(lk.qkdl_remote.qkdn_id),
+            prev_hop=_s(lk.virt_prev_hop),
+            next_hops=tuple(str(h).lower() for h in lk.virt_next_hop),
+        )
+    apps = []
+    for app in list_entries(node.qkd_applications.qkd_app):
+        saes = {str(c) for c in app.client_app_id}
+        server = leaf_value(app.server_app_id)
+        if server:
+            saes.add(str(server))
+        ttl = leaf_value(app.app_qos.ttl)
+        apps.append(
+            AppRoute(
+                app_id=str(app.app_id).lower(),
+                saes=frozenset(saes),
+                backing=tuple(str(b).lower() for b in app.backing_qkdl_id),
+                ttl=int(ttl) if ttl else None,
+                remote=_s(app.remote_qkdn_id),
+            )
+        )
+    return RouteTable(own_qkdn_id.lower(), links, tuple(apps))

@@ -1,0 +1,215 @@
+"""LKMS logic on three nodes A - B - C with real key stores and real forwarding modules
+(mutual TLS on loopback). Link keys are fed to both ends of each link as a QKD pair
+delivers them: the same IDs and bytes on both sides."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from sdqkd.agents.kms import forwarding as fm
+from sdqkd.agents.kms import pki
+from sdqkd.agents.kms.keystore import KeyStore
+from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+from sdqkd.agents.kms.service import KmsError, Qos
+
+A, B, C = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in "abc")
+L1, L2, V = "10000000-0000-4000-8000-000000000001", "10000000-0000-4000-8000-000000000002", "20000000-0000-4000-8000-00000000000c"
+SAES = {"sa": A, "sb": B, "sc": C, "sa2": A}
+APP_AB, APP_AC = "30000000-0000-4000-8000-0000000000ab", "30000000-0000-4000-8000-0000000000ac"
+
+
+def tables() -> dict[str, RouteTable]:
+    phys = lambda lid, remote: LinkRoute(lid, "PHYS", True, remote)  # noqa: E731
+    return {
+        A: RouteTable(A, {L1: phys(L1, B), V: LinkRoute(V, "VIRT", True, C, None, (B,))},
+                      (AppRoute(APP_AB, frozenset({"sa", "sb"}), (L1,)), AppRoute(APP_AC, frozenset({"sa", "sc"}), (V,)))),
+        B: RouteTable(B, {L1: phys(L1, A), L2: phys(L2, C), V: LinkRoute(V, "VIRT", True, C, A, (C,))},
+                      (AppRoute(APP_AB, frozenset({"sa", "sb"}), (L1,)),)),
+        C: RouteTable(C, {L2: phys(L2, B), V: LinkRoute(V, "VIRT", True, A, B, ())},
+                      (AppRoute(APP_AC, frozenset({"sa", "sc"}), (V,)),)),
+    }
+
+
+@pytest.fixture
+def net(tmp_path: Path):
+    ca = pki.make_ca(tmp_path / "ca", "test-ca")
+    forwarders = {}
+    for kme in (A, B, C):
+        cert = pki.issue(ca, kme, tmp_path / kme, server_names=["127.0.0.1"], client=True)
+        forwarders[kme] = fm.Forwarder(kme, ("127.0.0.1", 0), pki.server_ssl_context(*cert, ca[0]), pki.client_ssl_context(*cert, ca[0]), {})
+    for f in forwarders.values():
+        f.peers = {k: g.address for k, g in forwarders.items() if g is not f}
+    asked: list[tuple[str, str]] = []
+    nodes = {}
+    for kme, name in ((A, "a"), (B, "b"), (C, "c")):
+        store = KeyStore(tmp_path / f"{name}.sqlite")
+        nodes[kme] = Lkms(LkmsConfig(kme, name, SAES), store, os.urandom, forwarders[kme], on_missing_path=lambda a, b: asked.append((a, b)))
+        nodes[kme].update_routes(tables()[kme])
+    feed(nodes, L1, (A, B), 64)
+    feed(nodes, L2, (B, C), 64)
+    yield nodes, asked
+    for n in nodes.values():
+        n.shutdown()
+
+
+def feed(nodes: dict[str, Lkms], link: str, ends: tuple[str, str], n: int) -> list[tuple[str, bytes]]:
+    keys = [(str(uuid.uuid4()), os.urandom(32)) for _ in range(n)]
+    for kme in ends:
+        for kid, k in keys:
+            nodes[kme].key_sink(link, kid, k)
+        nodes[kme].store.flush()
+    return keys
+
+
+def test_adjacent_keys_match_and_are_delivered_once(net) -> None:
+    nodes, _ = net
+    keys = nodes[A].enc_keys("sa", "sb", 3, 256, [])
+    got = nodes[B].dec_keys("sb", "sa", [k.key_id for k in keys])
+    assert [k.key for k in got] == [k.key for k in keys]
+    assert len({k.key for k in keys}) == 3
+    with pytest.raises(KmsError) as err:
+        nodes[B].dec_keys("sb", "sa", [keys[0].key_id])
+    assert err.value.http_status == 400
+
+
+def test_each_end_allocates_its_own_half(net) -> None:
+    nodes, _ = net
+    a_mine, b_mine = nodes[A].store.count(L1), nodes[B].store.count(L1)
+    assert a_mine + b_mine == 64 and a_mine > 10 and b_mine > 10
+    ka = nodes[A].enc_keys("sa", "sb", 2, 512, [])  # 2 keys x 2 link keys, from A's half
+    kb = nodes[B].enc_keys("sb", "sa", 1, 256, [])  # from B's half: no clash
+    assert nodes[A].store.count(L1) == a_mine - 4 and nodes[B].store.count(L1) == b_mine - 1
+    assert [k.key for k in nodes[B].dec_keys("sb", "sa", [k.key_id for k in ka])] == [k.key for k in ka]
+    assert nodes[A].dec_keys("sa", "sb", [kb[0].key_id])[0].key == kb[0].key
+
+
+def test_two_hop_relay_gives_the_same_key_and_uses_link_key_exactly(net) -> None:
+    nodes, _ = net
+
+    def held(kme: str, link: str) -> tuple[int, int]:
+        return nodes[kme].store.count(link, mine=True), nodes[kme].store.count(link, mine=False)
+
+    before = {(kme, link): held(kme, link) for kme, link in ((A, L1), (B, L1), (B, L2), (C, L2))}
+    keys = nodes[A].enc_keys("sa", "sc", 2, 512, [])
+    got = nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])
+    assert [k.key for k in got] == [k.key for k in keys]
+    # Each 512-bit key takes 2 pad keys + 1 MAC key on every hop, from the sending end's half;
+    # the receiving end removes the same IDs from its copy.
+    mine, theirs = before[(A, L1)]
+    assert held(A, L1) == (mine - 6, theirs)
+    mine, theirs = before[(B, L1)]
+    assert held(B, L1) == (mine, theirs - 6)
+    mine, theirs = before[(B, L2)]
+    assert held(B, L2) == (mine - 6, theirs)
+    mine, theirs = before[(C, L2)]
+    assert held(C, L2) == (mine, theirs - 6)
+
+
+def test_no_path_asks_the_controller(net) -> None:
+    nodes, asked = net
+    with pytest.raises(KmsError) as err:
+        nodes[B].enc_keys("sb", "sc", 1, 256, [])
+    assert err.value.http_status == 503
+    assert asked == [("sb", "sc")]
+
+
+def test_local_pair_and_multi_slave(net) -> None:
+    nodes, _ = net
+    keys = nodes[A].enc_keys("sa", "sa2", 2, 128, [])
+    assert [k.key for k in nodes[A].dec_keys("sa2", "sa", [k.key_id for k in keys])] == [k.key for k in keys]
+    both = nodes[A].enc_keys("sa", "sb", 1, 256, ["sc"])
+    assert nodes[B].dec_keys("sb", "sa", [both[0].key_id])[0].key == both[0].key
+    assert nodes[C].dec_keys("sc", "sa", [both[0].key_id])[0].key == both[0].key
+
+
+@pytest.mark.parametrize("call, status", [
+    (lambda n: n[A].enc_keys("sb", "sa", 1, 256, []), 401),  # sb is not on A
+    (lambda n: n[A].enc_keys("sa", "nobody", 1, 256, []), 400),
+    (lambda n: n[A].enc_keys("sa", "sb", 1, 100, []), 400),  # not a multiple of 8
+    (lambda n: n[A].enc_keys("sa", "sb", 0, 256, []), 400),
+    (lambda n: n[A].enc_keys("sa", "sb", 1000, 256, []), 400),
+    (lambda n: n[B].dec_keys("sb", "sa", ["not-a-uuid"]), 400),
+    (lambda n: n[A].enc_keys("sa", "sb", 60, 256, []), 503),  # more than the link holds
+])
+def test_refusals(net, call, status) -> None:
+    nodes, _ = net
+    with pytest.raises(KmsError) as err:
+        call(nodes)
+    assert err.value.http_status == status
+
+
+def test_tampered_relay_is_rejected() -> None:
+    pad, mac = os.urandom(32), os.urandom(32)
+    hdr = fm.header("k", "v", "m", "s")
+    ct, tag = fm.seal(b"x" * 32, pad, mac, hdr)
+    assert fm.unseal(ct, tag, pad, mac, hdr) == b"x" * 32
+    with pytest.raises(fm.RelayError):
+        fm.unseal(bytes([ct[0] ^ 1]) + ct[1:], tag, pad, mac, hdr)
+    with pytest.raises(fm.RelayError):
+        fm.unseal(ct, tag, pad, mac, fm.header("k", "v", "m", "other-slave"))
+
+
+def test_keys_survive_a_restart_and_are_never_redelivered(tmp_path) -> None:
+    store = KeyStore(tmp_path / "k.sqlite")
+    node = Lkms(LkmsConfig(A, "a", SAES), store)
+    keys = node.enc_keys("sa", "sa2", 2, 256, [])
+    store.close()
+    store = KeyStore(tmp_path / "k.sqlite")
+    node = Lkms(LkmsConfig(A, "a", SAES), store)
+    assert node.dec_keys("sa2", "sa", [keys[0].key_id])[0].key == keys[0].key
+    store.close()
+    store = KeyStore(tmp_path / "k.sqlite")
+    node = Lkms(LkmsConfig(A, "a", SAES), store)
+    with pytest.raises(KmsError):
+        node.dec_keys("sa2", "sa", [keys[0].key_id])
+    assert node.dec_keys("sa2", "sa", [keys[1].key_id])[0].key == keys[1].key
+    store.close()
+
+
+def test_link_keys_persist_and_spent_ids_stay_spent(tmp_path) -> None:
+    store = KeyStore(tmp_path / "k.sqlite")
+    store.sink(L1, "a0000000-0000-4000-8000-000000000000", b"k" * 32)
+    store.close()
+    store = KeyStore(tmp_path / "k.sqlite")
+    assert store.count(L1) == 1
+    assert store.take(L1, 1)[0][1] == b"k" * 32
+    store.sink(L1, "a0000000-0000-4000-8000-000000000000", b"k" * 32)  # replayed: refused
+    assert store.count(L1) == 0
+    store.close()
+
+
+def test_etsi004_stream_over_two_hops(net) -> None:
+    nodes, _ = net
+    qos = Qos(key_chunk_size=32, timeout=2000)
+    stream = nodes[A].open_connect("sa", "sa", "sc", qos, None)
+    peer = nodes[C].open_connect("sc", "sa", "sc", qos, stream.key_stream_id)
+    assert peer.key_stream_id == stream.key_stream_id
+    i0, k0 = nodes[A].get_key("sa", stream.key_stream_id, None)
+    i1, k1 = nodes[A].get_key("sa", stream.key_stream_id, None)
+    assert (i0, i1) == (0, 1) and k0 != k1
+    assert nodes[C].get_key("sc", stream.key_stream_id, 1) == (1, k1)
+    assert nodes[C].get_key("sc", stream.key_stream_id, 0) == (0, k0)
+    with pytest.raises(KmsError) as err:
+        nodes[A].get_key("sa", stream.key_stream_id, 0)  # already delivered
+    assert err.value.http_status == 400
+    with pytest.raises(KmsError) as err:
+        nodes[A].open_connect("sa", "sa", "sc", qos, stream.key_stream_id)
+    assert err.value.status004 == 5
+    nodes[A].close("sa", stream.key_stream_id)
+    nodes[C].close("sc", stream.key_stream_id)
+
+
+def test_no_key_bytes_in_logs(net, caplog) -> None:
+    nodes, _ = net
+    caplog.set_level(logging.DEBUG)
+    keys = nodes[A].enc_keys("sa", "sc", 2, 256, [])
+    nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])
+    text = caplog.text
+    for k in keys:
+        assert base64.b64encode(k.key).decode() not in text and k.key.hex() not in text
