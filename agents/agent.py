@@ -21,6 +21,8 @@ from sdqkd.agents.datastore.store import Datastores
 from sdqkd.agents.datastore.validate import NodeFacts
 from sdqkd.agents.drivers import wiring
 from sdqkd.agents.drivers.base import Driver, Event
+from sdqkd.agents.kms import node as kms_node
+from sdqkd.agents.kms import routes as kms_routes
 from sdqkd.agents.notify import NotificationHub
 from sdqkd.agents.rpcs import Rpcs
 from sdqkd.agents.server import NetconfServer
@@ -35,9 +37,10 @@ class Agent:
         self.cfg = cfg
         self.models = agent_models()
         self.hub = NotificationHub()
-        self.devices = wiring.build(cfg)
-        self.drivers: list[Driver] = self.devices.drivers
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        self.kms = kms_node.build(cfg, on_missing_path=self._ask_for_path)
+        self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink)
+        self.drivers: list[Driver] = self.devices.drivers
         self.datastores = Datastores(
             self.models,
             NodeFacts(cfg.node.qkdn_id),
@@ -56,6 +59,8 @@ class Agent:
 
     def start(self) -> None:
         self._notifier.start()
+        self._refresh_routes()
+        self.kms.start()
         for drv in self.drivers:
             drv.open(self._on_event)
         # Replay running into the devices now that they are open (startup config).
@@ -72,11 +77,21 @@ class Agent:
         return self.server.sessions() if self.server else []
 
     def _fill_state(self, roots: dict[str, Any]) -> None:
-        state.fill(roots, self.drivers)
+        state.fill(roots, self.drivers, self.kms.lkms.store.usage)
 
     def _on_commit(self, changes: list[Any]) -> None:
+        self._refresh_routes()
         for content in events.application_changes(changes):
             self.hub.publish(content)
+
+    def _refresh_routes(self) -> None:
+        """The LKMS and forwarding module follow running (apps, links, next hops)."""
+        roots = self.datastores.running_roots()
+        self.kms.lkms.update_routes(kms_routes.from_running(roots["etsi-qkd-sdn-node"], self.cfg.node.qkdn_id))
+
+    def _ask_for_path(self, master: str, slave: str) -> None:
+        """No application covers this SAE pair: tell the controller (ETSI 015 sdqkdn_application_new)."""
+        self.hub.publish(events.application_new(master, slave, self.cfg.node.qkdn_id))
 
     def _on_event(self, event: Event) -> None:
         try:
@@ -110,6 +125,7 @@ class Agent:
             except Exception:  # noqa: BLE001
                 log.exception("closing driver failed")
         self.devices.close()
+        self.kms.stop()
         self._events.put(None)
 
     def wait(self) -> None:

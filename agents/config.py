@@ -66,10 +66,27 @@ class QkdModuleConf:
 
 @dataclass
 class PeerConf:
-    """Another node: its name and where its QKD modules' service channels listen."""
+    """Another node: its name, where its QKD modules' service channels and its
+    forwarding module listen."""
 
     node: str
     service: dict[str, list[Any]] = field(default_factory=dict)  # qkdi_id -> [host, port]
+    relay: list[Any] = field(default_factory=list)  # [host, port]
+
+
+@dataclass
+class KmsConf:
+    """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI."""
+
+    port: int
+    relay_port: int
+    ca: str
+    cert: str  # this KME's certificate (CN = qkdn_id), for HTTPS and relay
+    key: str
+    saes: dict[str, str] = field(default_factory=dict)  # every SAE of the network -> qkdn_id
+    address: str = "127.0.0.1"
+    key_size: int = 256
+    default_ttl: int = 3600
 
 
 @dataclass
@@ -89,6 +106,7 @@ class AgentConfig:
     qkd_modules: list[QkdModuleConf] = field(default_factory=list)
     switches: list[SwitchConf] = field(default_factory=list)
     peers: dict[str, PeerConf] = field(default_factory=dict)  # qkdn_id -> peer
+    kms: KmsConf | None = None
     log_level: str = "INFO"
 
     @property

@@ -126,3 +126,14 @@ def application_changes(changes: list[Any]) -> list[etree._Element]:
             continue
         out.append(root)
     return out
+
+
+def application_new(master: str, slave: str, local_qkdn_id: str) -> etree._Element:
+    """sdqkdn_application_new: an SAE asked for keys with a peer no application covers."""
+    root = _root("sdqkdn_application_new")
+    app = _sub(root, "qkd_application")
+    _sub(app, "app_type", _ident("CLIENT"))
+    _sub(app, "server_app_id", master)
+    _sub(app, "client_app_id", slave)
+    _sub(app, "local_qkdn_id", local_qkdn_id)
+    return root

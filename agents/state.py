@@ -7,7 +7,9 @@ the drivers on every <get>.
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -92,10 +94,20 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     return out
 
 
-def fill(roots: dict[str, Any], drivers: list[Driver]) -> None:
+def _time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None) -> None:
     """Write live state into bindings holding a copy of running."""
     node = roots["etsi-qkd-sdn-node"].qkd_node
     set_leaf(node, "qkdn_status", "etsi-qkdn-types:OPERATING")
+    for app in node.qkd_applications.qkd_app.values():
+        set_leaf(app, "app_status", "etsi-qkdn-types:ON")
+        for start, end, bits in (usage(str(app.app_id).lower()) if usage else []):
+            entry = app.app_statistics.statistics.add(_time(end))
+            set_leaf(entry, "start_time", _time(start))
+            set_leaf(entry, "consumed_bits", min(bits, 2**32 - 1))
     links = node.qkd_links.qkd_link
     ifaces = node.qkd_interfaces.qkd_interface
     for _drv, st in qkd_modules(drivers):

@@ -1,0 +1,201 @@
+"""The HTTPS server the key-delivery front ends (ETSI GS QKD 014, 004) share.
+
+The agent is thread-based (NETCONF server, drivers), so the aiohttp application runs in
+its own thread with its own asyncio loop (`HttpsServer`). Every request is
+authenticated by its TLS client certificate: the SAE ID is the certificate's subject CN
+(pki.sae_id_of), never anything in the URL or body. Calls into the synchronous
+KeyService go through a bounded thread pool (`call`), so a slow relay does not stall
+the loop. Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients
+expect; an unexpected exception becomes 503 {"message": "internal error"} with its
+traceback logged but never its message (it might quote key bytes).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import ssl
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from .pki import sae_id_of
+from .service import KmsError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SAE_ID = web.RequestKey("sdqkd.sae_id", str)  # the authenticated caller
+_EXECUTOR = web.AppKey("sdqkd.executor", ThreadPoolExecutor)
+_LIMIT = web.AppKey("sdqkd.limit", asyncio.Semaphore)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """A request the front end refuses before it reaches the LKMS (bad format, auth)."""
+
+    def __init__(self, status: int, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+
+def error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:
+    """ETSI 014 Error object (clause 6.5): message, and details only when there are some."""
+    body: dict[str, Any] = {"message": message}
+    if details:
+        body["details"] = details
+    return web.json_response(body, status=status)
+
+
+def make_app(*, workers: int = 8, max_pending: int = 256) -> web.Application:
+    """An application with the error and client-certificate middlewares and the LKMS pool.
+
+    At most `workers` LKMS calls run at once; past `max_pending` waiting requests the
+    server answers 503 at once rather than queueing without bound.
+    """
+    app = web.Application(middlewares=[_errors, _authenticate])
+    app[_EXECUTOR] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-api")
+    app[_LIMIT] = asyncio.Semaphore(max_pending)
+
+    async def _shutdown(app: web.Application) -> None:
+        app[_EXECUTOR].shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(_shutdown)
+    return app
+
+
+def sae_of(request: web.Request) -> str:
+    """The SAE ID from the caller's verified client certificate."""
+    return request[SAE_ID]
+
+
+async def call(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run a synchronous KeyService call on the app's bounded pool."""
+    limit = request.app[_LIMIT]
+    if limit.locked():
+        raise ApiError(503, "too many requests in progress, try again")
+    async with limit:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(request.app[_EXECUTOR], functools.partial(fn, *args))
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; an empty body counts as {}. Else 400."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"request body is not valid JSON: {_reason(exc)}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error(exc.status, exc.message, exc.details)
+    except KmsError as exc:
+        return error(exc.http_status, exc.message, exc.details)
+    except web.HTTPException as exc:  # unknown path, wrong method, body too large...
+        if exc.status < 400:
+            raise
+        resp = error(exc.status, exc.reason)
+        if "Allow" in exc.headers:  # 405 says which methods would do
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    except Exception as exc:
+        tb = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("unexpected %s in %s %s\n%s", type(exc).__name__, request.method, request.path, tb)
+        return error(503, "internal error")
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        raise ApiError(401, "a client certificate is required")
+    try:
+        request[SAE_ID] = sae_id_of(cert)
+    except ValueError as exc:
+        raise ApiError(401, str(exc)) from None
+    return await handler(request)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else type(exc).__name__
+
+
+class HttpsServer:
+    """Serves `app` over TLS on host:port from a thread of its own (port 0: any free one)."""
+
+    def __init__(self, app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
+                 access_log: bool = False, shutdown_timeout: float = 2.0) -> None:
+        self.app, self.host, self._port, self.ssl_ctx = app, host, port, ssl_ctx
+        self._access_log = access_log
+        self._shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (known once start() returned)."""
+        return self._port
+
+    def start(self, timeout: float = 10.0) -> HttpsServer:
+        """Listen, or raise what stopped it (e.g. port in use); returns self."""
+        self._thread = threading.Thread(target=self._run, name=f"https-{self.host}:{self._port}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"HTTPS server on {self.host}:{self._port} did not start in {timeout} s")
+        if self._failure is not None:
+            self._thread.join(timeout)
+            raise self._failure
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, let requests in progress finish (up to shutdown_timeout), join."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(self._shutdown_timeout + 5)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        runner = web.AppRunner(self.app, access_log=log if self._access_log else None,
+                               shutdown_timeout=self._shutdown_timeout)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_ctx)
+            loop.run_until_complete(site.start())
+            self._port = runner.addresses[0][1]
+        except BaseException as exc:  # reported to start()'s caller
+            self._failure = exc
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+            self._ready.set()
+            return
+        self._loop = loop
+        self._ready.set()
+        log.info("ETSI key delivery listening on https://%s:%d", self.host, self._port)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()

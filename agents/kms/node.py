@@ -1,0 +1,59 @@
+"""Assembles a node's LKMS from the agent config: key store, forwarding module, the
+ETSI 014 and 004 HTTPS front ends on one port."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdqkd.agents.config import AgentConfig
+from sdqkd.agents.kms import etsi004, etsi014, https, pki
+from sdqkd.agents.kms.forwarding import Forwarder
+from sdqkd.agents.kms.keystore import KeyStore
+from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+
+
+@dataclass
+class KmsNode:
+    lkms: Lkms
+    server: https.HttpsServer | None
+
+    def start(self) -> None:
+        if self.server is not None:
+            self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.lkms.shutdown()
+
+
+def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
+          on_missing_path: Callable[[str, str], None] | None = None) -> KmsNode:
+    """The LKMS of this node; without a `kms` section, a key store only (a relay-less
+    node still keeps its link keys)."""
+    store = KeyStore(Path(cfg.state_dir) / "keys.sqlite")
+    k = cfg.kms
+    if k is None:
+        return KmsNode(Lkms(LkmsConfig(cfg.node.qkdn_id, cfg.node.name, {}), store, entropy), None)
+    peers = {qid: (str(p.relay[0]), int(p.relay[1])) for qid, p in cfg.peers.items() if p.relay}
+    forwarder = Forwarder(
+        cfg.node.qkdn_id,
+        (k.address, k.relay_port),
+        pki.server_ssl_context(k.cert, k.key, k.ca),
+        pki.client_ssl_context(k.cert, k.key, k.ca),
+        peers,
+    )
+    lkms = Lkms(
+        LkmsConfig(cfg.node.qkdn_id, cfg.node.name, dict(k.saes), key_size=k.key_size, default_ttl=k.default_ttl),
+        store,
+        entropy,
+        forwarder,
+        on_missing_path,
+    )
+    app = https.make_app()
+    etsi014.add_routes(app, lkms)
+    etsi004.add_routes(app, lkms)
+    server = https.HttpsServer(app, k.address, k.port, pki.server_ssl_context(k.cert, k.key, k.ca))
+    return KmsNode(lkms, server)

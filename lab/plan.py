@@ -1,0 +1,196 @@
+"""From a lab topology to what every process of the lab needs: node identities, ports,
+the lab PKI, credentials, and one agent config per node. Pure apart from writing the
+certificates and config files into the lab directory.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdqkd.agents import ssh
+from sdqkd.agents.kms import pki
+
+LAB_NS = uuid.UUID("0b5e2f7a-6c1d-4e8b-9a3f-7d2c1b0a9e8f")
+
+
+@dataclass
+class NodePlan:
+    name: str
+    qkdn_id: str
+    domain: str | None
+    netconf_port: int
+    kms_port: int
+    relay_port: int
+    service_ports: dict[int, int]
+    saes: list[str]
+    dir: Path
+    kme_cert: tuple[Path, Path] | None = None
+    sae_certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    config_path: Path | None = None
+
+
+@dataclass
+class LabPlan:
+    name: str
+    dir: Path
+    topology_path: Path
+    password: str
+    service_key: str
+    ca: tuple[Path, Path]
+    nodes: dict[str, NodePlan]
+    address: str = "127.0.0.1"
+    controller_port: int = 50051
+
+    def by_id(self, qkdn_id: str) -> NodePlan:
+        return next(n for n in self.nodes.values() if n.qkdn_id == qkdn_id)
+
+    def sae_directory(self) -> dict[str, str]:
+        return {sae: n.qkdn_id for n in self.nodes.values() for sae in n.saes}
+
+
+def lab_object(topology: dict[str, Any]) -> dict[str, Any]:
+    return topology.get("sdqkd-lab:lab", topology)
+
+
+def node_id(lab_name: str, node: dict[str, Any]) -> str:
+    return str(node.get("qkdn-id") or uuid.uuid5(LAB_NS, f"{lab_name}/{node['name']}")).lower()
+
+
+class _Ports:
+    """Fixed bases from the topology defaults, or free loopback ports (tests, parallel labs)."""
+
+    def __init__(self, defaults: dict[str, Any], free: bool) -> None:
+        self.free = free
+        self.next = {
+            "netconf": int(defaults.get("netconf-port-base", 8300)),
+            "kms": int(defaults.get("kms-port-base", 8400)),
+            "relay": int(defaults.get("relay-port-base", 8500)),
+            "service": int(defaults.get("relay-port-base", 8500)) + 100,
+        }
+
+    def take(self, kind: str) -> int:
+        if self.free:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+        port = self.next[kind]
+        self.next[kind] += 1
+        return port
+
+
+def _role(lab: dict[str, Any], node: str, iface: dict[str, Any]) -> str:
+    if iface.get("role"):
+        return str(iface["role"]).rsplit(":", 1)[-1]
+    for link in lab.get("link", []):
+        eps = link.get("endpoints", [])
+        if f"{node}:{iface['id']}" in eps:
+            return "TRANSMITTER" if eps[0] == f"{node}:{iface['id']}" else "RECEIVER"
+    return "TRANSCEIVER"
+
+
+def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -> LabPlan:
+    """Allocate everything and write PKI, topology copy and agent configs under lab_dir."""
+    lab = lab_object(topology)
+    name = lab.get("name") or "lab"
+    lab_dir = Path(lab_dir)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    topo_path = lab_dir / "topology.json"
+    topo_path.write_text(json.dumps({"sdqkd-lab:lab": lab}, indent=1))
+    defaults = lab.get("defaults", {})
+    ports = _Ports(defaults, free_ports)
+    ca = pki.make_ca(lab_dir / "pki", f"sdqkd lab {name} CA")
+    plan = LabPlan(
+        name=name,
+        dir=lab_dir,
+        topology_path=topo_path,
+        password=secrets.token_urlsafe(18),
+        service_key=secrets.token_hex(32),
+        ca=ca,
+        nodes={},
+        address=str(defaults.get("address", "127.0.0.1")),
+        controller_port=ports.take("kms") if free_ports else int(defaults.get("controller-grpc-port", 50051)),
+    )
+    for node in lab.get("node", []):
+        nd = lab_dir / "nodes" / node["name"]
+        nd.mkdir(parents=True, exist_ok=True)
+        np = NodePlan(
+            name=node["name"],
+            qkdn_id=node_id(name, node),
+            domain=node.get("domain"),
+            netconf_port=ports.take("netconf"),
+            kms_port=ports.take("kms"),
+            relay_port=ports.take("relay"),
+            service_ports={int(i["id"]): ports.take("service") for i in node.get("qkd-interface", [])},
+            saes=[s["id"] for s in node.get("sae", [])],
+            dir=nd,
+        )
+        np.kme_cert = pki.issue(ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"], client=True)
+        for sae in np.saes:
+            np.sae_certs[sae] = pki.issue(ca, sae, lab_dir / "saes" / _safe(sae), client=True)
+        plan.nodes[np.name] = np
+    pw_hash = ssh.hash_password(plan.password)
+    for node in lab.get("node", []):
+        np = plan.nodes[node["name"]]
+        cfg = agent_config(plan, lab, node, np, pw_hash)
+        np.config_path = np.dir / "agent.json"
+        np.config_path.write_text(json.dumps(cfg, indent=1))
+    return plan
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: NodePlan, pw_hash: str) -> dict[str, Any]:
+    peers = {}
+    for other in plan.nodes.values():
+        if other.name == np.name:
+            continue
+        peers[other.qkdn_id] = {
+            "node": other.name,
+            "service": {str(i): [plan.address, p] for i, p in other.service_ports.items()},
+            "relay": [plan.address, other.relay_port],
+        }
+    assert np.kme_cert is not None
+    return {
+        "node": {"name": np.name, "qkdn_id": np.qkdn_id, "location": node.get("location") or np.name},
+        "netconf": {
+            "address": plan.address,
+            "port": np.netconf_port,
+            "host_key": str(np.dir / "ssh_host_ed25519_key"),
+            "users": [{"name": lab.get("defaults", {}).get("netconf-username", "admin"), "password_hash": pw_hash}],
+        },
+        "state_dir": str(np.dir / "state"),
+        "plant": {"topology": str(plan.topology_path), "state": str(plan.dir / "plant.sqlite")},
+        "service_key": plan.service_key,
+        "qkd_modules": [
+            {
+                "qkdi_id": int(i["id"]),
+                "profile": i["profile"],
+                "role": _role(lab, np.name, i),
+                "service_port": np.service_ports[int(i["id"])],
+                **({"device": i["attachment"]["switch"], "port": int(i["attachment"]["port"])} if i.get("attachment", {}).get("switch") else {}),
+            }
+            for i in node.get("qkd-interface", [])
+        ],
+        "switches": [
+            {"name": sw["name"], "ports": int(sw["ports"]), "insertion_loss": float(sw.get("insertion-loss", 1.0))}
+            for sw in lab.get("switch", [])
+            if sw.get("node") == np.name
+        ],
+        "peers": peers,
+        "kms": {
+            "address": plan.address,
+            "port": np.kms_port,
+            "relay_port": np.relay_port,
+            "ca": str(plan.ca[0]),
+            "cert": str(np.kme_cert[0]),
+            "key": str(np.kme_cert[1]),
+            "saes": plan.sae_directory(),
+        },
+    }
