@@ -1,0 +1,1 @@
+"""The controller's NETCONF side: sessions to the agents, edit operations, notifications."""
