@@ -188,7 +188,7 @@ class Lkms:
         try:
             keys = self.store.fetch_deliverable(slave_sae, master_sae, [k.lower() for k in key_ids])
         except MissingKeys as exc:
-            raise KmsError(400, "keys not found for this SAE pair (unknown, expired or already delivered)", [{"key_IDs_not_found": exc.key_ids}]) from None
+            raise KmsError(400, "one or more keys specified are not found on KME", [{"key_IDs_not_found": exc.key_ids}]) from None
         return [Key(i, k) for i, k in zip(key_ids, keys)]
 
     # --- how keys move ------------------------------------------------------------------------
@@ -351,16 +351,17 @@ class Lkms:
         ksid = (key_stream_id or str(uuid.uuid4())).lower()
         if not _is_uuid(ksid):
             raise KmsError(400, "key_stream_id must be a UUID")
-        if self.store.load_stream(ksid) is not None:
+        if self.store.load_stream(_stream_key(ksid, caller_sae)) is not None:
             raise KmsError(400, "key_stream_id is already in use", status004=5)
         data = {"ksid": ksid, "source": source, "destination": destination, "caller": caller_sae, "qos": qos.__dict__, "next": 0}
-        self.store.save_stream(ksid, data)
-        return Stream(ksid, source, destination, qos, peer_connected=key_stream_id is not None)
+        self.store.save_stream(_stream_key(ksid, caller_sae), data)
+        # The destination joins a stream the source announced; the source cannot know yet.
+        return Stream(ksid, source, destination, qos, peer_connected=caller_sae == destination)
 
     def get_key(self, caller_sae: str, key_stream_id: str, index: int | None) -> tuple[int, bytes]:
         ksid = key_stream_id.lower()
-        data = self.store.load_stream(ksid)
-        if data is None or data["caller"] != caller_sae:
+        data = self.store.load_stream(_stream_key(ksid, caller_sae))
+        if data is None:
             raise KmsError(400, "no open key stream with that key_stream_id for this SAE")
         qos = Qos(**data["qos"])
         idx = data["next"] if index is None else index
@@ -371,13 +372,15 @@ class Lkms:
         if caller_sae == data["source"]:
             key = self._stream_key_at_source(ksid, idx, key_id, size, data)
         else:
+            if self.store.is_spent(key_id):
+                raise KmsError(400, f"key {idx} of this stream was already delivered")
             key = self._stream_key_at_destination(ksid, idx, caller_sae, qos)
         data["next"] = max(data["next"], idx + 1)
-        self.store.save_stream(ksid, data)
+        self.store.save_stream(_stream_key(ksid, caller_sae), data)
         return idx, key
 
     def _stream_key_at_source(self, ksid: str, idx: int, key_id: str, size: int, data: dict[str, Any]) -> bytes:
-        if self.store.is_spent(key_id):
+        if self.store.is_spent(f"{key_id}#source"):
             raise KmsError(400, f"key {idx} of this stream was already delivered")
         src, dst = data["source"], data["destination"]
         key = self.entropy(size // 8)
@@ -398,7 +401,7 @@ class Lkms:
             except KmsError as exc:
                 raise KmsError(exc.http_status, exc.message, status004=2) from None
             self.store.record_usage(app.app_id, size)
-        self.store.mark_spent([key_id])  # the source SAE has it; this index is never served again
+        self.store.mark_spent([f"{key_id}#source"])  # the source SAE has it; never served to it again
         return key
 
     def _stream_key_at_destination(self, ksid: str, idx: int, caller: str, qos: Qos) -> bytes:
@@ -412,15 +415,20 @@ class Lkms:
             time.sleep(0.02)
 
     def close(self, caller_sae: str, key_stream_id: str) -> None:
-        data = self.store.load_stream(key_stream_id.lower())
-        if data is None or data["caller"] != caller_sae:
+        key = _stream_key(key_stream_id.lower(), caller_sae)
+        if self.store.load_stream(key) is None:
             raise KmsError(400, "no open key stream with that key_stream_id for this SAE")
-        self.store.delete_stream(key_stream_id.lower())
+        self.store.delete_stream(key)
 
     def shutdown(self) -> None:
         if self.forwarder is not None:
             self.forwarder.close()
         self.store.close()
+
+
+def _stream_key(ksid: str, caller: str) -> str:
+    """Both ends of a stream may sit on this node: one record per (stream, SAE)."""
+    return f"{ksid}/{caller}"
 
 
 def _is_uuid(text: str) -> bool:

@@ -1,0 +1,174 @@
+"""One agent as the controller sees it: a NETCONF session kept up with backoff, the
+node's last known datastore, and its notifications handed to the controller.
+
+After every (re)connect the agent is read in full (resync), so a restarted agent
+or a missed notification never leaves the controller with a stale view.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+from ncclient.manager import Manager
+from ncclient.operations.rpc import RPCError
+
+from sdqkd.controller.southbound.session import connect
+
+log = logging.getLogger(__name__)
+
+ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
+OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
+NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    name: str
+    qkdn_id: str
+    host: str
+    port: int
+    username: str
+    password: str | None = None
+    key_filename: str | None = None
+    hostkey_b64: str | None = None  # the agent's SSH host key (lab.json); verified when given
+    domain: str | None = None
+
+
+class AgentUnavailable(Exception):
+    """The agent is not connected right now."""
+
+
+class AgentConnection:
+    """Keeps one session up; `on_state(conn)` after each resync, `on_notification(conn, element)`."""
+
+    def __init__(self, addr: AgentAddress, on_state: Callable[["AgentConnection"], None],
+                 on_notification: Callable[["AgentConnection", etree._Element], None],
+                 backoff: tuple[float, float] = (0.2, 10.0)) -> None:
+        self.addr = addr
+        self.on_state = on_state
+        self.on_notification = on_notification
+        self.backoff = backoff
+        self.lock = threading.RLock()  # one RPC conversation at a time on the session
+        self.manager: Manager | None = None
+        self.data: etree._Element | None = None  # last <data> of a full <get>
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"agent-{addr.name}", daemon=True)
+
+    @property
+    def qkdn_id(self) -> str:
+        return self.addr.qkdn_id
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        m = self.manager
+        if m is not None:
+            try:
+                m.close_session()
+            except Exception:  # noqa: BLE001
+                pass
+        self._thread.join(5)
+
+    # --- session life ---------------------------------------------------------------------
+
+    def _connect(self) -> Manager:
+        a = self.addr
+        kw: dict[str, Any] = dict(host=a.host, port=a.port, username=a.username, timeout=30, allow_agent=False, look_for_keys=False)
+        if a.password:
+            kw["password"] = a.password
+        if a.key_filename:
+            kw["key_filename"] = a.key_filename
+        if a.hostkey_b64:
+            kw["hostkey_b64"] = a.hostkey_b64
+            kw["hostkey_verify"] = True
+        else:
+            kw["hostkey_verify"] = False
+        return connect(**kw)
+
+    def _run(self) -> None:
+        delay = self.backoff[0]
+        while not self._stop.is_set():
+            try:
+                m = self._connect()
+                m.create_subscription()
+                with self.lock:
+                    self.manager = m
+                    self.resync()
+                self.connected.set()
+                self.last_error = None
+                delay = self.backoff[0]
+                log.info("agent %s connected (session %s)", self.addr.name, m.session_id)
+                self._pump(m)
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect later
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.info("agent %s unavailable: %s", self.addr.name, self.last_error)
+            self.connected.clear()
+            with self.lock:
+                self.manager = None
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, self.backoff[1])
+
+    def _pump(self, m: Manager) -> None:
+        while not self._stop.is_set() and m.connected:
+            n = m.take_notification(block=True, timeout=0.5)
+            if n is None:
+                continue
+            try:
+                root = etree.fromstring(n.notification_xml.encode())
+                content = next((c for c in root if etree.QName(c).localname != "eventTime"), None)
+                if content is not None:
+                    self.on_notification(self, content)
+            except Exception:  # noqa: BLE001 - a failing handler is contained
+                log.exception("notification handler failed for %s", self.addr.name)
+
+    def resync(self) -> None:
+        """Read the whole operational datastore of the agent."""
+        m = self._manager()
+        self.data = m.get().data
+        self.on_state(self)
+
+    def refresh(self) -> None:
+        with self.lock:
+            self.resync()
+
+    def _manager(self) -> Manager:
+        m = self.manager
+        if m is None or not m.connected:
+            raise AgentUnavailable(f"agent {self.addr.name} is not connected")
+        return m
+
+    # --- RPCs for provisioning ---------------------------------------------------------------
+
+    def call(self, fn: Callable[[Manager], Any]) -> Any:
+        with self.lock:
+            return fn(self._manager())
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+
+def qkd_node(data: etree._Element | None) -> etree._Element | None:
+    return None if data is None else data.find(f"{{{ETSI_NS}}}qkd_node")
+
+
+def text(el: etree._Element | None, path: str) -> str | None:
+    if el is None:
+        return None
+    found = el.find(path, namespaces={"q": ETSI_NS, "o": OSW_NS})
+    return None if found is None or found.text is None else found.text.strip()
+
+
+def ident(value: str | None) -> str | None:
+    return None if value is None else value.rsplit(":", 1)[-1]
+
+
+__all__ = ["AgentAddress", "AgentConnection", "AgentUnavailable", "RPCError", "qkd_node", "text", "ident"]

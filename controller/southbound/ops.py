@@ -1,0 +1,205 @@
+"""The edits the controller makes on an agent, one small class each. Each builds its
+<config> content from the bindings (never by string templates) and says which
+capabilities the agent must have; provisioning only orders and sends them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import ClassVar
+
+from lxml import etree
+
+from sdqkd import yangcodec, yangschema
+from sdqkd.bindings.etsi_qkd_sdn_node import etsi_qkd_sdn_node
+from sdqkd.bindings.sdqkd_optical_switch import sdqkd_optical_switch
+
+NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+CANDIDATE = "urn:ietf:params:netconf:capability:candidate:1.0"
+CONFIRMED = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
+
+
+def _etsi() -> yangschema.Schema:
+    return yangschema.load("etsi-qkd-sdn-node")
+
+
+def _osw() -> yangschema.Schema:
+    return yangschema.load("sdqkd-optical-switch")
+
+
+class Edit:
+    """One change on one agent."""
+
+    DEPENDS: ClassVar[tuple[str, ...]] = (CANDIDATE, CONFIRMED)
+    delete: bool = False
+
+    def elements(self) -> list[etree._Element]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def _mark_delete(top: etree._Element, entry_tag: str) -> None:
+    for el in top.iter(entry_tag):
+        el.set(f"{{{NC_NS}}}operation", "remove")
+        keep = list(el)[:1]  # the key
+        for child in list(el)[1:]:
+            el.remove(child)
+        del keep
+
+
+@dataclass
+class LinkEdit(Edit):
+    """A qkd_link entry: PHYS (a QKD module pair) or VIRT (a relayed key path)."""
+
+    qkdl_id: str
+    kind: str  # PHYS | VIRT
+    local: str
+    remote: str
+    local_qkdi: int | None = None
+    remote_qkdi: int | None = None
+    enable: bool = True
+    prev_hop: str | None = None
+    next_hops: tuple[str, ...] = ()
+    bandwidth: int | None = None
+    role: str | None = None  # PHYS: TRANSMITTER | RECEIVER
+    channel: int | None = None
+    attenuation: float | None = None
+    delete: bool = False
+
+    def elements(self) -> list[etree._Element]:
+        root = etsi_qkd_sdn_node()
+        node = root.qkd_node
+        lk = node.qkd_links.qkd_link.add(self.qkdl_id)
+        if not self.delete:
+            lk.qkdl_type = f"etsi-qkd-node-types:{self.kind}"
+            lk.qkdl_enable = self.enable
+            lk.qkdl_local.qkdn_id = self.local
+            lk.qkdl_remote.qkdn_id = self.remote
+            if self.local_qkdi is not None:
+                lk.qkdl_local.qkdi_id = self.local_qkdi
+            if self.remote_qkdi is not None:
+                lk.qkdl_remote.qkdi_id = self.remote_qkdi
+            if self.prev_hop:
+                lk.virt_prev_hop = self.prev_hop
+            for hop in self.next_hops:
+                lk.virt_next_hop.append(hop)
+            if self.bandwidth is not None:
+                lk.virt_bandwidth = self.bandwidth
+            if self.role:
+                lk.phys_qkd_role = f"etsi-qkd-node-types:{self.role}"
+            if self.channel is not None:
+                lk.phys_wavelength = str(self.channel)
+            if self.attenuation is not None:
+                lk.phys_channel_att = Decimal(str(round(self.attenuation, 3)))
+        els = _without_node_id(yangcodec.encode_xml(root, _etsi(), config_only=True))
+        if self.delete:
+            _mark_delete(els[0], f"{{{yangcodec_ns()}}}qkd_link")
+        return els
+
+    def describe(self) -> str:
+        return f"{'delete ' if self.delete else ''}{self.kind} link {self.qkdl_id}"
+
+
+@dataclass
+class AppEdit(Edit):
+    """A qkd_app entry: the SAE pair, its QoS and the links that back it."""
+
+    app_id: str
+    server: str = ""
+    clients: tuple[str, ...] = ()
+    backing: tuple[str, ...] = ()
+    local: str | None = None
+    remote: str | None = None
+    priority: int | None = None
+    min_bps: int | None = None
+    max_bps: int | None = None
+    ttl: int | None = None
+    delete: bool = False
+
+    def elements(self) -> list[etree._Element]:
+        root = etsi_qkd_sdn_node()
+        app = root.qkd_node.qkd_applications.qkd_app.add(self.app_id)
+        if not self.delete:
+            app.app_type = "etsi-qkd-node-types:CLIENT"
+            app.server_app_id = self.server
+            for c in self.clients:
+                app.client_app_id.append(c)
+            for b in self.backing:
+                app.backing_qkdl_id.append(b)
+            if self.local:
+                app.local_qkdn_id = self.local
+            if self.remote:
+                app.remote_qkdn_id = self.remote
+            if self.priority is not None:
+                app.app_priority = self.priority
+            if self.min_bps is not None:
+                app.app_qos.min_bandwidth = self.min_bps
+            if self.max_bps is not None:
+                app.app_qos.max_bandwidth = self.max_bps
+            if self.ttl is not None:
+                app.app_qos.ttl = self.ttl
+        els = _without_node_id(yangcodec.encode_xml(root, _etsi(), config_only=True))
+        if self.delete:
+            _mark_delete(els[0], f"{{{yangcodec_ns()}}}qkd_app")
+        return els
+
+    def describe(self) -> str:
+        return f"{'delete ' if self.delete else ''}application {self.app_id}"
+
+
+@dataclass
+class CrossConnectEdit(Edit):
+    switch: str
+    port_a: int
+    port_b: int = 0
+    delete: bool = False
+
+    def elements(self) -> list[etree._Element]:
+        root = sdqkd_optical_switch()
+        sw = root.optical_switches.switch.add(self.switch)
+        xc = sw.cross_connect.add(self.port_a)
+        if not self.delete:
+            xc.port_b = self.port_b
+        els = yangcodec.encode_xml(root, _osw(), config_only=True)
+        if self.delete:
+            _mark_delete(els[0], "{urn:sdqkd:yang:sdqkd-optical-switch}cross-connect")
+        return els
+
+    def describe(self) -> str:
+        return f"{'delete ' if self.delete else ''}cross-connect {self.switch} {self.port_a}<->{self.port_b}"
+
+
+def yangcodec_ns() -> str:
+    return "urn:etsi:qkd:yang:etsi-qkd-node"
+
+
+def _without_node_id(els: list[etree._Element]) -> list[etree._Element]:
+    """Edits merge into the agent's qkd_node; they never restate its identity."""
+    return els
+
+
+def config_element(edits: list[Edit]) -> etree._Element:
+    """One <config> with every edit for one agent (merged per top-level node)."""
+    config = etree.Element(f"{{{NC_NS}}}config", nsmap={None: NC_NS})
+    for e in edits:
+        for el in e.elements():
+            config.append(el)
+    return config
+
+
+@dataclass
+class Plan:
+    """Ordered edits per agent (qkdn_id): what one transaction changes."""
+
+    edits: dict[str, list[Edit]] = field(default_factory=dict)
+
+    def add(self, qkdn_id: str, edit: Edit) -> None:
+        self.edits.setdefault(qkdn_id.lower(), []).append(edit)
+
+    def nodes(self) -> list[str]:
+        return sorted(self.edits)  # a fixed order: no lock-order deadlock between transactions
+
+    def inverse_hint(self) -> str:
+        return "; ".join(f"{n}: {', '.join(e.describe() for e in es)}" for n, es in self.edits.items())

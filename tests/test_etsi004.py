@@ -1,0 +1,221 @@
+"""ETSI GS QKD 004 (REST form) over real HTTPS with mutual TLS, against the real LKMS: two
+nodes, alice (sae-a) and bob (sae-b), each with its own key store and HTTPS server,
+joined by a PHYS link whose keys both stores hold and by their forwarding modules."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sdqkd.agents.kms import etsi004, pki
+from sdqkd.agents.kms import forwarding as fm
+from sdqkd.agents.kms.https import HttpsServer, make_app
+from sdqkd.agents.kms.keystore import KeyStore
+from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+
+A, B = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/etsi004/{n}")) for n in ("alice", "bob"))
+LINK, APP = "10000000-0000-4000-8000-0000000000ab", "30000000-0000-4000-8000-0000000000ab"
+SAES = {"sae-a": A, "sae-b": B}
+QOS = {"key_chunk_size": 32, "max_bps": 0, "min_bps": 0, "jitter": 0, "priority": 0, "timeout": 2000, "ttl": 60,
+       "metadata_mimetype": "application/json"}
+
+
+@dataclass
+class Lab:
+    urls: dict[str, str]  # SAE -> base URL of its node
+    ca: Path
+    certs: dict[str, tuple[Path, Path]]
+
+    def client(self, sae: str, node_of: str | None = None) -> httpx.Client:
+        ctx = pki.client_ssl_context(*self.certs[sae], self.ca)
+        return httpx.Client(base_url=self.urls[node_of or sae], verify=ctx, timeout=10)
+
+
+def _node(d: Path, ca: tuple[Path, Path], kme: str, name: str) -> tuple[Lkms, HttpsServer]:
+    cert = pki.issue(ca, kme, d / name, server_names=["127.0.0.1"], client=True)
+    server_ctx, client_ctx = pki.server_ssl_context(*cert, ca[0]), pki.client_ssl_context(*cert, ca[0])
+    lkms = Lkms(LkmsConfig(kme, name, SAES), KeyStore(d / f"{name}.sqlite"), os.urandom,
+                fm.Forwarder(kme, ("127.0.0.1", 0), server_ctx, client_ctx, {}))
+    app = make_app()
+    etsi004.add_routes(app, lkms)
+    return lkms, HttpsServer(app, "127.0.0.1", 0, server_ctx, access_log=True).start()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    d = tmp_path_factory.mktemp("etsi004")
+    ca = pki.make_ca(d / "ca", "lab-ca")
+    certs = {sae: pki.issue(ca, sae, d / "sae", client=True) for sae in ("sae-a", "sae-b", "sae-x")}
+    certs["rogue"] = pki.issue(pki.make_ca(d / "other", "other-ca"), "sae-a", d / "other", client=True)
+    (alice, alice_srv), (bob, bob_srv) = _node(d, ca, A, "alice"), _node(d, ca, B, "bob")
+    alice.forwarder.peers, bob.forwarder.peers = {B: bob.forwarder.address}, {A: alice.forwarder.address}
+    for lkms, remote in ((alice, B), (bob, A)):
+        lkms.update_routes(RouteTable(lkms.cfg.kme_id, {LINK: LinkRoute(LINK, "PHYS", True, remote)},
+                                      (AppRoute(APP, frozenset(SAES), (LINK,)),)))
+    link_keys = [(str(uuid.uuid4()), os.urandom(32)) for _ in range(200)]  # as a QKD pair delivers them
+    for lkms in (alice, bob):
+        for key_id, key in link_keys:
+            lkms.key_sink(LINK, key_id, key)
+        lkms.store.flush()
+    urls = {"sae-a": f"https://127.0.0.1:{alice_srv.port}", "sae-b": f"https://127.0.0.1:{bob_srv.port}"}
+    yield Lab({**urls, "sae-x": urls["sae-a"], "rogue": urls["sae-a"]}, ca[0], certs)
+    for srv, lkms in ((alice_srv, alice), (bob_srv, bob)):
+        srv.stop()
+        lkms.shutdown()
+
+
+def open_stream(lab: Lab, timeout_ms: int = 2000) -> str:
+    """Opened at both ends; returns the KSID."""
+    qos = {**QOS, "timeout": timeout_ms}
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        src = a.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b", "qos": qos})
+        assert src.status_code == 200, src.text
+        assert src.json()["status"] == 1  # connected, peer not yet
+        ksid = src.json()["key_stream_id"]
+        dst = b.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b", "qos": qos, "key_stream_id": ksid})
+        assert dst.status_code == 200 and dst.json()["status"] == 0, dst.text
+    return ksid
+
+
+def get_key(c: httpx.Client, ksid: str, index: int | None = None) -> httpx.Response:
+    params = {"key_stream_id": ksid} if index is None else {"key_stream_id": ksid, "index": index}
+    return c.get("/api/get_key", params=params)
+
+
+def test_open_get_key_by_index_and_close_at_both_ends(lab: Lab) -> None:
+    with lab.client("sae-a") as a:
+        src = a.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b", "qos": QOS})
+    body = src.json()
+    assert src.status_code == 200 and set(body) == {"status", "key_stream_id", "qos"}
+    assert body["status"] == 1 and body["qos"] == QOS
+    ksid = body["key_stream_id"]
+    assert str(uuid.UUID(ksid)) == ksid
+    with lab.client("sae-b") as b:  # field names as the standard writes them; unknown fields ignored
+        dst = b.post("/api/open_connect", json={"Source": "sae-a", "Destination": "sae-b", "Key_stream_ID": ksid,
+                                                "QoS": {"Key_chunk_size": 32, "Timeout": 2000, "TTL": 60}, "vendor": 1})
+    assert dst.status_code == 200 and dst.json() == {"status": 0, "key_stream_id": ksid, "qos": QOS}
+
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        first, second = get_key(a, ksid).json(), get_key(a, ksid).json()
+        assert (first["status"], first["index"], second["status"], second["index"]) == (0, 0, 0, 1)
+        assert set(first) == {"status", "index", "key_buffer", "metadata"}
+        k0, k1 = (base64.b64decode(r["key_buffer"], validate=True) for r in (first, second))
+        assert len(k0) == len(k1) == 32 and k0 != k1
+        # The other end asks by index, in any order, and gets the same chunks.
+        at_b = get_key(b, ksid, 1).json(), get_key(b, ksid, 0).json()
+        assert [(r["status"], r["index"], r["key_buffer"]) for r in at_b] == [(0, 1, second["key_buffer"]), (0, 0, first["key_buffer"])]
+        again = get_key(a, ksid, 0)  # each chunk leaves each end once
+        assert again.status_code == 400 and again.json()["message"]
+        reused = a.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b", "qos": QOS, "key_stream_id": ksid})
+        assert reused.status_code == 200 and reused.json()["status"] == 5  # KSID in use
+
+        assert a.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
+        assert b.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
+        closed = get_key(a, ksid)
+    assert closed.status_code == 400 and closed.json()["message"]
+
+
+def test_at_the_destination_a_chunk_not_held_is_status_2_not_an_http_error(lab: Lab) -> None:
+    ksid = open_stream(lab, timeout_ms=0)
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        chunk = get_key(a, ksid).json()["key_buffer"]
+        assert get_key(b, ksid, 0).json()["key_buffer"] == chunk
+        again, ahead = get_key(b, ksid, 0), get_key(b, ksid, 7)  # delivered already; never drawn
+    # a chunk already delivered is refused at once, as at the source
+    assert again.status_code == 400 and again.json()["message"]
+    assert ahead.status_code == 200
+    body = ahead.json()
+    assert body["status"] == 2 and body["key_buffer"] == "" and body["message"] and body["index"] == 7
+
+
+def test_a_caller_that_is_not_a_party_is_401(lab: Lab) -> None:
+    with lab.client("sae-a") as a:
+        r = a.post("/api/open_connect", json={"source": "sae-b", "destination": "sae-b", "qos": QOS})
+    with lab.client("sae-x") as x:  # certified by the lab CA, attached to no node
+        r2 = x.post("/api/open_connect", json={"source": "sae-x", "destination": "sae-b"})
+    assert r.status_code == r2.status_code == 401
+    assert r.json()["message"] and r2.json()["message"]
+
+
+def test_a_certificate_from_another_ca_is_refused(lab: Lab) -> None:
+    with lab.client("rogue") as c, pytest.raises(httpx.TransportError):
+        c.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b"})
+
+
+KSID = str(uuid.uuid4())
+
+
+@pytest.mark.parametrize("method, path, kw", [
+    ("POST", "/api/open_connect", {"content": b'{"source": "sae-a"'}),
+    ("POST", "/api/open_connect", {"json": ["sae-a", "sae-b"]}),
+    ("POST", "/api/open_connect", {"json": {"destination": "sae-b"}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": 7}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": [32]}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"key_chunk_size": "32"}}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"key_chunk_size": 0}}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"timeout": -1}}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"ttl": 2**32}}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"min_bps": 9, "max_bps": 8}}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"metadata_mimetype": 1}}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "key_stream_id": "stream-1"}}),
+    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "nobody"}}),
+    ("GET", "/api/get_key", {}),
+    ("GET", "/api/get_key", {"params": {"key_stream_id": "stream-1"}}),
+    ("GET", "/api/get_key", {"params": {"key_stream_id": KSID, "index": "-1"}}),
+    ("GET", "/api/get_key", {"params": {"key_stream_id": KSID, "index": "first"}}),
+    ("GET", "/api/get_key", {"params": {"key_stream_id": KSID}}),  # no such stream
+    ("POST", "/api/close", {"json": {}}),
+    ("POST", "/api/close", {"json": {"key_stream_id": 5}}),
+    ("POST", "/api/close", {"content": b"close"}),
+    ("POST", "/api/close", {"json": {"key_stream_id": KSID}}),  # no such stream
+])
+def test_bad_requests_get_400_with_a_message(lab: Lab, method: str, path: str, kw: dict) -> None:
+    with lab.client("sae-a") as a:
+        r = a.request(method, path, **kw)
+    assert r.status_code == 400, r.text
+    assert r.headers["Content-Type"].startswith("application/json") and r.json()["message"]
+
+
+def test_no_key_bytes_in_logs(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    ksid = open_stream(lab, timeout_ms=0)
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        chunks = [get_key(a, ksid).json()["key_buffer"] for _ in range(3)]
+        chunks += [get_key(b, ksid, i).json()["key_buffer"] for i in range(3)]
+        assert get_key(a, ksid, 0).status_code == 400
+        a.post("/api/close", json={"key_stream_id": ksid})
+        b.post("/api/close", json={"key_stream_id": ksid})
+    text = caplog.text
+    assert ksid in text and "get_key" in text  # the servers' records were captured
+    assert chunks[:3] == chunks[3:]
+    for chunk in chunks:
+        key = base64.b64decode(chunk)
+        for form in (chunk, key.hex(), key.hex().upper(), repr(key)[2:-1]):
+            assert form not in text
+
+
+def test_both_saes_on_one_node(tmp_path: Path) -> None:
+    ca = pki.make_ca(tmp_path / "ca", "lab-ca")
+    certs = {sae: pki.issue(ca, sae, tmp_path / "sae", client=True) for sae in ("sae-a", "sae-b")}
+    server = pki.issue(ca, A, tmp_path / "kme", server_names=["127.0.0.1"], client=True)
+    lkms = Lkms(LkmsConfig(kme_id=A, node="alice", saes={"sae-a": A, "sae-b": A}), KeyStore(tmp_path / "k.sqlite"),
+                entropy=os.urandom)
+    app = make_app()
+    etsi004.add_routes(app, lkms)
+    srv = HttpsServer(app, "127.0.0.1", 0, pki.server_ssl_context(*server, ca[0])).start()
+    try:
+        lab = Lab({s: f"https://127.0.0.1:{srv.port}" for s in certs}, ca[0], certs)
+        ksid = open_stream(lab)
+        with lab.client("sae-a") as a, lab.client("sae-b") as b:
+            assert get_key(a, ksid).json()["key_buffer"] == get_key(b, ksid, 0).json()["key_buffer"]
+    finally:
+        srv.stop()
+        lkms.shutdown()
