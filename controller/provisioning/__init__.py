@@ -1,0 +1,1 @@
+"""Plans -> agents, as one NETCONF transaction."""

@@ -1,0 +1,128 @@
+"""A Plan applied to every agent it touches as one transaction (RFC 6241 8.3/8.4).
+
+1. lock running and candidate on every hop (agents in a fixed order, so two
+   transactions never deadlock), and start from a clean candidate;
+2. edit candidate and validate on every hop;
+3. commit with <confirmed/> and a persist id on every hop;
+4. confirm on every hop.
+Any failure before step 4 cancels the confirmed commits already made (or discards
+the candidate) on every hop, so no hop keeps a partial path; if the controller dies
+mid-way, the agents roll back by themselves when the confirm timeout expires.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ncclient.operations.rpc import RPCError
+
+from sdqkd.controller.southbound.agent import AgentConnection, AgentUnavailable
+from sdqkd.controller.southbound.ops import CANDIDATE, CONFIRMED, Plan, config_element
+
+log = logging.getLogger(__name__)
+
+
+class TxnError(Exception):
+    """The transaction failed and was rolled back everywhere. node/tag/path tell where and why."""
+
+    def __init__(self, node: str, message: str, tag: str = "operation-failed", path: str | None = None) -> None:
+        super().__init__(f"{node}: {message}")
+        self.node = node
+        self.message = message
+        self.tag = tag
+        self.path = path
+
+
+@dataclass
+class TxnReport:
+    txn_id: str
+    nodes: list[str]
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+_serial = threading.Lock()
+
+
+def _check_caps(conn: AgentConnection) -> None:
+    caps = set(_on(conn, lambda m: list(m.server_capabilities)))
+    missing = [c for c in (CANDIDATE, CONFIRMED) if c not in caps]
+    if missing:
+        raise TxnError(conn.addr.name, f"agent lacks {', '.join(missing)}", "operation-not-supported")
+
+
+def _on(c: AgentConnection, fn: Any) -> Any:
+    """One RPC on one agent; failures name the agent."""
+    try:
+        return c.call(fn)
+    except RPCError as exc:
+        raise TxnError(c.addr.name, exc.message or str(exc), exc.tag or "operation-failed", exc.path) from None
+    except (AgentUnavailable, OSError) as exc:
+        raise TxnError(c.addr.name, str(exc), "resource-denied") from None
+
+
+def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int = 60) -> TxnReport:
+    """Apply `plan` everywhere or nowhere."""
+    with _serial:
+        txn = str(uuid.uuid4())
+        order = plan.nodes()
+        report = TxnReport(txn, order)
+        missing = [n for n in order if n not in conns]
+        if missing:
+            raise TxnError(missing[0], "no such agent", "data-missing")
+        locked: list[tuple[AgentConnection, str]] = []
+        staged: list[AgentConnection] = []
+        confirmed: list[AgentConnection] = []
+        t0 = time.perf_counter()
+        try:
+            for n in order:
+                c = conns[n]
+                _check_caps(c)
+                for target in ("running", "candidate"):
+                    _on(c, lambda m, t=target: m.lock(t))
+                    locked.append((c, target))
+            report.phases["lock"] = time.perf_counter() - t0
+            for n in order:
+                c = conns[n]
+                _on(c, lambda m: m.discard_changes())
+                staged.append(c)
+                cfg = config_element(plan.edits[n])
+                _on(c, lambda m, x=cfg: m.edit_config(target="candidate", config=x, default_operation="merge"))
+                _on(c, lambda m: m.validate(source="candidate"))
+            report.phases["edit"] = time.perf_counter() - t0
+            for n in order:
+                c = conns[n]
+                _on(c, lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=txn))
+                confirmed.append(c)
+            report.phases["commit"] = time.perf_counter() - t0
+            for c in confirmed:
+                _on(c, lambda m: m.commit(persist_id=txn))
+            report.phases["confirm"] = time.perf_counter() - t0
+            return report
+        except TxnError:
+            _rollback(txn, confirmed, staged)
+            raise
+        finally:
+            for c, target in reversed(locked):
+                try:
+                    c.call(lambda m, t=target: m.unlock(t))
+                except Exception:  # noqa: BLE001 - a dropped session released its locks anyway
+                    pass
+
+
+def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection]) -> None:
+    for c in confirmed:
+        try:
+            c.call(lambda m: m.cancel_commit(persist_id=txn))
+        except Exception:  # noqa: BLE001 - the confirm timeout rolls it back anyway
+            log.warning("cancel-commit on %s failed; its confirm timeout will roll back", c.addr.name)
+    for c in staged:
+        if c in confirmed:
+            continue
+        try:
+            c.call(lambda m: m.discard_changes())
+        except Exception:  # noqa: BLE001
+            pass
