@@ -194,3 +194,27 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "saes": plan.sae_directory(),
         },
     }
+
+
+def controller_config(plan: LabPlan) -> dict[str, Any]:
+    """The controller's config for this lab: every agent, the SAE directory, the plant."""
+    lab = lab_object(json.loads(plan.topology_path.read_text()))
+    domains = {n["name"]: n.get("domain") for n in lab.get("node", [])}
+    return {
+        "agents": [
+            {"name": n.name, "qkdn_id": n.qkdn_id, "host": plan.address, "port": n.netconf_port,
+             "username": lab.get("defaults", {}).get("netconf-username", "admin"), "password": plan.password,
+             "domain": domains.get(n.name)}
+            for n in plan.nodes.values()
+        ],
+        "state_dir": str(plan.dir / "controller"),
+        "topology": str(plan.topology_path),
+        "saes": plan.sae_directory(),
+        "grpc": {"address": plan.address, "port": plan.controller_port},
+    }
+
+
+def write_controller_config(plan: LabPlan) -> Path:
+    path = plan.dir / "controller.json"
+    path.write_text(json.dumps(controller_config(plan), indent=1))
+    return path

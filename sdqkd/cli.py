@@ -69,6 +69,31 @@ def agent(config_path: str) -> None:
     node.wait()
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Controller config (JSON).")
+def controller(config_path: str) -> None:
+    """Run the SDN controller (southbound NETCONF, path computation, gRPC northbound)."""
+    import logging
+    import signal
+    import threading
+
+    from sdqkd.agents.config import ConfigError
+    from sdqkd.controller import config as controller_config
+    from sdqkd.controller.service import serve
+
+    try:
+        cfg = controller_config.load(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"config error: {problem}", err=True)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve(cfg, stop)
+
+
 @main.group()
 def lab() -> None:
     """Emulated QKD networks on loopback."""

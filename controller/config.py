@@ -1,0 +1,59 @@
+"""The controller's configuration file (JSON), which `sdqkd lab up` writes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdqkd.agents.config import ConfigError, _parse
+
+
+@dataclass
+class AgentEntry:
+    name: str
+    qkdn_id: str
+    host: str
+    port: int
+    username: str = "admin"
+    password: str | None = None
+    key_filename: str | None = None
+    hostkey_b64: str | None = None
+    domain: str | None = None
+
+
+@dataclass
+class GrpcConf:
+    address: str = "127.0.0.1"
+    port: int = 50051
+
+
+@dataclass
+class ControllerConfig:
+    agents: list[AgentEntry]
+    state_dir: str
+    topology: str | None = None  # sdqkd-lab topology: the optical plant (fibres, switches) and domains
+    saes: dict[str, str] = field(default_factory=dict)  # SAE -> qkdn_id of its node
+    grpc: GrpcConf = field(default_factory=GrpcConf)
+    confirm_timeout: int = 60
+    auto_applications: bool = True  # provision a path when an agent reports sdqkdn_application_new
+    log_level: str = "INFO"
+
+
+def parse(data: dict[str, Any]) -> ControllerConfig:
+    problems: list[str] = []
+    cfg = _parse(ControllerConfig, data, "config", problems)
+    if cfg is not None and not cfg.agents:
+        problems.append("config.agents: at least one agent")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: Path | str) -> ControllerConfig:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    return parse(data)

@@ -1,0 +1,341 @@
+"""The controller: agents, topology, services, and the operations orchestrators call.
+
+Path computation is pure (pathcomp); this module turns its results into Plans of
+per-agent edits and hands them to provisioning as one transaction. Notifications
+update the view; a link going down reroutes the applications that used it. The
+controller never sees key material: it configures links and applications only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from sdqkd.controller import services as svc
+from sdqkd.controller.config import ControllerConfig
+from sdqkd.controller.pathcomp import NoPath
+from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path
+from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
+from sdqkd.controller.provisioning import txn
+from sdqkd.controller.southbound.agent import ETSI_NS, AgentAddress, AgentConnection, ident
+from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, LinkEdit, Plan
+from sdqkd.controller.topology import builder
+from sdqkd.controller.topology.model import Topology
+
+log = logging.getLogger(__name__)
+
+APP_NS = uuid.UUID("8d0c2b1e-5f4a-4e3b-9c2d-1a0b9e8f7c6d")
+
+
+class ControllerError(Exception):
+    """An orchestrator request refused. kind: invalid | not-found | no-path | conflict | failed."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # node-up, node-down, link-status, application-created, application-rerouted, ...
+    data: dict[str, Any]
+    at: float
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig) -> None:
+        self.cfg = cfg
+        lab = json.loads(Path(cfg.topology).read_text()) if cfg.topology else None
+        self.inventory = builder.Inventory(lab)
+        self.store = svc.ServiceStore(Path(cfg.state_dir) / "controller.sqlite")
+        self.conns: dict[str, AgentConnection] = {}
+        for a in cfg.agents:
+            addr = AgentAddress(a.name, a.qkdn_id.lower(), a.host, a.port, a.username, a.password, a.key_filename, a.hostkey_b64, a.domain)
+            self.conns[addr.qkdn_id] = AgentConnection(addr, self._on_state, self._on_notification)
+        self._topo: Topology | None = None
+        self._topo_lock = threading.Lock()
+        self._subscribers: list[queue.Queue[Event]] = []
+        self._sub_lock = threading.Lock()
+        self._work: queue.Queue[Any] = queue.Queue()
+        self._worker = threading.Thread(target=self._work_loop, name="controller-work", daemon=True)
+        self._stopped = threading.Event()
+
+    # --- life ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+        for c in self.conns.values():
+            c.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._work.put(None)
+        for c in self.conns.values():
+            c.stop()
+        self.store.close()
+
+    def wait_discovered(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        return all(c.wait_connected(max(0.0, end - time.monotonic())) for c in self.conns.values())
+
+    # --- view ----------------------------------------------------------------------------
+
+    def topology(self) -> Topology:
+        with self._topo_lock:
+            if self._topo is None:
+                self._topo = self._build()
+            return self._topo
+
+    def _build(self) -> Topology:
+        in_use: dict[str, set[int]] = {}
+        for ch in self.store.channels():
+            if ch.channel is not None:
+                for f in ch.fibres:
+                    in_use.setdefault(f, set()).add(ch.channel)
+        agents = [(c.addr.name, c.qkdn_id, c.addr.domain, c.connected.is_set(), c.data) for c in self.conns.values()]
+        return builder.build(agents, self.inventory, in_use)
+
+    def _invalidate(self) -> None:
+        with self._topo_lock:
+            self._topo = None
+
+    def _on_state(self, conn: AgentConnection) -> None:
+        self._invalidate()
+        self._emit("node-synced", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id})
+
+    def _on_notification(self, conn: AgentConnection, content: etree._Element) -> None:
+        """One small handler per notification type (Faucet style); failures are contained."""
+        name = etree.QName(content).localname
+        handler = getattr(self, f"_n_{name}", None)
+        if handler is not None:
+            handler(conn, content)
+
+    def _n_sdqkdn_link_down(self, conn: AgentConnection, content: etree._Element) -> None:
+        lid = (content.findtext(f".//{{{ETSI_NS}}}qkdl_id") or "").lower()
+        self._emit("link-down", {"node": conn.addr.name, "qkdl_id": lid, "reason": content.findtext(f".//{{{ETSI_NS}}}reason")})
+        self._work.put(("refresh-and-reroute", conn.qkdn_id, lid))
+
+    def _n_event(self, conn: AgentConnection, content: etree._Element) -> None:
+        link = content.find(f"{{{ETSI_NS}}}link")
+        if link is not None:
+            status = ident(link.findtext(f"{{{ETSI_NS}}}qkdl_status"))
+            self._emit("link-status", {"node": conn.addr.name, "qkdl_id": link.findtext(f"{{{ETSI_NS}}}qkdl_id"), "status": status})
+            self._work.put(("refresh", conn.qkdn_id))
+
+    def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
+        self._work.put(("refresh", conn.qkdn_id))
+
+    def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:
+        self._emit("interface-down", {"node": conn.addr.name, "qkdi_id": content.findtext(f".//{{{ETSI_NS}}}qkdi_id")})
+        self._work.put(("refresh", conn.qkdn_id))
+
+    def _n_sdqkdn_application_new(self, conn: AgentConnection, content: etree._Element) -> None:
+        master = content.findtext(f".//{{{ETSI_NS}}}server_app_id")
+        slave = content.findtext(f".//{{{ETSI_NS}}}client_app_id")
+        self._emit("application-requested", {"node": conn.addr.name, "master": master, "slave": slave})
+        if self.cfg.auto_applications and master and slave:
+            self._work.put(("auto-app", master, slave))
+
+    def _work_loop(self) -> None:
+        """Refreshes and reroutes run here, one at a time, off the session threads."""
+        last_refresh: dict[str, float] = {}
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            try:
+                kind = item[0]
+                if kind in ("refresh", "refresh-and-reroute"):
+                    if kind == "refresh" and time.monotonic() - last_refresh.get(item[1], 0) < 0.5:
+                        continue  # perf updates come often; half a second of staleness is fine
+                    last_refresh[item[1]] = time.monotonic()
+                    self.conns[item[1]].refresh()
+                    self._invalidate()
+                    if kind == "refresh-and-reroute":
+                        self.reroute(item[2])
+                elif kind == "auto-app":
+                    if not any({a.master_sae, a.slave_sae} == {item[1], item[2]} for a in self.store.apps()):
+                        self.create_application(item[1], item[2])
+            except ControllerError as exc:
+                log.warning("background %s failed: %s", item[0], exc.message)
+            except Exception:  # noqa: BLE001 - one failure must not stop the controller
+                log.exception("background %s failed", item[0])
+
+    # --- events for orchestrators -----------------------------------------------------------
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        ev = Event(kind, data, time.time())
+        with self._sub_lock:
+            subs = list(self._subscribers)
+        for q in subs:
+            try:
+                q.put_nowait(ev)
+            except queue.Full:
+                pass
+
+    def events(self, stop: threading.Event) -> Iterator[Event]:
+        q: queue.Queue[Event] = queue.Queue(maxsize=1000)
+        with self._sub_lock:
+            self._subscribers.append(q)
+        try:
+            while not stop.is_set() and not self._stopped.is_set():
+                try:
+                    yield q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+        finally:
+            with self._sub_lock:
+                self._subscribers.remove(q)
+
+    # --- key-relay applications ------------------------------------------------------------
+
+    def node_of_sae(self, sae: str) -> str:
+        node = self.cfg.saes.get(sae)
+        if node is None:
+            raise ControllerError("not-found", f"unknown SAE '{sae}'")
+        return node.lower()
+
+    def compute_relay(self, src: str, dst: str, min_bps: float = 0.0, avoid_links: frozenset[str] = frozenset()) -> RelayPlan:
+        try:
+            return relay_paths(self.topology(), RelayRequest(src, dst, min_bps=min_bps, avoid_links=avoid_links))
+        except NoPath as exc:
+            raise ControllerError("no-path", str(exc)) from None
+
+    def create_application(self, master_sae: str, slave_sae: str, *, min_bps: float = 0.0, max_bps: float = 0.0,
+                           ttl: int = 0, priority: int = 0, app_id: str | None = None) -> svc.Application:
+        src, dst = self.node_of_sae(master_sae), self.node_of_sae(slave_sae)
+        if src == dst:
+            raise ControllerError("invalid", "both SAEs are on the same node: its LKMS serves them without a path")
+        app_id = (app_id or str(uuid.uuid5(APP_NS, f"{master_sae}|{slave_sae}"))).lower()
+        if self.store.app(app_id) is not None:
+            raise ControllerError("conflict", f"application {app_id} exists")
+        app = svc.Application(app_id, master_sae, slave_sae, src, dst, min_bps, max_bps, ttl, priority)
+        plan_result = self.compute_relay(src, dst, min_bps)
+        plan = self._app_plan(app, plan_result)
+        self._apply(plan)
+        self.store.put_app(app)
+        self._emit("application-created", {"app_id": app_id, "paths": app.paths})
+        return app
+
+    def _app_plan(self, app: svc.Application, result: RelayPlan, old: svc.Application | None = None) -> Plan:
+        """Edits for `app` over `result`'s paths (and removal of `old`'s VIRT links)."""
+        plan = Plan()
+        app.paths, app.backing = [], []
+        for n, path in enumerate(result.paths):
+            nodes = list(path.nodes)
+            if len(nodes) == 2:  # adjacent: the PHYS link backs the application directly
+                app.backing.append(path.links[0])
+                app.paths.append({"vlink": None, "nodes": nodes, "links": list(path.links), "bps": path.bps})
+                continue
+            vlink = str(uuid.uuid5(APP_NS, f"{app.app_id}/{n}/{'-'.join(path.links)}"))
+            for i, node in enumerate(nodes):
+                remote = nodes[-1] if i < len(nodes) - 1 else nodes[0]
+                plan.add(node, LinkEdit(vlink, "VIRT", node, remote, prev_hop=nodes[i - 1] if i else None,
+                                        next_hops=(nodes[i + 1],) if i < len(nodes) - 1 else (), bandwidth=int(path.bps)))
+            app.backing.append(vlink)
+            app.paths.append({"vlink": vlink, "nodes": nodes, "links": list(path.links), "bps": path.bps})
+        for end, far in ((app.src, app.dst), (app.dst, app.src)):
+            plan.add(end, AppEdit(app.app_id, app.master_sae, (app.slave_sae,), tuple(app.backing), end, far, app.priority or None,
+                                  int(app.min_bps) or None, int(app.max_bps) or None, app.ttl or None))
+        if old is not None:
+            for p in old.paths:
+                if p["vlink"] and p["vlink"] not in app.backing:
+                    for node in p["nodes"]:
+                        plan.add(node, LinkEdit(p["vlink"], "VIRT", node, node, delete=True))
+        return plan
+
+    def delete_application(self, app_id: str) -> None:
+        app = self.store.app(app_id.lower())
+        if app is None:
+            raise ControllerError("not-found", f"no application {app_id}")
+        plan = Plan()
+        for end in (app.src, app.dst):
+            plan.add(end, AppEdit(app.app_id, delete=True))
+        for p in app.paths:
+            if p["vlink"]:
+                for node in p["nodes"]:
+                    plan.add(node, LinkEdit(p["vlink"], "VIRT", node, node, delete=True))
+        self._apply(plan)
+        self.store.delete_app(app.app_id)
+        self._emit("application-deleted", {"app_id": app.app_id})
+
+    def reroute(self, down_link: str) -> list[str]:
+        """Move every application that used `down_link` to a path without it."""
+        moved = []
+        for app in self.store.apps():
+            if not any(down_link in p["links"] for p in app.paths):
+                continue
+            old = svc.Application(**asdict(app))
+            try:
+                result = self.compute_relay(app.src, app.dst, app.min_bps, avoid_links=frozenset({down_link}))
+            except ControllerError as exc:
+                app.state = "DEGRADED"
+                self.store.put_app(app)
+                self._emit("application-degraded", {"app_id": app.app_id, "reason": exc.message})
+                continue
+            plan = self._app_plan(app, result, old)
+            self._apply(plan)
+            app.state = "ACTIVE"
+            self.store.put_app(app)
+            moved.append(app.app_id)
+            self._emit("application-rerouted", {"app_id": app.app_id, "paths": app.paths, "avoided": down_link})
+        return moved
+
+    def _apply(self, plan: Plan) -> txn.TxnReport:
+        try:
+            report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout)
+        except txn.TxnError as exc:
+            raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})") from None
+        for n in report.nodes:
+            self._work.put(("refresh", n))
+        self._invalidate()
+        return report
+
+    # --- direct quantum channels -------------------------------------------------------------
+
+    def compute_optical(self, req: OpticalRequest) -> OpticalPath:
+        try:
+            return optical_path(self.topology(), req)
+        except NoPath as exc:
+            raise ControllerError("no-path", str(exc)) from None
+
+    def create_channel(self, req: OpticalRequest, chan_id: str | None = None) -> svc.Channel:
+        path = self.compute_optical(req)
+        topo = self.topology()
+        chan_id = (chan_id or str(uuid.uuid4())).lower()
+        switch_nodes = {hop[0]: topo.switches[hop[0]].node for hop in path.hops}
+        ch = svc.Channel(chan_id, path.tx, path.rx, path.channel, list(path.fibres), [list(h) for h in path.hops], path.loss_db, switch_nodes)
+        self._apply(self._channel_plan(ch))
+        self.store.put_channel(ch)
+        self._invalidate()
+        self._emit("channel-created", {"chan_id": chan_id, "tx": list(path.tx), "rx": list(path.rx), "channel": path.channel, "loss_db": path.loss_db})
+        return ch
+
+    def _channel_plan(self, ch: svc.Channel, delete: bool = False) -> Plan:
+        plan = Plan()
+        for sw, pin, pout in ch.hops:
+            plan.add(ch.switch_nodes[sw], CrossConnectEdit(sw, min(pin, pout), max(pin, pout), delete=delete))
+        (txn_, txi), (rxn, rxi) = ch.tx, ch.rx
+        for node, qkdi, peer, peer_i, role in ((txn_, txi, rxn, rxi, "TRANSMITTER"), (rxn, rxi, txn_, txi, "RECEIVER")):
+            plan.add(node, LinkEdit(ch.chan_id, "PHYS", node, peer, qkdi, peer_i, role=role, channel=ch.channel,
+                                    attenuation=ch.loss_db, delete=delete))
+        return plan
+
+    def delete_channel(self, chan_id: str) -> None:
+        ch = next((c for c in self.store.channels() if c.chan_id == chan_id.lower()), None)
+        if ch is None:
+            raise ControllerError("not-found", f"no channel {chan_id}")
+        self._apply(self._channel_plan(ch, delete=True))
+        self.store.delete_channel(ch.chan_id)
+        self._invalidate()
+        self._emit("channel-deleted", {"chan_id": ch.chan_id})

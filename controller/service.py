@@ -1,0 +1,24 @@
+"""The controller process: Controller + gRPC northbound until asked to stop."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from sdqkd.controller.config import ControllerConfig
+from sdqkd.controller.core import Controller
+
+log = logging.getLogger(__name__)
+
+
+def serve(cfg: ControllerConfig, stop: threading.Event) -> None:
+    from sdqkd.controller.northbound import server as northbound
+
+    ctl = Controller(cfg)
+    ctl.start()
+    grpc_server = northbound.start(ctl, cfg.grpc.address, cfg.grpc.port)
+    log.info("controller serving gRPC on %s:%s for %d agents", cfg.grpc.address, cfg.grpc.port, len(cfg.agents))
+    try:
+        stop.wait()
+    finally:
+        grpc_server.stop(grace=2).wait()
+        ctl.stop()
