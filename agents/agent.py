@@ -7,6 +7,7 @@ ETSI 015 notifications).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from pathlib import Path
@@ -38,9 +39,11 @@ class Agent:
         self.models = agent_models()
         self.hub = NotificationHub()
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-        self.kms = kms_node.build(cfg, on_missing_path=self._ask_for_path)
+        self.qrng = wiring.build_qrng(cfg)
+        entropy = self.qrng.read if self.qrng is not None else os.urandom
+        self.kms = kms_node.build(cfg, entropy=entropy, on_missing_path=self._ask_for_path)
         self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink)
-        self.drivers: list[Driver] = self.devices.drivers
+        self.drivers: list[Driver] = self.devices.drivers + ([self.qrng] if self.qrng is not None else [])
         self.datastores = Datastores(
             self.models,
             NodeFacts(cfg.node.qkdn_id),
@@ -60,11 +63,11 @@ class Agent:
     def start(self) -> None:
         self._notifier.start()
         self._refresh_routes()
-        self.kms.start()
         for drv in self.drivers:
             drv.open(self._on_event)
         # Replay running into the devices now that they are open (startup config).
         self.datastores.reapply()
+        self.kms.start()
         users = [
             ssh.User(u.name, u.password_hash, [ssh.parse_public_key(k) for k in u.authorized_keys]) for u in self.cfg.netconf.users
         ]

@@ -54,14 +54,37 @@ class PlantConf:
 
 
 @dataclass
+class Etsi014DeviceConf:
+    """A real QKD device reached through its own ETSI GS QKD 014 API (agent = SAE)."""
+
+    url: str
+    sae_id: str
+    peer_sae_id: str
+    ca: str
+    cert: str
+    key: str
+    timeout: float = 5.0
+    poll: float = 0.5
+
+
+@dataclass
 class QkdModuleConf:
     qkdi_id: int
     profile: str  # name of a profile in the lab topology
     role: str = "TRANSCEIVER"
-    driver: str = "qkd-emulated"
+    driver: str = "qkd-emulated"  # or "qkd-etsi014"
     service_port: int = 0
-    device: str | None = None
+    device: str | None = None  # switch the module is patched into (ETSI 015 qkdi_att_point)
     port: int | None = None
+    etsi014: Etsi014DeviceConf | None = None
+
+
+@dataclass
+class QrngConf:
+    """The node's entropy source for end keys."""
+
+    source: str = "emulated"  # or "os"
+    rate: float | None = None  # bit/s of the emulated device
 
 
 @dataclass
@@ -107,6 +130,7 @@ class AgentConfig:
     switches: list[SwitchConf] = field(default_factory=list)
     peers: dict[str, PeerConf] = field(default_factory=dict)  # qkdn_id -> peer
     kms: KmsConf | None = None
+    qrng: QrngConf | None = None
     log_level: str = "INFO"
 
     @property
@@ -191,6 +215,13 @@ def _check(cfg: AgentConfig) -> list[str]:
     ids = [m.qkdi_id for m in cfg.qkd_modules]
     if len(ids) != len(set(ids)):
         problems.append("config.qkd_modules: qkdi_id values repeat")
-    if cfg.qkd_modules and cfg.plant is None:
+    if any(m.driver == "qkd-emulated" for m in cfg.qkd_modules) and cfg.plant is None:
         problems.append("config.plant: emulated QKD modules need the lab's optical plant")
+    for m in cfg.qkd_modules:
+        if m.driver == "qkd-etsi014" and m.etsi014 is None:
+            problems.append(f"config.qkd_modules[{m.qkdi_id}].etsi014: a qkd-etsi014 module needs its device's API")
+    if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
+        problems.append("config.qrng.source: 'emulated' or 'os'")
+    if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:
+        problems.append("config.qrng.rate: an emulated QRNG needs its rate (bit/s)")
     return problems

@@ -184,6 +184,8 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             if sw.get("node") == np.name
         ],
         "peers": peers,
+        **({"qrng": {"source": node["qrng"].get("source", "emulated"),
+                     "rate": float(node["qrng"].get("rate", 4_000_000))}} if "qrng" in node else {}),
         "kms": {
             "address": plan.address,
             "port": np.kms_port,

@@ -1,9 +1,9 @@
 """An emulated QKD module (one ETSI 015 qkd_interface), kind "qkd-emulated".
 
 Two modules of a PHYS link behave like a vendor pair: the transmitter opens the
-service channel (TCP on loopback) to the receiver's module, both prove they hold
-the lab's service key (HMAC over nonces and ephemeral X25519 keys) and derive a
-fresh per-link secret. Then, every tick, the transmitter looks at the plant (is
+service channel (service_channel.py: TCP on loopback, both prove they hold the
+lab's service key, fresh X25519 session keys) to the receiver's module and both
+get a fresh per-link secret. Then, every tick, the transmitter looks at the plant (is
 there light to the peer, how much loss, which classical channels share the
 fibres) and at its profile's physics, decides how many secret bits the tick
 distilled, and sends "block i: n bits, QBER q". Both ends turn accepted blocks
@@ -21,14 +21,10 @@ transmitting link, and a failure clock when the profile has an mtbf. They call
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
-import json
 import logging
 import math
-import os
 import random
-import select
 import socket
 import struct
 import threading
@@ -38,12 +34,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from sdqkd.agents.drivers import profile as physics
+from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import Change, Driver, DriverError, Emit, Event
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import QkdProfile, identity_name
@@ -57,9 +49,6 @@ NodeOf = Callable[[str], "str | None"]
 FAILURE_KINDS = ("module", "service-channel")
 CROSSTALK_QBER = 25.0     # percent added when classical light sits on/next to the quantum channel
 DARK_QBER = 50.0          # no light: detectors see only dark counts
-_MAX_FRAME = 1 << 16
-_TAG = 16
-_HANDSHAKE_TIMEOUT = 3.0
 _MAX_BACKOFF = 2.0
 _WINDOW = 20              # blocks in the measured-SKR window
 
@@ -104,110 +93,13 @@ class KeyStream:
         return str(uuid.UUID(bytes=bytes(raw))), material
 
 
-# --- service channel framing ---------------------------------------------------------
-
-
-class _Refused(Exception):
-    """The other end turned the pairing down (reason in the message)."""
-
-
-class _Wire:
-    """Length-prefixed JSON frames; once secured, each frame carries an HMAC tag over a
-    sequence number, so the classical channel is authenticated as QKD requires."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._send_lock = threading.Lock()
-        self._keys: tuple[bytes, bytes] | None = None
-        self._seq = [0, 0]
-        self.closed = False
-
-    def secure(self, send_key: bytes, recv_key: bytes) -> None:
-        self._keys = (send_key, recv_key)
-
-    def send(self, msg: Mapping[str, Any]) -> None:
-        with self._send_lock:
-            self._send(msg)
-
-    def _send(self, msg: Mapping[str, Any]) -> None:
-        data = json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
-        if self._keys:
-            data += hmac.digest(self._keys[0], struct.pack(">Q", self._seq[0]) + data, "sha256")[:_TAG]
-            self._seq[0] += 1
-        self.sock.sendall(struct.pack(">I", len(data)) + data)
-
-    def recv(self) -> dict[str, Any]:
-        (size,) = struct.unpack(">I", self._exact(4))
-        if size > _MAX_FRAME:
-            raise ConnectionError("oversized frame")
-        data = self._exact(size)
-        if self._keys:
-            data, tag = data[:-_TAG], data[-_TAG:]
-            want = hmac.digest(self._keys[1], struct.pack(">Q", self._seq[1]) + data, "sha256")[:_TAG]
-            if not hmac.compare_digest(tag, want):
-                raise ConnectionError("bad frame authentication tag")
-            self._seq[1] += 1
-        msg = json.loads(data)
-        if not isinstance(msg, dict):
-            raise ConnectionError("malformed frame")
-        return msg
-
-    def readable(self, timeout: float) -> bool:
-        return bool(select.select([self.sock], [], [], max(0.0, timeout))[0])
-
-    def _exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("service channel closed")
-            buf += chunk
-        return bytes(buf)
-
-    def close(self, bye: str | None = None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if bye is not None and self._send_lock.acquire(timeout=0.2):  # skip it if a send is stuck
-            try:
-                self.sock.settimeout(0.2)
-                self._send({"t": "bye", "reason": bye})
-            except OSError:
-                pass
-            finally:
-                self._send_lock.release()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-def _canon(msg: Mapping[str, Any]) -> bytes:
-    return json.dumps(msg, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _transcript(hello: Mapping[str, Any], challenge: Mapping[str, Any]) -> bytes:
-    body = {k: v for k, v in challenge.items() if k != "mac"}
-    return hashlib.sha256(_canon(hello) + _canon(body)).digest()
-
-
-def _session_keys(own: X25519PrivateKey, peer_pub_hex: str, transcript: bytes) -> tuple[bytes, bytes, bytes]:
-    """(link secret, tx->rx MAC key, rx->tx MAC key) from the ephemeral exchange."""
-    shared = own.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(peer_pub_hex)))
-    okm = HKDF(SHA256(), 96, salt=transcript, info=b"sdqkd emulated qkd service channel").derive(shared)
-    return okm[:32], okm[32:64], okm[64:]
-
-
-def _pub_hex(key: X25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-
-
 # --- link bookkeeping ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _LinkConfig:
+class LinkConfig:
+    """What a QKD module needs of its ETSI 015 PHYS qkd_link entry (shared by the QKD drivers)."""
+
     qkdl_id: str
     enabled: bool
     remote_qkdn: str | None
@@ -219,7 +111,7 @@ class _LinkConfig:
 
 @dataclass(eq=False)
 class _Link:
-    cfg: _LinkConfig
+    cfg: LinkConfig
     role: str = "RECEIVER"
     status: str = "OFF"
     reason: str = ""
@@ -227,7 +119,7 @@ class _Link:
     key_bits: int = 0
     window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_WINDOW))
     stop: threading.Event = field(default_factory=threading.Event)
-    wire: _Wire | None = None
+    wire: sc.Wire | None = None
     blocks: int = 0
 
     def skr(self) -> int:
@@ -235,12 +127,13 @@ class _Link:
         return int(sum(b for b, _ in self.window) / dt) if dt > 0 else 0
 
 
-def _link_config(entry: Mapping[str, Any], key: str) -> _LinkConfig:
+def link_config(entry: Mapping[str, Any], key: str) -> LinkConfig:
+    """Parse a qkd_link entry (RFC 7951 JSON); a bad value is DriverError invalid-value."""
     remote = entry.get("qkdl_remote") or {}
     wl = entry.get("phys_wavelength")
     att = entry.get("phys_channel_att")
     try:
-        return _LinkConfig(
+        return LinkConfig(
             qkdl_id=str(entry.get("qkdl_id", key)),
             enabled=bool(entry.get("qkdl_enable", True)),
             remote_qkdn=remote.get("qkdn_id"),
@@ -253,7 +146,33 @@ def _link_config(entry: Mapping[str, Any], key: str) -> _LinkConfig:
         raise DriverError("invalid-value", f"qkd_link {key}: {exc}") from None
 
 
-class _Log(logging.LoggerAdapter):
+def owns_link(entry: Mapping[str, Any], qkdn_id: str, qkdi_id: int) -> bool:
+    """True when `entry` is a PHYS link whose local end is this QKD interface."""
+    local = entry.get("qkdl_local") or {}
+    if identity_name(entry.get("qkdl_type", "PHYS")) != "PHYS":
+        return False
+    try:
+        if local.get("qkdi_id") is None or int(local["qkdi_id"]) != qkdi_id:
+            return False
+    except (TypeError, ValueError):
+        return False
+    return local.get("qkdn_id") in (None, qkdn_id)
+
+
+def link_role(cfg: LinkConfig, module_role: str, qkdn_id: str, qkdi_id: int) -> str:
+    """The link's role, else the module's, else the lower (qkdn_id, qkdi_id) transmits,
+    so two transceivers agree without talking."""
+    if cfg.role in ("TRANSMITTER", "RECEIVER"):
+        return cfg.role
+    if module_role in ("TRANSMITTER", "RECEIVER"):
+        return module_role
+    mine, theirs = (qkdn_id, qkdi_id), (cfg.remote_qkdn or "", cfg.remote_qkdi or 0)
+    return "TRANSMITTER" if mine < theirs else "RECEIVER"
+
+
+class ModuleLog(logging.LoggerAdapter):
+    """Prefixes a module's records with node:qkdi_id, as the lab has many modules per log."""
+
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.extra['where']}] {msg}", kwargs
 
@@ -295,24 +214,23 @@ class EmulatedQkdModule(Driver):
         self._iface = "DISABLED"
         self._repair_at: float | None = None
         self._emit: Emit = lambda event: None
-        self._server: socket.socket | None = None
+        self._listener: sc.Listener | None = None
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._wires: set[_Wire] = set()
+        self._wires: set[sc.Wire] = set()
         self.address: tuple[str, int] | None = None
-        self._log = _Log(log, {"where": f"{node}:{qkdi_id}"})
+        self._log = ModuleLog(log, {"where": f"{node}:{qkdi_id}"})
 
     # --- Driver ---------------------------------------------------------------------
 
     def open(self, emit: Emit) -> None:
         """Listen on the service address (see `address`), start enabled links."""
         self._emit = emit
-        server = socket.create_server(self._listen, reuse_port=False)
-        server.settimeout(0.5)
-        self._server, self.address = server, server.getsockname()[:2]
+        listener = sc.Listener(self._listen)
+        self._listener, self.address = listener, listener.address
         with self._lock:
             self._iface = "ENABLED"
-        self._spawn(self._accept_loop, "accept")
+        self._spawn(listener.serve, "accept", lambda conn: self._spawn(self._serve, "rx", conn))
         if self.profile.mtbf:
             self._spawn(self._failure_clock, "mtbf")
         for link in list(self._links.values()):
@@ -330,12 +248,8 @@ class EmulatedQkdModule(Driver):
             link.stop.set()
         for wire in wires:
             wire.close(bye="module closed")
-        if self._server is not None:
-            try:
-                self._server.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
@@ -351,7 +265,7 @@ class EmulatedQkdModule(Driver):
         entry = change.new
         if entry is None or not self._ours(entry):
             return
-        cfg = _link_config(entry, change.key)
+        cfg = link_config(entry, change.key)
         p = self.profile
         if cfg.wavelength is not None and self.channel is None and not p.supports_channel(cfg.wavelength):
             raise DriverError("invalid-value", f"phys_wavelength {cfg.wavelength} is outside "
@@ -382,7 +296,7 @@ class EmulatedQkdModule(Driver):
             if old is not None:
                 self._stop(old, "link deleted")
             return
-        cfg = _link_config(entry, change.key)
+        cfg = link_config(entry, change.key)
         if old is not None and old.cfg == cfg:
             with self._lock:
                 self._links[key] = old
@@ -395,7 +309,7 @@ class EmulatedQkdModule(Driver):
             self._links[key] = link
         if not cfg.enabled:
             self._set_status(link, "OFF", "disabled", force=True)
-        elif self._server is not None and not self._closing.is_set():
+        elif self._listener is not None and not self._closing.is_set():
             self._start(link)
 
     def state(self) -> dict[str, Any]:
@@ -441,24 +355,10 @@ class EmulatedQkdModule(Driver):
     # --- internals: bookkeeping ------------------------------------------------------------
 
     def _ours(self, entry: Mapping[str, Any]) -> bool:
-        local = entry.get("qkdl_local") or {}
-        if identity_name(entry.get("qkdl_type", "PHYS")) != "PHYS":
-            return False
-        try:
-            if local.get("qkdi_id") is None or int(local["qkdi_id"]) != self.qkdi_id:
-                return False
-        except (TypeError, ValueError):
-            return False
-        return local.get("qkdn_id") in (None, self.qkdn_id)
+        return owns_link(entry, self.qkdn_id, self.qkdi_id)
 
-    def _role_for(self, cfg: _LinkConfig) -> str:
-        """The link's role, else the module's, else the lower (qkdn_id, qkdi_id) transmits."""
-        if cfg.role in ("TRANSMITTER", "RECEIVER"):
-            return cfg.role
-        if self.role in ("TRANSMITTER", "RECEIVER"):
-            return self.role
-        mine, theirs = (self.qkdn_id, self.qkdi_id), (cfg.remote_qkdn or "", cfg.remote_qkdi or 0)
-        return "TRANSMITTER" if mine < theirs else "RECEIVER"
+    def _role_for(self, cfg: LinkConfig) -> str:
+        return link_role(cfg, self.role, self.qkdn_id, self.qkdi_id)
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True,
@@ -467,7 +367,7 @@ class EmulatedQkdModule(Driver):
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
-    def _track(self, wire: _Wire, live: bool) -> None:
+    def _track(self, wire: sc.Wire, live: bool) -> None:
         with self._lock:
             (self._wires.add if live else self._wires.discard)(wire)
 
@@ -586,9 +486,9 @@ class EmulatedQkdModule(Driver):
             try:
                 wire, secret, ready = self._pair_as_transmitter(link)
             except Exception as exc:
-                if not isinstance(exc, (_Refused, OSError, ConnectionError, ValueError, KeyError)):
+                if not isinstance(exc, (sc.Refused, OSError, ConnectionError, ValueError, KeyError)):
                     self._log.exception("pairing link %s failed", link.cfg.qkdl_id)
-                reason = str(exc) if isinstance(exc, _Refused) else f"cannot pair: {exc}"
+                reason = str(exc) if isinstance(exc, sc.Refused) else f"cannot pair: {exc}"
                 self._set_status(link, "PENDING", reason)
                 link.stop.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -610,36 +510,18 @@ class EmulatedQkdModule(Driver):
             self._set_status(link, "PENDING", reason)
             link.stop.wait(self.tick)
 
-    def _pair_as_transmitter(self, link: _Link) -> tuple[_Wire, bytes, dict[str, Any]]:
+    def _pair_as_transmitter(self, link: _Link) -> tuple[sc.Wire, bytes, dict[str, Any]]:
         cfg = link.cfg
         addr = self._peer_address(cfg.remote_qkdn or "", cfg.remote_qkdi or 0)
         if addr is None:
-            raise _Refused("peer service address unknown")
-        sock = socket.create_connection(addr, timeout=_HANDSHAKE_TIMEOUT)
-        wire = _Wire(sock)
+            raise sc.Refused("peer service address unknown")
+        wire = sc.Wire.connect(addr)
         self._track(wire, True)
         try:
-            eph = X25519PrivateKey.generate()
-            hello = {"t": "hello", "v": 1, "qkdl_id": cfg.qkdl_id,
-                     "from": {"qkdn_id": self.qkdn_id, "qkdi_id": self.qkdi_id},
-                     "to": {"qkdn_id": cfg.remote_qkdn, "qkdi_id": cfg.remote_qkdi},
-                     "nonce": os.urandom(16).hex(), "pub": _pub_hex(eph)}
-            wire.send(hello)
-            challenge = wire.recv()
-            if challenge.get("t") != "challenge":
-                raise _Refused(f"peer refused: {challenge.get('reason', 'no reason')}")
-            th = _transcript(hello, challenge)
-            want = hmac.digest(self._service_key, b"rx" + th, "sha256").hex()
-            if not hmac.compare_digest(str(challenge.get("mac", "")), want):
-                wire.send({"t": "refuse", "reason": "authentication failed"})
-                raise _Refused("service channel authentication failed (peer)")
-            wire.send({"t": "auth", "mac": hmac.digest(self._service_key, b"tx" + th, "sha256").hex()})
-            ready = wire.recv()
-            if ready.get("t") != "ready":
-                raise _Refused(f"peer refused: {ready.get('reason', 'no reason')}")
-            secret, k_tx, k_rx = _session_keys(eph, challenge["pub"], th)
-            wire.secure(k_tx, k_rx)
-            sock.settimeout(max(5.0, 10 * self.tick))
+            session = sc.initiate(wire, self._service_key, self.kind, cfg.qkdl_id,
+                                  sc.Endpoint(self.qkdn_id, self.qkdi_id),
+                                  sc.Endpoint(cfg.remote_qkdn or "", cfg.remote_qkdi or 0))
+            wire.settimeout(max(5.0, 10 * self.tick))
         except BaseException:
             self._track(wire, False)
             wire.close()
@@ -648,13 +530,14 @@ class EmulatedQkdModule(Driver):
             if link.stop.is_set():
                 self._track(wire, False)
                 wire.close(bye="stopped")
-                raise _Refused("link stopped")
+                raise sc.Refused("link stopped")
             link.wire = wire
-        ready["max_absorption"] = float(challenge.get("max_absorption", self.profile.max_absorption))
-        ready["interface"] = challenge.get("interface", "ENABLED")
-        return wire, secret, ready
+        challenge = session.peer
+        peer = {"max_absorption": float(challenge.get("max_absorption", self.profile.max_absorption)),
+                "interface": challenge.get("interface", "ENABLED")}
+        return wire, session.secret, peer
 
-    def _run_blocks(self, link: _Link, wire: _Wire, secret: bytes, peer: dict[str, Any]) -> None:
+    def _run_blocks(self, link: _Link, wire: sc.Wire, secret: bytes, peer: dict[str, Any]) -> None:
         stream = KeyStream(secret, self.key_size)
         budget = min(self.profile.max_absorption, peer["max_absorption"])
         peer_failed = peer["interface"] == "FAILED"
@@ -690,20 +573,8 @@ class EmulatedQkdModule(Driver):
 
     # --- internals: receiver ---------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        server = self._server
-        while not self._closing.is_set() and server is not None:
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(_HANDSHAKE_TIMEOUT)
-            self._spawn(self._serve, "rx", conn)
-
     def _serve(self, conn: socket.socket) -> None:
-        wire = _Wire(conn)
+        wire = sc.Wire(conn)
         self._track(wire, True)
         link: _Link | None = None
         try:
@@ -730,53 +601,46 @@ class EmulatedQkdModule(Driver):
             link = self._links.get(str(hello.get("qkdl_id")))
             if link is None:
                 return None, "unknown link"
-            peer = hello.get("from") or {}
             if not link.cfg.enabled or link.stop.is_set():
                 return link, "link not enabled at the receiver"
-            if (peer.get("qkdn_id"), peer.get("qkdi_id")) != (link.cfg.remote_qkdn, link.cfg.remote_qkdi):
-                return link, "link endpoints do not match"
-            if (hello.get("to") or {}) != {"qkdn_id": self.qkdn_id, "qkdi_id": self.qkdi_id}:
-                return link, "wrong interface"
+            mismatch = sc.endpoint_mismatch(hello, sc.Endpoint(self.qkdn_id, self.qkdi_id),
+                                            sc.Endpoint(link.cfg.remote_qkdn or "", link.cfg.remote_qkdi or 0))
+            if mismatch is not None:
+                return link, mismatch
             if link.role != "RECEIVER":
                 return link, "both ends are transmitters"
         return link, None
 
-    def _pair_as_receiver(self, wire: _Wire) -> tuple[_Link, KeyStream] | None:
-        hello = wire.recv()
-        if hello.get("t") != "hello":
-            raise ConnectionError("expected hello")
+    def _pair_as_receiver(self, wire: sc.Wire) -> tuple[_Link, KeyStream] | None:
+        try:
+            hello = sc.read_hello(wire, self.kind)
+        except sc.Refused as exc:
+            self._log.warning("service channel pairing refused: %s", exc)
+            return None
         link, refusal = self._refusal(hello)
         if refusal is not None:
-            wire.send({"t": "refuse", "reason": refusal})
+            wire.refuse(refusal)
             return None
         assert link is not None
-        eph = X25519PrivateKey.generate()
-        challenge = {"t": "challenge", "nonce": os.urandom(16).hex(), "pub": _pub_hex(eph),
-                     "max_absorption": self.profile.max_absorption, "interface": self._iface}
-        th = _transcript(hello, challenge)
-        challenge["mac"] = hmac.digest(self._service_key, b"rx" + th, "sha256").hex()
-        wire.send(challenge)
-        auth = wire.recv()
-        want = hmac.digest(self._service_key, b"tx" + th, "sha256").hex()
-        if auth.get("t") != "auth" or not hmac.compare_digest(str(auth.get("mac", "")), want):
+        try:
+            session = sc.respond(wire, self._service_key, self.kind, hello,
+                                 {"max_absorption": self.profile.max_absorption, "interface": self._iface})
+        except sc.AuthenticationFailed:
             self._log.warning("service channel pairing for link %s refused: authentication failed",
                               link.cfg.qkdl_id)
             self._set_status(link, "PENDING", "service channel authentication failed")
-            wire.send({"t": "refuse", "reason": "authentication failed"})
+            wire.refuse("authentication failed")
             return None
-        secret, k_tx, k_rx = _session_keys(eph, str(hello["pub"]), th)
-        wire.send({"t": "ready"})
-        wire.secure(k_rx, k_tx)
-        wire.sock.settimeout(None)  # close() and stop() shut the socket down
+        wire.settimeout(None)  # close() and stop() shut the socket down
         with self._lock:
             if link.stop.is_set():
                 return None
             old, link.wire = link.wire, wire
         if old is not None:  # the transmitter reconnected before we noticed the drop
             old.close()
-        return link, KeyStream(secret, self.key_size)
+        return link, KeyStream(session.secret, self.key_size)
 
-    def _receive_blocks(self, link: _Link, wire: _Wire, stream: KeyStream) -> None:
+    def _receive_blocks(self, link: _Link, wire: sc.Wire, stream: KeyStream) -> None:
         expect = 0
         while not link.stop.is_set():
             msg = wire.recv()

@@ -7,6 +7,8 @@ from typing import Any
 from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.drivers.optical_switch import OpticalSwitch
 from sdqkd.agents.drivers.qkd_emulated import EmulatedQkdModule
+from sdqkd.agents.drivers.qkd_etsi014 import Etsi014QkdModule
+from sdqkd.agents.drivers.qrng import Qrng
 
 _KINDS: dict[str, type[Driver]] = {}
 
@@ -44,4 +46,5 @@ def create(kind: str, **kwargs: Any) -> Driver:
 
 register(EmulatedQkdModule)
 register(OpticalSwitch)
-# register(Etsi014QkdModule)  # qkd_etsi014.py: a real module's keys over its ETSI GS QKD 014 API (later)
+register(Etsi014QkdModule)
+register(Qrng)

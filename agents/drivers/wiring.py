@@ -16,6 +16,7 @@ from sdqkd.agents.drivers import registry
 from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import QkdProfile, calibrate
+from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi
 
 KeySink = Callable[[str, str, bytes], None]
 
@@ -38,6 +39,7 @@ class KeyCounter:
 class Devices:
     drivers: list[Driver]
     plant: Plant | None = None
+    qrng: Any = None
     modules: dict[int, Driver] = field(default_factory=dict)
     switches: dict[str, Driver] = field(default_factory=dict)
 
@@ -80,10 +82,8 @@ def _channel_of(topo: dict[str, Any], node: str, qkdi_id: int) -> int | None:
 
 
 def build(cfg: AgentConfig, key_sink: KeySink | None = None) -> Devices:
-    if cfg.plant is None:
-        return Devices([])
-    topo = load_topology(Path(cfg.plant.topology))
-    plant = Plant(topo, Path(cfg.plant.state))
+    topo = load_topology(Path(cfg.plant.topology)) if cfg.plant else {}
+    plant = Plant(topo, Path(cfg.plant.state)) if cfg.plant else None
     service_key = bytes.fromhex(cfg.service_key or "")
     if cfg.qkd_modules and len(service_key) < 16:
         raise ValueError("service_key must be at least 16 bytes (hex)")
@@ -102,25 +102,39 @@ def build(cfg: AgentConfig, key_sink: KeySink | None = None) -> Devices:
     sink = key_sink or KeyCounter()
     devices = Devices([], plant)
     for m in cfg.qkd_modules:
-        drv = registry.create(
-            m.driver,
-            node=cfg.node.name,
-            qkdn_id=cfg.node.qkdn_id,
-            qkdi_id=m.qkdi_id,
-            profile=_profile_for(topo, cfg.node.name, m.qkdi_id, m.profile),
-            role=m.role,
-            plant=plant,
-            peer_address=peer_address,
-            node_of=node_of,
-            key_sink=sink,
-            service_key=service_key,
-            listen=(cfg.netconf.address, m.service_port),
-            channel=_channel_of(topo, cfg.node.name, m.qkdi_id),
-        )
+        common = dict(node=cfg.node.name, qkdn_id=cfg.node.qkdn_id, qkdi_id=m.qkdi_id, role=m.role, key_sink=sink,
+                      service_key=service_key, peer_address=peer_address, listen=(cfg.netconf.address, m.service_port))
+        if m.driver == "qkd-etsi014":
+            assert m.etsi014 is not None
+            d = m.etsi014
+            entry = next((p for p in topo.get("profile", []) if p.get("name") == m.profile), {})
+            drv = registry.create(
+                m.driver, **common, poll=d.poll,
+                device=DeviceApi(d.url, d.sae_id, d.peer_sae_id, d.ca, d.cert, d.key, d.timeout),
+                model=entry.get("model", ""), technology=str(entry.get("technology", "DV-QKD")).rsplit(":", 1)[-1],
+                wavelength_range=entry.get("wavelength-range"),
+                max_absorption=float(entry["max-absorption"]) if entry.get("max-absorption") is not None else None,
+            )
+        else:
+            if plant is None:
+                raise ValueError("emulated QKD modules need the optical plant")
+            drv = registry.create(
+                m.driver, **common, profile=_profile_for(topo, cfg.node.name, m.qkdi_id, m.profile), plant=plant,
+                node_of=node_of, channel=_channel_of(topo, cfg.node.name, m.qkdi_id),
+            )
         devices.modules[m.qkdi_id] = drv
         devices.drivers.append(drv)
     for sw in cfg.switches:
+        if plant is None:
+            raise ValueError("optical switches need the optical plant")
         drv = registry.create("optical-switch", name=sw.name, plant=plant, ports=sw.ports, insertion_loss=sw.insertion_loss)
         devices.switches[sw.name] = drv
         devices.drivers.append(drv)
     return devices
+
+
+def build_qrng(cfg: AgentConfig) -> Driver | None:
+    """The node's QRNG (its end keys come from it), or None: the OS source then."""
+    if cfg.qrng is None:
+        return None
+    return registry.create("qrng", node=cfg.node.name, source=cfg.qrng.source, rate=cfg.qrng.rate)

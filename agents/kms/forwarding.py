@@ -136,6 +136,10 @@ class Forwarder:
 
     def close(self) -> None:
         self._closing.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() at once
+        except OSError:
+            pass
         self._sock.close()
         with self._pool_lock:
             for conns in self._pool.values():

@@ -1,0 +1,308 @@
+"""The node's entropy source, kind "qrng": what the LKMS draws end keys from
+(`Qrng.read` is its `entropy` callable: n bytes in, n random bytes out).
+
+source="os": os.urandom, unlimited, never fails.
+
+source="emulated": a QRNG device such as Quside's phase-diffusion modules, modelled
+as hardware, not as a constant:
+- raw samples: a comparator on a noisy analogue signal. Each raw bit is 1 with
+  probability 0.5 + `bias` (comparator offset) and, with probability `correlation`,
+  repeats the previous sample instead of a fresh one (finite detector bandwidth).
+  The noise itself comes from os.urandom, shaped by those two parameters.
+- conditioning: every RAW_PER_BLOCK (768) raw bits are hashed with SHA-256 into one
+  256-bit output block, an entropy ratio of 1/3. That gives full-entropy output
+  (NIST SP 800-90B: input min-entropy >= output + 64 bits) whenever the raw stream
+  holds at least 320/768 = 0.417 bit of min-entropy per sample; the healthy model
+  holds about 0.8. There is no counter in the hash, so a stuck source shows as
+  repeating output, as a real conditioner would.
+- rate: output bits accumulate at `rate` bit/s in the device FIFO (a token bucket of
+  `fifo_bits`); `read(n, timeout)` waits for them or raises TimeoutError.
+- failures: inject_failure("stuck") freezes the raw samples at the last value,
+  "biased" pushes P(1) to 0.5 + FAILED_BIAS. Both corrupt the RAW stream only.
+
+Health testing (NIST SP 800-90B repetition count / adaptive proportion tests) comes
+later and hooks in through `add_raw_tap`: every raw sample the sampler emits (before
+conditioning, or through the diagnostic `read_raw`) is shown to the taps, and a
+health test calls `report_failure()` when it trips. Until then an injected failure
+is reported at once (status FAILED, a 'qrng-status' event: data node, source,
+status, reason) and `read` refuses output while FAILED, so no key comes from a
+broken source; `read_raw` still works, as a device's raw diagnostic mode does.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from sdqkd.agents.drivers.base import Change, Driver, Emit, Event
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("emulated", "os")
+FAILURE_KINDS = ("stuck", "biased")
+BLOCK_BITS = 256                 # SHA-256 output per conditioning step
+RAW_PER_BLOCK = 3 * BLOCK_BITS   # raw samples per output block: entropy ratio 1/3
+FAILED_BIAS = 0.35               # "biased" failure: P(1) = 0.85
+_PRECISION = 12                  # binary digits of the modelled probabilities
+
+RawTap = Callable[[bytes], None]
+
+
+class QrngFailure(OSError):
+    """The entropy source is FAILED (or closed): no output until it is repaired."""
+
+
+def bernoulli_bits(nbits: int, p: float, rand: Callable[[int], bytes] = os.urandom) -> int:
+    """An nbits-bit integer whose bits are independently 1 with probability p (to 2^-12).
+
+    Built from uniform random words by AND/OR, one binary digit of p at a time, so a
+    whole chunk costs a few big-integer operations, not one Python step per bit."""
+    digits = round(min(max(p, 0.0), 1.0) * (1 << _PRECISION))
+    if digits <= 0:
+        return 0
+    if digits >= 1 << _PRECISION:
+        return (1 << nbits) - 1
+    nbytes = (nbits + 7) // 8
+    word = lambda: int.from_bytes(rand(nbytes), "big") >> (8 * nbytes - nbits)  # noqa: E731
+    m = 0
+    for i in range(_PRECISION):  # least significant digit of p first
+        m = (word() | m) if (digits >> i) & 1 else (word() & m)
+    return m
+
+
+class NoiseModel:
+    """Raw samples of the modelled device, in time order (first sample = most significant bit)."""
+
+    def __init__(self, bias: float, correlation: float) -> None:
+        if not 0.0 <= abs(bias) < 0.5:
+            raise ValueError("bias must be in (-0.5, 0.5)")
+        if not 0.0 <= correlation < 1.0:
+            raise ValueError("correlation must be in [0, 1)")
+        self.bias, self.correlation = bias, correlation
+        self.fault: str | None = None
+        self._last = 0  # the previous raw sample (the chunks are one stream)
+
+    def min_entropy(self) -> float:
+        """Per-sample min-entropy of the healthy model: the likeliest next sample given the last."""
+        c, p = self.correlation, 0.5 + abs(self.bias)
+        return -math.log2(c + (1 - c) * p)
+
+    def samples(self, nbits: int) -> int:
+        if self.fault == "stuck":
+            return (1 << nbits) - 1 if self._last else 0
+        p1 = 0.5 + (FAILED_BIAS if self.fault == "biased" else self.bias)
+        fresh = bernoulli_bits(nbits, p1)
+        if self.correlation > 0:
+            repeat = bernoulli_bits(nbits, self.correlation)
+            previous = (fresh >> 1) | (self._last << (nbits - 1))
+            fresh = (fresh & ~repeat) | (previous & repeat)
+        self._last = fresh & 1
+        return fresh
+
+
+class Qrng(Driver):
+    """The node's QRNG; configuration-free for ETSI 015 (handles no change)."""
+
+    kind: ClassVar[str] = "qrng"
+
+    def __init__(self, node: str, source: str = "emulated", *, rate: float | None = None,
+                 bias: float = 0.02, correlation: float = 0.1, fifo_bits: int | None = None) -> None:
+        """rate: output bit/s of the emulated device (required for it); bias, correlation:
+        raw-sample imperfections (see the module docstring); fifo_bits: output the device
+        buffers while nobody reads (default 0.1 s of output, at least one block)."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown QRNG source '{source}'; known: {', '.join(SOURCES)}")
+        self.node, self.source = node, source
+        self.rate: float | None = None
+        self._noise: NoiseModel | None = None
+        if source == "emulated":
+            if rate is None or rate <= 0:
+                raise ValueError("an emulated QRNG needs a positive rate (bit/s)")
+            self.rate = float(rate)
+            self._noise = NoiseModel(bias, correlation)
+            if self._noise.min_entropy() * RAW_PER_BLOCK < BLOCK_BITS + 64:
+                raise ValueError("bias/correlation leave too little entropy for the 1/3 conditioning ratio")
+            self.fifo_bits = max(BLOCK_BITS, int(fifo_bits if fifo_bits is not None else self.rate / 10))
+        self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # readers are served in turn, each its whole request
+        self._status, self._reason = "DISABLED", ""
+        self._emit: Emit = lambda event: None
+        self._taps: list[RawTap] = []
+        self._tokens = 0.0
+        self._last_fill = 0.0
+        self._fifo = bytearray()  # conditioned output made but not yet read
+        self._delivered = 0
+
+    # --- Driver ---------------------------------------------------------------------------
+
+    def open(self, emit: Emit) -> None:
+        """Power on: the FIFO starts empty and fills at the modelled rate."""
+        self._emit = emit
+        with self._lock:
+            self._status, self._tokens, self._last_fill = "ENABLED", 0.0, time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            self._status = "DISABLED"
+            self._fifo.clear()
+
+    def handles(self, change: Change) -> bool:
+        return False
+
+    def check(self, change: Change) -> None:
+        return None
+
+    def apply(self, change: Change) -> None:
+        return None
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"qrng": {"source": self.source, "rate": self.rate, "status": self._status,
+                             "bits_delivered": 8 * self._delivered}}
+
+    # --- entropy -----------------------------------------------------------------------------
+
+    def read(self, n: int, timeout: float | None = 2.0) -> bytes:
+        """n random bytes; waits for the device to produce them (emulated source), at most
+        `timeout` seconds (None: no limit), then raises TimeoutError. Output made for a
+        request that timed out stays in the FIFO for the next one."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if self.source == "os":
+            with self._lock:
+                if self._status != "ENABLED":
+                    raise QrngFailure(f"QRNG is {self._status}")
+                self._delivered += n
+            return os.urandom(n)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = bytearray()
+        with self._read_lock:
+            try:
+                while True:
+                    with self._lock:
+                        if self._status != "ENABLED":
+                            raise QrngFailure(f"QRNG is {self._status}: {self._reason or 'not open'}")
+                        take = self._fifo[: n - len(out)]
+                        del self._fifo[: len(take)]
+                        out += take
+                    need = (n - len(out)) * 8
+                    if need <= 0:
+                        break
+                    granted = self._grant(-(-need // BLOCK_BITS) * BLOCK_BITS, BLOCK_BITS, deadline, True)
+                    out += self._condition(self._raw(granted * RAW_PER_BLOCK // BLOCK_BITS))
+            except TimeoutError:
+                with self._lock:
+                    self._fifo[:0] = out  # made for nobody yet: kept for the next reader
+                raise TimeoutError(f"QRNG: {n} bytes not produced within {timeout} s at {self.rate:g} bit/s") from None
+            with self._lock:
+                self._fifo[:0] = out[n:]  # a block's tail waits for the next reader
+                self._delivered += n
+        return bytes(out[:n])
+
+    def read_raw(self, n: int, timeout: float | None = 2.0) -> bytes:
+        """n bytes of raw samples, unconditioned (the diagnostic raw mode QRNGs offer for
+        SP 800-90B assessment); works while FAILED. The sampler is shared with read():
+        3 raw samples cost one output bit of the modelled rate."""
+        if self._noise is None:
+            raise ValueError("the OS source has no raw samples")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = bytearray()
+        with self._read_lock:
+            while len(out) < n:
+                cost = -(-(n - len(out)) * 8 // 24) * 8  # output-bit tokens, 8 at a time (24 raw samples)
+                out += self._raw(3 * self._grant(cost, 8, deadline, False))
+        return bytes(out[:n])
+
+    def add_raw_tap(self, tap: RawTap) -> None:
+        """Show every raw chunk (packed bits, first sample = MSB of the first byte) to `tap`
+        before it is conditioned: the hook for SP 800-90B health tests. Emulated source only."""
+        if self._noise is None:
+            raise ValueError("the OS source has no raw samples")
+        with self._lock:
+            self._taps.append(tap)
+
+    # --- failures -----------------------------------------------------------------------------
+
+    def inject_failure(self, kind: str) -> None:
+        """'stuck': raw samples frozen; 'biased': P(1) = 0.5 + FAILED_BIAS. Reported at once
+        until health tests detect it themselves."""
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind '{kind}'; known: {', '.join(FAILURE_KINDS)}")
+        if self._noise is None:
+            raise ValueError("the OS source has no failure modes")
+        with self._lock:
+            self._noise.fault = kind
+        self.report_failure(f"injected {kind} failure")
+
+    def report_failure(self, reason: str) -> None:
+        """Mark the source FAILED (health tests call this); read() refuses until repair()."""
+        self._set_status("FAILED", reason)
+
+    def repair(self) -> None:
+        with self._lock:
+            if self._noise is not None:
+                self._noise.fault = None
+            self._fifo.clear()  # output of the faulty period is thrown away
+        self._set_status("ENABLED", "repaired")
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _fill(self, now: float) -> None:
+        """Token bucket (caller holds the lock): output bits made since the last look, up to the FIFO."""
+        room = self.fifo_bits - 8 * len(self._fifo)
+        self._tokens = min(max(0.0, room), self._tokens + (now - self._last_fill) * (self.rate or 0.0))
+        self._last_fill = now
+
+    def _grant(self, want: int, unit: int, deadline: float | None, enabled_only: bool) -> int:
+        """Wait until the sampler has made at least `unit` output bits; take up to `want`."""
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                if self._status == "DISABLED" or (enabled_only and self._status != "ENABLED"):
+                    raise QrngFailure(f"QRNG is {self._status}: {self._reason or 'not open'}")
+                self._fill(now)
+                got = min(int(self._tokens // unit) * unit, want)
+                if got > 0:
+                    self._tokens -= got
+                    return got
+            if deadline is not None and now >= deadline:
+                raise TimeoutError("QRNG output not produced in time")
+            # wake before the FIFO would fill, so a waiting reader loses no output
+            wait = min(want, self.fifo_bits / 4) / (self.rate or 1.0)
+            time.sleep(max(0.001, min(wait, deadline - now) if deadline is not None else wait))
+
+    def _raw(self, nbits: int) -> bytes:
+        """The next `nbits` raw samples (a multiple of 8), shown to every tap."""
+        assert self._noise is not None
+        with self._lock:
+            raw = self._noise.samples(nbits).to_bytes(nbits // 8, "big")
+            taps = list(self._taps)
+        for tap in taps:
+            try:
+                tap(raw)
+            except Exception:  # a broken tap must not stop the source
+                log.exception("QRNG raw tap failed")
+        return raw
+
+    @staticmethod
+    def _condition(raw: bytes) -> bytes:
+        """SHA-256 of each RAW_PER_BLOCK-bit slice: the 1/3 entropy ratio of the module docstring."""
+        step = RAW_PER_BLOCK // 8
+        return b"".join(hashlib.sha256(raw[i:i + step]).digest() for i in range(0, len(raw), step))
+
+    def _set_status(self, status: str, reason: str) -> None:
+        with self._lock:
+            if self._status in (status, "DISABLED"):
+                return
+            self._status, self._reason = status, reason if status == "FAILED" else ""
+        log.warning("%s QRNG %s (%s)", self.node, status, reason)
+        try:
+            self._emit(Event("qrng-status", {"node": self.node, "source": self.source, "status": status,
+                                             "reason": reason}))
+        except Exception:  # a bad handler must not stop the source
+            log.exception("qrng-status handler failed")

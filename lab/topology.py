@@ -1,0 +1,670 @@
+"""Lab topology files: parse and validate, with no side effects.
+
+A lab file is an instance of the `sdqkd-lab` YANG module, RFC 7951 JSON or XML.
+`load()` decodes it through the generated bindings (sdqkd.bindings.sdqkd_lab) with
+sdqkd.yangcodec, so YANG types, patterns, ranges and unknown members are refused as the
+agents refuse them, and returns the RFC 7951 dict re-encoded from the bindings.
+`check()` then runs an ordered list of small named semantic checks (pyang's validation
+phases, Faucet's check_config) that *collect* every problem with a path to the node at
+fault, so a file is fixed in one go. `sdqkd lab check FILE` prints them.
+
+Paths are RFC 7951 instance identifiers: `/sdqkd-lab:lab/link[name='x']/path`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from sdqkd import yangcodec, yangschema
+from sdqkd.agents.drivers.profile import QkdProfile, identity_name
+from sdqkd.lab.plan import node_id
+
+MODULE = "sdqkd-lab"
+ROOT = f"/{MODULE}:lab"
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a lab file: where, what, and which check found it."""
+
+    path: str
+    message: str
+    check: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class TopologyError(Exception):
+    """A lab file that cannot be used; `problems` lists every reason found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --- parse ----------------------------------------------------------------------------------
+
+
+def _schema() -> yangschema.Schema:
+    return yangschema.load(MODULE)
+
+
+def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"member '{key}' appears twice in one object (RFC 7951 forbids it)")
+        out[key] = value
+    return out
+
+
+def _xml_elements(text: bytes) -> list[etree._Element]:
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, remove_comments=True)
+    root = etree.fromstring(text, parser)
+    ns = _schema().namespaces[MODULE]
+    if etree.QName(root).namespace == ns:
+        return [root]
+    return [el for el in root if isinstance(el.tag, str)]  # wrapped in <data> or <config>
+
+
+def decode(data: Mapping[str, Any] | list[etree._Element]) -> dict[str, Any]:
+    """Decode RFC 7951 JSON (a dict) or XML elements through the bindings; RFC 7951 back."""
+    from sdqkd.bindings.sdqkd_lab import sdqkd_lab
+
+    schema = _schema()
+    try:
+        if isinstance(data, Mapping):
+            root = yangcodec.decode_json(dict(data), sdqkd_lab(), schema)
+        else:
+            root = yangcodec.decode_xml(data, sdqkd_lab(), schema)
+    except yangcodec.CodecError as exc:
+        raise TopologyError([Problem(exc.path or ROOT, exc.message, "yang")]) from None
+    return yangcodec.encode_json(root, schema)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a lab file (JSON, or XML when it starts with '<'); YANG types enforced.
+
+    Raises TopologyError for a file that cannot be read or decoded. Semantic checks are
+    separate: call check() on the result (or load_valid())."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TopologyError([Problem("", f"cannot read: {exc.strerror or exc}", "parse")]) from None
+    try:
+        if raw.lstrip().startswith(b"<"):
+            return decode(_xml_elements(raw))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_members)
+    except (ValueError, etree.XMLSyntaxError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise TopologyError([Problem("", f"not a JSON or XML instance: {exc}", "parse")]) from None
+    if not isinstance(data, dict):
+        raise TopologyError([Problem("", "a JSON object is expected", "parse")])
+    return decode(data)
+
+
+def load_valid(path: str | Path) -> dict[str, Any]:
+    """load() + check(): the topology, or TopologyError with every problem (lab up)."""
+    data = load(path)
+    problems = check(data)
+    if problems:
+        raise TopologyError(problems)
+    return data
+
+
+# --- index ------------------------------------------------------------------------------------
+
+
+def _lab(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    lab = data.get(f"{MODULE}:lab", data)
+    return lab if isinstance(lab, Mapping) else {}
+
+
+def _entries(obj: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+    value = obj.get(name)
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
+def _sub(obj: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A container member, or {} when absent or not an object."""
+    value = obj.get(name)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _seq(obj: Mapping[str, Any], name: str) -> list[Any]:
+    """A leaf-list member, or [] when absent or not an array."""
+    value = obj.get(name)
+    return value if isinstance(value, list) else []
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return float(Decimal(str(value)))
+    except (InvalidOperation, ValueError, TypeError):
+        return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except (ValueError, TypeError):
+        return None
+
+
+def _q(value: Any) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+class _Index:
+    """Name -> entry maps of one lab (the first entry wins on duplicates; yang-constraints
+    reports those)."""
+
+    def __init__(self, lab: Mapping[str, Any]) -> None:
+        self.lab = lab
+        self.domains = self._by_name(lab, "domain")
+        self.profiles = self._by_name(lab, "profile")
+        self.nodes = self._by_name(lab, "node")
+        self.switches = self._by_name(lab, "switch")
+        self.fibres = self._by_name(lab, "fibre")
+        self.links = self._by_name(lab, "link")
+        self.ifaces: dict[tuple[str, int], dict[str, Any]] = {}
+        for node in self.nodes.values():
+            for qi in _entries(node, "qkd-interface"):
+                qid = _int(qi.get("id"))
+                if qid is not None:
+                    self.ifaces.setdefault((node["name"], qid), qi)
+        self.physics: dict[str, QkdProfile] = {}
+        for name, entry in self.profiles.items():
+            try:
+                self.physics[name] = QkdProfile.from_dict(entry)
+            except (ValueError, TypeError):
+                pass  # reported by the profiles check
+
+    @staticmethod
+    def _by_name(lab: Mapping[str, Any], name: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for e in _entries(lab, name):
+            if isinstance(e.get("name"), str):
+                out.setdefault(e["name"], e)
+        return out
+
+    def endpoint(self, text: Any) -> tuple[str, int] | None:
+        node, sep, qkdi = str(text).rpartition(":")
+        qid = _int(qkdi)
+        return (node, qid) if sep and qid is not None else None
+
+    def profile_of(self, end: tuple[str, int]) -> QkdProfile | None:
+        qi = self.ifaces.get(end)
+        return self.physics.get(str(qi.get("profile"))) if qi else None
+
+    def link_channel(self, link: Mapping[str, Any]) -> int | None:
+        """DWDM channel of a fixed link: its own, else a fixed channel of an endpoint."""
+        ch = _int(link.get("channel"))
+        if ch is not None:
+            return ch
+        for ep in _seq(link, "endpoints"):
+            end = self.endpoint(ep)
+            qi = self.ifaces.get(end) if end else None
+            if qi is not None and _int(qi.get("channel")) is not None:
+                return _int(qi.get("channel"))
+        return None
+
+    def computed_loss(self, link: Mapping[str, Any]) -> float | None:
+        """Fibre losses of the path plus a switch where consecutive fibres meet at one (as the plant)."""
+        path = [self.fibres.get(str(f)) for f in _seq(link, "path")]
+        if not path or any(f is None for f in path):
+            return None
+        loss = sum(_num(f.get("loss")) or 0.0 for f in path)  # type: ignore[union-attr]
+        for f1, f2 in zip(path, path[1:]):
+            common = _switches_of(f1) & _switches_of(f2)  # type: ignore[arg-type]
+            if common:
+                loss += _num(self.switches.get(sorted(common)[0], {}).get("insertion-loss", "1.0")) or 0.0
+        return loss
+
+    def link_loss(self, link: Mapping[str, Any]) -> float | None:
+        stated = _num(link.get("loss")) if link.get("loss") is not None else None
+        return stated if stated is not None else self.computed_loss(link)
+
+
+def _switches_of(fibre: Mapping[str, Any]) -> set[str]:
+    return {str(e.get("switch")) for e in (_sub(fibre, "a-end"), _sub(fibre, "b-end")) if e.get("switch")}
+
+
+def _at(kind: str, name: Any, *rest: str) -> str:
+    key = "id" if kind == "qkd-interface" else "name"
+    return "/".join([f"{ROOT}/{kind}[{key}={_q(name)}]", *rest])
+
+
+def _iface_at(node: str, qid: Any, *rest: str) -> str:
+    return "/".join([_at("node", node), f"qkd-interface[id={_q(qid)}]", *rest])
+
+
+Found = Iterator[tuple[str, str]]  # (path, message) yielded by a check
+
+
+# --- checks -----------------------------------------------------------------------------------
+# Each check gets the lab object and its index and yields (path, message). They run in
+# order and never stop at the first problem; references that do not resolve are reported
+# once (by `references`/`endpoints`) and skipped by the later checks.
+
+
+def check_yang_constraints(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """What the bindings leave to a full YANG validator: mandatory leaves, unique list keys
+    and leaf-list values, decimal64 fraction-digits, min/max-elements of endpoints, and the
+    `when` on ports (only with a switch)."""
+    root = _schema().root_by_name("lab", MODULE)
+    if root is not None:
+        yield from _walk(lab, root, ROOT)
+    for link in ix.links.values():
+        n = len(_seq(link, "endpoints"))
+        if n != 2:
+            yield _at("link", link["name"], "endpoints"), f"a link has exactly two endpoints, not {n}"
+    for fibre in ix.fibres.values():
+        for end in ("a-end", "b-end"):
+            e = _sub(fibre, end)
+            if e.get("port") is not None and not e.get("switch"):
+                yield _at("fibre", fibre["name"], end, "port"), "a port needs the switch it belongs to"
+    for (node, qid), qi in ix.ifaces.items():
+        att = _sub(qi, "attachment")
+        if att.get("port") is not None and not att.get("switch"):
+            yield _iface_at(node, qid, "attachment", "port"), "a port needs the switch it belongs to"
+
+
+def _walk(obj: Mapping[str, Any], node: yangschema.SchemaNode, path: str) -> Found:
+    for ch in node.children.values():
+        value = obj.get(ch.name, obj.get(f"{ch.module}:{ch.name}"))
+        sub = f"{path}/{ch.name}"
+        if ch.keyword == "leaf":
+            if value is None and ch.mandatory:
+                yield sub, f"mandatory leaf '{ch.name}' is missing"
+            elif value is not None:
+                yield from _digits(ch, value, sub)
+        elif ch.keyword == "leaf-list" and isinstance(value, list):
+            seen = set()
+            for v in value:
+                if str(v) in seen:
+                    yield sub, f"value {_q(v)} is listed twice"
+                seen.add(str(v))
+                yield from _digits(ch, v, sub)
+        elif ch.keyword == "container":
+            if isinstance(value, Mapping):
+                yield from _walk(value, ch, sub)
+            elif value is None and not ch.presence:  # a mandatory leaf inside makes it required
+                yield from _walk({}, ch, sub)
+        elif ch.keyword == "list" and isinstance(value, list):
+            seen_keys: set[tuple[str, ...]] = set()
+            for entry in value:
+                if not isinstance(entry, Mapping):
+                    continue
+                keys = tuple(str(entry.get(k)) for k in ch.keys)
+                pred = "".join(f"[{k}={_q(v)}]" for k, v in zip(ch.keys, keys))
+                if keys in seen_keys:
+                    yield f"{sub}{pred}", f"{ch.name} {', '.join(_q(k) for k in keys)} is defined twice"
+                seen_keys.add(keys)
+                yield from _walk(entry, ch, f"{sub}{pred}")
+
+
+def _digits(leaf: yangschema.SchemaNode, value: Any, path: str) -> Found:
+    fd = leaf.type.fraction_digits if leaf.type is not None else None
+    if fd is None:
+        return
+    text = str(value)
+    if "." in text and len(text.split(".", 1)[1]) > fd:
+        yield path, f"{text} has more than {fd} fraction digits"
+
+
+def check_nodes(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """A lab runs one agent per node: it needs at least one; names are directory names,
+    so they must differ in more than case."""
+    if not ix.nodes:
+        yield f"{ROOT}/node", "a lab needs at least one node"
+    seen: dict[str, str] = {}
+    for name in ix.nodes:
+        if name.lower() in seen:
+            yield _at("node", name, "name"), f"differs from node {_q(seen[name.lower()])} only in case"
+        seen.setdefault(name.lower(), name)
+
+
+def check_references(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Every leafref-like name resolves: profiles, domains, switches, nodes, fibres."""
+    def ref(value: Any, table: dict[str, Any], what: str, path: str) -> Found:
+        if value is not None and str(value) not in table:
+            yield path, f"{what} {_q(value)} is not defined"
+
+    for node in ix.nodes.values():
+        yield from ref(node.get("domain"), ix.domains, "domain", _at("node", node["name"], "domain"))
+        for qi in _entries(node, "qkd-interface"):
+            ipath = _iface_at(node["name"], qi.get("id"))
+            yield from ref(qi.get("profile"), ix.profiles, "profile", f"{ipath}/profile")
+            att = _sub(qi, "attachment")
+            yield from ref(att.get("switch"), ix.switches, "switch", f"{ipath}/attachment/switch")
+    for sw in ix.switches.values():
+        yield from ref(sw.get("node"), ix.nodes, "node", _at("switch", sw["name"], "node"))
+    for fibre in ix.fibres.values():
+        yield from ref(fibre.get("domain"), ix.domains, "domain", _at("fibre", fibre["name"], "domain"))
+        for end in ("a-end", "b-end"):
+            e = _sub(fibre, end)
+            yield from ref(e.get("node"), ix.nodes, "node", _at("fibre", fibre["name"], end, "node"))
+            yield from ref(e.get("switch"), ix.switches, "switch", _at("fibre", fibre["name"], end, "switch"))
+    for link in ix.links.values():
+        yield from ref(link.get("domain"), ix.domains, "domain", _at("link", link["name"], "domain"))
+        for f in _seq(link, "path"):
+            yield from ref(f, ix.fibres, "fibre", _at("link", link["name"], "path"))
+
+
+def check_profiles(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Profiles become emulator physics (QkdProfile); what it refuses, the lab refuses."""
+    for name, entry in ix.profiles.items():
+        try:
+            QkdProfile.from_dict(entry)
+        except ValueError as exc:
+            yield _at("profile", name), str(exc).split(": ", 1)[-1]
+        except TypeError:  # a leaf present as null: from_dict does not count it as missing
+            yield _at("profile", name), "a mandatory leaf has no value"
+
+
+def check_endpoints(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Endpoints 'node:qkdi' name existing interfaces on two different nodes, and each
+    interface is in at most one fixed link (one module, one quantum channel); a module
+    patched into a switch gets its links from the controller, not from a fixed link."""
+    used: dict[tuple[str, int], str] = {}
+    for link in ix.links.values():
+        path = _at("link", link["name"], "endpoints")
+        ends = []
+        for ep in _seq(link, "endpoints"):
+            end = ix.endpoint(ep)
+            if end is None or end[0] not in ix.nodes:
+                yield path, f"endpoint {_q(ep)}: no node {_q(end[0] if end else ep)}"
+                continue
+            if end not in ix.ifaces:
+                yield path, f"endpoint {_q(ep)}: node {_q(end[0])} has no qkd-interface {end[1]}"
+                continue
+            ends.append(end)
+            if end in used:
+                yield path, f"endpoint {_q(ep)} is already in link {_q(used[end])}"
+            else:
+                used[end] = link["name"]
+            if _sub(ix.ifaces[end], "attachment").get("switch"):
+                yield path, (f"endpoint {_q(ep)} is patched into switch "
+                             f"{_q(ix.ifaces[end]['attachment']['switch'])}: switched links are made by the controller")
+        if len(ends) == 2 and ends[0][0] == ends[1][0]:
+            yield path, f"both endpoints are on node {_q(ends[0][0])}"
+
+
+def check_link_paths(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """A fixed link names the fibres it crosses, in order from the first endpoint to the second."""
+    for link in ix.links.values():
+        ends = [ix.endpoint(ep) for ep in _seq(link, "endpoints")]
+        if len(ends) != 2 or None in ends:
+            continue
+        path = [str(f) for f in _seq(link, "path")]
+        at = _at("link", link["name"], "path")
+        if not path:
+            yield at, "a fixed link needs the fibres it crosses (path)"
+            continue
+        if any(f not in ix.fibres for f in path):
+            continue
+        here, goal = ends[0][0], ends[1][0]  # type: ignore[index]
+        for name in path:
+            fibre = ix.fibres[name]
+            a, b = _sub(fibre, "a-end").get("node"), _sub(fibre, "b-end").get("node")
+            if here not in (a, b):
+                yield at, f"fibre {_q(name)} ({a}-{b}) does not leave {here}: the path must run from {ends[0][0]} to {goal}"  # type: ignore[index]
+                break
+            here = b if here == a else a
+        else:
+            if here != goal:
+                yield at, f"the path ends at {here}, not at the second endpoint's node {goal}"
+
+
+def check_switch_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Interfaces and fibre ends patched into a switch: at that switch's site, on a port the
+    switch has, one thing per port."""
+    users: dict[tuple[str, int], str] = {}
+
+    def port(switch: str, p: Any, node: Any, who: str, path: str) -> Found:
+        sw = ix.switches.get(switch)
+        if sw is None:
+            return
+        if node is not None and sw.get("node") not in (None, node):
+            yield path, f"switch {_q(switch)} is at {sw.get('node')}, not at {node}"
+        n, num = _int(sw.get("ports")), _int(p)
+        if num is None:
+            yield path, f"{who} is patched into switch {_q(switch)} without a port"
+            return
+        if n is not None and not 1 <= num <= n:
+            yield path, f"switch {_q(switch)} has no port {num} (ports 1..{n})"
+        elif (switch, num) in users:
+            yield path, f"switch {_q(switch)} port {num} is already used by {users[(switch, num)]}"
+        else:
+            users[(switch, num)] = who
+
+    for (node, qid), qi in ix.ifaces.items():
+        att = _sub(qi, "attachment")
+        if att.get("switch"):
+            yield from port(str(att["switch"]), att.get("port"), node, f"qkd-interface {node}:{qid}",
+                            _iface_at(node, qid, "attachment"))
+    for fibre in ix.fibres.values():
+        for end in ("a-end", "b-end"):
+            e = _sub(fibre, end)
+            if e.get("switch"):
+                yield from port(str(e["switch"]), e.get("port"), e.get("node"), f"fibre {_q(fibre['name'])} {end}",
+                                _at("fibre", fibre["name"], end))
+
+
+def check_roles(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """An interface's role is one its profile supports; a fixed link goes transmitter -> receiver
+    between modules of the same technology and band."""
+    for (node, qid), qi in ix.ifaces.items():
+        prof, role = ix.profile_of((node, qid)), qi.get("role")
+        if prof is not None and role and not prof.supports_role(str(role)):
+            yield _iface_at(node, qid, "role"), f"profile {_q(prof.name)} supports {prof.role_support}, not {identity_name(role)}"
+    for link in ix.links.values():
+        ends = [ix.endpoint(ep) for ep in _seq(link, "endpoints")]
+        if len(ends) != 2 or any(e not in ix.ifaces for e in ends):
+            continue
+        at = _at("link", link["name"], "endpoints")
+        for end, want in zip(ends, ("TRANSMITTER", "RECEIVER")):
+            role = identity_name(ix.ifaces[end].get("role") or "TRANSCEIVER")  # type: ignore[index]
+            if role not in (want, "TRANSCEIVER"):
+                yield at, f"'{end[0]}:{end[1]}' is the {'first' if want == 'TRANSMITTER' else 'second'} endpoint ({want.lower()}) but its role is {role}"  # type: ignore[index]
+        p1, p2 = ix.profile_of(ends[0]), ix.profile_of(ends[1])  # type: ignore[arg-type]
+        if p1 is not None and p2 is not None:
+            if p1.technology != p2.technology:
+                yield at, f"endpoints differ in technology: {identity_name(p1.technology)} vs {identity_name(p2.technology)}"
+            if p1.band != p2.band:
+                yield at, f"endpoints differ in band: {p1.band} vs {p2.band}"
+
+
+def check_loss(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Link loss and expected-skr sane: the loss fits every endpoint profile's max-absorption
+    (the receiver's budget; the emulator calibrates both ends at it), a stated loss is not
+    below its own fibres, and a measured rate comes with the loss it was measured at."""
+    for link in ix.links.values():
+        name = link["name"]
+        loss = ix.link_loss(link)
+        fibres = ix.computed_loss(link)
+        if link.get("loss") is not None and fibres is not None and loss is not None and loss + _EPS < fibres:
+            yield _at("link", name, "loss"), f"loss {loss:g} dB is less than its path's {fibres:g} dB"
+        if loss is not None:
+            for ep, role in zip(_seq(link, "endpoints"), ("transmitter", "receiver")):
+                end = ix.endpoint(ep)
+                prof = ix.profile_of(end) if end else None
+                if prof is not None and loss > prof.max_absorption + _EPS:
+                    yield (_at("link", name, "loss" if link.get("loss") is not None else "path"),
+                           f"loss {loss:g} dB is over the max-absorption {prof.max_absorption:g} dB of the "
+                           f"{role} {ep} (profile {_q(prof.name)})")
+        skr = link.get("expected-skr")
+        if skr is not None:
+            if (_num(skr) or 0.0) <= 0:
+                yield _at("link", name, "expected-skr"), "a measured key rate must be > 0 (leave it out when unknown)"
+            if link.get("loss") is None:
+                yield _at("link", name, "expected-skr"), "expected-skr needs the loss it was measured at (leaf 'loss')"
+
+
+def check_channels(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """DWDM channels where they belong: a C-band fixed link has one, within both modules'
+    wavelength-range and equal to any fixed module channel; O-band modules have none."""
+    for (node, qid), qi in ix.ifaces.items():
+        prof, ch = ix.profile_of((node, qid)), _int(qi.get("channel"))
+        if prof is None or ch is None:
+            continue
+        if prof.band != "C-band":
+            yield _iface_at(node, qid, "channel"), f"profile {_q(prof.name)} is {prof.band}: no DWDM channel"
+        elif not prof.supports_channel(ch):
+            yield _iface_at(node, qid, "channel"), f"channel {ch} is outside {_q(prof.name)}'s wavelength-range {prof.wavelength_range}"
+    for link in ix.links.values():
+        ends = [e for e in (ix.endpoint(ep) for ep in _seq(link, "endpoints")) if e in ix.ifaces]
+        profs = [p for p in (ix.profile_of(e) for e in ends) if p is not None]
+        if not profs or any(p.band != "C-band" for p in profs):
+            continue
+        at = _at("link", link["name"], "channel")
+        own = _int(link.get("channel"))
+        ch = ix.link_channel(link)
+        if ch is None:
+            yield at, "a C-band quantum channel needs its DWDM channel (leaf 'channel')"
+            continue
+        for end in ends:
+            fixed = _int(ix.ifaces[end].get("channel"))
+            if own is not None and fixed is not None and fixed != own:
+                yield at, f"channel {own} differs from the fixed channel {fixed} of {end[0]}:{end[1]}"
+        for prof in profs:
+            if not prof.supports_channel(ch):
+                yield at, f"channel {ch} is outside {_q(prof.name)}'s wavelength-range {prof.wavelength_range}"
+
+
+def check_coexistence(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """No C-band quantum channel on, or next to, a classical channel of a fibre it crosses,
+    nor on a channel the fibre's fixed muxes block, nor on a channel another fixed link
+    already uses there; fibres with muxes keep classical light off and beside the mux
+    channels, which carry the switched quantum signals. O-band quantum channels are safe."""
+    taken: dict[tuple[str, int], str] = {}
+    for link in ix.links.values():
+        ends = [e for e in (ix.endpoint(ep) for ep in _seq(link, "endpoints")) if e in ix.ifaces]
+        profs = [ix.profile_of(e) for e in ends]
+        ch = ix.link_channel(link)
+        if ch is None or not profs or any(p is None or p.band != "C-band" for p in profs):
+            continue
+        at = _at("link", link["name"])
+        for fname in _seq(link, "path"):
+            fibre = ix.fibres.get(str(fname))
+            if fibre is None:
+                continue
+            for cc in _entries(fibre, "classical-channel"):
+                cch = _int(cc.get("channel"))
+                if cc.get("band", "C-band") != "C-band" or cch is None:
+                    continue
+                if abs(cch - ch) <= 1:
+                    where = "on" if cch == ch else "next to"
+                    yield at, (f"quantum channel {ch} is {where} classical channel {_q(cc.get('name'))} "
+                               f"({cch}) of fibre {_q(fname)}")
+            mux = sorted({_int(m) for m in _seq(fibre, "mux-channel")} - {None})  # type: ignore[type-var]
+            if mux and ch not in mux:
+                yield at, f"quantum channel {ch} is blocked by the muxes of fibre {_q(fname)} (they pass {', '.join(map(str, mux))})"
+            if (str(fname), ch) in taken:
+                yield at, f"quantum channel {ch} on fibre {_q(fname)} is already used by link {_q(taken[(str(fname), ch)])}"
+            taken.setdefault((str(fname), ch), link["name"])
+    for fibre in ix.fibres.values():
+        mux = {_int(m) for m in _seq(fibre, "mux-channel")} - {None}
+        for cc in _entries(fibre, "classical-channel"):
+            cch = _int(cc.get("channel"))
+            if cc.get("band", "C-band") != "C-band" or cch is None:
+                continue
+            near = sorted(m for m in mux if abs(m - cch) <= 1)  # type: ignore[operator]
+            if near:
+                yield (_at("fibre", fibre["name"], f"classical-channel[name={_q(cc.get('name'))}]"),
+                       f"classical channel {cch} is on or next to mux channel {near[0]}, kept for quantum signals")
+
+
+def check_identities(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Who is who across the lab: an SAE belongs to one node (ETSI 014 routes by SAE ID) and
+    qkdn_ids differ (given, or derived from lab and node name as the lab plan does)."""
+    saes: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    lab_name = lab.get("name") or "lab"
+    for node in ix.nodes.values():
+        for sae in _entries(node, "sae"):
+            sid = str(sae.get("id"))
+            if sid in saes and saes[sid] != node["name"]:
+                yield _at("node", node["name"], f"sae[id={_q(sid)}]"), f"SAE {_q(sid)} is also attached to node {_q(saes[sid])}"
+            saes.setdefault(sid, node["name"])
+        qid = node_id(lab_name, node)
+        if qid in ids:
+            yield _at("node", node["name"], "qkdn-id"), f"qkdn-id {qid} is also node {_q(ids[qid])}'s"
+        ids.setdefault(qid, node["name"])
+
+
+def check_qrng(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """An emulated QRNG is modelled at a rate: it needs one."""
+    for node in ix.nodes.values():
+        qrng = node.get("qrng")
+        if isinstance(qrng, Mapping) and qrng.get("source", "emulated") == "emulated" and not (_int(qrng.get("rate")) or 0) > 0:
+            yield _at("node", node["name"], "qrng", "rate"), "an emulated QRNG needs its rate (bit/s)"
+
+
+def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """The lab's fixed port ranges (one NETCONF, KMS and relay port per node, one service
+    port per QKD interface from relay base + 100, the controller's gRPC port) fit and do
+    not overlap."""
+    d = _sub(lab, "defaults")
+    n, m = len(ix.nodes), len(ix.ifaces)
+    relay = _int(d.get("relay-port-base", 8500)) or 8500
+    ranges = {
+        "netconf-port-base": (_int(d.get("netconf-port-base", 8300)) or 8300, n),
+        "kms-port-base": (_int(d.get("kms-port-base", 8400)) or 8400, n),
+        "relay-port-base": (relay, n),
+        "service ports (relay-port-base + 100)": (relay + 100, m),
+        "controller-grpc-port": (_int(d.get("controller-grpc-port", 50051)) or 50051, 1),
+    }
+    items = [(k, lo, lo + cnt - 1) for k, (lo, cnt) in ranges.items() if cnt > 0]
+    for k, lo, hi in items:
+        if hi > 65535:
+            yield f"{ROOT}/defaults", f"{k}: ports {lo}..{hi} go past 65535"
+    for i, (k1, lo1, hi1) in enumerate(items):
+        for k2, lo2, hi2 in items[i + 1:]:
+            if lo1 <= hi2 and lo2 <= hi1:
+                yield f"{ROOT}/defaults", f"{k1} ({lo1}..{hi1}) overlaps {k2} ({lo2}..{hi2})"
+
+
+CHECKS: tuple[tuple[str, Callable[[Mapping[str, Any], _Index], Found]], ...] = (
+    ("yang-constraints", check_yang_constraints),
+    ("nodes", check_nodes),
+    ("references", check_references),
+    ("profiles", check_profiles),
+    ("endpoints", check_endpoints),
+    ("link-paths", check_link_paths),
+    ("switch-ports", check_switch_ports),
+    ("roles", check_roles),
+    ("loss", check_loss),
+    ("channels", check_channels),
+    ("coexistence", check_coexistence),
+    ("identities", check_identities),
+    ("qrng", check_qrng),
+    ("ports", check_ports),
+)
+
+
+def check(data: Mapping[str, Any]) -> list[Problem]:
+    """Every semantic problem of a decoded topology ({'sdqkd-lab:lab': {...}} or the lab
+    object), in check order; empty when the lab can be brought up."""
+    lab = _lab(data)
+    ix = _Index(lab)
+    return [Problem(path, msg, name) for name, fn in CHECKS for path, msg in fn(lab, ix)]
+
+
+def summary(data: Mapping[str, Any]) -> str:
+    """'9 nodes, 8 links, 15 fibres, 7 switches, 26 qkd-interfaces, 2 domains' for `lab check`."""
+    lab = _lab(data)
+    ix = _Index(lab)
+    parts = [(len(ix.nodes), "node", "nodes"), (len(ix.links), "link", "links"),
+             (len(ix.fibres), "fibre", "fibres"), (len(ix.switches), "switch", "switches"),
+             (len(ix.ifaces), "qkd-interface", "qkd-interfaces"), (len(ix.domains), "domain", "domains")]
+    return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in parts)
