@@ -18,21 +18,27 @@ from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.service import KmsError, Qos
 
-A, B, C = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in "abc")
+A, B, C, D = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in "abcd")
 L1, L2, V = "10000000-0000-4000-8000-000000000001", "10000000-0000-4000-8000-000000000002", "20000000-0000-4000-8000-00000000000c"
-SAES = {"sa": A, "sb": B, "sc": C, "sa2": A}
+L3, L4, W = "10000000-0000-4000-8000-000000000003", "10000000-0000-4000-8000-000000000004", "20000000-0000-4000-8000-00000000000d"
+SAES = {"sa": A, "sb": B, "sc": C, "sa2": A, "sa3": A, "sc3": C}
 APP_AB, APP_AC = "30000000-0000-4000-8000-0000000000ab", "30000000-0000-4000-8000-0000000000ac"
+APP_MULTI = "30000000-0000-4000-8000-0000000000aa"
 
 
 def tables() -> dict[str, RouteTable]:
     phys = lambda lid, remote: LinkRoute(lid, "PHYS", True, remote)  # noqa: E731
+    multi = AppRoute(APP_MULTI, frozenset({"sa3", "sc3"}), (V, W))  # two disjoint paths: A-B-C and A-D-C
     return {
-        A: RouteTable(A, {L1: phys(L1, B), V: LinkRoute(V, "VIRT", True, C, None, (B,))},
-                      (AppRoute(APP_AB, frozenset({"sa", "sb"}), (L1,)), AppRoute(APP_AC, frozenset({"sa", "sc"}), (V,)))),
+        A: RouteTable(A, {L1: phys(L1, B), L3: phys(L3, D), V: LinkRoute(V, "VIRT", True, C, None, (B,)),
+                          W: LinkRoute(W, "VIRT", True, C, None, (D,))},
+                      (AppRoute(APP_AB, frozenset({"sa", "sb"}), (L1,)), AppRoute(APP_AC, frozenset({"sa", "sc"}), (V,)), multi)),
         B: RouteTable(B, {L1: phys(L1, A), L2: phys(L2, C), V: LinkRoute(V, "VIRT", True, C, A, (C,))},
                       (AppRoute(APP_AB, frozenset({"sa", "sb"}), (L1,)),)),
-        C: RouteTable(C, {L2: phys(L2, B), V: LinkRoute(V, "VIRT", True, A, B, ())},
-                      (AppRoute(APP_AC, frozenset({"sa", "sc"}), (V,)),)),
+        C: RouteTable(C, {L2: phys(L2, B), L4: phys(L4, D), V: LinkRoute(V, "VIRT", True, A, B, ()),
+                          W: LinkRoute(W, "VIRT", True, A, D, ())},
+                      (AppRoute(APP_AC, frozenset({"sa", "sc"}), (V,)), multi)),
+        D: RouteTable(D, {L3: phys(L3, A), L4: phys(L4, C), W: LinkRoute(W, "VIRT", True, C, A, (C,))}, ()),
     }
 
 
@@ -40,19 +46,21 @@ def tables() -> dict[str, RouteTable]:
 def net(tmp_path: Path):
     ca = pki.make_ca(tmp_path / "ca", "test-ca")
     forwarders = {}
-    for kme in (A, B, C):
+    for kme in (A, B, C, D):
         cert = pki.issue(ca, kme, tmp_path / kme, server_names=["127.0.0.1"], client=True)
         forwarders[kme] = fm.Forwarder(kme, ("127.0.0.1", 0), pki.server_ssl_context(*cert, ca[0]), pki.client_ssl_context(*cert, ca[0]), {})
     for f in forwarders.values():
         f.peers = {k: g.address for k, g in forwarders.items() if g is not f}
     asked: list[tuple[str, str]] = []
     nodes = {}
-    for kme, name in ((A, "a"), (B, "b"), (C, "c")):
+    for kme, name in ((A, "a"), (B, "b"), (C, "c"), (D, "d")):
         store = KeyStore(tmp_path / f"{name}.sqlite")
         nodes[kme] = Lkms(LkmsConfig(kme, name, SAES), store, os.urandom, forwarders[kme], on_missing_path=lambda a, b: asked.append((a, b)))
         nodes[kme].update_routes(tables()[kme])
     feed(nodes, L1, (A, B), 64)
     feed(nodes, L2, (B, C), 64)
+    feed(nodes, L3, (A, D), 64)
+    feed(nodes, L4, (D, C), 64)
     yield nodes, asked
     for n in nodes.values():
         n.shutdown()
@@ -109,6 +117,16 @@ def test_two_hop_relay_gives_the_same_key_and_uses_link_key_exactly(net) -> None
     assert held(B, L2) == (mine - 6, theirs)
     mine, theirs = before[(C, L2)]
     assert held(C, L2) == (mine, theirs - 6)
+
+
+def test_multipath_application_spreads_keys_over_disjoint_paths(net) -> None:
+    nodes, _ = net
+    via_b, via_d = nodes[A].store.count(L1), nodes[A].store.count(L3)
+    keys = nodes[A].enc_keys("sa3", "sc3", 8, 256, [])
+    got = nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])
+    assert [k.key for k in got] == [k.key for k in keys]
+    used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
+    assert used_b > 0 and used_d > 0 and used_b + used_d == 8 * 2  # each key: 1 pad + 1 MAC on its first hop
 
 
 def test_no_path_asks_the_controller(net) -> None:
