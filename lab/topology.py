@@ -23,6 +23,7 @@ from lxml import etree
 
 from sdqkd import yangcodec, yangschema
 from sdqkd.agents.drivers.profile import QkdProfile, identity_name
+from sdqkd.bindings.sdqkd_lab import sdqkd_lab
 from sdqkd.lab.plan import node_id
 
 MODULE = "sdqkd-lab"
@@ -75,10 +76,16 @@ def _xml_elements(text: bytes) -> list[etree._Element]:
     return [el for el in root if isinstance(el.tag, str)]  # wrapped in <data> or <config>
 
 
-def decode(data: Mapping[str, Any] | list[etree._Element]) -> dict[str, Any]:
-    """Decode RFC 7951 JSON (a dict) or XML elements through the bindings; RFC 7951 back."""
-    from sdqkd.bindings.sdqkd_lab import sdqkd_lab
+def _json_path(path: str) -> str:
+    """The codec's prefixed error-path as an RFC 7951 instance identifier, like check()'s."""
+    bare = (path or "/lab").replace(f"{MODULE}:", "")
+    return ROOT + bare[len("/lab"):] if bare.startswith("/lab") else bare
 
+
+def decode(data: Mapping[str, Any] | list[etree._Element]) -> dict[str, Any]:
+    """Decode RFC 7951 JSON (a dict) or XML elements through the bindings; RFC 7951 back.
+
+    The codec stops at the first YANG error, so this reports one problem at a time."""
     schema = _schema()
     try:
         if isinstance(data, Mapping):
@@ -86,7 +93,7 @@ def decode(data: Mapping[str, Any] | list[etree._Element]) -> dict[str, Any]:
         else:
             root = yangcodec.decode_xml(data, sdqkd_lab(), schema)
     except yangcodec.CodecError as exc:
-        raise TopologyError([Problem(exc.path or ROOT, exc.message, "yang")]) from None
+        raise TopologyError([Problem(_json_path(exc.path), exc.message, "yang")]) from None
     return yangcodec.encode_json(root, schema)
 
 
@@ -239,8 +246,8 @@ def _switches_of(fibre: Mapping[str, Any]) -> set[str]:
 
 
 def _at(kind: str, name: Any, *rest: str) -> str:
-    key = "id" if kind == "qkd-interface" else "name"
-    return "/".join([f"{ROOT}/{kind}[{key}={_q(name)}]", *rest])
+    """Instance identifier of a top-level list entry (and below): /sdqkd-lab:lab/link[name='x']/path."""
+    return "/".join([f"{ROOT}/{kind}[name={_q(name)}]", *rest])
 
 
 def _iface_at(node: str, qid: Any, *rest: str) -> str:
@@ -403,8 +410,8 @@ def check_link_paths(lab: Mapping[str, Any], ix: _Index) -> Found:
     """A fixed link names the fibres it crosses, in order from the first endpoint to the second."""
     for link in ix.links.values():
         ends = [ix.endpoint(ep) for ep in _seq(link, "endpoints")]
-        if len(ends) != 2 or None in ends:
-            continue
+        if len(ends) != 2 or any(e not in ix.ifaces for e in ends):
+            continue  # reported by endpoints
         path = [str(f) for f in _seq(link, "path")]
         at = _at("link", link["name"], "path")
         if not path:
@@ -412,12 +419,14 @@ def check_link_paths(lab: Mapping[str, Any], ix: _Index) -> Found:
             continue
         if any(f not in ix.fibres for f in path):
             continue
-        here, goal = ends[0][0], ends[1][0]  # type: ignore[index]
+        start, goal = ends[0][0], ends[1][0]  # type: ignore[index]
+        here = start
         for name in path:
             fibre = ix.fibres[name]
             a, b = _sub(fibre, "a-end").get("node"), _sub(fibre, "b-end").get("node")
             if here not in (a, b):
-                yield at, f"fibre {_q(name)} ({a}-{b}) does not leave {here}: the path must run from {ends[0][0]} to {goal}"  # type: ignore[index]
+                yield at, (f"fibre {_q(name)} ({a}-{b}) does not leave {here}: "
+                           f"the path must run from {start} to {goal}")
                 break
             here = b if here == a else a
         else:
@@ -466,20 +475,22 @@ def check_roles(lab: Mapping[str, Any], ix: _Index) -> Found:
     for (node, qid), qi in ix.ifaces.items():
         prof, role = ix.profile_of((node, qid)), qi.get("role")
         if prof is not None and role and not prof.supports_role(str(role)):
-            yield _iface_at(node, qid, "role"), f"profile {_q(prof.name)} supports {prof.role_support}, not {identity_name(role)}"
+            yield (_iface_at(node, qid, "role"),
+                   f"profile {_q(prof.name)} supports {prof.role_support}, not {identity_name(role)}")
     for link in ix.links.values():
         ends = [ix.endpoint(ep) for ep in _seq(link, "endpoints")]
         if len(ends) != 2 or any(e not in ix.ifaces for e in ends):
             continue
         at = _at("link", link["name"], "endpoints")
-        for end, want in zip(ends, ("TRANSMITTER", "RECEIVER")):
+        for ep, end, which, want in zip(_seq(link, "endpoints"), ends, ("first", "second"), ("TRANSMITTER", "RECEIVER")):
             role = identity_name(ix.ifaces[end].get("role") or "TRANSCEIVER")  # type: ignore[index]
             if role not in (want, "TRANSCEIVER"):
-                yield at, f"'{end[0]}:{end[1]}' is the {'first' if want == 'TRANSMITTER' else 'second'} endpoint ({want.lower()}) but its role is {role}"  # type: ignore[index]
+                yield at, f"{_q(ep)} is the {which} endpoint ({want.lower()}) but its role is {role}"
         p1, p2 = ix.profile_of(ends[0]), ix.profile_of(ends[1])  # type: ignore[arg-type]
         if p1 is not None and p2 is not None:
             if p1.technology != p2.technology:
-                yield at, f"endpoints differ in technology: {identity_name(p1.technology)} vs {identity_name(p2.technology)}"
+                t1, t2 = identity_name(p1.technology), identity_name(p2.technology)
+                yield at, f"endpoints differ in technology: {t1} vs {t2}"
             if p1.band != p2.band:
                 yield at, f"endpoints differ in band: {p1.band} vs {p2.band}"
 
@@ -520,7 +531,8 @@ def check_channels(lab: Mapping[str, Any], ix: _Index) -> Found:
         if prof.band != "C-band":
             yield _iface_at(node, qid, "channel"), f"profile {_q(prof.name)} is {prof.band}: no DWDM channel"
         elif not prof.supports_channel(ch):
-            yield _iface_at(node, qid, "channel"), f"channel {ch} is outside {_q(prof.name)}'s wavelength-range {prof.wavelength_range}"
+            yield (_iface_at(node, qid, "channel"),
+                   f"channel {ch} is outside {_q(prof.name)}'s wavelength-range {prof.wavelength_range}")
     for link in ix.links.values():
         ends = [e for e in (ix.endpoint(ep) for ep in _seq(link, "endpoints")) if e in ix.ifaces]
         profs = [p for p in (ix.profile_of(e) for e in ends) if p is not None]
@@ -568,9 +580,11 @@ def check_coexistence(lab: Mapping[str, Any], ix: _Index) -> Found:
                                f"({cch}) of fibre {_q(fname)}")
             mux = sorted({_int(m) for m in _seq(fibre, "mux-channel")} - {None})  # type: ignore[type-var]
             if mux and ch not in mux:
-                yield at, f"quantum channel {ch} is blocked by the muxes of fibre {_q(fname)} (they pass {', '.join(map(str, mux))})"
+                passed = ", ".join(map(str, mux))
+                yield at, f"quantum channel {ch} is blocked by the muxes of fibre {_q(fname)} (they pass {passed})"
             if (str(fname), ch) in taken:
-                yield at, f"quantum channel {ch} on fibre {_q(fname)} is already used by link {_q(taken[(str(fname), ch)])}"
+                other = taken[(str(fname), ch)]
+                yield at, f"quantum channel {ch} on fibre {_q(fname)} is already used by link {_q(other)}"
             taken.setdefault((str(fname), ch), link["name"])
     for fibre in ix.fibres.values():
         mux = {_int(m) for m in _seq(fibre, "mux-channel")} - {None}
@@ -594,7 +608,8 @@ def check_identities(lab: Mapping[str, Any], ix: _Index) -> Found:
         for sae in _entries(node, "sae"):
             sid = str(sae.get("id"))
             if sid in saes and saes[sid] != node["name"]:
-                yield _at("node", node["name"], f"sae[id={_q(sid)}]"), f"SAE {_q(sid)} is also attached to node {_q(saes[sid])}"
+                yield (_at("node", node["name"], f"sae[id={_q(sid)}]"),
+                       f"SAE {_q(sid)} is also attached to node {_q(saes[sid])}")
             saes.setdefault(sid, node["name"])
         qid = node_id(lab_name, node)
         if qid in ids:
@@ -606,7 +621,8 @@ def check_qrng(lab: Mapping[str, Any], ix: _Index) -> Found:
     """An emulated QRNG is modelled at a rate: it needs one."""
     for node in ix.nodes.values():
         qrng = node.get("qrng")
-        if isinstance(qrng, Mapping) and qrng.get("source", "emulated") == "emulated" and not (_int(qrng.get("rate")) or 0) > 0:
+        emulated = isinstance(qrng, Mapping) and qrng.get("source", "emulated") == "emulated"
+        if emulated and not (_int(qrng.get("rate")) or 0) > 0:  # type: ignore[union-attr]
             yield _at("node", node["name"], "qrng", "rate"), "an emulated QRNG needs its rate (bit/s)"
 
 

@@ -104,3 +104,21 @@ def lab() -> None:
 def lab_up(topology: str | None) -> None:
     """Bring up a lab from a topology file."""
     raise click.ClickException("`sdqkd lab up` is not yet implemented (issue: Lab)")
+
+
+@lab.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def lab_check(file: str) -> None:
+    """Validate a lab topology file (YANG types, then semantic checks); starts nothing."""
+    from sdqkd.lab import topology
+
+    try:
+        data = topology.load(file)
+        problems = topology.check(data)
+    except topology.TopologyError as exc:
+        problems = exc.problems
+    if problems:
+        for p in problems:
+            click.echo(f"{file}: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {topology.summary(data)}")

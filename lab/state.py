@@ -1,0 +1,86 @@
+"""lab.json: the one file through which tools, tests and benchmarks find a running lab
+(like containerlab's topology-data.json). Written last and atomically by `lab up`,
+removed by `lab down`."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sdqkd.agents import ssh
+from sdqkd.lab.plan import LabPlan
+
+ROOT = Path(".sdqkd") / "lab"
+
+
+def lab_dir(name: str, root: Path | None = None) -> Path:
+    return (root or ROOT) / name
+
+
+def state_path(name: str, root: Path | None = None) -> Path:
+    return lab_dir(name, root) / "lab.json"
+
+
+def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) -> dict[str, Any]:
+    nodes = []
+    for n in plan.nodes.values():
+        key_path = n.dir / "ssh_host_ed25519_key"
+        host_key = ssh.load_or_create_host_key(key_path) if key_path.exists() else None
+        nodes.append({
+            "name": n.name,
+            "qkdn_id": n.qkdn_id,
+            "domain": n.domain,
+            "pid": pids.get(n.name),
+            "netconf": {
+                "host": plan.address, "port": n.netconf_port, "username": "admin", "password": plan.password,
+                "host_key_fingerprint": ssh.fingerprint(host_key) if host_key else None,
+                "host_key": f"{host_key.get_name()} {host_key.get_base64()}" if host_key else None,
+            },
+            "kms": {"url": f"https://{plan.address}:{n.kms_port}", "etsi014": f"https://{plan.address}:{n.kms_port}/api/v1/keys",
+                    "etsi004": f"https://{plan.address}:{n.kms_port}/api", "relay_port": n.relay_port},
+            "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
+            "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1])} if n.kme_cert else None,
+            "log": str(n.dir / "agent.log"),
+        })
+    return {
+        "name": plan.name,
+        "dir": str(plan.dir),
+        "topology": str(plan.topology_path),
+        "ca": {"cert": str(plan.ca[0]), "key": str(plan.ca[1])},
+        "controller": {"grpc": f"{plan.address}:{plan.controller_port}", "pid": controller_pid,
+                       "log": str(plan.dir / "controller.log")},
+        "nodes": nodes,
+    }
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lab-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)  # it holds the lab's NETCONF password
+    os.replace(tmp, path)
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def find(name: str | None = None, root: Path | None = None) -> Path:
+    """The lab.json of `name`, or of the only running lab."""
+    base = root or ROOT
+    if name:
+        p = state_path(name, root)
+        if not p.exists():
+            raise FileNotFoundError(f"no running lab '{name}' ({p} does not exist)")
+        return p
+    found = sorted(base.glob("*/lab.json")) if base.exists() else []
+    if not found:
+        raise FileNotFoundError(f"no running lab under {base}")
+    if len(found) > 1:
+        raise FileNotFoundError("several labs are running: name one (" + ", ".join(p.parent.name for p in found) + ")")
+    return found[0]
