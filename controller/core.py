@@ -37,12 +37,14 @@ APP_NS = uuid.UUID("8d0c2b1e-5f4a-4e3b-9c2d-1a0b9e8f7c6d")
 
 
 class ControllerError(Exception):
-    """An orchestrator request refused. kind: invalid | not-found | no-path | conflict | failed."""
+    """An orchestrator request refused. kind: invalid | not-found | no-path | conflict | failed;
+    tag: the NETCONF error-tag when an agent refused (failed)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, tag: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.tag = tag
 
 
 @dataclass(frozen=True)
@@ -184,18 +186,23 @@ class Controller:
                 pass
 
     def events(self, stop: threading.Event) -> Iterator[Event]:
+        """Subscribed on return (not on first iteration), so no event is missed."""
         q: queue.Queue[Event] = queue.Queue(maxsize=1000)
         with self._sub_lock:
             self._subscribers.append(q)
-        try:
-            while not stop.is_set() and not self._stopped.is_set():
-                try:
-                    yield q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-        finally:
-            with self._sub_lock:
-                self._subscribers.remove(q)
+
+        def stream() -> Iterator[Event]:
+            try:
+                while not stop.is_set() and not self._stopped.is_set():
+                    try:
+                        yield q.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+            finally:
+                with self._sub_lock:
+                    self._subscribers.remove(q)
+
+        return stream()
 
     # --- key-relay applications ------------------------------------------------------------
 
@@ -295,7 +302,7 @@ class Controller:
         try:
             report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout)
         except txn.TxnError as exc:
-            raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})") from None
+            raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
         for n in report.nodes:
             self._work.put(("refresh", n))
         self._invalidate()

@@ -44,6 +44,24 @@ def yang_lint() -> None:
     sys.exit(proc.returncode)
 
 
+@main.command("proto")
+@click.option("--check", is_flag=True, help="Only report drift between the proto and the generated code.")
+def proto(check: bool) -> None:
+    """Regenerate the controller's gRPC code from controller/northbound/sdqkd.proto."""
+    from sdqkd.controller.northbound import codegen
+
+    if check:
+        problems = codegen.drift()
+        for p in problems:
+            click.echo(p, err=True)
+        if problems:
+            raise click.ClickException("generated gRPC code is stale: run `sdqkd proto`")
+        click.echo("generated gRPC code is up to date")
+        return
+    for name in codegen.generate():
+        click.echo(f"wrote {name}")
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Agent config (JSON).")
 def agent(config_path: str) -> None:

@@ -48,8 +48,13 @@ _ATTR_CACHE: dict[type, dict[str, str]] = {}
 
 
 def _attr_map(obj: Any) -> dict[str, str]:
-    """YANG name -> python attribute name for a pyangbind container class."""
+    """YANG name -> python attribute name for a pyangbind container class.
+
+    pyangbind wraps every object in a class of its own (YANGDynClass): caching by
+    that class would keep every object alive, so the generated class is the key."""
     cls = type(obj)
+    if cls.__name__ == "YANGBaseClass" and len(cls.__mro__) > 1:
+        cls = cls.__mro__[1]
     amap = _ATTR_CACHE.get(cls)
     if amap is None:
         amap = {}

@@ -356,7 +356,7 @@ def test_yangcli_reads_and_edits(agent, tmp_path) -> None:
     script = tmp_path / "edit.yc"
     script.write_text("merge /qkd_node/qkdn_location_id value=FromYangcli\ncommit\nsget-config /qkd_node/qkdn_location_id source=running\n")
     out = subprocess.run(
-        [yangcli, f"--server=127.0.0.1", f"--ncport={agent.port}", "--user=admin", f"--password={PASSWORD}",
+        [yangcli, "--server=127.0.0.1", f"--ncport={agent.port}", "--user=admin", f"--password={PASSWORD}",
          "--batch-mode", f"--run-script={script}"],
         capture_output=True, text=True, timeout=90, cwd=tmp_path,
     )

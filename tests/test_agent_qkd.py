@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from lxml import etree

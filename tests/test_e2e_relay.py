@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import ssl
 import time
-import uuid
 
 import httpx
 import pytest

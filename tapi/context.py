@@ -1,0 +1,402 @@
+"""The controller's optical view as an ONF TAPI v2.1.3 context (RFC 7951 JSON).
+
+Orchestrators that speak TAPI (ONOS, TeraFlowSDN, transport SDN controllers) see the
+QKD network as photonic media: every QKD module is a service-interface-point, every
+SD-QKD node and every optical switch a topology node, every fibre a link, and every
+direct quantum channel a connectivity service realised by one connection whose route
+lists the switch ports it crosses. The objects are built with the generated bindings
+(sdqkd.bindings.tapi) and serialised by sdqkd.yangcodec, so the output is valid against
+our TAPI subset and therefore against the official modules (tests check both).
+
+Conventions:
+- DWDM channel numbers are on the ITU-T G.694.1 100 GHz grid, counted from 190.0 THz:
+  channel n is centred on 190.0 THz + n * 0.1 THz (n = 31 -> 193.1 THz). TAPI states
+  frequencies in MHz; a channel occupies its whole 100 GHz slot (centre +- 50 GHz).
+- Every QKD interface is a PHOTONIC_MEDIA SIP with qualifier OTSi (the quantum signal is
+  one optical tributary signal); only C-band interfaces with tunable channels carry an
+  otsi-capability (their supportable central-frequency bands, one per contiguous run).
+- An interface's node-edge-point is owned by its SD-QKD node; when it is patched into a
+  switch port, a patch-cord link joins the two. Switch ports are node-edge-points of the
+  switch node: the ports an interface or fibre is plugged into or a cross-connect uses (a
+  free port says nothing; the switch node's "port-count" name gives the size). A fibre end
+  not patched into a switch is a line node-edge-point of its SD-QKD node.
+- pyangbind makes every list entry slowly (~10-40 ms each: MadQCI with its eight direct
+  channels takes seconds), so results are cached by the content they depend on (SKR/QBER
+  updates, which TAPI does not show, do not invalidate them) and the cyclic garbage
+  collector is paused while one is built (_gc_paused).
+- Link cost is the loss in dB ("loss-db"; also "length-km"); latency is propagation at
+  4.9 us/km (group index ~1.47); each fibre is its own shared-risk group; the plant is
+  validated by inventory (the lab topology file), not by discovery.
+- UUIDs are uuid5 of stable names (qkdn_id, qkdi_id, switch/fibre names, chan_id) in
+  one namespace, so the same network always gives the same context.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from sdqkd import yangschema
+from sdqkd.bindings.tapi import tapi_common
+from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, QkdInterface, Topology
+from sdqkd.yangcodec import add_entry, child, encode_json, set_leaf
+
+log = logging.getLogger(__name__)
+
+TAPI_MODULES = ("tapi-common", "tapi-topology", "tapi-connectivity", "tapi-photonic-media")
+UUID_NS = uuid.UUID("5d0c7a52-8e3b-4f0e-9b7a-7a2f1c0e51a1")
+
+GRID_ORIGIN_MHZ = 190_000_000  # 190.0 THz
+GRID_SPACING_MHZ = 100_000  # 100 GHz
+US_PER_KM = 4.9
+
+PM = "PHOTONIC_MEDIA"
+_Q = "tapi-photonic-media:PHOTONIC_LAYER_QUALIFIER_"
+OTSI, OTSIMC, OTS = _Q + "OTSi", _Q + "OTSiMC", _Q + "OTS"
+
+
+class ChannelLike(Protocol):
+    """A direct quantum channel: services.Channel or pathcomp's OpticalPath (no chan_id)."""
+
+    tx: tuple[str, int]
+    rx: tuple[str, int]
+    channel: int | None
+    fibres: Sequence[str]
+    hops: Sequence[Sequence[Any]]  # (switch, port_in, port_out)
+
+
+def channel_mhz(channel: int) -> int:
+    """Central frequency of DWDM channel `channel`, in MHz (the module's grid convention)."""
+    return GRID_ORIGIN_MHZ + channel * GRID_SPACING_MHZ
+
+
+def _uuid(*parts: object) -> str:
+    return str(uuid.uuid5(UUID_NS, "/".join(str(p) for p in parts)))
+
+
+# --- small writers over pyangbind objects (YANG names) ---------------------------------
+
+
+def _set(obj: Any, leaves: dict[str, Any]) -> Any:
+    for name, value in leaves.items():
+        if value is not None:
+            set_leaf(obj, name, value)
+    return obj
+
+
+def _at(obj: Any, path: str) -> Any:
+    for name in path.split("/"):
+        obj = child(obj, name)
+    return obj
+
+
+def _entry(parent: Any, lst: str, keys: dict[str, Any], leaves: dict[str, Any] | None = None) -> Any:
+    return _set(add_entry(child(parent, lst), keys), leaves or {})
+
+
+def _names(obj: Any, names: dict[str, Any]) -> None:
+    for key, value in names.items():
+        if value is not None:
+            _entry(obj, "name", {"value-name": key}, {"value": str(value)})
+
+
+def _state(obj: Any, up: bool, admin: bool = True) -> None:
+    _set(obj, {"administrative-state": "UNLOCKED" if admin else None,
+               "operational-state": "ENABLED" if up else "DISABLED", "lifecycle-state": "INSTALLED"})
+
+
+def _constraint(obj: Any) -> None:
+    _set(child(obj, "frequency-constraint"), {"adjustment-granularity": "G_100GHZ", "grid-type": "DWDM"})
+
+
+def _runs(channels: Iterable[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of channel numbers, as (first, last)."""
+    out: list[tuple[int, int]] = []
+    for c in sorted(set(channels)):
+        if out and c == out[-1][1] + 1:
+            out[-1] = (out[-1][0], c)
+        else:
+            out.append((c, c))
+    return out
+
+
+def _direction(iface: QkdInterface) -> str:
+    if iface.roles == {TRANSMITTER}:
+        return "OUTPUT"
+    if iface.roles == {RECEIVER}:
+        return "INPUT"
+    return "BIDIRECTIONAL"
+
+
+# --- the mapping ------------------------------------------------------------------------
+
+
+class _Builder:
+    """One context: remembers which NEPs exist so connections only reference real ones."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.root = tapi_common()
+        self.ctx = self.root.context
+        self.topo_uuid = _uuid("topology", "sdqkd")
+        self.neps: dict[tuple[str, ...], tuple[Any, str, str]] = {}  # key -> (nep obj, node uuid, nep uuid)
+
+    def build(self, channels: Iterable[ChannelLike]) -> dict[str, Any]:
+        _set(self.ctx, {"uuid": _uuid("context", "sdqkd")})
+        _names(self.ctx, {"context-name": "sdqkd"})
+        for key in sorted(self.topo.interfaces):
+            self._sip(self.topo.interfaces[key])
+        tc = child(self.ctx, "topology-context")
+        nts = _set(child(tc, "nw-topology-service"), {"uuid": _uuid("nw-topology-service", "sdqkd")})
+        _entry(nts, "topology", {"topology-uuid": self.topo_uuid})
+        _names(nts, {"nw-topology-service-name": "sdqkd"})
+        topo = _entry(tc, "topology", {"uuid": self.topo_uuid}, {"layer-protocol-name": [PM]})
+        _names(topo, {"topology-name": "sdqkd-optical"})
+        channels = list(channels)
+        self._nodes(topo, channels)
+        self._links(topo)
+        for ch in channels:
+            self._channel(ch)
+        return encode_json(self.root, yangschema.load(*TAPI_MODULES))
+
+    def _sip(self, iface: QkdInterface) -> None:
+        node = self.topo.nodes[iface.node]
+        sip = _entry(self.ctx, "service-interface-point", {"uuid": _uuid("sip", iface.node, iface.qkdi_id)}, {
+            "layer-protocol-name": PM, "supported-layer-protocol-qualifier": [OTSI], "direction": _direction(iface)})
+        _names(sip, {"sip-name": f"{node.name}:qkdi-{iface.qkdi_id}", "qkdn_id": iface.node,
+                     "qkdi_id": iface.qkdi_id, "technology": iface.technology, "band": iface.band})
+        _state(sip, node.up and iface.up)
+        channels = iface.channels or ({iface.fixed_channel} if iface.fixed_channel is not None else set())
+        if iface.band == "C-band" and channels:
+            cap = _at(sip, "otsi-service-interface-point-spec/otsi-capability")
+            for lo, hi in _runs(channels):
+                band = _entry(cap, "supportable-central-frequency-spectrum-band",
+                              {"lower-central-frequency": channel_mhz(lo), "upper-central-frequency": channel_mhz(hi)})
+                _constraint(band)
+
+    def _node(self, topo: Any, key: str, names: dict[str, Any], up: bool, loss_db: float) -> Any:
+        node = _entry(topo, "node", {"uuid": _uuid("node", key)}, {"layer-protocol-name": [PM]})
+        _names(node, names)
+        _state(node, up)
+        _entry(node, "cost-characteristic", {"cost-name": "insertion-loss-db"}, {"cost-value": f"{loss_db:g}"})
+        _entry(node, "latency-characteristic", {"traffic-property-name": "fixed"}, {"fixed-latency-characteristic": "0us"})
+        return node
+
+    def _nep(self, node: Any, key: tuple[str, ...], name: str, qualifier: str, direction: str, up: bool,
+             sip: str | None = None) -> None:
+        nep_uuid = _uuid("nep", *key)
+        nep = _entry(node, "owned-node-edge-point", {"uuid": nep_uuid}, {
+            "layer-protocol-name": PM, "supported-cep-layer-protocol-qualifier": [qualifier], "link-port-direction": direction})
+        _names(nep, {"nep-name": name})
+        _state(nep, up)
+        if sip is not None:
+            _entry(nep, "mapped-service-interface-point", {"service-interface-point-uuid": sip})
+        self.neps[key] = (nep, str(node.uuid), nep_uuid)
+
+    def _used_ports(self, channels: Sequence[ChannelLike]) -> dict[str, set[int]]:
+        """Switch ports something is plugged into (an interface, a fibre), cross-connected, or
+        crossed by a channel (the switch may not have reported its cross-connect yet)."""
+        t = self.topo
+        used: dict[str, set[int]] = {}
+        plugs = [(i.switch, i.port) for i in t.interfaces.values()]
+        plugs += [(e.switch, e.port) for f in t.fibres.values() for e in (f.a, f.b)]
+        plugs += [(s.name, p) for s in t.switches.values() for pair in s.cross_connects for p in pair]
+        plugs += [(str(h[0]), int(p)) for ch in channels for h in ch.hops for p in h[1:]]
+        for sw, port in plugs:
+            if sw in t.switches and port is not None and 1 <= port <= t.switches[sw].ports:
+                used.setdefault(sw, set()).add(port)
+        return used
+
+    def _nodes(self, topo: Any, channels: Sequence[ChannelLike]) -> None:
+        t = self.topo
+        used = self._used_ports(channels)
+        for qid in sorted(t.nodes):
+            n = t.nodes[qid]
+            node = self._node(topo, qid, {"node-name": n.name, "qkdn_id": qid, "domain": n.domain}, n.up, 0.0)
+            for iface in t.interfaces_of(qid):
+                self._nep(node, ("qkdi", qid, str(iface.qkdi_id)), f"{n.name}:qkdi-{iface.qkdi_id}", OTSI,
+                          _direction(iface), n.up and iface.up, _uuid("sip", qid, iface.qkdi_id))
+            for fname in sorted(t.fibres):
+                f = t.fibres[fname]
+                for side, end in (("a", f.a), ("b", f.b)):
+                    if end.node == qid and end.switch is None:
+                        self._nep(node, ("line", fname, side), f"{n.name}:{fname}", OTS, "BIDIRECTIONAL", n.up)
+        for sname in sorted(t.switches):
+            sw = t.switches[sname]
+            owner = t.nodes.get(sw.node)
+            up = owner.up if owner else False
+            node = self._node(topo, f"switch/{sname}", {"node-name": sname, "qkdn_id": sw.node, "port-count": sw.ports},
+                              up, sw.insertion_loss)
+            for port in sorted(used.get(sname, ())):
+                self._nep(node, ("port", sname, str(port)), f"{sname}:{port}", OTSIMC, "BIDIRECTIONAL", up)
+
+    def _link(self, topo: Any, key: str, name: str, ends: tuple[tuple[str, ...], tuple[str, ...]],
+              loss_db: float, length_km: float, risk: tuple[str, str], up: bool) -> None:
+        if any(end not in self.neps for end in ends):  # e.g. a fibre to a node without an agent
+            log.warning("link %s left out of the TAPI context: an end is not in the topology", name)
+            return
+        link = _entry(topo, "link", {"uuid": _uuid("link", key)}, {
+            "layer-protocol-name": [PM], "direction": "BIDIRECTIONAL",
+            "transitioned-layer-protocol-name": [PM, "PHOTONIC_MEDIA_OTS"], "loss-characteristic": f"{loss_db:g}dB"})
+        _names(link, {"link-name": name})
+        _state(link, up)
+        for end in ends:
+            _, node_uuid, nep_uuid = self.neps[end]
+            _entry(link, "node-edge-point", {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid,
+                                              "node-edge-point-uuid": nep_uuid})
+        _entry(link, "cost-characteristic", {"cost-name": "loss-db"}, {"cost-value": f"{loss_db:g}"})
+        _entry(link, "cost-characteristic", {"cost-name": "length-km"}, {"cost-value": f"{length_km:g}"})
+        _entry(link, "latency-characteristic", {"traffic-property-name": "propagation"},
+               {"fixed-latency-characteristic": f"{length_km * US_PER_KM:g}us"})
+        _entry(link, "risk-characteristic", {"risk-characteristic-name": risk[0]}, {"risk-identifier-list": [risk[1]]})
+        _entry(link, "validation-mechanism", {"validation-mechanism": "inventory"},
+               {"layer-protocol-adjacency-validated": "not validated: from the lab topology file"})
+
+    def _links(self, topo: Any) -> None:
+        t = self.topo
+        for fname in sorted(t.fibres):
+            f = t.fibres[fname]
+            ends = tuple(("port", e.switch, str(e.port)) if e.switch is not None else ("line", fname, side)
+                         for side, e in (("a", f.a), ("b", f.b)))
+            up = all(t.nodes[e.node].up for e in (f.a, f.b) if e.node in t.nodes)
+            self._link(topo, f"fibre/{fname}", fname, ends, f.loss_db, f.length_km, ("fibre-span", fname), up)  # type: ignore[arg-type]
+        for key in sorted(t.interfaces):
+            i = t.interfaces[key]
+            if i.switch is not None:
+                ends = (("qkdi", i.node, str(i.qkdi_id)), ("port", i.switch, str(i.port)))
+                self._link(topo, f"patch/{i.node}/{i.qkdi_id}", f"patch {t.nodes[i.node].name}:qkdi-{i.qkdi_id}",
+                           ends, 0.0, 0.0, ("patch-cord", f"{i.switch}:{i.port}"), i.up)
+
+    # --- direct quantum channels ----------------------------------------------------------
+
+    def _cep(self, nep_key: tuple[str, ...], chan: str, channel: int | None, termination: bool) -> dict[str, str]:
+        nep, node_uuid, nep_uuid = self.neps[nep_key]
+        cep_uuid = _uuid("cep", chan, *nep_key)
+        cep = _entry(_at(nep, "cep-list"), "connection-end-point", {"uuid": cep_uuid}, {
+            "layer-protocol-name": PM, "layer-protocol-qualifier": OTSI if termination else OTSIMC,
+            "operational-state": "ENABLED", "lifecycle-state": "INSTALLED"})
+        _set(child(cep, "parent-node-edge-point"), {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid,
+                                                    "node-edge-point-uuid": nep_uuid})
+        if channel is not None and termination:
+            sel = _at(cep, "otsi-connection-end-point-spec/otsi-termination/selected-central-frequency")
+            _set(sel, {"central-frequency": channel_mhz(channel)})
+            _constraint(sel)
+        elif channel is not None:
+            occ = _at(cep, "media-channel-connection-end-point-spec/media-channel/occupied-spectrum")
+            _set(occ, {"lower-frequency": channel_mhz(channel) - GRID_SPACING_MHZ // 2,
+                       "upper-frequency": channel_mhz(channel) + GRID_SPACING_MHZ // 2})
+            _constraint(occ)
+        return {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid, "node-edge-point-uuid": nep_uuid,
+                "connection-end-point-uuid": cep_uuid}
+
+    def _channel(self, ch: ChannelLike) -> None:
+        (txn, txi), (rxn, rxi) = ch.tx, ch.rx
+        nm = {q: n.name for q, n in self.topo.nodes.items()}
+        chan = getattr(ch, "chan_id", None) or f"{nm.get(txn, txn)}:qkdi-{txi}->{nm.get(rxn, rxn)}:qkdi-{rxi}"
+        tx_key, rx_key = ("qkdi", txn, str(txi)), ("qkdi", rxn, str(rxi))
+        hop_keys = [(("port", str(sw), str(pin)), ("port", str(sw), str(pout))) for sw, pin, pout in ch.hops]
+        missing = [k for k in (tx_key, rx_key, *(k for pair in hop_keys for k in pair)) if k not in self.neps]
+        if missing:
+            log.warning("channel %s left out of the TAPI context: %s not in the topology", chan, missing)
+            return
+        conn_uuid = _uuid("connection", chan)
+        up = all(self.topo.interfaces[(n, i)].up for n, i in (ch.tx, ch.rx))
+        route = [self._cep(tx_key, chan, ch.channel, True)]
+        for pin, pout in hop_keys:
+            route += [self._cep(pin, chan, ch.channel, False), self._cep(pout, chan, ch.channel, False)]
+        route.append(self._cep(rx_key, chan, ch.channel, True))
+
+        cc = child(self.ctx, "connectivity-context")
+        svc = _entry(cc, "connectivity-service", {"uuid": _uuid("connectivity-service", chan)}, {
+            "service-layer": PM, "service-type": "POINT_TO_POINT_CONNECTIVITY", "connectivity-direction": "UNIDIRECTIONAL"})
+        _names(svc, {"service-name": chan, "channel": ch.channel, "loss-db": f"{getattr(ch, 'loss_db', 0.0):g}"})
+        _state(svc, up)
+        for local_id, (node, qkdi), direction in (("tx", ch.tx, "OUTPUT"), ("rx", ch.rx, "INPUT")):
+            ep = _entry(svc, "end-point", {"local-id": local_id}, {
+                "layer-protocol-name": PM, "layer-protocol-qualifier": OTSI, "direction": direction, "role": "SYMMETRIC"})
+            _set(child(ep, "service-interface-point"), {"service-interface-point-uuid": _uuid("sip", node, qkdi)})
+            _state(ep, up)
+            if ch.channel is not None:
+                cfg = _at(ep, "otsi-connectivity-service-end-point-spec/otsi-config")
+                cf = _set(child(cfg, "central-frequency"), {"central-frequency": channel_mhz(ch.channel)})
+                _constraint(cf)
+                _set(child(cfg, "spectrum"), {"lower-frequency": channel_mhz(ch.channel) - GRID_SPACING_MHZ // 2,
+                                              "upper-frequency": channel_mhz(ch.channel) + GRID_SPACING_MHZ // 2})
+        _entry(svc, "connection", {"connection-uuid": conn_uuid})
+
+        conn = _entry(cc, "connection", {"uuid": conn_uuid}, {"layer-protocol-name": PM, "direction": "UNIDIRECTIONAL"})
+        _names(conn, {"connection-name": chan, "fibres": ",".join(ch.fibres)})
+        _state(conn, up, admin=False)
+        for ref in (route[0], route[-1]):
+            _entry(conn, "connection-end-point", ref)
+        r = _entry(conn, "route", {"local-id": "main"})
+        for ref in route:
+            _entry(r, "connection-end-point", ref)
+
+
+_GC_LOCK = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while pyangbind builds a context.
+
+    pyangbind makes a class per leaf instance, so a build allocates a great many cyclic
+    objects and the collector keeps rescanning a growing heap: MadQCI took 3x as long
+    with it on. Reference counting still frees the rest; the collector resumes (and
+    catches up) when the last concurrent build ends, if it was on before."""
+    global _gc_pausers, _gc_was_enabled
+    with _GC_LOCK:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+_CACHE: OrderedDict[str, str] = OrderedDict()
+_CACHE_SIZE = 8
+_CACHE_LOCK = threading.Lock()
+
+
+def _fingerprint(topo: Topology, channels: Sequence[ChannelLike]) -> str:
+    """Everything the context is built from (links with their SKR/QBER are not)."""
+    chans = [(getattr(c, "chan_id", None), tuple(c.tx), tuple(c.rx), c.channel, tuple(c.fibres),
+              tuple(tuple(h) for h in c.hops), getattr(c, "loss_db", None)) for c in channels]
+    parts = [sorted(topo.nodes.items()), sorted(topo.interfaces.items()), sorted(topo.fibres.items()),
+             sorted(topo.switches.items()), chans]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def to_tapi(topo: Topology, channels: Iterable[ChannelLike] = ()) -> dict[str, Any]:
+    """`topo` (and the direct quantum channels set up over it) as a TAPI context, RFC 7951 JSON.
+
+    A channel whose interfaces or switch ports are not in `topo` (say, its node's agent is
+    unreachable) is left out, with a warning: TAPI references must resolve."""
+    chans = list(channels)
+    key = _fingerprint(topo, chans)
+    with _CACHE_LOCK:
+        text = _CACHE.get(key)
+    if text is None:
+        with _gc_paused():
+            text = json.dumps(_Builder(topo).build(chans))
+        with _CACHE_LOCK:
+            _CACHE[key] = text
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    return json.loads(text)
