@@ -75,7 +75,8 @@ class AgentConnection:
                 m.close_session()
             except Exception:  # noqa: BLE001
                 pass
-        self._thread.join(5)
+        if self._thread.ident is not None:
+            self._thread.join(5)
 
     # --- session life ---------------------------------------------------------------------
 

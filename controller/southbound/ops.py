@@ -143,6 +143,10 @@ class AppEdit(Edit):
         els = _without_node_id(yangcodec.encode_xml(root, _etsi(), config_only=True))
         if self.delete:
             _mark_delete(els[0], f"{{{yangcodec_ns()}}}qkd_app")
+        else:
+            # The entry is stated whole: a reroute must replace backing_qkdl_id, not add to it.
+            for el in els[0].iter(f"{{{yangcodec_ns()}}}qkd_app"):
+                el.set(f"{{{NC_NS}}}operation", "replace")
         return els
 
     def describe(self) -> str:

@@ -1,0 +1,135 @@
+"""Four agents on a ring A-B-C-D-A and a real controller: it discovers them, sets up
+the QKD links as direct quantum channels, provisions a key-relay application A->C,
+serves keys over ETSI 014, reroutes when a fibre of the path is cut, and keeps its
+services across a restart."""
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+
+import httpx
+import pytest
+
+from agentproc import AgentProc
+from sdqkd.agents.drivers.plant import Plant
+from sdqkd.controller import config as controller_config
+from sdqkd.controller.core import Controller, ControllerError
+from sdqkd.controller.pathcomp.optical import OpticalRequest
+from sdqkd.lab import plan as lab_plan
+
+PROFILE = {"name": "dv", "technology": "etsi-qkd-node-types:DV-QKD", "band": "O-band", "max-absorption": "20.0",
+           "reference-skr": "300.0", "reference-loss": "4.0", "qber": "2.5"}
+RING = ["A", "B", "C", "D"]
+TOPOLOGY = {"sdqkd-lab:lab": {
+    "name": "ring",
+    "profile": [PROFILE],
+    "node": [{"name": n, "qkd-interface": [{"id": 1, "profile": "dv"}, {"id": 2, "profile": "dv"}], "sae": [{"id": f"sae-{n.lower()}"}]}
+             for n in RING],
+    "fibre": [{"name": f"{a}{b}", "a-end": {"node": a}, "b-end": {"node": b}, "length": "10.0", "loss": "4.0"}
+              for a, b in zip(RING, RING[1:] + RING[:1])],
+    "link": [{"name": f"l-{a}{b}", "endpoints": [f"{a}:1", f"{b}:2"], "path": [f"{a}{b}"]}
+             for a, b in zip(RING, RING[1:] + RING[:1])],
+}}
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ring")
+    plan = lab_plan.make(TOPOLOGY, tmp, free_ports=True)
+    procs = {n: AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start() for n, np in plan.nodes.items()}
+    cfg_path = lab_plan.write_controller_config(plan)
+    yield plan, procs, cfg_path
+    for p in procs.values():
+        p.stop()
+
+
+def sae_client(plan, sae: str) -> httpx.Client:
+    node = next(n for n in plan.nodes.values() if sae in n.saes)
+    ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
+    ctx.load_cert_chain(*(str(p) for p in node.sae_certs[sae]))
+    return httpx.Client(verify=ctx, timeout=20, base_url=f"https://127.0.0.1:{node.kms_port}/api/v1/keys")
+
+
+def wait(pred, timeout: float = 25.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.25)
+    raise AssertionError(f"{what} not reached in {timeout} s")
+
+
+def fetch_pair(plan, master: str, slave: str) -> None:
+    with sae_client(plan, master) as m, sae_client(plan, slave) as s:
+        r = wait(lambda: (lambda r: r if r.status_code == 200 else None)(m.post(f"/{slave}/enc_keys", json={"number": 2})),
+                 what="keys from the master's KME")
+        keys = r.json()["keys"]
+        r = s.post(f"/{master}/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]})
+        assert r.status_code == 200, r.text
+        assert r.json()["keys"] == keys
+
+
+def test_discover_provision_reroute_restart(ring) -> None:
+    plan, procs, cfg_path = ring
+    ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
+    cfg = controller_config.load(cfg_path)
+    ctl = Controller(cfg)
+    ctl.start()
+    try:
+        assert ctl.wait_discovered(20)
+        topo = ctl.topology()
+        assert set(topo.nodes) == set(ids.values()) and len(topo.interfaces) == 8
+        # the lab's links, as direct quantum channels over their fibres
+        for a, b in zip(RING, RING[1:] + RING[:1]):
+            ch = ctl.create_channel(OpticalRequest(tx=(ids[a], 1), rx=(ids[b], 2)))
+            assert ch.fibres == [f"{a}{b}"] and ch.hops == []
+        with pytest.raises(ControllerError):  # interfaces already in use
+            ctl.create_channel(OpticalRequest(tx=(ids["A"], 1), rx=(ids["B"], 2)))
+
+        def all_up():
+            for c in ctl.conns.values():
+                c.refresh()
+            ctl._invalidate()
+            links = ctl.topology().links
+            return len(links) == 4 and all(lk.status == "ACTIVE" and lk.skr > 0 for lk in links.values())
+
+        wait(all_up, what="four ACTIVE links")
+        plan_ac = ctl.compute_relay(ids["A"], ids["C"])
+        assert len(plan_ac.paths[0].nodes) == 3 and plan_ac.maxflow_bps >= plan_ac.total_bps > 0
+
+        app = ctl.create_application("sae-a", "sae-c")
+        used = app.paths[0]["links"]
+        assert app.paths[0]["nodes"][0] == ids["A"] and app.paths[0]["nodes"][-1] == ids["C"]
+        fetch_pair(plan, "sae-a", "sae-c")
+
+        # cut a fibre of the path: the link goes down, the controller reroutes over the other side
+        fibre = next(ch.fibres[0] for ch in ctl.store.channels() if ch.chan_id in used)
+        cut_link = next(ch.chan_id for ch in ctl.store.channels() if fibre in ch.fibres)
+        stop = threading.Event()
+        events = ctl.events(stop)
+        Plant(TOPOLOGY, plan.dir / "plant.sqlite").cut_fibre(fibre)
+        deadline = time.monotonic() + 30
+        seen = []
+        for ev in events:
+            seen.append(ev.kind)
+            if ev.kind == "application-rerouted" or time.monotonic() > deadline:
+                break
+        stop.set()
+        assert "application-rerouted" in seen, seen
+        moved = ctl.store.app(app.app_id)
+        assert moved is not None and cut_link not in moved.paths[0]["links"]
+        assert moved.paths[0]["nodes"][0] == ids["A"] and moved.paths[0]["nodes"][-1] == ids["C"]
+        fetch_pair(plan, "sae-a", "sae-c")
+    finally:
+        ctl.stop()
+    # a restarted controller knows its services
+    again = Controller(cfg)
+    try:
+        assert [a.app_id for a in again.store.apps()] == [app.app_id]
+        assert len(again.store.channels()) == 4
+    finally:
+        again.stop()
+    json.dumps(moved.paths)
