@@ -34,9 +34,13 @@ lint-yang: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Bring up the MadQCI lab and fetch a relayed key.
+# Bring up the MadQCI lab, fetch a key relayed across both domains, show the network.
+# The lab stays up for you to explore: `.venv/bin/sdqkd lab down` stops it.
 demo: venv
+	-@$(SDQKD) lab down madqci 2>/dev/null
 	$(SDQKD) lab up lab/topologies/madqci.json
+	$(SDQKD) key get --from Quintin --to Distrito
+	$(SDQKD) lab status madqci
 
 clean:
 	rm -rf $(VENV) .pytest_cache .sdqkd

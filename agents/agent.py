@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class Agent:
         self.cfg = cfg
         self.models = agent_models()
         self.hub = NotificationHub()
+        self._asked: dict[tuple[str, str], float] = {}
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.qrng = wiring.build_qrng(cfg)
         entropy = self.qrng.read if self.qrng is not None else os.urandom
@@ -93,7 +95,12 @@ class Agent:
         self.kms.lkms.update_routes(kms_routes.from_running(roots["etsi-qkd-sdn-node"], self.cfg.node.qkdn_id))
 
     def _ask_for_path(self, master: str, slave: str) -> None:
-        """No application covers this SAE pair: tell the controller (ETSI 015 sdqkdn_application_new)."""
+        """No application covers this SAE pair: tell the controller (ETSI 015
+        sdqkdn_application_new), once per pair every few seconds however often SAEs retry."""
+        now = time.monotonic()
+        if now - self._asked.get((master, slave), -1e9) < 5.0:
+            return
+        self._asked[(master, slave)] = now
         self.hub.publish(events.application_new(master, slave, self.cfg.node.qkdn_id))
 
     def _on_event(self, event: Event) -> None:

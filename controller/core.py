@@ -71,17 +71,26 @@ class Controller:
         self._work: queue.Queue[Any] = queue.Queue()
         self._worker = threading.Thread(target=self._work_loop, name="controller-work", daemon=True)
         self._stopped = threading.Event()
+        # Agents whose view is stale (perf updates, status events): re-read in the
+        # background at most once a second each, so bursts of notifications never
+        # queue up in front of provisioning work.
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="controller-refresh", daemon=True)
 
     # --- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._worker.start()
+        self._refresher.start()
         for c in self.conns.values():
             c.start()
 
     def stop(self) -> None:
         self._stopped.set()
         self._work.put(None)
+        if self._refresher.ident is not None:
+            self._refresher.join(5)
         for c in self.conns.values():
             c.stop()
         self.store.close()
@@ -132,14 +141,14 @@ class Controller:
         if link is not None:
             status = ident(link.findtext(f"{{{ETSI_NS}}}qkdl_status"))
             self._emit("link-status", {"node": conn.addr.name, "qkdl_id": link.findtext(f"{{{ETSI_NS}}}qkdl_id"), "status": status})
-            self._work.put(("refresh", conn.qkdn_id))
+            self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
-        self._work.put(("refresh", conn.qkdn_id))
+        self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:
         self._emit("interface-down", {"node": conn.addr.name, "qkdi_id": content.findtext(f".//{{{ETSI_NS}}}qkdi_id")})
-        self._work.put(("refresh", conn.qkdn_id))
+        self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_application_new(self, conn: AgentConnection, content: etree._Element) -> None:
         master = content.findtext(f".//{{{ETSI_NS}}}server_app_id")
@@ -148,23 +157,34 @@ class Controller:
         if self.cfg.auto_applications and master and slave:
             self._work.put(("auto-app", master, slave))
 
+    def _mark_dirty(self, qkdn_id: str) -> None:
+        with self._dirty_lock:
+            self._dirty.add(qkdn_id)
+
+    def _refresh_loop(self) -> None:
+        while not self._stopped.wait(1.0):
+            with self._dirty_lock:
+                dirty, self._dirty = self._dirty, set()
+            for qid in dirty:
+                try:
+                    self.conns[qid].refresh()
+                except Exception as exc:  # noqa: BLE001 - it reconnects and resyncs by itself
+                    log.debug("refresh of %s failed: %s", qid, exc)
+            if dirty:
+                self._invalidate()
+
     def _work_loop(self) -> None:
-        """Refreshes and reroutes run here, one at a time, off the session threads."""
-        last_refresh: dict[str, float] = {}
+        """Provisioning in reaction to events (reroutes, requested applications), one at a time."""
         while True:
             item = self._work.get()
             if item is None:
                 return
             try:
                 kind = item[0]
-                if kind in ("refresh", "refresh-and-reroute"):
-                    if kind == "refresh" and time.monotonic() - last_refresh.get(item[1], 0) < 0.5:
-                        continue  # perf updates come often; half a second of staleness is fine
-                    last_refresh[item[1]] = time.monotonic()
+                if kind == "refresh-and-reroute":
                     self.conns[item[1]].refresh()
                     self._invalidate()
-                    if kind == "refresh-and-reroute":
-                        self.reroute(item[2])
+                    self.reroute(item[2])
                 elif kind == "auto-app":
                     if not any({a.master_sae, a.slave_sae} == {item[1], item[2]} for a in self.store.apps()):
                         self.create_application(item[1], item[2])
@@ -231,6 +251,8 @@ class Controller:
         plan = self._app_plan(app, plan_result)
         self._apply(plan)
         self.store.put_app(app)
+        log.info("application %s (%s -> %s) over %s", app_id, master_sae, slave_sae,
+                 " + ".join("-".join(self.conns[n].addr.name if n in self.conns else n for n in p["nodes"]) for p in app.paths))
         self._emit("application-created", {"app_id": app_id, "paths": app.paths})
         return app
 
@@ -295,6 +317,7 @@ class Controller:
             app.state = "ACTIVE"
             self.store.put_app(app)
             moved.append(app.app_id)
+            log.info("application %s rerouted around link %s", app.app_id, down_link)
             self._emit("application-rerouted", {"app_id": app.app_id, "paths": app.paths, "avoided": down_link})
         return moved
 
@@ -304,7 +327,7 @@ class Controller:
         except txn.TxnError as exc:
             raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
         for n in report.nodes:
-            self._work.put(("refresh", n))
+            self._mark_dirty(n)
         self._invalidate()
         return report
 
@@ -325,6 +348,7 @@ class Controller:
         self._apply(self._channel_plan(ch))
         self.store.put_channel(ch)
         self._invalidate()
+        log.info("direct channel %s %s:%s -> %s:%s, %.2f dB", chan_id, *path.tx, *path.rx, path.loss_db)
         self._emit("channel-created", {"chan_id": chan_id, "tx": list(path.tx), "rx": list(path.rx), "channel": path.channel, "loss_db": path.loss_db})
         return ch
 

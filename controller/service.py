@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 def serve(cfg: ControllerConfig, stop: threading.Event) -> None:
     from sdqkd.controller.northbound import server as northbound
 
+    logging.getLogger("ncclient").setLevel(logging.WARNING)  # one line per RPC otherwise
     ctl = Controller(cfg)
     ctl.start()
     grpc_server = northbound.start(ctl, cfg.grpc.address, cfg.grpc.port)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -118,6 +119,83 @@ def lab() -> None:
 
 
 @lab.command("up")
+@click.argument("topology", type=click.Path(exists=True, dir_okay=False))
+@click.option("--free-ports", is_flag=True, help="Pick free loopback ports instead of the topology's port bases.")
+def lab_up(topology: str, free_ports: bool) -> None:
+    """Bring up a lab: one agent per node and the controller, on loopback."""
+    from rich.console import Console
+
+    from sdqkd.lab import launcher
+
+    console = Console(stderr=True)
+    try:
+        launcher.up(Path(topology), free_ports=free_ports, console=console)
+    except (launcher.LabError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    launcher.render(launcher.status(), Console())
+
+
+@lab.command("down")
+@click.argument("name", required=False)
+@click.option("--cleanup", is_flag=True, help="Also remove the lab directory (certificates, key stores, logs).")
+def lab_down(name: str | None, cleanup: bool) -> None:
+    """Stop every process of a lab and remove its lab.json."""
+    from sdqkd.lab import launcher
+
+    try:
+        click.echo(f"lab {launcher.down(name, cleanup=cleanup)} is down")
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@lab.command("status")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def lab_status(name: str | None, as_json: bool) -> None:
+    """Nodes, links and key rates of a running lab."""
+    from rich.console import Console
+
+    from sdqkd.lab import launcher
+
+    try:
+        st = launcher.status(name)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(launcher.as_json(st))
+    else:
+        launcher.render(st, Console())
+
+
+@main.group()
+def key() -> None:
+    """Keys from a running lab, as an application gets them (ETSI 014)."""
+
+
+@key.command("get")
+@click.option("--from", "src", required=True, help="Master: a node name (its first SAE) or an SAE ID.")
+@click.option("--to", "dst", required=True, help="Slave: a node name or an SAE ID.")
+@click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab).")
+@click.option("--size", default=256, show_default=True, help="Key size in bits.")
+@click.option("--show-key", is_flag=True, help="Print the key itself (base64), not only its fingerprint.")
+def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool) -> None:
+    """Get one key at SRC's KME for DST's SAE, and the same key at DST's KME by its ID."""
+    import base64
+
+    from sdqkd.lab import keys, state
+
+    try:
+        lab = state.read(state.find(lab_name))
+        res = keys.get(lab, src, dst, size=size)
+    except (FileNotFoundError, keys.KeyError_) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"key_ID      {res.key_id}")
+    click.echo(f"master SAE  {res.master_sae}  slave SAE {res.slave_sae}")
+    click.echo(f"sha256      {res.fingerprint}...  (identical at both ends)")
+    if show_key:
+        click.echo(f"key         {base64.b64encode(res.key).decode()}")
+    click.echo(f"took        {res.seconds:.2f} s, {res.attempts} request(s) at the master's KME")
+
 @click.argument("topology", required=False)
 def lab_up(topology: str | None) -> None:
     """Bring up a lab from a topology file."""

@@ -1,0 +1,353 @@
+"""Key-relay paths over trusted nodes.
+
+Weight: an edge costs 1/SKR (seconds of link key per relayed bit; parallel links merged,
+see Topology.relay_graph). A path's cost is dominated by its slowest hop and still grows
+with every extra hop, and each hop spends link key and exposes the key to one more trusted
+node. So it prefers few fast hops, and never takes a 1-hop path at 10 bit/s over a
+2-hop path at 1 kbit/s, as hop count would.
+
+Steps:
+1. One path: the lowest-cost path over only the edges with SKR >= min_bps (Dijkstra with
+   the slower edges hidden). This finds a single path meeting min_bps whenever one exists,
+   and is as cheap as a plain shortest path.
+2. Several paths, only when no single path is enough:
+   a. greedy: repeat step 1's search (without the rate filter), each time hiding the nodes
+      ("node") or hops ("link") already used, or what is left of each hop's rate ("none");
+   b. if a. falls short: a pool of a.'s paths, the k shortest simple paths (Yen, networkx),
+      a maximum set of disjoint paths (networkx max-flow), and a.'s greedy restarted from
+      each of those. Then choose the set of compatible paths from the pool, at most
+      max_paths, that meets min_bps with the fewest paths, or else gives the highest total
+      (branch and bound). Maximising the sum of bottlenecks over disjoint paths is NP-hard,
+      so 2b is a heuristic; the tests compare it with brute force on small graphs.
+3. maxflow_bps: networkx maximum flow with SKR capacities. No relay plan can do better.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import networkx as nx
+from networkx.algorithms.flow import build_residual_network, preflow_push
+
+from sdqkd.controller.pathcomp import NoPath
+from sdqkd.controller.topology.model import Topology
+
+DISJOINT = ("node", "link", "none")
+_SEARCH_BUDGET = 50_000  # subsets examined in step 2b before settling for the best so far
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    """Key relay between two KMS nodes (qkdn_ids). disjoint: how the paths of a multi-path
+    plan may overlap: "node" (no shared intermediate node or hop), "link" (no shared
+    hop) or "none" (shared hops split their rate)."""
+
+    src: str
+    dst: str
+    min_bps: float = 0.0
+    k: int = 8
+    max_paths: int = 4
+    disjoint: str = "node"
+    avoid_links: frozenset[str] = frozenset()
+    avoid_nodes: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "avoid_links", frozenset(self.avoid_links))
+        object.__setattr__(self, "avoid_nodes", frozenset(self.avoid_nodes))
+        if self.disjoint not in DISJOINT:
+            raise ValueError(f"disjoint must be one of {DISJOINT}, not {self.disjoint!r}")
+        if self.k < 1 or self.max_paths < 1 or self.min_bps < 0:
+            raise ValueError("k and max_paths must be >= 1 and min_bps >= 0")
+
+
+@dataclass(frozen=True)
+class RelayPath:
+    """nodes: src .. dst. links: the PHYS links the path uses, hop by hop (a hop with
+    parallel links lists all of them, by id). bps: the path's bottleneck SKR, or with
+    disjoint="none" the share of it left to this path."""
+
+    nodes: tuple[str, ...]
+    links: tuple[str, ...]
+    bps: float
+
+    @property
+    def hops(self) -> int:
+        return len(self.nodes) - 1
+
+
+@dataclass(frozen=True)
+class RelayPlan:
+    """Paths to carry the key (the first is the preferred one), their total rate, and the
+    max-flow bound between the two ends."""
+
+    paths: tuple[RelayPath, ...]
+    total_bps: float
+    maxflow_bps: float
+
+
+def relay_paths(topo: Topology, req: RelayRequest) -> RelayPlan:
+    """Relay plan from req.src to req.dst, or NoPath saying why not and what can be had."""
+    names = _check_ends(topo, req)
+    g = _graph(topo, req)
+    s, t = req.src, req.dst
+    try:
+        best = _path(g, s, t, _rate_filter(req.min_bps))
+    except nx.NetworkXNoPath:
+        best = None
+    if best is not None:
+        path = _relay_path(g, best)
+        return RelayPlan((path,), path.bps, max(path.bps, _maxflow(topo, g, req)))
+    try:
+        _path(g, s, t, "weight")
+    except nx.NetworkXNoPath:
+        avoiding = " avoiding the given links/nodes" if req.avoid_links or req.avoid_nodes else ""
+        raise NoPath(f"no path of ACTIVE QKD links from {names[0]} to {names[1]}{avoiding}") from None
+    chosen, total = _combine(g, req)
+    maxflow = max(total, _maxflow(topo, g, req))
+    if total + _EPS >= req.min_bps:
+        return RelayPlan(tuple(chosen), total, maxflow)
+    single = _bottleneck(g, _widest_path(g, s, t))
+    raise NoPath(
+        f"{req.min_bps:.0f} bit/s cannot be met from {names[0]} to {names[1]}: best single path "
+        f"{single:.0f} bit/s, best {len(chosen)} path(s) ({req.disjoint}-disjoint, at most "
+        f"{req.max_paths}) {total:.0f} bit/s, max-flow bound {maxflow:.0f} bit/s",
+        achievable_bps=total, maxflow_bps=maxflow)
+
+
+# --- request graph ------------------------------------------------------------------
+
+def _check_ends(topo: Topology, req: RelayRequest) -> tuple[str, str]:
+    names = []
+    for role, nid in (("source", req.src), ("destination", req.dst)):
+        node = topo.nodes.get(nid)
+        if node is None:
+            raise NoPath(f"unknown {role} node {nid!r}")
+        if not node.up:
+            raise NoPath(f"{role} node {node.name} is down")
+        if not node.kms:
+            raise NoPath(f"{role} node {node.name} is relay-only (no KMS): it cannot be a key end")
+        if nid in req.avoid_nodes:
+            raise NoPath(f"{role} node {node.name} is in avoid_nodes")
+        names.append(node.name)
+    if req.src == req.dst:
+        raise NoPath(f"source and destination are the same node ({names[0]})")
+    return names[0], names[1]
+
+
+def _graph(topo: Topology, req: RelayRequest) -> nx.Graph:
+    """The snapshot's cached graph, or a copy without what the request avoids."""
+    g = topo.relay_graph()
+    if not req.avoid_links and not req.avoid_nodes:
+        return g
+    h = g.copy()
+    h.remove_nodes_from([n for n in req.avoid_nodes if n in h])
+    for lid in sorted(req.avoid_links):
+        lk = topo.links.get(lid)
+        if lk is None or not h.has_edge(lk.a, lk.b) or lid not in h[lk.a][lk.b]["links"]:
+            continue
+        d = h[lk.a][lk.b]
+        rest = tuple(x for x in d["links"] if x != lid)
+        cap = sum(topo.links[x].skr for x in rest)
+        if not rest or cap <= 0:
+            h.remove_edge(lk.a, lk.b)
+        else:
+            d.update(capacity=cap, weight=1.0 / cap, links=rest)
+    return h
+
+
+# --- single paths -------------------------------------------------------------------
+
+Weight = str | Callable[[Any, Any, dict[str, Any]], float | None]
+
+
+def _rate_filter(min_bps: float) -> Weight:
+    if min_bps <= 0:
+        return "weight"
+    return lambda u, v, d: d["weight"] if d["capacity"] + _EPS >= min_bps else None
+
+
+def _path(g: nx.Graph, s: str, t: str, weight: Weight) -> list[str]:
+    return nx.bidirectional_dijkstra(g, s, t, weight=weight)[1]
+
+
+def _bottleneck(g: nx.Graph, nodes: Sequence[str]) -> float:
+    return min(g[u][v]["capacity"] for u, v in zip(nodes, nodes[1:]))
+
+
+def _relay_path(g: nx.Graph, nodes: Sequence[str], bps: float | None = None) -> RelayPath:
+    links = tuple(lid for u, v in zip(nodes, nodes[1:]) for lid in g[u][v]["links"])
+    return RelayPath(tuple(nodes), links, _bottleneck(g, nodes) if bps is None else bps)
+
+
+def _widest_path(g: nx.Graph, s: str, t: str) -> list[str]:
+    """The path with the highest bottleneck: the one through a maximum spanning tree."""
+    comp = nx.node_connected_component(g, s)
+    tree = nx.maximum_spanning_tree(g.subgraph(comp), weight="capacity")
+    return nx.shortest_path(tree, s, t)
+
+
+def _hops(nodes: Sequence[str]) -> frozenset[frozenset[str]]:
+    return frozenset(frozenset(e) for e in zip(nodes, nodes[1:]))
+
+
+# --- several paths ------------------------------------------------------------------
+
+def _combine(g: nx.Graph, req: RelayRequest) -> tuple[list[RelayPath], float]:
+    """Step 2: greedy first; the pool search only when greedy falls short."""
+    if req.max_paths == 1:  # step 1 already showed no single path is enough
+        nodes = _widest_path(g, req.src, req.dst)
+        return [_relay_path(g, nodes)], _bottleneck(g, nodes)
+    greedy = _greedy(g, req)
+    total = sum(p.bps for p in greedy)
+    if total + _EPS >= req.min_bps:
+        return _ordered(greedy), total
+    pool = _pool(g, req, [p.nodes for p in greedy])
+    for first in list(pool):  # greedy restarted from each candidate escapes its traps
+        pool += [p.nodes for p in _greedy(g, req, first)[1:]]
+        pool += [p.nodes for p in _greedy(g, req, first, wide=True)[1:]]
+    chosen, value = _select(g, list(dict.fromkeys(pool)), req)
+    if value > total + _EPS:
+        return _ordered(chosen), value
+    return _ordered(greedy), total
+
+
+def _greedy(g: nx.Graph, req: RelayRequest, first: Sequence[str] | None = None, wide: bool = False) -> list[RelayPath]:
+    """Cheapest path, hide what it used, repeat; `first` forces the first path."""
+    s, t = req.src, req.dst
+    used_nodes: set[str] = set()
+    used_hops: set[frozenset[str]] = set()
+    left: dict[frozenset[str], float] = {}
+    paths: list[RelayPath] = []
+    total = 0.0
+
+    def weight(u: str, v: str, d: dict[str, Any]) -> float | None:
+        hop = frozenset((u, v))
+        if u in used_nodes or v in used_nodes or hop in used_hops:
+            return None
+        if req.disjoint == "none":
+            rest = left.get(hop, d["capacity"])
+            return (1.0 / rest) ** (6 if wide else 1) if rest > _EPS else None
+        return d["weight"] ** 6 if wide else d["weight"]
+
+    while len(paths) < req.max_paths and total + _EPS < req.min_bps:
+        if first is not None and not paths:
+            nodes = list(first)
+        else:
+            try:
+                nodes = _path(g, s, t, weight)
+            except nx.NetworkXNoPath:
+                break
+        hops = [frozenset(e) for e in zip(nodes, nodes[1:])]
+        if req.disjoint == "none":
+            share = min(left.get(h, g[a][b]["capacity"]) for h, (a, b) in zip(hops, zip(nodes, nodes[1:])))
+            for h, (a, b) in zip(hops, zip(nodes, nodes[1:])):
+                left[h] = left.get(h, g[a][b]["capacity"]) - share
+            path = _relay_path(g, nodes, share)
+        else:
+            used_hops.update(hops)
+            if req.disjoint == "node":
+                used_nodes.update(nodes[1:-1])
+            path = _relay_path(g, nodes)
+        paths.append(path)
+        total += path.bps
+    return paths
+
+
+def _pool(g: nx.Graph, req: RelayRequest, seed: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Candidate paths for step 2b, without duplicates, in a fixed order."""
+    s, t = req.src, req.dst
+    found = list(seed)
+    found += [tuple(p) for p in islice(nx.shortest_simple_paths(g, s, t, weight="weight"), req.k)]
+    if req.disjoint == "node":
+        found += [tuple(p) for p in nx.node_disjoint_paths(g, s, t, cutoff=req.max_paths)]
+    elif req.disjoint == "link":
+        found += [tuple(p) for p in nx.edge_disjoint_paths(g, s, t, cutoff=req.max_paths)]
+    return list(dict.fromkeys(found))
+
+
+def _select(g: nx.Graph, pool: list[tuple[str, ...]], req: RelayRequest) -> tuple[list[RelayPath], float]:
+    """Best compatible subset of the pool: meets min_bps with the fewest paths, else the
+    highest total. Branch and bound over candidates sorted by bottleneck."""
+    cands = sorted(pool, key=lambda p: (-_bottleneck(g, p), len(p), p))
+    caps = [_bottleneck(g, p) for p in cands]
+    inner = [frozenset(p[1:-1]) for p in cands]
+    hops = [_hops(p) for p in cands]
+    best: tuple[tuple[int, ...], float] = ((), 0.0)
+    budget = [_SEARCH_BUDGET]
+
+    def value(chosen: tuple[int, ...]) -> tuple[float, list[float]]:
+        if req.disjoint != "none":
+            shares = [caps[i] for i in chosen]
+            return sum(shares), shares
+        left: dict[frozenset[str], float] = {}
+        shares = []
+        for i in chosen:
+            p = cands[i]
+            share = min(left.get(frozenset(e), g[e[0]][e[1]]["capacity"]) for e in zip(p, p[1:]))
+            for e in zip(p, p[1:]):
+                left[frozenset(e)] = left.get(frozenset(e), g[e[0]][e[1]]["capacity"]) - share
+            shares.append(share)
+        return sum(shares), shares
+
+    def better(chosen: tuple[int, ...], val: float) -> bool:
+        met, best_met = val + _EPS >= req.min_bps, best[1] + _EPS >= req.min_bps
+        if met != best_met:
+            return met
+        if met and len(chosen) != len(best[0]):
+            return len(chosen) < len(best[0])
+        return val > best[1] + _EPS
+
+    def fits(i: int, chosen: tuple[int, ...]) -> bool:
+        if req.disjoint == "none":
+            return True
+        for j in chosen:
+            if hops[i] & hops[j] or (req.disjoint == "node" and inner[i] & inner[j]):
+                return False
+        return True
+
+    def search(start: int, chosen: tuple[int, ...], val: float) -> None:
+        nonlocal best
+        budget[0] -= 1
+        if chosen and better(chosen, val):
+            best = (chosen, val)
+        if len(chosen) == req.max_paths or budget[0] <= 0:
+            return
+        if best[1] + _EPS >= req.min_bps and len(chosen) + 1 > len(best[0]):
+            return  # cannot meet it with fewer paths than the best set
+        room = req.max_paths - len(chosen)
+        if val + sum(caps[start:start + room]) <= best[1] + _EPS and best[1] + _EPS < req.min_bps:
+            return  # even the fastest remaining candidates cannot beat the best total
+        for i in range(start, len(cands)):
+            if fits(i, chosen):
+                nxt = chosen + (i,)
+                search(i + 1, nxt, value(nxt)[0])
+
+    search(0, (), 0.0)
+    chosen, val = best
+    shares = value(chosen)[1]
+    return [_relay_path(g, cands[i], share) for i, share in zip(chosen, shares)], val
+
+
+def _ordered(paths: list[RelayPath]) -> list[RelayPath]:
+    return sorted(paths, key=lambda p: (-p.bps, p.hops, p.nodes))
+
+
+# --- max-flow bound -----------------------------------------------------------------
+
+def _maxflow(topo: Topology, g: nx.Graph, req: RelayRequest) -> float:
+    """Max flow with SKR capacities. On the snapshot's own graph the residual network is
+    built once and reused under a lock (the flow code resets it on every call)."""
+    if g is not topo.relay_graph():
+        return float(nx.maximum_flow_value(g, req.src, req.dst, capacity="capacity"))
+    residual, lock = topo.memo("relay_residual", _residual)
+    with lock:
+        return float(nx.maximum_flow_value(g, req.src, req.dst, capacity="capacity", flow_func=preflow_push,
+                                           residual=residual))
+
+
+def _residual(topo: Topology) -> tuple[nx.DiGraph, threading.Lock]:
+    return build_residual_network(topo.relay_graph(), "capacity"), threading.Lock()

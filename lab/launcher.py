@@ -1,0 +1,214 @@
+"""`sdqkd lab up | down | status`: one agent process per node and the controller, on
+loopback, in stages (certificates, agents listening, controller connected, links up,
+healthy), then lab.json — the file every other tool finds the lab through."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sdqkd.controller.northbound import sdqkd_pb2 as pb
+from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
+from sdqkd.lab import plan as lab_plan
+from sdqkd.lab import state, topology
+
+
+class LabError(Exception):
+    """Bring-up or tear-down failed; the message says at which stage and why."""
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sdqkd", *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _ready(log: Path) -> bool:
+    """The agent says so once NETCONF, ETSI 014/004 and the relay all listen."""
+    try:
+        return "ready netconf=" in log.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[subprocess.Popen]) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise LabError(f"{what}: a process exited (code {dead[0].returncode}); see its log")
+        if pred():
+            return
+        time.sleep(0.1)
+    raise LabError(f"{what}: not reached within {timeout:.0f} s")
+
+
+def controller_stub(grpc_addr: str) -> pb_grpc.ControllerStub:
+    return pb_grpc.ControllerStub(grpc.insecure_channel(grpc_addr))
+
+
+def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = False, console: Console | None = None,
+       timeout: float = 180.0) -> dict[str, Any]:
+    """Bring a lab up and return its lab.json content."""
+    console = console or Console(stderr=True)
+    lab = topology.load_valid(Path(topology_path))
+    name = lab_plan.lab_object(lab).get("name") or Path(topology_path).stem
+    path = state.state_path(name, root)
+    if path.exists():
+        raise LabError(f"lab '{name}' is already up ({path}); run `sdqkd lab down {name}` first")
+    procs: list[subprocess.Popen] = []
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=False) as progress:
+            plan = lab_plan.make(lab, state.lab_dir(name, root), free_ports=free_ports)
+            ctl_cfg = lab_plan.write_controller_config(plan)
+            progress.add_task("certificates and configs", total=1, completed=1)
+            t = progress.add_task("agents listening", total=len(plan.nodes))
+            pids: dict[str, int] = {}
+            for n in plan.nodes.values():
+                p = _spawn(["agent", "--config", str(n.config_path)], n.dir / "agent.log")
+                procs.append(p)
+                pids[n.name] = p.pid
+            for n in plan.nodes.values():
+                _wait(lambda n=n: _ready(n.dir / "agent.log"), timeout, f"agent {n.name}", procs)
+                progress.advance(t)
+            ctl = _spawn(["controller", "--config", str(ctl_cfg)], plan.dir / "controller.log")
+            procs.append(ctl)
+            t = progress.add_task("controller connected", total=len(plan.nodes))
+            stub = controller_stub(f"{plan.address}:{plan.controller_port}")
+            _wait(lambda: _listening(plan.controller_port), timeout, "controller gRPC", procs)
+
+            def discovered() -> bool:
+                topo = stub.GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+                up_count = sum(1 for x in topo.nodes if x.up)
+                progress.update(t, completed=up_count)
+                return up_count == len(plan.nodes)
+
+            _wait(discovered, timeout, "discovery", procs)
+            links = lab_plan.lab_object(lab).get("link", [])
+            t = progress.add_task("links up", total=len(links))
+            for link in links:
+                (an, ai), (bn, bi) = (ep.split(":") for ep in link["endpoints"])
+                stub.CreateChannel(pb.CreateChannelRequest(tx=pb.InterfaceRef(node=an, qkdi_id=int(ai)),
+                                                           rx=pb.InterfaceRef(node=bn, qkdi_id=int(bi))), timeout=60)
+
+            def links_up() -> bool:
+                topo = stub.GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+                active = sum(1 for lk in topo.links if lk.status == "ACTIVE")
+                progress.update(t, completed=active)
+                return active >= len(links)
+
+            _wait(links_up, timeout, "links up", procs)
+            progress.add_task("healthy", total=1, completed=1)
+        data = state.describe(plan, pids, ctl.pid)
+        state.write(path, data)
+        return data
+    except BaseException:
+        for p in procs:
+            _terminate(p.pid)
+        raise
+
+
+def _is_ours(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"sdqkd" in cmd and (b"agent" in cmd or b"controller" in cmd)
+
+
+def _terminate(pid: int | None, wait: float = 10.0) -> None:
+    if not pid or not _is_ours(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + wait
+    while time.monotonic() < end and _is_ours(pid):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    if _is_ours(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def down(name: str | None = None, root: Path | None = None, cleanup: bool = False) -> str:
+    path = state.find(name, root)
+    data = state.read(path)
+    _terminate(data["controller"].get("pid"))
+    for n in data["nodes"]:
+        _terminate(n.get("pid"))
+    path.unlink()
+    if cleanup:
+        import shutil
+
+        shutil.rmtree(data["dir"], ignore_errors=True)
+    return data["name"]
+
+
+def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
+    """lab.json plus the controller's live view (nodes up, links with key rates)."""
+    data = state.read(state.find(name, root))
+    try:
+        topo = controller_stub(data["controller"]["grpc"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+    except grpc.RpcError as exc:
+        return {"lab": data, "error": f"controller unreachable: {exc.code().name}"}
+    names = {x.qkdn_id: x.name for x in topo.nodes}
+    return {
+        "lab": data,
+        "nodes": [{"name": x.name, "qkdn_id": x.qkdn_id, "domain": x.domain, "up": x.up} for x in topo.nodes],
+        "links": [{"qkdl_id": lk.qkdl_id, "a": names.get(lk.a, lk.a), "b": names.get(lk.b, lk.b), "status": lk.status,
+                   "skr_kbps": round(lk.skr / 1000, 3), "qber": lk.qber if lk.HasField("qber") else None} for lk in topo.links],
+    }
+
+
+def render(st: dict[str, Any], console: Console) -> None:
+    lab = st["lab"]
+    nodes = Table(title=f"lab {lab['name']}: nodes")
+    for col in ("node", "domain", "NETCONF", "ETSI 014", "up"):
+        nodes.add_column(col)
+    up_by = {n["name"]: n["up"] for n in st.get("nodes", [])}
+    for n in lab["nodes"]:
+        nodes.add_row(n["name"], n.get("domain") or "", f"{n['netconf']['host']}:{n['netconf']['port']}", n["kms"]["etsi014"],
+                      "yes" if up_by.get(n["name"]) else "no")
+    console.print(nodes)
+    if "error" in st:
+        console.print(f"[red]{st['error']}[/red]")
+        return
+    links = Table(title="QKD links")
+    for col in ("link", "status", "key rate (kb/s)", "QBER"):
+        links.add_column(col)
+    for lk in sorted(st["links"], key=lambda x: (x["a"], x["b"])):
+        links.add_row(f"{lk['a']} - {lk['b']}", lk["status"], f"{lk['skr_kbps']:.3f}", f"{lk['qber']:.3f}" if lk["qber"] is not None else "")
+    console.print(links)
+    console.print(f"controller gRPC {lab['controller']['grpc']}   lab state {Path(lab['dir']) / 'lab.json'}")
+
+
+def as_json(st: dict[str, Any]) -> str:
+    return json.dumps(st, indent=1)
