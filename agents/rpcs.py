@@ -123,15 +123,17 @@ class Rpcs:
 
     def operational(self) -> list[etree._Element]:
         """Running config with live state from the drivers, and /netconf-state."""
-        roots = self.datastores.running_roots()
-        self.fill_state(roots)
+        with self.datastores.lock:  # the decoded running is shared: one filler at a time
+            roots = self.datastores.running_roots()
+            self.fill_state(roots)
+            data = self.models.dump(roots, config_only=False)
         sessions = self.sessions()
         stats = {"start": self.started, "in-sessions": len(sessions)}
         for s in sessions:
             for k, v in s.counters.items():
                 stats[k] = stats.get(k, 0) + v
         state = monitoring.netconf_state(self.capabilities(), self.modules, dict(self.datastores.locks), sessions, stats)
-        return [*self.models.dump(roots, config_only=False), state]
+        return [*data, state]
 
     def get(self, session: Any, op: etree._Element) -> list[etree._Element]:
         return _data(subtree.apply(self.operational(), _filter(op), self.models.list_keys))

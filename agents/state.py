@@ -94,6 +94,14 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     return out
 
 
+def _entry(lst: Any, key: Any) -> Any:
+    """The list entry with this key, added if missing (state is refilled on every <get>)."""
+    try:
+        return lst.add(key)
+    except KeyError:
+        return lst[key]
+
+
 def _time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -104,8 +112,9 @@ def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], li
     set_leaf(node, "qkdn_status", "etsi-qkdn-types:OPERATING")
     for app in node.qkd_applications.qkd_app.values():
         set_leaf(app, "app_status", "etsi-qkdn-types:ON")
+        stats = app.app_statistics.statistics
         for start, end, bits in (usage(str(app.app_id).lower()) if usage else []):
-            entry = app.app_statistics.statistics.add(_time(end))
+            entry = _entry(stats, _time(end))
             set_leaf(entry, "start_time", _time(start))
             set_leaf(entry, "consumed_bits", min(bits, 2**32 - 1))
     links = node.qkd_links.qkd_link
@@ -122,7 +131,7 @@ def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], li
             perf = entry.qkdl_performance
             set_leaf(perf, "skr", int(ls.get("skr", 0)))
             if ls.get("qber") is not None:
-                q = perf.phys_perf["QBER"] if "QBER" in perf.phys_perf else perf.phys_perf.add("QBER")
+                q = _entry(perf.phys_perf, "QBER")
                 set_leaf(q, "value", Decimal(str(round(float(ls["qber"]), 3))))
             # qkdl_status is configuration in ETSI 015; the device's view wins on <get>.
             entry.qkdl_status = _ident(ls["status"])
@@ -135,8 +144,9 @@ def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], li
         set_leaf(sw, "port-count", int(st["port-count"]))
         set_leaf(sw, "insertion-loss", Decimal(str(st["insertion-loss"])))
         set_leaf(sw, "oper-status", st["oper-status"])
+        ports = child(sw, "port")
         for pid, p in st.get("ports", {}).items():
-            port = child(sw, "port").add(int(pid))
+            port = _entry(ports, int(pid))
             if p.get("peer-port") is not None:
                 set_leaf(port, "peer-port", int(p["peer-port"]))
             if p.get("connected-to"):

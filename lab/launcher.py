@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,9 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     path = state.state_path(name, root)
     if path.exists():
         raise LabError(f"lab '{name}' is already up ({path}); run `sdqkd lab down {name}` first")
+    old = state.lab_dir(name, root)
+    if old.exists():  # what a previous run left (keys, controller services): a new lab starts clean
+        shutil.rmtree(old)
     procs: list[subprocess.Popen] = []
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -112,8 +116,11 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
             t = progress.add_task("links up", total=len(links))
             for link in links:
                 (an, ai), (bn, bi) = (ep.split(":") for ep in link["endpoints"])
-                stub.CreateChannel(pb.CreateChannelRequest(tx=pb.InterfaceRef(node=an, qkdi_id=int(ai)),
-                                                           rx=pb.InterfaceRef(node=bn, qkdi_id=int(bi))), timeout=60)
+                try:
+                    stub.CreateChannel(pb.CreateChannelRequest(tx=pb.InterfaceRef(node=an, qkdi_id=int(ai)),
+                                                               rx=pb.InterfaceRef(node=bn, qkdi_id=int(bi))), timeout=60)
+                except grpc.RpcError as exc:
+                    raise LabError(f"link {link['name']}: the controller refused it: {exc.details()}") from None
 
             def links_up() -> bool:
                 topo = stub.GetTopology(pb.GetTopologyRequest(), timeout=5).topology

@@ -143,7 +143,8 @@ def test_provisioning_failure_follows_the_tag(lonely) -> None:
     ("weird", "x", grpc.StatusCode.INTERNAL),
 ])
 def test_error_map(kind, message, code) -> None:
-    assert status_for(ControllerError(kind, message)) == code
+    tag = message.rsplit("(", 1)[-1].rstrip(")") if message.endswith(")") else None
+    assert status_for(ControllerError(kind, message, tag)) == code
 
 
 # --- views ----------------------------------------------------------------------------------------

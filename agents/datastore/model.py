@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,8 @@ class ModelSet:
     def __init__(self, models: Iterable[Model]) -> None:
         self.models = {m.module: m for m in models}
         self._roots: dict[tuple[str, str], Model] = {}
+        self._memo: OrderedDict[tuple[bool, bytes], dict[str, Any]] = OrderedDict()
+        self._memo_lock = threading.Lock()
         self.prefixes: dict[str, str] = {}  # prefix -> namespace, for error-path
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
         for m in self.models.values():
@@ -60,7 +65,26 @@ class ModelSet:
         return {name: m.factory() for name, m in self.models.items()}
 
     def load(self, elements: Iterable[etree._Element], *, config_only: bool = True) -> dict[str, Any]:
-        """Decode top-level elements into fresh bindings (type-checks everything)."""
+        """Decode top-level elements into bindings (type-checks everything).
+
+        pyangbind builds a class per object (~20 ms a list entry), so decoded configs
+        are memoised by content: every reader of the same running gets the same
+        objects. Readers may set state leaves on them (<get>), never config."""
+        elements = [el for el in elements if isinstance(el.tag, str)]
+        key = (config_only, hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest())
+        with self._memo_lock:
+            hit = self._memo.get(key)
+            if hit is not None:
+                self._memo.move_to_end(key)
+                return hit
+        roots = self._decode(elements, config_only)
+        with self._memo_lock:
+            self._memo[key] = roots
+            while len(self._memo) > 8:
+                self._memo.popitem(last=False)
+        return roots
+
+    def _decode(self, elements: list[etree._Element], config_only: bool) -> dict[str, Any]:
         roots = self.empty()
         for el in elements:
             if not isinstance(el.tag, str):
@@ -82,7 +106,9 @@ class ModelSet:
 
     def canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
         """Type-checked config in schema order: what a datastore keeps."""
-        return self.dump(self.load(elements), config_only=True)
+        out = self.dump(self.load(elements), config_only=True)
+        self.load(out)  # memoised under its canonical form too (commit checks it next)
+        return out
 
 
 @functools.lru_cache(maxsize=None)
