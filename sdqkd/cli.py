@@ -168,6 +168,26 @@ def lab_status(name: str | None, as_json: bool) -> None:
 
 
 @main.group()
+def topo() -> None:
+    """The network of a running lab."""
+
+
+@topo.command("plot")
+@click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab).")
+@click.option("-o", "--output", default=None, help="PNG file (default: <lab dir>/topology.png).")
+def topo_plot(lab_name: str | None, output: str | None) -> None:
+    """Write a PNG of the network with live key rates."""
+    from sdqkd.lab import plot, state
+
+    try:
+        lab = state.read(state.find(lab_name))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    out = Path(output) if output else Path(lab["dir"]) / "topology.png"
+    click.echo(f"wrote {plot.plot(lab, out)}")
+
+
+@main.group()
 def key() -> None:
     """Keys from a running lab, as an application gets them (ETSI 014)."""
 

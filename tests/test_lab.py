@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from sdqkd.lab import keys, launcher, state
+from sdqkd.lab import keys, launcher, plot, state
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
 
@@ -36,6 +36,8 @@ def test_lab_up_key_down(tmp_path, name, src, dst, hops) -> None:
         again = keys.get(data, src, dst)
         assert again.key_id != res.key_id and again.key != res.key
         # the controller built the path over the relay nodes: it is in the agents' running config
+        png = plot.plot(data, tmp_path / "topology.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
         log = Path(data["controller"]["log"]).read_text()
         assert f"-> sae-{dst.lower()}) over {src}" in log and log.count("-") >= hops
     finally:
