@@ -21,20 +21,25 @@ def yang() -> None:
     """The YANG modules in yang/ and the bindings made from them."""
 
 
+def _regenerate(generate, drift, stale: str, check: bool) -> None:  # type: ignore[no-untyped-def]
+    """Write generated code, or with --check only report how it differs."""
+    if check:
+        problems = drift()
+        for p in problems:
+            click.echo(p, err=True)
+        if problems:
+            raise click.ClickException(stale)
+        click.echo("generated code is up to date")
+        return
+    for name in generate():
+        click.echo(f"wrote {name}")
+
+
 @yang.command("bindings")
 @click.option("--check", is_flag=True, help="Only report drift between bindings/ and yang/.")
 def yang_bindings(check: bool) -> None:
     """Regenerate bindings/ with pyangbind (or check it is up to date)."""
-    if check:
-        problems = yangmodels.drift()
-        for p in problems:
-            click.echo(p, err=True)
-        if problems:
-            raise click.ClickException("bindings/ differs from what yang/ generates: run `make bindings`")
-        click.echo("bindings/ is up to date")
-        return
-    for name in yangmodels.generate():
-        click.echo(f"wrote bindings/{name}")
+    _regenerate(yangmodels.generate, yangmodels.drift, "bindings/ differs from what yang/ generates: run `make bindings`", check)
 
 
 @yang.command("lint")
@@ -51,16 +56,7 @@ def proto(check: bool) -> None:
     """Regenerate the controller's gRPC code from controller/northbound/sdqkd.proto."""
     from sdqkd.controller.northbound import codegen
 
-    if check:
-        problems = codegen.drift()
-        for p in problems:
-            click.echo(p, err=True)
-        if problems:
-            raise click.ClickException("generated gRPC code is stale: run `sdqkd proto`")
-        click.echo("generated gRPC code is up to date")
-        return
-    for name in codegen.generate():
-        click.echo(f"wrote {name}")
+    _regenerate(codegen.generate, codegen.drift, "generated gRPC code is stale: run `sdqkd proto`", check)
 
 
 @main.command()
@@ -215,11 +211,6 @@ def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool)
     if show_key:
         click.echo(f"key         {base64.b64encode(res.key).decode()}")
     click.echo(f"took        {res.seconds:.2f} s, {res.attempts} request(s) at the master's KME")
-
-@click.argument("topology", required=False)
-def lab_up(topology: str | None) -> None:
-    """Bring up a lab from a topology file."""
-    raise click.ClickException("`sdqkd lab up` is not yet implemented (issue: Lab)")
 
 
 @lab.command("check")

@@ -37,12 +37,7 @@ def apply_edit(
         q = etree.QName(edit)
         model = models.model_for(q.namespace or "", q.localname)
         if model is None:
-            known = (q.namespace or "") in models.namespaces()
-            cls = errors.UnknownElement if known else errors.UnknownNamespace
-            info = {"bad-element": q.localname}
-            if not known:
-                info["bad-namespace"] = q.namespace or ""
-            raise cls(f"unknown top-level element <{q.localname}>", path=f"/{q.localname}", info=info)
+            raise _unknown(q, "", (q.namespace or "") in models.namespaces())
         node = model.schema.root(q.namespace or "", q.localname)
         assert node is not None
         _Editor(model.schema).edit(holder, edit, node, default_operation, "")
@@ -119,7 +114,7 @@ class _Editor:
             q = etree.QName(sub)
             ch = node.child(q.namespace or "", q.localname)
             if ch is None:
-                raise _unknown(self.schema, q, path)
+                raise _unknown(q, path, not q.namespace or self.schema.module_of_namespace(q.namespace) is not None)
             if node.keyword == "list" and ch.name in node.keys and ch.namespace == node.namespace:
                 if sub.get(OPERATION) in ("delete", "remove", "replace", "create"):
                     raise errors.BadElement("a list key cannot be edited on its own", path=f"{path}/{ch.name}", info={"bad-element": ch.name})
@@ -201,9 +196,11 @@ def _strip(el: etree._Element) -> etree._Element:
     return el
 
 
-def _unknown(schema: Schema, q: etree.QName, path: str) -> errors.RpcError:
-    if q.namespace and schema.module_of_namespace(q.namespace) is None:
+def _unknown(q: etree.QName, path: str, known_namespace: bool) -> errors.RpcError:
+    """unknown-element, or unknown-namespace when the namespace itself is foreign."""
+    if not known_namespace:
         return errors.UnknownNamespace(
-            f"namespace '{q.namespace}' is not supported", path=path, info={"bad-element": q.localname, "bad-namespace": q.namespace}
+            f"namespace '{q.namespace}' is not supported", path=f"{path}/{q.localname}",
+            info={"bad-element": q.localname, "bad-namespace": q.namespace or ""},
         )
     return errors.UnknownElement(f"unknown element <{q.localname}>", path=f"{path}/{q.localname}", info={"bad-element": q.localname})
