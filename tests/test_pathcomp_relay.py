@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import random
 import time
 from itertools import combinations
@@ -78,7 +79,8 @@ def test_a_single_access_link_caps_the_rate(mad: Topology) -> None:
 
 
 def test_avoiding_links_and_nodes(mad: Topology) -> None:
-    no_cv = relay_paths(mad, RelayRequest(Q("Quintin"), Q("Distrito"), avoid_links=frozenset({"qkdl-cv-quevedo-norte"})))
+    no_cv = relay_paths(mad, RelayRequest(Q("Quintin"), Q("Distrito"),
+                                          avoid_links=frozenset({"qkdl-cv-quevedo-norte"})))
     assert "qkdl-cv-quevedo-norte" not in no_cv.paths[0].links
     assert no_cv.total_bps == no_cv.maxflow_bps == 1380.0  # only the DV border link is left
     with pytest.raises(NoPath, match="avoiding"):
@@ -131,6 +133,20 @@ def test_results_do_not_depend_on_insertion_order(mad: Topology) -> None:
     for src, dst, rate in ((Q("Quinto"), Q("Distrito"), 0), (Q("Norte"), Q("Distrito"), 250_000)):
         req = RelayRequest(src, dst, min_bps=rate)
         assert relay_paths(mad, req) == relay_paths(shuffled, req)
+
+
+def test_snapshot_is_immutable_and_caches_its_graph(mad: Topology) -> None:
+    with pytest.raises(TypeError):
+        mad.nodes["x"] = Node("x", "x")  # type: ignore[index]
+    assert mad.relay_graph() is mad.relay_graph() and nx.is_frozen(mad.relay_graph())
+    changed = mad.replace(links={k: v for k, v in mad.links.items() if k != "qkdl-quintin-quijote"})
+    assert Q("Quintin") not in nx.node_connected_component(changed.relay_graph(), Q("Norte"))
+    assert Q("Quintin") in nx.node_connected_component(mad.relay_graph(), Q("Norte"))
+    copy = pickle.loads(pickle.dumps(mad))
+    req = RelayRequest(Q("Quinto"), Q("Distrito"))
+    assert relay_paths(copy, req) == relay_paths(mad, req)
+    with pytest.raises(ValueError, match="unknown node"):
+        Topology.build([Node("a", "a")], links=[QkdLink("l", "a", 1, "b", 1, skr=1.0)])
 
 
 # --- hand-made cases ----------------------------------------------------------------

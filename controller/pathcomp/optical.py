@@ -7,8 +7,8 @@ graph with one `in`/`out` node per free patched port and a hub per switch (in ->
 costs the insertion loss, hub -> out nothing). A lowest-loss path never enters a switch
 twice, so the hub loses nothing, and each switch crossed gives one cross-connect.
 Interfaces not patched to a switch reach their peer only over a fibre between the two
-nodes with no switch at either end (the fibre of their link, when they have one). Switches at down nodes cannot be configured, so they
-are left out.
+nodes with no switch at either end (the fibre of their link, when they have one).
+Switches at down nodes cannot be configured, so they are left out.
 
 Wavelength continuity: one channel end to end, usable by Tx and Rx, passed by every
 fibre's fixed muxes, not already carrying a quantum signal on the fibre, and neither on
@@ -126,8 +126,10 @@ def _best(topo: Topology, pairs: list[tuple[IfKey, IfKey]]) -> OpticalPath:
     if paths:
         return min(paths, key=lambda p: (p.loss_db, -1 if p.channel is None else p.channel, p.tx, p.rx))
     exc, t, r = max(fails, key=lambda f: (f[0].stage, -f[0].loss))
-    prefix = "" if len(pairs) == 1 else f"none of {len(pairs)} Tx/Rx pairs works; best try {_ifname(topo, t)} -> {_ifname(topo, r)}: "
-    raise NoPath(prefix + exc.reason)
+    if len(pairs) > 1:
+        raise NoPath(f"none of {len(pairs)} Tx/Rx pairs works; best try {_ifname(topo, t)} -> "
+                     f"{_ifname(topo, r)}: {exc.reason}")
+    raise NoPath(exc.reason)
 
 
 def _iface(topo: Topology, key: IfKey, what: str) -> QkdInterface:
@@ -317,7 +319,8 @@ def _plugged(topo: Topology) -> dict[IfKey, frozenset[str]]:
 def _why_not_in_graph(topo: Topology, iface: QkdInterface) -> str:
     sw = topo.switches[iface.switch] if iface.switch else None
     if sw is not None and iface.port in sw.used_ports:
-        return f"no route: {_ifname(topo, iface.key)} sits on port {iface.port} of switch {sw.name}, already cross-connected"
+        return (f"no route: {_ifname(topo, iface.key)} sits on port {iface.port} of switch {sw.name}, "
+                "already cross-connected")
     if sw is not None and sw.node in topo.nodes and not topo.nodes[sw.node].up:
         return f"no route: switch {sw.name} is at a down node"
     return f"no route: {_ifname(topo, iface.key)} is not usable"

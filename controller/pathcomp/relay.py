@@ -13,12 +13,13 @@ Steps:
 2. Several paths, only when no single path is enough:
    a. greedy: repeat step 1's search (without the rate filter), each time hiding the nodes
       ("node") or hops ("link") already used, or what is left of each hop's rate ("none");
-   b. if a. falls short: a pool of a.'s paths, the k shortest simple paths (Yen, networkx),
-      a maximum set of disjoint paths (networkx max-flow), and a.'s greedy restarted from
-      each of those, once by cost and once by near-widest path. Then choose the set of compatible paths from the pool, at most
-      max_paths, that meets min_bps with the fewest paths, or else gives the highest total
-      (branch and bound). Maximising the sum of bottlenecks over disjoint paths is NP-hard,
-      so 2b is a heuristic; the tests compare it with brute force on small graphs.
+   b. if a. falls short, a pool: a.'s paths; up to k shortest simple paths (Yen, networkx;
+      fewer on large graphs with long paths, see _YEN_BUDGET); a maximum set of disjoint
+      paths (networkx max-flow); and a.'s greedy restarted from each of those, once by
+      cost and once by near-widest path. From the pool, the compatible set of at most
+      max_paths paths that meets min_bps with the fewest paths, or else gives the highest
+      total (branch and bound). Maximising the sum of bottlenecks over disjoint paths is
+      NP-hard, so 2b is a heuristic; the tests compare it with brute force on small graphs.
 3. maxflow_bps: networkx maximum flow with SKR capacities. No relay plan can do better.
 """
 from __future__ import annotations
@@ -38,6 +39,10 @@ from sdqkd.controller.topology.model import Topology
 DISJOINT = ("node", "link", "none")
 _SEARCH_BUDGET = 50_000  # subsets examined in step 2b before settling for the best so far
 _EPS = 1e-9
+# Yen's k-th path costs one Dijkstra per hop of the previous one: k x hops x nodes. The pool
+# takes as many as fit here: all 8 up to 1,000 nodes and 32 hops, 1 at 10,000 nodes and 150 hops
+# (8 took 24 s there).
+_YEN_BUDGET = 256_000
 _WIDE = 6  # exponent for near-widest paths; 3 missed the brute-force optimum 3x as often
 
 
@@ -265,7 +270,8 @@ def _pool(g: nx.Graph, req: RelayRequest, seed: list[tuple[str, ...]]) -> list[t
     """Candidate paths for step 2b, without duplicates, in a fixed order."""
     s, t = req.src, req.dst
     found = list(seed)
-    found += [tuple(p) for p in islice(nx.shortest_simple_paths(g, s, t, weight="weight"), req.k)]
+    k = min(req.k, 1 + _YEN_BUDGET // ((len(seed[0]) - 1) * g.number_of_nodes()))
+    found += [tuple(p) for p in islice(nx.shortest_simple_paths(g, s, t, weight="weight"), k)]
     if req.disjoint == "node":
         found += [tuple(p) for p in nx.node_disjoint_paths(g, s, t, cutoff=req.max_paths)]
     elif req.disjoint == "link":

@@ -168,6 +168,11 @@ class Topology:
             object.__setattr__(self, name, _frozen_map(getattr(self, name)))
         self._check()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle and deepcopy the collections, not the caches (the proxies cannot be pickled)."""
+        return (Topology, (dict(self.nodes), dict(self.interfaces), dict(self.links), dict(self.fibres),
+                           dict(self.switches)))
+
     @classmethod
     def build(cls, nodes: Iterable[Node] = (), interfaces: Iterable[QkdInterface] = (),
               links: Iterable[QkdLink] = (), fibres: Iterable[Fibre] = (),
