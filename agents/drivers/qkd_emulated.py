@@ -20,31 +20,26 @@ transmitting link, and a failure clock when the profile has an mtbf. They call
 """
 from __future__ import annotations
 
-import collections
 import hmac
 import logging
 import math
 import random
-import socket
 import struct
-import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sdqkd.agents.drivers import profile as physics
 from sdqkd.agents.drivers import service_channel as sc
-from sdqkd.agents.drivers.base import Change, Driver, DriverError, Emit, Event
+from sdqkd.agents.drivers.base import DriverError
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import QkdProfile, identity_name
+from sdqkd.agents.drivers.qkd_link import BlockMeter, KeySink, Link, LinkConfig, NodeOf, PeerAddress, QkdModule
+
+__all__ = ["EmulatedQkdModule", "KeySink", "KeyStream", "NodeOf", "PeerAddress"]
 
 log = logging.getLogger(__name__)
-
-KeySink = Callable[[str, str, bytes], None]
-PeerAddress = Callable[[str, int], "tuple[str, int] | None"]
-NodeOf = Callable[[str], "str | None"]
 
 FAILURE_KINDS = ("module", "service-channel")
 CROSSTALK_QBER = 25.0     # percent added when classical light sits on/next to the quantum channel
@@ -96,91 +91,19 @@ class KeyStream:
 # --- link bookkeeping ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LinkConfig:
-    """What a QKD module needs of its ETSI 015 PHYS qkd_link entry (shared by the QKD drivers)."""
-
-    qkdl_id: str
-    enabled: bool
-    remote_qkdn: str | None
-    remote_qkdi: int | None
-    wavelength: int | None
-    role: str | None            # phys_qkd_role, bare identity
-    attenuation: float | None   # phys_channel_att
-
-
 @dataclass(eq=False)
-class _Link:
-    cfg: LinkConfig
-    role: str = "RECEIVER"
-    status: str = "OFF"
-    reason: str = ""
+class _Link(Link):
+    """A link whose key comes in blocks, one per tick."""
+
+    meter: BlockMeter
     qber: float = 0.0
-    key_bits: int = 0
-    window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_WINDOW))
-    stop: threading.Event = field(default_factory=threading.Event)
-    wire: sc.Wire | None = None
     blocks: int = 0
-
-    def skr(self) -> int:
-        dt = sum(d for _, d in self.window)
-        return int(sum(b for b, _ in self.window) / dt) if dt > 0 else 0
-
-
-def link_config(entry: Mapping[str, Any], key: str) -> LinkConfig:
-    """Parse a qkd_link entry (RFC 7951 JSON); a bad value is DriverError invalid-value."""
-    remote = entry.get("qkdl_remote") or {}
-    wl = entry.get("phys_wavelength")
-    att = entry.get("phys_channel_att")
-    try:
-        return LinkConfig(
-            qkdl_id=str(entry.get("qkdl_id", key)),
-            enabled=bool(entry.get("qkdl_enable", True)),
-            remote_qkdn=remote.get("qkdn_id"),
-            remote_qkdi=None if remote.get("qkdi_id") is None else int(remote["qkdi_id"]),
-            wavelength=None if wl is None else int(wl),
-            role=identity_name(entry["phys_qkd_role"]) if entry.get("phys_qkd_role") else None,
-            attenuation=None if att is None else float(att),
-        )
-    except (TypeError, ValueError) as exc:
-        raise DriverError("invalid-value", f"qkd_link {key}: {exc}") from None
-
-
-def owns_link(entry: Mapping[str, Any], qkdn_id: str, qkdi_id: int) -> bool:
-    """True when `entry` is a PHYS link whose local end is this QKD interface."""
-    local = entry.get("qkdl_local") or {}
-    if identity_name(entry.get("qkdl_type", "PHYS")) != "PHYS":
-        return False
-    try:
-        if local.get("qkdi_id") is None or int(local["qkdi_id"]) != qkdi_id:
-            return False
-    except (TypeError, ValueError):
-        return False
-    return local.get("qkdn_id") in (None, qkdn_id)
-
-
-def link_role(cfg: LinkConfig, module_role: str, qkdn_id: str, qkdi_id: int) -> str:
-    """The link's role, else the module's, else the lower (qkdn_id, qkdi_id) transmits,
-    so two transceivers agree without talking."""
-    if cfg.role in ("TRANSMITTER", "RECEIVER"):
-        return cfg.role
-    if module_role in ("TRANSMITTER", "RECEIVER"):
-        return module_role
-    mine, theirs = (qkdn_id, qkdi_id), (cfg.remote_qkdn or "", cfg.remote_qkdi or 0)
-    return "TRANSMITTER" if mine < theirs else "RECEIVER"
-
-
-class ModuleLog(logging.LoggerAdapter):
-    """Prefixes a module's records with node:qkdi_id, as the lab has many modules per log."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['where']}] {msg}", kwargs
 
 
 # --- the driver ----------------------------------------------------------------------------
 
 
-class EmulatedQkdModule(Driver):
+class EmulatedQkdModule(QkdModule):
     """One emulated QKD module; serves at most one enabled PHYS link at a time."""
 
     kind: ClassVar[str] = "qkd-emulated"
@@ -199,73 +122,22 @@ class EmulatedQkdModule(Driver):
             raise ValueError(f"profile '{profile.name}' does not support role {role}")
         if key_size <= 0 or key_size % 8:
             raise ValueError("key size must be a positive multiple of 8 bits")
-        self.node, self.qkdn_id, self.qkdi_id = node, qkdn_id, int(qkdi_id)
-        self.profile, self.role, self.plant = profile, role, plant
-        self.channel = channel
-        self._peer_address, self._node_of, self._sink = peer_address, node_of, key_sink
-        self._service_key = bytes(service_key)
-        self._listen = listen
+        self._init_module(node, qkdn_id, qkdi_id, role, key_sink=key_sink, peer_address=peer_address,
+                          service_key=service_key, listen=listen, logger=log)
+        self.profile, self.plant, self.channel = profile, plant, channel
+        self._node_of = node_of
         self.key_size, self.tick, self.time_scale = key_size, float(tick), float(time_scale)
         self.perf_every, self.mttr = max(1, perf_every), mttr
         self._rng = random.Random(seed)
         self._fail_rng = random.Random(None if seed is None else seed + 1)
-        self._lock = threading.RLock()
-        self._links: dict[str, _Link] = {}
-        self._iface = "DISABLED"
         self._repair_at: float | None = None
-        self._emit: Emit = lambda event: None
-        self._listener: sc.Listener | None = None
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._wires: set[sc.Wire] = set()
-        self.address: tuple[str, int] | None = None
-        self._log = ModuleLog(log, {"where": f"{node}:{qkdi_id}"})
 
-    # --- Driver ---------------------------------------------------------------------
+    # --- QkdModule hooks ------------------------------------------------------------------
 
-    def open(self, emit: Emit) -> None:
-        """Listen on the service address (see `address`), start enabled links."""
-        self._emit = emit
-        listener = sc.Listener(self._listen)
-        self._listener, self.address = listener, listener.address
-        with self._lock:
-            self._iface = "ENABLED"
-        self._spawn(listener.serve, "accept", lambda conn: self._spawn(self._serve, "rx", conn))
-        if self.profile.mtbf:
-            self._spawn(self._failure_clock, "mtbf")
-        for link in list(self._links.values()):
-            self._start(link)
+    def _new_link(self, cfg: LinkConfig) -> Link:
+        return _Link(cfg, BlockMeter(_WINDOW), role=self._role_for(cfg))
 
-    def close(self) -> None:
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        with self._lock:
-            links = list(self._links.values())
-            self._iface = "DISABLED"
-            wires = list(self._wires)
-        for link in links:
-            link.stop.set()
-        for wire in wires:
-            wire.close(bye="module closed")
-        if self._listener is not None:
-            self._listener.close()
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=2.0)
-
-    def handles(self, change: Change) -> bool:
-        if change.kind != "qkd-link":
-            return False
-        return any(self._ours(e) for e in (change.new, change.old) if e is not None)
-
-    def check(self, change: Change) -> None:
-        entry = change.new
-        if entry is None or not self._ours(entry):
-            return
-        cfg = link_config(entry, change.key)
+    def _check_device(self, cfg: LinkConfig) -> None:
         p = self.profile
         if cfg.wavelength is not None and self.channel is None and not p.supports_channel(cfg.wavelength):
             raise DriverError("invalid-value", f"phys_wavelength {cfg.wavelength} is outside "
@@ -279,56 +151,46 @@ class EmulatedQkdModule(Driver):
         if cfg.attenuation is not None and cfg.attenuation > p.max_absorption:
             raise DriverError("invalid-value", f"phys_channel_att {cfg.attenuation} dB is over the "
                                                f"module's max absorption {p.max_absorption} dB")
-        if cfg.enabled:
-            if cfg.remote_qkdn is None or cfg.remote_qkdi is None:
-                raise DriverError("invalid-value", "qkdl_remote qkdn_id and qkdi_id are needed")
-            with self._lock:
-                busy = [k for k, ln in self._links.items() if ln.cfg.enabled and k != cfg.qkdl_id]
-            if busy:
-                raise DriverError("resource-denied", f"QKD interface {self.qkdi_id} already serves link {busy[0]}")
 
-    def apply(self, change: Change) -> None:
-        entry = change.new if change.new is not None and self._ours(change.new) else None
-        key = str((change.new or change.old or {}).get("qkdl_id", change.key))
-        with self._lock:
-            old = self._links.pop(key, None)
-        if entry is None:
-            if old is not None:
-                self._stop(old, "link deleted")
-            return
-        cfg = link_config(entry, change.key)
-        if old is not None and old.cfg == cfg:
-            with self._lock:
-                self._links[key] = old
-            return
-        link = _Link(cfg, role=self._role_for(cfg))
-        if old is not None:  # the new entry takes over counters and status, so events show changes only
-            link.key_bits, link.status, link.reason = old.key_bits, old.status, old.reason
-            self._stop(old, "link reconfigured" if cfg.enabled else "disabled", report=False)
-        with self._lock:
-            self._links[key] = link
-        if not cfg.enabled:
-            self._set_status(link, "OFF", "disabled", force=True)
-        elif self._listener is not None and not self._closing.is_set():
-            self._start(link)
-
-    def state(self) -> dict[str, Any]:
+    def _interface(self) -> dict[str, Any]:
         p = self.profile
+        return {"model": p.model or p.name, "technology": p.technology,
+                "role_support": f"{physics.IDENTITY_MODULE}:{self.role}",
+                "wavelength_range": str(self.channel) if self.channel else p.wavelength_range,
+                "max_absorption": p.max_absorption}
+
+    def _on_open(self) -> None:
+        if self.profile.mtbf:
+            self._spawn(self._failure_clock, "mtbf")
+
+    def _challenge_extra(self) -> dict[str, Any]:
+        return {"max_absorption": self.profile.max_absorption, "interface": self._iface}
+
+    def _session_timeout(self) -> float:
+        return max(5.0, 10 * self.tick)
+
+    def _retry(self) -> tuple[float, float]:
+        return self.tick, _MAX_BACKOFF
+
+    def _read_hello(self, wire: sc.Wire) -> dict[str, Any] | None:
+        try:
+            return sc.read_hello(wire, self.kind)
+        except sc.Refused as exc:
+            self._log.warning("service channel pairing refused: %s", exc)
+            return None
+
+    def _set_iface(self, status: str, reason: str) -> bool:
+        """As QkdModule's, and tell the transmitters: a failed receiver detects nothing."""
+        if not super()._set_iface(status, reason):
+            return False
         with self._lock:
-            return {
-                "interface": {
-                    "qkdi_id": self.qkdi_id,
-                    "status": self._iface,
-                    "model": p.model or p.name,
-                    "technology": p.technology,
-                    "role_support": f"{physics.IDENTITY_MODULE}:{self.role}",
-                    "wavelength_range": str(self.channel) if self.channel else p.wavelength_range,
-                    "max_absorption": p.max_absorption,
-                },
-                "links": {k: {"status": ln.status, "reason": ln.reason, "skr": ln.skr(),
-                              "qber": round(ln.qber, 4), "key_bits": ln.key_bits}
-                          for k, ln in self._links.items()},
-            }
+            wires = [ln.wire for ln in self._links.values() if ln.role == "RECEIVER" and ln.wire]
+        for wire in wires:
+            try:
+                wire.send({"t": "status", "interface": status})
+            except OSError:
+                pass
+        return True
 
     # --- failures ---------------------------------------------------------------------
 
@@ -354,69 +216,6 @@ class EmulatedQkdModule(Driver):
 
     # --- internals: bookkeeping ------------------------------------------------------------
 
-    def _ours(self, entry: Mapping[str, Any]) -> bool:
-        return owns_link(entry, self.qkdn_id, self.qkdi_id)
-
-    def _role_for(self, cfg: LinkConfig) -> str:
-        return link_role(cfg, self.role, self.qkdn_id, self.qkdi_id)
-
-    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True,
-                                  name=f"qkd-{self.node}:{self.qkdi_id}-{name}")
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
-
-    def _track(self, wire: sc.Wire, live: bool) -> None:
-        with self._lock:
-            (self._wires.add if live else self._wires.discard)(wire)
-
-    def _start(self, link: _Link) -> None:
-        if not link.cfg.enabled:
-            return
-        self._set_status(link, "PENDING", "waiting for the service channel")
-        if link.role == "TRANSMITTER":
-            self._spawn(self._transmit, "tx", link)
-
-    def _stop(self, link: _Link, reason: str, report: bool = True) -> None:
-        """Stop a link without waiting for its threads (they may be inside emit)."""
-        link.stop.set()
-        wire = link.wire
-        if wire is not None:
-            wire.close(bye=reason)
-        if report:
-            self._set_status(link, "OFF", reason, force=True)
-
-    def _safe_emit(self, kind: str, data: dict[str, Any]) -> None:
-        try:
-            self._emit(Event(kind, data))
-        except Exception:  # a bad handler must not stop the module
-            self._log.exception("%s handler failed", kind)
-
-    def _set_status(self, link: _Link, status: str, reason: str, force: bool = False) -> None:
-        with self._lock:
-            if (link.stop.is_set() and not force) or (link.status, link.reason) == (status, reason):
-                return
-            changed = link.status != status
-            link.status, link.reason = status, reason
-        if changed:
-            self._log.info("link %s %s (%s)", link.cfg.qkdl_id, status, reason)
-        self._safe_emit("link-status", {"qkdl_id": link.cfg.qkdl_id, "status": status, "reason": reason})
-
-    def _set_iface(self, status: str, reason: str) -> None:
-        with self._lock:
-            if self._iface == status or self._iface == "DISABLED":
-                return
-            self._iface = status
-            wires = [ln.wire for ln in self._links.values() if ln.role == "RECEIVER" and ln.wire]
-        self._log.warning("interface %s (%s)", status, reason)
-        self._safe_emit("interface-status", {"qkdi_id": self.qkdi_id, "status": status, "reason": reason})
-        for wire in wires:  # tell transmitters: a failed receiver detects nothing
-            try:
-                wire.send({"t": "status", "interface": status})
-            except OSError:
-                pass
-
     def _account(self, link: _Link, block: int, bits: int, dt: float, qber_pct: float,
                  stream: KeyStream) -> None:
         """Record an accepted block and hand its keys to the sink (never logs key bytes)."""
@@ -424,19 +223,14 @@ class EmulatedQkdModule(Driver):
         with self._lock:
             if link.stop.is_set():
                 return
-            link.window.append((bits, dt))
+            link.meter.add(bits, dt)
             link.qber = qber_pct / 100.0
             link.key_bits += len(keys) * self.key_size
             link.blocks += 1
             perf = link.blocks % self.perf_every == 0
-        for key_id, key in keys:
-            try:
-                self._sink(link.cfg.qkdl_id, key_id, key)
-            except Exception as exc:  # type only: a careless sink's message might quote the key
-                self._log.error("key sink failed for link %s key %s: %s", link.cfg.qkdl_id, key_id,
-                                type(exc).__name__)
+        self._sink_keys(link, keys)
         if perf:
-            self._safe_emit("link-perf", {"qkdl_id": link.cfg.qkdl_id, "skr": link.skr(),
+            self._safe_emit("link-perf", {"qkdl_id": link.cfg.qkdl_id, "skr": link.meter.rate(),
                                           "qber": round(link.qber, 4)})
 
     # --- internals: physics ---------------------------------------------------------------------
@@ -479,68 +273,13 @@ class EmulatedQkdModule(Driver):
 
     # --- internals: transmitter -----------------------------------------------------------------
 
-    def _transmit(self, link: _Link) -> None:
-        """Connect, pair, run blocks; on loss of the channel go PENDING and retry with backoff."""
-        backoff = self.tick
-        while not link.stop.is_set():
-            try:
-                wire, secret, ready = self._pair_as_transmitter(link)
-            except Exception as exc:
-                if not isinstance(exc, (sc.Refused, OSError, ConnectionError, ValueError, KeyError)):
-                    self._log.exception("pairing link %s failed", link.cfg.qkdl_id)
-                reason = str(exc) if isinstance(exc, sc.Refused) else f"cannot pair: {exc}"
-                self._set_status(link, "PENDING", reason)
-                link.stop.wait(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                continue
-            backoff = self.tick
-            try:
-                self._run_blocks(link, wire, secret, ready)
-                reason = "stopped"
-            except Exception as exc:
-                if not isinstance(exc, (OSError, ConnectionError, ValueError, KeyError)):
-                    self._log.exception("link %s session failed", link.cfg.qkdl_id)
-                reason = f"service channel lost: {exc}"
-            finally:
-                with self._lock:
-                    if link.wire is wire:
-                        link.wire = None
-                self._track(wire, False)
-                wire.close()
-            self._set_status(link, "PENDING", reason)
-            link.stop.wait(self.tick)
-
-    def _pair_as_transmitter(self, link: _Link) -> tuple[sc.Wire, bytes, dict[str, Any]]:
-        cfg = link.cfg
-        addr = self._peer_address(cfg.remote_qkdn or "", cfg.remote_qkdi or 0)
-        if addr is None:
-            raise sc.Refused("peer service address unknown")
-        wire = sc.Wire.connect(addr)
-        self._track(wire, True)
-        try:
-            session = sc.initiate(wire, self._service_key, self.kind, cfg.qkdl_id,
-                                  sc.Endpoint(self.qkdn_id, self.qkdi_id),
-                                  sc.Endpoint(cfg.remote_qkdn or "", cfg.remote_qkdi or 0))
-            wire.settimeout(max(5.0, 10 * self.tick))
-        except BaseException:
-            self._track(wire, False)
-            wire.close()
-            raise
-        with self._lock:
-            if link.stop.is_set():
-                self._track(wire, False)
-                wire.close(bye="stopped")
-                raise sc.Refused("link stopped")
-            link.wire = wire
+    def _run_session(self, link: _Link, session: sc.Session) -> None:  # type: ignore[override]
+        """Every tick, evaluate the physics and send a block; account for each acked block."""
+        wire, stream = session.wire, KeyStream(session.secret, self.key_size)
         challenge = session.peer
-        peer = {"max_absorption": float(challenge.get("max_absorption", self.profile.max_absorption)),
-                "interface": challenge.get("interface", "ENABLED")}
-        return wire, session.secret, peer
-
-    def _run_blocks(self, link: _Link, wire: sc.Wire, secret: bytes, peer: dict[str, Any]) -> None:
-        stream = KeyStream(secret, self.key_size)
-        budget = min(self.profile.max_absorption, peer["max_absorption"])
-        peer_failed = peer["interface"] == "FAILED"
+        budget = min(self.profile.max_absorption,
+                     float(challenge.get("max_absorption", self.profile.max_absorption)))
+        peer_failed = challenge.get("interface", "ENABLED") == "FAILED"
         pending: dict[int, tuple[int, float, float]] = {}
         block, last = 0, time.monotonic()
         next_tick = last + self.tick
@@ -573,74 +312,9 @@ class EmulatedQkdModule(Driver):
 
     # --- internals: receiver ---------------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket) -> None:
-        wire = sc.Wire(conn)
-        self._track(wire, True)
-        link: _Link | None = None
-        try:
-            paired = self._pair_as_receiver(wire)
-            if paired is None:
-                return
-            link = paired[0]
-            self._receive_blocks(link, wire, paired[1])
-        except Exception as exc:
-            if not isinstance(exc, (OSError, ConnectionError, ValueError, KeyError)):
-                self._log.exception("service session failed")
-            if link is not None:
-                self._set_status(link, "PENDING", f"service channel lost: {exc}")
-        finally:
-            self._track(wire, False)
-            wire.close()
-            if link is not None:
-                with self._lock:
-                    if link.wire is wire:
-                        link.wire = None
-
-    def _refusal(self, hello: Mapping[str, Any]) -> tuple[_Link | None, str | None]:
-        with self._lock:
-            link = self._links.get(str(hello.get("qkdl_id")))
-            if link is None:
-                return None, "unknown link"
-            if not link.cfg.enabled or link.stop.is_set():
-                return link, "link not enabled at the receiver"
-            mismatch = sc.endpoint_mismatch(hello, sc.Endpoint(self.qkdn_id, self.qkdi_id),
-                                            sc.Endpoint(link.cfg.remote_qkdn or "", link.cfg.remote_qkdi or 0))
-            if mismatch is not None:
-                return link, mismatch
-            if link.role != "RECEIVER":
-                return link, "both ends are transmitters"
-        return link, None
-
-    def _pair_as_receiver(self, wire: sc.Wire) -> tuple[_Link, KeyStream] | None:
-        try:
-            hello = sc.read_hello(wire, self.kind)
-        except sc.Refused as exc:
-            self._log.warning("service channel pairing refused: %s", exc)
-            return None
-        link, refusal = self._refusal(hello)
-        if refusal is not None:
-            wire.refuse(refusal)
-            return None
-        assert link is not None
-        try:
-            session = sc.respond(wire, self._service_key, self.kind, hello,
-                                 {"max_absorption": self.profile.max_absorption, "interface": self._iface})
-        except sc.AuthenticationFailed:
-            self._log.warning("service channel pairing for link %s refused: authentication failed",
-                              link.cfg.qkdl_id)
-            self._set_status(link, "PENDING", "service channel authentication failed")
-            wire.refuse("authentication failed")
-            return None
-        wire.settimeout(None)  # close() and stop() shut the socket down
-        with self._lock:
-            if link.stop.is_set():
-                return None
-            old, link.wire = link.wire, wire
-        if old is not None:  # the transmitter reconnected before we noticed the drop
-            old.close()
-        return link, KeyStream(session.secret, self.key_size)
-
-    def _receive_blocks(self, link: _Link, wire: sc.Wire, stream: KeyStream) -> None:
+    def _run_receiver(self, link: _Link, session: sc.Session) -> None:  # type: ignore[override]
+        """Take the transmitter's blocks in order, account for them and ack each."""
+        wire, stream = session.wire, KeyStream(session.secret, self.key_size)
         expect = 0
         while not link.stop.is_set():
             msg = wire.recv()

@@ -23,184 +23,36 @@ unless the device reports one in status_extension ({"qber": fraction or percent}
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import collections
 import hmac
 import logging
-import socket
-import ssl
 import struct
-import threading
 import time
-import urllib.parse
-import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import httpx
-
 from sdqkd.agents.drivers import service_channel as sc
-from sdqkd.agents.drivers.base import Change, Driver, DriverError, Emit, Event
+from sdqkd.agents.drivers.base import DriverError
 from sdqkd.agents.drivers.profile import IDENTITY_MODULE, ROLES, identity_name, parse_wavelength_range
-from sdqkd.agents.drivers.qkd_emulated import (KeySink, LinkConfig, ModuleLog, PeerAddress, link_config,
-                                               link_role, owns_link)
-from sdqkd.agents.kms import pki
+from sdqkd.agents.drivers.qkd_link import KeySink, Link, LinkConfig, PeerAddress, QkdModule, RateMeter
+from sdqkd.agents.kms.etsi014_client import DeviceApi, DeviceClient, DeviceError
+
+__all__ = ["DeviceApi", "DeviceClient", "DeviceError", "Etsi014QkdModule", "RateMeter"]
 
 log = logging.getLogger(__name__)
 
-API = "/api/v1/keys"
 MAX_BATCH = 1024          # key IDs per service-channel frame (frames are at most 64 KiB)
-_DOWN = ("unreachable", "tls")
-
-
-# --- the device's ETSI 014 API ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceApi:
-    """Where and as whom the agent reaches its device's ETSI GS QKD 014 API."""
-
-    url: str             # https://host:port of the device's KME
-    sae_id: str          # this agent's SAE ID at the device (its client certificate's CN)
-    peer_sae_id: str     # the peer agent's SAE ID at the peer device
-    ca: str              # the device vendor's CA (PEM)
-    cert: str            # this SAE's client certificate (PEM)
-    key: str             # and its private key (PEM)
-    timeout: float = 5.0
-
-
-class DeviceError(Exception):
-    """A failed device call. kind: 'unreachable', 'tls' (the device is down for us:
-    interface FAILED), 'busy' (HTTP 503), 'refused' (other HTTP errors), 'protocol'."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-    @property
-    def down(self) -> bool:
-        return self.kind in _DOWN
-
-    def reason(self) -> str:
-        label = {"unreachable": "device unreachable", "tls": "device TLS failure", "busy": "device busy (503)",
-                 "refused": "device refused", "protocol": "device answered nonsense"}[self.kind]
-        return f"{label}: {self.message}"
-
-
-class DeviceClient:
-    """The three ETSI 014 calls the driver makes, with every failure as a DeviceError."""
-
-    def __init__(self, api: DeviceApi) -> None:
-        try:
-            ctx = pki.client_ssl_context(api.cert, api.key, api.ca)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise DeviceError("tls", f"credentials unusable: {exc}") from None
-        self._http = httpx.Client(base_url=api.url, verify=ctx, timeout=api.timeout)
-
-    def status(self, slave_sae: str) -> dict[str, Any]:
-        return self._call("GET", f"{API}/{_q(slave_sae)}/status")
-
-    def enc_keys(self, slave_sae: str, number: int, size: int) -> list[tuple[str, bytes]]:
-        body = self._call("POST", f"{API}/{_q(slave_sae)}/enc_keys", {"number": number, "size": size})
-        return _keys(body)
-
-    def dec_keys(self, master_sae: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
-        body = self._call("POST", f"{API}/{_q(master_sae)}/dec_keys", {"key_IDs": [{"key_ID": k} for k in key_ids]})
-        return _keys(body)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        try:
-            r = self._http.request(method, path, json=body)
-        except httpx.TimeoutException as exc:
-            raise DeviceError("unreachable", f"timed out ({type(exc).__name__})") from None
-        except (httpx.TransportError, ssl.SSLError, OSError) as exc:
-            kind = "tls" if _tls_failure(exc) else "unreachable"
-            raise DeviceError(kind, _short(str(exc) or type(exc).__name__)) from None
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        if r.status_code != 200:
-            msg = data.get("message") if isinstance(data, dict) else None
-            text = f"HTTP {r.status_code}" + (f" {_short(str(msg))}" if msg else "")
-            raise DeviceError("busy" if r.status_code == 503 else "refused", text)
-        if not isinstance(data, dict):
-            raise DeviceError("protocol", "the response is not a JSON object")
-        return data
-
-
-def _q(sae: str) -> str:
-    return urllib.parse.quote(sae, safe="")
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _tls_failure(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError) or "SSL" in str(seen) or "certificate" in str(seen).lower():
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _keys(body: Mapping[str, Any]) -> list[tuple[str, bytes]]:
-    """A key container's (key_ID, key) pairs; never quotes a key in an error."""
-    items = body.get("keys")
-    if not isinstance(items, list):
-        raise DeviceError("protocol", "no keys array in the key container")
-    out = []
-    for item in items:
-        try:
-            out.append((str(uuid.UUID(str(item["key_ID"]))), base64.b64decode(item["key"], validate=True)))
-        except (KeyError, TypeError, ValueError, binascii.Error):
-            raise DeviceError("protocol", "malformed key in the key container") from None
-    return out
 
 
 # --- link bookkeeping ---------------------------------------------------------------------
 
 
-class RateMeter:
-    """Bits delivered over the last `window` seconds, per second: a measurement, as
-    ETSI 015 SKR is, not the device's nominal rate."""
-
-    def __init__(self, window: float, floor: float) -> None:
-        self.window, self.floor = window, floor
-        self.since = time.monotonic()
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
-
-    def add(self, bits: int, now: float | None = None) -> None:
-        self._samples.append((time.monotonic() if now is None else now, bits))
-
-    def rate(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        while self._samples and self._samples[0][0] < now - self.window:
-            self._samples.popleft()
-        span = min(self.window, max(now - self.since, self.floor))
-        return int(sum(b for _, b in self._samples) / span)
-
-
 @dataclass(eq=False)
-class _Link:
-    cfg: LinkConfig
+class _Link(Link):
+    """A link whose keys come in batches from the device."""
+
     meter: RateMeter
-    role: str = "RECEIVER"
-    status: str = "OFF"
-    reason: str = ""
-    qber: float | None = None
-    key_bits: int = 0
     batches: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
-    wire: sc.Wire | None = None
     last_key: float = 0.0       # monotonic time of the last delivered batch
 
 
@@ -224,10 +76,11 @@ def _qber_of(status: Mapping[str, Any]) -> float | None:
 # --- the driver ---------------------------------------------------------------------------
 
 
-class Etsi014QkdModule(Driver):
+class Etsi014QkdModule(QkdModule):
     """One real QKD module reached through its ETSI 014 API; serves one enabled PHYS link."""
 
     kind: ClassVar[str] = "qkd-etsi014"
+    _tx_thread: ClassVar[str] = "master"
 
     def __init__(self, node: str, qkdn_id: str, qkdi_id: int, role: str, *, device: DeviceApi,
                  key_sink: KeySink, service_key: bytes, peer_address: PeerAddress,
@@ -249,72 +102,22 @@ class Etsi014QkdModule(Driver):
             raise ValueError("key size must be a positive multiple of 8 bits")
         if not device.sae_id or not device.peer_sae_id:
             raise ValueError("the device's own and peer SAE IDs are needed")
-        self.node, self.qkdn_id, self.qkdi_id, self.role = node, qkdn_id, int(qkdi_id), role
+        self._init_module(node, qkdn_id, qkdi_id, role, key_sink=key_sink, peer_address=peer_address,
+                          service_key=service_key, listen=listen, logger=log)
         self.device = device
         self.key_size, self.poll, self.max_backoff = key_size, float(poll), max(float(max_backoff), float(poll))
         self.skr_window, self.idle_after, self.perf_every = float(skr_window), float(idle_after), max(1, perf_every)
         self.model, self.technology = model, f"{IDENTITY_MODULE}:{identity_name(technology)}"
         self.wavelength_range, self.max_absorption = wavelength_range, max_absorption
         self._channels = parse_wavelength_range(wavelength_range) if wavelength_range else frozenset()
-        self._sink, self._peer_address = key_sink, peer_address
-        self._service_key = bytes(service_key)
-        self._listen = listen
-        self._lock = threading.RLock()
-        self._links: dict[str, _Link] = {}
-        self._iface, self._iface_reason = "DISABLED", ""
-        self._emit: Emit = lambda event: None
-        self._listener: sc.Listener | None = None
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._wires: set[sc.Wire] = set()
         self._clients: set[DeviceClient] = set()
-        self.address: tuple[str, int] | None = None
-        self._log = ModuleLog(log, {"where": f"{node}:{qkdi_id}"})
 
-    # --- Driver -------------------------------------------------------------------------
+    # --- QkdModule hooks ------------------------------------------------------------------
 
-    def open(self, emit: Emit) -> None:
-        """Listen on the service address (see `address`), start enabled links."""
-        self._emit = emit
-        listener = sc.Listener(self._listen)
-        self._listener, self.address = listener, listener.address
-        with self._lock:
-            self._iface = "ENABLED"
-        self._spawn(listener.serve, "accept", lambda conn: self._spawn(self._serve, "rx", conn))
-        for link in list(self._links.values()):
-            self._start(link)
+    def _new_link(self, cfg: LinkConfig) -> Link:
+        return _Link(cfg, RateMeter(self.skr_window, self.poll), role=self._role_for(cfg))
 
-    def close(self) -> None:
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        with self._lock:
-            links, wires, clients = list(self._links.values()), list(self._wires), list(self._clients)
-            self._iface = "DISABLED"
-        for link in links:
-            link.stop.set()
-        for wire in wires:
-            wire.close(bye="module closed")
-        for client in clients:  # a call in progress fails at once
-            client.close()
-        if self._listener is not None:
-            self._listener.close()
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout=2.0)
-
-    def handles(self, change: Change) -> bool:
-        if change.kind != "qkd-link":
-            return False
-        return any(self._ours(e) for e in (change.new, change.old) if e is not None)
-
-    def check(self, change: Change) -> None:
-        entry = change.new
-        if entry is None or not self._ours(entry):
-            return
-        cfg = link_config(entry, change.key)
+    def _check_device(self, cfg: LinkConfig) -> None:
         if cfg.wavelength is not None and self._channels and cfg.wavelength not in self._channels:
             raise DriverError("invalid-value", f"phys_wavelength {cfg.wavelength} is outside the device's "
                                                f"range {self.wavelength_range}")
@@ -326,115 +129,51 @@ class Etsi014QkdModule(Driver):
         if cfg.attenuation is not None and self.max_absorption is not None and cfg.attenuation > self.max_absorption:
             raise DriverError("invalid-value", f"phys_channel_att {cfg.attenuation} dB is over the "
                                                f"device's max absorption {self.max_absorption} dB")
-        if cfg.enabled:
-            if cfg.remote_qkdn is None or cfg.remote_qkdi is None:
-                raise DriverError("invalid-value", "qkdl_remote qkdn_id and qkdi_id are needed")
-            with self._lock:
-                busy = [k for k, ln in self._links.items() if ln.cfg.enabled and k != cfg.qkdl_id]
-            if busy:
-                raise DriverError("resource-denied", f"QKD interface {self.qkdi_id} already serves link {busy[0]}")
 
-    def apply(self, change: Change) -> None:
-        entry = change.new if change.new is not None and self._ours(change.new) else None
-        key = str((change.new or change.old or {}).get("qkdl_id", change.key))
-        with self._lock:
-            old = self._links.pop(key, None)
-        if entry is None:
-            if old is not None:
-                self._stop(old, "link deleted")
-            return
-        cfg = link_config(entry, change.key)
-        if old is not None and old.cfg == cfg:
-            with self._lock:
-                self._links[key] = old
-            return
-        link = _Link(cfg, RateMeter(self.skr_window, self.poll),
-                     role=link_role(cfg, self.role, self.qkdn_id, self.qkdi_id))
-        if old is not None:  # the new entry takes over counters and status, so events show changes only
-            link.key_bits, link.status, link.reason = old.key_bits, old.status, old.reason
-            self._stop(old, "link reconfigured" if cfg.enabled else "disabled", report=False)
-        with self._lock:
-            self._links[key] = link
-        if not cfg.enabled:
-            self._set_status(link, "OFF", "disabled", force=True)
-        elif self._listener is not None and not self._closing.is_set():
-            self._start(link)
+    def _interface(self) -> dict[str, Any]:
+        return {"model": self.model, "technology": self.technology,
+                "role_support": f"{IDENTITY_MODULE}:{self.role}",
+                "wavelength_range": self.wavelength_range, "max_absorption": self.max_absorption}
 
-    def state(self) -> dict[str, Any]:
+    def _on_close(self) -> None:
         with self._lock:
-            return {
-                "interface": {
-                    "qkdi_id": self.qkdi_id,
-                    "status": self._iface,
-                    "model": self.model,
-                    "technology": self.technology,
-                    "role_support": f"{IDENTITY_MODULE}:{self.role}",
-                    "wavelength_range": self.wavelength_range,
-                    "max_absorption": self.max_absorption,
-                },
-                "links": {k: {"status": ln.status, "reason": ln.reason, "skr": ln.meter.rate(),
-                              "qber": None if ln.qber is None else round(ln.qber, 4), "key_bits": ln.key_bits}
-                          for k, ln in self._links.items()},
-            }
+            clients = list(self._clients)
+        for client in clients:  # a call in progress fails at once
+            client.close()
+
+    def _hello_extra(self) -> dict[str, Any] | None:
+        return {"sae": self.device.sae_id, "peer_sae": self.device.peer_sae_id}
+
+    def _challenge_extra(self) -> dict[str, Any]:
+        with self._lock:
+            device = {"device": self._iface, "reason": self._iface_reason}
+        return {"sae": self.device.sae_id, "peer_sae": self.device.peer_sae_id, **device}
+
+    def _vet_peer(self, session: sc.Session) -> None:
+        peer = session.peer
+        if (peer.get("sae"), peer.get("peer_sae")) != (self.device.peer_sae_id, self.device.sae_id):
+            session.wire.close(bye="SAE IDs do not match")
+            raise sc.Refused(f"SAE IDs do not match: the peer is '{peer.get('sae')}' for '{peer.get('peer_sae')}'")
+
+    def _session_timeout(self) -> float:
+        return max(5.0, 2 * self.device.timeout + 10 * self.poll)
+
+    def _retry(self) -> tuple[float, float]:
+        return self.poll, self.max_backoff
+
+    def _refuse_hello(self, link: Link, hello: Mapping[str, Any]) -> str | None:
+        if (hello.get("sae"), hello.get("peer_sae")) != (self.device.peer_sae_id, self.device.sae_id):
+            return (f"SAE IDs do not match: the receiver is '{self.device.sae_id}' "
+                    f"for '{self.device.peer_sae_id}'")
+        return None
+
+    def _on_paired(self, link: Link) -> None:
+        self._set_status(link, "PASSIVE", "paired, waiting for key")
 
     # --- master: pull from the device, tell the slave ---------------------------------------
 
-    def _master(self, link: _Link) -> None:
-        """Pair, pull batches; on loss of the channel go PENDING and retry with backoff."""
-        backoff = self.poll
-        while not link.stop.is_set():
-            try:
-                session = self._pair(link)
-            except Exception as exc:
-                if not isinstance(exc, (sc.Refused, OSError, ConnectionError, ValueError, KeyError)):
-                    self._log.exception("pairing link %s failed", link.cfg.qkdl_id)
-                self._set_status(link, "PENDING", str(exc) if isinstance(exc, sc.Refused) else f"cannot pair: {exc}")
-                link.stop.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            backoff = self.poll
-            try:
-                self._pull(link, session)
-                reason = "stopped"
-            except Exception as exc:
-                if not isinstance(exc, (OSError, ConnectionError, ValueError, KeyError)):
-                    self._log.exception("link %s session failed", link.cfg.qkdl_id)
-                reason = f"service channel lost: {exc}"
-            finally:
-                self._release(link, session.wire)
-            self._set_status(link, "PENDING", reason)
-            link.stop.wait(self.poll)
-
-    def _pair(self, link: _Link) -> sc.Session:
-        cfg = link.cfg
-        addr = self._peer_address(cfg.remote_qkdn or "", cfg.remote_qkdi or 0)
-        if addr is None:
-            raise sc.Refused("peer service address unknown")
-        wire = sc.Wire.connect(addr)
-        self._track(wire, True)
-        try:
-            session = sc.initiate(wire, self._service_key, self.kind, cfg.qkdl_id,
-                                  sc.Endpoint(self.qkdn_id, self.qkdi_id),
-                                  sc.Endpoint(cfg.remote_qkdn or "", cfg.remote_qkdi or 0),
-                                  {"sae": self.device.sae_id, "peer_sae": self.device.peer_sae_id})
-            peer = session.peer
-            if (peer.get("sae"), peer.get("peer_sae")) != (self.device.peer_sae_id, self.device.sae_id):
-                wire.close(bye="SAE IDs do not match")
-                raise sc.Refused(f"SAE IDs do not match: the peer is '{peer.get('sae')}' for '{peer.get('peer_sae')}'")
-            wire.settimeout(max(5.0, 2 * self.device.timeout + 10 * self.poll))
-        except BaseException:
-            self._track(wire, False)
-            wire.close()
-            raise
-        with self._lock:
-            if link.stop.is_set():
-                self._track(wire, False)
-                wire.close(bye="stopped")
-                raise sc.Refused("link stopped")
-            link.wire = wire
-        return session
-
-    def _pull(self, link: _Link, session: sc.Session) -> None:
+    def _run_session(self, link: _Link, session: sc.Session) -> None:  # type: ignore[override]
+        """Pull batches from the device while the slave confirms them; back off while it fails."""
         wire, peer = session.wire, session.peer
         peer_down = None if peer.get("device", "ENABLED") == "ENABLED" else str(peer.get("reason", "failed"))
         client: DeviceClient | None = None
@@ -522,73 +261,8 @@ class Etsi014QkdModule(Driver):
 
     # --- slave: take the same IDs from the own device ------------------------------------------
 
-    def _serve(self, conn: socket.socket) -> None:
-        wire = sc.Wire(conn)
-        self._track(wire, True)
-        link: _Link | None = None
-        try:
-            paired = self._respond(wire)
-            if paired is not None:
-                link = paired[0]
-                self._receive(link, paired[1])
-        except Exception as exc:
-            if not isinstance(exc, (OSError, ConnectionError, ValueError, KeyError, sc.Refused)):
-                self._log.exception("service session failed")
-            if link is not None:
-                self._set_status(link, "PENDING", f"service channel lost: {exc}")
-        finally:
-            if link is not None:
-                self._release(link, wire)
-            else:
-                self._track(wire, False)
-                wire.close()
-
-    def _refusal(self, hello: Mapping[str, Any]) -> tuple[_Link | None, str | None]:
-        with self._lock:
-            link = self._links.get(str(hello.get("qkdl_id")))
-            if link is None:
-                return None, "unknown link"
-            if not link.cfg.enabled or link.stop.is_set():
-                return link, "link not enabled at the receiver"
-            mismatch = sc.endpoint_mismatch(hello, sc.Endpoint(self.qkdn_id, self.qkdi_id),
-                                            sc.Endpoint(link.cfg.remote_qkdn or "", link.cfg.remote_qkdi or 0))
-            if mismatch is not None:
-                return link, mismatch
-            if link.role != "RECEIVER":
-                return link, "both ends are transmitters"
-            if (hello.get("sae"), hello.get("peer_sae")) != (self.device.peer_sae_id, self.device.sae_id):
-                return link, (f"SAE IDs do not match: the receiver is '{self.device.sae_id}' "
-                              f"for '{self.device.peer_sae_id}'")
-        return link, None
-
-    def _respond(self, wire: sc.Wire) -> tuple[_Link, sc.Session] | None:
-        hello = sc.read_hello(wire, self.kind)
-        link, refusal = self._refusal(hello)
-        if refusal is not None:
-            wire.refuse(refusal)
-            return None
-        assert link is not None
-        with self._lock:
-            device = {"device": self._iface, "reason": self._iface_reason}
-        try:
-            session = sc.respond(wire, self._service_key, self.kind, hello,
-                                 {"sae": self.device.sae_id, "peer_sae": self.device.peer_sae_id, **device})
-        except sc.AuthenticationFailed:
-            self._log.warning("service channel pairing for link %s refused: authentication failed", link.cfg.qkdl_id)
-            self._set_status(link, "PENDING", "service channel authentication failed")
-            wire.refuse("authentication failed")
-            return None
-        wire.settimeout(None)  # close() and stop() shut the socket down
-        with self._lock:
-            if link.stop.is_set():
-                return None
-            old, link.wire = link.wire, wire
-        if old is not None:  # the master reconnected before we noticed the drop
-            old.close()
-        self._set_status(link, "PASSIVE", "paired, waiting for key")
-        return link, session
-
-    def _receive(self, link: _Link, session: sc.Session) -> None:
+    def _run_receiver(self, link: _Link, session: sc.Session) -> None:  # type: ignore[override]
+        """Serve the master's batches; probe the device while idle so its failure is seen."""
         wire = session.wire
         client: DeviceClient | None = None
         last_contact = 0.0
@@ -670,8 +344,6 @@ class Etsi014QkdModule(Driver):
         if self._set_iface("ENABLED", "device reachable"):
             wire.send({"t": "device", "status": "ENABLED", "reason": "device reachable"})
 
-    # --- both ends ---------------------------------------------------------------------------
-
     def _device_failed(self, link: _Link, wire: sc.Wire, exc: DeviceError) -> None:
         if exc.down:
             self._set_iface("FAILED", exc.reason())
@@ -692,12 +364,7 @@ class Etsi014QkdModule(Driver):
             link.batches += 1
             perf = {"qkdl_id": link.cfg.qkdl_id, "skr": link.meter.rate(),
                     "qber": None if link.qber is None else round(link.qber, 4)}
-        for key_id, key in keys:
-            try:
-                self._sink(link.cfg.qkdl_id, key_id, key)
-            except Exception as exc:  # type only: a careless sink's message might quote the key
-                self._log.error("key sink failed for link %s key %s: %s", link.cfg.qkdl_id, key_id,
-                                type(exc).__name__)
+        self._sink_keys(link, keys)
         self._log.debug("link %s: %d key(s) delivered", link.cfg.qkdl_id, len(keys))
         if link.batches % self.perf_every == 0:
             self._safe_emit("link-perf", perf)
@@ -712,68 +379,3 @@ class Etsi014QkdModule(Driver):
         with self._lock:
             self._clients.discard(client)
         client.close()
-
-    def _ours(self, entry: Mapping[str, Any]) -> bool:
-        return owns_link(entry, self.qkdn_id, self.qkdi_id)
-
-    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True,
-                                  name=f"qkd-{self.node}:{self.qkdi_id}-{name}")
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
-
-    def _track(self, wire: sc.Wire, live: bool) -> None:
-        with self._lock:
-            (self._wires.add if live else self._wires.discard)(wire)
-
-    def _release(self, link: _Link, wire: sc.Wire) -> None:
-        with self._lock:
-            if link.wire is wire:
-                link.wire = None
-        self._track(wire, False)
-        wire.close()
-
-    def _start(self, link: _Link) -> None:
-        if not link.cfg.enabled:
-            return
-        self._set_status(link, "PENDING", "waiting for the service channel")
-        if link.role == "TRANSMITTER":
-            self._spawn(self._master, "master", link)
-
-    def _stop(self, link: _Link, reason: str, report: bool = True) -> None:
-        """Stop a link without waiting for its threads (they may be inside emit or a device call)."""
-        link.stop.set()
-        wire = link.wire
-        if wire is not None:
-            wire.close(bye=reason)
-        if report:
-            self._set_status(link, "OFF", reason, force=True)
-
-    def _safe_emit(self, kind: str, data: dict[str, Any]) -> None:
-        try:
-            self._emit(Event(kind, data))
-        except Exception:  # a bad handler must not stop the module
-            self._log.exception("%s handler failed", kind)
-
-    def _set_status(self, link: _Link, status: str, reason: str, force: bool = False) -> bool:
-        """Record and report a link status; False when nothing changed."""
-        with self._lock:
-            if (link.stop.is_set() and not force) or (link.status, link.reason) == (status, reason):
-                return False
-            changed = link.status != status
-            link.status, link.reason = status, reason
-        if changed:
-            self._log.info("link %s %s (%s)", link.cfg.qkdl_id, status, reason)
-        self._safe_emit("link-status", {"qkdl_id": link.cfg.qkdl_id, "status": status, "reason": reason})
-        return True
-
-    def _set_iface(self, status: str, reason: str) -> bool:
-        with self._lock:
-            if self._iface == status or self._iface == "DISABLED":
-                return False
-            self._iface, self._iface_reason = status, reason if status == "FAILED" else ""
-        self._log.warning("interface %s (%s)", status, reason)
-        self._safe_emit("interface-status", {"qkdi_id": self.qkdi_id, "status": status, "reason": reason})
-        return True
-
