@@ -61,11 +61,42 @@ def node_id(lab_name: str, node: dict[str, Any]) -> str:
     return str(node.get("qkdn-id") or uuid.uuid5(LAB_NS, f"{lab_name}/{node['name']}")).lower()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(used: set[int] | None = None) -> int:
+    """A loopback port that is free now and outside the ephemeral range, so no
+    outgoing connection of an already started process can take it before its
+    listener binds it."""
+    used = used if used is not None else set()
+    lo, hi = _ephemeral_range()
+    pool = (10000, lo - 1) if lo > 11000 else (hi + 1, 65535)
+    rng = secrets.SystemRandom()
+    for _ in range(1000):
+        port = rng.randint(*pool)
+        if port in used:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        used.add(port)
+        return port
+    raise OSError("no free loopback port outside the ephemeral range")
+
+
 class _Ports:
     """Fixed bases from the topology defaults, or free loopback ports (tests, parallel labs)."""
 
     def __init__(self, defaults: dict[str, Any], free: bool) -> None:
         self.free = free
+        self.used: set[int] = set()
         self.next = {
             "netconf": int(defaults.get("netconf-port-base", 8300)),
             "kms": int(defaults.get("kms-port-base", 8400)),
@@ -75,9 +106,7 @@ class _Ports:
 
     def take(self, kind: str) -> int:
         if self.free:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
+            return free_port(self.used)
         port = self.next[kind]
         self.next[kind] += 1
         return port

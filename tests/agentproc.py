@@ -15,14 +15,16 @@ from typing import Any
 from ncclient import manager
 
 from sdqkd.agents import ssh
+from sdqkd.lab.plan import free_port as plan_free_port
 
 PASSWORD = "s3cret-for-tests"
 
 
+_USED: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return plan_free_port(_USED)
 
 
 @dataclass
