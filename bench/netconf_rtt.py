@@ -1,0 +1,73 @@
+"""NETCONF round trips against a real sdqkd agent: stock ncclient (its session loop
+polls the send queue every 100 ms) against the controller's waking session, in the
+same run. Prints p50/p99 and round trips per second for get-config and edit-config.
+
+    .venv/bin/python bench/netconf_rtt.py [--n 200]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from ncclient import manager  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from agentproc import PASSWORD, agent_config  # noqa: E402
+from sdqkd.controller.southbound.session import connect  # noqa: E402
+
+ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+
+
+def measure(fn, n: int) -> tuple[float, float, float]:
+    times = []
+    start = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    times.sort()
+    return statistics.median(times) * 1000, times[int(0.99 * (len(times) - 1))] * 1000, n / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200, help="round trips per case (stock ncclient needs ~0.1 s each)")
+    args = ap.parse_args()
+    agent = agent_config(Path(tempfile.mkdtemp(prefix="sdqkd-bench-"))).start()
+    kw = dict(host="127.0.0.1", port=agent.port, username="admin", password=PASSWORD, hostkey_verify=False,
+              look_for_keys=False, allow_agent=False)
+    rows = []
+    try:
+        for label, open_session in (("ncclient 0.7.1 (TICK poll)", manager.connect), ("sdqkd waking session", connect)):
+            m = open_session(**kw)
+            n = min(args.n, 50) if open_session is manager.connect else args.n
+
+            def edit(i: int) -> None:
+                m.edit_config(target="running", config=f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}">'
+                                                       f"<qkdn_location_id>bench-{i}</qkdn_location_id></qkd_node></config>")
+
+            rows.append((label, "get-config", *measure(lambda i: m.get_config("running"), n)))
+            rows.append((label, "edit-config", *measure(edit, n)))
+            m.close_session()
+    finally:
+        agent.stop()
+    table = Table(title="NETCONF round trips to one sdqkd agent (loopback, same run)")
+    for col in ("client", "operation", "p50 ms", "p99 ms", "round trips/s", "vs ncclient"):
+        table.add_column(col)
+    base = {op: rate for client, op, _, _, rate in rows if client.startswith("ncclient")}
+    for client, op, p50, p99, rate in rows:
+        table.add_row(client, op, f"{p50:.2f}", f"{p99:.2f}", f"{rate:.0f}", f"{rate / base[op]:.0f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
