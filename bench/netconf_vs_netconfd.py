@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from agentproc import PASSWORD, agent_config, free_port  # noqa: E402
+from netconf_rtt import measure  # noqa: E402  (bench/ is on sys.path when run as a script)
 from sdqkd.controller.southbound.session import connect  # noqa: E402
 
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
@@ -53,18 +53,6 @@ console = Console()
 
 class Blocked(RuntimeError):
     """A step needed to run netconfd behind sshd failed; the message says which."""
-
-
-def measure(fn, n: int) -> tuple[float, float, float]:
-    times = []
-    start = time.perf_counter()
-    for i in range(n):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    total = time.perf_counter() - start
-    times.sort()
-    return statistics.median(times) * 1000, times[int(0.99 * (len(times) - 1))] * 1000, n / total
 
 
 def tail(path: Path, n: int = 2000) -> str:

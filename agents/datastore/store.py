@@ -65,8 +65,9 @@ class Datastores:
         base = list(initial)
         if startup_path is not None and startup_path.exists():
             base = self._read_file(startup_path)
+        self.running: list[etree._Element] = []
         roots, _ = self.check(base, with_devices=False)
-        self.running: list[etree._Element] = self.models.dump(roots, config_only=True)
+        self.running = self.models.dump(roots, config_only=True)
         self.startup: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
         self.candidate: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
 
@@ -185,7 +186,7 @@ class Datastores:
         problems = validate.validate(roots, self.facts)
         if problems:
             raise errors.RpcErrors(problems)
-        current = self.models.load(self.running) if getattr(self, "running", None) else self.models.empty()
+        current = self.models.load(self.running) if self.running else self.models.empty()
         changes = diff.changes(current, roots, self.models)
         if not with_devices:
             return roots, changes

@@ -21,7 +21,7 @@ from typing import Any
 from ncclient.operations.rpc import RPCError
 
 from sdqkd.controller.southbound.agent import AgentConnection, AgentUnavailable
-from sdqkd.controller.southbound.ops import CANDIDATE, CONFIRMED, Plan, config_element
+from sdqkd.controller.southbound.ops import CANDIDATE, CONFIRMED, Edit, Plan, config_element
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,11 @@ class TxnReport:
 _serial = threading.Lock()
 
 
-def _check_caps(conn: AgentConnection) -> None:
+def _check_caps(conn: AgentConnection, edits: list[Edit]) -> None:
+    """The transaction's own needs plus what each edit declares (ncclient's RPC.DEPENDS)."""
     caps = set(_on(conn, lambda m: list(m.server_capabilities)))
-    missing = [c for c in (CANDIDATE, CONFIRMED) if c not in caps]
+    needed = dict.fromkeys((CANDIDATE, CONFIRMED, *(d for e in edits for d in e.DEPENDS)))
+    missing = [c for c in needed if c not in caps]
     if missing:
         raise TxnError(conn.addr.name, f"agent lacks {', '.join(missing)}", "operation-not-supported")
 
@@ -80,7 +82,7 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
         try:
             for n in order:
                 c = conns[n]
-                _check_caps(c)
+                _check_caps(c, plan.edits[n])
                 for target in ("running", "candidate"):
                     _on(c, lambda m, t=target: m.lock(t))
                     locked.append((c, target))

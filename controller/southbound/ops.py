@@ -15,6 +15,7 @@ from sdqkd.bindings.etsi_qkd_sdn_node import etsi_qkd_sdn_node
 from sdqkd.bindings.sdqkd_optical_switch import sdqkd_optical_switch
 
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
 CANDIDATE = "urn:ietf:params:netconf:capability:candidate:1.0"
 CONFIRMED = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
 
@@ -36,17 +37,12 @@ class Edit:
     def elements(self) -> list[etree._Element]:
         raise NotImplementedError
 
-    def describe(self) -> str:
-        return type(self).__name__
-
 
 def _mark_delete(top: etree._Element, entry_tag: str) -> None:
     for el in top.iter(entry_tag):
         el.set(f"{{{NC_NS}}}operation", "remove")
-        keep = list(el)[:1]  # the key
-        for child in list(el)[1:]:
+        for child in list(el)[1:]:  # only the key stays
             el.remove(child)
-        del keep
 
 
 @dataclass
@@ -93,13 +89,10 @@ class LinkEdit(Edit):
                 lk.phys_wavelength = str(self.channel)
             if self.attenuation is not None:
                 lk.phys_channel_att = Decimal(str(round(self.attenuation, 3)))
-        els = _without_node_id(yangcodec.encode_xml(root, _etsi(), config_only=True))
+        els = yangcodec.encode_xml(root, _etsi(), config_only=True)
         if self.delete:
-            _mark_delete(els[0], f"{{{yangcodec_ns()}}}qkd_link")
+            _mark_delete(els[0], f"{{{ETSI_NS}}}qkd_link")
         return els
-
-    def describe(self) -> str:
-        return f"{'delete ' if self.delete else ''}{self.kind} link {self.qkdl_id}"
 
 
 @dataclass
@@ -140,17 +133,14 @@ class AppEdit(Edit):
                 app.app_qos.max_bandwidth = self.max_bps
             if self.ttl is not None:
                 app.app_qos.ttl = self.ttl
-        els = _without_node_id(yangcodec.encode_xml(root, _etsi(), config_only=True))
+        els = yangcodec.encode_xml(root, _etsi(), config_only=True)
         if self.delete:
-            _mark_delete(els[0], f"{{{yangcodec_ns()}}}qkd_app")
+            _mark_delete(els[0], f"{{{ETSI_NS}}}qkd_app")
         else:
             # The entry is stated whole: a reroute must replace backing_qkdl_id, not add to it.
-            for el in els[0].iter(f"{{{yangcodec_ns()}}}qkd_app"):
+            for el in els[0].iter(f"{{{ETSI_NS}}}qkd_app"):
                 el.set(f"{{{NC_NS}}}operation", "replace")
         return els
-
-    def describe(self) -> str:
-        return f"{'delete ' if self.delete else ''}application {self.app_id}"
 
 
 @dataclass
@@ -170,18 +160,6 @@ class CrossConnectEdit(Edit):
         if self.delete:
             _mark_delete(els[0], "{urn:sdqkd:yang:sdqkd-optical-switch}cross-connect")
         return els
-
-    def describe(self) -> str:
-        return f"{'delete ' if self.delete else ''}cross-connect {self.switch} {self.port_a}<->{self.port_b}"
-
-
-def yangcodec_ns() -> str:
-    return "urn:etsi:qkd:yang:etsi-qkd-node"
-
-
-def _without_node_id(els: list[etree._Element]) -> list[etree._Element]:
-    """Edits merge into the agent's qkd_node; they never restate its identity."""
-    return els
 
 
 def config_element(edits: list[Edit]) -> etree._Element:
@@ -204,6 +182,3 @@ class Plan:
 
     def nodes(self) -> list[str]:
         return sorted(self.edits)  # a fixed order: no lock-order deadlock between transactions
-
-    def inverse_hint(self) -> str:
-        return "; ".join(f"{n}: {', '.join(e.describe() for e in es)}" for n, es in self.edits.items())
