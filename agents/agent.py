@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lxml import etree
 
 from sdqkd.agents import config as agent_config
 from sdqkd.agents import events, ssh, state
@@ -125,9 +124,6 @@ class Agent:
                     self.hub.publish(content)
             except Exception:  # noqa: BLE001 - a bad event must not stop notifications
                 log.exception("cannot send event %s", event.kind)
-
-    def publish(self, content: etree._Element) -> None:
-        self.hub.publish(content)
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -4,8 +4,6 @@ measured rate of its link when the topology gives one), one switch driver per sw
 from __future__ import annotations
 
 import json
-import threading
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,20 +17,6 @@ from sdqkd.agents.drivers.profile import QkdProfile, calibrate
 from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi
 
 KeySink = Callable[[str, str, bytes], None]
-
-
-class KeyCounter:
-    """Counts the key each link delivers (the key store replaces it as the sink)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.keys: dict[str, int] = defaultdict(int)
-        self.bits: dict[str, int] = defaultdict(int)
-
-    def __call__(self, qkdl_id: str, key_id: str, key: bytes) -> None:
-        with self._lock:
-            self.keys[qkdl_id] += 1
-            self.bits[qkdl_id] += 8 * len(key)
 
 
 @dataclass
@@ -81,7 +65,7 @@ def _channel_of(topo: dict[str, Any], node: str, qkdi_id: int) -> int | None:
     return None
 
 
-def build(cfg: AgentConfig, key_sink: KeySink | None = None) -> Devices:
+def build(cfg: AgentConfig, key_sink: KeySink) -> Devices:
     topo = load_topology(Path(cfg.plant.topology)) if cfg.plant else {}
     plant = Plant(topo, Path(cfg.plant.state)) if cfg.plant else None
     service_key = bytes.fromhex(cfg.service_key or "")
@@ -99,7 +83,7 @@ def build(cfg: AgentConfig, key_sink: KeySink | None = None) -> Devices:
         peer = cfg.peers.get(str(qkdn_id).lower())
         return peer.node if peer else None
 
-    sink = key_sink or KeyCounter()
+    sink = key_sink
     devices = Devices([], plant)
     for m in cfg.qkd_modules:
         common = dict(node=cfg.node.name, qkdn_id=cfg.node.qkdn_id, qkdi_id=m.qkdi_id, role=m.role, key_sink=sink,
