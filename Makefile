@@ -37,7 +37,7 @@ test: venv
 # Bring up the MadQCI lab, fetch a key relayed across both domains, show the network.
 # The lab stays up for you to explore: `.venv/bin/sdqkd lab down` stops it.
 demo: venv
-	-@$(SDQKD) lab down madqci 2>/dev/null
+	@$(SDQKD) lab down madqci >/dev/null 2>&1 || true  # a lab left from an earlier demo
 	$(SDQKD) lab up lab/topologies/madqci.json
 	$(SDQKD) key get --from Quintin --to Distrito
 	$(SDQKD) lab status madqci
