@@ -43,7 +43,8 @@ class Agent:
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.qrng = wiring.build_qrng(cfg)
         entropy = self.qrng.read if self.qrng is not None else os.urandom
-        self.kms = kms_node.build(cfg, entropy=entropy, on_missing_path=self._ask_for_path)
+        self.kms = kms_node.build(cfg, entropy=entropy, on_missing_path=self._ask_for_path,
+                                  qrng=self.qrng, publish=self.hub.publish)
         self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink)
         self.drivers: list[Driver] = self.devices.drivers + ([self.qrng] if self.qrng is not None else [])
         self.datastores = Datastores(

@@ -6,12 +6,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from lxml import etree
 
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.kms import etsi004, etsi014, https, pki
 from sdqkd.agents.kms.forwarding import Forwarder
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from sdqkd.agents.qaas import api as qaas
 
 
 @dataclass
@@ -30,9 +34,12 @@ class KmsNode:
 
 
 def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
-          on_missing_path: Callable[[str, str], None] | None = None) -> KmsNode:
+          on_missing_path: Callable[[str, str], None] | None = None, *, qrng: Any | None = None,
+          publish: Callable[[etree._Element], None] | None = None) -> KmsNode:
     """The LKMS of this node; without a `kms` section, a key store only (a relay-less
-    node still keeps its link keys)."""
+    node still keeps its link keys). The HTTPS server also carries the
+    quantum-as-a-service APIs (agents/qaas), which may use the QRNG and send
+    notifications through `publish`."""
     store = KeyStore(Path(cfg.state_dir) / "keys.sqlite")
     k = cfg.kms
     if k is None:
@@ -55,5 +62,6 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     app = https.make_app()
     etsi014.add_routes(app, lkms)
     etsi004.add_routes(app, lkms)
+    qaas.add_routes(app, qaas.Context(cfg, lkms, qrng, publish))
     server = https.HttpsServer(app, k.address, k.port, pki.server_ssl_context(k.cert, k.key, k.ca))
     return KmsNode(lkms, server)

@@ -1,0 +1,40 @@
+"""Mounts the quantum-as-a-service APIs on the node's HTTPS application."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from aiohttp import web
+from lxml import etree
+
+from sdqkd.agents.config import AgentConfig
+from sdqkd.agents.kms.lkms import Lkms
+
+from . import openapi
+
+
+@dataclass
+class Context:
+    """What a service may use: the node's config, its LKMS, its QRNG driver (None when
+    the node has none) and `publish`, which sends a NETCONF notification."""
+
+    cfg: AgentConfig
+    lkms: Lkms
+    qrng: Any | None = None
+    publish: Callable[[etree._Element], None] | None = None
+
+
+def services() -> list[ModuleType]:
+    """The service modules, in the order their paths appear in the OpenAPI document."""
+    return []
+
+
+def add_routes(app: web.Application, ctx: Context) -> None:
+    """Every service's routes, and GET /openapi.json describing them."""
+    mods = services()
+    for mod in mods:
+        mod.add_routes(app, ctx)
+    doc = openapi.document([mod.OPENAPI for mod in mods])
+    app.router.add_get(openapi.PATH, openapi.handler(doc), allow_head=False)
