@@ -9,19 +9,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from sdqkd.agents.drivers.base import Change, DriverError, Event
+from sdqkd.agents.drivers.base import Change, DriverError
 from sdqkd.agents.drivers.optical_switch import OpticalSwitch
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import BUILTIN_PROFILES, QkdProfile, secret_key_rate
 from sdqkd.agents.drivers.qkd_emulated import EmulatedQkdModule, KeyStream
+from qkdpair import End, Ends, node_ids, phys_link
 
 SERVICE_KEY = b"lab-wide service key for tests!!"
-IDS = {n: str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in ("alice", "bob", "carol", "dave")}
+IDS = node_ids("alice", "bob", "carol", "dave")
 NODE_OF = {v: k for k, v in IDS.items()}
 # a modest DV profile: 50 kb/s at 5 dB, so a run makes keys without burning CPU
 PROFILE = QkdProfile.from_dict({
@@ -38,16 +38,6 @@ LAB = {
 TICK, SCALE = 0.02, 10.0
 
 
-@dataclass
-class End:
-    module: EmulatedQkdModule
-    keys: list[tuple[str, str, bytes]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-
-    def statuses(self, kind: str = "link-status") -> list[tuple[str, str]]:
-        return [(e.data["status"], e.data["reason"]) for e in list(self.events) if e.kind == kind]
-
-
 def wait_for(pred: Callable[[], object], timeout: float = 4.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -57,12 +47,12 @@ def wait_for(pred: Callable[[], object], timeout: float = 4.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-class Lab:
+class Lab(Ends):
     """Modules of the test lab on loopback, with the resolvers the real lab provides."""
 
     def __init__(self, tmp: Path, topology: dict = LAB) -> None:
+        super().__init__(IDS)
         self.plant = Plant(topology, tmp / "plant.db")
-        self.ends: dict[str, End] = {}
 
     def module(self, node: str, role: str, key: bytes = SERVICE_KEY, profile: QkdProfile = PROFILE,
                **kw) -> End:
@@ -75,23 +65,13 @@ class Lab:
         self.ends[node] = end
         return end
 
-    def address(self, qkdn_id: str, qkdi_id: int) -> tuple[str, int] | None:
-        end = self.ends.get(NODE_OF.get(qkdn_id, ""))
-        return end.module.address if end and qkdi_id == 1 else None
-
     def close(self) -> None:
-        for end in self.ends.values():
-            end.module.close()
+        super().close()
         self.plant.close()
 
 
 def link(qkdl: str, local: str, remote: str, role: str | None = None, enable: bool = True, **extra) -> dict:
-    entry = {"qkdl_id": qkdl, "qkdl_enable": enable, "qkdl_type": "etsi-qkd-node-types:PHYS",
-             "qkdl_local": {"qkdn_id": IDS[local], "qkdi_id": 1}, "qkdl_remote": {"qkdn_id": IDS[remote], "qkdi_id": 1},
-             **extra}
-    if role:
-        entry["phys_qkd_role"] = f"etsi-qkd-node-types:{role}"
-    return entry
+    return phys_link(qkdl, IDS, local, remote, role, enable, **extra)
 
 
 def configure(end: End, entry: dict, old: dict | None = None) -> Change:

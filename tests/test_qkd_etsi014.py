@@ -14,25 +14,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from sdqkd.agents.drivers import registry
-from sdqkd.agents.drivers.base import Change, DriverError, Event
+from sdqkd.agents.drivers.base import Change, DriverError
 from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi, Etsi014QkdModule, RateMeter
 from sdqkd.agents.kms import etsi014, forwarding, pki
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+import qkdpair
+from qkdpair import node_ids, phys_link
 
 SERVICE_KEY = b"lab-wide service key for tests!!"
 KME_A, KME_B = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/vendor-kme/{n}")) for n in "ab")
 SAES = {"sae-alice": KME_A, "sae-bob": KME_B}
-IDS = {n: str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in ("alice", "bob")}
-NODE_OF = {v: k for k, v in IDS.items()}
+IDS = node_ids("alice", "bob")
 QL = "0a0b0000-0000-4000-8000-00000000000a"
 POLL = 0.05
 FEED_RATE = 300.0  # link keys per second on the devices' quantum link
@@ -104,15 +104,7 @@ class Feed:
         self._thread.join(2)
 
 
-@dataclass
-class End:
-    module: Etsi014QkdModule
-    keys: list[tuple[str, str, bytes]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-
-    def statuses(self, kind: str = "link-status") -> list[tuple[str, str]]:
-        return [(e.data["status"], e.data["reason"]) for e in list(self.events) if e.kind == kind]
-
+class End(qkdpair.End):
     def link(self) -> dict:
         return self.module.state()["links"][QL]
 
@@ -157,11 +149,11 @@ class Devices:
             dev.lkms.shutdown()
 
 
-class Lab:
+class Lab(qkdpair.Ends):
     def __init__(self, devs: Devices) -> None:
+        super().__init__(IDS)
         self.ca, self.sae_certs, self.devices = devs.ca, devs.sae_certs, devs.kme
         self.feed = Feed(devs.kme[KME_A].lkms, devs.kme[KME_B].lkms, devs.new_link(), FEED_RATE)
-        self.ends: dict[str, End] = {}
 
     def api(self, node: str, **kw) -> DeviceApi:
         sae, peer, kme = ("sae-alice", "sae-bob", KME_A) if node == "alice" else ("sae-bob", "sae-alice", KME_B)
@@ -181,23 +173,13 @@ class Lab:
         self.ends[node] = end
         return end
 
-    def address(self, qkdn_id: str, qkdi_id: int) -> tuple[str, int] | None:
-        end = self.ends.get(NODE_OF.get(qkdn_id, ""))
-        return end.module.address if end and qkdi_id == 1 else None
-
     def close(self) -> None:
-        for end in self.ends.values():
-            end.module.close()
+        super().close()
         self.feed.close()
 
 
 def link(local: str, remote: str, role: str | None = None, enable: bool = True, **extra) -> dict:
-    entry = {"qkdl_id": QL, "qkdl_enable": enable, "qkdl_type": "etsi-qkd-node-types:PHYS",
-             "qkdl_local": {"qkdn_id": IDS[local], "qkdi_id": 1},
-             "qkdl_remote": {"qkdn_id": IDS[remote], "qkdi_id": 1}, **extra}
-    if role:
-        entry["phys_qkd_role"] = f"etsi-qkd-node-types:{role}"
-    return entry
+    return phys_link(QL, IDS, local, remote, role, enable, **extra)
 
 
 def configure(end: End, entry: dict) -> None:
