@@ -76,6 +76,7 @@ class _Listing:
                 "remote": {"SAE_ID": far, "node": self.dir.node_name(remote_qid), "qkdn_id": remote_qid},
                 "relayed": bool(via),
                 "via": via,
+                "direction": _direction([self.lkms.routes.links.get(b) for b in app.backing]),
                 "backing": backing,
                 "key_size": self.lkms.cfg.key_size,
                 "stored_key_count": stored,
@@ -107,6 +108,15 @@ class _Listing:
             "enabled": lk.enabled,
             "hop_links": self._phys(lk.prev_hop) + self._phys(nxt),
         }
+
+
+def _direction(links: list[LinkRoute | None]) -> str:
+    """Which way keys can go: a PHYS link serves either end as master; a relayed (VIRT)
+    link only the end with the next hop (outgoing), not its far end (incoming)."""
+    kinds = {"both" if lk.kind == "PHYS" else "outgoing" if lk.next_hops else "incoming" for lk in links if lk is not None}
+    if not kinds:
+        return "none"
+    return kinds.pop() if len(kinds) == 1 else "both"
 
 
 def _error(text: str) -> dict[str, Any]:
@@ -158,7 +168,8 @@ OPENAPI: dict[str, Any] = {
             "KeyLinkEnd": {
                 "type": "object",
                 "description": "A key link with an SAE on this node (an ETSI 015 qkd_app).",
-                "required": ["app_id", "role", "local", "remote", "relayed", "via", "backing", "key_size", "stored_key_count"],
+                "required": ["app_id", "role", "local", "remote", "relayed", "via", "direction", "backing", "key_size",
+                             "stored_key_count"],
                 "properties": {
                     "app_id": {"type": "string", "format": "uuid"},
                     "role": {"const": "end"},
@@ -167,6 +178,10 @@ OPENAPI: dict[str, Any] = {
                     "relayed": {"type": "boolean"},
                     "via": {"type": "array", "items": {"type": "string"},
                             "description": "Adjacent nodes keys are relayed through (empty when direct)."},
+                    "direction": {"enum": ["both", "outgoing", "incoming", "none"],
+                                  "description": "Which end may be master: both over a direct link; over a relayed "
+                                  "link only the end keys are relayed from (outgoing here) — the other end "
+                                  "(incoming) gets them by key ID."},
                     "backing": {"type": "array", "items": {
                         "type": "object",
                         "required": ["qkdl_id", "type", "enabled", "hop", "hop_links"],
@@ -180,7 +195,8 @@ OPENAPI: dict[str, Any] = {
                     }},
                     "key_size": {"type": "integer"},
                     "stored_key_count": {"type": "integer", "minimum": 0,
-                                         "description": "As ETSI 014 Status: keys of key_size bits available now."},
+                                         "description": "As ETSI 014 Status: keys of key_size bits this node's SAE "
+                                         "could get as master now (0 on an incoming link)."},
                 },
             },
             "KeyLinkTransit": {
