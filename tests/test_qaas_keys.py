@@ -20,6 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
+from jsonschema.exceptions import ValidationError
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate as validate_spec
 from rich.console import Console
 
 from sdqkd.lab import launcher
@@ -133,7 +136,11 @@ def test_a_pair_without_a_key_link_waits_for_the_controller_in_one_call(lab) -> 
         r = cait.get("/api/v1/keys", params={"to": "sae-ccs-2"})
         took = time.monotonic() - start
         assert r.status_code == 200, r.text
-        assert "(sae-cait -> sae-ccs-2) over CAIT-CCS" in Path(lab["controller"]["log"]).read_text()
+        ctl_log = Path(lab["controller"]["log"])  # written just after the agents committed the path
+        end = time.monotonic() + 5
+        while "(sae-cait -> sae-ccs-2) over CAIT-CCS" not in ctl_log.read_text() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert "(sae-cait -> sae-ccs-2) over CAIT-CCS" in ctl_log.read_text()
         r2 = ccs2.get("/api/v1/keys", params={"from": "CAIT", "key_ID": r.json()["key_ID"]})
         assert r2.status_code == 200 and _key(r2.json()) == _key(r.json())
     print(f"one-call key for a pair the controller had to provision first: {took * 1000:.0f} ms")
@@ -165,11 +172,31 @@ def test_bad_requests_get_a_message(lab, node, params, status, words) -> None:
     assert words in r.json()["message"]
 
 
-def test_openapi_describes_both_paths(lab) -> None:
-    with _client(lab, "CCS", "sae-ccs") as c:
-        doc = c.get("/openapi.json").json()
-    assert {"/api/v1/keys", "/api/v1/links"} <= set(doc["paths"])
-    assert set(doc["paths"]["/api/v1/keys"]["get"]["responses"]) >= {"200", "400", "404", "503"}
+def test_an_sae_of_another_node_is_refused(lab) -> None:
+    with _client(lab, "Rectorado") as rect:
+        cait_url = next(n["kms"]["url"] for n in lab["nodes"] if n["name"] == "CAIT")
+        r = rect.get(f"{cait_url}/api/v1/keys", params={"to": "CCS"})
+    assert r.status_code == 401 and "sae-rectorado" in r.json()["message"]
+
+
+def test_openapi_document_is_valid_and_responses_follow_it(lab) -> None:
+    with _client(lab, "CCS", "sae-ccs") as ccs, _client(lab, "CAIT") as cait:
+        doc = ccs.get("/openapi.json").json()
+        validate_spec(doc)
+        assert {"/api/v1/keys", "/api/v1/links"} <= set(doc["paths"])
+        assert set(doc["paths"]["/api/v1/keys"]["get"]["responses"]) >= {"200", "400", "404", "503"}
+        key = cait.get("/api/v1/keys", params={"to": "sae-ccs"})
+        SEEN.append(base64.b64decode(key.json()["key"]))
+        got = {"OneCallKey": [key.json()],
+               "KeyLinks": [c.get("/api/v1/links").json() for c in (ccs, cait)],
+               "Error": [cait.get("/api/v1/keys").json(), cait.get("/api/v1/keys", params={"to": "x"}).json()]}
+    for schema, bodies in got.items():
+        validator = OAS31Validator({"$ref": f"#/components/schemas/{schema}", "components": doc["components"]})
+        for body in bodies:
+            validator.validate(body)
+    with pytest.raises(ValidationError):  # the schemas are strict enough to catch a wrong body
+        OAS31Validator({"$ref": "#/components/schemas/OneCallKey", "components": doc["components"]}).validate(
+            {**key.json(), "size": "256"})
 
 
 def test_no_key_byte_in_any_log(lab) -> None:
