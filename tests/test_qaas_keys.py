@@ -25,7 +25,9 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from rich.console import Console
 
+from sdqkd.agents import config as agent_config
 from sdqkd.lab import launcher
+from sdqkd.lab import plan as lab_plan
 
 CLOUD = Path(__file__).resolve().parent.parent / "lab" / "topologies" / "cloud.json"
 SEEN: list[bytes] = []  # every key served in this module, looked for in the logs at the end
@@ -205,3 +207,16 @@ def test_no_key_byte_in_any_log(lab) -> None:
     for key in SEEN:
         for text in (base64.b64encode(key).decode(), key.hex(), key.hex().upper()):
             assert not any(text in log for log in logs)
+
+
+def test_agent_config_refuses_a_directory_with_two_nodes_of_one_name_and_a_bad_path_wait(tmp_path) -> None:
+    plan = lab_plan.make(json.loads(CLOUD.read_text()), tmp_path)
+    data = json.loads(plan.nodes["CAIT"].config_path.read_text())
+    assert agent_config.parse(data).kms.path_wait == 10.0
+    first = next(iter(data["peers"]))
+    data["peers"][first]["node"] = "cait"
+    data["kms"]["path_wait"] = -1
+    with pytest.raises(agent_config.ConfigError) as err:
+        agent_config.parse(data)
+    assert any("already another node's" in p for p in err.value.problems)
+    assert any("path_wait" in p for p in err.value.problems)

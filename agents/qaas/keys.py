@@ -44,7 +44,6 @@ def add_routes(app: web.Application, ctx: Context) -> None:
 
 class _Keys:
     def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
         self.lkms = ctx.lkms
         self.dir = Directory(ctx.cfg)
         self.max_wait = ctx.cfg.kms.path_wait if ctx.cfg.kms else 0.0
