@@ -110,6 +110,7 @@ class KmsConf:
     address: str = "127.0.0.1"
     key_size: int = 256
     default_ttl: int = 3600
+    path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
 
 
 @dataclass
@@ -220,6 +221,13 @@ def _check(cfg: AgentConfig) -> list[str]:
     for m in cfg.qkd_modules:
         if m.driver == "qkd-etsi014" and m.etsi014 is None:
             problems.append(f"config.qkd_modules[{m.qkdi_id}].etsi014: a qkd-etsi014 module needs its device's API")
+    names: dict[str, str] = {cfg.node.name.lower(): cfg.node.qkdn_id}
+    for qid, peer in cfg.peers.items():  # the node directory the QaaS APIs resolve names with
+        if peer.node.lower() in names:
+            problems.append(f"config.peers.{qid}.node: name {peer.node!r} is already another node's")
+        names.setdefault(peer.node.lower(), qid)
+    if cfg.kms is not None and not 0 <= cfg.kms.path_wait <= 300:
+        problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:

@@ -1,6 +1,7 @@
 """`sdqkd lab up | down | status`: one agent process per node and the controller, on
 loopback, in stages (certificates, agents listening, controller connected, links up,
-healthy), then lab.json — the file every other tool finds the lab through."""
+the topology's key links provisioned, healthy), then lab.json — the file every other
+tool finds the lab through."""
 from __future__ import annotations
 
 import json
@@ -129,6 +130,16 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
                 return active >= len(links)
 
             _wait(links_up, timeout, "links up", procs)
+            key_links = lab_plan.lab_object(lab).get("key-link", [])
+            if key_links:
+                t = progress.add_task("key links", total=len(key_links))
+                for kl in key_links:
+                    try:
+                        stub.CreateApplication(pb.CreateApplicationRequest(master_sae=kl["master-sae"], slave_sae=kl["slave-sae"]),
+                                               timeout=60)
+                    except grpc.RpcError as exc:
+                        raise LabError(f"key link {kl['name']}: the controller refused it: {exc.details()}") from None
+                    progress.advance(t)
             progress.add_task("healthy", total=1, completed=1)
         data = state.describe(plan, pids, ctl.pid)
         state.write(path, data)

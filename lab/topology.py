@@ -650,6 +650,31 @@ def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
                 yield f"{ROOT}/defaults", f"{k1} ({lo1}..{hi1}) overlaps {k2} ({lo2}..{hi2})"
 
 
+def check_key_links(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """A key link joins two SAEs of the lab on different nodes that serve applications, and
+    names a pair no other key link names (either way round: one application per pair)."""
+    sae_node = {str(s.get("id")): n for n in ix.nodes.values() for s in _entries(n, "sae")}
+    pairs: dict[frozenset[str], str] = {}
+    for kl in _entries(lab, "key-link"):
+        at = _at("key-link", kl.get("name"))
+        ends = []
+        for leaf in ("master-sae", "slave-sae"):
+            sae = kl.get(leaf)
+            node = sae_node.get(str(sae))
+            if sae is not None and node is None:
+                yield f"{at}/{leaf}", f"SAE {_q(sae)} is not attached to any node"
+            elif node is not None and node.get("kms") is False:
+                yield f"{at}/{leaf}", f"SAE {_q(sae)} is on relay-only node {_q(node['name'])}"
+            ends.append(node)
+        if all(ends) and ends[0] is ends[1]:
+            yield at, f"both SAEs are on node {_q(ends[0]['name'])}: its LKMS serves them without a key link"
+            continue
+        pair = frozenset(str(kl.get(x)) for x in ("master-sae", "slave-sae"))
+        if all(ends) and pair in pairs:
+            yield at, f"key link {_q(pairs[pair])} already joins these SAEs"
+        pairs.setdefault(pair, str(kl.get("name")))
+
+
 CHECKS: tuple[tuple[str, Callable[[Mapping[str, Any], _Index], Found]], ...] = (
     ("yang-constraints", check_yang_constraints),
     ("nodes", check_nodes),
@@ -665,6 +690,7 @@ CHECKS: tuple[tuple[str, Callable[[Mapping[str, Any], _Index], Found]], ...] = (
     ("identities", check_identities),
     ("qrng", check_qrng),
     ("ports", check_ports),
+    ("key-links", check_key_links),
 )
 
 
@@ -677,10 +703,14 @@ def check(data: Mapping[str, Any]) -> list[Problem]:
 
 
 def summary(data: Mapping[str, Any]) -> str:
-    """'9 nodes, 8 links, 15 fibres, 7 switches, 26 qkd-interfaces, 2 domains' for `lab check`."""
+    """'9 nodes, 8 links, 15 fibres, 7 switches, 26 qkd-interfaces, 2 domains' for `lab check`
+    (and the key links when there are some)."""
     lab = _lab(data)
     ix = _Index(lab)
     parts = [(len(ix.nodes), "node", "nodes"), (len(ix.links), "link", "links"),
              (len(ix.fibres), "fibre", "fibres"), (len(ix.switches), "switch", "switches"),
              (len(ix.ifaces), "qkd-interface", "qkd-interfaces"), (len(ix.domains), "domain", "domains")]
+    key_links = len(_entries(lab, "key-link"))
+    if key_links:
+        parts.append((key_links, "key link", "key links"))
     return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in parts)
