@@ -284,6 +284,7 @@ def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port) 
     from sdqkd import qkdtls
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per session is enough
     keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes)
     with qkdtls.QkdTlsServer(keys, host, port) as srv:
         click.echo(f"listening on {srv.host}:{srv.port}")

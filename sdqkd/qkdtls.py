@@ -235,7 +235,6 @@ class QkdTlsServer:
         self._listener = socket.create_server((host, port))
         self.host, self.port = self._listener.getsockname()[:2]
         self._closed = threading.Event()
-        self._threads: set[threading.Thread] = set()
 
     def accept(self) -> QkdTlsSocket:
         """The next client's session; raises QkdTlsError when its handshake fails."""
@@ -252,9 +251,7 @@ class QkdTlsServer:
                 if self._closed.is_set():
                     return
                 raise
-            t = threading.Thread(target=self._session, args=(raw, peer, handler), daemon=True)
-            self._threads.add(t)
-            t.start()
+            threading.Thread(target=self._session, args=(raw, peer, handler), daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()
@@ -282,8 +279,6 @@ class QkdTlsServer:
             log.info("session %s from %s:%s ended: %s", sock.key_id, peer[0], peer[1], exc)
         except Exception:  # noqa: BLE001 - a handler bug ends its session, not the server
             log.exception("session %s handler failed", sock.key_id)
-        finally:
-            self._threads.discard(threading.current_thread())
 
     def _handshake(self, raw: socket.socket, peer: Any) -> QkdTlsSocket:
         # One context per session: the callback remembers this session's identity and key
