@@ -209,6 +209,7 @@ def connect(host: str, port: int, keys: MasterKeys, *, timeout: float = HANDSHAK
     ctx.set_psk_client_callback(lambda _hint: (key_id, key))
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
+        _nodelay(raw)
     except OSError as exc:
         raise QkdTlsError(f"cannot reach {host}:{port}: {exc}") from None
     try:
@@ -302,6 +303,7 @@ class QkdTlsServer:
 
         ctx = _context(server=True)
         ctx.set_psk_server_callback(psk)
+        _nodelay(raw)
         raw.settimeout(self.handshake_timeout)
         try:
             sock: QkdTlsSocket = ctx.wrap_socket(raw, server_side=True)  # type: ignore[assignment]
@@ -340,6 +342,12 @@ def exchange(sock: ssl.SSLSocket, data: bytes, *, idle: float = 5.0) -> bytes:
     except TimeoutError:
         pass
     return got
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """No Nagle: the handshake's last flight and the first data are small writes in a row,
+    which Nagle with delayed ACKs holds back for 40 ms."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _ssl_reason(exc: BaseException) -> str:
