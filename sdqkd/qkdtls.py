@@ -8,22 +8,29 @@ How a session is keyed (RFC 8446 section 2.2 and 4.2.11, external PSK):
 - the server is the slave SAE: on seeing the identity in the ClientHello it calls
   dec_keys at its own KME with that key_ID and uses the key as the PSK. A key_ID is
   delivered at most once (ETSI 014), so a key never keys two sessions;
-- psk_dhe_ke only (OpenSSL's default, resumption tickets off): the session keys mix an
+- psk_dhe_ke only (OpenSSL's default; resumption tickets off): the session keys mix an
   (EC)DHE share into the QKD key, so recording the session and learning the key later
-  is not enough (forward secrecy on top of the QKD key, the combination RFC 8773 and
-  RFC 9258 discuss for external PSKs). No certificate is needed in the session: the
-  PSK binder proves both ends hold the key. The ETSI 014 calls use the SAE certificates
-  (mutual TLS) as usual.
+  is not enough (forward secrecy on top of the QKD key). No certificate is needed in
+  the session: the PSK binder proves both ends hold the key (RFC 8773 would add
+  certificates on top; not needed here). The ETSI 014 calls themselves use the SAE
+  certificates (mutual TLS) as usual.
+- Each key is used by one client and one server, once, as RFC 9257 (external PSK
+  guidance) asks. The key is used as the PSK directly, without the RFC 9258 importer,
+  because that is what OpenSSL and third-party clients (`openssl s_client -psk`) do.
 
-The key_ID travels in clear in the ClientHello (as any PSK identity does): whoever sees
-it can make the server consume that key first, which denies that one session, never
-reveals a key.
+The key_ID travels in clear in the ClientHello (as any PSK identity does, RFC 9257
+section 6): whoever sees it can make the server consume that key first, which denies
+that one session and never reveals a key.
 
 Library: the stdlib `ssl` module (OpenSSL) with sslpsk3's PSK callbacks, because Python
 3.11's ssl has none. OpenSSL serves TLS 1.2-style PSK callbacks to TLS 1.3 as a PSK for
 TLS_AES_128_GCM_SHA256, so a session negotiates a SHA-256 suite (AES-128-GCM or
-ChaCha20-Poly1305). tlslite-ng was not chosen: it wants every PSK before the handshake,
-while the server learns which key to fetch only from the ClientHello.
+ChaCha20-Poly1305). tlslite-ng was not chosen: its server takes the external PSKs as a
+list (HandshakeSettings.pskConfigs) fixed before the handshake, while this server learns
+which key to fetch only from the ClientHello.
+
+It lives in sdqkd/ rather than agents/qaas/ because it runs in the applications (the
+SAEs), not on the node: agents/qaas holds the node's own HTTPS services.
 
 Python API (what `sdqkd tls serve|connect` use):
     keys = Etsi014Keys(DeviceClient(api), peer_saes=["sae-b"])   # or lab_keys(lab, "CAIT", ["Rectorado"])
@@ -109,7 +116,9 @@ class Etsi014Keys:
     def key(self, key_id: str) -> bytes:
         """dec_keys by key_ID, trying each accepted master; only a UUID is sent to the KME."""
         try:
-            key_id = str(uuid.UUID(key_id))
+            if len(key_id) != 36:
+                raise ValueError
+            uuid.UUID(key_id)  # sent as it came: a KME may tell case apart
         except ValueError:
             raise KeyUnavailable("the PSK identity is not an ETSI 014 key_ID (a UUID)") from None
         problems = []
@@ -309,7 +318,13 @@ class QkdTlsServer:
             sock: QkdTlsSocket = ctx.wrap_socket(raw, server_side=True)  # type: ignore[assignment]
         except (ssl.SSLError, OSError) as exc:
             raw.close()
-            reason = why[0] if why else _ssl_reason(exc)
+            if why:
+                reason = why[0]
+            elif taken:
+                reason = f"key_ID {next(iter(taken))}: the client does not hold the key we do ({_ssl_reason(exc)})"
+            else:
+                reason = _ssl_reason(exc)
+            taken.clear()
             log.warning("QKD-keyed TLS session from %s:%s refused: %s", peer[0], peer[1], reason)
             raise QkdTlsError(f"session from {peer[0]}:{peer[1]} refused: {reason}") from None
         _forget(sock)
