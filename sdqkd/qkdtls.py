@@ -239,8 +239,11 @@ class QkdTlsServer:
     client names (the slave's side). A failed session never stops the server."""
 
     def __init__(self, keys: SlaveKeys, host: str = "127.0.0.1", port: int = 0, *,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, ecdh_curve: str | None = None) -> None:
+        """ecdh_curve: allow only this (EC)DHE group (e.g. prime256v1 where policy asks for
+        NIST curves); a client offering another first gets a HelloRetryRequest."""
         self.keys = keys
+        self.ecdh_curve = ecdh_curve
         self.handshake_timeout = handshake_timeout
         self._listener = socket.create_server((host, port))
         self.host, self.port = self._listener.getsockname()[:2]
@@ -291,8 +294,9 @@ class QkdTlsServer:
             log.exception("session %s handler failed", sock.key_id)
 
     def _handshake(self, raw: socket.socket, peer: Any) -> QkdTlsSocket:
-        # One context per session: the callback remembers this session's identity and key
-        # (a HelloRetryRequest repeats the ClientHello; the key can be fetched only once).
+        # One context per session: the callback remembers this session's identity and key,
+        # because after a HelloRetryRequest OpenSSL asks again for the same identity and a
+        # key can be fetched only once.
         taken: dict[str, bytes] = {}
         why: list[str] = []
 
@@ -311,6 +315,8 @@ class QkdTlsServer:
             return b""
 
         ctx = _context(server=True)
+        if self.ecdh_curve:
+            ctx.set_ecdh_curve(self.ecdh_curve)
         ctx.set_psk_server_callback(psk)
         _nodelay(raw)
         raw.settimeout(self.handshake_timeout)

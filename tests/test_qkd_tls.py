@@ -44,8 +44,8 @@ def slave(kme: Kme) -> Iterator[qkdtls.Etsi014Keys]:  # noqa: F811
 class Running:
     """A QkdTlsServer serving `handler` in a thread; remembers the sessions it opened."""
 
-    def __init__(self, source: qkdtls.SlaveKeys, handler=qkdtls.echo) -> None:  # type: ignore[no-untyped-def]
-        self.server = qkdtls.QkdTlsServer(source)
+    def __init__(self, source: qkdtls.SlaveKeys, handler=qkdtls.echo, **kw) -> None:  # type: ignore[no-untyped-def]
+        self.server = qkdtls.QkdTlsServer(source, **kw)
         self.sessions: list[tuple[str, str, str]] = []
 
         def record(sock: qkdtls.QkdTlsSocket) -> None:
@@ -202,6 +202,24 @@ def test_openssl_s_client_opens_a_session_with_our_server(master, slave) -> None
         key_id, key = master.new_key()
         bad = s_client(run.server.port, key_id, bytes([key[0] ^ 0x80]) + key[1:], b"hello\n")
         assert "echo:" not in bad.stdout.decode() and len(run.sessions) == 1
+    finally:
+        run.close()
+
+
+def test_a_hello_retry_request_asks_the_kme_once(master, slave) -> None:  # type: ignore[no-untyped-def]
+    # A P-256-only server: clients offering X25519 first (ours, openssl) get a HelloRetryRequest,
+    # and OpenSSL asks for the PSK again with the second ClientHello; dec_keys works only once.
+    run = Running(slave, ecdh_curve="prime256v1")
+    try:
+        with qkdtls.connect(run.server.host, run.server.port, master) as s:
+            assert roundtrip(s, b"after a retry") == b"after a retry"
+        key_id, key = master.new_key()
+        out = subprocess.run([OPENSSL, "s_client", "-connect", f"127.0.0.1:{run.server.port}", "-tls1_3", "-msg",
+                              "-psk", key.hex(), "-psk_identity", key_id, "-ciphersuites", "TLS_AES_128_GCM_SHA256"],
+                             input=b"", capture_output=True, timeout=20).stdout.decode()
+        assert out.count("ServerHello") == 2 and "Server Temp Key: ECDH, prime256v1" in out, out  # HRR, then ServerHello
+        assert "TLSv1.3, Cipher is TLS_AES_128_GCM_SHA256" in out
+        assert eventually(lambda: len(run.sessions) == 2) and run.sessions[1][0] == key_id
     finally:
         run.close()
 
