@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 KEY_BITS = 256
 HANDSHAKE_TIMEOUT = 15.0
+# A server waits this long for a ClientHello: the client may be waiting for its KME (503
+# while the controller sets up a key path is retried for up to a minute).
+SERVER_HANDSHAKE_TIMEOUT = 75.0
 
 
 class QkdTlsError(Exception):
@@ -212,15 +215,20 @@ def _forget(sock: ssl.SSLSocket) -> None:
 
 
 def connect(host: str, port: int, keys: MasterKeys, *, timeout: float = HANDSHAKE_TIMEOUT) -> QkdTlsSocket:
-    """Take a new key from `keys` and open a TLS 1.3 session keyed by it (the master's side)."""
-    key_id, key = keys.new_key()
-    ctx = _context(server=False)
-    ctx.set_psk_client_callback(lambda _hint: (key_id, key))
+    """Open a TLS 1.3 session keyed by a new key from `keys` (the master's side). The key is
+    taken once the server answers, so an unreachable server wastes no key."""
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
         _nodelay(raw)
     except OSError as exc:
         raise QkdTlsError(f"cannot reach {host}:{port}: {exc}") from None
+    try:
+        key_id, key = keys.new_key()
+    except BaseException:
+        raw.close()
+        raise
+    ctx = _context(server=False)
+    ctx.set_psk_client_callback(lambda _hint: (key_id, key))
     try:
         sock: QkdTlsSocket = ctx.wrap_socket(raw)  # type: ignore[assignment]
     except (ssl.SSLError, OSError) as exc:
@@ -239,7 +247,7 @@ class QkdTlsServer:
     client names (the slave's side). A failed session never stops the server."""
 
     def __init__(self, keys: SlaveKeys, host: str = "127.0.0.1", port: int = 0, *,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, ecdh_curve: str | None = None) -> None:
+                 handshake_timeout: float = SERVER_HANDSHAKE_TIMEOUT, ecdh_curve: str | None = None) -> None:
         """ecdh_curve: allow only this (EC)DHE group (e.g. prime256v1 where policy asks for
         NIST curves); a client offering another first gets a HelloRetryRequest."""
         self.keys = keys

@@ -171,6 +171,22 @@ def test_a_consumed_key_id_is_refused_cleanly(master, server, caplog) -> None:  
         assert roundtrip(s, b"next") == b"next"
 
 
+def test_an_unreachable_server_wastes_no_key(master) -> None:  # type: ignore[no-untyped-def]
+    from agentproc import free_port
+
+    class Counting:
+        calls = 0
+
+        def new_key(self) -> tuple[str, bytes]:
+            self.calls += 1
+            return master.new_key()
+
+    src = Counting()
+    with pytest.raises(qkdtls.QkdTlsError, match="cannot reach"):
+        qkdtls.connect("127.0.0.1", free_port(), src, timeout=5)
+    assert src.calls == 0
+
+
 def test_an_identity_that_is_no_key_id_never_reaches_the_kme(slave) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(qkdtls.KeyUnavailable, match="not an ETSI 014 key_ID"):
         slave.key("../../status")
