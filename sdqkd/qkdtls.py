@@ -38,12 +38,15 @@ Python API (what `sdqkd tls serve|connect` use):
         srv.serve_forever(echo)                                   # handler(sock) per session, in a thread
     with connect("127.0.0.1", port, keys) as s:                   # the master: an ssl.SSLSocket
         s.sendall(b"..."); s.key_id; s.version() == "TLSv1.3"
+    reader, writer, key_id = await open_connection(host, port, keys)   # the master, for asyncio
 `accept()` serves sessions one by one instead of serve_forever. Any object with
 `new_key()` (master) or `key(key_id)` (slave) is a key source, so the PSK may come from
-another API than ETSI 014. For asyncio, run connect/accept in `asyncio.to_thread`.
+another API than ETSI 014. The server answers each ClientHello inside OpenSSL's callback
+with a blocking key fetch, so it runs in threads, not on an event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import socket
@@ -207,7 +210,7 @@ def _context(server: bool) -> _Context:
     return ctx
 
 
-def _forget(sock: ssl.SSLSocket) -> None:
+def _forget(sock: ssl.SSLSocket | ssl.SSLObject) -> None:
     """Drop sslpsk3's per-connection context reference once the handshake is over."""
     # Setting this connection's own callback again is a no-op that returns its SSL pointer.
     setter = _psk._sslpsk3.sslpsk3_set_psk_server_callback if sock.server_side else _psk._sslpsk3.sslpsk3_set_psk_client_callback
@@ -240,6 +243,32 @@ def connect(host: str, port: int, keys: MasterKeys, *, timeout: float = HANDSHAK
     sock.settimeout(None)
     log.info("QKD-keyed TLS session to %s:%d: key_ID %s, %s %s", host, port, key_id, sock.version(), sock.cipher()[0])
     return sock
+
+
+async def open_connection(host: str, port: int, keys: MasterKeys, *,
+                          timeout: float = HANDSHAKE_TIMEOUT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """connect() for asyncio: (reader, writer, key_ID) of a QKD-keyed TLS 1.3 session. The key
+    source is called in a worker thread, so a blocking one (ETSI 014 over httpx) is fine."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise QkdTlsError(f"cannot reach {host}:{port}: {exc}") from None
+    try:
+        key_id, key = await asyncio.to_thread(keys.new_key)
+        ctx = _context(server=False)
+        ctx.set_psk_client_callback(lambda _hint: (key_id, key))
+        try:
+            await writer.start_tls(ctx, ssl_handshake_timeout=timeout)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            raise QkdTlsError(f"TLS handshake with {host}:{port} failed for key_ID {key_id} "
+                              f"(the server does not hold the same key?): {_ssl_reason(exc)}") from None
+    except BaseException:
+        writer.close()
+        raise
+    tls = writer.get_extra_info("ssl_object")
+    _forget(tls)
+    log.info("QKD-keyed TLS session to %s:%d: key_ID %s, %s %s", host, port, key_id, tls.version(), tls.cipher()[0])
+    return reader, writer, key_id
 
 
 class QkdTlsServer:

@@ -3,6 +3,7 @@ server (the `kme` fixture of test_etsi014: one KME holding sae-a, the master, an
 sae-b, the slave), and against Debian's openssl CLI as the third-party TLS 1.3 stack."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -126,6 +127,24 @@ def test_data_moves_both_ways_over_a_qkd_keyed_tls13_session(master, server, cap
         assert k.hex() not in logs and base64.b64encode(k).decode() not in logs and repr(k) not in logs
 
 
+def test_asyncio_clients_get_a_session_each(master, server) -> None:  # type: ignore[no-untyped-def]
+    async def one(i: int) -> str:
+        reader, writer, key_id = await qkdtls.open_connection(server.server.host, server.server.port, master)
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+        writer.write(b"async %d" % i)
+        await writer.drain()
+        assert await reader.readexactly(7) == b"async %d" % i
+        writer.close()
+        await writer.wait_closed()
+        return key_id
+
+    async def three() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(3)))
+
+    ids = asyncio.run(three())
+    assert len(set(ids)) == 3 and sorted(ids) == sorted(sid for sid, _, _ in server.sessions)
+
+
 def test_every_session_takes_a_new_key(master, server) -> None:  # type: ignore[no-untyped-def]
     ids = []
     for i in range(2):
@@ -139,6 +158,8 @@ def test_every_session_takes_a_new_key(master, server) -> None:  # type: ignore[
 def test_a_client_with_a_different_key_fails_and_the_server_keeps_serving(master, server, caplog) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(qkdtls.QkdTlsError, match="handshake .* failed"):
         qkdtls.connect(server.server.host, server.server.port, Tampered(master), timeout=5)
+    with pytest.raises(qkdtls.QkdTlsError, match="handshake .* failed"):
+        asyncio.run(qkdtls.open_connection(server.server.host, server.server.port, Tampered(master), timeout=5))
     with qkdtls.connect(server.server.host, server.server.port, master) as s:
         assert roundtrip(s, b"still here") == b"still here"
     assert len(server.sessions) == 1
