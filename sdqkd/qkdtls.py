@@ -282,7 +282,7 @@ class QkdTlsServer:
         self.keys = keys
         self.ecdh_curve = ecdh_curve
         self.handshake_timeout = handshake_timeout
-        self._listener = socket.create_server((host, port))
+        self._listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.host, self.port = self._listener.getsockname()[:2]
         self._closed = threading.Event()
 
@@ -373,6 +373,9 @@ class QkdTlsServer:
         _forget(sock)
         sock.key_id = next(iter(taken), "")
         taken.clear()
+        if not sock.key_id:  # cannot happen without certificates or tickets; never serve it
+            sock.close()
+            raise QkdTlsError(f"session from {peer[0]}:{peer[1]} was not keyed by a QKD key")
         sock.settimeout(None)
         log.info("QKD-keyed TLS session from %s:%s: key_ID %s, %s %s", peer[0], peer[1], sock.key_id, sock.version(),
                  sock.cipher()[0])
