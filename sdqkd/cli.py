@@ -229,3 +229,89 @@ def lab_check(file: str) -> None:
             click.echo(f"{file}: {p}", err=True)
         sys.exit(1)
     click.echo(f"OK: {topology.summary(data)}")
+
+
+@main.group()
+def tls() -> None:
+    """QKD-keyed TLS 1.3: sessions whose PSK is a new QKD key each time (ETSI 014)."""
+
+
+def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
+    """Where this SAE takes its keys: a running lab, or a KME URL and SAE credentials."""
+    opts = [
+        click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab)."),
+        click.option("--node", default=None, help="This SAE: a lab node name (its first SAE) or an SAE ID."),
+        click.option("--kme", default=None, help="Without a lab: this SAE's KME, https://host:port."),
+        click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Without a lab: SAE certificate (PEM)."),
+        click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Without a lab: its private key (PEM)."),
+        click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="Without a lab: the KME's CA (PEM)."),
+        click.option("--peer-sae", "peer_saes", multiple=True, help=peer_help),
+        click.option("--host", default="127.0.0.1", show_default=True),
+    ]
+
+    def wrap(f):  # type: ignore[no-untyped-def]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return wrap
+
+
+def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], kme: str | None, cert: str | None,
+              key: str | None, ca: str | None, peer_saes: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from sdqkd import qkdtls
+    from sdqkd.lab import state
+
+    try:
+        if kme:
+            if not (cert and key and ca and peer_saes):
+                raise click.UsageError("--kme needs --cert, --key, --ca and --peer-sae")
+            return qkdtls.etsi014_keys(kme, cert, key, ca, list(peer_saes))
+        if not node:
+            raise click.UsageError("give --node (with a lab) or --kme and SAE credentials")
+        return qkdtls.lab_keys(state.read(state.find(lab_name)), node, list(peers + peer_saes) or None)
+    except (FileNotFoundError, qkdtls.QkdTlsError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@tls.command("serve")
+@_tls_options("A master SAE whose keys are accepted (repeatable; with a lab, default: every other node's).")
+@click.option("--from", "peers", multiple=True, help="With a lab: a node whose sessions are accepted (repeatable).")
+@click.option("--port", default=0, show_default=True, help="TCP port (0: a free one, printed).")
+def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port) -> None:  # type: ignore[no-untyped-def]
+    """Accept QKD-keyed TLS sessions as the slave SAE and echo what each client sends."""
+    import logging
+
+    from sdqkd import qkdtls
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per session is enough
+    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes)
+    with qkdtls.QkdTlsServer(keys, host, port) as srv:
+        click.echo(f"listening on {srv.host}:{srv.port}")
+        sys.stdout.flush()
+        try:
+            srv.serve_forever(qkdtls.echo)
+        except KeyboardInterrupt:
+            pass
+
+
+@tls.command("connect")
+@_tls_options("Without a lab: the slave SAE the key is for.")
+@click.option("--to", "peers", multiple=True, help="With a lab: the server's node (the slave SAE).")
+@click.option("--port", required=True, type=int, help="The server's TCP port.")
+@click.option("--idle", default=5.0, show_default=True, help="Stop reading after this many seconds without data.")
+def tls_connect(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port, idle) -> None:  # type: ignore[no-untyped-def]
+    """Open a QKD-keyed TLS session as the master SAE, send stdin, print what comes back."""
+    from sdqkd import qkdtls
+
+    if not kme and not peers and not peer_saes:
+        raise click.UsageError("give --to (the server's node) or --peer-sae")
+    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes)
+    data = sys.stdin.buffer.read()
+    try:
+        with qkdtls.connect(host, port, keys) as sock:
+            click.echo(f"session key_ID {sock.key_id}, {sock.version()} {sock.cipher()[0]}", err=True)
+            answer = qkdtls.exchange(sock, data, idle=idle)
+    except qkdtls.QkdTlsError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.stdout.buffer.write(answer)
