@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 SDQKD := $(VENV)/bin/sdqkd
 STAMP := $(VENV)/.sdqkd-installed
 # yanglint (libyang) validates instance data in tests; yangcli and ssh-keygen are real clients for the agent tests.
-DEBS := libyang-tools yangcli openssh-client
+# strongSwan (charon, swanctl, kernel-libipsec in libcharon-extra-plugins), iproute2 and ping: QKD-keyed IPsec.
+DEBS := libyang-tools yangcli openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins iproute2 iputils-ping
 PYTEST_ARGS ?=
 
 .PHONY: all debs venv bindings lint-yang test demo clean
