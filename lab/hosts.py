@@ -7,6 +7,8 @@ route to it is the one charon installs on its TUN device.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -62,10 +64,19 @@ def up(lab: str, hosts: list[Host]) -> None:
 
 
 def down(lab: str, hosts: list[Host]) -> None:
-    """Remove the hosts and the LAN (deleting a namespace deletes its links); idempotent."""
+    """Remove the hosts and the LAN, ending what still runs in them (an IPsec daemon its agent
+    left); deleting a namespace deletes its links. Idempotent."""
+    present = existing()
     for ns in [h.netns for h in hosts] + [lan_netns(lab)]:
-        if ns in existing():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        if ns not in present:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
 def existing() -> set[str]:
