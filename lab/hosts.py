@@ -7,10 +7,12 @@ route to it is the one charon installs on its TUN device.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 LAN_NET = "10.77.0"  # outer addresses 10.77.0.i/24
 INNER_NET = "10.78.0"  # inner addresses 10.78.0.i/32
@@ -27,6 +29,13 @@ class Host:
     netns: str
     address: str
     inner: str
+
+
+def lab_tag(name: str, lab_dir: Path | str) -> str:
+    """What names a lab's namespaces: its name and its directory, so that two labs of the
+    same topology (an operator's and a test's) never share one."""
+    digest = hashlib.sha256(str(Path(lab_dir).resolve()).encode()).hexdigest()[:6]
+    return f"{name}-{digest}"
 
 
 def lan_netns(lab: str) -> str:

@@ -95,7 +95,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
             if plan.hosts:
                 made_hosts = list(plan.hosts.values())
                 try:
-                    lab_hosts.up(plan.name, made_hosts)
+                    lab_hosts.up(lab_hosts.lab_tag(plan.name, plan.dir), made_hosts)
                 except lab_hosts.HostError as exc:
                     made_hosts = []
                     raise LabError(f"lab hosts: {exc}") from None
@@ -146,7 +146,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     except BaseException:
         for p in procs:
             _terminate(p.pid)
-        lab_hosts.down(name, made_hosts)
+        lab_hosts.down(lab_hosts.lab_tag(name, state.lab_dir(name, root)), made_hosts)
         raise
 
 
@@ -198,7 +198,8 @@ def _remove_hosts(data: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return
     nodes = [n["name"] for n in lab.get("node", []) if n.get("host")]
-    lab_hosts.down(data["name"], lab_hosts.plan(data["name"], nodes))
+    tag = lab_hosts.lab_tag(data["name"], data["dir"])
+    lab_hosts.down(tag, lab_hosts.plan(tag, nodes))
 
 
 def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             np.sae_certs[sae] = pki.issue(ca, sae, lab_dir / "saes" / _safe(sae), client=True)
         plan.nodes[np.name] = np
     with_host = [n for n in lab.get("node", []) if n.get("host")]
-    plan.hosts = {h.node: h for h in lab_hosts.plan(name, [n["name"] for n in with_host])}
+    plan.hosts = {h.node: h for h in lab_hosts.plan(lab_hosts.lab_tag(name, lab_dir), [n["name"] for n in with_host])}
     pw_hash = ssh.hash_password(plan.password)
     for node in lab.get("node", []):
         np = plan.nodes[node["name"]]

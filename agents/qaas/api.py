@@ -28,7 +28,9 @@ class Context:
 
 def services() -> list[ModuleType]:
     """The service modules, in the order their paths appear in the OpenAPI document."""
-    return []
+    from . import ipsec  # imports this module (Context)
+
+    return [ipsec]
 
 
 def add_routes(app: web.Application, ctx: Context) -> None:

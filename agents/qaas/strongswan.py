@@ -71,6 +71,7 @@ def strongswan_conf(dir: Path) -> str:
       path = {dir / "charon.log"}
       default = 1
       time_format = %T
+      flush_line = yes
     }}
   }}
   syslog {{
