@@ -4,6 +4,7 @@ HTTPS API on the cloud lab (real agents, LKMS keys relayed through CCS). Checked
 ping through the tunnel and swanctl, strongSwan's own client."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -98,6 +99,10 @@ def test_tunnel_with_ppk_reauth_and_teardown(pair) -> None:
     assert ping(ha, hb.inner)
     sas = swanctl(a, "--list-sas")
     assert first.ike_spi_i not in sas and second.ike_spi_i in sas and first.child_spi_in not in sas
+    a.set_ppk("ppk-t", os.urandom(32))  # re-authentication really uses the PPK loaded now:
+    with pytest.raises(StrongswanError):  # with ends that disagree it fails...
+        a.reauthenticate(timeout=2)
+    assert a.state().ike_spi_i == second.ike_spi_i and ping(ha, hb.inner)  # ...and the old SA stays
 
     logs = (a.dir / "charon.log").read_text() + (b.dir / "charon.log").read_text()
     assert "using PPK for PPK_ID 'ppk-t'" in logs
@@ -195,3 +200,34 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
 
     logs = "".join(Path(n["log"]).read_text() for n in cloud["nodes"])
     assert "Traceback" not in logs
+
+
+# --- the lab's hosts in the topology, plan and agent config ------------------------------------
+
+def test_cloud_plan_gives_hosts_to_cait_and_rectorado(tmp_path) -> None:
+    from sdqkd.agents import config
+    from sdqkd.lab import plan as lab_plan
+    from sdqkd.lab import topology
+
+    lab = topology.load(TOPOLOGIES / "cloud.json")
+    plan = lab_plan.make(lab, tmp_path, free_ports=True)
+    assert set(plan.hosts) == {"CAIT", "Rectorado"}
+    cfgs = {n: config.load(p.config_path) for n, p in plan.nodes.items()}
+    assert cfgs["CCS"].ipsec is None
+    cait = cfgs["CAIT"].ipsec
+    assert cait.sae_id == "sae-cait" and cait.netns == plan.hosts["CAIT"].netns
+    assert set(cait.peers) == {"Rectorado"} and cait.peers["Rectorado"].inner == plan.hosts["Rectorado"].inner
+    assert cait.peers["Rectorado"].api == ["127.0.0.1", plan.nodes["Rectorado"].kms_port]
+    # another lab directory, other namespaces: two cloud labs can run side by side
+    assert lab_plan.make(lab, tmp_path / "other", free_ports=True).hosts["CAIT"].netns != cait.netns
+
+    bad = json.loads(json.dumps(lab))
+    next(n for n in bad["sdqkd-lab:lab"]["node"] if n["name"] == "CAIT")["host"] = {"sae": "sae-ccs"}
+    problems = topology.check(bad)
+    assert any("host/sae" in p.path and "sae-ccs" in p.message for p in problems), problems
+    data = json.loads(Path(plan.nodes["CAIT"].config_path).read_text())
+    data["ipsec"]["peers"]["Rectorado"]["api"] = "nowhere"
+    del data["kms"]
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(data)
+    assert any("ipsec.peers.Rectorado.api" in p for p in err.value.problems)
