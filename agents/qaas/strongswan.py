@@ -121,7 +121,7 @@ class Charon:
             try:
                 with self._session():
                     return
-            except OSError:
+            except StrongswanError:
                 time.sleep(0.05)
         self.stop()
         raise StrongswanError(f"charon in {self.netns} did not open its VICI socket in {timeout} s")
@@ -129,7 +129,10 @@ class Charon:
     def _session(self) -> _Vici:
         if self.pid is None:
             raise StrongswanError(f"charon in {self.netns} is not running")
-        return _Vici(f"/proc/{self.pid}/root/run/charon.vici")
+        try:
+            return _Vici(f"/proc/{self.pid}/root/run/charon.vici")
+        except OSError as exc:
+            raise StrongswanError(f"charon in {self.netns} does not answer: {exc.strerror}") from None
 
     def load(self, local: Endpoint, remote: Endpoint, psk: bytes, ppk_id: str, ppk: bytes) -> None:
         """The connection (PSK authentication, PPK required) and its secrets."""
