@@ -79,35 +79,38 @@ def test_tunnel_with_ppk_reauth_and_teardown(pair) -> None:
     ea, eb = Endpoint(ha.address, ha.inner), Endpoint(hb.address, hb.inner)
     psk, ppk1, ppk2 = os.urandom(32), os.urandom(32), os.urandom(32)
     assert not ping(ha, hb.inner)  # the inner address is reachable through the tunnel only
-    a.load(ea, eb, psk, "ppk-t", ppk1)
-    b.load(eb, ea, psk, "ppk-t", ppk1)
-    a.initiate()
+    a.load("t", ea, eb, psk, "ppk-t", ppk1)
+    b.load("t", eb, ea, psk, "ppk-t", ppk1)
+    a.initiate("t")
     assert ping(ha, hb.inner) and ping(hb, ha.inner)
     sas = swanctl(a, "--list-sas")
     assert "ESTABLISHED" in sas and "/PPK" in sas and "INSTALLED" in sas, sas
     assert "PPK" in swanctl(b, "--list-sas")
-    first = a.state()
-    assert first is not None and first.ppk and first.child_spi_in == b.state().child_spi_out
+    first = a.state("t")
+    assert first is not None and first.ppk and first.child_spi_in == b.state("t").child_spi_out
     counters = swanctl(a, "--list-sas")
     assert " 1 packets" in counters or " 2 packets" in counters  # the pings went through the ESP SA
 
-    b.set_ppk("ppk-t", ppk2)
-    a.set_ppk("ppk-t", ppk2)
-    second = a.reauthenticate()
+    b.set_ppk("t", "ppk-t", ppk2)
+    a.set_ppk("t", "ppk-t", ppk2)
+    second = a.reauthenticate("t")
     assert second.ppk and second.ike_spi_i != first.ike_spi_i and second.ike_spi_r != first.ike_spi_r
     assert {second.child_spi_in, second.child_spi_out}.isdisjoint({first.child_spi_in, first.child_spi_out})
     assert ping(ha, hb.inner)
     sas = swanctl(a, "--list-sas")
     assert first.ike_spi_i not in sas and second.ike_spi_i in sas and first.child_spi_in not in sas
-    a.set_ppk("ppk-t", os.urandom(32))  # re-authentication really uses the PPK loaded now:
+    a.set_ppk("t", "ppk-t", os.urandom(32))  # re-authentication really uses the PPK loaded now:
     with pytest.raises(StrongswanError):  # with ends that disagree it fails...
-        a.reauthenticate(timeout=2)
-    assert a.state().ike_spi_i == second.ike_spi_i and ping(ha, hb.inner)  # ...and the old SA stays
+        a.reauthenticate("t", timeout=2)
+    assert a.state("t").ike_spi_i == second.ike_spi_i and ping(ha, hb.inner)  # ...and the old SA stays
 
     logs = (a.dir / "charon.log").read_text() + (b.dir / "charon.log").read_text()
     assert "using PPK for PPK_ID 'ppk-t'" in logs
     assert not any(_key_in(logs, k) for k in (psk, ppk1, ppk2))
 
+    a.unload("t")  # closes the SAs at both ends (IKE DELETE)
+    assert a.state("t") is None and b.state("t") is None and "t:" not in swanctl(b, "--list-sas")
+    assert not ping(ha, hb.inner)
     pids = [a.pid, b.pid]
     a.stop()
     b.stop()
@@ -120,12 +123,12 @@ def test_ends_with_different_ppks_do_not_come_up(pair) -> None:
     (ha, hb), a, b = pair
     ea, eb = Endpoint(ha.address, ha.inner), Endpoint(hb.address, hb.inner)
     psk = os.urandom(32)
-    a.load(ea, eb, psk, "ppk-t", os.urandom(32))
-    b.load(eb, ea, psk, "ppk-t", os.urandom(32))
+    a.load("t", ea, eb, psk, "ppk-t", os.urandom(32))
+    b.load("t", eb, ea, psk, "ppk-t", os.urandom(32))
     with pytest.raises(StrongswanError):
-        a.initiate(timeout=5)
-    assert a.state() is None and b.state() is None
-    assert "qkd:" not in swanctl(a, "--list-sas") and not ping(ha, hb.inner)
+        a.initiate("t", timeout=5)
+    assert a.state("t") is None and b.state("t") is None
+    assert "t:" not in swanctl(a, "--list-sas") and not ping(ha, hb.inner)
     assert "AUTHENTICATION_FAILED" in (a.dir / "charon.log").read_text()
 
 
@@ -178,6 +181,8 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
         assert now["sa"]["child"]["spi_in"] != t["sa"]["child"]["spi_in"] and now["sa"]["ike"]["ppk"]
         listed = cait.get(url_a).json()["tunnels"]
         assert [x["id"] for x in listed] == [tid]
+        again = cait.post(url_a, json={"to": "Rectorado"})  # one tunnel per pair of hosts
+        assert again.status_code == 409 and tid in again.json()["message"]
 
         assert rect.delete(f"{url_b}/{tid}").status_code == 409  # the initiator owns it
         assert cait.delete(f"{url_a}/{tid}").status_code == 204

@@ -43,7 +43,6 @@ class Tunnel:
     id: str
     peer: str  # node name of the other end
     role: str  # "initiator" | "responder"
-    charon: Charon
     reauth_interval: int | None
     ppk_key_id: str
     created: float = field(default_factory=time.time)
@@ -52,9 +51,9 @@ class Tunnel:
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, charon: Charon | None) -> dict[str, Any]:
         try:
-            sa: SaState | None = self.charon.state()
+            sa: SaState | None = charon.state(self.id) if charon is not None else None
         except StrongswanError as exc:
             sa, err = None, str(exc)
         else:
@@ -73,6 +72,8 @@ class Tunnels:
         self.dir = Path(ctx.cfg.state_dir) / "ipsec"
         self.by_id: dict[str, Tunnel] = {}
         self.lock = threading.Lock()
+        self.charon: Charon | None = None  # the host's daemon, while it ends a tunnel
+        self.daemon_lock = threading.Lock()
         k = ctx.cfg.kms
         self.client_ctx = pki.client_ssl_context(k.cert, k.key, k.ca) if k is not None else None
 
@@ -97,6 +98,15 @@ class Tunnels:
         p = self.ctx.cfg.peers.get(kme_id.lower())
         return p.node if p is not None else None
 
+    def _unique_pair(self, node: str) -> None:
+        with self.lock:
+            other = next((t for t in self.by_id.values() if t.peer == node), None)
+        if other is not None:  # same IKE identities and traffic selectors: one tunnel per pair of hosts
+            raise https.ApiError(409, f"tunnel {other.id} already joins this host and {node}'s")
+
+    def state(self, t: Tunnel) -> dict[str, Any]:
+        return t.as_json(self.charon)
+
     def get(self, tid: str) -> Tunnel:
         with self.lock:
             t = self.by_id.get(tid)
@@ -108,20 +118,21 @@ class Tunnels:
 
     def create(self, to: str, interval: int) -> Tunnel:
         host, peer = self._host(), self._peer(to)
+        self._unique_pair(to)
         psk, ppk = self._take_keys(host.sae_id, peer.sae_id, 2)
         tid = str(uuid.uuid4())
-        t = Tunnel(tid, to, "initiator", Charon(host.netns, self.dir / tid), interval, ppk.key_id)
+        t = Tunnel(tid, to, "initiator", interval, ppk.key_id)
+        charon = self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
         try:
-            self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
             self._ask(peer, "PUT", f"{PATH}/{tid}/peer", {"from": self.ctx.cfg.node.name,
                                                              "key_ids": [psk.key_id, ppk.key_id]})
             try:
-                t.charon.initiate()
+                charon.initiate(tid)
             except StrongswanError as exc:
                 raise https.ApiError(503, f"the tunnel to {to} did not come up: {exc}") from None
         except BaseException:
             self._end_peer(t)
-            t.charon.remove()
+            self._end_here(t)
             raise
         with self.lock:
             self.by_id[tid] = t
@@ -140,14 +151,46 @@ class Tunnels:
                     raise
             time.sleep(0.5)
 
-    def _start_end(self, t: Tunnel, remote: Endpoint, psk: Key, ppk: Key) -> None:
+    def _start_end(self, t: Tunnel, remote: Endpoint, psk: Key, ppk: Key) -> Charon:
+        """Load the tunnel into the host's daemon, starting it for the first tunnel."""
         host = self._host()
-        try:
-            t.charon.start()
-            t.charon.load(Endpoint(host.address, host.inner), remote, psk.key, _ppk_id(t.id), ppk.key)
-        except StrongswanError as exc:
-            t.charon.remove()
-            raise https.ApiError(503, f"IPsec end on {self.ctx.cfg.node.name}: {exc}") from None
+        with self.daemon_lock:
+            try:
+                if self.charon is None:
+                    charon = Charon(host.netns, self.dir / "charon")
+                    charon.start()
+                    self.charon = charon
+                self.charon.load(t.id, Endpoint(host.address, host.inner), remote, psk.key, _ppk_id(t.id), ppk.key)
+                return self.charon
+            except StrongswanError as exc:
+                if self.charon is not None:
+                    try:
+                        self.charon.unload(t.id)  # what was loaded of it
+                    except StrongswanError:
+                        pass
+                self._stop_if_idle()
+                raise https.ApiError(503, f"IPsec end on {self.ctx.cfg.node.name}: {exc}") from None
+
+    def _end_here(self, t: Tunnel) -> None:
+        """Close and forget the tunnel's SAs; the daemon ends with the host's last tunnel."""
+        with self.daemon_lock:
+            if self.charon is not None:
+                try:
+                    self.charon.unload(t.id)
+                except StrongswanError as exc:
+                    log.warning("IPsec tunnel %s: %s", t.id, exc)
+                self._stop_if_idle()
+
+    def _stop_if_idle(self) -> None:
+        if self.charon is not None and not self.charon.conns:
+            self.charon.remove()
+            self.charon = None
+
+    def _daemon(self) -> Charon:
+        charon = self.charon
+        if charon is None:
+            raise StrongswanError("the host's IPsec daemon is not running")
+        return charon
 
     def _reauth_loop(self, t: Tunnel, host: IpsecConf, peer: IpsecPeerConf) -> None:
         assert t.reauth_interval is not None
@@ -155,8 +198,8 @@ class Tunnels:
             try:
                 (ppk,) = self._take_keys(host.sae_id, peer.sae_id, 1)
                 self._ask(peer, "POST", f"{PATH}/{t.id}/peer/ppk", {"key_id": ppk.key_id})
-                t.charon.set_ppk(_ppk_id(t.id), ppk.key)
-                t.charon.reauthenticate()
+                self._daemon().set_ppk(t.id, _ppk_id(t.id), ppk.key)
+                self._daemon().reauthenticate(t.id)
                 t.ppk_key_id, t.last_error = ppk.key_id, None
                 t.reauths += 1
             except (KmsError, https.ApiError, StrongswanError) as exc:
@@ -177,7 +220,7 @@ class Tunnels:
             t.thread.join(15)
         if t.role == "initiator":
             self._end_peer(t)
-        t.charon.remove()
+        self._end_here(t)
 
     def _end_peer(self, t: Tunnel) -> None:
         cfg = self.cfg.peers.get(t.peer) if self.cfg else None
@@ -223,8 +266,9 @@ class Tunnels:
         with self.lock:
             if tid in self.by_id:
                 raise https.ApiError(409, f"tunnel {tid} exists")
+        self._unique_pair(node)
         psk, ppk = self.ctx.lkms.dec_keys(host.sae_id, peer.sae_id, ids)
-        t = Tunnel(tid, node, "responder", Charon(host.netns, self.dir / tid), None, ppk.key_id)
+        t = Tunnel(tid, node, "responder", None, ppk.key_id)
         self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
         with self.lock:
             self.by_id[tid] = t
@@ -238,7 +282,7 @@ class Tunnels:
         host = self._host()
         (ppk,) = self.ctx.lkms.dec_keys(host.sae_id, self._peer(t.peer).sae_id, [key_id])
         try:
-            t.charon.set_ppk(_ppk_id(tid), ppk.key)
+            self._daemon().set_ppk(tid, _ppk_id(tid), ppk.key)
         except StrongswanError as exc:
             raise https.ApiError(503, str(exc)) from None
         t.ppk_key_id = ppk.key_id
@@ -290,16 +334,16 @@ def add_routes(app: web.Application, ctx: api.Context) -> None:
         if not isinstance(to, str) or not to:
             raise https.ApiError(400, "to: the node at the other end")
         t = await https.call(request, tunnels.create, to, _interval(body))
-        return web.json_response(await https.call(request, t.as_json), status=201)
+        return web.json_response(await https.call(request, tunnels.state, t), status=201)
 
     async def listing(request: web.Request) -> web.Response:
         with tunnels.lock:
             ts = list(tunnels.by_id.values())
-        return web.json_response({"tunnels": [await https.call(request, t.as_json) for t in ts]})
+        return web.json_response({"tunnels": [await https.call(request, tunnels.state, t) for t in ts]})
 
     async def one(request: web.Request) -> web.Response:
         t = tunnels.get(_tid(request))
-        return web.json_response(await https.call(request, t.as_json))
+        return web.json_response(await https.call(request, tunnels.state, t))
 
     async def delete(request: web.Request) -> web.Response:
         await https.call(request, tunnels.delete, _tid(request))
@@ -308,7 +352,7 @@ def add_routes(app: web.Application, ctx: api.Context) -> None:
     async def accept(request: web.Request) -> web.Response:
         body = await https.json_object(request)
         t = await https.call(request, tunnels.accept, https.sae_of(request), _tid(request), body)
-        return web.json_response(await https.call(request, t.as_json), status=201)
+        return web.json_response(await https.call(request, tunnels.state, t), status=201)
 
     async def new_ppk(request: web.Request) -> web.Response:
         body = await https.json_object(request)

@@ -1,5 +1,5 @@
-"""One strongSwan `charon` in a lab host's network namespace: one end of a QKD-keyed
-IKEv2/ESP tunnel, driven over its VICI socket.
+"""One strongSwan `charon` in a lab host's network namespace, holding that host's ends of
+QKD-keyed IKEv2/ESP tunnels (one connection each), driven over its VICI socket.
 
 The kernel here has no ESP algorithms, so ESP runs in user space (kernel-libipsec, a TUN
 device). charon's pid file and VICI socket sit at fixed paths under /run, so each daemon
@@ -22,7 +22,6 @@ from typing import Any
 import vici
 
 CHARON = "/usr/lib/ipsec/charon"
-CONN = "qkd"  # the one connection (and CHILD_SA) of each daemon
 # What kernel-libipsec can do: no AEAD in its ESP, so CBC + HMAC.
 IKE_PROPOSAL = "aes256-sha256-x25519"
 ESP_PROPOSAL = "aes256-sha256"
@@ -87,12 +86,14 @@ swanctl {{
 
 
 class Charon:
-    """The daemon of one tunnel end in netns `netns`, its files in `dir`."""
+    """The daemon of a lab host (netns `netns`), its files in `dir`; one connection per tunnel,
+    as only one daemon can hold the host's IKE ports."""
 
     def __init__(self, netns: str, dir: Path | str) -> None:
         self.netns = netns
         self.dir = Path(dir)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.conns: set[str] = set()
 
     @property
     def conf(self) -> Path:
@@ -134,58 +135,59 @@ class Charon:
         except OSError as exc:
             raise StrongswanError(f"charon in {self.netns} does not answer: {exc.strerror}") from None
 
-    def load(self, local: Endpoint, remote: Endpoint, psk: bytes, ppk_id: str, ppk: bytes) -> None:
-        """The connection (PSK authentication, PPK required) and its secrets."""
-        conn = {
+    def load(self, conn: str, local: Endpoint, remote: Endpoint, psk: bytes, ppk_id: str, ppk: bytes) -> None:
+        """Connection `conn` (its CHILD_SA has the same name): PSK authentication, PPK required."""
+        cfg = {
             "version": "2", "local_addrs": [local.address], "remote_addrs": [remote.address],
             "proposals": [IKE_PROPOSAL], "ppk_id": ppk_id, "ppk_required": "yes",
             "encap": "yes", "mobike": "no", "rekey_time": "0", "dpd_delay": "0",
             "local-1": {"auth": "psk", "id": local.address},
             "remote-1": {"auth": "psk", "id": remote.address},
-            "children": {CONN: {"local_ts": [f"{local.inner}/32"], "remote_ts": [f"{remote.inner}/32"],
+            "children": {conn: {"local_ts": [f"{local.inner}/32"], "remote_ts": [f"{remote.inner}/32"],
                                 "esp_proposals": [ESP_PROPOSAL], "mode": "tunnel", "rekey_time": "0",
                                 "start_action": "none", "close_action": "none"}},
         }
         with self._session() as s:
-            s.call("load_shared", {"id": "psk", "type": "IKE", "data": psk,
+            s.call("load_shared", {"id": f"psk-{conn}", "type": "IKE", "data": psk,
                                    "owners": [local.address, remote.address]})
-            s.call("load_conn", {CONN: conn})
-        self.set_ppk(ppk_id, ppk)
+            s.call("load_conn", {conn: cfg})
+        self.conns.add(conn)
+        self.set_ppk(conn, ppk_id, ppk)
 
-    def set_ppk(self, ppk_id: str, ppk: bytes) -> None:
-        """Replace the PPK under `ppk_id`; SAs built from now on use it."""
+    def set_ppk(self, conn: str, ppk_id: str, ppk: bytes) -> None:
+        """Replace the PPK of `conn` (known to charon as `ppk_id`); SAs built from now on use it."""
         with self._session() as s:
-            s.call("load_shared", {"id": "ppk", "type": "PPK", "data": ppk, "owners": [ppk_id]})
+            s.call("load_shared", {"id": f"ppk-{conn}", "type": "PPK", "data": ppk, "owners": [ppk_id]})
 
-    def initiate(self, timeout: float = 10.0) -> None:
+    def initiate(self, conn: str, timeout: float = 10.0) -> None:
         """Build the IKE SA and the CHILD_SA; raises if IKE_AUTH or the CHILD_SA fails."""
         with self._session() as s:
-            s.call("initiate", {"child": CONN, "timeout": str(int(timeout * 1000))}, streamed=True)
+            s.call("initiate", {"child": conn, "ike": conn, "timeout": str(int(timeout * 1000))}, streamed=True)
 
-    def reauthenticate(self, timeout: float = 10.0) -> SaState:
+    def reauthenticate(self, conn: str, timeout: float = 10.0) -> SaState:
         """A new IKE SA (fresh keys, the PPK loaded now) replaces the old one, make-before-break;
         returns once the new SA and its CHILD_SA are up."""
-        before = self.state()
+        before = self.state(conn)
         if before is None:
             raise StrongswanError("no IKE SA to re-authenticate")
         with self._session() as s:
-            s.call("rekey", {"ike": CONN, "reauth": "yes"})
+            s.call("rekey", {"ike": conn, "reauth": "yes"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            now = self.state()
+            now = self.state(conn)
             if (now is not None and now.child_state == "INSTALLED" and now.ike_state == "ESTABLISHED"
                     and now.ike_spi_i != before.ike_spi_i):
                 return now
             time.sleep(0.05)
         raise StrongswanError(f"re-authentication did not complete in {timeout} s")
 
-    def state(self) -> SaState | None:
-        """The newest established IKE SA of the tunnel, or None."""
+    def state(self, conn: str) -> SaState | None:
+        """The newest established IKE SA of `conn`, or None."""
         with self._session() as s:
-            sas = s.list_sas()
+            sas = s.list_sas(conn)
         best: SaState | None = None
         for sa in sas:
-            ike = sa.get(CONN)
+            ike = sa.get(conn)
             if ike is None:
                 continue
             children = list(ike.get("child-sas", {}).values())
@@ -200,28 +202,49 @@ class Charon:
                 best = st
         return best
 
+    def unload(self, conn: str) -> None:
+        """Close the SAs of `conn` (DELETE to the peer) and forget it and its secrets."""
+        self.conns.discard(conn)
+        with self._session() as s:
+            _terminate(s, conn)
+            for cmd, arg in (("unload_conn", {"name": conn}), ("unload_shared", {"id": f"psk-{conn}"}),
+                             ("unload_shared", {"id": f"ppk-{conn}"})):
+                try:
+                    s.call(cmd, arg)
+                except StrongswanError:
+                    pass  # already gone
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the SAs, then charon; nothing is left running."""
+        """Close every SA, then end charon; nothing is left running."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.poll() is None:
             try:
                 with _Vici(f"/proc/{proc.pid}/root/run/charon.vici") as s:
-                    s.call("terminate", {"ike": CONN, "timeout": "2000", "force": "yes"}, streamed=True)
-            except (OSError, StrongswanError):
-                pass  # no SA, or the daemon is already going: SIGTERM below does the rest
+                    for conn in self.conns:
+                        _terminate(s, conn)
+            except OSError:
+                pass  # the daemon is already going: SIGTERM below does the rest
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.conns.clear()
 
     def remove(self) -> None:
         """Stop and delete the instance directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _terminate(s: _Vici, conn: str) -> None:
+    try:
+        s.call("terminate", {"ike": conn, "timeout": "2000", "force": "yes"}, streamed=True)
+    except StrongswanError:
+        pass  # no SA to close
 
 
 def _s(value: Any) -> str:
@@ -256,8 +279,8 @@ class _Vici:
         except (vici.exception.SessionException, OSError) as exc:
             raise StrongswanError(f"VICI {command} failed: {type(exc).__name__}") from None
 
-    def list_sas(self) -> list[dict[str, Any]]:
+    def list_sas(self, conn: str) -> list[dict[str, Any]]:
         try:
-            return list(self.session.list_sas({"ike": CONN}))
+            return list(self.session.list_sas({"ike": conn}))
         except (vici.exception.SessionException, vici.exception.CommandException, OSError) as exc:
             raise StrongswanError(f"VICI list-sas failed: {type(exc).__name__}") from None
