@@ -189,6 +189,9 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
         assert cait.get(f"{url_a}/{tid}").status_code == 404 and rect.get(f"{url_b}/{tid}").status_code == 404
         for ns in nss:
             assert not subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.strip()
+        r = cait.post(url_a, json={"to": "Rectorado"})  # the pair is free again, the daemons start anew
+        assert r.status_code == 201 and r.json()["sa"]["ike"]["ppk"], r.text
+        assert cait.delete(f"{url_a}/{r.json()['id']}").status_code == 204
 
         # bad input
         for body, status in [({"to": "Nowhere"}, 404), ({"to": "CCS"}, 400), ({"to": "CAIT"}, 400),

@@ -71,6 +71,7 @@ class Tunnels:
         self.cfg: IpsecConf | None = ctx.cfg.ipsec
         self.dir = Path(ctx.cfg.state_dir) / "ipsec"
         self.by_id: dict[str, Tunnel] = {}
+        self.pairs: dict[str, str] = {}  # peer node -> the tunnel joining our hosts
         self.lock = threading.Lock()
         self.charon: Charon | None = None  # the host's daemon, while it ends a tunnel
         self.daemon_lock = threading.Lock()
@@ -98,11 +99,18 @@ class Tunnels:
         p = self.ctx.cfg.peers.get(kme_id.lower())
         return p.node if p is not None else None
 
-    def _unique_pair(self, node: str) -> None:
+    def _claim(self, node: str, tid: str) -> None:
+        """One tunnel per pair of hosts (a second would have the same IKE identities and traffic
+        selectors), claimed before any key is taken so that two requests cannot both pass."""
         with self.lock:
-            other = next((t for t in self.by_id.values() if t.peer == node), None)
-        if other is not None:  # same IKE identities and traffic selectors: one tunnel per pair of hosts
-            raise https.ApiError(409, f"tunnel {other.id} already joins this host and {node}'s")
+            other = self.pairs.setdefault(node, tid)
+        if other != tid:
+            raise https.ApiError(409, f"tunnel {other} already joins this host and {node}'s")
+
+    def _unclaim(self, node: str, tid: str) -> None:
+        with self.lock:
+            if self.pairs.get(node) == tid:
+                del self.pairs[node]
 
     def state(self, t: Tunnel) -> dict[str, Any]:
         return t.as_json(self.charon)
@@ -118,21 +126,24 @@ class Tunnels:
 
     def create(self, to: str, interval: int) -> Tunnel:
         host, peer = self._host(), self._peer(to)
-        self._unique_pair(to)
-        psk, ppk = self._take_keys(host.sae_id, peer.sae_id, 2)
         tid = str(uuid.uuid4())
-        t = Tunnel(tid, to, "initiator", interval, ppk.key_id)
-        charon = self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
+        self._claim(to, tid)
         try:
-            self._ask(peer, "PUT", f"{PATH}/{tid}/peer", {"from": self.ctx.cfg.node.name,
-                                                             "key_ids": [psk.key_id, ppk.key_id]})
+            psk, ppk = self._take_keys(host.sae_id, peer.sae_id, 2)
+            t = Tunnel(tid, to, "initiator", interval, ppk.key_id)
+            charon = self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
             try:
+                self._ask(peer, "PUT", f"{PATH}/{tid}/peer", {"from": self.ctx.cfg.node.name,
+                                                                 "key_ids": [psk.key_id, ppk.key_id]})
                 charon.initiate(tid)
-            except StrongswanError as exc:
-                raise https.ApiError(503, f"the tunnel to {to} did not come up: {exc}") from None
+            except BaseException as exc:
+                self._end_peer(t)
+                self._end_here(t)
+                if isinstance(exc, StrongswanError):
+                    raise https.ApiError(503, f"the tunnel to {to} did not come up: {exc}") from None
+                raise
         except BaseException:
-            self._end_peer(t)
-            self._end_here(t)
+            self._unclaim(to, tid)
             raise
         with self.lock:
             self.by_id[tid] = t
@@ -221,6 +232,7 @@ class Tunnels:
         if t.role == "initiator":
             self._end_peer(t)
         self._end_here(t)
+        self._unclaim(t.peer, t.id)
 
     def _end_peer(self, t: Tunnel) -> None:
         cfg = self.cfg.peers.get(t.peer) if self.cfg else None
@@ -266,10 +278,14 @@ class Tunnels:
         with self.lock:
             if tid in self.by_id:
                 raise https.ApiError(409, f"tunnel {tid} exists")
-        self._unique_pair(node)
-        psk, ppk = self.ctx.lkms.dec_keys(host.sae_id, peer.sae_id, ids)
-        t = Tunnel(tid, node, "responder", None, ppk.key_id)
-        self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
+        self._claim(node, tid)
+        try:
+            psk, ppk = self.ctx.lkms.dec_keys(host.sae_id, peer.sae_id, ids)
+            t = Tunnel(tid, node, "responder", None, ppk.key_id)
+            self._start_end(t, Endpoint(peer.address, peer.inner), psk, ppk)
+        except BaseException:
+            self._unclaim(node, tid)
+            raise
         with self.lock:
             self.by_id[tid] = t
         return t
