@@ -179,6 +179,7 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
             time.sleep(0.5)
         assert now["reauths"] >= 1 and now["ppk_key_id"] != t["ppk_key_id"], now
         assert now["sa"]["child"]["spi_in"] != t["sa"]["child"]["spi_in"] and now["sa"]["ike"]["ppk"]
+        assert t["created"] <= t["established"] <= now["established"] <= time.time() + 1
         listed = cait.get(url_a).json()["tunnels"]
         assert [x["id"] for x in listed] == [tid]
         again = cait.post(url_a, json={"to": "Rectorado"})  # one tunnel per pair of hosts

@@ -60,7 +60,8 @@ class Tunnel:
             err = self.last_error
         return {"id": self.id, "peer": self.peer, "role": self.role, "state": "ESTABLISHED" if sa else "DOWN",
                 "ppk_key_id": self.ppk_key_id, "reauth_interval": self.reauth_interval, "reauths": self.reauths,
-                "created": int(self.created), "sa": sa.as_json() if sa else None, "last_error": err}
+                "created": int(self.created), "established": int(time.time()) - sa.established if sa else None,
+                "sa": sa.as_json() if sa else None, "last_error": err}
 
 
 class Tunnels:
@@ -456,6 +457,7 @@ OPENAPI: dict[str, Any] = {
             "ppk_key_id": {"type": "string", "format": "uuid"},
             "reauth_interval": {"type": ["integer", "null"]}, "reauths": {"type": "integer"},
             "created": {"type": "integer", "description": "Unix time"},
+            "established": {"type": ["integer", "null"], "description": "Unix time the current IKE SA was built"},
             "sa": {"type": ["object", "null"], "description": "IKE SA (state, SPIs, ppk used, seconds since "
                    "established) and CHILD_SA (state, SPIs)"},
             "last_error": {"type": ["string", "null"]},
