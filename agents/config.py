@@ -114,6 +114,28 @@ class KmsConf:
 
 
 @dataclass
+class IpsecPeerConf:
+    """Another node's lab host, and the HTTPS API that sets up its tunnel ends."""
+
+    api: list[Any]  # [host, port]
+    sae_id: str
+    address: str
+    inner: str
+
+
+@dataclass
+class IpsecConf:
+    """This node's lab host (network namespace) where its QKD-keyed IPsec tunnels end:
+    outer address on the lab LAN, inner (protected) address, the SAE its keys are for."""
+
+    netns: str
+    address: str
+    inner: str
+    sae_id: str
+    peers: dict[str, IpsecPeerConf] = field(default_factory=dict)  # node name -> its host
+
+
+@dataclass
 class SwitchConf:
     name: str
     ports: int
@@ -132,6 +154,7 @@ class AgentConfig:
     peers: dict[str, PeerConf] = field(default_factory=dict)  # qkdn_id -> peer
     kms: KmsConf | None = None
     qrng: QrngConf | None = None
+    ipsec: IpsecConf | None = None
     log_level: str = "INFO"
 
     @property
@@ -232,4 +255,6 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:
         problems.append("config.qrng.rate: an emulated QRNG needs its rate (bit/s)")
+    if cfg.ipsec is not None and cfg.kms is None:
+        problems.append("config.ipsec: IPsec tunnels take their keys from the LKMS, which needs config.kms")
     return problems

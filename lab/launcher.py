@@ -23,6 +23,7 @@ from rich.table import Table
 
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
+from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab import state, topology
 
@@ -85,12 +86,21 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     if old.exists():  # what a previous run left (keys, controller services): a new lab starts clean
         shutil.rmtree(old)
     procs: list[subprocess.Popen] = []
+    made_hosts: list[lab_hosts.Host] = []
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             plan = lab_plan.make(lab, state.lab_dir(name, root), free_ports=free_ports)
             ctl_cfg = lab_plan.write_controller_config(plan)
             progress.add_task("certificates and configs", total=1, completed=1)
+            if plan.hosts:
+                made_hosts = list(plan.hosts.values())
+                try:
+                    lab_hosts.up(lab_hosts.lab_tag(plan.name, plan.dir), made_hosts)
+                except lab_hosts.HostError as exc:
+                    made_hosts = []
+                    raise LabError(f"lab hosts: {exc}") from None
+                progress.add_task("hosts", total=len(made_hosts), completed=len(made_hosts))
             t = progress.add_task("agents listening", total=len(plan.nodes))
             pids: dict[str, int] = {}
             for n in plan.nodes.values():
@@ -147,6 +157,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     except BaseException:
         for p in procs:
             _terminate(p.pid)
+        lab_hosts.down(lab_hosts.lab_tag(name, state.lab_dir(name, root)), made_hosts)
         raise
 
 
@@ -182,12 +193,24 @@ def down(name: str | None = None, root: Path | None = None, cleanup: bool = Fals
     _terminate(data["controller"].get("pid"))
     for n in data["nodes"]:
         _terminate(n.get("pid"))
+    _remove_hosts(data)
     path.unlink()
     if cleanup:
         import shutil
 
         shutil.rmtree(data["dir"], ignore_errors=True)
     return data["name"]
+
+
+def _remove_hosts(data: dict[str, Any]) -> None:
+    """The hosts the lab's topology gave it (and whatever still runs in them)."""
+    try:
+        lab = lab_plan.lab_object(json.loads(Path(data["topology"]).read_text()))
+    except (OSError, ValueError):
+        return
+    nodes = [n["name"] for n in lab.get("node", []) if n.get("host")]
+    tag = lab_hosts.lab_tag(data["name"], data["dir"])
+    lab_hosts.down(tag, lab_hosts.plan(tag, nodes))
 
 
 def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:

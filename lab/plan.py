@@ -14,6 +14,7 @@ from typing import Any
 
 from sdqkd.agents import ssh
 from sdqkd.agents.kms import pki
+from sdqkd.lab import hosts as lab_hosts
 
 LAB_NS = uuid.UUID("0b5e2f7a-6c1d-4e8b-9a3f-7d2c1b0a9e8f")
 
@@ -45,6 +46,7 @@ class LabPlan:
     nodes: dict[str, NodePlan]
     address: str = "127.0.0.1"
     controller_port: int = 50051
+    hosts: dict[str, lab_hosts.Host] = field(default_factory=dict)  # node name -> its lab host
 
     def by_id(self, qkdn_id: str) -> NodePlan:
         return next(n for n in self.nodes.values() if n.qkdn_id == qkdn_id)
@@ -162,6 +164,8 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
         for sae in np.saes:
             np.sae_certs[sae] = pki.issue(ca, sae, lab_dir / "saes" / _safe(sae), client=True)
         plan.nodes[np.name] = np
+    with_host = [n for n in lab.get("node", []) if n.get("host")]
+    plan.hosts = {h.node: h for h in lab_hosts.plan(lab_hosts.lab_tag(name, lab_dir), [n["name"] for n in with_host])}
     pw_hash = ssh.hash_password(plan.password)
     for node in lab.get("node", []):
         np = plan.nodes[node["name"]]
@@ -224,6 +228,19 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "key": str(np.kme_cert[1]),
             "saes": plan.sae_directory(),
         },
+        **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
+    }
+
+
+def ipsec_config(plan: LabPlan, lab: dict[str, Any], node: str) -> dict[str, Any]:
+    """The node's lab host and every other host, with the API that sets up its tunnel ends."""
+    sae = {n["name"]: n["host"]["sae"] for n in lab.get("node", []) if n.get("host")}
+    h = plan.hosts[node]
+    return {
+        "netns": h.netns, "address": h.address, "inner": h.inner, "sae_id": sae[node],
+        "peers": {o.node: {"api": [plan.address, plan.nodes[o.node].kms_port], "sae_id": sae[o.node],
+                           "address": o.address, "inner": o.inner}
+                  for o in plan.hosts.values() if o.node != node},
     }
 
 

@@ -348,6 +348,9 @@ def check_references(lab: Mapping[str, Any], ix: _Index) -> Found:
 
     for node in ix.nodes.values():
         yield from ref(node.get("domain"), ix.domains, "domain", _at("node", node["name"], "domain"))
+        host = _sub(node, "host")
+        saes = {str(s.get("id")): s for s in _entries(node, "sae")}
+        yield from ref(host.get("sae"), saes, "SAE of this node", _at("node", node["name"], "host", "sae"))
         for qi in _entries(node, "qkd-interface"):
             ipath = _iface_at(node["name"], qi.get("id"))
             yield from ref(qi.get("profile"), ix.profiles, "profile", f"{ipath}/profile")

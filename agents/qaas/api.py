@@ -28,9 +28,9 @@ class Context:
 
 def services() -> list[ModuleType]:
     """The service modules, in the order their paths appear in the OpenAPI document."""
-    from . import keys, links  # they import Context from here
+    from . import ipsec, keys, links  # they import Context from here
 
-    return [keys, links]
+    return [keys, links, ipsec]
 
 
 def add_routes(app: web.Application, ctx: Context) -> None:
