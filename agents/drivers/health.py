@@ -1,0 +1,183 @@
+"""NIST SP 800-90B health tests of a binary noise source, on its raw samples before
+conditioning: the continuous Repetition Count Test (4.4.1) and Adaptive Proportion
+Test (4.4.2), also run as the start-up tests (4.3) over the first 1024 samples after
+power-on or repair, before any output.
+
+Both cutoffs follow from the assessed min-entropy H per sample and the false-positive
+probability alpha = 2^-20, exactly as the standard defines them:
+- RCT: C = 1 + ceil(20 / H); a run of C identical samples fails.
+- APT: window W = 1024 (binary samples), C = 1 + CRITBINOM(W, 2^-H, 1 - alpha), the
+  smallest count whose binomial tail is at most alpha; C samples equal to the window's
+  first one fail.
+
+`HealthTap` hooks them into the QRNG driver (`Qrng.add_raw_tap(tap, health=True)`):
+on a failure it calls `report_failure` with which test, its cutoff and the count seen,
+and the driver refuses output until repair() and a passing start-up run.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ALPHA_LOG2 = 20            # alpha = 2^-20
+STARTUP_SAMPLES = 1024     # 4.3: start-up tests over at least 1024 consecutive samples
+BINARY_WINDOW, WINDOW = 1024, 512
+
+
+def rct_cutoff(h: float) -> int:
+    """Repetition Count Test cutoff for min-entropy h (bits per sample)."""
+    if not 0 < h <= 64:
+        raise ValueError("min-entropy must be in (0, 64]")
+    return 1 + math.ceil(ALPHA_LOG2 / h)
+
+
+def apt_cutoff(h: float, window: int = BINARY_WINDOW) -> int:
+    """Adaptive Proportion Test cutoff: 1 + the smallest c with P(X <= c) >= 1 - 2^-20,
+    X ~ Binomial(window, 2^-h). The tail is summed from the top in log space, so it is
+    exact to float precision without 1 - (1 - tiny) cancellation."""
+    if not 0 < h <= 64:
+        raise ValueError("min-entropy must be in (0, 64]")
+    p = 2.0 ** -h
+    if p >= 1.0:
+        return window + 1
+    lp, lq, lw = math.log(p), math.log1p(-p), math.lgamma(window + 1)
+    alpha = 2.0 ** -ALPHA_LOG2
+    tail = 0.0  # P(X > c)
+    for c in range(window, -1, -1):
+        term = math.exp(lw - math.lgamma(c + 1) - math.lgamma(window - c + 1) + c * lp + (window - c) * lq)
+        if tail + term > alpha:  # P(X > c - 1) > alpha: c is the smallest with CDF(c) >= 1 - alpha
+            return 1 + c
+        tail += term
+    return 1
+
+
+@dataclass(frozen=True)
+class Failure:
+    test: str      # "repetition-count" | "adaptive-proportion"
+    phase: str     # "start-up" | "continuous"
+    cutoff: int
+    observed: int  # the run length / window count that reached the cutoff
+    window: int | None
+    min_entropy: float
+
+    @property
+    def message(self) -> str:
+        what = (f"{self.observed} identical samples in a row" if self.test == "repetition-count"
+                else f"{self.observed} of {self.window} samples equal to the window's first")
+        return f"SP 800-90B {self.test} test failed ({self.phase}): {what}, cutoff {self.cutoff}"
+
+    def details(self) -> dict[str, Any]:
+        return {"test": self.test, "phase": self.phase, "cutoff": self.cutoff, "observed": self.observed,
+                "window": self.window, "min_entropy": self.min_entropy}
+
+
+class HealthTests:
+    """RCT and APT over one stream of binary samples, fed in chunks of any size.
+
+    Vectorised with numpy: a chunk costs a few array passes, so the tests keep up with
+    millions of raw samples per second. After a failure they stop (the source is
+    FAILED) until `restart()`."""
+
+    def __init__(self, h: float, window: int = BINARY_WINDOW) -> None:
+        self.h, self.window = h, window
+        self.rct_c, self.apt_c = rct_cutoff(h), apt_cutoff(h, window)
+        self.restart()
+
+    def restart(self) -> None:
+        """Power-on or repair: the start-up tests run again on the next samples."""
+        self.seen = 0
+        self.failure: Failure | None = None
+        self._run_value, self._run = -1, 0        # RCT: A and B
+        self._win_value, self._win_count, self._win_pos = -1, 0, 0  # APT: A, B, samples seen in the window
+
+    @property
+    def ready(self) -> bool:
+        """The start-up tests passed and nothing failed since."""
+        return self.failure is None and self.seen >= STARTUP_SAMPLES
+
+    def feed(self, bits: np.ndarray) -> Failure | None:
+        """Test the next samples (uint8 0/1, in time order); the failure, if one tripped now."""
+        if self.failure is not None or len(bits) == 0:
+            return None
+        phase = "start-up" if self.seen < STARTUP_SAMPLES else "continuous"
+        found = self._rct(bits) or self._apt(bits)
+        self.seen += len(bits)
+        if found is not None:
+            test, observed = found
+            self.failure = Failure(test, phase, self.rct_c if test == "repetition-count" else self.apt_c,
+                                   observed, None if test == "repetition-count" else self.window, round(self.h, 6))
+        return self.failure
+
+    def _rct(self, bits: np.ndarray) -> tuple[str, int] | None:
+        starts = np.flatnonzero(np.diff(bits)) + 1  # where a new run begins
+        bounds = np.concatenate(([0], starts, [len(bits)]))
+        runs = np.diff(bounds)
+        if bits[0] == self._run_value:
+            runs[0] += self._run  # the first run continues the last chunk's
+        worst = int(runs.max())
+        if worst >= self.rct_c:
+            return "repetition-count", worst
+        self._run_value, self._run = int(bits[-1]), int(runs[-1])
+        return None
+
+    def _apt(self, bits: np.ndarray) -> tuple[str, int] | None:
+        w, i = self.window, 0
+        if self._win_pos:  # finish the open window
+            take = bits[: w - self._win_pos]
+            self._win_count += int(np.count_nonzero(take == self._win_value))
+            self._win_pos += len(take)
+            i = len(take)
+            if self._win_count >= self.apt_c:
+                return "adaptive-proportion", self._win_count
+            if self._win_pos == w:
+                self._win_pos = 0
+        full = (len(bits) - i) // w
+        if full:
+            wins = bits[i:i + full * w].reshape(full, w)
+            counts = np.count_nonzero(wins == wins[:, :1], axis=1)
+            worst = int(counts.max())
+            if worst >= self.apt_c:
+                return "adaptive-proportion", worst
+            i += full * w
+        if i < len(bits):  # open a new window with the rest
+            rest = bits[i:]
+            self._win_value, self._win_count, self._win_pos = int(rest[0]), int(np.count_nonzero(rest == rest[0])), len(rest)
+            if self._win_count >= self.apt_c:
+                return "adaptive-proportion", self._win_count
+        return None
+
+
+class HealthTap:
+    """The tests on a QRNG driver's raw stream (packed bits, first sample = MSB)."""
+
+    def __init__(self, qrng: Any, h: float) -> None:
+        self.qrng = qrng
+        self.tests = HealthTests(h)
+        self._lock = threading.Lock()
+        self._recovering = False
+        qrng.add_raw_tap(self, health=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.tests.ready
+
+    def restart(self) -> None:
+        with self._lock:
+            self._recovering = self.tests.failure is not None
+            self.tests.restart()
+
+    def __call__(self, raw: bytes) -> None:
+        with self._lock:
+            was_ready = self.tests.ready
+            failure = self.tests.feed(np.unpackbits(np.frombuffer(raw, dtype=np.uint8)))
+            recovered = self._recovering and not was_ready and self.tests.ready
+            if recovered:
+                self._recovering = False
+        if failure is not None:  # outside our lock: the driver takes its own
+            self.qrng.report_failure(failure.message, **failure.details())
+        elif recovered:
+            self.qrng.report_recovered("start-up health tests passed")
