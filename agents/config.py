@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_ENTROPY_REQUEST = 1 << 16  # bytes: upper bound of qrng.max_request_bytes
+
 
 class ConfigError(Exception):
     """The config file is unusable; `problems` lists every reason."""
@@ -85,6 +87,7 @@ class QrngConf:
 
     source: str = "emulated"  # or "os"
     rate: float | None = None  # bit/s of the emulated device
+    max_request_bytes: int = 1024  # largest GET /api/v1/entropy request (agents/qaas/entropy.py)
 
 
 @dataclass
@@ -224,4 +227,6 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:
         problems.append("config.qrng.rate: an emulated QRNG needs its rate (bit/s)")
+    if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):
+        problems.append(f"config.qrng.max_request_bytes: between 32 (the default request) and {MAX_ENTROPY_REQUEST}")
     return problems
