@@ -26,6 +26,7 @@ import numpy as np
 ALPHA_LOG2 = 20            # alpha = 2^-20
 STARTUP_SAMPLES = 1024     # 4.3: start-up tests over at least 1024 consecutive samples
 BINARY_WINDOW, WINDOW = 1024, 512
+RETRY_AFTER = 0.02         # seconds from a failure to the next start-up run
 
 
 def rct_cutoff(h: float) -> int:
@@ -152,13 +153,20 @@ class HealthTests:
 
 
 class HealthTap:
-    """The tests on a QRNG driver's raw stream (packed bits, first sample = MSB)."""
+    """The tests on a QRNG driver's raw stream (packed bits, first sample = MSB).
+
+    After a failure the source is FAILED and the tap reruns the start-up tests on fresh
+    raw samples every RETRY_AFTER seconds (and at once on repair): a stuck or biased
+    source fails them again and stays FAILED (one alarm, not one per retry); a false
+    alarm, which a healthy source raises at the rate alpha allows, ends when they pass
+    (SP 800-90B 4.3 lets the developer treat such intermittent failures this way)."""
 
     def __init__(self, qrng: Any, h: float) -> None:
         self.qrng = qrng
         self.tests = HealthTests(h)
         self._lock = threading.Lock()
-        self._recovering = False
+        self._retesting = False
+        self._timer: threading.Timer | None = None
         qrng.add_raw_tap(self, health=True)
 
     @property
@@ -166,18 +174,44 @@ class HealthTap:
         return self.tests.ready
 
     def restart(self) -> None:
+        """Power-on: the start-up tests run on the first samples the source makes."""
         with self._lock:
-            self._recovering = self.tests.failure is not None
             self.tests.restart()
+            self._retesting = False
+
+    def retest(self) -> None:
+        """Start-up tests now, on fresh samples drawn in the device's raw mode; the tap
+        reports the recovery if they pass, the failure (and schedules a retry) if not."""
+        with self._lock:
+            self.tests.restart()
+            self._retesting = True
+        try:
+            self.qrng.read_raw(STARTUP_SAMPLES // 8, timeout=5.0)
+        except (OSError, TimeoutError):  # the source was closed: no more retries
+            pass
 
     def __call__(self, raw: bytes) -> None:
         with self._lock:
-            was_ready = self.tests.ready
             failure = self.tests.feed(np.unpackbits(np.frombuffer(raw, dtype=np.uint8)))
-            recovered = self._recovering and not was_ready and self.tests.ready
+            recovered = self._retesting and self.tests.ready
             if recovered:
-                self._recovering = False
+                self._retesting = False
         if failure is not None:  # outside our lock: the driver takes its own
             self.qrng.report_failure(failure.message, **failure.details())
+            self._schedule_retry()
         elif recovered:
             self.qrng.report_recovered("start-up health tests passed")
+
+    def _schedule_retry(self) -> None:
+        with self._lock:
+            if self._timer is not None and self._timer.is_alive():
+                return
+            self._timer = threading.Timer(RETRY_AFTER, self._retry)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _retry(self) -> None:
+        with self._lock:
+            failed = self.tests.failure is not None
+        if failed:  # not repaired (and retested) meanwhile
+            self.retest()

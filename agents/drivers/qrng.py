@@ -18,15 +18,19 @@ as hardware, not as a constant:
 - rate: output bits accumulate at `rate` bit/s in the device FIFO (a token bucket of
   `fifo_bits`); `read(n, timeout)` waits for them or raises TimeoutError.
 - failures: inject_failure("stuck") freezes the raw samples at the last value,
-  "biased" pushes P(1) to 0.5 + FAILED_BIAS. Both corrupt the RAW stream only.
+  "biased" pushes P(1) to 0.5 + FAILED_BIAS, both until repair(); "glitch" freezes
+  the next GLITCH_SAMPLES samples only (a transient, e.g. a supply dip), then the
+  device is healthy again by itself. All corrupt the RAW stream only.
 
 Health testing (NIST SP 800-90B, agents/drivers/health.py) hooks in through
 `add_raw_tap(tap, health=True)`: every raw sample the sampler emits (before
 conditioning, or through the diagnostic `read_raw`) is shown to the taps; a health
 test calls `report_failure()` when it trips (status FAILED, a 'qrng-status' event:
 data node, source, status, reason and the test's details), and output waits until
-every health tap is `ready` (its start-up tests passed) after open() and repair().
-A block whose raw samples tripped a test is never output. Without a health tap an
+every health tap is `ready` (its start-up tests passed) after open(). After a failure
+or repair() the taps rerun the start-up tests on fresh raw samples and call
+`report_recovered()` when they pass. A block whose raw samples tripped a test is
+never output. Without a health tap an
 injected failure is reported at once. `read` refuses output while FAILED, so no key
 comes from a broken source; `read_raw` still works, as a device's raw diagnostic
 mode does.
@@ -47,7 +51,8 @@ from sdqkd.agents.drivers.base import Change, Driver, Emit, Event
 log = logging.getLogger(__name__)
 
 SOURCES = ("emulated", "os")
-FAILURE_KINDS = ("stuck", "biased")
+FAILURE_KINDS = ("stuck", "biased", "glitch")
+GLITCH_SAMPLES = 64              # raw samples a "glitch" freezes
 BLOCK_BITS = 256                 # SHA-256 output per conditioning step
 RAW_PER_BLOCK = 3 * BLOCK_BITS   # raw samples per output block: entropy ratio 1/3
 FAILED_BIAS = 0.35               # "biased" failure: P(1) = 0.85
@@ -63,7 +68,11 @@ class HealthTap(Protocol):
 
     def __call__(self, raw: bytes) -> None: ...
 
-    def restart(self) -> None: ...
+    def restart(self) -> None:
+        """Power-on: start-up tests on the next samples."""
+
+    def retest(self) -> None:
+        """After a failure or repair: start-up tests on fresh raw samples, now."""
 
 
 class QrngFailure(OSError):
@@ -98,6 +107,7 @@ class NoiseModel:
             raise ValueError("correlation must be in [0, 1)")
         self.bias, self.correlation = bias, correlation
         self.fault: str | None = None
+        self._glitch_left = 0
         self._last = 0  # the previous raw sample (the chunks are one stream)
 
     def min_entropy(self) -> float:
@@ -105,9 +115,23 @@ class NoiseModel:
         c, p = self.correlation, 0.5 + abs(self.bias)
         return -math.log2(c + (1 - c) * p)
 
+    def fail(self, kind: str) -> None:
+        self.fault = kind
+        self._glitch_left = GLITCH_SAMPLES if kind == "glitch" else 0
+
     def samples(self, nbits: int) -> int:
         if self.fault == "stuck":
             return (1 << nbits) - 1 if self._last else 0
+        if self.fault == "glitch":  # the first samples frozen, then healthy again
+            frozen = min(nbits, self._glitch_left)
+            self._glitch_left -= frozen
+            if not self._glitch_left:
+                self.fault = None
+            held = ((1 << frozen) - 1 if self._last else 0) << (nbits - frozen)
+            if frozen == nbits:
+                return held
+            rest = self.samples(nbits - frozen)  # continues from the frozen value
+            return held | rest
         p1 = 0.5 + (FAILED_BIAS if self.fault == "biased" else self.bias)
         fresh = bernoulli_bits(nbits, p1)
         if self.correlation > 0:
@@ -258,14 +282,15 @@ class Qrng(Driver):
     # --- failures -----------------------------------------------------------------------------
 
     def inject_failure(self, kind: str) -> None:
-        """'stuck': raw samples frozen; 'biased': P(1) = 0.5 + FAILED_BIAS. The health
+        """'stuck': raw samples frozen; 'biased': P(1) = 0.5 + FAILED_BIAS (both until
+        repair()); 'glitch': the next GLITCH_SAMPLES samples frozen. The health
         tests detect it on the next samples; without them it is reported at once."""
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind '{kind}'; known: {', '.join(FAILURE_KINDS)}")
         if self._noise is None:
             raise ValueError("the OS source has no failure modes")
         with self._lock:
-            self._noise.fault = kind
+            self._noise.fail(kind)
             tested = bool(self._health)
         if tested:
             log.warning("%s QRNG: %s failure injected", self.node, kind)
@@ -278,25 +303,21 @@ class Qrng(Driver):
         self._set_status("FAILED", reason, details)
 
     def report_recovered(self, reason: str) -> None:
-        """The health taps' start-up tests passed after a repair: say the source is back."""
-        with self._lock:
-            if self._status != "ENABLED":
-                return
-        self._announce("ENABLED", reason, {})
+        """The health taps' start-up tests passed again after a failure: output resumes."""
+        self._set_status("ENABLED", reason)
 
     def repair(self) -> None:
-        """Hardware fixed. With health taps the start-up tests run again first: output
-        resumes, and the recovery is announced, once they pass."""
-        for tap in list(self._health):
-            tap.restart()
+        """Hardware fixed. With health taps the source stays FAILED until their start-up
+        tests pass on fresh samples (they call report_recovered)."""
         with self._lock:
             if self._noise is not None:
                 self._noise.fault = None
             self._fifo.clear()  # output of the faulty period is thrown away
-            if self._health and self._status == "FAILED":
-                self._status, self._reason = "ENABLED", ""
-                return
-        self._set_status("ENABLED", "repaired")
+            health = list(self._health)
+        for tap in health:
+            tap.retest()
+        if not health:
+            self._set_status("ENABLED", "repaired")
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -348,12 +369,9 @@ class Qrng(Driver):
             if self._status in (status, "DISABLED"):
                 return
             self._status, self._reason = status, reason if status == "FAILED" else ""
-        self._announce(status, reason, details or {})
-
-    def _announce(self, status: str, reason: str, details: dict[str, Any]) -> None:
         log.warning("%s QRNG %s (%s)", self.node, status, reason)
         try:
             self._emit(Event("qrng-status", {"node": self.node, "source": self.source, "status": status,
-                                             "reason": reason, **details}))
+                                             "reason": reason, **(details or {})}))
         except Exception:  # a bad handler must not stop the source
             log.exception("qrng-status handler failed")
