@@ -227,3 +227,14 @@ def test_health_test_failure_stops_delivery_and_raises_the_alarm(tmp_path, yangl
     text = caplog.text
     assert "QRNG FAILED" in text and all(e not in text for e in delivered)
     assert all(base64.b64decode(e).hex() not in text for e in delivered)
+
+
+@pytest.mark.parametrize("value, problem", [
+    (16, "between 32 (the default request) and 65536"), (1 << 17, "between 32"),
+    ("64", "expected int, got str"), (True, "expected int, got bool"), (64.0, "expected int, got float")])
+def test_max_request_bytes_is_checked_strictly(tmp_path, value, problem) -> None:
+    data = agent_config_dict(tmp_path, str(uuid.uuid4()), kms_section(tmp_path, "x")[0],
+                             qrng_section(max_request_bytes=value))
+    with pytest.raises(agent_cfg.ConfigError, match="config.qrng.max_request_bytes") as err:
+        agent_cfg.parse(data)
+    assert problem in str(err.value)

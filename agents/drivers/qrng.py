@@ -30,10 +30,9 @@ data node, source, status, reason and the test's details), and output waits unti
 every health tap is `ready` (its start-up tests passed) after open(). After a failure
 or repair() the taps rerun the start-up tests on fresh raw samples and call
 `report_recovered()` when they pass. A block whose raw samples tripped a test is
-never output. Without a health tap an
-injected failure is reported at once. `read` refuses output while FAILED, so no key
-comes from a broken source; `read_raw` still works, as a device's raw diagnostic
-mode does.
+never output. Without a health tap an injected failure is reported at once. `read`
+refuses output while FAILED, so no key comes from a broken source; `read_raw` still
+works, as a device's raw diagnostic mode does.
 """
 from __future__ import annotations
 

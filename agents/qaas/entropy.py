@@ -25,7 +25,7 @@ from .api import Context
 PATH = "/api/v1/entropy"
 DEFAULT_BYTES = 32
 INTERMITTENT_GRACE = 0.25  # seconds a request waits for the start-up rerun after a failure
-_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 
 def openapi_part(max_bytes: int) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def requested_bytes(query: Any, limit: int) -> int:
         return DEFAULT_BYTES
     if len(values) > 1:
         raise https.ApiError(400, "'bytes' is given more than once")
-    if not _INTEGER.fullmatch(values[0].strip()):
+    if not _INTEGER.fullmatch(values[0]):
         raise https.ApiError(400, f"'bytes' must be an integer from 1 to {limit}")
     n = int(values[0])
     if not 1 <= n <= limit:
