@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_ENTROPY_REQUEST = 1 << 16  # bytes: upper bound of qrng.max_request_bytes
+
 
 class ConfigError(Exception):
     """The config file is unusable; `problems` lists every reason."""
@@ -85,6 +87,7 @@ class QrngConf:
 
     source: str = "emulated"  # or "os"
     rate: float | None = None  # bit/s of the emulated device
+    max_request_bytes: int = 1024  # largest GET /api/v1/entropy request (agents/qaas/entropy.py)
 
 
 @dataclass
@@ -257,4 +260,6 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.qrng.rate: an emulated QRNG needs its rate (bit/s)")
     if cfg.ipsec is not None and cfg.kms is None:
         problems.append("config.ipsec: IPsec tunnels take their keys from the LKMS, which needs config.kms")
+    if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):
+        problems.append(f"config.qrng.max_request_bytes: between 32 (the default request) and {MAX_ENTROPY_REQUEST}")
     return problems

@@ -1,4 +1,4 @@
-"""Driver events -> ETSI GS QKD 015 notifications (and sdqkd-optical-switch's)."""
+"""Driver events -> ETSI GS QKD 015 notifications (and sdqkd-optical-switch's, sdqkd-qrng's)."""
 from __future__ import annotations
 
 from decimal import Decimal
@@ -11,6 +11,7 @@ from sdqkd.agents.drivers.base import Event
 ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
 TYPES_NS = "urn:etsi:qkd:yang:etsi-qkd-node-types"
 OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
+QRNG_NS = "urn:sdqkd:yang:sdqkd-qrng"
 
 
 def _root(name: str, ns: str = ETSI_NS) -> etree._Element:
@@ -96,7 +97,28 @@ def to_notification(event: Event) -> etree._Element | None:
         _sub(root, "name", d["name"], OSW_NS)
         _sub(root, "oper-status", d["oper-status"], OSW_NS)
         return root
+    if event.kind == "qrng-status":
+        return _qrng_status(d)
     return None
+
+
+def _qrng_status(d: dict[str, Any]) -> etree._Element | None:
+    """sdqkd-qrng source-failed (with the SP 800-90B test that tripped, if one did) or
+    source-recovered."""
+    name = {"FAILED": "source-failed", "ENABLED": "source-recovered"}.get(str(d["status"]))
+    if name is None:
+        return None
+    root = _root(name, QRNG_NS)
+    _sub(root, "node", d["node"], QRNG_NS)
+    _sub(root, "source", d["source"], QRNG_NS)
+    _sub(root, "message", d.get("reason") or str(d["status"]).lower(), QRNG_NS)
+    if name == "source-failed" and d.get("test"):
+        test = _sub(root, "health-test", None, QRNG_NS)
+        for leaf in ("test", "phase", "cutoff", "observed", "window"):
+            if d.get(leaf) is not None:
+                _sub(test, leaf, d[leaf], QRNG_NS)
+        _sub(test, "min-entropy", Decimal(str(d["min_entropy"])).quantize(Decimal("0.000001")), QRNG_NS)
+    return root
 
 
 def application_changes(changes: list[Any]) -> list[etree._Element]:

@@ -31,7 +31,7 @@ BASE_CAPS = [
     "urn:ietf:params:netconf:capability:interleave:1.0",
 ]
 # Modules whose data the agent serves; their imports are advertised too.
-SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "ietf-netconf-monitoring")
+SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "ietf-netconf-monitoring")
 
 StateFill = Callable[[dict[str, Any]], None]
 

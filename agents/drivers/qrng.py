@@ -18,15 +18,21 @@ as hardware, not as a constant:
 - rate: output bits accumulate at `rate` bit/s in the device FIFO (a token bucket of
   `fifo_bits`); `read(n, timeout)` waits for them or raises TimeoutError.
 - failures: inject_failure("stuck") freezes the raw samples at the last value,
-  "biased" pushes P(1) to 0.5 + FAILED_BIAS. Both corrupt the RAW stream only.
+  "biased" pushes P(1) to 0.5 + FAILED_BIAS, both until repair(); "glitch" freezes
+  the next GLITCH_SAMPLES samples only (a transient, e.g. a supply dip), then the
+  device is healthy again by itself. All corrupt the RAW stream only.
 
-Health testing (NIST SP 800-90B repetition count / adaptive proportion tests) comes
-later and hooks in through `add_raw_tap`: every raw sample the sampler emits (before
-conditioning, or through the diagnostic `read_raw`) is shown to the taps, and a
-health test calls `report_failure()` when it trips. Until then an injected failure
-is reported at once (status FAILED, a 'qrng-status' event: data node, source,
-status, reason) and `read` refuses output while FAILED, so no key comes from a
-broken source; `read_raw` still works, as a device's raw diagnostic mode does.
+Health testing (NIST SP 800-90B, agents/drivers/health.py) hooks in through
+`add_raw_tap(tap, health=True)`: every raw sample the sampler emits (before
+conditioning, or through the diagnostic `read_raw`) is shown to the taps; a health
+test calls `report_failure()` when it trips (status FAILED, a 'qrng-status' event:
+data node, source, status, reason and the test's details), and output waits until
+every health tap is `ready` (its start-up tests passed) after open(). After a failure
+or repair() the taps rerun the start-up tests on fresh raw samples and call
+`report_recovered()` when they pass. A block whose raw samples tripped a test is
+never output. Without a health tap an injected failure is reported at once. `read`
+refuses output while FAILED, so no key comes from a broken source; `read_raw` still
+works, as a device's raw diagnostic mode does.
 """
 from __future__ import annotations
 
@@ -37,20 +43,35 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from sdqkd.agents.drivers.base import Change, Driver, Emit, Event
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("emulated", "os")
-FAILURE_KINDS = ("stuck", "biased")
+FAILURE_KINDS = ("stuck", "biased", "glitch")
+GLITCH_SAMPLES = 64              # raw samples a "glitch" freezes
 BLOCK_BITS = 256                 # SHA-256 output per conditioning step
 RAW_PER_BLOCK = 3 * BLOCK_BITS   # raw samples per output block: entropy ratio 1/3
 FAILED_BIAS = 0.35               # "biased" failure: P(1) = 0.85
 _PRECISION = 12                  # binary digits of the modelled probabilities
 
 RawTap = Callable[[bytes], None]
+
+
+class HealthTap(Protocol):
+    """A raw tap that gates output: not `ready` until its start-up tests passed."""
+
+    ready: bool
+
+    def __call__(self, raw: bytes) -> None: ...
+
+    def restart(self) -> None:
+        """Power-on: start-up tests on the next samples."""
+
+    def retest(self) -> None:
+        """After a failure or repair: start-up tests on fresh raw samples, now."""
 
 
 class QrngFailure(OSError):
@@ -85,6 +106,7 @@ class NoiseModel:
             raise ValueError("correlation must be in [0, 1)")
         self.bias, self.correlation = bias, correlation
         self.fault: str | None = None
+        self._glitch_left = 0
         self._last = 0  # the previous raw sample (the chunks are one stream)
 
     def min_entropy(self) -> float:
@@ -92,9 +114,23 @@ class NoiseModel:
         c, p = self.correlation, 0.5 + abs(self.bias)
         return -math.log2(c + (1 - c) * p)
 
+    def fail(self, kind: str) -> None:
+        self.fault = kind
+        self._glitch_left = GLITCH_SAMPLES if kind == "glitch" else 0
+
     def samples(self, nbits: int) -> int:
         if self.fault == "stuck":
             return (1 << nbits) - 1 if self._last else 0
+        if self.fault == "glitch":  # the first samples frozen, then healthy again
+            frozen = min(nbits, self._glitch_left)
+            self._glitch_left -= frozen
+            if not self._glitch_left:
+                self.fault = None
+            held = ((1 << frozen) - 1 if self._last else 0) << (nbits - frozen)
+            if frozen == nbits:
+                return held
+            rest = self.samples(nbits - frozen)  # continues from the frozen value
+            return held | rest
         p1 = 0.5 + (FAILED_BIAS if self.fault == "biased" else self.bias)
         fresh = bernoulli_bits(nbits, p1)
         if self.correlation > 0:
@@ -133,6 +169,7 @@ class Qrng(Driver):
         self._status, self._reason = "DISABLED", ""
         self._emit: Emit = lambda event: None
         self._taps: list[RawTap] = []
+        self._health: list[HealthTap] = []
         self._tokens = 0.0
         self._last_fill = 0.0
         self._fifo = bytearray()  # conditioned output made but not yet read
@@ -143,6 +180,8 @@ class Qrng(Driver):
     def open(self, emit: Emit) -> None:
         """Power on: the FIFO starts empty and fills at the modelled rate."""
         self._emit = emit
+        for tap in list(self._health):
+            tap.restart()
         with self._lock:
             self._status, self._tokens, self._last_fill = "ENABLED", 0.0, time.monotonic()
 
@@ -164,6 +203,10 @@ class Qrng(Driver):
         with self._lock:
             return {"qrng": {"source": self.source, "rate": self.rate, "status": self._status,
                              "bits_delivered": 8 * self._delivered}}
+
+    def min_entropy(self) -> float | None:
+        """Assessed min-entropy per raw sample (the health tests' H); None for the OS source."""
+        return None if self._noise is None else self._noise.min_entropy()
 
     # --- entropy -----------------------------------------------------------------------------
 
@@ -194,7 +237,13 @@ class Qrng(Driver):
                     if need <= 0:
                         break
                     granted = self._grant(-(-need // BLOCK_BITS) * BLOCK_BITS, BLOCK_BITS, deadline, True)
-                    out += self._condition(self._raw(granted * RAW_PER_BLOCK // BLOCK_BITS))
+                    made = self._condition(self._raw(granted * RAW_PER_BLOCK // BLOCK_BITS))
+                    with self._lock:
+                        if self._status != "ENABLED":  # its samples tripped a health test: dropped
+                            raise QrngFailure(f"QRNG is {self._status}: {self._reason}")
+                        if not all(tap.ready for tap in self._health):
+                            continue  # start-up test samples are never output
+                    out += made
             except TimeoutError:
                 with self._lock:
                     self._fifo[:0] = out  # made for nobody yet: kept for the next reader
@@ -218,37 +267,56 @@ class Qrng(Driver):
                 out += self._raw(3 * self._grant(cost, 8, deadline, False))
         return bytes(out[:n])
 
-    def add_raw_tap(self, tap: RawTap) -> None:
+    def add_raw_tap(self, tap: RawTap, *, health: bool = False) -> None:
         """Show every raw chunk (packed bits, first sample = MSB of the first byte) to `tap`
-        before it is conditioned: the hook for SP 800-90B health tests. Emulated source only."""
+        before it is conditioned. health=True: `tap` is a HealthTap (SP 800-90B tests) that
+        gates output and detects failures itself. Emulated source only."""
         if self._noise is None:
             raise ValueError("the OS source has no raw samples")
         with self._lock:
             self._taps.append(tap)
+            if health:
+                self._health.append(tap)  # type: ignore[arg-type]
 
     # --- failures -----------------------------------------------------------------------------
 
     def inject_failure(self, kind: str) -> None:
-        """'stuck': raw samples frozen; 'biased': P(1) = 0.5 + FAILED_BIAS. Reported at once
-        until health tests detect it themselves."""
+        """'stuck': raw samples frozen; 'biased': P(1) = 0.5 + FAILED_BIAS (both until
+        repair()); 'glitch': the next GLITCH_SAMPLES samples frozen. The health
+        tests detect it on the next samples; without them it is reported at once."""
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind '{kind}'; known: {', '.join(FAILURE_KINDS)}")
         if self._noise is None:
             raise ValueError("the OS source has no failure modes")
         with self._lock:
-            self._noise.fault = kind
-        self.report_failure(f"injected {kind} failure")
+            self._noise.fail(kind)
+            tested = bool(self._health)
+        if tested:
+            log.warning("%s QRNG: %s failure injected", self.node, kind)
+        else:
+            self.report_failure(f"injected {kind} failure")
 
-    def report_failure(self, reason: str) -> None:
-        """Mark the source FAILED (health tests call this); read() refuses until repair()."""
-        self._set_status("FAILED", reason)
+    def report_failure(self, reason: str, **details: Any) -> None:
+        """Mark the source FAILED (health tests call this, with their test's details);
+        read() refuses until repair()."""
+        self._set_status("FAILED", reason, details)
+
+    def report_recovered(self, reason: str) -> None:
+        """The health taps' start-up tests passed again after a failure: output resumes."""
+        self._set_status("ENABLED", reason)
 
     def repair(self) -> None:
+        """Hardware fixed. With health taps the source stays FAILED until their start-up
+        tests pass on fresh samples (they call report_recovered)."""
         with self._lock:
             if self._noise is not None:
                 self._noise.fault = None
             self._fifo.clear()  # output of the faulty period is thrown away
-        self._set_status("ENABLED", "repaired")
+            health = list(self._health)
+        for tap in health:
+            tap.retest()
+        if not health:
+            self._set_status("ENABLED", "repaired")
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -295,7 +363,7 @@ class Qrng(Driver):
         step = RAW_PER_BLOCK // 8
         return b"".join(hashlib.sha256(raw[i:i + step]).digest() for i in range(0, len(raw), step))
 
-    def _set_status(self, status: str, reason: str) -> None:
+    def _set_status(self, status: str, reason: str, details: dict[str, Any] | None = None) -> None:
         with self._lock:
             if self._status in (status, "DISABLED"):
                 return
@@ -303,6 +371,6 @@ class Qrng(Driver):
         log.warning("%s QRNG %s (%s)", self.node, status, reason)
         try:
             self._emit(Event("qrng-status", {"node": self.node, "source": self.source, "status": status,
-                                             "reason": reason}))
+                                             "reason": reason, **(details or {})}))
         except Exception:  # a bad handler must not stop the source
             log.exception("qrng-status handler failed")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.drivers import registry
+from sdqkd.agents.drivers import health, registry
 from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import QkdProfile, calibrate
@@ -118,7 +118,12 @@ def build(cfg: AgentConfig, key_sink: KeySink) -> Devices:
 
 
 def build_qrng(cfg: AgentConfig) -> Driver | None:
-    """The node's QRNG (its end keys come from it), or None: the OS source then."""
+    """The node's QRNG (its end keys come from it), or None: the OS source then. An
+    emulated device runs the SP 800-90B health tests on its raw samples."""
     if cfg.qrng is None:
         return None
-    return registry.create("qrng", node=cfg.node.name, source=cfg.qrng.source, rate=cfg.qrng.rate)
+    qrng = registry.create("qrng", node=cfg.node.name, source=cfg.qrng.source, rate=cfg.qrng.rate)
+    h = qrng.min_entropy()
+    if h is not None:
+        health.HealthTap(qrng, h)
+    return qrng

@@ -28,9 +28,9 @@ class Context:
 
 def services() -> list[ModuleType]:
     """The service modules, in the order their paths appear in the OpenAPI document."""
-    from . import ipsec, keys, links  # they import Context from here
+    from . import entropy, ipsec, keys, links  # they import Context from here
 
-    return [keys, links, ipsec]
+    return [entropy, keys, links, ipsec]
 
 
 def add_routes(app: web.Application, ctx: Context) -> None:
@@ -38,5 +38,6 @@ def add_routes(app: web.Application, ctx: Context) -> None:
     mods = services()
     for mod in mods:
         mod.add_routes(app, ctx)
-    doc = openapi.document([mod.OPENAPI for mod in mods])
+    # a service whose limits depend on the node's config describes them with openapi_for(ctx)
+    doc = openapi.document([mod.openapi_for(ctx) if hasattr(mod, "openapi_for") else mod.OPENAPI for mod in mods])
     app.router.add_get(openapi.PATH, openapi.handler(doc), allow_head=False)
