@@ -42,7 +42,7 @@ from itertools import islice
 from typing import Any
 
 import networkx as nx
-from networkx.algorithms.flow import build_residual_network, preflow_push
+from networkx.algorithms.flow import build_residual_network, dinitz, preflow_push
 
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.topology.model import Topology
@@ -67,7 +67,7 @@ class RelayRequest:
     dst: str
     min_bps: float = 0.0
     k: int = 8
-    max_paths: int = 4
+    max_paths: int = 8
     disjoint: str = "none"
     avoid_links: frozenset[str] = frozenset()
     avoid_nodes: frozenset[str] = frozenset()
@@ -354,14 +354,16 @@ def _maxflow(topo: Topology, g: nx.Graph, req: RelayRequest) -> float:
 
 
 def _flow(topo: Topology, g: nx.Graph, req: RelayRequest) -> tuple[float, Flow]:
-    """A maximum flow with SKR capacities. On the snapshot's own graph the residual network
-    is built once and reused under a lock (the flow code resets it on every call)."""
+    """A maximum flow with SKR capacities. Dinitz, not preflow-push: its flow does not hang on
+    set order (string hashes differ per process), so a plan is the same in every run. On the
+    snapshot's own graph the residual network is built once and reused under a lock (the flow
+    code resets it on every call)."""
     if g is topo.relay_graph():
         residual, lock = topo.memo("relay_residual", _residual)
     else:
         residual, lock = build_residual_network(g, "capacity"), threading.Lock()
     with lock:
-        r = preflow_push(g, req.src, req.dst, capacity="capacity", residual=residual, value_only=False)
+        r = dinitz(g, req.src, req.dst, capacity="capacity", residual=residual)
         flow: Flow = {}
         for u, nbrs in r.adj.items():
             for v, d in nbrs.items():
