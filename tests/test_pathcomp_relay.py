@@ -33,6 +33,9 @@ def toy(edges: list[tuple[str, str, float]], **node_kw: dict) -> Topology:
     return Topology.build(nodes, links=links)
 
 
+QUINTIN_LINKS = ("qkdl-quintin-quijote", "qkdl-cv-quijote-quintin")  # Quintin's DV and CV links, both to Quijote
+
+
 @pytest.fixture(scope="module")
 def mad() -> Topology:
     return madqci.topology()
@@ -46,36 +49,37 @@ def test_quintin_to_distrito_crosses_the_border_link(mad: Topology) -> None:
     assert names(mad, path.nodes) == ["Quintin", "Quijote", "Quevedo", "Norte", "Concepcion", "Distrito"]
     # the Quevedo-Norte hop draws on both border links (ID Quantique DV and Huawei CV)
     assert {"qkdl-quevedo-norte", "qkdl-cv-quevedo-norte"} <= set(path.links)
-    # Quintin's only link (1.95 kb/s) is the bottleneck, and also the max-flow bound
-    assert path.bps == plan.total_bps == plan.maxflow_bps == 1950.0
+    # Quintin has a DV and a CV link (1.95 + 1.82 kb/s); Quijote-Quevedo's only link
+    # (2.04 kb/s) is the bottleneck, and also the max-flow bound
+    assert path.bps == plan.total_bps == plan.maxflow_bps == 2040.0
 
 
 def test_two_fast_hops_beat_one_slow_hop(mad: Topology) -> None:
-    # Norte-Distrito direct: 1.47 + 8.4 kb/s; via Concepcion: 1040 then 242 kb/s
+    # Norte-Distrito direct: 1.47 kb/s (DV only); via Concepcion: 1040 + 6.2 (CV) then 242 kb/s
     plan = relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito")))
     assert names(mad, plan.paths[0].nodes) == ["Norte", "Concepcion", "Distrito"]
     assert plan.paths[0].bps == 242_330.0
 
 
 def test_rate_above_best_single_path_takes_disjoint_paths(mad: Topology) -> None:
-    plan = relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito"), min_bps=250_000))
+    plan = relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito"), min_bps=243_000))
     assert [names(mad, p.nodes) for p in plan.paths] == [["Norte", "Concepcion", "Distrito"], ["Norte", "Distrito"]]
-    assert plan.total_bps == pytest.approx(242_330 + 9_870)
+    assert plan.total_bps == pytest.approx(242_330 + 1_470)
     assert plan.maxflow_bps == pytest.approx(plan.total_bps)
 
 
 def test_rate_beyond_disjoint_paths_fails_with_what_is_achievable(mad: Topology) -> None:
     with pytest.raises(NoPath) as err:
-        relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito"), min_bps=260_000))
-    assert err.value.achievable_bps == pytest.approx(252_200)
-    assert err.value.maxflow_bps == pytest.approx(252_200)
-    assert "252200 bit/s" in err.value.reason and "242330" in err.value.reason
+        relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito"), min_bps=250_000))
+    assert err.value.achievable_bps == pytest.approx(243_800)
+    assert err.value.maxflow_bps == pytest.approx(243_800)
+    assert "243800 bit/s" in err.value.reason and "242330" in err.value.reason
 
 
-def test_a_single_access_link_caps_the_rate(mad: Topology) -> None:
+def test_a_single_link_caps_the_rate(mad: Topology) -> None:
     with pytest.raises(NoPath) as err:
-        relay_paths(mad, RelayRequest(Q("Quintin"), Q("Distrito"), min_bps=2_000))
-    assert err.value.achievable_bps == err.value.maxflow_bps == 1950.0
+        relay_paths(mad, RelayRequest(Q("Quintin"), Q("Distrito"), min_bps=2_100))
+    assert err.value.achievable_bps == err.value.maxflow_bps == 2040.0
 
 
 def test_avoiding_links_and_nodes(mad: Topology) -> None:
@@ -88,7 +92,7 @@ def test_avoiding_links_and_nodes(mad: Topology) -> None:
                                       avoid_links=frozenset({"qkdl-cv-quevedo-norte", "qkdl-quevedo-norte"})))
     direct = relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito"), avoid_nodes=frozenset({Q("Concepcion")})))
     assert names(mad, direct.paths[0].nodes) == ["Norte", "Distrito"]
-    assert direct.total_bps == 9_870.0
+    assert direct.total_bps == 1_470.0
     assert mad.relay_graph().has_node(Q("Concepcion"))  # the cached graph is untouched
 
 
@@ -98,7 +102,8 @@ def test_down_nodes_inactive_links_relay_only_nodes(mad: Topology) -> None:
     with pytest.raises(NoPath, match="no path"):
         relay_paths(mad.replace(nodes=nodes), RelayRequest(Q("Quintin"), Q("Distrito")))
     links = dict(mad.links)
-    links["qkdl-quintin-quijote"] = dataclasses.replace(links["qkdl-quintin-quijote"], status="OFF")
+    for lid in QUINTIN_LINKS:
+        links[lid] = dataclasses.replace(links[lid], status="OFF")
     with pytest.raises(NoPath, match="no path"):
         relay_paths(mad.replace(links=links), RelayRequest(Q("Quintin"), Q("Distrito")))
     nodes = dict(mad.nodes)
@@ -130,7 +135,7 @@ def test_results_do_not_depend_on_insertion_order(mad: Topology) -> None:
     shuffled = Topology(dict(reversed(mad.nodes.items())), dict(reversed(mad.interfaces.items())),
                         dict(reversed(mad.links.items())), dict(reversed(mad.fibres.items())),
                         dict(reversed(mad.switches.items())))
-    for src, dst, rate in ((Q("Quinto"), Q("Distrito"), 0), (Q("Norte"), Q("Distrito"), 250_000)):
+    for src, dst, rate in ((Q("Quinto"), Q("Distrito"), 0), (Q("Norte"), Q("Distrito"), 243_000)):
         req = RelayRequest(src, dst, min_bps=rate)
         assert relay_paths(mad, req) == relay_paths(shuffled, req)
 
@@ -139,7 +144,7 @@ def test_snapshot_is_immutable_and_caches_its_graph(mad: Topology) -> None:
     with pytest.raises(TypeError):
         mad.nodes["x"] = Node("x", "x")  # type: ignore[index]
     assert mad.relay_graph() is mad.relay_graph() and nx.is_frozen(mad.relay_graph())
-    changed = mad.replace(links={k: v for k, v in mad.links.items() if k != "qkdl-quintin-quijote"})
+    changed = mad.replace(links={k: v for k, v in mad.links.items() if k not in QUINTIN_LINKS})
     assert Q("Quintin") not in nx.node_connected_component(changed.relay_graph(), Q("Norte"))
     assert Q("Quintin") in nx.node_connected_component(mad.relay_graph(), Q("Norte"))
     copy = pickle.loads(pickle.dumps(mad))
