@@ -5,11 +5,15 @@ agreeing with the code under test by construction."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 import pickle
 import random
+import subprocess
+import sys
 import time
 from itertools import combinations
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -438,3 +442,18 @@ def test_one_request_on_1000_nodes_takes_under_a_second() -> None:
     except NoPath as exc:
         assert exc.maxflow_bps is not None
     assert time.perf_counter() - start < 1.0
+
+
+def test_flow_plans_do_not_depend_on_the_process_hash_seed() -> None:
+    """Max-flow algorithms that keep nodes in sets find a different (equally maximum) flow
+    per PYTHONHASHSEED, and so a different plan in every controller run."""
+    code = ("import networkx as nx; import tests.test_pathcomp_relay as t; from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths\n"
+            "topo = t.random_topology(80, 3); ends = sorted(n for n, x in topo.nodes.items() if x.up and x.kms)\n"
+            "for s, d in zip(ends[:12], ends[-12:]):\n"
+            "    try: print(relay_paths(topo, RelayRequest(s, d, max_paths=64, min_bps=nx.maximum_flow_value(\n"
+            "        topo.relay_graph(), s, d, capacity='capacity'))))\n"
+            "    except Exception as exc: print(exc)\n")
+    root = Path(__file__).resolve().parents[1]
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True, timeout=120).stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and "RelayPlan" in outs.pop()
