@@ -1,6 +1,7 @@
 """Planned multipath relay rate as a fraction of the max-flow bound (issue 7: target >= 95%).
 
     .venv/bin/python bench/multipath.py [--nodes 40] [--topologies 4] [--pairs 60] [--seed 1]
+                                        [--measured SECONDS]
 
 For every (src, dst) pair the request asks for the whole max-flow bound (min_bps = the
 bound, from networkx on the snapshot's relay graph), and the figure is what the plan reaches
@@ -13,14 +14,30 @@ bound, from networkx on the snapshot's relay graph), and the figure is what the 
 Topologies: MadQCI (the lab file, every node pair), and random geometric graphs (bench/
 pathcomp.py's, largest component, log-normal SKRs) with `--pairs` random pairs each.
 Pairs whose bound one path already meets count as 100% for every row (one path is taken).
+
+--measured: also a real network, the "diamond" S, A, B, T (links S-A 16, S-B 16, A-B 8,
+A-T 8, B-T 24 kbit/s: max flow 32, node-disjoint paths 24) as agent processes on free
+loopback ports with emulated QKD modules and an in-process Controller. The controller plans
+an application S -> T asking for 99% of the max-flow bound of the links' measured rates
+(the agents' ETSI 015 SKR), pushes it, and one SAE then asks for keys (ETSI 014 enc_keys
+over mutual TLS, up to 16 x 256 bits a call, no more than the status's stored_key_count)
+as fast as they come for SECONDS; the peer SAE
+fetches every key (dec_keys) and they are compared. Figure: delivered end-to-end key bits
+per second over that bound, after a warm-up that spends the link key stored at start.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import random
+import ssl
 import statistics
+import sys
+import tempfile
 import time
 from itertools import combinations
+from pathlib import Path
 
 import networkx as nx
 from pathcomp import random_topology
@@ -29,6 +46,8 @@ from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths
 from sdqkd.controller.topology import madqci
 from sdqkd.controller.topology.model import Topology
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODES = {
     "node-disjoint (old)": {"disjoint": "node", "max_paths": 4},
@@ -76,12 +95,150 @@ def row(name: str, mode: str, r: dict[str, list[float]], base: dict[str, list[fl
             f"{gain:>5.3f}x {paths:>5.1f} {statistics.median(r['ms']):>7.2f}ms")
 
 
+# --- measured on real agents ------------------------------------------------------------
+
+DIAMOND = (("S", "A", 16.0), ("S", "B", 16.0), ("A", "B", 8.0), ("A", "T", 8.0), ("B", "T", 24.0))  # kbit/s
+
+
+def diamond_lab() -> dict:
+    """The sdqkd-lab file of the diamond: one DV module per link end, each link pinned to its
+    rate (expected-skr at its fibre's loss)."""
+    ifaces: dict[str, list[dict]] = {n: [] for n in "SABT"}
+    links, fibres = [], []
+    for a, b, kbps in DIAMOND:
+        ends = []
+        for n in (a, b):
+            ifaces[n].append({"id": len(ifaces[n]) + 1, "profile": "dv"})
+            ends.append(f"{n}:{len(ifaces[n])}")
+        fibres.append({"name": f"f{a}{b}", "a-end": {"node": a}, "b-end": {"node": b}, "length": "5.0", "loss": "3.0"})
+        links.append({"name": f"{a}{b}".lower(), "endpoints": ends, "path": [f"f{a}{b}"], "loss": "3.0",
+                      "expected-skr": str(kbps)})
+    profile = {"name": "dv", "technology": "etsi-qkd-node-types:DV-QKD", "band": "O-band", "max-absorption": "20.0",
+               "reference-skr": "20.0", "reference-loss": "3.0", "qber": "2.5"}
+    nodes = [{"name": n, "qkd-interface": ifaces[n], "sae": [{"id": f"sae-{n.lower()}"}]} for n in "SABT"]
+    return {"sdqkd-lab:lab": {"name": "diamond", "profile": [profile], "node": nodes, "fibre": fibres, "link": links}}
+
+
+def measured(seconds: float) -> list[str]:
+    """Rows for the diamond on real agents (see the module's docstring)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import httpx
+    from agentproc import AgentProc
+
+    from sdqkd.controller import config as controller_config
+    from sdqkd.controller.core import Controller
+    from sdqkd.controller.pathcomp.optical import OpticalRequest
+    from sdqkd.lab import plan as lab_plan
+
+    logging.basicConfig(level=logging.WARNING)
+    topo = diamond_lab()
+    procs: list[AgentProc] = []
+    ctl = None
+    with tempfile.TemporaryDirectory(prefix="sdqkd-bench-multipath-") as tmp:
+        try:
+            plan = lab_plan.make(topo, Path(tmp), free_ports=True)
+            for n, np in plan.nodes.items():
+                procs.append(AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start())
+            ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
+            ctl = Controller(controller_config.load(lab_plan.write_controller_config(plan)))
+            ctl.cfg.auto_applications = False
+            ctl.start()
+            if not ctl.wait_discovered(30):
+                raise RuntimeError("agents not discovered in 30 s")
+            for link in topo["sdqkd-lab:lab"]["link"]:
+                (an, ai), (bn, bi) = (ep.split(":") for ep in link["endpoints"])
+                ctl.create_channel(OpticalRequest(tx=(ids[an], int(ai)), rx=(ids[bn], int(bi))))
+
+            def view() -> Topology:
+                for c in ctl.conns.values():
+                    c.refresh()
+                ctl._invalidate()
+                return ctl.topology()
+
+            end = time.monotonic() + 60
+            while not (len(view().links) == len(DIAMOND) and all(lk.status == "ACTIVE" and lk.skr > 0
+                                                                  for lk in ctl.topology().links.values())):
+                if time.monotonic() > end:
+                    raise RuntimeError("links not ACTIVE in 60 s")
+                time.sleep(0.5)
+            time.sleep(6)  # the SKR meters fill their window
+            before = view()
+            bound = float(nx.maximum_flow_value(before.relay_graph(), ids["S"], ids["T"], capacity="capacity"))
+            app = ctl.create_application("sae-s", "sae-t", min_bps=0.99 * bound)
+            name = {v: k for k, v in ids.items()}
+            planned = " + ".join(f"{''.join(name[n] for n in p['nodes'])} {p['bps'] / 1000:.1f}k" for p in app.paths)
+            s_np, t_np = plan.nodes["S"], plan.nodes["T"]
+
+            def client(sae: str, np) -> httpx.Client:  # noqa: ANN001
+                ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
+                ctx.load_cert_chain(*(str(x) for x in np.sae_certs[sae]))
+                return httpx.Client(verify=ctx, timeout=30)
+
+            size, number = 256, 16
+            enc = f"https://127.0.0.1:{s_np.kms_port}/api/v1/keys/sae-t/enc_keys"
+            dec = f"https://127.0.0.1:{t_np.kms_port}/api/v1/keys/sae-s/dec_keys"
+            status = f"https://127.0.0.1:{s_np.kms_port}/api/v1/keys/sae-t/status"
+            with client("sae-s", s_np) as cs, client("sae-t", t_np) as ct:
+                reasons: dict[str, int] = {}
+
+                def run(duration: float) -> tuple[int, int, int]:
+                    got, refused, wrong = 0, 0, 0
+                    stop = time.monotonic() + duration
+                    while time.monotonic() < stop:
+                        # as a careful SAE does: no more than the KME says it holds (ETSI 014 status)
+                        stored = cs.get(status).json().get("stored_key_count", 0)
+                        if stored < 1:
+                            time.sleep(0.05)
+                            continue
+                        r = cs.post(enc, json={"number": min(number, stored), "size": size})
+                        if r.status_code != 200:
+                            refused += 1
+                            why = str(r.json().get("message", r.text))[:90]
+                            reasons[why] = reasons.get(why, 0) + 1
+                            time.sleep(0.1)
+                            continue
+                        keys = r.json()["keys"]
+                        back = ct.post(dec, json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]})
+                        if back.status_code != 200 or back.json()["keys"] != keys:
+                            wrong += len(keys)
+                            continue
+                        got += len(keys)
+                    return got, refused, wrong
+
+                run(min(10.0, seconds / 2))  # warm-up: spend the stock stored before the app existed
+                start = time.monotonic()
+                got, refused, wrong = run(seconds)
+                rate = got * size / (time.monotonic() - start)
+            after = view()
+            bound_after = float(nx.maximum_flow_value(after.relay_graph(), ids["S"], ids["T"], capacity="capacity"))
+        finally:
+            if ctl is not None:
+                ctl.stop()
+            for p in procs:
+                p.stop()
+    from sdqkd.agents.kms.forwarding import parts_for
+
+    share = parts_for(size) / (parts_for(size) + 1)  # one-time pad parts over pad + MAC link keys
+    rates = ", ".join(f"{''.join(sorted(name[lk.a] + name[lk.b]))} {lk.skr / 1000:.1f}k"
+                      for lk in sorted(before.links.values(), key=lambda x: sorted(name[x.a] + name[x.b])))
+    return [f"diamond on 4 agents, {seconds:.0f} s measured: link SKR (agents' ETSI 015) {rates}",
+            f"  max-flow bound of the measured rates: {bound / 1000:.2f} kbit/s at start, {bound_after / 1000:.2f} after",
+            f"  controller's plan (virt_bandwidth per path): {planned}",
+            f"  delivered end to end (ETSI 014, each key checked by dec_keys): {rate / 1000:.2f} kbit/s = "
+            f"{rate / bound * 100:.1f}% of the bound, {rate / (bound * share) * 100:.1f}% of the bound's key share",
+            f"  ({share:.0%}: a {size}-bit key spends {parts_for(size)} pad + 1 MAC link keys on every hop);"
+            f" {refused} calls refused, {wrong} keys wrong",
+            *(f"  refused {n}x: {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=40)
     ap.add_argument("--topologies", type=int, default=4)
     ap.add_argument("--pairs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--measured", type=float, default=0.0, metavar="SECONDS",
+                    help="also relay keys on real agents for this long (0: computed figures only)")
     args = ap.parse_args()
     print(f"{'topology':<22} {'plan':<20} {'pairs':>5} {'min':>7} {'p50':>7} {'mean':>7} {'>=95%':>7} "
           f"{'vs old':>6} {'paths':>5} {'time p50':>9}")
@@ -106,6 +263,10 @@ def main() -> None:
         print(row(name, mode, merged[mode], merged["node-disjoint (old)"]))
     print("fraction = planned rate / max-flow bound, asking for the whole bound; vs old = mean over the"
           " old heuristic's mean; paths = mean paths of the plans that met the bound")
+    if args.measured > 0:
+        print()
+        for line in measured(args.measured):
+            print(line)
 
 
 if __name__ == "__main__":
