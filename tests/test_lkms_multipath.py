@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from test_lkms import A, B, C, L1, V, net, tables  # noqa: F401 - net is a fixture
+from test_lkms import A, B, C, L1, L2, V, feed, net, tables  # noqa: F401 - net is a fixture
 
 from sdqkd.agents.kms.routes import AppRoute
 
@@ -27,6 +27,7 @@ def share_first_hop(nodes) -> None:  # noqa: ANN001
 def test_paths_sharing_a_first_hop_count_its_key_once(net) -> None:  # noqa: F811
     nodes, _ = net
     share_first_hop(nodes)
+    feed(nodes, L2, (B, C), 256)  # the second hop is not what is measured here: plenty
     mine = nodes[A].store.count(L1)
     stored = nodes[A].status("sa2", "sc3").stored_key_count
     assert stored == mine // 2  # a pad and a MAC link key per relayed key, L1 counted once
