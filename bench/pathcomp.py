@@ -8,8 +8,8 @@ log-normal SKRs. For each size, `--pairs` random (src, dst) pairs; every figure 
 median over the pairs, warm (the snapshot's graph already built; its build time is shown
 apart). Columns:
   1 path: relay_paths with min_bps=0 (one Dijkstra + the max-flow bound);
-  multi:  min_bps = 1.5 x the widest single path (greedy disjoint paths, then the pool
-          search, then NoPath with the achievable figure), the worst case;
+  multi:  min_bps = 1.5 x the widest single path (the max-flow decomposition, then NoPath
+          with the achievable figure when even the bound falls short), the worst case;
   sp:     networkx shortest_path (Dijkstra, weight 1/SKR) on the same graph: the baseline;
   flow:   networkx maximum_flow_value on the same graph (default algorithm, from scratch).
 """

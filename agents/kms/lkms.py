@@ -205,7 +205,24 @@ class Lkms:
         return app
 
     def _paths(self, app: AppRoute) -> list[LinkRoute]:
-        return [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
+        """The application's usable backing links, at most one per first hop.
+
+        A max-flow plan's paths may leave this node through the same neighbour. The callers
+        count and spend each path's first-hop stock as that path's own, so paths sharing a
+        first hop would over-commit it: they take turns instead, one picked at random per
+        call (an equal share each, whatever the caller's pattern of calls)."""
+        usable = [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
+        by_hop: dict[str | None, list[LinkRoute]] = {}
+        for lk in usable:
+            by_hop.setdefault(self._first_neighbour(lk), []).append(lk)
+        return [group[int.from_bytes(os.urandom(4), "big") % len(group)] for group in by_hop.values()]
+
+    @staticmethod
+    def _first_neighbour(lk: LinkRoute) -> str | None:
+        """The node the first hop of a backing link goes to."""
+        if lk.kind == "PHYS":
+            return lk.remote
+        return lk.next_hops[0] if lk.next_hops else None
 
     def _first_hop(self, lk: LinkRoute) -> LinkRoute | None:
         if lk.kind == "PHYS":

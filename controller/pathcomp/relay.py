@@ -10,9 +10,17 @@ Steps:
 1. One path: the lowest-cost path over only the edges with SKR >= min_bps (Dijkstra with
    the slower edges hidden). This finds a single path meeting min_bps whenever one exists,
    and is as cheap as a plain shortest path.
-2. Several paths, only when no single path is enough:
+2. Several paths, only when no single path is enough.
+   disjoint="none" (the default): the maximum flow (SKR capacities), decomposed into paths
+   widest first, each path carrying its share of the flow, until min_bps is met or
+   max_paths are taken (when max_paths cuts it short, the link-disjoint plan below if it
+   does better). Paths may share hops: their shares on a hop never add up to more
+   than its rate, and no two cross a hop in opposite directions (the flow is a net flow),
+   so every planned bit of key has link key behind it. With enough paths the plan reaches
+   the max-flow bound, which no relay plan can beat.
+   disjoint="node" or "link" (paths must not share nodes or hops):
    a. greedy: repeat step 1's search (without the rate filter), each time hiding the nodes
-      ("node") or hops ("link") already used, or what is left of each hop's rate ("none");
+      ("node") or hops ("link") already used;
    b. if a. falls short, a pool: a.'s paths; up to k shortest simple paths (Yen, networkx;
       fewer on large graphs with long paths, see _YEN_BUDGET); a maximum set of disjoint
       paths (networkx max-flow); and a.'s greedy restarted from each of those, once by
@@ -24,6 +32,9 @@ Steps:
 """
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +42,7 @@ from itertools import islice
 from typing import Any
 
 import networkx as nx
-from networkx.algorithms.flow import build_residual_network, preflow_push
+from networkx.algorithms.flow import build_residual_network, dinitz, preflow_push
 
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.topology.model import Topology
@@ -49,15 +60,15 @@ _WIDE = 6  # exponent for near-widest paths; 3 missed the brute-force optimum 3x
 @dataclass(frozen=True)
 class RelayRequest:
     """Key relay between two KMS nodes (qkdn_ids). disjoint: how the paths of a multi-path
-    plan may overlap: "node" (no shared intermediate node or hop), "link" (no shared
-    hop) or "none" (shared hops split their rate)."""
+    plan may overlap: "none" (shared hops split their rate: the max-flow decomposition),
+    "node" (no shared intermediate node or hop) or "link" (no shared hop)."""
 
     src: str
     dst: str
     min_bps: float = 0.0
     k: int = 8
-    max_paths: int = 4
-    disjoint: str = "node"
+    max_paths: int = 8
+    disjoint: str = "none"
     avoid_links: frozenset[str] = frozenset()
     avoid_nodes: frozenset[str] = frozenset()
 
@@ -74,7 +85,7 @@ class RelayRequest:
 class RelayPath:
     """nodes: src .. dst. links: the PHYS links the path uses, hop by hop (a hop with
     parallel links lists all of them, by id). bps: the path's bottleneck SKR, or with
-    disjoint="none" the share of it left to this path."""
+    disjoint="none" the path's share of the maximum flow."""
 
     nodes: tuple[str, ...]
     links: tuple[str, ...]
@@ -112,14 +123,15 @@ def relay_paths(topo: Topology, req: RelayRequest) -> RelayPlan:
     except nx.NetworkXNoPath:
         avoiding = " avoiding the given links/nodes" if req.avoid_links or req.avoid_nodes else ""
         raise NoPath(f"no path of ACTIVE QKD links from {names[0]} to {names[1]}{avoiding}") from None
-    chosen, total = _combine(g, req)
-    maxflow = max(total, _maxflow(topo, g, req))
+    maxflow, flow = _flow(topo, g, req)
+    chosen, total = _combine(g, req, flow, maxflow)
     if total + _EPS >= req.min_bps:
         return RelayPlan(tuple(chosen), total, maxflow)
     single = _bottleneck(g, _widest_path(g, s, t))
+    how = "sharing hops" if req.disjoint == "none" else f"{req.disjoint}-disjoint"
     raise NoPath(
         f"{req.min_bps:.0f} bit/s cannot be met from {names[0]} to {names[1]}: best single path "
-        f"{single:.0f} bit/s, best {len(chosen)} path(s) ({req.disjoint}-disjoint, at most "
+        f"{single:.0f} bit/s, best {len(chosen)} path(s) ({how}, at most "
         f"{req.max_paths}) {total:.0f} bit/s, max-flow bound {maxflow:.0f} bit/s",
         achievable_bps=total, maxflow_bps=maxflow)
 
@@ -202,11 +214,21 @@ def _hops(nodes: Sequence[str]) -> frozenset[frozenset[str]]:
 
 # --- several paths ------------------------------------------------------------------
 
-def _combine(g: nx.Graph, req: RelayRequest) -> tuple[list[RelayPath], float]:
-    """Step 2: greedy first; the pool search only when greedy falls short."""
+def _combine(g: nx.Graph, req: RelayRequest, flow: Flow, maxflow: float) -> tuple[list[RelayPath], float]:
+    """Step 2: the flow decomposition; or for disjoint paths greedy first, the pool search
+    only when greedy falls short."""
     if req.max_paths == 1:  # step 1 already showed no single path is enough
         nodes = _widest_path(g, req.src, req.dst)
         return [_relay_path(g, nodes)], _bottleneck(g, nodes)
+    if req.disjoint == "none":
+        paths = _decompose(g, req, flow, maxflow)
+        total = sum(p.bps for p in paths)
+        if total + _EPS >= req.min_bps or len(paths) < req.max_paths:
+            return _ordered(paths), total
+        # max_paths cut the decomposition short: link-disjoint paths, each at its full
+        # bottleneck, sometimes do better with that few paths
+        other, value = _combine(g, dataclasses.replace(req, disjoint="link"), flow, maxflow)
+        return (other, value) if value > total + _EPS else (_ordered(paths), total)
     greedy = _greedy(g, req)
     total = sum(p.bps for p in greedy)
     if total + _EPS >= req.min_bps:
@@ -229,17 +251,12 @@ def _greedy(g: nx.Graph, req: RelayRequest, first: Sequence[str] | None = None,
     s, t = req.src, req.dst
     used_nodes: set[str] = set()
     used_hops: set[frozenset[str]] = set()
-    left: dict[frozenset[str], float] = {}
     paths: list[RelayPath] = []
     total = 0.0
 
     def weight(u: str, v: str, d: dict[str, Any]) -> float | None:
-        hop = frozenset((u, v))
-        if u in used_nodes or v in used_nodes or hop in used_hops:
+        if u in used_nodes or v in used_nodes or frozenset((u, v)) in used_hops:
             return None
-        if req.disjoint == "none":
-            rest = left.get(hop, d["capacity"])
-            return (1.0 / rest) ** (_WIDE if wide else 1) if rest > _EPS else None
         return d["weight"] ** _WIDE if wide else d["weight"]
 
     while len(paths) < req.max_paths and total + _EPS < req.min_bps:
@@ -250,17 +267,10 @@ def _greedy(g: nx.Graph, req: RelayRequest, first: Sequence[str] | None = None,
                 nodes = _path(g, s, t, weight)
             except nx.NetworkXNoPath:
                 break
-        hops = [frozenset(e) for e in zip(nodes, nodes[1:])]
-        if req.disjoint == "none":
-            share = min(left.get(h, g[a][b]["capacity"]) for h, (a, b) in zip(hops, zip(nodes, nodes[1:])))
-            for h, (a, b) in zip(hops, zip(nodes, nodes[1:])):
-                left[h] = left.get(h, g[a][b]["capacity"]) - share
-            path = _relay_path(g, nodes, share)
-        else:
-            used_hops.update(hops)
-            if req.disjoint == "node":
-                used_nodes.update(nodes[1:-1])
-            path = _relay_path(g, nodes)
+        used_hops.update(frozenset(e) for e in zip(nodes, nodes[1:]))
+        if req.disjoint == "node":
+            used_nodes.update(nodes[1:-1])
+        path = _relay_path(g, nodes)
         paths.append(path)
         total += path.bps
     return paths
@@ -289,20 +299,6 @@ def _select(g: nx.Graph, pool: list[tuple[str, ...]], req: RelayRequest) -> tupl
     best: tuple[tuple[int, ...], float] = ((), 0.0)
     budget = [_SEARCH_BUDGET]
 
-    def value(chosen: tuple[int, ...]) -> tuple[float, list[float]]:
-        if req.disjoint != "none":
-            shares = [caps[i] for i in chosen]
-            return sum(shares), shares
-        left: dict[frozenset[str], float] = {}
-        shares = []
-        for i in chosen:
-            p = cands[i]
-            share = min(left.get(frozenset(e), g[e[0]][e[1]]["capacity"]) for e in zip(p, p[1:]))
-            for e in zip(p, p[1:]):
-                left[frozenset(e)] = left.get(frozenset(e), g[e[0]][e[1]]["capacity"]) - share
-            shares.append(share)
-        return sum(shares), shares
-
     def better(chosen: tuple[int, ...], val: float) -> bool:
         met, best_met = val + _EPS >= req.min_bps, best[1] + _EPS >= req.min_bps
         if met != best_met:
@@ -312,8 +308,6 @@ def _select(g: nx.Graph, pool: list[tuple[str, ...]], req: RelayRequest) -> tupl
         return val > best[1] + _EPS
 
     def fits(i: int, chosen: tuple[int, ...]) -> bool:
-        if req.disjoint == "none":
-            return True
         for j in chosen:
             if hops[i] & hops[j] or (req.disjoint == "node" and inner[i] & inner[j]):
                 return False
@@ -333,24 +327,24 @@ def _select(g: nx.Graph, pool: list[tuple[str, ...]], req: RelayRequest) -> tupl
             return  # even the fastest remaining candidates cannot beat the best total
         for i in range(start, len(cands)):
             if fits(i, chosen):
-                nxt = chosen + (i,)
-                search(i + 1, nxt, value(nxt)[0])
+                search(i + 1, chosen + (i,), val + caps[i])
 
     search(0, (), 0.0)
     chosen, val = best
-    shares = value(chosen)[1]
-    return [_relay_path(g, cands[i], share) for i, share in zip(chosen, shares)], val
+    return [_relay_path(g, cands[i]) for i in chosen], val
 
 
 def _ordered(paths: list[RelayPath]) -> list[RelayPath]:
     return sorted(paths, key=lambda p: (-p.bps, p.hops, p.nodes))
 
 
-# --- max-flow bound -----------------------------------------------------------------
+# --- max flow -----------------------------------------------------------------------
+
+Flow = dict[str, dict[str, float]]  # u -> v -> the net flow from u to v, positive only
+
 
 def _maxflow(topo: Topology, g: nx.Graph, req: RelayRequest) -> float:
-    """Max flow with SKR capacities. On the snapshot's own graph the residual network is
-    built once and reused under a lock (the flow code resets it on every call)."""
+    """Max flow value with SKR capacities (preflow only: the bound, not the flow)."""
     if g is not topo.relay_graph():
         return float(nx.maximum_flow_value(g, req.src, req.dst, capacity="capacity"))
     residual, lock = topo.memo("relay_residual", _residual)
@@ -359,5 +353,73 @@ def _maxflow(topo: Topology, g: nx.Graph, req: RelayRequest) -> float:
                                            residual=residual))
 
 
+def _flow(topo: Topology, g: nx.Graph, req: RelayRequest) -> tuple[float, Flow]:
+    """A maximum flow with SKR capacities. Dinitz, not preflow-push: its flow does not hang on
+    set order (string hashes differ per process), so a plan is the same in every run. On the
+    snapshot's own graph the residual network is built once and reused under a lock (the flow
+    code resets it on every call)."""
+    if g is topo.relay_graph():
+        residual, lock = topo.memo("relay_residual", _residual)
+    else:
+        residual, lock = build_residual_network(g, "capacity"), threading.Lock()
+    with lock:
+        r = dinitz(g, req.src, req.dst, capacity="capacity", residual=residual)
+        flow: Flow = {}
+        for u, nbrs in r.adj.items():
+            for v, d in nbrs.items():
+                if d["flow"] > 0:
+                    flow.setdefault(u, {})[v] = float(d["flow"])
+        return float(r.graph["flow_value"]), flow
+
+
 def _residual(topo: Topology) -> tuple[nx.DiGraph, threading.Lock]:
     return build_residual_network(topo.relay_graph(), "capacity"), threading.Lock()
+
+
+def _decompose(g: nx.Graph, req: RelayRequest, flow: Flow, value: float) -> list[RelayPath]:
+    """Paths of the flow, widest first, each with the flow it carries, until min_bps is met
+    or max_paths are taken. Each path empties at least one arc, so there are at most as
+    many paths as arcs; what is left once no src-dst path carries flow is cycles, which
+    move no key end to end."""
+    left = {u: dict(nbrs) for u, nbrs in flow.items()}
+    tiny = _EPS * max(1.0, value)  # rounding left on an arc by the subtractions
+    paths: list[RelayPath] = []
+    total = 0.0
+    while len(paths) < req.max_paths and (req.min_bps <= 0 or total + _EPS < req.min_bps):
+        nodes = _widest_flow_path(left, req.src, req.dst)
+        if nodes is None:
+            break
+        share = min(left[u][v] for u, v in zip(nodes, nodes[1:]))
+        for u, v in zip(nodes, nodes[1:]):
+            left[u][v] -= share
+            if left[u][v] <= tiny:
+                del left[u][v]
+        paths.append(_relay_path(g, nodes, share))
+        total += share
+    return paths
+
+
+def _widest_flow_path(flow: Flow, s: str, t: str) -> list[str] | None:
+    """The src-dst path of highest bottleneck over arcs with flow (fewest hops, then
+    names, on ties): Dijkstra with min instead of +."""
+    best: dict[str, tuple[float, int]] = {s: (-math.inf, 0)}
+    prev: dict[str, str] = {}
+    heap: list[tuple[float, int, str]] = [(-math.inf, 0, s)]
+    done: set[str] = set()
+    while heap:
+        neg, hops, u = heapq.heappop(heap)
+        if u in done:
+            continue
+        done.add(u)
+        if u == t:
+            nodes = [t]
+            while nodes[-1] != s:
+                nodes.append(prev[nodes[-1]])
+            return nodes[::-1]
+        for v, f in flow.get(u, {}).items():
+            key = (max(neg, -f), hops + 1)
+            if v not in done and key < best.get(v, (0.0, 0)):
+                best[v] = key
+                prev[v] = u
+                heapq.heappush(heap, (*key, v))
+    return None

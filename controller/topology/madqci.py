@@ -1,175 +1,133 @@
-"""The MadQCI network (shared/reference/madqci.md) as a topology snapshot, for tests and the lab.
+"""The MadQCI network as a controller topology snapshot, for tests and benchmarks, built from
+the lab's own file (lab/topologies/madqci.json): one model of MadQCI, whose figures and
+assumptions are that file's.
 
-Nine nodes in two operator domains (RM, TID) joined by the Quevedo-Norte border link;
-eight DV links on fixed fibres (ID Quantique, Toshiba) with the measured key rates; and the
-switched co-located domain: ten Huawei CV modules (5 Tx, 5 Rx) behind fibre switches,
-with fixed muxes on channels 34, 37 and 38.
-
-Figures from the reference: nodes, domains, lengths, losses, rates, classical channel
-counts, the 23 dB CV budget, the mux channels. Assumed, because the reference does not
-give them (change them here if better data comes):
-- names without accents (Quintin, Quiron, Concepcion), as lab identifiers;
-- where the CV modules sit. Per-direction measurements on links 3 and 4 put a Tx and an
-  Rx at Quijote, Quevedo and Norte. The two Quijote-Quiron links (11.8/12.1 dB) put a Tx
-  and an Rx at Quiron. That leaves one Tx at Concepcion and one Rx at Distrito
-  ("link6+link7" runs Concepcion -> Norte -> Distrito);
-- switches only at those six CV sites (the reference says seven but names six), 8 ports,
-  1.0 dB insertion loss;
-- the CV losses in the table include the switches at both ends, so a CV fibre's loss is the
-  table figure minus 2 dB. This reproduces the switched rows: "Distrito-Concepcion, co-loc,
-  20.1 dB" is Concepcion -> Norte -> Distrito, 9.1 + 8.2 + 3 x 1.0 = 20.3 dB here;
-- there is no direct Distrito-Concepcion CV fibre (see the previous point);
-- classical channel numbers (even channels from 20 up, clear of 33-39), O-band for ID
-  Quantique links whose band the table leaves open, DV budgets from agents/drivers/profile.py.
+What the file gives directly: nodes (qkdn_ids as the lab assigns them), QKD interfaces
+(from their vendor profiles), fibres and switches (read as the controller's inventory reads
+them), and the fixed DV links at their expected key rates. What the running network adds
+on top, modelled here the way the controller and the plant do it: the CV links in service
+(CV_IN_SERVICE), each set up by the controller's optical path computation through the
+switches (ports and channel taken, in order), at the rate the CV profile gives for the
+path's loss and the same-band classical channels on its fibres.
 """
 from __future__ import annotations
 
 import dataclasses
-import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
 
-from sdqkd.controller.topology.model import (
-    RECEIVER,
-    TRANSMITTER,
-    ClassicalChannel,
-    Fibre,
-    FibreEnd,
-    Node,
-    QkdInterface,
-    QkdLink,
-    Switch,
-    Topology,
-)
+from sdqkd.agents.drivers.profile import QkdProfile, identity_name, secret_key_rate
+from sdqkd.controller.pathcomp.optical import OpticalRequest, optical_path
+from sdqkd.controller.topology.builder import Inventory
+from sdqkd.controller.topology.model import QkdInterface, QkdLink, Node, Switch, Topology
+from sdqkd.lab import topology as labfile
+from sdqkd.lab.plan import node_id
 
-_NS = uuid.UUID("6d1f3a52-8c0e-4b7a-9e21-3f5c7a9b1d04")
-RM = ("Quintin", "Quijote", "Quiron", "Quevedo", "Quijano", "Quinto")
-TID = ("Norte", "Concepcion", "Distrito")
-CV_MUX = frozenset({34, 37, 38})
-CV_BUDGET_DB = 23.0
-CV_CHANNELS = frozenset(range(1, 97))
-SWITCH_LOSS_DB = 1.0
-SWITCH_PORTS = 8
+FILE = Path(__file__).resolve().parents[2] / "lab" / "topologies" / "madqci.json"
+CV_TECHNOLOGY = "CV-QKD"
+# CV links in service by default, (Tx site, Rx site), set up in this order. The file places
+# 5 Tx and 5 Rx on seven sites; these four leave one Tx (Distrito) and one Rx (Quevedo) idle.
+CV_IN_SERVICE = (("Quiron", "Quijote"), ("Quevedo", "Norte"), ("Norte", "Concepcion"), ("Quijote", "Quintin"))
 
-IDQ, TOSHIBA, HUAWEI = "DV-QKD-COW", "DV-QKD", "CV-QKD"
-_BUDGET = {IDQ: 18.0, TOSHIBA: 24.0}
 
-# (a = Tx, b = Rx, km, loss dB, technology, band, fixed channel, key rate kbit/s, classical channels)
-DV_LINKS = (
-    ("Quintin", "Quijote", 24.1, 7.47, IDQ, "C-band", 34, 1.95, 6),
-    ("Quijote", "Quevedo", 7.8, 4.00, IDQ, "O-band", None, 2.04, 5),
-    ("Quevedo", "Quijano", 33.1, 11.80, TOSHIBA, "O-band", None, 37.21, 5),
-    ("Quijano", "Quinto", 1.9, 2.0, TOSHIBA, "O-band", None, 2857.12, 5),
-    ("Distrito", "Norte", 15.0, 8.30, IDQ, "O-band", None, 1.47, 3),
-    ("Distrito", "Concepcion", 15.3, 14.3, TOSHIBA, "O-band", None, 242.33, 4),
-    ("Concepcion", "Norte", 8.1, 2.9, TOSHIBA, "O-band", None, 1039.98, 6),
-    ("Quevedo", "Norte", 3.9, 3.0, IDQ, "O-band", None, 1.38, 4),  # the border link
-)
-# CV fibres: (name, a, b, km, loss in the table incl. both switches, classical channels)
-CV_FIBRES = (
-    ("cv-quijote-quiron-1", "Quijote", "Quiron", 24.5, 11.8, 4),
-    ("cv-quijote-quiron-2", "Quijote", "Quiron", 24.5, 12.1, 4),
-    ("cv-quijote-quevedo", "Quijote", "Quevedo", 7.8, 4.8, 0),
-    ("cv-quevedo-norte", "Quevedo", "Norte", 3.9, 4.3, 0),
-    ("cv-norte-distrito", "Norte", "Distrito", 15.0, 10.2, 0),
-    ("cv-norte-concepcion", "Norte", "Concepcion", 8.1, 11.1, 0),
-)
-# CV modules per site: (Tx, Rx)
-CV_SITES = {
-    "Quiron": (True, True), "Quijote": (True, True), "Quevedo": (True, True),
-    "Norte": (True, True), "Concepcion": (True, False), "Distrito": (False, True),
-}
-# CV links in service (default): (Tx site, Rx site, fibres, channel, key rate kbit/s).
-# Ten modules and six fibres allow at most four at once (one switch port per fibre end).
-CV_IN_SERVICE = (
-    ("Quiron", "Quijote", ("cv-quijote-quiron-1",), 37, 6.2),
-    ("Quijote", "Quiron", ("cv-quijote-quiron-2",), 37, 3.3),
-    ("Quevedo", "Norte", ("cv-quevedo-norte",), 38, 12.0),
-    ("Norte", "Distrito", ("cv-norte-distrito",), 37, 8.4),
-)
+@cache
+def lab() -> dict[str, Any]:
+    """The `sdqkd-lab:lab` object of the file, YANG-checked by the lab's loader."""
+    data = labfile.load(FILE)
+    return data.get("sdqkd-lab:lab", data)
 
 
 def qkdn_id(name: str) -> str:
-    """The fixed qkdn_id of a MadQCI node."""
-    return str(uuid.uuid5(_NS, f"madqci/{name}"))
+    """A MadQCI node's qkdn_id, the one the lab gives it."""
+    node = next((n for n in lab()["node"] if n["name"] == name), None)
+    if node is None:
+        raise KeyError(name)
+    return node_id(lab()["name"], node)
+
+
+def _profiles() -> dict[str, QkdProfile]:
+    return {p["name"]: QkdProfile.from_dict(p) for p in lab()["profile"]}
+
+
+def _iface(name: str, qkdi: int) -> dict[str, Any]:
+    node = next(n for n in lab()["node"] if n["name"] == name)
+    return next(i for i in node["qkd-interface"] if int(i["id"]) == qkdi)
+
+
+def _cv(site: str, role: str) -> tuple[str, int]:
+    node = next((n for n in lab()["node"] if n["name"] == site), None)
+    for i in (node or {}).get("qkd-interface", []):
+        if _profiles()[i["profile"]].technology.endswith(CV_TECHNOLOGY) and identity_name(i["role"]) == role:
+            return (qkdn_id(site), int(i["id"]))
+    raise KeyError(f"no CV {role.lower()} at {site}")
 
 
 def cv_tx(site: str) -> tuple[str, int]:
     """The (qkdn_id, qkdi_id) of the CV transmitter at a site."""
-    return (qkdn_id(site), 1)
+    return _cv(site, "TRANSMITTER")
 
 
 def cv_rx(site: str) -> tuple[str, int]:
     """The (qkdn_id, qkdi_id) of the CV receiver at a site."""
-    return (qkdn_id(site), 2)
+    return _cv(site, "RECEIVER")
 
 
-def _classical(count: int) -> tuple[ClassicalChannel, ...]:
-    return tuple(ClassicalChannel(20 + 2 * i) for i in range(count))
+def cv_budget_db() -> float:
+    return max(p.max_absorption for p in _profiles().values() if p.technology.endswith(CV_TECHNOLOGY))
+
+
+def cv_mux() -> frozenset[int]:
+    """The channels the CV fibres' fixed muxes pass."""
+    return frozenset(int(c) for f in lab()["fibre"] for c in f.get("mux-channel", []))
 
 
 def topology(cv_in_service: bool = True) -> Topology:
     """MadQCI. cv_in_service=False: CV modules idle and switches clear (to count what
-    switching can reach); True: the four CV links of CV_IN_SERVICE are up and hold their ports."""
-    nodes = [Node(qkdn_id(n), n, "RM") for n in RM] + [Node(qkdn_id(n), n, "TID") for n in TID]
-    interfaces: list[QkdInterface] = []
-    switches: dict[str, Switch] = {}
-    ports: dict[tuple[str, str], int] = {}  # (site, what) -> port of the site's switch
-
-    for site, (tx, rx) in CV_SITES.items():
-        sw = f"sw-{site.lower()}"
-        switches[site] = Switch(sw, qkdn_id(site), SWITCH_PORTS, SWITCH_LOSS_DB)
-        for qkdi, role, has in ((1, TRANSMITTER, tx), (2, RECEIVER, rx)):
-            if has:
-                ports[(site, role)] = qkdi
-                interfaces.append(QkdInterface(qkdn_id(site), qkdi, HUAWEI, "C-band", {role}, CV_CHANNELS,
-                                               CV_BUDGET_DB, switch=sw, port=qkdi))
-    fibres: list[Fibre] = []
-    for name, a, b, km, loss, classical in CV_FIBRES:
-        ends = []
-        for site in (a, b):
-            port = 3 + sum(1 for key in ports if key[0] == site and key[1].startswith("cv-"))
-            ports[(site, name)] = port
-            ends.append(FibreEnd(qkdn_id(site), switches[site].name, port))
-        fibres.append(Fibre(name, ends[0], ends[1], round(loss - 2 * SWITCH_LOSS_DB, 3), km,
-                            _classical(classical), CV_MUX))
-
-    next_if = {n.qkdn_id: 3 for n in nodes}
-    links: list[QkdLink] = []
-    for a, b, km, loss, tech, band, channel, kbps, classical in DV_LINKS:
-        fname = f"dv-{a.lower()}-{b.lower()}"
-        fibres.append(Fibre(fname, FibreEnd(qkdn_id(a)), FibreEnd(qkdn_id(b)), loss, km, _classical(classical)))
-        ids = []
-        for site, role in ((a, TRANSMITTER), (b, RECEIVER)):
-            nid = qkdn_id(site)
-            ids.append(next_if[nid])
-            chans = frozenset({channel}) if channel is not None else frozenset()
-            interfaces.append(QkdInterface(nid, next_if[nid], tech, band, {role}, chans, _BUDGET[tech],
-                                           fixed_channel=channel))
-            next_if[nid] += 1
-        links.append(QkdLink(f"qkdl-{a.lower()}-{b.lower()}", qkdn_id(a), ids[0], qkdn_id(b), ids[1],
-                             skr=kbps * 1000, channel=channel, fibres=(fname,)))
-
+    switching can reach); True: the CV links of CV_IN_SERVICE are up and hold their ports."""
+    lb, profiles = lab(), _profiles()
+    ids = {n["name"]: node_id(lb["name"], n) for n in lb["node"]}
+    inv = Inventory(lb)
+    nodes = [Node(ids[n["name"]], n["name"], n.get("domain"), bool(n.get("kms", True))) for n in lb["node"]]
+    interfaces = []
+    for n in lb["node"]:
+        for i in n["qkd-interface"]:
+            p = profiles[i["profile"]]
+            fixed = int(i["channel"]) if i.get("channel") is not None else None
+            att = i.get("attachment") or {}
+            interfaces.append(QkdInterface(
+                ids[n["name"]], int(i["id"]), identity_name(p.technology), p.band, {identity_name(i["role"])},
+                p.channels, p.max_absorption, att.get("switch"), int(att["port"]) if "port" in att else None, fixed))
+    links = []
+    for lk in lb["link"]:
+        (a, ai), (b, bi) = (e.rsplit(":", 1) for e in lk["endpoints"])
+        links.append(QkdLink(f"qkdl-{lk['name']}", ids[a], int(ai), ids[b], int(bi), skr=float(lk["expected-skr"]) * 1000,
+                             channel=int(lk["channel"]) if lk.get("channel") is not None else None,
+                             fibres=tuple(lk.get("path", ()))))
+    switches = [Switch(name, s["qkdn_id"], int(s["ports"]), float(s.get("insertion-loss", 1.0)))
+                for name, s in inv.switches(ids).items()]
+    topo = Topology.build(nodes, interfaces, links, inv.fibres(ids, {}).values(), switches)
     if cv_in_service:
-        _put_cv_in_service(links, fibres, switches, ports)
-    return Topology.build(nodes, interfaces, links, fibres, switches.values())
+        for tx, rx in CV_IN_SERVICE:
+            topo = _set_up(topo, profiles, tx, rx)
+    return topo
 
 
-def _put_cv_in_service(links: list[QkdLink], fibres: list[Fibre], switches: dict[str, Switch],
-                       ports: dict[tuple[str, str], int]) -> None:
-    """Add the CV links, their cross-connects and their channels on the fibres."""
-    by_name = {f.name: i for i, f in enumerate(fibres)}
-    xcs: dict[str, list[tuple[int, int]]] = {site: [] for site in switches}
-    for tx, rx, path, channel, kbps in CV_IN_SERVICE:
-        at, port = tx, ports[(tx, TRANSMITTER)]
-        for name in path:
-            a, b = next((f[1], f[2]) for f in CV_FIBRES if f[0] == name)
-            far = b if at == a else a
-            xcs[at].append((port, ports[(at, name)]))
-            at, port = far, ports[(far, name)]
-            i = by_name[name]
-            fibres[i] = dataclasses.replace(fibres[i], quantum_in_use=fibres[i].quantum_in_use | {channel})
-        xcs[at].append((port, ports[(rx, RECEIVER)]))
-        links.append(QkdLink(f"qkdl-cv-{tx.lower()}-{rx.lower()}", *cv_tx(tx), *cv_rx(rx), skr=kbps * 1000,
-                             channel=channel, fibres=path))
-    for site, pairs in xcs.items():
-        sw = switches[site]
-        switches[site] = Switch(sw.name, sw.node, sw.ports, sw.insertion_loss, tuple(pairs))
+def _set_up(topo: Topology, profiles: dict[str, QkdProfile], tx: str, rx: str) -> Topology:
+    """The CV link tx -> rx as the controller makes it: path, cross-connects, channel."""
+    t, r = cv_tx(tx), cv_rx(rx)
+    path = optical_path(topo, OpticalRequest(tx=t, rx=r))
+    profile = profiles[_iface(tx, t[1])["profile"]]
+    fibres = dict(topo.fibres)
+    for name in path.fibres:
+        fibres[name] = dataclasses.replace(fibres[name], quantum_in_use=fibres[name].quantum_in_use | {path.channel})
+    classical = max((sum(1 for c in topo.fibres[f].classical if c.band == profile.band) for f in path.fibres), default=0)
+    switches = dict(topo.switches)
+    for sw, pin, pout in path.hops:
+        s = switches[sw]
+        switches[sw] = dataclasses.replace(s, cross_connects=(*s.cross_connects, (min(pin, pout), max(pin, pout))))
+    links = dict(topo.links)
+    lid = f"qkdl-cv-{tx.lower()}-{rx.lower()}"
+    links[lid] = QkdLink(lid, *t, *r, skr=round(secret_key_rate(profile, path.loss_db, classical), 3),
+                         channel=path.channel, fibres=path.fibres)
+    return topo.replace(fibres=fibres, switches=switches, links=links)
