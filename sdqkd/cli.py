@@ -233,7 +233,7 @@ def lab_check(file: str) -> None:
 
 @main.group()
 def tls() -> None:
-    """QKD-keyed TLS 1.3: sessions whose PSK is a new QKD key each time (ETSI 014)."""
+    """QKD-keyed TLS 1.3: sessions whose PSK is a new QKD key each time (ETSI 014 or the one-call key API)."""
 
 
 def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
@@ -247,6 +247,8 @@ def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
         click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="Without a lab: the KME's CA (PEM)."),
         click.option("--peer-sae", "peer_saes", multiple=True, help=peer_help),
         click.option("--host", default="127.0.0.1", show_default=True),
+        click.option("--via", type=click.Choice(["014", "api"]), default="014", show_default=True,
+                     help="Take keys with ETSI 014 (enc_keys/dec_keys) or the node's one-call key API."),
     ]
 
     def wrap(f):  # type: ignore[no-untyped-def]
@@ -257,7 +259,7 @@ def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
 
 
 def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], kme: str | None, cert: str | None,
-              key: str | None, ca: str | None, peer_saes: tuple[str, ...]):  # type: ignore[no-untyped-def]
+              key: str | None, ca: str | None, peer_saes: tuple[str, ...], via: str):  # type: ignore[no-untyped-def]
     from sdqkd import qkdtls
     from sdqkd.lab import state
 
@@ -265,10 +267,11 @@ def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], km
         if kme:
             if not (cert and key and ca and peer_saes):
                 raise click.UsageError("--kme needs --cert, --key, --ca and --peer-sae")
-            return qkdtls.etsi014_keys(kme, cert, key, ca, list(peer_saes))
+            src = qkdtls.etsi014_keys(kme, cert, key, ca, list(peer_saes))
+            return qkdtls.NodeApiKeys(src.client, list(peer_saes)) if via == "api" else src
         if not node:
             raise click.UsageError("give --node (with a lab) or --kme and SAE credentials")
-        return qkdtls.lab_keys(state.read(state.find(lab_name)), node, list(peers + peer_saes) or None)
+        return qkdtls.lab_keys(state.read(state.find(lab_name)), node, list(peers + peer_saes) or None, via=via)
     except (FileNotFoundError, qkdtls.QkdTlsError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -277,7 +280,7 @@ def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], km
 @_tls_options("A master SAE whose keys are accepted (repeatable; with a lab, default: every other node's).")
 @click.option("--from", "peers", multiple=True, help="With a lab: a node whose sessions are accepted (repeatable).")
 @click.option("--port", default=0, show_default=True, help="TCP port (0: a free one, printed).")
-def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port) -> None:  # type: ignore[no-untyped-def]
+def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers, port) -> None:  # type: ignore[no-untyped-def]
     """Accept QKD-keyed TLS sessions as the slave SAE and echo what each client sends."""
     import logging
 
@@ -285,7 +288,7 @@ def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port) 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per session is enough
-    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes)
+    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes, via)
     with qkdtls.QkdTlsServer(keys, host, port) as srv:
         click.echo(f"listening on {srv.host}:{srv.port}")
         sys.stdout.flush()
@@ -300,13 +303,13 @@ def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port) 
 @click.option("--to", "peers", multiple=True, help="With a lab: the server's node (the slave SAE).")
 @click.option("--port", required=True, type=int, help="The server's TCP port.")
 @click.option("--idle", default=5.0, show_default=True, help="Stop reading after this many seconds without data.")
-def tls_connect(lab_name, node, kme, cert, key, ca, peer_saes, host, peers, port, idle) -> None:  # type: ignore[no-untyped-def]
+def tls_connect(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers, port, idle) -> None:  # type: ignore[no-untyped-def]
     """Open a QKD-keyed TLS session as the master SAE, send stdin, print what comes back."""
     from sdqkd import qkdtls
 
     if not kme and not peers and not peer_saes:
         raise click.UsageError("give --to (the server's node) or --peer-sae")
-    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes)
+    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes, via)
     data = sys.stdin.buffer.read()
     try:
         with qkdtls.connect(host, port, keys) as sock:

@@ -40,13 +40,15 @@ Python API (what `sdqkd tls serve|connect` use):
         s.sendall(b"..."); s.key_id; s.version() == "TLSv1.3"
     reader, writer, key_id = await open_connection(host, port, keys)   # the master, for asyncio
 `accept()` serves sessions one by one instead of serve_forever. Any object with
-`new_key()` (master) or `key(key_id)` (slave) is a key source, so the PSK may come from
-another API than ETSI 014. The server answers each ClientHello inside OpenSSL's callback
+`new_key()` (master) or `key(key_id)` (slave) is a key source: `Etsi014Keys`, or
+`NodeApiKeys`, the same over the node's one-call key API (`sdqkd tls ... --via api`). The server answers each ClientHello inside OpenSSL's callback
 with a blocking key fetch, so it runs in threads, not on an event loop.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ctypes
 import logging
 import socket
@@ -121,12 +123,7 @@ class Etsi014Keys:
 
     def key(self, key_id: str) -> bytes:
         """dec_keys by key_ID, trying each accepted master; only a UUID is sent to the KME."""
-        try:
-            if len(key_id) != 36:
-                raise ValueError
-            uuid.UUID(key_id)  # sent as it came: a KME may tell case apart
-        except ValueError:
-            raise KeyUnavailable("the PSK identity is not an ETSI 014 key_ID (a UUID)") from None
+        key_id = _key_id(key_id)
         problems = []
         for master in self.peer_saes:
             try:
@@ -139,6 +136,62 @@ class Etsi014Keys:
 
     def close(self) -> None:
         self.client.close()
+
+
+class NodeApiKeys:
+    """Both roles over the node's one-call key API (agents/qaas/keys.py) instead of ETSI 014:
+    as master GET /api/v1/keys?to=<peer>, which waits on the node for a key path; as slave
+    GET /api/v1/keys?from=<peer>&key_ID=<id>, trying each accepted peer in order. Peers
+    are node names, qkdn_ids or SAE IDs. The keys are 256-bit, the API's size."""
+
+    PATH = "/api/v1/keys"
+
+    def __init__(self, client: DeviceClient, peers: Sequence[str]) -> None:
+        if not peers:
+            raise ValueError("at least one peer is needed")
+        self.client = client
+        self.peers = list(peers)
+
+    def new_key(self) -> tuple[str, bytes]:
+        try:
+            return _one_key(self.client.get_json(self.PATH, {"to": self.peers[0]}))
+        except DeviceError as exc:
+            raise KeyUnavailable(f"one-call key for {self.peers[0]}: {exc.reason()}") from None
+
+    def key(self, key_id: str) -> bytes:
+        key_id = _key_id(key_id)
+        problems = []
+        for peer in self.peers:
+            try:
+                return _one_key(self.client.get_json(self.PATH, {"from": peer, "key_ID": key_id}))[1]
+            except DeviceError as exc:
+                if exc.kind != "refused":
+                    raise KeyUnavailable(f"one-call key {key_id}: {exc.reason()}") from None
+                problems.append(f"from {peer}: {exc.message}")
+        raise KeyUnavailable(f"one-call key {key_id}: " + "; ".join(problems))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _one_key(body: dict[str, Any]) -> tuple[str, bytes]:
+    """(key_ID, key) of a one-call key response; never quotes the key in an error."""
+    try:
+        return str(uuid.UUID(str(body["key_ID"]))), base64.b64decode(body["key"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise KeyUnavailable("the node answered a malformed key") from None
+
+
+def _key_id(key_id: str) -> str:
+    """The PSK identity if it is an ETSI 014 key_ID (a UUID, sent as it came: a KME may
+    tell case apart); else KeyUnavailable, so nothing else ever reaches the KME."""
+    try:
+        if len(key_id) != 36:
+            raise ValueError
+        uuid.UUID(key_id)
+    except ValueError:
+        raise KeyUnavailable("the PSK identity is not an ETSI 014 key_ID (a UUID)") from None
+    return key_id
 
 
 def etsi014_keys(url: str, cert: str, key: str, ca: str, peer_saes: Sequence[str], *, size: int = KEY_BITS,
@@ -154,9 +207,11 @@ def etsi014_keys(url: str, cert: str, key: str, ca: str, peer_saes: Sequence[str
     return Etsi014Keys(client, peer_saes, size=size, wait=wait)
 
 
-def lab_keys(lab: dict[str, Any], node: str, peers: Sequence[str] | None = None, **kw: Any) -> Etsi014Keys:
+def lab_keys(lab: dict[str, Any], node: str, peers: Sequence[str] | None = None, *, via: str = "014",
+             **kw: Any) -> Etsi014Keys | NodeApiKeys:
     """The key source of `node`'s first SAE in a running lab (lab.json); peers are node names or
-    SAE IDs (default: every other node's SAEs)."""
+    SAE IDs (default: every other node's SAEs). via: "014" (ETSI 014) or "api" (the node's
+    one-call key API)."""
     from sdqkd.lab.keys import KeyError_, _node
 
     try:
@@ -167,7 +222,8 @@ def lab_keys(lab: dict[str, Any], node: str, peers: Sequence[str] | None = None,
             peer_saes = [s["id"] for n in lab["nodes"] if n is not me for s in n["saes"]]
     except KeyError_ as exc:
         raise QkdTlsError(str(exc)) from None
-    return etsi014_keys(me["kms"]["url"], sae["cert"], sae["key"], lab["ca"]["cert"], peer_saes, **kw)
+    src = etsi014_keys(me["kms"]["url"], sae["cert"], sae["key"], lab["ca"]["cert"], peer_saes, **kw)
+    return NodeApiKeys(src.client, peer_saes) if via == "api" else src
 
 
 class QkdTlsSocket(_psk.SSLPSKSocket):

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +221,27 @@ def test_agent_config_refuses_a_directory_with_two_nodes_of_one_name_and_a_bad_p
         agent_config.parse(data)
     assert any("already another node's" in p for p in err.value.problems)
     assert any("path_wait" in p for p in err.value.problems)
+
+
+def test_a_qkd_keyed_tls_session_takes_its_keys_from_the_one_call_api(lab) -> None:
+    """`sdqkd tls --via api`: the client's PSK is GET ?to=, the server's GET ?from=&key_ID=,
+    CAIT -> Rectorado relayed through CCS; a new key per session."""
+    from sdqkd import qkdtls
+
+    master = qkdtls.lab_keys(lab, "CAIT", ["Rectorado"], via="api")
+    slave = qkdtls.lab_keys(lab, "Rectorado", ["CAIT", "CCS"], via="api")
+    assert isinstance(master, qkdtls.NodeApiKeys) and isinstance(slave, qkdtls.NodeApiKeys)
+    ids = set()
+    with qkdtls.QkdTlsServer(slave, port=0) as srv:
+        threading.Thread(target=srv.serve_forever, args=(qkdtls.echo,), daemon=True).start()
+        for n in range(2):
+            with qkdtls.connect("127.0.0.1", srv.port, master) as sock:
+                assert sock.version() == "TLSv1.3"
+                assert qkdtls.exchange(sock, b"over the one-call API %d" % n, idle=1.0) == b"over the one-call API %d" % n
+                ids.add(sock.key_id)
+    assert len(ids) == 2
+    # a key_ID no node made is refused by the node, and the session with it never opens
+    with pytest.raises(qkdtls.KeyUnavailable, match="404"):
+        slave.key("00000000-0000-4000-8000-000000000000")
+    master.close()
+    slave.close()

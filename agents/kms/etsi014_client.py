@@ -81,14 +81,20 @@ class DeviceClient:
         body = self._call("POST", f"{API}/{_q(master_sae)}/dec_keys", {"key_IDs": [{"key_ID": k} for k in key_ids]})
         return _keys(body)
 
+    def get_json(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        """GET another JSON API of the same KME (the node's one-call key API, agents/qaas)
+        with the same credentials and the same DeviceError kinds."""
+        return self._call("GET", path, params=params)
+
     def close(self) -> None:
         """Close the connection pool; a call in progress fails at once."""
         self._http.close()
 
-    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None,
+              params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """One request; every failure mapped to a DeviceError kind the driver acts on."""
         try:
-            r = self._http.request(method, path, json=body)
+            r = self._http.request(method, path, json=body, params=params)
         except httpx.TimeoutException as exc:
             raise DeviceError("unreachable", f"timed out ({type(exc).__name__})") from None
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
