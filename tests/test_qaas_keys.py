@@ -25,6 +25,9 @@ from jsonschema.exceptions import ValidationError
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from rich.console import Console
+from schemathesis import GenerationMode
+
+from apicheck import conforms
 
 from sdqkd.agents import config as agent_config
 from sdqkd.lab import launcher
@@ -245,3 +248,15 @@ def test_a_qkd_keyed_tls_session_takes_its_keys_from_the_one_call_api(lab) -> No
         slave.key("00000000-0000-4000-8000-000000000000")
     master.close()
     slave.close()
+
+
+@pytest.mark.parametrize(("path", "mode"), [("/api/v1/keys", GenerationMode.POSITIVE),
+                                             ("/api/v1/keys", GenerationMode.NEGATIVE),
+                                             ("/api/v1/links", GenerationMode.POSITIVE)])  # no parameter to spoil
+def test_the_key_apis_conform_to_their_openapi_document(lab, path, mode) -> None:
+    """Schemathesis draws requests (peers that exist or not, missing or conflicting
+    parameters, bad key_IDs and waits) and checks each answer against the served document."""
+    n = next(x for x in lab["nodes"] if x["name"] == "CAIT")
+    s = n["saes"][0]
+    calls = conforms(n["kms"]["url"], s["cert"], s["key"], lab["ca"]["cert"], path, "GET", mode, examples=20)
+    assert calls and all(c < 500 or c == 503 for c in calls)

@@ -184,16 +184,13 @@ OPENAPI: dict[str, Any] = {
                 "returns it. If no key path exists yet, the call waits (up to `wait`, at most the node's "
                 "path_wait) for the controller to provision one. With `from` and `key_ID`, the caller is the "
                 "slave and gets the same key, once. Exactly one of `to` and `from`.",
+                # Two forms of one query: an exploded form-style object whose schema is oneOf
+                # the two (OpenAPI 3.1, section 4.8.12.4), so a tool knows `to` and `from`
+                # never go together.
                 "parameters": [
-                    {"name": "to", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
-                     "description": "Peer node name, qkdn_id or SAE ID to make a key for."},
-                    {"name": "from", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
-                     "description": "Peer node name, qkdn_id or SAE ID that made the key (with key_ID)."},
-                    {"name": "key_ID", "in": "query", "required": False, "schema": {"type": "string", "format": "uuid"},
-                     "description": "The key ID the master got (with from)."},
-                    {"name": "wait", "in": "query", "required": False,
-                     "schema": {"type": "number", "minimum": 0},
-                     "description": "Seconds to wait for a key path (with to); default and maximum: the node's path_wait."},
+                    {"name": "query", "in": "query", "required": True, "style": "form", "explode": True,
+                     "schema": {"oneOf": [{"$ref": "#/components/schemas/OneCallKeyNew"},
+                                          {"$ref": "#/components/schemas/OneCallKeyById"}]}},
                 ],
                 "responses": {
                     "200": {"description": "The key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OneCallKey"}}}},
@@ -220,6 +217,29 @@ OPENAPI: dict[str, Any] = {
                 },
             },
             "KeyParty": {**_PARTY, "description": "An SAE and its node."},
+            "OneCallKeyNew": {
+                "type": "object",
+                "description": "A new key for a peer.",
+                "required": ["to"],
+                "additionalProperties": False,
+                "properties": {
+                    "to": {"type": "string", "minLength": 1,
+                           "description": "Peer node name, qkdn_id or SAE ID to make a key for."},
+                    "wait": {"type": "number", "minimum": 0,
+                             "description": "Seconds to wait for a key path; default and maximum: the node's path_wait."},
+                },
+            },
+            "OneCallKeyById": {
+                "type": "object",
+                "description": "The key a peer made, by its ID.",
+                "required": ["from", "key_ID"],
+                "additionalProperties": False,
+                "properties": {
+                    "from": {"type": "string", "minLength": 1,
+                             "description": "Peer node name, qkdn_id or SAE ID that made the key."},
+                    "key_ID": {"type": "string", "format": "uuid", "description": "The key ID the master got."},
+                },
+            },
         }
     },
 }
