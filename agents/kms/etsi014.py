@@ -51,7 +51,7 @@ class _Api:
         self.service = service
 
     async def status(self, request: web.Request) -> web.Response:
-        st = await call(request, self.service.status, sae_of(request), request.match_info["slave_SAE_ID"])
+        st = await call(request, self.service.status, sae_of(request), request.match_info["slave_SAE_ID"], inline=True)
         return web.json_response(dataclasses.asdict(st))
 
     async def enc_keys_get(self, request: web.Request) -> web.Response:
@@ -72,7 +72,8 @@ class _Api:
         if size is not None and size % 8:
             raise ApiError(400, "size shall be a multiple of 8")
         master, slave = sae_of(request), request.match_info["slave_SAE_ID"]
-        keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves)
+        inline = self.service.serves_locally([slave, *slaves])  # end keys for this node's SAEs: store only
+        keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves, inline=inline)
         log.debug("enc_keys %s -> %s: %d key(s), size %s", master, slave, len(keys), size)
         return _container(keys)
 
@@ -98,7 +99,7 @@ class _Api:
 
     async def _dec_keys(self, request: web.Request, ids: list[str]) -> web.Response:
         slave, master = sae_of(request), request.match_info["master_SAE_ID"]
-        keys = await call(request, self.service.dec_keys, slave, master, ids)
+        keys = await call(request, self.service.dec_keys, slave, master, ids, inline=True)  # store only
         log.debug("dec_keys %s <- %s: %s", slave, master, ", ".join(ids))
         return _container(keys)
 

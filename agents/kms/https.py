@@ -3,9 +3,11 @@
 The agent is thread-based (NETCONF server, drivers), so the aiohttp application runs in
 its own thread with its own asyncio loop (`HttpsServer`). Every request is
 authenticated by its TLS client certificate: the SAE ID is the certificate's subject CN
-(pki.sae_id_of), never anything in the URL or body. Calls into the synchronous
-KeyService go through a bounded thread pool (`call`), so a slow relay does not stall
-the loop. Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients
+(pki.sae_id_of), never anything in the URL or body, read once per TLS connection.
+Calls into the synchronous KeyService that may wait on the network (a relay, a peer's
+reservation) go through a bounded thread pool (`call`), so they do not stall the loop;
+calls that only touch this node's key store run on the loop itself (`inline=True`):
+the thread hop and the GIL hand-over cost more than the SQLite transaction they wrap. Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients
 expect; an unexpected exception becomes 503 {"message": "internal error"} with its
 traceback logged but never its message (it might quote key bytes).
 """
@@ -18,6 +20,7 @@ import logging
 import ssl
 import threading
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,6 +36,8 @@ T = TypeVar("T")
 SAE_ID = web.RequestKey("sdqkd.sae_id", str)  # the authenticated caller
 _EXECUTOR = web.AppKey("sdqkd.executor", ThreadPoolExecutor)
 _LIMIT = web.AppKey("sdqkd.limit", asyncio.Semaphore)
+# SAE ID of each live TLS connection: getpeercert() decodes the certificate on every call.
+_PEERS = web.AppKey("sdqkd.peers", weakref.WeakKeyDictionary)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -60,9 +65,10 @@ def make_app(*, workers: int = 8, max_pending: int = 256) -> web.Application:
     At most `workers` LKMS calls run at once; past `max_pending` waiting requests the
     server answers 503 at once rather than queueing without bound.
     """
-    app = web.Application(middlewares=[_errors, _authenticate])
+    app = web.Application(middlewares=[_guard])
     app[_EXECUTOR] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-api")
     app[_LIMIT] = asyncio.Semaphore(max_pending)
+    app[_PEERS] = weakref.WeakKeyDictionary()
 
     async def _shutdown(app: web.Application) -> None:
         app[_EXECUTOR].shutdown(wait=False, cancel_futures=True)
@@ -76,11 +82,17 @@ def sae_of(request: web.Request) -> str:
     return request[SAE_ID]
 
 
-async def call(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run a synchronous KeyService call on the app's bounded pool."""
+async def call(request: web.Request, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+    """Run a synchronous KeyService call on the app's bounded pool, or on the loop if `inline`.
+
+    `inline` is for calls that cannot wait long (key store only, no network): the
+    loop serves one at a time, so they need no slot in the pool.
+    """
     limit = request.app[_LIMIT]
     if limit.locked():
         raise ApiError(503, "too many requests in progress, try again")
+    if inline:
+        return fn(*args)
     async with limit:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(request.app[_EXECUTOR], functools.partial(fn, *args))
@@ -101,8 +113,10 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Client-certificate authentication, and every error as a JSON Error object."""
     try:
+        request[SAE_ID] = _peer_sae(request.app[_PEERS], request.transport)
         return await handler(request)
     except ApiError as exc:
         return error(exc.status, exc.message, exc.details)
@@ -121,16 +135,20 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(503, "internal error")
 
 
-@web.middleware
-async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    cert = request.transport.get_extra_info("peercert") if request.transport else None
-    if not cert:
+def _peer_sae(peers: weakref.WeakKeyDictionary[asyncio.BaseTransport, str], transport: asyncio.BaseTransport | None) -> str:
+    if transport is None:
         raise ApiError(401, "a client certificate is required")
-    try:
-        request[SAE_ID] = sae_id_of(cert)
-    except ValueError as exc:
-        raise ApiError(401, str(exc)) from None
-    return await handler(request)
+    sae = peers.get(transport)
+    if sae is None:
+        cert = transport.get_extra_info("peercert")
+        if not cert:
+            raise ApiError(401, "a client certificate is required")
+        try:
+            sae = sae_id_of(cert)
+        except ValueError as exc:
+            raise ApiError(401, str(exc)) from None
+        peers[transport] = sae
+    return sae
 
 
 def _reason(exc: Exception) -> str:

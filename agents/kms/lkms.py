@@ -178,6 +178,10 @@ class Lkms:
                 self.store.record_usage(app.app_id, number * size)
         return [Key(i, k) for i, k in zip(ids, end_keys)]
 
+    def serves_locally(self, slaves: list[str]) -> bool:
+        """All slaves on this node: enc_keys draws end keys into the store and never waits on a peer."""
+        return all(self.cfg.saes.get(s) == self.cfg.kme_id for s in slaves)
+
     def dec_keys(self, slave_sae: str, master_sae: str, key_ids: list[str]) -> list[Key]:
         self._local(slave_sae)
         if not key_ids:

@@ -82,6 +82,10 @@ class KeyService(Protocol):
 
     def dec_keys(self, slave_sae: str, master_sae: str, key_ids: list[str]) -> list[Key]: ...
 
+    def serves_locally(self, slaves: list[str]) -> bool:
+        """Whether enc_keys for these slaves needs nothing but this node (no network wait)."""
+        ...
+
     # ETSI GS QKD 004 (caller is the SAE authenticated by its client certificate)
     def open_connect(self, caller_sae: str, source: str, destination: str, qos: Qos,
                      key_stream_id: str | None) -> Stream: ...
