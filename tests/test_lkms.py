@@ -13,8 +13,8 @@ import pytest
 
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import pki
-from sdqkd.agents.kms.keystore import KeyStore
-from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
+from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.service import KmsError, Qos
 
@@ -200,6 +200,35 @@ def test_link_keys_persist_and_spent_ids_stay_spent(tmp_path) -> None:
     store.sink(L1, "a0000000-0000-4000-8000-000000000000", b"k" * 32)  # replayed: refused
     assert store.count(L1) == 0
     store.close()
+
+
+def test_link_key_counts_follow_every_write(tmp_path) -> None:
+    """The store keeps counts in memory; after any mix of writes they match a fresh look at the file."""
+    store = KeyStore(tmp_path / "k.sqlite")
+    store.set_allocator(L1, allocator(A, B))
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    for kid in ids:
+        store.sink(L1, kid, os.urandom(32))
+    store.sink(L1, ids[0], os.urandom(32))  # the same ID again: ignored
+    store.sink(L2, ids[1], os.urandom(32))  # an ID another link holds: ignored
+    counts = lambda st: (st.count(L1, mine=True), st.count(L1, mine=False))  # noqa: E731
+    mine, theirs = counts(store)
+    assert mine + theirs == 40 and store.count(L2) == 0
+    taken = store.take(L1, 3)
+    peer_ids = [k for k in ids if not allocator(A, B)(k)][:2]
+    store.take_ids(L1, peer_ids)
+    with pytest.raises(MissingKeys):
+        store.take_ids(L1, [peer_ids[0]])  # already taken: nothing changes
+    assert counts(store) == (mine - 3, theirs - 2)
+    store.put_back(L1, taken[:1])
+    store.sink(L1, taken[1][0], taken[1][1])  # spent: refused
+    assert counts(store) == (mine - 2, theirs - 2)
+    store.close()
+    fresh = KeyStore(tmp_path / "k.sqlite")
+    assert counts(fresh) == (mine - 2, theirs - 2)
+    fresh.drop_link(L1)
+    assert counts(fresh) == (0, 0)
+    fresh.close()
 
 
 def test_etsi004_stream_over_two_hops(net) -> None:

@@ -88,6 +88,9 @@ class KeyStore:
         self._lock = threading.RLock()
         self._pending: list[tuple[str, str, bytes, float]] = []
         self._mine: dict[str, Callable[[str], bool]] = {}
+        # Link keys held per (link, mine): read on every relayed request, where COUNT(*)
+        # over a well-stocked link would scan the whole index. Kept by every write below.
+        self._counts: dict[tuple[str, int], int] = {}
         self.usage_window = usage_window
         self._flush_every = flush_every
         self._closed = threading.Event()
@@ -115,17 +118,33 @@ class KeyStore:
     def _flush_locked(self) -> None:
         if not self._pending:
             return
-        rows = []
+        groups: dict[tuple[str, int], list[tuple[str, str, int, bytes, float]]] = {}
         for key_id, link, key, added in self._pending:
-            mine = self._mine.get(link, _default_mine)
-            rows.append((key_id, link, 1 if mine(key_id) else 0, key, added))
+            mine = 1 if self._mine.get(link, _default_mine)(key_id) else 0
+            groups.setdefault((link, mine), []).append((key_id, link, mine, key, added))
         self._pending = []
+        added_rows = {}
         with _tx(self._db):
-            self._db.executemany(
-                "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
-                "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1)",
-                rows,
-            )
+            for group, rows in groups.items():
+                added_rows[group] = self._db.executemany(
+                    "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
+                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1)",
+                    rows,
+                ).rowcount
+        for group, n in added_rows.items():
+            self._adjust(group, n)
+
+    def _adjust(self, group: tuple[str, int], delta: int) -> None:
+        """After a commit: `delta` more (or fewer) keys in `group`, if its count is cached."""
+        if group in self._counts:
+            self._counts[group] += delta
+
+    def _count_locked(self, link: str, mine: int) -> int:
+        if (link, mine) not in self._counts:
+            self._counts[(link, 0)] = self._counts[(link, 1)] = 0
+            for m, n in self._db.execute("SELECT mine, COUNT(*) FROM link_keys WHERE link = ? GROUP BY mine", (link,)):
+                self._counts[(link, int(m))] = int(n)
+        return self._counts[(link, mine)]
 
     def _flush_loop(self) -> None:
         while not self._closed.wait(self._flush_every):
@@ -139,8 +158,7 @@ class KeyStore:
     def count(self, link: str, *, mine: bool = True) -> int:
         with self._lock:
             self._flush_locked()
-            row = self._db.execute("SELECT COUNT(*) FROM link_keys WHERE link = ? AND mine = ?", (link, int(mine))).fetchone()
-            return int(row[0])
+            return self._count_locked(link, int(mine))
 
     def take(self, link: str, n: int) -> list[tuple[str, bytes]]:
         """n of this end's keys of `link`, oldest first, removed and marked spent; all or nothing."""
@@ -153,6 +171,7 @@ class KeyStore:
                 if len(rows) < n:
                     return []
                 self._spend([r[0] for r in rows])
+            self._adjust((link, 1), -n)
             return [(r[0], bytes(r[1])) for r in rows]
 
     def take_ids(self, link: str, key_ids: list[str]) -> list[bytes]:
@@ -160,25 +179,29 @@ class KeyStore:
         with self._lock:
             self._flush_locked()
             with _tx(self._db):
-                found = dict(
-                    self._db.execute(
-                        f"SELECT key_id, key FROM link_keys WHERE link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
-                    ).fetchall()
-                )
+                rows = self._db.execute(
+                    f"SELECT key_id, key, mine FROM link_keys WHERE link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
+                ).fetchall()
+                found = {r[0]: r[1] for r in rows}
                 missing = [k for k in key_ids if k not in found]
                 if missing:
                     raise MissingKeys(missing)
                 self._spend(key_ids)
+            mine = sum(r[2] for r in rows)
+            self._adjust((link, 1), -mine)
+            self._adjust((link, 0), mine - len(rows))
             return [bytes(found[k]) for k in key_ids]
 
     def put_back(self, link: str, keys: list[tuple[str, bytes]]) -> None:
         """Return keys taken for a request that failed before anything left this node."""
-        with self._lock, _tx(self._db):
-            self._db.executemany("DELETE FROM spent WHERE key_id = ?", [(k,) for k, _ in keys])
-            self._db.executemany(
-                "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) VALUES (?, ?, 1, ?, 0)",
-                [(k, link, v) for k, v in keys],
-            )
+        with self._lock:
+            with _tx(self._db):
+                self._db.executemany("DELETE FROM spent WHERE key_id = ?", [(k,) for k, _ in keys])
+                n = self._db.executemany(
+                    "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) VALUES (?, ?, 1, ?, 0)",
+                    [(k, link, v) for k, v in keys],
+                ).rowcount
+            self._adjust((link, 1), n)
 
     def _spend(self, key_ids: list[str]) -> None:
         now = time.time()
@@ -193,6 +216,8 @@ class KeyStore:
                 ids = [r[0] for r in self._db.execute("SELECT key_id FROM link_keys WHERE link = ?", (link,))]
                 if ids:
                     self._spend(ids)
+            self._counts.pop((link, 0), None)
+            self._counts.pop((link, 1), None)
             return len(ids)
 
     # --- end keys waiting for their slave ----------------------------------------------
