@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from .https import ApiError, call, json_object, sae_of
+from .https import ApiError, call, json_object, sae_of, use_group_commit
 from .service import Key, KeyService
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ _UINT32_MAX = 2**32 - 1
 
 def add_routes(app: web.Application, service: KeyService) -> None:
     """Serve ETSI 014 on `app` (made by https.make_app) for `service`."""
+    use_group_commit(app, service.batch)
     app.add_routes(routes(service))
 
 

@@ -9,11 +9,12 @@ message) is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class KeyStore:
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
+        self._grouped = False  # in group(): calls are savepoints of one transaction
         self._pending: list[tuple[str, str, bytes, float]] = []
         self._mine: dict[str, Callable[[str], bool]] = {}
         # Link keys held per (link, mine): read on every relayed request, where COUNT(*)
@@ -96,6 +98,38 @@ class KeyStore:
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Several calls in one transaction (group commit), held by this thread.
+
+        Each call inside is a savepoint, so one that fails undoes only its own writes;
+        none of them is stored until the block ends, so nothing they return may leave
+        this node before then. If the commit fails, all of them are undone.
+        """
+        with self._lock:
+            if self._grouped:  # already in one: part of it
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._grouped = True
+            try:
+                yield
+            except BaseException:
+                self._grouped = False
+                self._undo_group()
+                raise
+            self._grouped = False
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._undo_group()
+                raise
+
+    def _undo_group(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        self._counts.clear()  # adjusted by calls that are now undone
 
     # --- link keys ------------------------------------------------------------------
 
@@ -116,7 +150,7 @@ class KeyStore:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if not self._pending:
+        if not self._pending or self._grouped:  # a group may roll back: link keys wait for the next flush
             return
         groups: dict[tuple[str, int], list[tuple[str, str, int, bytes, float]]] = {}
         for key_id, link, key, added in self._pending:
@@ -124,7 +158,7 @@ class KeyStore:
             groups.setdefault((link, mine), []).append((key_id, link, mine, key, added))
         self._pending = []
         added_rows = {}
-        with _tx(self._db):
+        with _tx(self):
             for group, rows in groups.items():
                 added_rows[group] = self._db.executemany(
                     "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
@@ -164,7 +198,7 @@ class KeyStore:
         """n of this end's keys of `link`, oldest first, removed and marked spent; all or nothing."""
         with self._lock:
             self._flush_locked()
-            with _tx(self._db):
+            with _tx(self):
                 rows = self._db.execute(
                     "SELECT key_id, key FROM link_keys WHERE link = ? AND mine = 1 ORDER BY added, key_id LIMIT ?", (link, n)
                 ).fetchall()
@@ -178,7 +212,7 @@ class KeyStore:
         """The keys with these IDs (the peer allocated them), removed and marked spent."""
         with self._lock:
             self._flush_locked()
-            with _tx(self._db):
+            with _tx(self):
                 rows = self._db.execute(
                     f"SELECT key_id, key, mine FROM link_keys WHERE link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
                 ).fetchall()
@@ -195,7 +229,7 @@ class KeyStore:
     def put_back(self, link: str, keys: list[tuple[str, bytes]]) -> None:
         """Return keys taken for a request that failed before anything left this node."""
         with self._lock:
-            with _tx(self._db):
+            with _tx(self):
                 self._db.executemany("DELETE FROM spent WHERE key_id = ?", [(k,) for k, _ in keys])
                 n = self._db.executemany(
                     "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) VALUES (?, ?, 1, ?, 0)",
@@ -212,7 +246,7 @@ class KeyStore:
         """Forget a deleted link's keys (they can no longer be matched with the peer)."""
         with self._lock:
             self._flush_locked()
-            with _tx(self._db):
+            with _tx(self):
                 ids = [r[0] for r in self._db.execute("SELECT key_id FROM link_keys WHERE link = ?", (link,))]
                 if ids:
                     self._spend(ids)
@@ -224,7 +258,7 @@ class KeyStore:
 
     def put_deliverable(self, items: Iterable[Deliverable]) -> None:
         items = list(items)
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             spent = self._spent_among([d.key_id for d in items])
             if spent:
                 raise ValueError(f"key IDs already used: {', '.join(sorted(spent))}")
@@ -236,7 +270,7 @@ class KeyStore:
     def fetch_deliverable(self, slave: str, master: str, key_ids: list[str]) -> list[bytes]:
         """All of them or none; each at most once."""
         now = time.time()
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             rows = dict(
                 self._db.execute(
                     f"SELECT key_id, key FROM deliverable WHERE slave = ? AND master = ? AND (expires IS NULL OR expires > ?) "
@@ -253,7 +287,7 @@ class KeyStore:
 
     def fetch_stream_key(self, slave: str, stream: str, idx: int) -> tuple[str, bytes] | None:
         now = time.time()
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             row = self._db.execute(
                 "SELECT key_id, key FROM deliverable WHERE slave = ? AND stream = ? AND idx = ? AND (expires IS NULL OR expires > ?)",
                 (slave, stream, idx, now),
@@ -272,7 +306,7 @@ class KeyStore:
 
     def mark_spent(self, key_ids: list[str]) -> None:
         now = time.time()
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids])
 
     def is_spent(self, key_id: str) -> bool:
@@ -296,7 +330,7 @@ class KeyStore:
     def expire(self, now: float | None = None) -> int:
         """Drop end keys whose TTL ran out; they count as spent."""
         now = time.time() if now is None else now
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             ids = [r[0] for r in self._db.execute("SELECT key_id FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))]
             if ids:
                 self._db.execute("DELETE FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))
@@ -308,7 +342,7 @@ class KeyStore:
     def record_usage(self, app: str, bits: int, now: float | None = None) -> None:
         now = time.time() if now is None else now
         start = int(now // self.usage_window * self.usage_window)
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.execute(
                 "INSERT INTO usage(app, window_end, start, bits) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(app, window_end) DO UPDATE SET bits = bits + excluded.bits",
@@ -326,7 +360,7 @@ class KeyStore:
     # --- ETSI 004 streams -----------------------------------------------------------------
 
     def save_stream(self, ksid: str, data: dict[str, Any]) -> None:
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.execute("INSERT OR REPLACE INTO streams(ksid, data) VALUES (?, ?)", (ksid, json.dumps(data)))
 
     def load_stream(self, ksid: str) -> dict[str, Any] | None:
@@ -335,7 +369,7 @@ class KeyStore:
         return json.loads(row[0]) if row else None
 
     def delete_stream(self, ksid: str) -> None:
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.execute("DELETE FROM streams WHERE ksid = ?", (ksid,))
 
     def close(self) -> None:
@@ -357,14 +391,20 @@ def _marks(items: list[Any]) -> str:
 
 
 class _tx:
-    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection."""
+    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection; inside group(), a savepoint."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        self.store._db.execute("SAVEPOINT call" if self.store._grouped else "BEGIN IMMEDIATE")
+        return self.store._db
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        db = self.store._db
+        if self.store._grouped:
+            if exc_type:
+                db.execute("ROLLBACK TO call")
+            db.execute("RELEASE call")
+        else:
+            db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +178,10 @@ class Lkms:
                 self._relay_over(app, ids, end_keys, master_sae, t, expires)
                 self.store.record_usage(app.app_id, number * size)
         return [Key(i, k) for i, k in zip(ids, end_keys)]
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Calls inside share one store transaction (group commit); only store-only calls belong there."""
+        return self.store.group()
 
     def serves_locally(self, slaves: list[str]) -> bool:
         """All slaves on this node: enc_keys draws end keys into the store and never waits on a peer."""
