@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
@@ -90,3 +91,35 @@ def test_link_keys_arriving_during_a_group_are_not_lost_with_it(tmp_path: Path) 
         raise RuntimeError("undo")
     assert store.count(L1) == 1
     store.close()
+
+
+def test_the_wal_is_checkpointed_off_the_request_path(tmp_path: Path) -> None:
+    """Commits never checkpoint (no fsync on the event loop); the flusher thread does, soon after.
+    Only a checkpoint copies pages from the WAL into the database file, so its size tells."""
+
+    def fill(store: KeyStore) -> None:
+        for _ in range(1500):  # well past the 1000 WAL pages SQLite would checkpoint at by default
+            store.put_deliverable([Deliverable(str(uuid.uuid4()), "sb", "sa", b"k" * 32)])
+
+    idle = KeyStore(tmp_path / "idle.sqlite", checkpoint_every=3600)
+    before = (tmp_path / "idle.sqlite").stat().st_size
+    fill(idle)
+    assert (tmp_path / "idle.sqlite").stat().st_size == before  # all of it still in the WAL
+    idle.close()
+
+    store = KeyStore(tmp_path / "k.sqlite", checkpoint_every=0.05)
+    before = (tmp_path / "k.sqlite").stat().st_size
+    fill(store)
+    deadline = time.monotonic() + 5
+    while (tmp_path / "k.sqlite").stat().st_size == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (tmp_path / "k.sqlite").stat().st_size > before
+    store.close()
+
+
+def test_durable_store_syncs_every_commit(tmp_path: Path) -> None:
+    """synchronous=FULL (2) when asked for power-loss durability, NORMAL (1) otherwise."""
+    for durable, level in ((True, 2), (False, 1)):
+        store = KeyStore(tmp_path / f"{durable}.sqlite", durable=durable)
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        store.close()

@@ -6,6 +6,17 @@ Every key leaves the store at most once: taking it deletes the row (with
 secure_delete, the bytes are overwritten on disk) and records its ID as spent in
 the same transaction, so a key that comes back (a re-sent block, a replayed
 message) is refused.
+
+Durability. The front ends answer only after the transaction that stored (or spent)
+the key has committed; several requests may share one commit (group()). In WAL mode
+with synchronous=NORMAL (the default here) a commit is a write() into the WAL, in the
+OS page cache: it survives the agent process crashing or being killed at any point,
+so a crash can neither deliver a key twice nor lose the slave's copy of a key the
+master already has. It does not survive the OS crashing or the power going before the
+next WAL fsync (at the latest at the next checkpoint, every `checkpoint_every` s):
+commits of that window would roll back, so a key could be lost or served again.
+`durable=True` (synchronous=FULL) closes that window at the price of one fsync per
+commit, i.e. per group of requests.
 """
 from __future__ import annotations
 
@@ -79,11 +90,15 @@ class Deliverable:
 class KeyStore:
     """Thread-safe; QKD drivers write from their threads, the front ends read from theirs."""
 
-    def __init__(self, path: Path, *, flush_every: float = 0.05, usage_window: int = 60) -> None:
+    def __init__(self, path: Path, *, flush_every: float = 0.05, checkpoint_every: float = 0.5, usage_window: int = 60,
+                 durable: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "secure_delete=ON", "foreign_keys=ON"):
+        # Checkpoints (copying the WAL back into the file, with its fsyncs) run on the
+        # flusher's own connection, never inside a request's commit (wal_autocheckpoint=0).
+        sync = "FULL" if durable else "NORMAL"  # see the module's docstring
+        for pragma in ("journal_mode=WAL", f"synchronous={sync}", "secure_delete=ON", "foreign_keys=ON", "wal_autocheckpoint=0"):
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
@@ -95,6 +110,7 @@ class KeyStore:
         self._counts: dict[tuple[str, int], int] = {}
         self.usage_window = usage_window
         self._flush_every = flush_every
+        self._checkpoint_every = checkpoint_every
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
@@ -181,13 +197,21 @@ class KeyStore:
         return self._counts[(link, mine)]
 
     def _flush_loop(self) -> None:
-        while not self._closed.wait(self._flush_every):
-            try:
-                self.flush()
-            except sqlite3.Error:
-                if self._closed.is_set():
-                    return
-                raise
+        checkpointer = sqlite3.connect(str(self.path), isolation_level=None)
+        next_checkpoint = time.monotonic() + self._checkpoint_every
+        try:
+            while not self._closed.wait(self._flush_every):
+                try:
+                    self.flush()
+                    if time.monotonic() >= next_checkpoint:  # PASSIVE: never waits for, nor blocks, a writer
+                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        next_checkpoint = time.monotonic() + self._checkpoint_every
+                except sqlite3.Error:
+                    if self._closed.is_set():
+                        return
+                    raise
+        finally:
+            checkpointer.close()
 
     def count(self, link: str, *, mine: bool = True) -> int:
         with self._lock:
