@@ -3,6 +3,7 @@
 delivers them: the same IDs and bytes on both sides."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import pki
+from sdqkd.agents.kms.coalesce import Coalescer
 from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
@@ -260,3 +262,38 @@ def test_no_key_bytes_in_logs(net, caplog) -> None:
     text = caplog.text
     for k in keys:
         assert base64.b64encode(k.key).decode() not in text and k.key.hex() not in text
+
+
+def coalesced(nodes: dict[str, Lkms], numbers: list[int]) -> tuple[list[object], list[int]]:
+    """enc_keys sa -> sc through a Coalescer, all at once; what each caller got, and the LKMS calls made."""
+    calls: list[int] = []
+
+    async def enc(m: str, s: str, n: int, z: int | None) -> list:
+        calls.append(n)
+        return await asyncio.to_thread(nodes[A].enc_keys, m, s, n, z, [])
+
+    async def scenario() -> list[object]:
+        co = Coalescer(max_keys=8)
+        return await asyncio.gather(*(co.enc_keys(enc, "sa", "sc", n, 256) for n in numbers), return_exceptions=True)
+
+    return asyncio.run(scenario()), calls
+
+
+def test_concurrent_relayed_requests_share_relays_and_each_gets_its_own_keys(net) -> None:
+    nodes, _ = net
+    got, calls = coalesced(nodes, [1, 2, 1, 3, 1])
+    assert [len(k) for k in got] == [1, 2, 1, 3, 1]
+    assert len(calls) < 5 and sum(calls) == 8  # merged, and no key made for nobody
+    keys = [k for ks in got for k in ks]
+    assert len({k.key_id for k in keys}) == 8
+    at_c = nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])
+    assert [k.key for k in at_c] == [k.key for k in keys]
+
+
+def test_a_refused_shared_call_gives_each_request_its_own_answer(net) -> None:
+    nodes, _ = net
+    nodes[A].cfg.max_key_per_request = 2
+    got, calls = coalesced(nodes, [2, 2, 3])
+    assert [len(k) for k in got[:2]] == [2, 2]
+    assert isinstance(got[2], KmsError) and got[2].http_status == 400  # 3 > 2: its own request's error
+    assert calls[1:] and max(calls) > 2  # the shared call was tried, then each on its own

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
+from .coalesce import Coalescer
 from .https import ApiError, call, json_object, sae_of, use_group_commit
 from .service import Key, KeyService
 
@@ -50,6 +51,7 @@ def routes(service: KeyService) -> list[web.RouteDef]:
 class _Api:
     def __init__(self, service: KeyService) -> None:
         self.service = service
+        self.coalescer = Coalescer()
 
     async def status(self, request: web.Request) -> web.Response:
         st = await call(request, self.service.status, sae_of(request), request.match_info["slave_SAE_ID"], inline=True)
@@ -73,8 +75,13 @@ class _Api:
         if size is not None and size % 8:
             raise ApiError(400, "size shall be a multiple of 8")
         master, slave = sae_of(request), request.match_info["slave_SAE_ID"]
-        inline = self.service.serves_locally([slave, *slaves])  # end keys for this node's SAEs: store only
-        keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves, inline=inline)
+        if self.service.serves_locally([slave, *slaves]):  # end keys for this node's SAEs: store only
+            keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves, inline=True)
+        elif slaves:
+            keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves)
+        else:  # over the network: concurrent requests for the pair share one relay
+            keys = await self.coalescer.enc_keys(
+                lambda m, s, n, z: call(request, self.service.enc_keys, m, s, n, z, []), master, slave, number, size)
         log.debug("enc_keys %s -> %s: %d key(s), size %s", master, slave, len(keys), size)
         return _container(keys)
 
