@@ -1,7 +1,7 @@
 """ETSI GS QKD 014 key delivery throughput: `POST /api/v1/keys/{slave}/enc_keys` {"number": 1}
 against the real front end (https.make_app + etsi014 routes over a real Lkms with both SAEs on
 this node: end keys from the entropy source, stored in and delivered through the SQLite key
-store), and against a bare aiohttp HTTPS endpoint with the same mutual-TLS context that returns
+store; once as configured, once with durable=True, an fsync per group commit), and against a bare aiohttp HTTPS endpoint with the same mutual-TLS context that returns
 a fixed key container (the baseline, measured in the same run). The relayed case is a key over
 2 hops: three LKMS nodes A - B - C in this process, each with its own ETSI 014 HTTPS server and
 forwarding module (real mutual-TLS relay, one-time pad + Poly1305 per hop, link keys stocked on
@@ -207,14 +207,14 @@ def main() -> None:
     client_cert = pki.issue(ca, MASTER, d / "sae", client=True)
     sa, sc = (pki.issue(ca, sae, d / sae, client=True) for sae in RELAY_SAES)
 
-    lkms = Lkms(LkmsConfig(kme_id=KME, node="bench", saes={MASTER: KME, SLAVE: KME}, max_key_count=10_000_000),
-                KeyStore(d / "keys.sqlite"), entropy=os.urandom)
-    real = make_app()
-    etsi014.add_routes(real, lkms)
-    servers = {
-        "bare aiohttp (fixed JSON)": HttpsServer(bare_app(), "127.0.0.1", 0, pki.server_ssl_context(*server_cert, ca[0])),
-        "ETSI 014 + Lkms + SQLite": HttpsServer(real, "127.0.0.1", 0, pki.server_ssl_context(*server_cert, ca[0])),
-    }
+    cfg = LkmsConfig(kme_id=KME, node="bench", saes={MASTER: KME, SLAVE: KME}, max_key_count=10_000_000)
+    lkms = Lkms(cfg, KeyStore(d / "keys.sqlite"), entropy=os.urandom)
+    durable = Lkms(cfg, KeyStore(d / "keys-durable.sqlite", durable=True), entropy=os.urandom)
+    servers = {"bare aiohttp (fixed JSON)": HttpsServer(bare_app(), "127.0.0.1", 0, pki.server_ssl_context(*server_cert, ca[0]))}
+    for label, node in (("ETSI 014 + Lkms + SQLite", lkms), ("same, SQLite synchronous=FULL", durable)):
+        app = make_app()
+        etsi014.add_routes(app, node)
+        servers[label] = HttpsServer(app, "127.0.0.1", 0, pki.server_ssl_context(*server_cert, ca[0]))
     # Each relayed 256-bit key takes 2 link keys per hop from the sender's half of the link's keys.
     relay = None if args.no_relay else RelayNet(d, ca, int(4 * 3000 * (args.duration + args.warmup)) * len(args.concurrency))
     rows = []
@@ -242,6 +242,7 @@ def main() -> None:
         for srv in servers.values():
             srv.stop()
         lkms.shutdown()
+        durable.shutdown()
         if relay is not None:
             relay.stop()
 
