@@ -86,6 +86,7 @@ async def _load(enc: Endpoint, dec: Endpoint | None, ca: str, concurrency: int, 
     lat_dec: list[float] = []
     bad = 0
     headers = {"Content-Type": "application/json"}
+    cpu = [0.0]
     async with session(enc) as s, session(dec or enc) as s_dec:
         t0 = time.perf_counter()
         start, end = t0 + warmup, t0 + warmup + duration
@@ -110,6 +111,8 @@ async def _load(enc: Endpoint, dec: Endpoint | None, ca: str, concurrency: int, 
                         ok = r.status == 200 and json.loads(got)["keys"][0]["key"] == sent["key"]
                     if t >= start and ok:
                         lat_dec.append(time.perf_counter() - done)
+                if t >= start and not cpu[0]:
+                    cpu[0] = _cpu()
                 if t >= start:
                     if ok:
                         lat.append(done - t)
@@ -118,7 +121,13 @@ async def _load(enc: Endpoint, dec: Endpoint | None, ca: str, concurrency: int, 
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"lat": lat, "lat_dec": lat_dec, "bad": bad, "elapsed": elapsed}
+        client_cpu = _cpu() - cpu[0]
+    return {"lat": lat, "lat_dec": lat_dec, "bad": bad, "elapsed": elapsed, "client_cpu": client_cpu}
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 # --- servers ---------------------------------------------------------------------------------
@@ -185,12 +194,14 @@ class RelayNet:
 
 
 def _row(label: str, conc: int, res: dict, lat: list[float]) -> tuple:
+    """label, concurrency, req/s, p50 ms, p99 ms, server and client CPU µs per request, non-200s."""
     lat = sorted(lat)
-    if not lat:
-        return (label, conc, 0.0, float("nan"), float("nan"), res["bad"])
+    n = len(res["lat"])
+    if not lat or not n:
+        return (label, conc, 0.0, float("nan"), float("nan"), float("nan"), float("nan"), res["bad"])
     p50 = statistics.median(lat) * 1000
     p99 = lat[int(0.99 * (len(lat) - 1))] * 1000
-    return (label, conc, len(res["lat"]) / res["elapsed"], p50, p99, res["bad"])
+    return (label, conc, n / res["elapsed"], p50, p99, res["server_cpu"] / n * 1e6, res["client_cpu"] / n * 1e6, res["bad"])
 
 
 def main() -> None:
@@ -226,7 +237,10 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
             def run(enc: Endpoint, dec: Endpoint | None, conc: int) -> dict:
                 fut = pool.submit(load, enc, dec, str(ca[0]), conc, args.duration, args.warmup)
-                return fut.result(timeout=args.duration + args.warmup + 60)
+                before = _cpu()  # the servers' process (warm-up included: a slight overestimate)
+                res = fut.result(timeout=args.duration + args.warmup + 60)
+                res["server_cpu"] = (_cpu() - before) * args.duration / (args.duration + args.warmup)
+                return res
 
             for conc in args.concurrency:
                 for label, srv in servers.items():
@@ -248,19 +262,22 @@ def main() -> None:
 
     table = Table(title=f"ETSI 014 POST enc_keys {{\"number\": 1}}, mutual TLS, loopback, {os.cpu_count()} CPUs, "
                         f"{args.duration:g} s per case (target >= {TARGET:,} req/s)")
-    for col in ("case", "concurrency", "req/s", "p50 ms", "p99 ms", "vs bare", "vs 1 node", "non-200"):
+    for col in ("case", "concurrency", "req/s", "p50 ms", "p99 ms", "vs bare", "vs 1 node", "server CPU µs/req",
+                "client CPU µs/req", "non-200"):
         table.add_column(col, justify="left" if col == "case" else "right")
     base = {conc: rate for label, conc, rate, *_ in rows if label.startswith("bare")}
     one = {conc: rate for label, conc, rate, *_ in rows if label.startswith("ETSI")}
-    for label, conc, rate, p50, p99, bad in rows:
+    for label, conc, rate, p50, p99, server, client, bad in rows:
         ratio = f"{rate / base[conc]:.2f}x" if base.get(conc) else "-"
         vs_one = f"{rate / one[conc]:.2f}x" if one.get(conc) and not label.startswith("bare") else "-"
-        table.add_row(label, str(conc), f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}", ratio, vs_one, str(bad))
-    Console(width=140).print(table)
+        table.add_row(label, str(conc), f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}", ratio, vs_one, f"{server:,.0f}",
+                      f"{client:,.0f}", str(bad))
+    Console(width=170).print(table)
     print("server: every HttpsServer in a thread of one process (one event loop each; the relay nodes' forwarding "
           "modules too); client: one separate process, aiohttp keep-alive, one connection per concurrent worker "
           "and server. Relayed rows: req/s = keys delivered end to end (enc_keys at A, then dec_keys at C, same "
-          "bytes) per second; latency of each request.")
+          "bytes) per second; latency of each request. CPU: user+system time of the servers' process and of the "
+          "client's per request (relayed: per key, both requests).")
 
 
 if __name__ == "__main__":
