@@ -9,9 +9,10 @@ reservation) go through a bounded thread pool (`call`), so they do not stall the
 calls that only touch this node's key store run on the loop itself (`inline=True`):
 the thread hop and the GIL hand-over cost more than the SQLite transaction they wrap.
 Inline calls that arrive in the same loop iteration share one transaction (group
-commit, `use_group_commit`), and none of them is answered before it is committed. Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients
-expect; an unexpected exception becomes 503 {"message": "internal error"} with its
-traceback logged but never its message (it might quote key bytes).
+commit, `use_group_commit`), and none of them is answered before it is committed.
+Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients expect;
+an unexpected exception becomes 503 {"message": "internal error"} with its traceback
+logged but never its message (it might quote key bytes).
 """
 from __future__ import annotations
 
