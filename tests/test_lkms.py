@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -297,3 +298,16 @@ def test_a_refused_shared_call_gives_each_request_its_own_answer(net) -> None:
     assert [len(k) for k in got[:2]] == [2, 2]
     assert isinstance(got[2], KmsError) and got[2].http_status == 400  # 3 > 2: its own request's error
     assert calls[1:] and max(calls) > 2  # the shared call was tried, then each on its own
+
+
+def test_a_relay_message_naming_a_link_key_twice_is_refused(net) -> None:
+    nodes, _ = net
+    fresh = feed(nodes, L1, (A, B), 8)
+    x = next(kid for kid, _ in fresh if allocator(A, B)(kid))  # A allocates it; B takes it by ID
+    msg = {"op": "reserve", "link": L1, "master": "sa", "slave": "sb", "expires": time.time() + 60,
+           "keys": [{"key_id": str(uuid.uuid4()), "parts": [x], "size": 256},
+                    {"key_id": str(uuid.uuid4()), "parts": [x], "size": 256}]}  # one pad for two keys
+    with pytest.raises(fm.RelayError) as err:
+        nodes[B].handle_relay(A, msg)
+    assert err.value.code == 400
+    assert nodes[B].store.take_ids(L1, [x])  # untouched by the refused message
