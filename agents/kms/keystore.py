@@ -250,8 +250,9 @@ class KeyStore:
         with self._lock:
             self._flush_locked()
             with _tx(self):
+                # +link: look the keys up by ID; with many IDs SQLite would rather scan the link's index
                 rows = self._db.execute(
-                    f"SELECT key_id, key, mine FROM link_keys WHERE link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
+                    f"SELECT key_id, key, mine FROM link_keys WHERE +link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
                 ).fetchall()
                 found = {r[0]: r[1] for r in rows}
                 missing = [k for k in key_ids if k not in found]
