@@ -22,6 +22,7 @@ import base64
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -275,6 +276,7 @@ def main() -> None:
         durable.shutdown()
         if relay is not None:
             relay.stop()
+        shutil.rmtree(d, ignore_errors=True)  # stores of a few hundred MB
 
     table = Table(title=f"ETSI 014 POST enc_keys {{\"number\": 1}}, mutual TLS, loopback, {os.cpu_count()} CPUs, "
                         f"{args.duration:g} s per case, best of {args.rounds} (target >= {TARGET:,} req/s)")
