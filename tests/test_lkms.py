@@ -3,9 +3,11 @@
 delivers them: the same IDs and bytes on both sides."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import pytest
 
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import pki
-from sdqkd.agents.kms.keystore import KeyStore
-from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from sdqkd.agents.kms.coalesce import Coalescer
+from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
+from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.service import KmsError, Qos
 
@@ -202,6 +205,35 @@ def test_link_keys_persist_and_spent_ids_stay_spent(tmp_path) -> None:
     store.close()
 
 
+def test_link_key_counts_follow_every_write(tmp_path) -> None:
+    """The store keeps counts in memory; after any mix of writes they match a fresh look at the file."""
+    store = KeyStore(tmp_path / "k.sqlite")
+    store.set_allocator(L1, allocator(A, B))
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    for kid in ids:
+        store.sink(L1, kid, os.urandom(32))
+    store.sink(L1, ids[0], os.urandom(32))  # the same ID again: ignored
+    store.sink(L2, ids[1], os.urandom(32))  # an ID another link holds: ignored
+    counts = lambda st: (st.count(L1, mine=True), st.count(L1, mine=False))  # noqa: E731
+    mine, theirs = counts(store)
+    assert mine + theirs == 40 and store.count(L2) == 0
+    taken = store.take(L1, 3)
+    peer_ids = [k for k in ids if not allocator(A, B)(k)][:2]
+    store.take_ids(L1, peer_ids)
+    with pytest.raises(MissingKeys):
+        store.take_ids(L1, [peer_ids[0]])  # already taken: nothing changes
+    assert counts(store) == (mine - 3, theirs - 2)
+    store.put_back(L1, taken[:1])
+    store.sink(L1, taken[1][0], taken[1][1])  # spent: refused
+    assert counts(store) == (mine - 2, theirs - 2)
+    store.close()
+    fresh = KeyStore(tmp_path / "k.sqlite")
+    assert counts(fresh) == (mine - 2, theirs - 2)
+    fresh.drop_link(L1)
+    assert counts(fresh) == (0, 0)
+    fresh.close()
+
+
 def test_etsi004_stream_over_two_hops(net) -> None:
     nodes, _ = net
     qos = Qos(key_chunk_size=32, timeout=2000)
@@ -231,3 +263,51 @@ def test_no_key_bytes_in_logs(net, caplog) -> None:
     text = caplog.text
     for k in keys:
         assert base64.b64encode(k.key).decode() not in text and k.key.hex() not in text
+
+
+def coalesced(nodes: dict[str, Lkms], numbers: list[int]) -> tuple[list[object], list[int]]:
+    """enc_keys sa -> sc through a Coalescer, all at once; what each caller got, and the LKMS calls made."""
+    calls: list[int] = []
+
+    async def enc(m: str, s: str, n: int, z: int | None) -> list:
+        calls.append(n)
+        return await asyncio.to_thread(nodes[A].enc_keys, m, s, n, z, [])
+
+    async def scenario() -> list[object]:
+        co = Coalescer(max_keys=8)
+        return await asyncio.gather(*(co.enc_keys(enc, "sa", "sc", n, 256) for n in numbers), return_exceptions=True)
+
+    return asyncio.run(scenario()), calls
+
+
+def test_concurrent_relayed_requests_share_relays_and_each_gets_its_own_keys(net) -> None:
+    nodes, _ = net
+    got, calls = coalesced(nodes, [1, 2, 1, 3, 1])
+    assert [len(k) for k in got] == [1, 2, 1, 3, 1]
+    assert len(calls) < 5 and sum(calls) == 8  # merged, and no key made for nobody
+    keys = [k for ks in got for k in ks]
+    assert len({k.key_id for k in keys}) == 8
+    at_c = nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])
+    assert [k.key for k in at_c] == [k.key for k in keys]
+
+
+def test_a_refused_shared_call_gives_each_request_its_own_answer(net) -> None:
+    nodes, _ = net
+    nodes[A].cfg.max_key_per_request = 2
+    got, calls = coalesced(nodes, [2, 2, 3])
+    assert [len(k) for k in got[:2]] == [2, 2]
+    assert isinstance(got[2], KmsError) and got[2].http_status == 400  # 3 > 2: its own request's error
+    assert calls[1:] and max(calls) > 2  # the shared call was tried, then each on its own
+
+
+def test_a_relay_message_naming_a_link_key_twice_is_refused(net) -> None:
+    nodes, _ = net
+    fresh = feed(nodes, L1, (A, B), 8)
+    x = next(kid for kid, _ in fresh if allocator(A, B)(kid))  # A allocates it; B takes it by ID
+    msg = {"op": "reserve", "link": L1, "master": "sa", "slave": "sb", "expires": time.time() + 60,
+           "keys": [{"key_id": str(uuid.uuid4()), "parts": [x], "size": 256},
+                    {"key_id": str(uuid.uuid4()), "parts": [x], "size": 256}]}  # one pad for two keys
+    with pytest.raises(fm.RelayError) as err:
+        nodes[B].handle_relay(A, msg)
+    assert err.value.code == 400
+    assert nodes[B].store.take_ids(L1, [x])  # untouched by the refused message

@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiMapping
 
-from .https import ApiError, call, json_object, sae_of
+from .coalesce import Coalescer
+from .https import ApiError, call, json_object, sae_of, use_group_commit
 from .service import Key, KeyService
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ _UINT32_MAX = 2**32 - 1
 
 def add_routes(app: web.Application, service: KeyService) -> None:
     """Serve ETSI 014 on `app` (made by https.make_app) for `service`."""
+    use_group_commit(app, service.batch)
     app.add_routes(routes(service))
 
 
@@ -49,9 +51,10 @@ def routes(service: KeyService) -> list[web.RouteDef]:
 class _Api:
     def __init__(self, service: KeyService) -> None:
         self.service = service
+        self.coalescer = Coalescer()
 
     async def status(self, request: web.Request) -> web.Response:
-        st = await call(request, self.service.status, sae_of(request), request.match_info["slave_SAE_ID"])
+        st = await call(request, self.service.status, sae_of(request), request.match_info["slave_SAE_ID"], inline=True)
         return web.json_response(dataclasses.asdict(st))
 
     async def enc_keys_get(self, request: web.Request) -> web.Response:
@@ -72,7 +75,13 @@ class _Api:
         if size is not None and size % 8:
             raise ApiError(400, "size shall be a multiple of 8")
         master, slave = sae_of(request), request.match_info["slave_SAE_ID"]
-        keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves)
+        if self.service.serves_locally([slave, *slaves]):  # end keys for this node's SAEs: store only
+            keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves, inline=True)
+        elif slaves:
+            keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves)
+        else:  # over the network: concurrent requests for the pair share one relay
+            keys = await self.coalescer.enc_keys(
+                lambda m, s, n, z: call(request, self.service.enc_keys, m, s, n, z, []), master, slave, number, size)
         log.debug("enc_keys %s -> %s: %d key(s), size %s", master, slave, len(keys), size)
         return _container(keys)
 
@@ -98,7 +107,7 @@ class _Api:
 
     async def _dec_keys(self, request: web.Request, ids: list[str]) -> web.Response:
         slave, master = sae_of(request), request.match_info["master_SAE_ID"]
-        keys = await call(request, self.service.dec_keys, slave, master, ids)
+        keys = await call(request, self.service.dec_keys, slave, master, ids, inline=True)  # store only
         log.debug("dec_keys %s <- %s: %s", slave, master, ", ".join(ids))
         return _container(keys)
 

@@ -3,11 +3,16 @@
 The agent is thread-based (NETCONF server, drivers), so the aiohttp application runs in
 its own thread with its own asyncio loop (`HttpsServer`). Every request is
 authenticated by its TLS client certificate: the SAE ID is the certificate's subject CN
-(pki.sae_id_of), never anything in the URL or body. Calls into the synchronous
-KeyService go through a bounded thread pool (`call`), so a slow relay does not stall
-the loop. Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients
-expect; an unexpected exception becomes 503 {"message": "internal error"} with its
-traceback logged but never its message (it might quote key bytes).
+(pki.sae_id_of), never anything in the URL or body.
+Calls into the synchronous KeyService that may wait on the network (a relay, a peer's
+reservation) go through a bounded thread pool (`call`), so they do not stall the loop;
+calls that only touch this node's key store run on the loop itself (`inline=True`):
+the thread hop and the GIL hand-over cost more than the SQLite transaction they wrap.
+Inline calls that arrive in the same loop iteration share one transaction (group
+commit, `use_group_commit`), and none of them is answered before it is committed.
+Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients expect;
+an unexpected exception becomes 503 {"message": "internal error"} with its traceback
+logged but never its message (it might quote key bytes).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import ssl
 import threading
 import traceback
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -60,7 +66,7 @@ def make_app(*, workers: int = 8, max_pending: int = 256) -> web.Application:
     At most `workers` LKMS calls run at once; past `max_pending` waiting requests the
     server answers 503 at once rather than queueing without bound.
     """
-    app = web.Application(middlewares=[_errors, _authenticate])
+    app = web.Application(middlewares=[_guard])
     app[_EXECUTOR] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-api")
     app[_LIMIT] = asyncio.Semaphore(max_pending)
 
@@ -71,16 +77,72 @@ def make_app(*, workers: int = 8, max_pending: int = 256) -> web.Application:
     return app
 
 
+class GroupCommit:
+    """Runs the inline calls of one loop iteration in one store transaction, then answers them.
+
+    A call that fails gets its own error (its savepoint is undone); if the commit
+    fails, every call of the group gets that error and none of their results leaves.
+    """
+
+    def __init__(self, group: Callable[[], AbstractContextManager[Any]]) -> None:
+        self._group = group
+        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+
+    def submit(self, fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.append((fn, args, fut))
+        if len(self._queue) == 1:
+            loop.call_soon(self._run)
+        return fut
+
+    def _run(self) -> None:
+        queue, self._queue = self._queue, []
+        done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        try:
+            with self._group():
+                for fn, args, fut in queue:
+                    try:
+                        done.append((fut, None, fn(*args)))
+                    except Exception as exc:  # noqa: BLE001 - the caller's own error
+                        done.append((fut, exc, None))
+        except Exception as exc:  # noqa: BLE001 - the commit failed: nothing of the group was stored
+            done = [(fut, exc, None) for _, _, fut in queue]
+        for fut, exc, result in done:
+            if fut.cancelled():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+
+_GROUP = web.AppKey("sdqkd.group_commit", GroupCommit)
+
+
+def use_group_commit(app: web.Application, group: Callable[[], AbstractContextManager[Any]]) -> None:
+    """Commit the app's inline calls in groups (`group()`: one transaction of the store)."""
+    if _GROUP not in app:
+        app[_GROUP] = GroupCommit(group)
+
+
 def sae_of(request: web.Request) -> str:
     """The SAE ID from the caller's verified client certificate."""
     return request[SAE_ID]
 
 
-async def call(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run a synchronous KeyService call on the app's bounded pool."""
+async def call(request: web.Request, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+    """Run a synchronous KeyService call on the app's bounded pool, or on the loop if `inline`.
+
+    `inline` is for calls that cannot wait long (key store only, no network): the
+    loop serves one at a time, so they need no slot in the pool.
+    """
     limit = request.app[_LIMIT]
     if limit.locked():
         raise ApiError(503, "too many requests in progress, try again")
+    if inline:
+        group = request.app.get(_GROUP)
+        return fn(*args) if group is None else await group.submit(fn, args)
     async with limit:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(request.app[_EXECUTOR], functools.partial(fn, *args))
@@ -101,8 +163,10 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Client-certificate authentication, and every error as a JSON Error object."""
     try:
+        request[SAE_ID] = _peer_sae(request.transport)
         return await handler(request)
     except ApiError as exc:
         return error(exc.status, exc.message, exc.details)
@@ -121,16 +185,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(503, "internal error")
 
 
-@web.middleware
-async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    cert = request.transport.get_extra_info("peercert") if request.transport else None
+def _peer_sae(transport: asyncio.BaseTransport | None) -> str:
+    cert = transport.get_extra_info("peercert") if transport is not None else None
     if not cert:
         raise ApiError(401, "a client certificate is required")
     try:
-        request[SAE_ID] = sae_id_of(cert)
+        return sae_id_of(cert)
     except ValueError as exc:
         raise ApiError(401, str(exc)) from None
-    return await handler(request)
 
 
 def _reason(exc: Exception) -> str:

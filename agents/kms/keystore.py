@@ -6,14 +6,26 @@ Every key leaves the store at most once: taking it deletes the row (with
 secure_delete, the bytes are overwritten on disk) and records its ID as spent in
 the same transaction, so a key that comes back (a re-sent block, a replayed
 message) is refused.
+
+Durability. The front ends answer only after the transaction that stored (or spent)
+the key has committed; several requests may share one commit (group()). In WAL mode
+with synchronous=NORMAL (the default here) a commit is a write() into the WAL, in the
+OS page cache: it survives the agent process crashing or being killed at any point,
+so a crash can neither deliver a key twice nor lose the slave's copy of a key the
+master already has. It does not survive the OS crashing or the power going before the
+next WAL fsync (at the latest at the next checkpoint, every `checkpoint_every` s):
+commits of that window would roll back, so a key could be lost or served again.
+`durable=True` (synchronous=FULL) closes that window at the price of one fsync per
+commit, i.e. per group of requests.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,21 +90,63 @@ class Deliverable:
 class KeyStore:
     """Thread-safe; QKD drivers write from their threads, the front ends read from theirs."""
 
-    def __init__(self, path: Path, *, flush_every: float = 0.05, usage_window: int = 60) -> None:
+    def __init__(self, path: Path, *, flush_every: float = 0.05, checkpoint_every: float = 0.1, usage_window: int = 60,
+                 durable: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "secure_delete=ON", "foreign_keys=ON"):
+        # Checkpoints (copying the WAL back into the file, with its fsyncs) run on the
+        # flusher's own connection, never inside a request's commit (wal_autocheckpoint=0).
+        sync = "FULL" if durable else "NORMAL"  # see the module's docstring
+        for pragma in ("journal_mode=WAL", f"synchronous={sync}", "secure_delete=ON", "foreign_keys=ON", "wal_autocheckpoint=0",
+                       "journal_size_limit=16777216"):  # the WAL file shrinks back to 16 MiB when it starts over
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
+        self._grouped = False  # in group(): calls are savepoints of one transaction
         self._pending: list[tuple[str, str, bytes, float]] = []
         self._mine: dict[str, Callable[[str], bool]] = {}
+        # Link keys held per (link, mine): read on every relayed request, where COUNT(*)
+        # over a well-stocked link would scan the whole index. Kept by every write below.
+        self._counts: dict[tuple[str, int], int] = {}
         self.usage_window = usage_window
         self._flush_every = flush_every
+        self._checkpoint_every = checkpoint_every
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """Several calls in one transaction (group commit), held by this thread.
+
+        Each call inside is a savepoint, so one that fails undoes only its own writes;
+        none of them is stored until the block ends, so nothing they return may leave
+        this node before then. If the commit fails, all of them are undone.
+        """
+        with self._lock:
+            if self._grouped:  # already in one: part of it
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._grouped = True
+            try:
+                yield
+            except BaseException:
+                self._grouped = False
+                self._undo_group()
+                raise
+            self._grouped = False
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._undo_group()
+                raise
+
+    def _undo_group(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        self._counts.clear()  # adjusted by calls that are now undone
 
     # --- link keys ------------------------------------------------------------------
 
@@ -113,72 +167,113 @@ class KeyStore:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if not self._pending:
+        if not self._pending or self._grouped:  # a group may roll back: link keys wait for the next flush
             return
-        rows = []
+        groups: dict[tuple[str, int], list[tuple[str, str, int, bytes, float]]] = {}
         for key_id, link, key, added in self._pending:
-            mine = self._mine.get(link, _default_mine)
-            rows.append((key_id, link, 1 if mine(key_id) else 0, key, added))
+            mine = 1 if self._mine.get(link, _default_mine)(key_id) else 0
+            groups.setdefault((link, mine), []).append((key_id, link, mine, key, added))
         self._pending = []
-        with _tx(self._db):
-            self._db.executemany(
-                "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
-                "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1)",
-                rows,
-            )
+        added_rows = {}
+        with _tx(self):
+            for group, rows in groups.items():
+                added_rows[group] = self._db.executemany(
+                    "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
+                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1)",
+                    rows,
+                ).rowcount
+        for group, n in added_rows.items():
+            self._adjust(group, n)
+
+    def _adjust(self, group: tuple[str, int], delta: int) -> None:
+        """After a commit: `delta` more (or fewer) keys in `group`, if its count is cached."""
+        if group in self._counts:
+            self._counts[group] += delta
+
+    def _count_locked(self, link: str, mine: int) -> int:
+        if (link, mine) not in self._counts:
+            self._counts[(link, 0)] = self._counts[(link, 1)] = 0
+            for m, n in self._db.execute("SELECT mine, COUNT(*) FROM link_keys WHERE link = ? GROUP BY mine", (link,)):
+                self._counts[(link, int(m))] = int(n)
+        return self._counts[(link, mine)]
 
     def _flush_loop(self) -> None:
-        while not self._closed.wait(self._flush_every):
-            try:
-                self.flush()
-            except sqlite3.Error:
-                if self._closed.is_set():
-                    return
-                raise
+        checkpointer = sqlite3.connect(str(self.path), isolation_level=None)
+        next_checkpoint = time.monotonic() + self._checkpoint_every
+        try:
+            while not self._closed.wait(self._flush_every):
+                try:
+                    self.flush()
+                    if time.monotonic() >= next_checkpoint:
+                        self._checkpoint(checkpointer)
+                        next_checkpoint = time.monotonic() + self._checkpoint_every
+                except sqlite3.Error:
+                    if self._closed.is_set():
+                        return
+                    raise
+        finally:
+            checkpointer.close()
+
+    def _checkpoint(self, checkpointer: sqlite3.Connection) -> None:
+        """Copy the WAL back into the database file, mostly while requests go on.
+
+        A PASSIVE checkpoint neither waits for nor blocks a writer, but under steady
+        load it never catches up with the last commit, and SQLite only starts the WAL
+        over once all of it is copied: a second pass under the store's lock copies the
+        few frames written meanwhile, so the WAL stays small.
+        """
+        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        with self._lock:
+            checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def count(self, link: str, *, mine: bool = True) -> int:
         with self._lock:
             self._flush_locked()
-            row = self._db.execute("SELECT COUNT(*) FROM link_keys WHERE link = ? AND mine = ?", (link, int(mine))).fetchone()
-            return int(row[0])
+            return self._count_locked(link, int(mine))
 
     def take(self, link: str, n: int) -> list[tuple[str, bytes]]:
         """n of this end's keys of `link`, oldest first, removed and marked spent; all or nothing."""
         with self._lock:
             self._flush_locked()
-            with _tx(self._db):
+            with _tx(self):
                 rows = self._db.execute(
                     "SELECT key_id, key FROM link_keys WHERE link = ? AND mine = 1 ORDER BY added, key_id LIMIT ?", (link, n)
                 ).fetchall()
                 if len(rows) < n:
                     return []
                 self._spend([r[0] for r in rows])
+            self._adjust((link, 1), -n)
             return [(r[0], bytes(r[1])) for r in rows]
 
     def take_ids(self, link: str, key_ids: list[str]) -> list[bytes]:
         """The keys with these IDs (the peer allocated them), removed and marked spent."""
         with self._lock:
             self._flush_locked()
-            with _tx(self._db):
-                found = dict(
-                    self._db.execute(
-                        f"SELECT key_id, key FROM link_keys WHERE link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
-                    ).fetchall()
-                )
+            with _tx(self):
+                # +link: look the keys up by ID; with many IDs SQLite would rather scan the link's index
+                rows = self._db.execute(
+                    f"SELECT key_id, key, mine FROM link_keys WHERE +link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
+                ).fetchall()
+                found = {r[0]: r[1] for r in rows}
                 missing = [k for k in key_ids if k not in found]
                 if missing:
                     raise MissingKeys(missing)
                 self._spend(key_ids)
+            mine = sum(r[2] for r in rows)
+            self._adjust((link, 1), -mine)
+            self._adjust((link, 0), mine - len(rows))
             return [bytes(found[k]) for k in key_ids]
 
     def put_back(self, link: str, keys: list[tuple[str, bytes]]) -> None:
         """Return keys taken for a request that failed before anything left this node."""
-        with self._lock, _tx(self._db):
-            self._db.executemany("DELETE FROM spent WHERE key_id = ?", [(k,) for k, _ in keys])
-            self._db.executemany(
-                "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) VALUES (?, ?, 1, ?, 0)",
-                [(k, link, v) for k, v in keys],
-            )
+        with self._lock:
+            with _tx(self):
+                self._db.executemany("DELETE FROM spent WHERE key_id = ?", [(k,) for k, _ in keys])
+                n = self._db.executemany(
+                    "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) VALUES (?, ?, 1, ?, 0)",
+                    [(k, link, v) for k, v in keys],
+                ).rowcount
+            self._adjust((link, 1), n)
 
     def _spend(self, key_ids: list[str]) -> None:
         now = time.time()
@@ -189,17 +284,19 @@ class KeyStore:
         """Forget a deleted link's keys (they can no longer be matched with the peer)."""
         with self._lock:
             self._flush_locked()
-            with _tx(self._db):
+            with _tx(self):
                 ids = [r[0] for r in self._db.execute("SELECT key_id FROM link_keys WHERE link = ?", (link,))]
                 if ids:
                     self._spend(ids)
+            self._counts.pop((link, 0), None)
+            self._counts.pop((link, 1), None)
             return len(ids)
 
     # --- end keys waiting for their slave ----------------------------------------------
 
     def put_deliverable(self, items: Iterable[Deliverable]) -> None:
         items = list(items)
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             spent = self._spent_among([d.key_id for d in items])
             if spent:
                 raise ValueError(f"key IDs already used: {', '.join(sorted(spent))}")
@@ -211,7 +308,7 @@ class KeyStore:
     def fetch_deliverable(self, slave: str, master: str, key_ids: list[str]) -> list[bytes]:
         """All of them or none; each at most once."""
         now = time.time()
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             rows = dict(
                 self._db.execute(
                     f"SELECT key_id, key FROM deliverable WHERE slave = ? AND master = ? AND (expires IS NULL OR expires > ?) "
@@ -228,7 +325,7 @@ class KeyStore:
 
     def fetch_stream_key(self, slave: str, stream: str, idx: int) -> tuple[str, bytes] | None:
         now = time.time()
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             row = self._db.execute(
                 "SELECT key_id, key FROM deliverable WHERE slave = ? AND stream = ? AND idx = ? AND (expires IS NULL OR expires > ?)",
                 (slave, stream, idx, now),
@@ -247,7 +344,7 @@ class KeyStore:
 
     def mark_spent(self, key_ids: list[str]) -> None:
         now = time.time()
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids])
 
     def is_spent(self, key_id: str) -> bool:
@@ -271,7 +368,7 @@ class KeyStore:
     def expire(self, now: float | None = None) -> int:
         """Drop end keys whose TTL ran out; they count as spent."""
         now = time.time() if now is None else now
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             ids = [r[0] for r in self._db.execute("SELECT key_id FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))]
             if ids:
                 self._db.execute("DELETE FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))
@@ -283,7 +380,7 @@ class KeyStore:
     def record_usage(self, app: str, bits: int, now: float | None = None) -> None:
         now = time.time() if now is None else now
         start = int(now // self.usage_window * self.usage_window)
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.execute(
                 "INSERT INTO usage(app, window_end, start, bits) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(app, window_end) DO UPDATE SET bits = bits + excluded.bits",
@@ -301,7 +398,7 @@ class KeyStore:
     # --- ETSI 004 streams -----------------------------------------------------------------
 
     def save_stream(self, ksid: str, data: dict[str, Any]) -> None:
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.execute("INSERT OR REPLACE INTO streams(ksid, data) VALUES (?, ?)", (ksid, json.dumps(data)))
 
     def load_stream(self, ksid: str) -> dict[str, Any] | None:
@@ -310,7 +407,7 @@ class KeyStore:
         return json.loads(row[0]) if row else None
 
     def delete_stream(self, ksid: str) -> None:
-        with self._lock, _tx(self._db):
+        with self._lock, _tx(self):
             self._db.execute("DELETE FROM streams WHERE ksid = ?", (ksid,))
 
     def close(self) -> None:
@@ -332,14 +429,20 @@ def _marks(items: list[Any]) -> str:
 
 
 class _tx:
-    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection."""
+    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection; inside group(), a savepoint."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        self.store._db.execute("SAVEPOINT call" if self.store._grouped else "BEGIN IMMEDIATE")
+        return self.store._db
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        db = self.store._db
+        if self.store._grouped:
+            if exc_type:
+                db.execute("ROLLBACK TO call")
+            db.execute("RELEASE call")
+        else:
+            db.execute("ROLLBACK" if exc_type else "COMMIT")

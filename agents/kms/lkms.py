@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,14 @@ class Lkms:
                 self.store.record_usage(app.app_id, number * size)
         return [Key(i, k) for i, k in zip(ids, end_keys)]
 
+    def batch(self) -> AbstractContextManager[None]:
+        """Calls inside share one store transaction (group commit); only store-only calls belong there."""
+        return self.store.group()
+
+    def serves_locally(self, slaves: list[str]) -> bool:
+        """All slaves on this node: enc_keys draws end keys into the store and never waits on a peer."""
+        return all(self.cfg.saes.get(s) == self.cfg.kme_id for s in slaves)
+
     def dec_keys(self, slave_sae: str, master_sae: str, key_ids: list[str]) -> list[Key]:
         self._local(slave_sae)
         if not key_ids:
@@ -318,15 +327,27 @@ class Lkms:
                     raise fm.RelayError(f"link keys not held here: {len(exc.key_ids)} missing", 503) from None
                 time.sleep(0.02)
 
+    def _take_entries(self, link: str, groups: list[list[str]]) -> list[list[bytes]]:
+        """The link keys every entry of a message names, in one transaction; a key named twice is refused."""
+        flat = [key_id for group in groups for key_id in group]
+        if len(set(flat)) != len(flat):
+            raise fm.RelayError("a link key is named more than once in the message", 400)
+        got = self._take_peer_ids(link, flat)
+        out, pos = [], 0
+        for group in groups:
+            out.append(got[pos:pos + len(group)])
+            pos += len(group)
+        return out
+
     def _on_reserve(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
         lk = self._link_with(msg["link"], sender)
         slave, master = str(msg["slave"]), str(msg["master"])
         if self.cfg.saes.get(slave) != self.cfg.kme_id:
             raise fm.RelayError(f"SAE {slave} is not attached here", 400)
-        out = []
-        for entry in msg["keys"]:
-            parts = self._take_peer_ids(lk.qkdl_id, [str(p) for p in entry["parts"]])
-            out.append(Deliverable(str(entry["key_id"]), slave, master, b"".join(parts)[: int(entry["size"]) // 8], float(msg["expires"])))
+        entries = msg["keys"]
+        taken = self._take_entries(lk.qkdl_id, [[str(p) for p in entry["parts"]] for entry in entries])
+        out = [Deliverable(str(entry["key_id"]), slave, master, b"".join(parts)[: int(entry["size"]) // 8], float(msg["expires"]))
+               for entry, parts in zip(entries, taken)]
         self.store.put_deliverable(out)
         return {"ok": True}
 
@@ -334,8 +355,9 @@ class Lkms:
         lk = self._link_with(msg["hop_link"], sender)
         vlink, master, slave = str(msg["vlink"]), str(msg["master"]), str(msg["slave"])
         keys = []
-        for entry in msg["keys"]:
-            pads = self._take_peer_ids(lk.qkdl_id, [str(p) for p in entry["pad"]] + [str(entry["mac"])])
+        entries = msg["keys"]
+        taken = self._take_entries(lk.qkdl_id, [[str(p) for p in entry["pad"]] + [str(entry["mac"])] for entry in entries])
+        for entry, pads in zip(entries, taken):
             key = fm.unseal(fm.unb64(entry["ct"]), fm.unb64(entry["tag"]), b"".join(pads[:-1]), pads[-1],
                             fm.header(str(entry["key_id"]), vlink, master, slave))
             keys.append((str(entry["key_id"]), key))

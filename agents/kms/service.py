@@ -3,6 +3,7 @@ the LKMS. The front ends only translate HTTP <-> these calls; everything about k
 lives behind this interface (agents/kms/lkms.py implements it)."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +82,14 @@ class KeyService(Protocol):
                  additional_slaves: list[str]) -> list[Key]: ...
 
     def dec_keys(self, slave_sae: str, master_sae: str, key_ids: list[str]) -> list[Key]: ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Calls made inside are committed together (group commit) when it ends."""
+        ...
+
+    def serves_locally(self, slaves: list[str]) -> bool:
+        """Whether enc_keys for these slaves needs nothing but this node (no network wait)."""
+        ...
 
     # ETSI GS QKD 004 (caller is the SAE authenticated by its client certificate)
     def open_connect(self, caller_sae: str, source: str, destination: str, qos: Qos,
