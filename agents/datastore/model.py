@@ -12,7 +12,17 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangcodec
+from sdqkd.agents.datastore.checked import ModuleChecker
 from sdqkd.yangschema import Schema, SchemaNode, load
+
+
+@dataclass(frozen=True)
+class Config:
+    """A type-checked configuration: canonical XML (schema order) and, per module,
+    its RFC 7951 JSON (what semantic checks and the commit diff read)."""
+
+    elements: tuple[etree._Element, ...]
+    json: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,8 @@ class ModelSet:
         self._roots: dict[tuple[str, str], Model] = {}
         self._memo: OrderedDict[tuple[bool, bytes], dict[str, Any]] = OrderedDict()
         self._memo_lock = threading.Lock()
+        self._checkers = {m.module: ModuleChecker(m.schema, m.factory) for m in self.models.values()}
+        self._checked: OrderedDict[bytes, Config] = OrderedDict()
         self.prefixes: dict[str, str] = {}  # prefix -> namespace, for error-path
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
         for m in self.models.values():
@@ -106,9 +118,45 @@ class ModelSet:
 
     def canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
         """Type-checked config in schema order: what a datastore keeps."""
-        out = self.dump(self.load(elements), config_only=True)
-        self.load(out)  # memoised under its canonical form too (commit checks it next)
-        return out
+        return list(self.check(elements).elements)
+
+    def check(self, elements: Iterable[etree._Element]) -> Config:
+        """Type-check a config without building it whole in pyangbind (see checked.py);
+        memoised by content, under its canonical form too (validate and commit
+        check the candidate an edit just produced)."""
+        elements = [el for el in elements if isinstance(el.tag, str)]
+        key = _digest(elements)
+        with self._memo_lock:
+            hit = self._checked.get(key)
+            if hit is not None:
+                self._checked.move_to_end(key)
+                return hit
+        per_model: dict[str, list[etree._Element]] = {name: [] for name in self.models}
+        for el in elements:
+            q = etree.QName(el)
+            m = self.model_for(q.namespace or "", q.localname)
+            if m is None:
+                known = any(q.namespace == ns for ns in self.namespaces())
+                kind = "unknown-element" if known else "unknown-namespace"
+                raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
+            per_model[m.module].append(el)
+        xml: list[etree._Element] = []
+        js: dict[str, dict[str, Any]] = {}
+        for name, checker in self._checkers.items():
+            x, j = checker.check(per_model[name])
+            xml.extend(x)
+            js[name] = j
+        cfg = Config(tuple(xml), js)
+        with self._memo_lock:
+            for k in (key, _digest(xml)):
+                self._checked[k] = cfg
+            while len(self._checked) > 16:
+                self._checked.popitem(last=False)
+        return cfg
+
+
+def _digest(elements: list[etree._Element]) -> bytes:
+    return hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest()
 
 
 @functools.lru_cache(maxsize=None)
