@@ -285,3 +285,62 @@ class ModuleChecker:
 def _element(node: SchemaNode, parent_ns: str | None) -> etree._Element:
     nsmap = {None: node.namespace} if node.namespace != parent_ns else None
     return etree.Element(f"{{{node.namespace}}}{node.name}", nsmap=nsmap)
+
+
+# --- decoded running, kept up to date entry by entry ----------------------------
+
+
+def _key_text(node: SchemaNode, name: str, text: str) -> str:
+    knode = node.child_by_name(name)
+    if knode is not None and knode.type is not None and knode.type.base.startswith(("int", "uint")):
+        try:
+            return str(int(text))
+        except ValueError:
+            return text
+    return text
+
+
+def _xml_key(node: SchemaNode, el: etree._Element) -> tuple[str, ...]:
+    return tuple(_key_text(node, k, (el.findtext(f"{{{node.namespace}}}{k}") or "").strip()) for k in node.keys)
+
+
+def update_bindings(checker: ModuleChecker, root: Any, old: list[etree._Element], new: list[etree._Element]) -> bool:
+    """Bring pyangbind `root` (decoded from `old`) to `new` in place: deleted and
+    changed list entries are removed, new and changed ones decoded. False (root left
+    unusable) when it cannot: the skeleton changed, or entry order would differ."""
+    old_work = [copy.deepcopy(el) for el in old]
+    new_work = [copy.deepcopy(el) for el in new]
+    old_entries, new_entries = checker._entries(old_work), checker._entries(new_work)
+    before: dict[int, dict[tuple[str, ...], bytes]] = {}
+    after: dict[int, dict[tuple[str, ...], tuple[bytes, etree._Element]]] = {}
+    for lp, el in old_entries:
+        before.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = _c14n(el)
+        el.getparent().remove(el)
+    for lp, el in new_entries:
+        after.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = (_c14n(el), el)
+    if sum(len(v) for v in before.values()) != len(old_entries) or sum(len(v) for v in after.values()) != len(new_entries):
+        return False  # duplicate keys: not canonical
+    for _, el in new_entries:
+        el.getparent().remove(el)
+    if checker._skeleton_key(old_work) != checker._skeleton_key(new_work):
+        return False
+    for lp in checker.paths:
+        b, a = before.get(id(lp.list), {}), after.get(id(lp.list), {})
+        changed = {k for k in a if k in b and a[k][0] != b[k]}
+        kept = [k for k in b if k in a and k not in changed]
+        if kept + [k for k in a if k not in kept] != list(a):
+            return False
+        if not (set(b) - set(kept)) and not (set(a) - set(kept)):
+            continue
+        lst = root
+        for node in lp.nodes:
+            lst = yangcodec.child(lst, node.name)
+        by_key = {tuple(_key_text(lp.list, k, str(yangcodec.child(entry, k))) for k in lp.list.keys): pykey
+                  for pykey, entry in lst.items()}
+        for k in set(b) - set(kept):
+            lst.delete(by_key[k])
+        path = lp.list.data_path(checker.schema.prefixes)
+        for k in a:
+            if k not in kept:
+                yangcodec.decode_entry(a[k][1], lst, lp.list, checker.schema, path)
+    return True

@@ -12,7 +12,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangcodec
-from sdqkd.agents.datastore.checked import ModuleChecker
+from sdqkd.agents.datastore.checked import ModuleChecker, update_bindings
 from sdqkd.yangschema import Schema, SchemaNode, load
 
 
@@ -109,6 +109,24 @@ class ModelSet:
                 raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
             yangcodec.decode_xml([el], roots[m.module], m.schema, config_only=config_only)
         return roots
+
+    def decode(self, elements: Iterable[etree._Element]) -> dict[str, Any]:
+        """Fresh bindings of a config (not memoised: the caller may update them in place)."""
+        return self._decode([el for el in elements if isinstance(el.tag, str)], True)
+
+    def update(self, roots: dict[str, Any], old: list[etree._Element], new: list[etree._Element]) -> bool:
+        """Bring bindings decoded from canonical config `old` to canonical config `new` in
+        place, decoding only the list entries that changed; False when they cannot
+        (then they are unusable: decode afresh)."""
+        try:
+            for name, m in self.models.items():
+                ns = set(m.schema.namespaces.values())
+                pick = lambda els: [el for el in els if isinstance(el.tag, str) and etree.QName(el).namespace in ns]  # noqa: E731
+                if not update_bindings(self._checkers[name], roots[name], pick(old), pick(new)):
+                    return False
+        except Exception:  # noqa: BLE001 - anything odd: the caller decodes afresh
+            return False
+        return True
 
     def dump(self, roots: dict[str, Any], *, config_only: bool) -> list[etree._Element]:
         out: list[etree._Element] = []
