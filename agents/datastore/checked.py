@@ -92,6 +92,10 @@ class ModuleChecker:
         self._by_list = {id(p.list): p for p in self.paths}
         self._orders: dict[int, dict[tuple[str, str], int]] = {}
         self._cache: OrderedDict[tuple[int, bytes], Part] = OrderedDict()
+        # pyangbind entries decoded by a check, by their canonical C14N: a commit of
+        # that config moves them into the live running bindings instead of decoding
+        # them again (each is used once)
+        self._bindings: OrderedDict[tuple[int, bytes], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     # --- cache ---------------------------------------------------------------
@@ -103,6 +107,11 @@ class ModuleChecker:
                 self._cache.move_to_end(key)
             return hit
 
+    def take_binding(self, key: tuple[int, bytes]) -> tuple[Any, Any] | None:
+        """(pyangbind list key, entry) decoded for the entry with this canonical C14N."""
+        with self._lock:
+            return self._bindings.pop(key, None)
+
     def _put(self, key: tuple[int, bytes], part: Part) -> None:
         with self._lock:
             self._cache[key] = part
@@ -113,6 +122,7 @@ class ModuleChecker:
 
     def check(self, elements: list[etree._Element]) -> tuple[list[etree._Element], dict[str, Any]]:
         """Canonical XML and RFC 7951 JSON of `elements` (top-level nodes of this module)."""
+        fresh: dict[int, tuple[Any, Any]] = {}  # id(new Part) -> its pyangbind entry
         work = [copy.deepcopy(el) for el in elements]
         entries = self._entries(work)  # (list path, element), document order
         if self._duplicates(entries):
@@ -128,7 +138,7 @@ class ModuleChecker:
         if not new:
             skeleton = self._get((0, self._skeleton_key(work)))
         if skeleton is None:
-            skeleton, decoded = self._decode(work, new)
+            skeleton, decoded = self._decode(work, new, fresh)
             for (lp, el), part in zip(new, decoded):
                 self._put((id(lp.list), _c14n(el)), part)
                 el.getparent().remove(el)
@@ -144,8 +154,15 @@ class ModuleChecker:
             by_list.setdefault(id(lp.list), []).append(part)
         bare = [copy.deepcopy(el) for el in out_xml]
         for lp, el in self._entries(bare):
-            self._put((id(lp.list), _c14n(el)), by_list[id(lp.list)].pop(0))
+            part = by_list[id(lp.list)].pop(0)
+            key = (id(lp.list), _c14n(el))
+            self._put(key, part)
             el.getparent().remove(el)
+            if id(part) in fresh:
+                with self._lock:
+                    self._bindings[key] = fresh.pop(id(part))
+                    while len(self._bindings) > 256:
+                        self._bindings.popitem(last=False)
         self._put((0, self._skeleton_key(bare)), skeleton)
         return out_xml, out_json
 
@@ -204,14 +221,20 @@ class ModuleChecker:
                 seen.add(key)
         return False
 
-    def _decode(self, work: list[etree._Element], new: list[tuple[_ListPath, etree._Element]]) -> tuple[Part, list[Part]]:
+    def _decode(self, work: list[etree._Element], new: list[tuple[_ListPath, etree._Element]],
+                fresh: dict[int, tuple[Any, Any]]) -> tuple[Part, list[Part]]:
         """Decode skeleton + new entries in one root; split the result back into parts."""
         root = self.factory()
         yangcodec.decode_xml(work, root, self.schema, config_only=True)
         xml = yangcodec.encode_xml(root, self.schema, config_only=True)
         js = yangcodec.encode_json(root, self.schema, config_only=True)
         got = {id(lp.list): list(self._take(lp, xml, js)) for lp in self.paths}
-        parts = [got[id(lp.list)].pop(0) for lp, _ in new]
+        bound = {id(lp.list): list(_list_of(root, lp).items()) for lp in self.paths}
+        parts = []
+        for lp, _ in new:
+            part = got[id(lp.list)].pop(0)
+            fresh[id(part)] = bound[id(lp.list)].pop(0)
+            parts.append(part)
         return Part(tuple(xml), js), parts
 
     def _take(self, lp: _ListPath, xml: list[etree._Element], js: dict[str, Any]) -> list[Part]:
@@ -282,6 +305,14 @@ class ModuleChecker:
         parent.append(el)
 
 
+def _list_of(root: Any, lp: _ListPath) -> Any:
+    """The pyangbind list object of `lp` in a module root."""
+    obj = root
+    for node in lp.nodes:
+        obj = yangcodec.child(obj, node.name)
+    return obj
+
+
 def _element(node: SchemaNode, parent_ns: str | None) -> etree._Element:
     nsmap = {None: node.namespace} if node.namespace != parent_ns else None
     return etree.Element(f"{{{node.namespace}}}{node.name}", nsmap=nsmap)
@@ -332,15 +363,19 @@ def update_bindings(checker: ModuleChecker, root: Any, old: list[etree._Element]
             return False
         if not (set(b) - set(kept)) and not (set(a) - set(kept)):
             continue
-        lst = root
-        for node in lp.nodes:
-            lst = yangcodec.child(lst, node.name)
+        lst = _list_of(root, lp)
         by_key = {tuple(_key_text(lp.list, k, str(yangcodec.child(entry, k))) for k in lp.list.keys): pykey
                   for pykey, entry in lst.items()}
         for k in set(b) - set(kept):
             lst.delete(by_key[k])
         path = lp.list.data_path(checker.schema.prefixes)
         for k in a:
-            if k not in kept:
+            if k in kept:
+                continue
+            bound = checker.take_binding((id(lp.list), a[k][0]))
+            if bound is not None and bound[0] not in lst:
+                bound[1]._parent = lst._parent  # as YANGList.add sets it: the delta root can go
+                lst._members[bound[0]] = bound[1]  # pyangbind's own list storage: no copy
+            else:
                 yangcodec.decode_entry(a[k][1], lst, lp.list, checker.schema, path)
     return True
