@@ -70,6 +70,14 @@ def test_entry_by_entry_equals_a_whole_decode() -> None:
     assert _checked(ms, dup) == _whole(ms, dup)
     empty: list[etree._Element] = []
     assert _checked(ms, empty) == _whole(ms, empty)
+    no_apps = _without_apps(second)  # same skeleton as `second`: its container must not come back
+    assert _checked(ms, no_apps) == _whole(ms, no_apps)
+
+
+def _without_apps(els: list[etree._Element]) -> list[etree._Element]:
+    els = [copy.deepcopy(e) for e in els]
+    els[0].remove(els[0].find(f"{{{E}}}qkd_applications"))
+    return els
 
 
 def test_a_bad_new_entry_fails_like_a_whole_decode() -> None:
@@ -97,6 +105,27 @@ def test_live_bindings_follow_running_entry_by_entry() -> None:
         for name, m in ms.models.items():
             assert yangcodec.encode_json(roots[name], m.schema) == yangcodec.encode_json(fresh[name], m.schema)
         old = new
+    # the first entry of a list, and the last one going: still entry by entry
+    for cfg in (_without_apps(_config([_link(20)])), _config([_link(20)]), _without_apps(_config([_link(20)]))):
+        new = list(ms.check(cfg).elements)
+        assert ms.update(roots, old, new)
+        assert yangcodec.encode_json(roots["etsi-qkd-sdn-node"], ms.models["etsi-qkd-sdn-node"].schema) == \
+            yangcodec.encode_json(ms.decode(new)["etsi-qkd-sdn-node"], ms.models["etsi-qkd-sdn-node"].schema)
+        old = new
+    # an entry that goes and comes back (delete then create again) comes back
+    # without the state a <get> filled into it
+    node = roots["etsi-qkd-sdn-node"].qkd_node
+    kept = node.qkd_links.qkd_link[_u(20)]
+    yangcodec.set_leaf(kept.qkdl_performance, "skr", 1234)
+    for cfg in (_without_apps(_config([])), _without_apps(_config([_link(20)]))):
+        new = list(ms.check(cfg).elements)
+        assert ms.update(roots, old, new)
+        assert yangcodec.encode_json(roots["etsi-qkd-sdn-node"], ms.models["etsi-qkd-sdn-node"].schema) == \
+            yangcodec.encode_json(ms.decode(new)["etsi-qkd-sdn-node"], ms.models["etsi-qkd-sdn-node"].schema)
+        old = new
+    assert node.qkd_links.qkd_link[_u(20)] is kept  # moved back, not decoded again
+    old = list(ms.check(_config([_link(20), _link(22, "<phys_wavelength>4</phys_wavelength>")])).elements)
+    roots = ms.decode(old)
     # a change that would reorder entries, or a skeleton change: decode afresh
     reordered = list(ms.check(_config([_link(20, "<phys_wavelength>5</phys_wavelength>"), _link(22, "<phys_wavelength>4</phys_wavelength>")])).elements)
     assert not ms.update(copy.copy(roots), old, reordered)

@@ -112,6 +112,22 @@ class ModuleChecker:
         with self._lock:
             return self._bindings.pop(key, None)
 
+    def keep_binding(self, lp: _ListPath, c14n: bytes, pykey: Any, entry: Any) -> None:
+        """An entry leaving the live running: kept for a commit that brings it back
+        (delete then create of the same application), once its state is cleared and
+        if its config is still exactly what it was checked as."""
+        key = (id(lp.list), c14n)
+        part = self._get(key)
+        if part is None:
+            return
+        _clear_state(entry, lp.list)
+        if yangcodec.entry_json(entry, lp.list, self.schema) != part.json:
+            return
+        with self._lock:
+            self._bindings[key] = (pykey, entry)
+            while len(self._bindings) > 256:
+                self._bindings.popitem(last=False)
+
     def _put(self, key: tuple[int, bytes], part: Part) -> None:
         with self._lock:
             self._cache[key] = part
@@ -132,7 +148,7 @@ class ModuleChecker:
             part = self._get((id(lp.list), _c14n(el)))
             parts.append(part)
             if part is not None:
-                el.getparent().remove(el)
+                _detach(el)
         new = [(lp, el) for (lp, el), part in zip(entries, parts) if part is None]
         skeleton: Part | None = None
         if not new:
@@ -141,7 +157,7 @@ class ModuleChecker:
             skeleton, decoded = self._decode(work, new, fresh)
             for (lp, el), part in zip(new, decoded):
                 self._put((id(lp.list), _c14n(el)), part)
-                el.getparent().remove(el)
+                _detach(el)
             self._put((0, self._skeleton_key(work)), skeleton)
             it = iter(decoded)
             parts = [p if p is not None else next(it) for p in parts]
@@ -157,7 +173,7 @@ class ModuleChecker:
             part = by_list[id(lp.list)].pop(0)
             key = (id(lp.list), _c14n(el))
             self._put(key, part)
-            el.getparent().remove(el)
+            _detach(el)
             if id(part) in fresh:
                 with self._lock:
                     self._bindings[key] = fresh.pop(id(part))
@@ -254,8 +270,9 @@ class ModuleChecker:
         assert len(els) == len(items), (lp.list.name, len(els), len(items))
         parts = []
         for el, item in zip(els, items):
-            parent_el.remove(el)
+            _detach(el)
             parts.append(Part((el,), item))
+        _prune_json(js, lp)
         return parts
 
     def _whole(self, work: list[etree._Element]) -> tuple[list[etree._Element], dict[str, Any]]:
@@ -305,6 +322,46 @@ class ModuleChecker:
         parent.append(el)
 
 
+def _prune_json(js: dict[str, Any], lp: _ListPath) -> None:
+    """Drop the containers on the way to list `lp` that are left empty (not the top)."""
+    chain = [js.get(_json_name(lp.nodes[0], None))]
+    for prev, node in zip(lp.nodes[:-2], lp.nodes[1:-1]):
+        if not isinstance(chain[-1], dict):
+            return
+        chain.append(chain[-1].get(_json_name(node, prev)))
+    for i in range(len(chain) - 1, 0, -1):
+        if chain[i] == {}:
+            chain[i - 1].pop(_json_name(lp.nodes[i], lp.nodes[i - 1]), None)
+
+
+def _clear_state(obj: Any, node: SchemaNode) -> None:
+    """Unset every config false node below a pyangbind container or list entry."""
+    amap = yangcodec.attr_map(obj)
+    for ch in node.children.values():
+        attr = amap.get(ch.name)
+        if attr is None:
+            continue
+        if not ch.config:
+            getattr(obj, "_unset_" + attr)()
+        elif ch.keyword == "container":
+            _clear_state(getattr(obj, attr), ch)
+        elif ch.keyword == "list":
+            for entry in getattr(obj, attr).values():
+                _clear_state(entry, ch)
+
+
+def _detach(el: etree._Element) -> None:
+    """Remove a list entry, and the containers it leaves empty (below the top-level
+    node): an empty non-presence container is no data (RFC 7950 7.5.1), and the
+    skeleton of a config must not depend on whether a list has entries."""
+    parent = el.getparent()
+    parent.remove(el)
+    while parent is not None and parent.getparent() is not None and len(parent) == 0 and not (parent.text or "").strip():
+        up = parent.getparent()
+        up.remove(parent)
+        parent = up
+
+
 def _list_of(root: Any, lp: _ListPath) -> Any:
     """The pyangbind list object of `lp` in a module root."""
     obj = root
@@ -346,13 +403,13 @@ def update_bindings(checker: ModuleChecker, root: Any, old: list[etree._Element]
     after: dict[int, dict[tuple[str, ...], tuple[bytes, etree._Element]]] = {}
     for lp, el in old_entries:
         before.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = _c14n(el)
-        el.getparent().remove(el)
+        _detach(el)
     for lp, el in new_entries:
         after.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = (_c14n(el), el)
     if sum(len(v) for v in before.values()) != len(old_entries) or sum(len(v) for v in after.values()) != len(new_entries):
         return False  # duplicate keys: not canonical
     for _, el in new_entries:
-        el.getparent().remove(el)
+        _detach(el)
     if checker._skeleton_key(old_work) != checker._skeleton_key(new_work):
         return False
     for lp in checker.paths:
@@ -367,6 +424,7 @@ def update_bindings(checker: ModuleChecker, root: Any, old: list[etree._Element]
         by_key = {tuple(_key_text(lp.list, k, str(yangcodec.child(entry, k))) for k in lp.list.keys): pykey
                   for pykey, entry in lst.items()}
         for k in set(b) - set(kept):
+            checker.keep_binding(lp, b[k], by_key[k], lst[by_key[k]])
             lst.delete(by_key[k])
         path = lp.list.data_path(checker.schema.prefixes)
         for k in a:
