@@ -64,11 +64,6 @@ def _attr_map(obj: Any) -> dict[str, str]:
     return amap
 
 
-def attr_map(obj: Any) -> dict[str, str]:
-    """YANG child name -> python attribute name of a pyangbind container or list entry."""
-    return _attr_map(obj)
-
-
 def child(obj: Any, name: str) -> Any:
     """The pyangbind member for YANG child `name`."""
     return getattr(obj, _attr_map(obj)[name])
@@ -528,11 +523,6 @@ def _json_object(obj: Any, node: SchemaNode, schema: Schema, config_only: bool) 
         name = ch.name if ch.module == node.module else f"{ch.module}:{ch.name}"
         out[name] = _json_value(member, ch, schema, config_only)
     return out
-
-
-def entry_json(entry: Any, node: SchemaNode, schema: Schema) -> dict[str, Any]:
-    """RFC 7951 JSON object of one config list entry (as encode_json writes it in its list)."""
-    return _json_object(entry, node, schema, True)
 
 
 def decode_json(data: dict[str, Any], root: Any, schema: Schema, *, config_only: bool = False) -> Any:

@@ -25,6 +25,7 @@ from sdqkd import yangcodec
 from sdqkd.yangschema import Schema, SchemaNode
 
 CACHE_SIZE = 4096
+BINDINGS_KEPT = 16  # pyangbind entries are heavy (a class per object): keep few, briefly
 
 
 @dataclass(frozen=True)
@@ -112,22 +113,6 @@ class ModuleChecker:
         with self._lock:
             return self._bindings.pop(key, None)
 
-    def keep_binding(self, lp: _ListPath, c14n: bytes, pykey: Any, entry: Any) -> None:
-        """An entry leaving the live running: kept for a commit that brings it back
-        (delete then create of the same application), once its state is cleared and
-        if its config is still exactly what it was checked as."""
-        key = (id(lp.list), c14n)
-        part = self._get(key)
-        if part is None:
-            return
-        _clear_state(entry, lp.list)
-        if yangcodec.entry_json(entry, lp.list, self.schema) != part.json:
-            return
-        with self._lock:
-            self._bindings[key] = (pykey, entry)
-            while len(self._bindings) > 256:
-                self._bindings.popitem(last=False)
-
     def _put(self, key: tuple[int, bytes], part: Part) -> None:
         with self._lock:
             self._cache[key] = part
@@ -177,7 +162,7 @@ class ModuleChecker:
             if id(part) in fresh:
                 with self._lock:
                     self._bindings[key] = fresh.pop(id(part))
-                    while len(self._bindings) > 256:
+                    while len(self._bindings) > BINDINGS_KEPT:
                         self._bindings.popitem(last=False)
         self._put((0, self._skeleton_key(bare)), skeleton)
         return out_xml, out_json
@@ -334,22 +319,6 @@ def _prune_json(js: dict[str, Any], lp: _ListPath) -> None:
             chain[i - 1].pop(_json_name(lp.nodes[i], lp.nodes[i - 1]), None)
 
 
-def _clear_state(obj: Any, node: SchemaNode) -> None:
-    """Unset every config false node below a pyangbind container or list entry."""
-    amap = yangcodec.attr_map(obj)
-    for ch in node.children.values():
-        attr = amap.get(ch.name)
-        if attr is None:
-            continue
-        if not ch.config:
-            getattr(obj, "_unset_" + attr)()
-        elif ch.keyword == "container":
-            _clear_state(getattr(obj, attr), ch)
-        elif ch.keyword == "list":
-            for entry in getattr(obj, attr).values():
-                _clear_state(entry, ch)
-
-
 def _detach(el: etree._Element) -> None:
     """Remove a list entry, and the containers it leaves empty (below the top-level
     node): an empty non-presence container is no data (RFC 7950 7.5.1), and the
@@ -424,7 +393,6 @@ def update_bindings(checker: ModuleChecker, root: Any, old: list[etree._Element]
         by_key = {tuple(_key_text(lp.list, k, str(yangcodec.child(entry, k))) for k in lp.list.keys): pykey
                   for pykey, entry in lst.items()}
         for k in set(b) - set(kept):
-            checker.keep_binding(lp, b[k], by_key[k], lst[by_key[k]])
             lst.delete(by_key[k])
         path = lp.list.data_path(checker.schema.prefixes)
         for k in a:
