@@ -40,7 +40,6 @@ class ModelSet:
     def __init__(self, models: Iterable[Model]) -> None:
         self.models = {m.module: m for m in models}
         self._roots: dict[tuple[str, str], Model] = {}
-        self._memo: OrderedDict[tuple[bool, bytes], dict[str, Any]] = OrderedDict()
         self._memo_lock = threading.Lock()
         self._checkers = {m.module: ModuleChecker(m.schema, m.factory) for m in self.models.values()}
         self._checked: OrderedDict[bytes, Config] = OrderedDict()
@@ -73,31 +72,8 @@ class ModelSet:
     def namespaces(self) -> set[str]:
         return {ns for m in self.models.values() for ns in m.schema.namespaces.values()}
 
-    def empty(self) -> dict[str, Any]:
-        return {name: m.factory() for name, m in self.models.items()}
-
-    def load(self, elements: Iterable[etree._Element], *, config_only: bool = True) -> dict[str, Any]:
-        """Decode top-level elements into bindings (type-checks everything).
-
-        pyangbind builds a class per object (~20 ms a list entry), so decoded configs
-        are memoised by content: every reader of the same running gets the same
-        objects. Readers may set state leaves on them (<get>), never config."""
-        elements = [el for el in elements if isinstance(el.tag, str)]
-        key = (config_only, hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest())
-        with self._memo_lock:
-            hit = self._memo.get(key)
-            if hit is not None:
-                self._memo.move_to_end(key)
-                return hit
-        roots = self._decode(elements, config_only)
-        with self._memo_lock:
-            self._memo[key] = roots
-            while len(self._memo) > 8:
-                self._memo.popitem(last=False)
-        return roots
-
     def _decode(self, elements: list[etree._Element], config_only: bool) -> dict[str, Any]:
-        roots = self.empty()
+        roots = {name: m.factory() for name, m in self.models.items()}
         for el in elements:
             if not isinstance(el.tag, str):
                 continue
@@ -133,10 +109,6 @@ class ModelSet:
         for name, m in self.models.items():
             out.extend(yangcodec.encode_xml(roots[name], m.schema, config_only=config_only))
         return out
-
-    def canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
-        """Type-checked config in schema order: what a datastore keeps."""
-        return list(self.check(elements).elements)
 
     def check(self, elements: Iterable[etree._Element]) -> Config:
         """Type-check a config without building it whole in pyangbind (see checked.py);
