@@ -136,6 +136,9 @@ class BoundSSHServer(sshutil.server.SSHServer):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sessions inherit it: a notification followed by an rpc-reply is two
+        # small writes, and Nagle held the reply until the client's delayed ACK (~40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address, port))
         sock.listen(100)
         self.address = address

@@ -1,6 +1,8 @@
 """NETCONF round trips against a real sdqkd agent: stock ncclient (its session loop
 polls the send queue every 100 ms) against the controller's waking session, in the
-same run. Prints p50/p99 and round trips per second for get-config and edit-config.
+same run. Prints p50/p99 and round trips per second for get-config, edit-config of a
+top-level leaf, and edit-config of list entries (a VIRT qkd_link created, then
+removed: what provisioning does).
 
     .venv/bin/python bench/netconf_rtt.py [--n 200]
 """
@@ -11,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -20,6 +23,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from agentproc import PASSWORD, agent_config  # noqa: E402
+from sdqkd.controller.southbound.ops import LinkEdit, config_element  # noqa: E402
 from sdqkd.controller.southbound.session import connect  # noqa: E402
 
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
@@ -55,8 +59,17 @@ def main() -> None:
                 m.edit_config(target="running", config=f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}">'
                                                        f"<qkdn_location_id>bench-{i}</qkdn_location_id></qkd_node></config>")
 
+            links = [str(uuid.uuid4()) for _ in range(n)]
+            peer = str(uuid.uuid4())
+
+            def entry(i: int) -> None:  # create on even i, remove the same link on odd i
+                lid = links[i // 2]
+                e = LinkEdit(lid, "VIRT", agent.qkdn_id, peer, next_hops=(peer,), bandwidth=1000, delete=bool(i % 2))
+                m.edit_config(target="running", config=config_element([e]))
+
             rows.append((label, "get-config", *measure(lambda i: m.get_config("running"), n)))
-            rows.append((label, "edit-config", *measure(edit, n)))
+            rows.append((label, "edit-config (leaf)", *measure(edit, n)))
+            rows.append((label, "edit-config (qkd_link entry)", *measure(entry, n)))
             m.close_session()
     finally:
         agent.stop()
@@ -66,7 +79,7 @@ def main() -> None:
     base = {op: rate for client, op, _, _, rate in rows if client.startswith("ncclient")}
     for client, op, p50, p99, rate in rows:
         table.add_row(client, op, f"{p50:.2f}", f"{p99:.2f}", f"{rate:.0f}", f"{rate / base[op]:.0f}x")
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":

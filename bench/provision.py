@@ -2,7 +2,9 @@
 the MadQCI lab's nine agents (real processes, free loopback ports, temp dir), an
 in-process Controller, the eight fixed links created as channels and ACTIVE; then N
 times create_application (relay computation + transactional NETCONF push to the four
-nodes) and delete_application. The baseline, measured in the same run, is
+nodes) of a new application (a fresh app id: new qkd_app and VIRT qkd_link entries)
+and delete_application; then the same SAE pair's application again (its default id:
+the entries the agents saw before come back). The baseline, measured in the same run, is
 compute_relay alone on a fresh view (as create sees it: every transaction invalidates
 the view). Prints p50/p99 per operation, with the transaction's phases. Target < 100 ms.
 
@@ -18,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +128,7 @@ def main() -> None:
                 return r
 
             ctl._apply = recording_apply  # type: ignore[method-assign]
-            compute, compute_warm, create, delete = [], [], [], []
+            compute, compute_warm, create, delete, again = [], [], [], [], []
             phases: dict[str, list[float]] = {}
             loop_end = t_setup + BUDGET_S - 25  # fewer cycles rather than no table if the agents are slow
             for _ in range(args.n):
@@ -141,7 +144,7 @@ def main() -> None:
                 ctl._invalidate()
                 reports.clear()
                 t = time.perf_counter()
-                app = ctl.create_application(master, slave)
+                app = ctl.create_application(master, slave, app_id=str(uuid.uuid4()))
                 create.append(time.perf_counter() - t)
                 assert len(app.paths[0]["nodes"]) == 4, app.paths
                 prev = 0.0
@@ -152,6 +155,11 @@ def main() -> None:
                 t = time.perf_counter()
                 ctl.delete_application(app.app_id)
                 delete.append(time.perf_counter() - t)
+                ctl._invalidate()
+                t = time.perf_counter()
+                app = ctl.create_application(master, slave)
+                again.append(time.perf_counter() - t)
+                ctl.delete_application(app.app_id)
         finally:
             signal.alarm(0)
             if ctl is not None:
@@ -176,6 +184,7 @@ def main() -> None:
     for ph, xs in phases.items():
         row(f"  txn {ph}", xs)
     row("delete_application (txn)", delete)
+    row("create_application, same pair again (compute + txn)", again)
     console.print(table)
     console.print(f"setup (9 agents, 8 channels ACTIVE): {setup_s:.1f} s")
 

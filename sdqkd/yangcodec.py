@@ -311,6 +311,69 @@ def _xml_children(el: etree._Element, obj: Any, node: SchemaNode, schema: Schema
             el.append(sub)
 
 
+def json_to_xml(data: dict[str, Any], schema: Schema) -> list[etree._Element]:
+    """XML of an RFC 7951 JSON object, walked beside the schema (names, namespaces,
+    schema order with list keys first, identityref prefixes) without building
+    pyangbind objects: for edits whose values the server type-checks anyway.
+    Unknown members raise CodecError; values are written as given."""
+    out = []
+    for qname, value in data.items():
+        module, _, name = qname.rpartition(":")
+        snode = schema.root_by_name(name, module or None)
+        if snode is None:
+            raise CodecError("unknown-element", f"/{qname}", f"unknown member '{qname}'")
+        out.extend(_json_xml(value, snode, schema, None, snode.data_path(schema.prefixes)))
+    return out
+
+
+def _json_xml(value: Any, node: SchemaNode, schema: Schema, parent_ns: str | None, path: str) -> list[etree._Element]:
+    if node.keyword in ("leaf", "leaf-list"):
+        values = value if node.keyword == "leaf-list" else [value]
+        els = []
+        for v in values:
+            text, decl = _json_leaf_text(v, node, schema)
+            el = _element(node, parent_ns, decl)
+            el.text = text
+            els.append(el)
+        return els
+    if node.keyword == "list":
+        return [_json_xml_object(item, node, schema, parent_ns, path) for item in value]
+    return [_json_xml_object(value, node, schema, parent_ns, path)]
+
+
+def _json_xml_object(obj: dict[str, Any], node: SchemaNode, schema: Schema, parent_ns: str | None, path: str) -> etree._Element:
+    el = _element(node, parent_ns)
+    members = {}
+    for qname, v in obj.items():
+        module, _, name = qname.rpartition(":")
+        ch = node.child_by_name(name, module or node.module)
+        if ch is None:
+            raise CodecError("unknown-element", f"{path}/{qname}", f"unknown member '{qname}'")
+        members[id(ch)] = v
+    for ch in _ordered_children(node):
+        if id(ch) in members:
+            pfx = schema.prefixes.get(ch.module, ch.module)
+            for sub in _json_xml(members[id(ch)], ch, schema, node.namespace, f"{path}/{pfx}:{ch.name}"):
+                el.append(sub)
+    return el
+
+
+def _json_leaf_text(value: Any, node: SchemaNode, schema: Schema) -> tuple[str, tuple[str, str] | None]:
+    assert node.type is not None
+    if "identityref" in node.type.bases() and isinstance(value, str):
+        module, _, ident = value.rpartition(":")
+        module = module or node.module
+        prefix = schema.prefixes.get(module, module)
+        return f"{prefix}:{ident}", (prefix, schema.namespaces[module])
+    if isinstance(value, bool):
+        return ("true" if value else "false"), None
+    if value == [None]:
+        return "", None
+    if isinstance(value, Decimal):
+        return _decimal_text(value), None
+    return str(value), None
+
+
 def decode_xml(elements: Iterable[etree._Element], root: Any, schema: Schema, *, config_only: bool = False) -> Any:
     """Merge XML top-level data nodes into a pyangbind module object; returns it."""
     for el in elements:
@@ -402,6 +465,12 @@ def _xml_list_entry(el: etree._Element, lst: Any, node: SchemaNode, schema: Sche
     entry = _new_entry(lst, node, keys, path)
     _xml_fill(el, entry, node, schema, config_only, path + _predicate(node, keys, schema), skip=node.keys)
     return entry
+
+
+def decode_entry(el: etree._Element, lst: Any, node: SchemaNode, schema: Schema, path: str) -> Any:
+    """Decode one config list entry element into pyangbind list `lst` (path: the list's
+    schema path, for errors); returns the entry."""
+    return _xml_list_entry(el, lst, node, schema, True, path)
 
 
 def _new_entry(lst: Any, node: SchemaNode, keys: dict[str, Any], path: str) -> Any:
@@ -559,9 +628,11 @@ __all__ = [
     "add_entry",
     "child",
     "decode_json",
+    "decode_entry",
     "decode_xml",
     "encode_json",
     "encode_xml",
+    "json_to_xml",
     "leaf_value",
     "to_xml_string",
 ]

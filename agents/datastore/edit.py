@@ -3,7 +3,7 @@
 The datastore keeps canonical XML; an edit is applied to a copy, node by node,
 using the schema only to tell leaves, containers, list entries (by key) and
 leaf-list entries (by value) apart. The result is then type-checked by decoding it
-into the bindings (ModelSet.canonical) before it replaces anything.
+into the bindings (ModelSet.check, entry by entry) before it replaces anything.
 """
 from __future__ import annotations
 

@@ -12,7 +12,17 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangcodec
+from sdqkd.agents.datastore.checked import ModuleChecker, update_bindings
 from sdqkd.yangschema import Schema, SchemaNode, load
+
+
+@dataclass(frozen=True)
+class Config:
+    """A type-checked configuration: canonical XML (schema order) and, per module,
+    its RFC 7951 JSON (what semantic checks and the commit diff read)."""
+
+    elements: tuple[etree._Element, ...]
+    json: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,9 @@ class ModelSet:
     def __init__(self, models: Iterable[Model]) -> None:
         self.models = {m.module: m for m in models}
         self._roots: dict[tuple[str, str], Model] = {}
-        self._memo: OrderedDict[tuple[bool, bytes], dict[str, Any]] = OrderedDict()
         self._memo_lock = threading.Lock()
+        self._checkers = {m.module: ModuleChecker(m.schema, m.factory) for m in self.models.values()}
+        self._checked: OrderedDict[bytes, Config] = OrderedDict()
         self.prefixes: dict[str, str] = {}  # prefix -> namespace, for error-path
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
         for m in self.models.values():
@@ -61,31 +72,8 @@ class ModelSet:
     def namespaces(self) -> set[str]:
         return {ns for m in self.models.values() for ns in m.schema.namespaces.values()}
 
-    def empty(self) -> dict[str, Any]:
-        return {name: m.factory() for name, m in self.models.items()}
-
-    def load(self, elements: Iterable[etree._Element], *, config_only: bool = True) -> dict[str, Any]:
-        """Decode top-level elements into bindings (type-checks everything).
-
-        pyangbind builds a class per object (~20 ms a list entry), so decoded configs
-        are memoised by content: every reader of the same running gets the same
-        objects. Readers may set state leaves on them (<get>), never config."""
-        elements = [el for el in elements if isinstance(el.tag, str)]
-        key = (config_only, hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest())
-        with self._memo_lock:
-            hit = self._memo.get(key)
-            if hit is not None:
-                self._memo.move_to_end(key)
-                return hit
-        roots = self._decode(elements, config_only)
-        with self._memo_lock:
-            self._memo[key] = roots
-            while len(self._memo) > 8:
-                self._memo.popitem(last=False)
-        return roots
-
     def _decode(self, elements: list[etree._Element], config_only: bool) -> dict[str, Any]:
-        roots = self.empty()
+        roots = {name: m.factory() for name, m in self.models.items()}
         for el in elements:
             if not isinstance(el.tag, str):
                 continue
@@ -98,17 +86,67 @@ class ModelSet:
             yangcodec.decode_xml([el], roots[m.module], m.schema, config_only=config_only)
         return roots
 
+    def decode(self, elements: Iterable[etree._Element]) -> dict[str, Any]:
+        """Fresh bindings of a config (not memoised: the caller may update them in place)."""
+        return self._decode([el for el in elements if isinstance(el.tag, str)], True)
+
+    def update(self, roots: dict[str, Any], old: list[etree._Element], new: list[etree._Element]) -> bool:
+        """Bring bindings decoded from canonical config `old` to canonical config `new` in
+        place, decoding only the list entries that changed; False when they cannot
+        (then they are unusable: decode afresh)."""
+        try:
+            for name, m in self.models.items():
+                ns = set(m.schema.namespaces.values())
+                pick = lambda els: [el for el in els if isinstance(el.tag, str) and etree.QName(el).namespace in ns]  # noqa: E731
+                if not update_bindings(self._checkers[name], roots[name], pick(old), pick(new)):
+                    return False
+        except Exception:  # noqa: BLE001 - anything odd: the caller decodes afresh
+            return False
+        return True
+
     def dump(self, roots: dict[str, Any], *, config_only: bool) -> list[etree._Element]:
         out: list[etree._Element] = []
         for name, m in self.models.items():
             out.extend(yangcodec.encode_xml(roots[name], m.schema, config_only=config_only))
         return out
 
-    def canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
-        """Type-checked config in schema order: what a datastore keeps."""
-        out = self.dump(self.load(elements), config_only=True)
-        self.load(out)  # memoised under its canonical form too (commit checks it next)
-        return out
+    def check(self, elements: Iterable[etree._Element]) -> Config:
+        """Type-check a config without building it whole in pyangbind (see checked.py);
+        memoised by content, under its canonical form too (validate and commit
+        check the candidate an edit just produced)."""
+        elements = [el for el in elements if isinstance(el.tag, str)]
+        key = _digest(elements)
+        with self._memo_lock:
+            hit = self._checked.get(key)
+            if hit is not None:
+                self._checked.move_to_end(key)
+                return hit
+        per_model: dict[str, list[etree._Element]] = {name: [] for name in self.models}
+        for el in elements:
+            q = etree.QName(el)
+            m = self.model_for(q.namespace or "", q.localname)
+            if m is None:
+                known = any(q.namespace == ns for ns in self.namespaces())
+                kind = "unknown-element" if known else "unknown-namespace"
+                raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
+            per_model[m.module].append(el)
+        xml: list[etree._Element] = []
+        js: dict[str, dict[str, Any]] = {}
+        for name, checker in self._checkers.items():
+            x, j = checker.check(per_model[name])
+            xml.extend(x)
+            js[name] = j
+        cfg = Config(tuple(xml), js)
+        with self._memo_lock:
+            for k in (key, _digest(xml)):
+                self._checked[k] = cfg
+            while len(self._checked) > 16:
+                self._checked.popitem(last=False)
+        return cfg
+
+
+def _digest(elements: list[etree._Element]) -> bytes:
+    return hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,9 @@
 """Semantic checks that YANG types cannot express, as an ordered list of small named
 checks. Each collects every failure with its error-path, so one reply carries them all
 (pyang's err_add style). Types, patterns and ranges were already checked when the
-config was decoded into the bindings.
+config was decoded into the bindings; the checks read the config's RFC 7951 JSON
+(ModelSet.check), which holds set leaves only (none of the leaves read here has a
+YANG default).
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdqkd.agents import errors
-from sdqkd.yangcodec import leaf_value, list_entries
 
 QKDN = "/etsi-qkdn:qkd_node"
 
@@ -23,15 +24,19 @@ class NodeFacts:
 
 
 Check = Callable[[dict[str, Any], NodeFacts], Iterator[errors.RpcError]]
+Config = dict[str, dict[str, Any]]  # module -> RFC 7951 JSON of its top-level nodes
 
 
-def _v(leaf: Any) -> Any:
-    val = leaf_value(leaf)
-    return None if val is None else val
+def _node(cfg: Config) -> dict[str, Any]:
+    return cfg.get("etsi-qkd-sdn-node", {}).get("etsi-qkd-sdn-node:qkd_node", {})
 
 
-def _link_path(link: Any) -> str:
-    return f"{QKDN}/etsi-qkdn:qkd_links/etsi-qkdn:qkd_link[etsi-qkdn:qkdl_id='{link.qkdl_id}']"
+def _entries(obj: dict[str, Any], container: str, lst: str) -> list[dict[str, Any]]:
+    return obj.get(container, {}).get(lst, [])
+
+
+def _link_path(link: dict[str, Any]) -> str:
+    return f"{QKDN}/etsi-qkdn:qkd_links/etsi-qkdn:qkd_link[etsi-qkdn:qkdl_id='{link['qkdl_id']}']"
 
 
 def _ident(value: Any) -> str:
@@ -47,58 +52,59 @@ def _channels(rng: str) -> set[int]:
     return out
 
 
-def node_identity(roots: dict[str, Any], facts: NodeFacts) -> Iterator[errors.RpcError]:
-    node = roots["etsi-qkd-sdn-node"].qkd_node
-    qid = _v(node.qkdn_id)
+def node_identity(cfg: Config, facts: NodeFacts) -> Iterator[errors.RpcError]:
+    qid = _node(cfg).get("qkdn_id")
     if qid is None or str(qid) == "":
         yield errors.MissingElement("qkd_node needs its qkdn_id", path=f"{QKDN}/etsi-qkdn:qkdn_id", info={"bad-element": "qkdn_id"})
     elif str(qid).lower() != facts.qkdn_id.lower():
         yield errors.InvalidValue(f"this node is {facts.qkdn_id}; qkdn_id cannot be changed", path=f"{QKDN}/etsi-qkdn:qkdn_id")
 
 
-def link_endpoints(roots: dict[str, Any], facts: NodeFacts) -> Iterator[errors.RpcError]:
-    node = roots["etsi-qkd-sdn-node"].qkd_node
-    ifaces = {int(k): v for k, v in node.qkd_interfaces.qkd_interface.items()}
-    for link in list_entries(node.qkd_links.qkd_link):
+def link_endpoints(cfg: Config, facts: NodeFacts) -> Iterator[errors.RpcError]:
+    node = _node(cfg)
+    ifaces = {int(i["qkdi_id"]): i for i in _entries(node, "qkd_interfaces", "qkd_interface")}
+    for link in _entries(node, "qkd_links", "qkd_link"):
         path = _link_path(link)
-        local = _v(link.qkdl_local.qkdn_id)
+        local_end = link.get("qkdl_local", {})
+        local = local_end.get("qkdn_id")
         if local and str(local).lower() != facts.qkdn_id.lower():
             yield errors.InvalidValue("qkdl_local/qkdn_id must be this node", path=f"{path}/etsi-qkdn:qkdl_local/etsi-qkdn:qkdn_id")
-        kind = _ident(_v(link.qkdl_type))
+        kind = _ident(link.get("qkdl_type"))
         if kind == "PHYS":
-            qkdi = _v(link.qkdl_local.qkdi_id)
-            if not link.qkdl_local.qkdi_id._changed():
+            qkdi = local_end.get("qkdi_id")
+            if qkdi is None:
                 yield errors.MissingElement("a PHYS link needs qkdl_local/qkdi_id", path=f"{path}/etsi-qkdn:qkdl_local/etsi-qkdn:qkdi_id", info={"bad-element": "qkdi_id"})
             elif int(qkdi) not in ifaces:
                 yield errors.InvalidValue(f"no qkd_interface {qkdi} on this node", path=f"{path}/etsi-qkdn:qkdl_local/etsi-qkdn:qkdi_id")
             else:
-                rng = _v(ifaces[int(qkdi)].qkdi_capabilities.wavelength_range)
-                wl = _v(link.phys_wavelength)
+                rng = ifaces[int(qkdi)].get("qkdi_capabilities", {}).get("wavelength_range")
+                wl = link.get("phys_wavelength")
                 if rng and wl and int(wl) not in _channels(str(rng)):
                     yield errors.InvalidValue(f"channel {wl} is outside interface {qkdi}'s range {rng}", path=f"{path}/etsi-qkdn:phys_wavelength")
-        if kind in ("PHYS", "VIRT") and not _v(link.qkdl_remote.qkdn_id):
+        if kind in ("PHYS", "VIRT") and not link.get("qkdl_remote", {}).get("qkdn_id"):
             yield errors.MissingElement("the link needs qkdl_remote/qkdn_id", path=f"{path}/etsi-qkdn:qkdl_remote/etsi-qkdn:qkdn_id", info={"bad-element": "qkdn_id"})
 
 
-def app_links(roots: dict[str, Any], facts: NodeFacts) -> Iterator[errors.RpcError]:
-    node = roots["etsi-qkd-sdn-node"].qkd_node
-    links = {str(k).lower() for k in node.qkd_links.qkd_link.keys()}
-    for app in list_entries(node.qkd_applications.qkd_app):
-        for lid in app.backing_qkdl_id:
+def app_links(cfg: Config, facts: NodeFacts) -> Iterator[errors.RpcError]:
+    node = _node(cfg)
+    links = {str(lk["qkdl_id"]).lower() for lk in _entries(node, "qkd_links", "qkd_link")}
+    for app in _entries(node, "qkd_applications", "qkd_app"):
+        for lid in app.get("backing_qkdl_id", []):
             if str(lid).lower() not in links:
                 yield errors.InvalidValue(
                     f"backing link {lid} does not exist",
-                    path=f"{QKDN}/etsi-qkdn:qkd_applications/etsi-qkdn:qkd_app[etsi-qkdn:app_id='{app.app_id}']/etsi-qkdn:backing_qkdl_id[.='{lid}']",
+                    path=f"{QKDN}/etsi-qkdn:qkd_applications/etsi-qkdn:qkd_app[etsi-qkdn:app_id='{app['app_id']}']/etsi-qkdn:backing_qkdl_id[.='{lid}']",
                 )
 
 
-def cross_connect_ports(roots: dict[str, Any], facts: NodeFacts) -> Iterator[errors.RpcError]:
+def cross_connect_ports(cfg: Config, facts: NodeFacts) -> Iterator[errors.RpcError]:
     """A port takes part in one cross-connect at most (port-a and port-b alike)."""
-    for sw in list_entries(roots["sdqkd-optical-switch"].optical_switches.switch):
+    osw = cfg.get("sdqkd-optical-switch", {}).get("sdqkd-optical-switch:optical-switches", {})
+    for sw in osw.get("switch", []):
         used: dict[int, int] = {}
-        for xc in list_entries(sw.cross_connect):
-            a, b = int(xc.port_a), int(xc.port_b)
-            path = f"/sdqkd-osw:optical-switches/sdqkd-osw:switch[sdqkd-osw:name='{sw.name}']/sdqkd-osw:cross-connect[sdqkd-osw:port-a='{a}']"
+        for xc in sw.get("cross-connect", []):
+            a, b = int(xc["port-a"]), int(xc.get("port-b", 0))
+            path = f"/sdqkd-osw:optical-switches/sdqkd-osw:switch[sdqkd-osw:name='{sw['name']}']/sdqkd-osw:cross-connect[sdqkd-osw:port-a='{a}']"
             if a == b:
                 yield errors.InvalidValue("a port cannot be cross-connected to itself", path=path)
             for p in (a, b):
@@ -110,6 +116,6 @@ def cross_connect_ports(roots: dict[str, Any], facts: NodeFacts) -> Iterator[err
 CHECKS: tuple[Check, ...] = (node_identity, link_endpoints, app_links, cross_connect_ports)
 
 
-def validate(roots: dict[str, Any], facts: NodeFacts) -> list[errors.RpcError]:
+def validate(cfg: Config, facts: NodeFacts) -> list[errors.RpcError]:
     """Every failure of every check."""
-    return [err for check in CHECKS for err in check(roots, facts)]
+    return [err for check in CHECKS for err in check(cfg, facts)]

@@ -1,13 +1,16 @@
 """A Plan applied to every agent it touches as one transaction (RFC 6241 8.3/8.4).
 
-1. lock running and candidate on every hop (agents in a fixed order, so two
-   transactions never deadlock), and start from a clean candidate;
+1. lock running and candidate on every hop, and start from a clean candidate;
 2. edit candidate and validate on every hop;
 3. commit with <confirmed/> and a persist id on every hop;
 4. confirm on every hop.
-Any failure before step 4 cancels the confirmed commits already made (or discards
-the candidate) on every hop, so no hop keeps a partial path; if the controller dies
-mid-way, the agents roll back by themselves when the confirm timeout expires.
+Each phase runs on all hops at once (one NETCONF session each) and the next phase
+starts when every hop has answered. Any failure before step 4 cancels the confirmed
+commits already made (or discards the candidate) on every hop, so no hop keeps a
+partial path; if the controller dies mid-way, the agents roll back by themselves
+when the confirm timeout expires. Locks never wait (RFC 6241 7.5 answers
+lock-denied), so two controllers locking the same hops at once both fail cleanly
+rather than deadlock.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +71,22 @@ def _on(c: AgentConnection, fn: Any) -> Any:
         raise TxnError(c.addr.name, str(exc), "resource-denied") from None
 
 
+_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="txn")
+
+
+def _each(conns: list[AgentConnection], step: Callable[[AgentConnection], None]) -> None:
+    """`step` on every hop at once; when all have answered, the first hop's failure (in
+    plan order) is raised."""
+    if len(conns) == 1:
+        step(conns[0])
+        return
+    futures = [_pool.submit(step, c) for c in conns]
+    failures = [f.exception() for f in futures]
+    for exc in failures:
+        if exc is not None:
+            raise exc
+
+
 def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int = 60) -> TxnReport:
     """Apply `plan` everywhere or nowhere."""
     with _serial:
@@ -75,56 +96,72 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
         missing = [n for n in order if n not in conns]
         if missing:
             raise TxnError(missing[0], "no such agent", "data-missing")
+        hops = [conns[n] for n in order]
+        configs = {id(conns[n]): config_element(plan.edits[n]) for n in order}
+        edits = {id(conns[n]): plan.edits[n] for n in order}
+        record = threading.Lock()
         locked: list[tuple[AgentConnection, str]] = []
         staged: list[AgentConnection] = []
         confirmed: list[AgentConnection] = []
+
+        def lock(c: AgentConnection) -> None:
+            _check_caps(c, edits[id(c)])
+            for target in ("running", "candidate"):
+                _on(c, lambda m, t=target: m.lock(t))
+                with record:
+                    locked.append((c, target))
+
+        def edit(c: AgentConnection) -> None:
+            _on(c, lambda m: m.discard_changes())
+            with record:
+                staged.append(c)
+            _on(c, lambda m: m.edit_config(target="candidate", config=configs[id(c)], default_operation="merge"))
+            _on(c, lambda m: m.validate(source="candidate"))
+
+        def commit(c: AgentConnection) -> None:
+            _on(c, lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=txn))
+            with record:
+                confirmed.append(c)
+
         t0 = time.perf_counter()
         try:
-            for n in order:
-                c = conns[n]
-                _check_caps(c, plan.edits[n])
-                for target in ("running", "candidate"):
-                    _on(c, lambda m, t=target: m.lock(t))
-                    locked.append((c, target))
+            _each(hops, lock)
             report.phases["lock"] = time.perf_counter() - t0
-            for n in order:
-                c = conns[n]
-                _on(c, lambda m: m.discard_changes())
-                staged.append(c)
-                cfg = config_element(plan.edits[n])
-                _on(c, lambda m, x=cfg: m.edit_config(target="candidate", config=x, default_operation="merge"))
-                _on(c, lambda m: m.validate(source="candidate"))
+            _each(hops, edit)
             report.phases["edit"] = time.perf_counter() - t0
-            for n in order:
-                c = conns[n]
-                _on(c, lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=txn))
-                confirmed.append(c)
+            _each(hops, commit)
             report.phases["commit"] = time.perf_counter() - t0
-            for c in confirmed:
-                _on(c, lambda m: m.commit(persist_id=txn))
+            _each(hops, lambda c: _on(c, lambda m: m.commit(persist_id=txn)))
             report.phases["confirm"] = time.perf_counter() - t0
             return report
         except TxnError:
             _rollback(txn, confirmed, staged)
             raise
         finally:
-            for c, target in reversed(locked):
-                try:
-                    c.call(lambda m, t=target: m.unlock(t))
-                except Exception:  # noqa: BLE001 - a dropped session released its locks anyway
-                    pass
+            holders = list(dict.fromkeys(c for c, _ in locked))
+            _each(holders, lambda c: _unlock(c, [t for cc, t in reversed(locked) if cc is c]))
+
+
+def _unlock(c: AgentConnection, targets: list[str]) -> None:
+    for target in targets:
+        try:
+            c.call(lambda m, t=target: m.unlock(t))
+        except Exception:  # noqa: BLE001 - a dropped session released its locks anyway
+            pass
 
 
 def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection]) -> None:
-    for c in confirmed:
+    def cancel(c: AgentConnection) -> None:
         try:
             c.call(lambda m: m.cancel_commit(persist_id=txn))
         except Exception:  # noqa: BLE001 - the confirm timeout rolls it back anyway
             log.warning("cancel-commit on %s failed; its confirm timeout will roll back", c.addr.name)
-    for c in staged:
-        if c in confirmed:
-            continue
+
+    def discard(c: AgentConnection) -> None:
         try:
             c.call(lambda m: m.discard_changes())
         except Exception:  # noqa: BLE001
             pass
+
+    _each(list(confirmed), cancel)
+    _each([c for c in staged if c not in confirmed], discard)

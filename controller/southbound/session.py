@@ -120,4 +120,9 @@ def connect(*args: Any, **kwds: Any) -> Manager:
         if session.transport:
             session.close()
         raise
+    # paramiko's window adjusts are small writes just before the next RPC: with Nagle
+    # the RPC waited for the server's delayed ACK (~40 ms, the edit-config p99).
+    sock = getattr(session.transport, "sock", None)
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Manager(session, handler, **manager_params)
