@@ -124,15 +124,8 @@ class Etsi014Keys:
     def key(self, key_id: str) -> bytes:
         """dec_keys by key_ID, trying each accepted master; only a UUID is sent to the KME."""
         key_id = _key_id(key_id)
-        problems = []
-        for master in self.peer_saes:
-            try:
-                return self.client.dec_keys(master, [key_id])[0][1]
-            except DeviceError as exc:
-                if exc.kind != "refused":
-                    raise KeyUnavailable(f"dec_keys {key_id}: {exc.reason()}") from None
-                problems.append(f"from {master}: {exc.message}")
-        raise KeyUnavailable(f"dec_keys {key_id}: " + "; ".join(problems))
+        return _from_first(self.peer_saes, lambda master: self.client.dec_keys(master, [key_id])[0][1],
+                           f"dec_keys {key_id}")
 
     def close(self) -> None:
         self.client.close()
@@ -160,18 +153,25 @@ class NodeApiKeys:
 
     def key(self, key_id: str) -> bytes:
         key_id = _key_id(key_id)
-        problems = []
-        for peer in self.peers:
-            try:
-                return _one_key(self.client.get_json(self.PATH, {"from": peer, "key_ID": key_id}))[1]
-            except DeviceError as exc:
-                if exc.kind != "refused":
-                    raise KeyUnavailable(f"one-call key {key_id}: {exc.reason()}") from None
-                problems.append(f"from {peer}: {exc.message}")
-        raise KeyUnavailable(f"one-call key {key_id}: " + "; ".join(problems))
+        return _from_first(self.peers, lambda peer: _one_key(self.client.get_json(self.PATH, {"from": peer, "key_ID": key_id}))[1],
+                           f"one-call key {key_id}")
 
     def close(self) -> None:
         self.client.close()
+
+
+def _from_first(peers: Sequence[str], fetch: Callable[[str], bytes], what: str) -> bytes:
+    """The key from the first peer whose KME has it: a refusal (not this peer's key) moves
+    on to the next peer, any other failure ends the search."""
+    problems = []
+    for peer in peers:
+        try:
+            return fetch(peer)
+        except DeviceError as exc:
+            if exc.kind != "refused":
+                raise KeyUnavailable(f"{what}: {exc.reason()}") from None
+            problems.append(f"from {peer}: {exc.message}")
+    raise KeyUnavailable(f"{what}: " + "; ".join(problems))
 
 
 def _one_key(body: dict[str, Any]) -> tuple[str, bytes]:
