@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 import time
@@ -122,6 +123,28 @@ def test_two_hop_relay_gives_the_same_key_and_uses_link_key_exactly(net) -> None
     assert held(C, L2) == (mine, theirs - 6)
 
 
+def test_a_virtual_link_relays_from_its_far_end_along_previous_hops(net) -> None:
+    """C has no next hop on V (its far end): keys go C -> B -> A, B sending back to its prev hop."""
+    nodes, _ = net
+    before = {(kme, link): nodes[kme].store.count(link, mine=False) for kme, link in ((B, L2), (A, L1))}
+    keys = nodes[C].enc_keys("sc", "sa", 2, 256, [])
+    got = nodes[A].dec_keys("sa", "sc", [k.key_id for k in keys])
+    assert [k.key for k in got] == [k.key for k in keys]
+    assert nodes[B].store.count(L2, mine=False) < before[(B, L2)]  # C sealed with its half of L2
+    assert nodes[A].store.count(L1, mine=False) < before[(A, L1)]  # B sealed with its half of L1
+    back = nodes[C].enc_keys("sc3", "sa3", 4, 256, [])  # the multipath app, both paths backwards
+    assert [k.key for k in nodes[A].dec_keys("sa3", "sc3", [k.key_id for k in back])] == [k.key for k in back]
+
+
+def test_a_relay_from_a_node_not_on_the_virtual_link_is_refused(net) -> None:
+    nodes, _ = net
+    # D is adjacent to A but not on V: A refuses to pass a key from D on along V.
+    with pytest.raises(fm.RelayError) as err:
+        nodes[A]._onward(V, D)
+    assert "goes on from" in str(err.value)
+    assert nodes[B]._onward(V, A) == C and nodes[B]._onward(V, C) == A
+
+
 def test_multipath_application_spreads_keys_over_disjoint_paths(net) -> None:
     nodes, _ = net
     via_b, via_d = nodes[A].store.count(L1), nodes[A].store.count(L3)
@@ -130,6 +153,33 @@ def test_multipath_application_spreads_keys_over_disjoint_paths(net) -> None:
     assert [k.key for k in got] == [k.key for k in keys]
     used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
     assert used_b > 0 and used_d > 0 and used_b + used_d == 8 * 2  # each key: 1 pad + 1 MAC on its first hop
+
+
+def weigh(nodes: dict[str, Lkms], rates: dict[str, int]) -> None:
+    """Give A's virtual links planned rates, as the controller writes virt_bandwidth."""
+    t = tables()[A]
+    links = {k: dataclasses.replace(lk, bandwidth=rates.get(k, 0)) for k, lk in t.links.items()}
+    nodes[A].update_routes(dataclasses.replace(t, links=links))
+
+
+def test_multipath_keys_follow_the_planned_rates(net) -> None:
+    nodes, _ = net
+    weigh(nodes, {V: 3000, W: 1000})
+    via_b, via_d = nodes[A].store.count(L1), nodes[A].store.count(L3)
+    keys = nodes[A].enc_keys("sa3", "sc3", 8, 256, [])
+    assert [k.key for k in nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])] == [k.key for k in keys]
+    used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
+    assert used_b == 3 * used_d > 0  # 6 keys via B, 2 via D
+
+
+def test_a_path_whose_first_hop_ran_dry_sits_its_turns_out(net) -> None:
+    nodes, _ = net
+    weigh(nodes, {V: 3000, W: 1000})
+    nodes[A].store.take(L1, nodes[A].store.count(L1))  # A's half of the link to B is gone
+    via_d = nodes[A].store.count(L3)
+    keys = nodes[A].enc_keys("sa3", "sc3", 4, 256, [])
+    assert [k.key for k in nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])] == [k.key for k in keys]
+    assert nodes[A].store.count(L3) < via_d  # all of them via D
 
 
 def test_no_path_asks_the_controller(net) -> None:

@@ -8,7 +8,10 @@ Where a key for (master, slave) comes from:
   the two never pick the same key) and tells the peer which IDs make which key;
 - otherwise (or for several slaves): a fresh end key from the entropy source,
   relayed hop by hop by the forwarding module along the virtual link the
-  controller configured, one-time-padded with each hop's link key.
+  controller configured, one-time-padded with each hop's link key. A virtual link
+  works from either end: from the end with the next hop keys go along next hops,
+  from the far end along previous hops; each relay node sends a key on to the
+  neighbour on the virtual link it did not come from.
 If no application covers the pair yet, the controller is asked (sdqkdn_application_new)
 and the caller gets 503 until the path is configured.
 """
@@ -74,6 +77,7 @@ class Lkms:
         self.on_missing_path = on_missing_path
         self.routes = RouteTable(cfg.kme_id)
         self._lock = threading.Lock()
+        self._credit: dict[str, dict[str, float]] = {}  # per application, per path: weighted round robin
         if forwarder is not None:
             forwarder.start(self.handle_relay)
 
@@ -86,6 +90,7 @@ class Lkms:
                 self.store.set_allocator(lk.qkdl_id, allocator(self.cfg.kme_id, lk.remote))
         with self._lock:
             self.routes = table
+            self._credit.clear()
 
     def key_sink(self, link: str, key_id: str, key: bytes) -> None:
         """Where the QKD modules deliver link keys."""
@@ -135,13 +140,12 @@ class Lkms:
         app = self.routes.app_for(master, slave)
         if app is None:
             return 0
-        parts = fm.parts_for(self.cfg.key_size)
-        total = 0
-        for lk in self._paths(app):
-            first = self._first_hop(lk)
-            if first is not None:
-                per_key = parts if lk.kind == "PHYS" else parts + 1
-                total += self.store.count(first.qkdl_id) // per_key
+        paths = self._paths(app)
+        if paths and all(p.kind == "PHYS" for p in paths):  # reserved from one link, no pad
+            total = max(self._stock(p.qkdl_id) for p in paths) // fm.parts_for(self.cfg.key_size)
+        else:
+            firsts = {f.qkdl_id for f in map(self._first_hop, paths) if f is not None}  # a shared first hop counts once
+            total = sum(self._stock(f) // self._hop_cost(self.cfg.key_size) for f in firsts)
         return min(total, self.cfg.max_key_count)
 
     def enc_keys(self, master_sae: str, slave_sae: str, number: int, size: int | None, additional_slaves: list[str]) -> list[Key]:
@@ -214,30 +218,69 @@ class Lkms:
         return app
 
     def _paths(self, app: AppRoute) -> list[LinkRoute]:
-        """The application's usable backing links, at most one per first hop.
+        """The application's usable backing links (paths), in configuration order."""
+        return [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
 
-        A max-flow plan's paths may leave this node through the same neighbour. The callers
-        count and spend each path's first-hop stock as that path's own, so paths sharing a
-        first hop would over-commit it: they take turns instead, one picked at random per
-        call (an equal share each, whatever the caller's pattern of calls)."""
-        usable = [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
-        by_hop: dict[str | None, list[LinkRoute]] = {}
-        for lk in usable:
-            by_hop.setdefault(self._first_neighbour(lk), []).append(lk)
-        return [group[int.from_bytes(os.urandom(4), "big") % len(group)] for group in by_hop.values()]
+    @staticmethod
+    def _weights(paths: list[LinkRoute]) -> dict[str, float]:
+        """Each path's share: its planned rate (virt_bandwidth). A path without one (a PHYS
+        link backing the application directly, or a plan without rates) weighs as the mean
+        of the planned ones, so with no rates at all the paths share equally."""
+        planned = [p.bandwidth for p in paths if p.bandwidth > 0]
+        default = sum(planned) / len(planned) if planned else 1.0
+        return {p.qkdl_id: float(p.bandwidth) if p.bandwidth > 0 else default for p in paths}
+
+    def _spread(self, app: AppRoute, paths: list[LinkRoute], sizes: list[int]) -> dict[str, list[int]]:
+        """Which path carries each key: smooth weighted round robin over the paths, by their
+        planned rates, with the credit kept per application across calls (so one key per
+        call spreads as well as many). Deterministic: over any run of calls each path gets
+        its share of keys within one key. A path whose first hop cannot pay for one more
+        key (paths may share a first hop: its stock is counted once) sits the turn out; if
+        none can, nothing is sent (503)."""
+        weights = self._weights(paths)
+        firsts = {p.qkdl_id: self._first_hop(p) for p in paths}
+        stock = {f.qkdl_id: self._stock(f.qkdl_id) for f in firsts.values() if f is not None}
+        out: dict[str, list[int]] = {p.qkdl_id: [] for p in paths}
+        with self._lock:
+            credit = self._credit.setdefault(app.app_id, {})
+            for n, size in enumerate(sizes):
+                cost = self._hop_cost(size)
+                ok = [p.qkdl_id for p in paths if firsts[p.qkdl_id] is not None and stock[firsts[p.qkdl_id].qkdl_id] >= cost]
+                if not ok:
+                    raise KmsError(503, "not enough key on the links to the next hops; retry later")
+                for q in ok:
+                    credit[q] = credit.get(q, 0.0) + weights[q]
+                pick = max(ok, key=lambda q: credit[q])
+                credit[pick] -= sum(weights[q] for q in ok)
+                stock[firsts[pick].qkdl_id] -= cost
+                out[pick].append(n)
+        return out
+
+    def _stock(self, link: str) -> int:
+        """Link keys this end can spend on a PHYS link now."""
+        return self.store.count(link)
+
+    @staticmethod
+    def _hop_cost(size: int) -> int:
+        """Link keys one relayed key of `size` bits takes on a hop."""
+        return fm.parts_for(size) + 1
 
     @staticmethod
     def _first_neighbour(lk: LinkRoute) -> str | None:
-        """The node the first hop of a backing link goes to."""
+        """The node the first hop of a backing link goes to: from the far end of a
+        virtual link (no next hop) keys go back along its previous hops."""
         if lk.kind == "PHYS":
             return lk.remote
-        return lk.next_hops[0] if lk.next_hops else None
+        return lk.next_hops[0] if lk.next_hops else lk.prev_hop
 
     def _first_hop(self, lk: LinkRoute) -> LinkRoute | None:
         if lk.kind == "PHYS":
             return lk
-        nxt = lk.next_hops[0] if lk.next_hops else None
-        links = self.routes.phys_to(nxt) if nxt else []
+        return self._phys_toward(self._first_neighbour(lk))
+
+    def _phys_toward(self, neighbour: str | None) -> LinkRoute | None:
+        """The best stocked PHYS link to an adjacent node."""
+        links = self.routes.phys_to(neighbour) if neighbour else []
         return max(links, key=lambda p: self.store.count(p.qkdl_id), default=None)
 
     def _reserve(self, paths: list[LinkRoute], ids: list[str], size: int, master: str, slave: str, expires: float) -> list[Key]:
@@ -259,21 +302,16 @@ class Lkms:
         paths = self._paths(app)
         if not paths:
             raise KmsError(503, "the application has no usable link")
-        # Spread the keys over the paths (aggregation), by the key each first hop holds.
-        batches: dict[str, list[int]] = {p.qkdl_id: [] for p in paths}
-        stock = {p.qkdl_id: self.store.count(self._first_hop(p).qkdl_id) if self._first_hop(p) else 0 for p in paths}
-        for n in range(len(ids)):
-            best = max(paths, key=lambda p: stock[p.qkdl_id] / (1 + len(batches[p.qkdl_id])))
-            batches[best.qkdl_id].append(n)
+        batches = self._spread(app, paths, [8 * len(k) for k in end_keys])
         for lk in paths:
             sel = batches[lk.qkdl_id]
             if sel:
-                self._hop(lk.qkdl_id, lk, [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+                self._hop(lk.qkdl_id, self._first_neighbour(lk), [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
 
-    def _hop(self, vlink: str, lk: LinkRoute, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
+    def _hop(self, vlink: str, toward: str | None, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
              stream: dict[str, Any] | None = None) -> None:
-        """Seal `keys` with the link to the next hop of `lk` and send them on."""
-        first = self._first_hop(lk)
+        """Seal `keys` with a link to the adjacent node `toward` and send them on."""
+        first = self._phys_toward(toward)
         if first is None or first.remote is None:
             raise KmsError(503, f"no working link to the next hop of {vlink}")
         sizes = [8 * len(k) for _, k in keys]
@@ -368,14 +406,24 @@ class Lkms:
                 for i, k in keys
             )
             return {"ok": True}
-        route = self.routes.links.get(vlink.lower())
-        if route is None or not route.next_hops:
-            raise fm.RelayError(f"no next hop for virtual link {vlink} at this node", 503)
+        onward = self._onward(vlink, sender)
         try:
-            self._hop(vlink, route, keys, master, slave, float(msg["expires"]), stream)
+            self._hop(vlink, onward, keys, master, slave, float(msg["expires"]), stream)
         except KmsError as exc:
             raise fm.RelayError(exc.message, exc.http_status) from None
         return {"ok": True}
+
+    def _onward(self, vlink: str, sender: str) -> str:
+        """The neighbour on the virtual link a key from `sender` goes on to: the next hop if it
+        came from the previous one, the previous hop if it came back from the next one."""
+        route = self.routes.links.get(vlink.lower())
+        if route is None or route.kind != "VIRT":
+            raise fm.RelayError(f"no virtual link {vlink} at this node", 503)
+        if sender == route.prev_hop and route.next_hops:
+            return route.next_hops[0]
+        if sender in route.next_hops and route.prev_hop:
+            return route.prev_hop
+        raise fm.RelayError(f"virtual link {vlink} goes on from {sender} to no node here", 503)
 
     # --- ETSI 004 --------------------------------------------------------------------------------
 
@@ -436,7 +484,9 @@ class Lkms:
             if not paths:
                 raise KmsError(503, "the application has no usable link", status004=4)
             try:
-                self._hop(paths[0].qkdl_id, paths[0], [(key_id, key)], src, dst, expires, stream)
+                spread = self._spread(app, paths, [size])
+                path = next(p for p in paths if spread[p.qkdl_id])
+                self._hop(path.qkdl_id, self._first_neighbour(path), [(key_id, key)], src, dst, expires, stream)
             except KmsError as exc:
                 raise KmsError(exc.http_status, exc.message, status004=2) from None
             self.store.record_usage(app.app_id, size)
