@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -111,16 +112,16 @@ def test_two_hop_relay_gives_the_same_key_and_uses_link_key_exactly(net) -> None
     keys = nodes[A].enc_keys("sa", "sc", 2, 512, [])
     got = nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])
     assert [k.key for k in got] == [k.key for k in keys]
-    # Each 512-bit key takes 2 pad keys + 1 MAC key on every hop, from the sending end's half;
-    # the receiving end removes the same IDs from its copy.
+    # Each 512-bit key takes 2 pad keys on every hop, and the message one MAC key, from the
+    # sending end's half; the receiving end removes the same IDs from its copy.
     mine, theirs = before[(A, L1)]
-    assert held(A, L1) == (mine - 6, theirs)
+    assert held(A, L1) == (mine - 5, theirs)
     mine, theirs = before[(B, L1)]
-    assert held(B, L1) == (mine, theirs - 6)
+    assert held(B, L1) == (mine, theirs - 5)
     mine, theirs = before[(B, L2)]
-    assert held(B, L2) == (mine - 6, theirs)
+    assert held(B, L2) == (mine - 5, theirs)
     mine, theirs = before[(C, L2)]
-    assert held(C, L2) == (mine, theirs - 6)
+    assert held(C, L2) == (mine, theirs - 5)
 
 
 def test_a_virtual_link_relays_from_its_far_end_along_previous_hops(net) -> None:
@@ -152,7 +153,7 @@ def test_multipath_application_spreads_keys_over_disjoint_paths(net) -> None:
     got = nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])
     assert [k.key for k in got] == [k.key for k in keys]
     used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
-    assert used_b > 0 and used_d > 0 and used_b + used_d == 8 * 2  # each key: 1 pad + 1 MAC on its first hop
+    assert used_b > 0 and used_d > 0 and used_b + used_d == 8 + 2  # each key a pad, each path's message a MAC key
 
 
 def weigh(nodes: dict[str, Lkms], rates: dict[str, int]) -> None:
@@ -169,7 +170,7 @@ def test_multipath_keys_follow_the_planned_rates(net) -> None:
     keys = nodes[A].enc_keys("sa3", "sc3", 8, 256, [])
     assert [k.key for k in nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])] == [k.key for k in keys]
     used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
-    assert used_b == 3 * used_d > 0  # 6 keys via B, 2 via D
+    assert (used_b, used_d) == (6 + 1, 2 + 1)  # 6 keys via B, 2 via D, a MAC key each message
 
 
 def test_a_path_whose_first_hop_ran_dry_sits_its_turns_out(net) -> None:
@@ -215,15 +216,59 @@ def test_refusals(net, call, status) -> None:
     assert err.value.http_status == status
 
 
-def test_tampered_relay_is_rejected() -> None:
-    pad, mac = os.urandom(32), os.urandom(32)
-    hdr = fm.header("k", "v", "m", "s")
-    ct, tag = fm.seal(b"x" * 32, pad, mac, hdr)
-    assert fm.unseal(ct, tag, pad, mac, hdr) == b"x" * 32
+def captured_relay(nodes: dict[str, Lkms], monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The relay message A sends B for one key sa -> sc, kept from B."""
+    sent: list[dict] = []
+    monkeypatch.setattr(nodes[A].forwarder, "request", lambda peer, msg: sent.append(msg) or {"ok": True})
+    nodes[A].enc_keys("sa", "sc", 3, 256, [])
+    monkeypatch.undo()
+    (msg,) = sent
+    return msg
+
+
+def test_one_mac_authenticates_the_whole_relay_message() -> None:
+    mac = os.urandom(32)
+    msg = fm.sign({"op": "relay", "v": 2, "vlink": "v", "master": "m", "slave": "s", "expires": 1.5,
+                   "keys": [{"key_id": "k1", "pad": ["p1"], "ct": "AA=="}, {"key_id": "k2", "pad": ["p2"], "ct": "AQ=="}]}, mac)
+    fm.verify(dict(msg), mac)
+    for change in (lambda m: m["keys"][1].update(ct="Ag=="), lambda m: m["keys"][0].update(key_id="k3"),
+                   lambda m: m.update(slave="other"), lambda m: m.update(expires=2.5), lambda m: m["keys"].pop(),
+                   lambda m: m.update(extra=1), lambda m: m.update(tag="")):
+        forged = json.loads(json.dumps(msg))
+        change(forged)
+        with pytest.raises(fm.RelayError):
+            fm.verify(forged, mac)
     with pytest.raises(fm.RelayError):
-        fm.unseal(bytes([ct[0] ^ 1]) + ct[1:], tag, pad, mac, hdr)
-    with pytest.raises(fm.RelayError):
-        fm.unseal(ct, tag, pad, mac, fm.header("k", "v", "m", "other-slave"))
+        fm.verify(msg, os.urandom(32))
+
+
+@pytest.mark.parametrize("change, text", [
+    (lambda m: m["keys"][2].update(ct=m["keys"][1]["ct"]), "authentication"),  # tampered ciphertext
+    (lambda m: m.update(slave="sc3"), "authentication"),  # another SAE
+    (lambda m: m["keys"][1].update(key_id=m["keys"][0]["key_id"]), "distinct"),
+    (lambda m: m["keys"][1].update(pad=m["keys"][0]["pad"]), "more than once"),  # one pad for two keys
+    (lambda m: m["keys"][0]["pad"].append(m["mac"]), "more than once"),  # the MAC key as a pad
+    (lambda m: m.update(v=1), "version"),
+    (lambda m: m.pop("hop_link"), "malformed"),
+    (lambda m: m.update(keys="x"), "list of keys"),
+])
+def test_a_bad_relay_message_is_refused(net, monkeypatch, change, text) -> None:
+    nodes, _ = net
+    msg = captured_relay(nodes, monkeypatch)
+    before = nodes[B].store.count(L2)
+    change(msg)
+    with pytest.raises(fm.RelayError) as err:
+        nodes[B].handle_relay(A, msg)
+    assert err.value.code == 400 and text in str(err.value)
+    assert nodes[B].store.count(L2) == before  # nothing sent on
+
+
+def test_a_relay_message_is_accepted_once(net, monkeypatch) -> None:
+    nodes, _ = net
+    msg = captured_relay(nodes, monkeypatch)
+    assert nodes[B].handle_relay(A, json.loads(json.dumps(msg))) == {"ok": True}
+    with pytest.raises(fm.RelayError):  # replayed: its link keys are spent
+        nodes[B].handle_relay(A, msg)
 
 
 def test_keys_survive_a_restart_and_are_never_redelivered(tmp_path) -> None:

@@ -144,8 +144,11 @@ class Lkms:
         if paths and all(p.kind == "PHYS" for p in paths):  # reserved from one link, no pad
             total = max(self._stock(p.qkdl_id) for p in paths) // fm.parts_for(self.cfg.key_size)
         else:
-            firsts = {f.qkdl_id for f in map(self._first_hop, paths) if f is not None}  # a shared first hop counts once
-            total = sum(self._stock(f) // self._hop_cost(self.cfg.key_size) for f in firsts)
+            messages: dict[str, int] = {}  # per first hop (shared by paths: counted once), a MAC key per path's message
+            for f in map(self._first_hop, paths):
+                if f is not None:
+                    messages[f.qkdl_id] = messages.get(f.qkdl_id, 0) + 1
+            total = sum(max(0, self._stock(f) - m) // self._hop_cost(self.cfg.key_size) for f, m in messages.items())
         return min(total, self.cfg.max_key_count)
 
     def enc_keys(self, master_sae: str, slave_sae: str, number: int, size: int | None, additional_slaves: list[str]) -> list[Key]:
@@ -244,15 +247,15 @@ class Lkms:
         with self._lock:
             credit = self._credit.setdefault(app.app_id, {})
             for n, size in enumerate(sizes):
-                cost = self._hop_cost(size)
-                ok = [p.qkdl_id for p in paths if firsts[p.qkdl_id] is not None and stock[firsts[p.qkdl_id].qkdl_id] >= cost]
+                cost = {p.qkdl_id: self._hop_cost(size) + (0 if out[p.qkdl_id] else 1) for p in paths}  # +1: its message's MAC key
+                ok = [q for q, f in firsts.items() if f is not None and stock[f.qkdl_id] >= cost[q]]
                 if not ok:
                     raise KmsError(503, "not enough key on the links to the next hops; retry later")
                 for q in ok:
                     credit[q] = credit.get(q, 0.0) + weights[q]
                 pick = max(ok, key=lambda q: credit[q])
                 credit[pick] -= sum(weights[q] for q in ok)
-                stock[firsts[pick].qkdl_id] -= cost
+                stock[firsts[pick].qkdl_id] -= cost[pick]
                 out[pick].append(n)
         return out
 
@@ -262,8 +265,9 @@ class Lkms:
 
     @staticmethod
     def _hop_cost(size: int) -> int:
-        """Link keys one relayed key of `size` bits takes on a hop."""
-        return fm.parts_for(size) + 1
+        """Link keys one relayed key of `size` bits takes on a hop (its pad; each message
+        adds one MAC key)."""
+        return fm.parts_for(size)
 
     @staticmethod
     def _first_neighbour(lk: LinkRoute) -> str | None:
@@ -310,25 +314,23 @@ class Lkms:
 
     def _hop(self, vlink: str, toward: str | None, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
              stream: dict[str, Any] | None = None) -> None:
-        """Seal `keys` with a link to the adjacent node `toward` and send them on."""
+        """Pad `keys` with a link to the adjacent node `toward` and send them on in one
+        message, authenticated by one one-time MAC key (see forwarding)."""
         first = self._phys_toward(toward)
         if first is None or first.remote is None:
             raise KmsError(503, f"no working link to the next hop of {vlink}")
-        sizes = [8 * len(k) for _, k in keys]
-        need = sum(fm.parts_for(s) + 1 for s in sizes)
-        taken = self.store.take(first.qkdl_id, need)
+        counts = [fm.parts_for(8 * len(k)) for _, k in keys]
+        taken = self.store.take(first.qkdl_id, sum(counts) + 1)
         if not taken:
             raise KmsError(503, "not enough key on the link to the next hop; retry later")
-        entries, pos = [], 0
-        for (key_id, key), s in zip(keys, sizes):
-            n = fm.parts_for(s)
-            pad_keys, mac = taken[pos:pos + n], taken[pos + n]
-            pos += n + 1
-            ct, tag = fm.seal(key, b"".join(k for _, k in pad_keys), mac[1], fm.header(key_id, vlink, master, slave))
-            entries.append({"key_id": key_id, "pad": [i for i, _ in pad_keys], "mac": mac[0], "ct": fm.b64(ct), "tag": fm.b64(tag)})
-        msg = {"op": "relay", "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
-               "expires": expires, "keys": entries, "stream": stream}
-        self._send(first.remote, msg)
+        entries, pos = [], 1
+        for (key_id, key), n in zip(keys, counts):
+            pads = taken[pos:pos + n]
+            pos += n
+            entries.append({"key_id": key_id, "pad": [i for i, _ in pads], "ct": fm.b64(fm.pad(key, b"".join(k for _, k in pads)))})
+        msg = {"op": "relay", "v": fm.RELAY_VERSION, "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
+               "expires": expires, "stream": stream, "mac": taken[0][0], "keys": entries}
+        self._send(first.remote, fm.sign(msg, taken[0][1]))
 
     def _send(self, peer: str | None, msg: dict[str, Any]) -> None:
         if self.forwarder is None or peer is None:
@@ -341,12 +343,14 @@ class Lkms:
     # --- the other end of a hop ----------------------------------------------------------------
 
     def handle_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        if op == "reserve":
-            return self._on_reserve(sender, msg)
-        if op == "relay":
-            return self._on_relay(sender, msg)
-        raise fm.RelayError(f"unknown relay operation {op!r}", 400)
+        handlers = {"reserve": self._on_reserve, "relay": self._on_relay}
+        handler = handlers.get(str(msg.get("op")))
+        if handler is None:
+            raise fm.RelayError(f"unknown relay operation {msg.get('op')!r}", 400)
+        try:
+            return handler(sender, msg)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong type
+            raise fm.RelayError(f"malformed {msg.get('op')} message: {type(exc).__name__}", 400) from None
 
     def _link_with(self, link_id: str, sender: str) -> LinkRoute:
         lk = self.routes.links.get(str(link_id).lower())
@@ -390,25 +394,28 @@ class Lkms:
         return {"ok": True}
 
     def _on_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg.get("v") != fm.RELAY_VERSION:
+            raise fm.RelayError(f"relay message version {msg.get('v')!r} is not {fm.RELAY_VERSION}", 400)
         lk = self._link_with(msg["hop_link"], sender)
-        vlink, master, slave = str(msg["vlink"]), str(msg["master"]), str(msg["slave"])
-        keys = []
-        entries = msg["keys"]
-        taken = self._take_entries(lk.qkdl_id, [[str(p) for p in entry["pad"]] + [str(entry["mac"])] for entry in entries])
-        for entry, pads in zip(entries, taken):
-            key = fm.unseal(fm.unb64(entry["ct"]), fm.unb64(entry["tag"]), b"".join(pads[:-1]), pads[-1],
-                            fm.header(str(entry["key_id"]), vlink, master, slave))
-            keys.append((str(entry["key_id"]), key))
-        stream = msg.get("stream")
+        vlink, master, slave, expires = str(msg["vlink"]), str(msg["master"]), str(msg["slave"]), float(msg["expires"])
+        entries, stream = msg["keys"], msg.get("stream")
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and isinstance(e.get("pad"), list)
+                                                                   for e in entries):
+            raise fm.RelayError("relay message without a list of keys", 400)
+        ids = [str(i) for i in (e["key_id"] for e in entries)]
+        if len(set(ids)) != len(ids) or not all(_is_uuid(i) for i in ids):
+            raise fm.RelayError("relayed key IDs must be distinct UUIDs", 400)
+        taken = self._take_entries(lk.qkdl_id, [[str(msg["mac"])]] + [[str(p) for p in e["pad"]] for e in entries])
+        fm.verify(msg, taken[0][0])
+        keys = [(i, fm.pad(fm.unb64(str(e["ct"])), b"".join(pads))) for i, e, pads in zip(ids, entries, taken[1:])]
         if self.cfg.saes.get(slave) == self.cfg.kme_id:
             self.store.put_deliverable(
-                Deliverable(i, slave, master, k, float(msg["expires"]), stream and stream["ksid"], stream and int(stream["idx"]))
-                for i, k in keys
+                Deliverable(i, slave, master, k, expires, stream and str(stream["ksid"]), stream and int(stream["idx"])) for i, k in keys
             )
             return {"ok": True}
         onward = self._onward(vlink, sender)
         try:
-            self._hop(vlink, onward, keys, master, slave, float(msg["expires"]), stream)
+            self._hop(vlink, onward, keys, master, slave, expires, stream)
         except KmsError as exc:
             raise fm.RelayError(exc.message, exc.http_status) from None
         return {"ok": True}
