@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sdqkd.agents.kms import forwarding as fm
-from sdqkd.agents.kms import pki
+from sdqkd.agents.kms import lending, pki
 from sdqkd.agents.kms.coalesce import Coalescer
 from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
@@ -176,7 +176,8 @@ def test_multipath_keys_follow_the_planned_rates(net) -> None:
 def test_a_path_whose_first_hop_ran_dry_sits_its_turns_out(net) -> None:
     nodes, _ = net
     weigh(nodes, {V: 3000, W: 1000})
-    nodes[A].store.take(L1, nodes[A].store.count(L1))  # A's half of the link to B is gone
+    for kme in (A, B):  # both halves of the link A-B are gone: nothing to borrow either
+        nodes[kme].store.take(L1, nodes[kme].store.count(L1))
     via_d = nodes[A].store.count(L3)
     keys = nodes[A].enc_keys("sa3", "sc3", 4, 256, [])
     assert [k.key for k in nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])] == [k.key for k in keys]
@@ -406,3 +407,66 @@ def test_a_relay_message_naming_a_link_key_twice_is_refused(net) -> None:
         nodes[B].handle_relay(A, msg)
     assert err.value.code == 400
     assert nodes[B].store.take_ids(L1, [x])  # untouched by the refused message
+
+
+def mine_at(nodes: dict[str, Lkms], kme: str, link: str) -> set[str]:
+    return {r[0] for r in nodes[kme].store._db.execute("SELECT key_id FROM link_keys WHERE link = ? AND mine = 1", (link,))}
+
+
+def test_one_way_keys_borrow_the_peers_half_and_no_link_key_is_used_twice(net) -> None:
+    nodes, _ = net
+    mine, theirs = nodes[A].store.count(L1), nodes[A].store.count(L1, mine=False)
+    keep = nodes[B].cfg.lend_keep
+    keys = []
+    while True:  # one way, A -> B, one 256-bit key (one link key) at a time, until refused
+        try:
+            keys += nodes[A].enc_keys("sa", "sb", 1, 256, [])
+        except KmsError as exc:
+            assert exc.http_status == 503
+            break
+    assert len(keys) == mine + theirs - keep - 1  # all but what B keeps and one MAC key of B's answer
+    assert [k.key for k in nodes[B].dec_keys("sb", "sa", [k.key_id for k in keys])] == [k.key for k in keys]
+    assert not mine_at(nodes, A, L1) & mine_at(nodes, B, L1)
+    back = nodes[B].enc_keys("sb", "sa", keep, 256, [])  # B's kept half still works, and clashes with nothing
+    assert [k.key for k in nodes[A].dec_keys("sa", "sb", [k.key_id for k in back])] == [k.key for k in back]
+
+
+def test_a_lost_lend_answer_strands_keys_and_never_shares_one(net) -> None:
+    nodes, _ = net
+    a_mine, b_mine = mine_at(nodes, A, L1), mine_at(nodes, B, L1)
+    proposal = nodes[A].store.peer_ids(L1, 9)
+    answer = nodes[B].handle_relay(A, {"op": "lend", "link": L1, "keys": proposal})  # then "lost": A never sees it
+    stranded = set(answer["ceded"])
+    assert len(stranded) == 8 and stranded <= b_mine and answer["mac"] in proposal
+    assert not stranded & mine_at(nodes, B, L1) and mine_at(nodes, A, L1) == a_mine  # nobody allocates them
+    got = lending.borrow(nodes[A].store, nodes[A].forwarder, L1, B, 20)  # the same 9 first, then 12 more
+    assert got == 11 and not stranded & mine_at(nodes, A, L1)  # B ceded 11 of the others and called these dead
+    assert not stranded & {r[0] for r in nodes[A].store._db.execute("SELECT key_id FROM link_keys")}
+    assert not mine_at(nodes, A, L1) & mine_at(nodes, B, L1)
+
+
+def test_a_forged_lend_answer_is_ignored(net, monkeypatch) -> None:
+    nodes, _ = net
+    proposal = nodes[A].store.peer_ids(L1, 5)
+    forged = {"ok": True, "op": "lent", "link": L1, "ceded": proposal[1:], "dead": [], "mac": proposal[0], "tag": fm.b64(bytes(16))}
+    monkeypatch.setattr(nodes[A].forwarder, "request", lambda peer, msg: forged)
+    before = mine_at(nodes, A, L1)
+    assert lending.borrow(nodes[A].store, nodes[A].forwarder, L1, B, 4) == 0
+    assert mine_at(nodes, A, L1) == before and not before & mine_at(nodes, B, L1)
+
+
+@pytest.mark.parametrize("change, text", [
+    (lambda m: m.update(keys=m["keys"][:1] * 2), "more than once"),
+    (lambda m: m.update(keys="x"), "list"),
+    (lambda m: m.update(link=L2), "not a PHYS link"),  # not a link with A
+    (lambda m: m.pop("keys"), "malformed"),
+])
+def test_a_bad_lend_proposal_is_refused(net, change, text) -> None:
+    nodes, _ = net
+    msg = {"op": "lend", "link": L1, "keys": nodes[A].store.peer_ids(L1, 4)}
+    change(msg)
+    before = nodes[B].store.count(L1)
+    with pytest.raises(fm.RelayError) as err:
+        nodes[B].handle_relay(A, msg)
+    assert err.value.code == 400 and text in str(err.value)
+    assert nodes[B].store.count(L1) == before

@@ -31,13 +31,16 @@ def test_paths_sharing_a_first_hop_count_its_key_once(net) -> None:  # noqa: F81
     nodes, _ = net
     share_first_hop(nodes)
     feed(nodes, L2, (B, C), 256)  # the second hop is not what is measured here: plenty
-    mine = nodes[A].store.count(L1)
+    mine, theirs = nodes[A].store.count(L1), nodes[A].store.count(L1, mine=False)
+    keep = nodes[B].cfg.lend_keep
     stored = nodes[A].status("sa2", "sc3").stored_key_count
-    assert stored == mine - 2  # a pad per relayed key and a MAC key per path's message, L1 counted once
+    # a pad per relayed key and a MAC key per path's message, L1 counted once; A's half and
+    # what B would lend of its own (all but `keep`, and one key MACs its answer)
+    assert stored == mine + (theirs - keep - 1) - 2
     keys = nodes[A].enc_keys("sa2", "sc3", stored, 256, [])  # all of it, in one call
     got = nodes[C].dec_keys("sc3", "sa2", [k.key_id for k in keys])
     assert [k.key for k in got] == [k.key for k in keys]
-    assert nodes[A].store.count(L1) == 0
+    assert nodes[A].store.count(L1) == 0 and nodes[B].store.count(L1) == keep
 
 
 def test_paths_sharing_a_first_hop_take_turns_by_planned_rate(net) -> None:  # noqa: F811

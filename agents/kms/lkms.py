@@ -5,7 +5,8 @@ Where a key for (master, slave) comes from:
 - both SAEs on this node: an end key drawn from the entropy source;
 - slave on an adjacent node, over a PHYS link: link keys both ends already hold;
   this end allocates them (each end allocates its half of the link's key IDs, so
-  the two never pick the same key) and tells the peer which IDs make which key;
+  the two never pick the same key; an end short of its half borrows unused keys of
+  the peer's, see lending.py) and tells the peer which IDs make which key;
 - otherwise (or for several slaves): a fresh end key from the entropy source,
   relayed hop by hop by the forwarding module along the virtual link the
   controller configured, one-time-padded with each hop's link key. A virtual link
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdqkd.agents.kms import forwarding as fm
+from sdqkd.agents.kms import lending
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.service import Key, KmsError, Qos, Status, Stream
@@ -50,6 +52,8 @@ class LkmsConfig:
     max_sae_id_count: int = 8
     default_ttl: int = 3600
     peer_wait: float = 2.0  # how long a peer waits for link keys it has not stored yet
+    lend_keep: int = 16  # link keys of its own half an end keeps when the peer borrows (agents/kms/lending.py)
+    lend_batch: int = 256  # link keys an end short of its half asks its peer for at once
     local_saes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,7 @@ class Lkms:
         self.routes = RouteTable(cfg.kme_id)
         self._lock = threading.Lock()
         self._credit: dict[str, dict[str, float]] = {}  # per application, per path: weighted round robin
+        self._borrowing: dict[str, threading.Lock] = {}  # per link: one borrow at a time
         if forwarder is not None:
             forwarder.start(self.handle_relay)
 
@@ -260,8 +265,25 @@ class Lkms:
         return out
 
     def _stock(self, link: str) -> int:
-        """Link keys this end can spend on a PHYS link now."""
-        return self.store.count(link)
+        """Link keys this end can spend on a PHYS link now: its half, and what it could
+        borrow of the peer's (lending.py)."""
+        own = self.store.count(link)
+        if self.forwarder is None:
+            return own
+        return own + max(0, self.store.count(link, mine=False) - self.cfg.lend_keep - 1)
+
+    def _take_link(self, link: LinkRoute, n: int) -> list[tuple[str, bytes]]:
+        """n link keys of this end's half, borrowing from the peer's half when short; [] if not."""
+        taken = self.store.take(link.qkdl_id, n)
+        if taken or self.forwarder is None or link.remote is None:
+            return taken
+        with self._lock:
+            lock = self._borrowing.setdefault(link.qkdl_id, threading.Lock())
+        with lock:
+            short = n - self.store.count(link.qkdl_id)
+            if short > 0:
+                lending.borrow(self.store, self.forwarder, link.qkdl_id, link.remote, max(short, self.cfg.lend_batch))
+        return self.store.take(link.qkdl_id, n)
 
     @staticmethod
     def _hop_cost(size: int) -> int:
@@ -285,12 +307,12 @@ class Lkms:
     def _phys_toward(self, neighbour: str | None) -> LinkRoute | None:
         """The best stocked PHYS link to an adjacent node."""
         links = self.routes.phys_to(neighbour) if neighbour else []
-        return max(links, key=lambda p: self.store.count(p.qkdl_id), default=None)
+        return max(links, key=lambda p: self._stock(p.qkdl_id), default=None)
 
     def _reserve(self, paths: list[LinkRoute], ids: list[str], size: int, master: str, slave: str, expires: float) -> list[Key]:
         parts = fm.parts_for(size)
-        link = max(paths, key=lambda p: self.store.count(p.qkdl_id))
-        taken = self.store.take(link.qkdl_id, parts * len(ids))
+        link = max(paths, key=lambda p: self._stock(p.qkdl_id))
+        taken = self._take_link(link, parts * len(ids))
         if not taken:
             raise KmsError(503, "not enough key on the link to the slave's node; retry later")
         entries, keys = [], []
@@ -303,14 +325,28 @@ class Lkms:
         return keys
 
     def _relay_over(self, app: AppRoute, ids: list[str], end_keys: list[bytes], master: str, slave: str, expires: float) -> None:
+        """Send the keys over the application's paths; the keys of a path whose hop refuses
+        (its stock was less than counted, e.g. the peer's half it meant to borrow is gone) go
+        over the other paths."""
         paths = self._paths(app)
         if not paths:
             raise KmsError(503, "the application has no usable link")
-        batches = self._spread(app, paths, [8 * len(k) for k in end_keys])
-        for lk in paths:
-            sel = batches[lk.qkdl_id]
-            if sel:
-                self._hop(lk.qkdl_id, self._first_neighbour(lk), [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+        todo = list(range(len(ids)))
+        while todo:
+            batches = self._spread(app, paths, [8 * len(end_keys[i]) for i in todo])
+            failed: list[int] = []
+            for lk in list(paths):
+                sel = [todo[n] for n in batches[lk.qkdl_id]]
+                if not sel:
+                    continue
+                try:
+                    self._hop(lk.qkdl_id, self._first_neighbour(lk), [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+                except KmsError as exc:
+                    paths.remove(lk)
+                    failed += sel
+                    if exc.http_status != 503 or not paths:
+                        raise
+            todo = sorted(failed)
 
     def _hop(self, vlink: str, toward: str | None, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
              stream: dict[str, Any] | None = None) -> None:
@@ -320,7 +356,7 @@ class Lkms:
         if first is None or first.remote is None:
             raise KmsError(503, f"no working link to the next hop of {vlink}")
         counts = [fm.parts_for(8 * len(k)) for _, k in keys]
-        taken = self.store.take(first.qkdl_id, sum(counts) + 1)
+        taken = self._take_link(first, sum(counts) + 1)
         if not taken:
             raise KmsError(503, "not enough key on the link to the next hop; retry later")
         entries, pos = [], 1
@@ -343,7 +379,7 @@ class Lkms:
     # --- the other end of a hop ----------------------------------------------------------------
 
     def handle_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
-        handlers = {"reserve": self._on_reserve, "relay": self._on_relay}
+        handlers = {"reserve": self._on_reserve, "relay": self._on_relay, "lend": self._on_lend}
         handler = handlers.get(str(msg.get("op")))
         if handler is None:
             raise fm.RelayError(f"unknown relay operation {msg.get('op')!r}", 400)
@@ -419,6 +455,10 @@ class Lkms:
         except KmsError as exc:
             raise fm.RelayError(exc.message, exc.http_status) from None
         return {"ok": True}
+
+    def _on_lend(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        lk = self._link_with(msg["link"], sender)
+        return lending.lend(self.store, lk.qkdl_id, msg, self.cfg.lend_keep)
 
     def _onward(self, vlink: str, sender: str) -> str:
         """The neighbour on the virtual link a key from `sender` goes on to: the next hop if it
