@@ -60,7 +60,7 @@ def net(tmp_path: Path):
     nodes = {}
     for kme, name in ((A, "a"), (B, "b"), (C, "c"), (D, "d")):
         store = KeyStore(tmp_path / f"{name}.sqlite")
-        nodes[kme] = Lkms(LkmsConfig(kme, name, SAES), store, os.urandom, forwarders[kme], on_missing_path=lambda a, b: asked.append((a, b)))
+        nodes[kme] = Lkms(LkmsConfig(kme, name, SAES, lend_min=4), store, os.urandom, forwarders[kme], on_missing_path=lambda a, b: asked.append((a, b)))
         nodes[kme].update_routes(tables()[kme])
     feed(nodes, L1, (A, B), 64)
     feed(nodes, L2, (B, C), 64)
@@ -433,6 +433,7 @@ def test_one_way_keys_borrow_the_peers_half_and_no_link_key_is_used_twice(net) -
 
 def test_a_lost_lend_answer_strands_keys_and_never_shares_one(net) -> None:
     nodes, _ = net
+    feed(nodes, L1, (A, B), 128)  # B has plenty of its own to lend
     a_mine, b_mine = mine_at(nodes, A, L1), mine_at(nodes, B, L1)
     proposal = nodes[A].store.peer_ids(L1, 9)
     answer = nodes[B].handle_relay(A, {"op": "lend", "link": L1, "keys": proposal})  # then "lost": A never sees it

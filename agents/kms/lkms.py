@@ -54,6 +54,7 @@ class LkmsConfig:
     peer_wait: float = 2.0  # how long a peer waits for link keys it has not stored yet
     lend_keep: int = 16  # link keys of its own half an end keeps when the peer borrows (agents/kms/lending.py)
     lend_batch: int = 256  # link keys an end short of its half asks its peer for at once
+    lend_min: int = 32  # ... and only when the peer could lend that many (each answer spends a MAC key)
     local_saes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -268,9 +269,14 @@ class Lkms:
         """Link keys this end can spend on a PHYS link now: its half, and what it could
         borrow of the peer's (lending.py)."""
         own = self.store.count(link)
+        lendable = self._lendable(link)
+        return own + (lendable if lendable >= self.cfg.lend_min else 0)
+
+    def _lendable(self, link: str) -> int:
+        """Keys of the peer's half it would cede now: all but `lend_keep`, and one MACs the answer."""
         if self.forwarder is None:
-            return own
-        return own + max(0, self.store.count(link, mine=False) - self.cfg.lend_keep - 1)
+            return 0
+        return max(0, self.store.count(link, mine=False) - self.cfg.lend_keep - 1)
 
     def _take_link(self, link: LinkRoute, n: int) -> list[tuple[str, bytes]]:
         """n link keys of this end's half, borrowing from the peer's half when short; [] if not."""
@@ -281,7 +287,7 @@ class Lkms:
             lock = self._borrowing.setdefault(link.qkdl_id, threading.Lock())
         with lock:
             short = n - self.store.count(link.qkdl_id)
-            if short > 0:
+            if short > 0 and self._lendable(link.qkdl_id) >= max(short, self.cfg.lend_min):
                 lending.borrow(self.store, self.forwarder, link.qkdl_id, link.remote, max(short, self.cfg.lend_batch))
         return self.store.take(link.qkdl_id, n)
 
