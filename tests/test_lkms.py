@@ -471,3 +471,14 @@ def test_a_bad_lend_proposal_is_refused(net, change, text) -> None:
         nodes[B].handle_relay(A, msg)
     assert err.value.code == 400 and text in str(err.value)
     assert nodes[B].store.count(L1) == before
+
+
+def test_no_borrowing_for_less_than_lend_min(net) -> None:
+    """Each lend answer spends a MAC key: the peer's half counts (and is asked for) only when it could lend lend_min."""
+    nodes, _ = net
+    nodes[A].cfg.lend_min = 1000
+    mine, b_mine = nodes[A].store.count(L1), nodes[B].store.count(L1)
+    assert nodes[A].status("sa", "sb").stored_key_count == mine
+    with pytest.raises(KmsError) as err:
+        nodes[A].enc_keys("sa", "sb", mine + 1, 256, [])
+    assert err.value.http_status == 503 and nodes[B].store.count(L1) == b_mine
