@@ -447,15 +447,16 @@ class Lkms:
         ids = [str(i) for i in (e["key_id"] for e in entries)]
         if len(set(ids)) != len(ids) or not all(_is_uuid(i) for i in ids):
             raise fm.RelayError("relayed key IDs must be distinct UUIDs", 400)
+        here = self.cfg.saes.get(slave) == self.cfg.kme_id
+        onward = None if here else self._onward(vlink, sender)  # before any link key is spent
         taken = self._take_entries(lk.qkdl_id, [[str(msg["mac"])]] + [[str(p) for p in e["pad"]] for e in entries])
         fm.verify(msg, taken[0][0])
         keys = [(i, fm.pad(fm.unb64(str(e["ct"])), b"".join(pads))) for i, e, pads in zip(ids, entries, taken[1:])]
-        if self.cfg.saes.get(slave) == self.cfg.kme_id:
+        if here:
             self.store.put_deliverable(
                 Deliverable(i, slave, master, k, expires, stream and str(stream["ksid"]), stream and int(stream["idx"])) for i, k in keys
             )
             return {"ok": True}
-        onward = self._onward(vlink, sender)
         try:
             self._hop(vlink, onward, keys, master, slave, expires, stream)
         except KmsError as exc:
