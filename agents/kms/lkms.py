@@ -242,8 +242,8 @@ class Lkms:
     def _spread(self, app: AppRoute, paths: list[LinkRoute], sizes: list[int]) -> dict[str, list[int]]:
         """Which path carries each key: smooth weighted round robin over the paths, by their
         planned rates, with the credit kept per application across calls (so one key per
-        call spreads as well as many). Deterministic: over any run of calls each path gets
-        its share of keys within one key. A path whose first hop cannot pay for one more
+        call spreads as well as many). Deterministic, and smooth: over any run of calls each
+        path's count stays within a few keys of its share, interleaved rather than in runs. A path whose first hop cannot pay for one more
         key (paths may share a first hop: its stock is counted once) sits the turn out; if
         none can, nothing is sent (503)."""
         weights = self._weights(paths)
