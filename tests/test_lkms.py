@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sdqkd.agents.kms import forwarding as fm
-from sdqkd.agents.kms import pki
+from sdqkd.agents.kms import lending, pki
 from sdqkd.agents.kms.coalesce import Coalescer
 from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
@@ -58,7 +60,7 @@ def net(tmp_path: Path):
     nodes = {}
     for kme, name in ((A, "a"), (B, "b"), (C, "c"), (D, "d")):
         store = KeyStore(tmp_path / f"{name}.sqlite")
-        nodes[kme] = Lkms(LkmsConfig(kme, name, SAES), store, os.urandom, forwarders[kme], on_missing_path=lambda a, b: asked.append((a, b)))
+        nodes[kme] = Lkms(LkmsConfig(kme, name, SAES, lend_min=4), store, os.urandom, forwarders[kme], on_missing_path=lambda a, b: asked.append((a, b)))
         nodes[kme].update_routes(tables()[kme])
     feed(nodes, L1, (A, B), 64)
     feed(nodes, L2, (B, C), 64)
@@ -110,16 +112,38 @@ def test_two_hop_relay_gives_the_same_key_and_uses_link_key_exactly(net) -> None
     keys = nodes[A].enc_keys("sa", "sc", 2, 512, [])
     got = nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])
     assert [k.key for k in got] == [k.key for k in keys]
-    # Each 512-bit key takes 2 pad keys + 1 MAC key on every hop, from the sending end's half;
-    # the receiving end removes the same IDs from its copy.
+    # Each 512-bit key takes 2 pad keys on every hop, and the message one MAC key, from the
+    # sending end's half; the receiving end removes the same IDs from its copy.
     mine, theirs = before[(A, L1)]
-    assert held(A, L1) == (mine - 6, theirs)
+    assert held(A, L1) == (mine - 5, theirs)
     mine, theirs = before[(B, L1)]
-    assert held(B, L1) == (mine, theirs - 6)
+    assert held(B, L1) == (mine, theirs - 5)
     mine, theirs = before[(B, L2)]
-    assert held(B, L2) == (mine - 6, theirs)
+    assert held(B, L2) == (mine - 5, theirs)
     mine, theirs = before[(C, L2)]
-    assert held(C, L2) == (mine, theirs - 6)
+    assert held(C, L2) == (mine, theirs - 5)
+
+
+def test_a_virtual_link_relays_from_its_far_end_along_previous_hops(net) -> None:
+    """C has no next hop on V (its far end): keys go C -> B -> A, B sending back to its prev hop."""
+    nodes, _ = net
+    before = {(kme, link): nodes[kme].store.count(link, mine=False) for kme, link in ((B, L2), (A, L1))}
+    keys = nodes[C].enc_keys("sc", "sa", 2, 256, [])
+    got = nodes[A].dec_keys("sa", "sc", [k.key_id for k in keys])
+    assert [k.key for k in got] == [k.key for k in keys]
+    assert nodes[B].store.count(L2, mine=False) < before[(B, L2)]  # C sealed with its half of L2
+    assert nodes[A].store.count(L1, mine=False) < before[(A, L1)]  # B sealed with its half of L1
+    back = nodes[C].enc_keys("sc3", "sa3", 4, 256, [])  # the multipath app, both paths backwards
+    assert [k.key for k in nodes[A].dec_keys("sa3", "sc3", [k.key_id for k in back])] == [k.key for k in back]
+
+
+def test_a_relay_from_a_node_not_on_the_virtual_link_is_refused(net) -> None:
+    nodes, _ = net
+    # D is adjacent to A but not on V: A refuses to pass a key from D on along V.
+    with pytest.raises(fm.RelayError) as err:
+        nodes[A]._onward(V, D)
+    assert "goes on from" in str(err.value)
+    assert nodes[B]._onward(V, A) == C and nodes[B]._onward(V, C) == A
 
 
 def test_multipath_application_spreads_keys_over_disjoint_paths(net) -> None:
@@ -129,7 +153,35 @@ def test_multipath_application_spreads_keys_over_disjoint_paths(net) -> None:
     got = nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])
     assert [k.key for k in got] == [k.key for k in keys]
     used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
-    assert used_b > 0 and used_d > 0 and used_b + used_d == 8 * 2  # each key: 1 pad + 1 MAC on its first hop
+    assert used_b > 0 and used_d > 0 and used_b + used_d == 8 + 2  # each key a pad, each path's message a MAC key
+
+
+def weigh(nodes: dict[str, Lkms], rates: dict[str, int]) -> None:
+    """Give A's virtual links planned rates, as the controller writes virt_bandwidth."""
+    t = tables()[A]
+    links = {k: dataclasses.replace(lk, bandwidth=rates.get(k, 0)) for k, lk in t.links.items()}
+    nodes[A].update_routes(dataclasses.replace(t, links=links))
+
+
+def test_multipath_keys_follow_the_planned_rates(net) -> None:
+    nodes, _ = net
+    weigh(nodes, {V: 3000, W: 1000})
+    via_b, via_d = nodes[A].store.count(L1), nodes[A].store.count(L3)
+    keys = nodes[A].enc_keys("sa3", "sc3", 8, 256, [])
+    assert [k.key for k in nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])] == [k.key for k in keys]
+    used_b, used_d = via_b - nodes[A].store.count(L1), via_d - nodes[A].store.count(L3)
+    assert (used_b, used_d) == (6 + 1, 2 + 1)  # 6 keys via B, 2 via D, a MAC key each message
+
+
+def test_a_path_whose_first_hop_ran_dry_sits_its_turns_out(net) -> None:
+    nodes, _ = net
+    weigh(nodes, {V: 3000, W: 1000})
+    for kme in (A, B):  # both halves of the link A-B are gone: nothing to borrow either
+        nodes[kme].store.take(L1, nodes[kme].store.count(L1))
+    via_d = nodes[A].store.count(L3)
+    keys = nodes[A].enc_keys("sa3", "sc3", 4, 256, [])
+    assert [k.key for k in nodes[C].dec_keys("sc3", "sa3", [k.key_id for k in keys])] == [k.key for k in keys]
+    assert nodes[A].store.count(L3) < via_d  # all of them via D
 
 
 def test_no_path_asks_the_controller(net) -> None:
@@ -165,15 +217,59 @@ def test_refusals(net, call, status) -> None:
     assert err.value.http_status == status
 
 
-def test_tampered_relay_is_rejected() -> None:
-    pad, mac = os.urandom(32), os.urandom(32)
-    hdr = fm.header("k", "v", "m", "s")
-    ct, tag = fm.seal(b"x" * 32, pad, mac, hdr)
-    assert fm.unseal(ct, tag, pad, mac, hdr) == b"x" * 32
+def captured_relay(nodes: dict[str, Lkms], monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The relay message A sends B for one key sa -> sc, kept from B."""
+    sent: list[dict] = []
+    monkeypatch.setattr(nodes[A].forwarder, "request", lambda peer, msg: sent.append(msg) or {"ok": True})
+    nodes[A].enc_keys("sa", "sc", 3, 256, [])
+    monkeypatch.undo()
+    (msg,) = sent
+    return msg
+
+
+def test_one_mac_authenticates_the_whole_relay_message() -> None:
+    mac = os.urandom(32)
+    msg = fm.sign({"op": "relay", "v": 2, "vlink": "v", "master": "m", "slave": "s", "expires": 1.5,
+                   "keys": [{"key_id": "k1", "pad": ["p1"], "ct": "AA=="}, {"key_id": "k2", "pad": ["p2"], "ct": "AQ=="}]}, mac)
+    fm.verify(dict(msg), mac)
+    for change in (lambda m: m["keys"][1].update(ct="Ag=="), lambda m: m["keys"][0].update(key_id="k3"),
+                   lambda m: m.update(slave="other"), lambda m: m.update(expires=2.5), lambda m: m["keys"].pop(),
+                   lambda m: m.update(extra=1), lambda m: m.update(tag="")):
+        forged = json.loads(json.dumps(msg))
+        change(forged)
+        with pytest.raises(fm.RelayError):
+            fm.verify(forged, mac)
     with pytest.raises(fm.RelayError):
-        fm.unseal(bytes([ct[0] ^ 1]) + ct[1:], tag, pad, mac, hdr)
-    with pytest.raises(fm.RelayError):
-        fm.unseal(ct, tag, pad, mac, fm.header("k", "v", "m", "other-slave"))
+        fm.verify(msg, os.urandom(32))
+
+
+@pytest.mark.parametrize("change, text", [
+    (lambda m: m["keys"][2].update(ct=m["keys"][1]["ct"]), "authentication"),  # tampered ciphertext
+    (lambda m: m.update(slave="sc3"), "authentication"),  # another SAE
+    (lambda m: m["keys"][1].update(key_id=m["keys"][0]["key_id"]), "distinct"),
+    (lambda m: m["keys"][1].update(pad=m["keys"][0]["pad"]), "more than once"),  # one pad for two keys
+    (lambda m: m["keys"][0]["pad"].append(m["mac"]), "more than once"),  # the MAC key as a pad
+    (lambda m: m.update(v=1), "version"),
+    (lambda m: m.pop("hop_link"), "malformed"),
+    (lambda m: m.update(keys="x"), "list of keys"),
+])
+def test_a_bad_relay_message_is_refused(net, monkeypatch, change, text) -> None:
+    nodes, _ = net
+    msg = captured_relay(nodes, monkeypatch)
+    before = nodes[B].store.count(L2)
+    change(msg)
+    with pytest.raises(fm.RelayError) as err:
+        nodes[B].handle_relay(A, msg)
+    assert err.value.code == 400 and text in str(err.value)
+    assert nodes[B].store.count(L2) == before  # nothing sent on
+
+
+def test_a_relay_message_is_accepted_once(net, monkeypatch) -> None:
+    nodes, _ = net
+    msg = captured_relay(nodes, monkeypatch)
+    assert nodes[B].handle_relay(A, json.loads(json.dumps(msg))) == {"ok": True}
+    with pytest.raises(fm.RelayError):  # replayed: its link keys are spent
+        nodes[B].handle_relay(A, msg)
 
 
 def test_keys_survive_a_restart_and_are_never_redelivered(tmp_path) -> None:
@@ -311,3 +407,78 @@ def test_a_relay_message_naming_a_link_key_twice_is_refused(net) -> None:
         nodes[B].handle_relay(A, msg)
     assert err.value.code == 400
     assert nodes[B].store.take_ids(L1, [x])  # untouched by the refused message
+
+
+def mine_at(nodes: dict[str, Lkms], kme: str, link: str) -> set[str]:
+    return {r[0] for r in nodes[kme].store._db.execute("SELECT key_id FROM link_keys WHERE link = ? AND mine = 1", (link,))}
+
+
+def test_one_way_keys_borrow_the_peers_half_and_no_link_key_is_used_twice(net) -> None:
+    nodes, _ = net
+    mine, theirs = nodes[A].store.count(L1), nodes[A].store.count(L1, mine=False)
+    keep = nodes[B].cfg.lend_keep
+    keys = []
+    while True:  # one way, A -> B, one 256-bit key (one link key) at a time, until refused
+        try:
+            keys += nodes[A].enc_keys("sa", "sb", 1, 256, [])
+        except KmsError as exc:
+            assert exc.http_status == 503
+            break
+    assert len(keys) == mine + theirs - keep - 1  # all but what B keeps and one MAC key of B's answer
+    assert [k.key for k in nodes[B].dec_keys("sb", "sa", [k.key_id for k in keys])] == [k.key for k in keys]
+    assert not mine_at(nodes, A, L1) & mine_at(nodes, B, L1)
+    back = nodes[B].enc_keys("sb", "sa", keep, 256, [])  # B's kept half still works, and clashes with nothing
+    assert [k.key for k in nodes[A].dec_keys("sa", "sb", [k.key_id for k in back])] == [k.key for k in back]
+
+
+def test_a_lost_lend_answer_strands_keys_and_never_shares_one(net) -> None:
+    nodes, _ = net
+    feed(nodes, L1, (A, B), 128)  # B has plenty of its own to lend
+    a_mine, b_mine = mine_at(nodes, A, L1), mine_at(nodes, B, L1)
+    proposal = nodes[A].store.peer_ids(L1, 9)
+    answer = nodes[B].handle_relay(A, {"op": "lend", "link": L1, "keys": proposal})  # then "lost": A never sees it
+    stranded = set(answer["ceded"])
+    assert len(stranded) == 8 and stranded <= b_mine and answer["mac"] in proposal
+    assert not stranded & mine_at(nodes, B, L1) and mine_at(nodes, A, L1) == a_mine  # nobody allocates them
+    got = lending.borrow(nodes[A].store, nodes[A].forwarder, L1, B, 20)  # the same 9 first, then 12 more
+    assert got == 11 and not stranded & mine_at(nodes, A, L1)  # B ceded 11 of the others and called these dead
+    assert not stranded & {r[0] for r in nodes[A].store._db.execute("SELECT key_id FROM link_keys")}
+    assert not mine_at(nodes, A, L1) & mine_at(nodes, B, L1)
+
+
+def test_a_forged_lend_answer_is_ignored(net, monkeypatch) -> None:
+    nodes, _ = net
+    proposal = nodes[A].store.peer_ids(L1, 5)
+    forged = {"ok": True, "op": "lent", "link": L1, "ceded": proposal[1:], "dead": [], "mac": proposal[0], "tag": fm.b64(bytes(16))}
+    monkeypatch.setattr(nodes[A].forwarder, "request", lambda peer, msg: forged)
+    before = mine_at(nodes, A, L1)
+    assert lending.borrow(nodes[A].store, nodes[A].forwarder, L1, B, 4) == 0
+    assert mine_at(nodes, A, L1) == before and not before & mine_at(nodes, B, L1)
+
+
+@pytest.mark.parametrize("change, text", [
+    (lambda m: m.update(keys=m["keys"][:1] * 2), "more than once"),
+    (lambda m: m.update(keys="x"), "list"),
+    (lambda m: m.update(link=L2), "not a PHYS link"),  # not a link with A
+    (lambda m: m.pop("keys"), "malformed"),
+])
+def test_a_bad_lend_proposal_is_refused(net, change, text) -> None:
+    nodes, _ = net
+    msg = {"op": "lend", "link": L1, "keys": nodes[A].store.peer_ids(L1, 4)}
+    change(msg)
+    before = nodes[B].store.count(L1)
+    with pytest.raises(fm.RelayError) as err:
+        nodes[B].handle_relay(A, msg)
+    assert err.value.code == 400 and text in str(err.value)
+    assert nodes[B].store.count(L1) == before
+
+
+def test_no_borrowing_for_less_than_lend_min(net) -> None:
+    """Each lend answer spends a MAC key: the peer's half counts (and is asked for) only when it could lend lend_min."""
+    nodes, _ = net
+    nodes[A].cfg.lend_min = 1000
+    mine, b_mine = nodes[A].store.count(L1), nodes[B].store.count(L1)
+    assert nodes[A].status("sa", "sb").stored_key_count == mine
+    with pytest.raises(KmsError) as err:
+        nodes[A].enc_keys("sa", "sb", mine + 1, 256, [])
+    assert err.value.http_status == 503 and nodes[B].store.count(L1) == b_mine

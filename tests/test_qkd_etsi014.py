@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -123,7 +124,9 @@ class Devices:
             cert = pki.issue(self.ca, kme, tmp / kme, server_names=["127.0.0.1"], client=True)
             fwd[kme] = forwarding.Forwarder(kme, ("127.0.0.1", 0), pki.server_ssl_context(*cert, self.ca[0]),
                                             pki.client_ssl_context(*cert, self.ca[0]), {})
-            lkms = Lkms(LkmsConfig(kme, kme[:8], dict(SAES)), KeyStore(tmp / f"{kme}.sqlite"), os.urandom, fwd[kme])
+            # a device hands out only the link keys it allocates: no borrowing of the peer's half (lend_min)
+            cfg = LkmsConfig(kme, kme[:8], dict(SAES), lend_min=sys.maxsize)
+            lkms = Lkms(cfg, KeyStore(tmp / f"{kme}.sqlite"), os.urandom, fwd[kme])
             self.kme[kme] = Device(lkms, pki.server_ssl_context(*cert, self.ca[0]))
             self.kme[kme].start()
         for f in fwd.values():

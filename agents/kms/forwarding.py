@@ -1,10 +1,20 @@
 """The forwarding module's wire: hop-by-hop key transport between adjacent nodes.
 
-Each hop protects an end key with link key only: a one-time pad made of link keys
-and a Poly1305 one-time authenticator keyed with one more link key (Wegman-Carter),
-over a header that binds the key to its ID, virtual link and SAE pair. The channel
-itself is mutual TLS between KMEs (certificates from the lab CA), which
-authenticates who sent a message; the pad and the tag do not depend on it.
+Each hop protects end keys with link key only: every end key is one-time-padded
+with link keys of its own, and the whole message (version, header: virtual link,
+hop link, SAE pair, expiry, stream; every entry: key ID, pad key IDs, ciphertext;
+the MAC key's ID) is authenticated with one Poly1305 tag keyed with one more link
+key, used for this message only (Wegman-Carter one-time MAC). A message of N keys
+thus costs N pads and one MAC key per hop. That stays information-theoretically
+sound: Poly1305 with a uniformly random one-time key is an epsilon-almost-delta-
+universal hash plus a one-time pad on the tag, so a forgery of any other message
+succeeds with probability at most 8 * ceil(L / 16) / 2^106 for an L-byte message
+(under 2^-85 for the largest frame), whatever the number of entries. The tag covers
+the message as the receiver reads it: the canonical JSON (sorted keys, no spaces)
+of every field but the tag itself, so whatever the receiver acts on is
+authenticated. The channel itself is mutual TLS between KMEs (certificates from the
+lab CA), which authenticates who sent a message; the pads and the tag do not depend
+on it.
 
 Messages are length-prefixed JSON on a persistent TLS connection; one request,
 one reply.
@@ -49,23 +59,31 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
 
-def seal(end_key: bytes, pad: bytes, mac_key: bytes, header: bytes) -> tuple[bytes, bytes]:
-    ct = _xor(end_key, pad[: len(end_key)])
-    p = Poly1305(mac_key)
-    p.update(struct.pack(">I", len(header)) + header + ct)
-    return ct, p.finalize()
+RELAY_VERSION = 2  # one MAC per message (version 1 had one per key)
 
 
-def unseal(ct: bytes, tag: bytes, pad: bytes, mac_key: bytes, header: bytes) -> bytes:
+def pad(data: bytes, link_keys: bytes) -> bytes:
+    """One-time pad (both ways): `data` XOR the first len(data) bytes of `link_keys`."""
+    if len(link_keys) < len(data):
+        raise RelayError("one-time pad shorter than the key", 400)
+    return _xor(data, link_keys[: len(data)])
+
+
+def _authenticated(msg: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in msg.items() if k != "tag"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(msg: dict[str, Any], mac_key: bytes) -> dict[str, Any]:
+    """`msg` with its one-time Poly1305 tag over everything else in it."""
+    return {**msg, "tag": b64(Poly1305.generate_tag(mac_key, _authenticated(msg)))}
+
+
+def verify(msg: dict[str, Any], mac_key: bytes) -> None:
+    """Raises RelayError (400) unless the tag is right for the message as received."""
     try:
-        Poly1305.verify_tag(mac_key, struct.pack(">I", len(header)) + header + ct, tag)
-    except InvalidSignature:
-        raise RelayError("authentication of the relayed key failed", 400) from None
-    return _xor(ct, pad[: len(ct)])
-
-
-def header(key_id: str, vlink: str, master: str, slave: str) -> bytes:
-    return json.dumps([key_id, vlink, master, slave], separators=(",", ":")).encode()
+        Poly1305.verify_tag(mac_key, _authenticated(msg), unb64(str(msg.get("tag", ""))))
+    except (InvalidSignature, ValueError):
+        raise RelayError("authentication of the relay message failed", 400) from None
 
 
 def b64(data: bytes) -> str:

@@ -264,6 +264,71 @@ class KeyStore:
             self._adjust((link, 0), mine - len(rows))
             return [bytes(found[k]) for k in key_ids]
 
+    def peer_ids(self, link: str, n: int) -> list[str]:
+        """Up to n IDs of the link keys the peer allocates (held here too), oldest first."""
+        with self._lock:
+            self._flush_locked()
+            rows = self._db.execute(
+                "SELECT key_id FROM link_keys WHERE link = ? AND mine = 0 ORDER BY added, key_id LIMIT ?", (link, n)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def cede(self, link: str, key_ids: list[str], n: int, grace: float = 60.0) -> tuple[list[str], tuple[str, bytes] | None, list[str]]:
+        """Give the peer up to n of these keys this end allocates, in one transaction: they
+        stay here (the peer will name them) but this end never allocates them again. One
+        more of them is taken (removed, spent) as the one-time MAC key of the answer; none
+        is ceded unless there is one. Also says which of them are dead here: held as the
+        peer's (so nobody will allocate them), or spent more than `grace` seconds ago (a
+        message that used one is no longer on its way to the peer)."""
+        with self._lock:
+            self._flush_locked()
+            with _tx(self):
+                marks = _marks(key_ids)
+                rows = self._db.execute(
+                    f"SELECT key_id, key FROM link_keys WHERE +link = ? AND mine = 1 AND key_id IN ({marks}) "
+                    f"ORDER BY added, key_id LIMIT ?", (link, *key_ids, n + 1)
+                ).fetchall() if key_ids and n > 0 else []
+                dead = {r[0] for r in self._db.execute(
+                    f"SELECT key_id FROM spent WHERE key_id IN ({marks}) AND at < ?", (*key_ids, time.time() - grace))}
+                dead |= {r[0] for r in self._db.execute(
+                    f"SELECT key_id FROM link_keys WHERE +link = ? AND mine = 0 AND key_id IN ({marks})", (link, *key_ids))}
+                mac = None
+                if len(rows) >= 2:
+                    self._spend([rows[0][0]])
+                    mac, rows = (rows[0][0], bytes(rows[0][1])), rows[1:]
+                    ids = [r[0] for r in rows]
+                    self._db.execute(f"UPDATE link_keys SET mine = 0 WHERE key_id IN ({_marks(ids)})", ids)
+                else:
+                    ids = []
+            self._adjust((link, 1), -len(ids) - (mac is not None))
+            self._adjust((link, 0), len(ids))
+            return ids, mac, sorted(dead)
+
+    def adopt(self, link: str, key_ids: list[str]) -> int:
+        """The peer ceded these: this end may allocate them from now on (those still held)."""
+        if not key_ids:
+            return 0
+        with self._lock:
+            with _tx(self):
+                n = self._db.execute(
+                    f"UPDATE link_keys SET mine = 1 WHERE +link = ? AND mine = 0 AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
+                ).rowcount
+            self._adjust((link, 1), n)
+            self._adjust((link, 0), -n)
+            return n
+
+    def drop_ids(self, link: str, key_ids: list[str]) -> int:
+        """Forget these keys of the peer's half: the peer says nobody will ever use them."""
+        with self._lock:
+            self._flush_locked()
+            with _tx(self):
+                ids = [r[0] for r in self._db.execute(
+                    f"SELECT key_id FROM link_keys WHERE +link = ? AND mine = 0 AND key_id IN ({_marks(key_ids)})", (link, *key_ids))]
+                if ids:
+                    self._spend(ids)
+            self._adjust((link, 0), -len(ids))
+            return len(ids)
+
     def put_back(self, link: str, keys: list[tuple[str, bytes]]) -> None:
         """Return keys taken for a request that failed before anything left this node."""
         with self._lock:

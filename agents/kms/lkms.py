@@ -5,10 +5,14 @@ Where a key for (master, slave) comes from:
 - both SAEs on this node: an end key drawn from the entropy source;
 - slave on an adjacent node, over a PHYS link: link keys both ends already hold;
   this end allocates them (each end allocates its half of the link's key IDs, so
-  the two never pick the same key) and tells the peer which IDs make which key;
+  the two never pick the same key; an end short of its half borrows unused keys of
+  the peer's, see lending.py) and tells the peer which IDs make which key;
 - otherwise (or for several slaves): a fresh end key from the entropy source,
   relayed hop by hop by the forwarding module along the virtual link the
-  controller configured, one-time-padded with each hop's link key.
+  controller configured, one-time-padded with each hop's link key. A virtual link
+  works from either end: from the end with the next hop keys go along next hops,
+  from the far end along previous hops; each relay node sends a key on to the
+  neighbour on the virtual link it did not come from.
 If no application covers the pair yet, the controller is asked (sdqkdn_application_new)
 and the caller gets 503 until the path is configured.
 """
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdqkd.agents.kms import forwarding as fm
+from sdqkd.agents.kms import lending
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.service import Key, KmsError, Qos, Status, Stream
@@ -47,6 +52,9 @@ class LkmsConfig:
     max_sae_id_count: int = 8
     default_ttl: int = 3600
     peer_wait: float = 2.0  # how long a peer waits for link keys it has not stored yet
+    lend_keep: int = 16  # link keys of its own half an end keeps when the peer borrows (agents/kms/lending.py)
+    lend_batch: int = 256  # link keys an end short of its half asks its peer for at once
+    lend_min: int = 32  # ... and only when the peer could lend that many (each answer spends a MAC key)
     local_saes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -74,6 +82,8 @@ class Lkms:
         self.on_missing_path = on_missing_path
         self.routes = RouteTable(cfg.kme_id)
         self._lock = threading.Lock()
+        self._credit: dict[str, dict[str, float]] = {}  # per application, per path: weighted round robin
+        self._borrowing: dict[str, threading.Lock] = {}  # per link: one borrow at a time
         if forwarder is not None:
             forwarder.start(self.handle_relay)
 
@@ -86,6 +96,7 @@ class Lkms:
                 self.store.set_allocator(lk.qkdl_id, allocator(self.cfg.kme_id, lk.remote))
         with self._lock:
             self.routes = table
+            self._credit.clear()
 
     def key_sink(self, link: str, key_id: str, key: bytes) -> None:
         """Where the QKD modules deliver link keys."""
@@ -135,13 +146,15 @@ class Lkms:
         app = self.routes.app_for(master, slave)
         if app is None:
             return 0
-        parts = fm.parts_for(self.cfg.key_size)
-        total = 0
-        for lk in self._paths(app):
-            first = self._first_hop(lk)
-            if first is not None:
-                per_key = parts if lk.kind == "PHYS" else parts + 1
-                total += self.store.count(first.qkdl_id) // per_key
+        paths = self._paths(app)
+        if paths and all(p.kind == "PHYS" for p in paths):  # reserved from one link, no pad
+            total = max(self._stock(p.qkdl_id) for p in paths) // fm.parts_for(self.cfg.key_size)
+        else:
+            messages: dict[str, int] = {}  # per first hop (shared by paths: counted once), a MAC key per path's message
+            for f in map(self._first_hop, paths):
+                if f is not None:
+                    messages[f.qkdl_id] = messages.get(f.qkdl_id, 0) + 1
+            total = sum(max(0, self._stock(f) - m) // self._hop_cost(self.cfg.key_size) for f, m in messages.items())
         return min(total, self.cfg.max_key_count)
 
     def enc_keys(self, master_sae: str, slave_sae: str, number: int, size: int | None, additional_slaves: list[str]) -> list[Key]:
@@ -214,36 +227,98 @@ class Lkms:
         return app
 
     def _paths(self, app: AppRoute) -> list[LinkRoute]:
-        """The application's usable backing links, at most one per first hop.
+        """The application's usable backing links (paths), in configuration order."""
+        return [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
 
-        A max-flow plan's paths may leave this node through the same neighbour. The callers
-        count and spend each path's first-hop stock as that path's own, so paths sharing a
-        first hop would over-commit it: they take turns instead, one picked at random per
-        call (an equal share each, whatever the caller's pattern of calls)."""
-        usable = [self.routes.links[b] for b in app.backing if b in self.routes.links and self.routes.links[b].enabled]
-        by_hop: dict[str | None, list[LinkRoute]] = {}
-        for lk in usable:
-            by_hop.setdefault(self._first_neighbour(lk), []).append(lk)
-        return [group[int.from_bytes(os.urandom(4), "big") % len(group)] for group in by_hop.values()]
+    @staticmethod
+    def _weights(paths: list[LinkRoute]) -> dict[str, float]:
+        """Each path's share: its planned rate (virt_bandwidth). A path without one (a PHYS
+        link backing the application directly, or a plan without rates) weighs as the mean
+        of the planned ones, so with no rates at all the paths share equally."""
+        planned = [p.bandwidth for p in paths if p.bandwidth > 0]
+        default = sum(planned) / len(planned) if planned else 1.0
+        return {p.qkdl_id: float(p.bandwidth) if p.bandwidth > 0 else default for p in paths}
+
+    def _spread(self, app: AppRoute, paths: list[LinkRoute], sizes: list[int]) -> dict[str, list[int]]:
+        """Which path carries each key: smooth weighted round robin over the paths, by their
+        planned rates, with the credit kept per application across calls (so one key per
+        call spreads as well as many). Deterministic, and smooth: over any run of calls each
+        path's count stays within a few keys of its share, interleaved rather than in runs. A path whose first hop cannot pay for one more
+        key (paths may share a first hop: its stock is counted once) sits the turn out; if
+        none can, nothing is sent (503)."""
+        weights = self._weights(paths)
+        firsts = {p.qkdl_id: self._first_hop(p) for p in paths}
+        stock = {f.qkdl_id: self._stock(f.qkdl_id) for f in firsts.values() if f is not None}
+        out: dict[str, list[int]] = {p.qkdl_id: [] for p in paths}
+        with self._lock:
+            credit = self._credit.setdefault(app.app_id, {})
+            for n, size in enumerate(sizes):
+                cost = {p.qkdl_id: self._hop_cost(size) + (0 if out[p.qkdl_id] else 1) for p in paths}  # +1: its message's MAC key
+                ok = [q for q, f in firsts.items() if f is not None and stock[f.qkdl_id] >= cost[q]]
+                if not ok:
+                    raise KmsError(503, "not enough key on the links to the next hops; retry later")
+                for q in ok:
+                    credit[q] = credit.get(q, 0.0) + weights[q]
+                pick = max(ok, key=lambda q: credit[q])
+                credit[pick] -= sum(weights[q] for q in ok)
+                stock[firsts[pick].qkdl_id] -= cost[pick]
+                out[pick].append(n)
+        return out
+
+    def _stock(self, link: str) -> int:
+        """Link keys this end can spend on a PHYS link now: its half, and what it could
+        borrow of the peer's (lending.py)."""
+        own = self.store.count(link)
+        lendable = self._lendable(link)
+        return own + (lendable if lendable >= self.cfg.lend_min else 0)
+
+    def _lendable(self, link: str) -> int:
+        """Keys of the peer's half it would cede now: all but `lend_keep`, and one MACs the answer."""
+        if self.forwarder is None:
+            return 0
+        return max(0, self.store.count(link, mine=False) - self.cfg.lend_keep - 1)
+
+    def _take_link(self, link: LinkRoute, n: int) -> list[tuple[str, bytes]]:
+        """n link keys of this end's half, borrowing from the peer's half when short; [] if not."""
+        taken = self.store.take(link.qkdl_id, n)
+        if taken or self.forwarder is None or link.remote is None:
+            return taken
+        with self._lock:
+            lock = self._borrowing.setdefault(link.qkdl_id, threading.Lock())
+        with lock:
+            short = n - self.store.count(link.qkdl_id)
+            if short > 0 and self._lendable(link.qkdl_id) >= max(short, self.cfg.lend_min):
+                lending.borrow(self.store, self.forwarder, link.qkdl_id, link.remote, max(short, self.cfg.lend_batch))
+        return self.store.take(link.qkdl_id, n)
+
+    @staticmethod
+    def _hop_cost(size: int) -> int:
+        """Link keys one relayed key of `size` bits takes on a hop (its pad; each message
+        adds one MAC key)."""
+        return fm.parts_for(size)
 
     @staticmethod
     def _first_neighbour(lk: LinkRoute) -> str | None:
-        """The node the first hop of a backing link goes to."""
+        """The node the first hop of a backing link goes to: from the far end of a
+        virtual link (no next hop) keys go back along its previous hops."""
         if lk.kind == "PHYS":
             return lk.remote
-        return lk.next_hops[0] if lk.next_hops else None
+        return lk.next_hops[0] if lk.next_hops else lk.prev_hop
 
     def _first_hop(self, lk: LinkRoute) -> LinkRoute | None:
         if lk.kind == "PHYS":
             return lk
-        nxt = lk.next_hops[0] if lk.next_hops else None
-        links = self.routes.phys_to(nxt) if nxt else []
-        return max(links, key=lambda p: self.store.count(p.qkdl_id), default=None)
+        return self._phys_toward(self._first_neighbour(lk))
+
+    def _phys_toward(self, neighbour: str | None) -> LinkRoute | None:
+        """The best stocked PHYS link to an adjacent node."""
+        links = self.routes.phys_to(neighbour) if neighbour else []
+        return max(links, key=lambda p: self._stock(p.qkdl_id), default=None)
 
     def _reserve(self, paths: list[LinkRoute], ids: list[str], size: int, master: str, slave: str, expires: float) -> list[Key]:
         parts = fm.parts_for(size)
-        link = max(paths, key=lambda p: self.store.count(p.qkdl_id))
-        taken = self.store.take(link.qkdl_id, parts * len(ids))
+        link = max(paths, key=lambda p: self._stock(p.qkdl_id))
+        taken = self._take_link(link, parts * len(ids))
         if not taken:
             raise KmsError(503, "not enough key on the link to the slave's node; retry later")
         entries, keys = [], []
@@ -256,41 +331,48 @@ class Lkms:
         return keys
 
     def _relay_over(self, app: AppRoute, ids: list[str], end_keys: list[bytes], master: str, slave: str, expires: float) -> None:
+        """Send the keys over the application's paths; the keys of a path whose hop refuses
+        (its stock was less than counted, e.g. the peer's half it meant to borrow is gone) go
+        over the other paths."""
         paths = self._paths(app)
         if not paths:
             raise KmsError(503, "the application has no usable link")
-        # Spread the keys over the paths (aggregation), by the key each first hop holds.
-        batches: dict[str, list[int]] = {p.qkdl_id: [] for p in paths}
-        stock = {p.qkdl_id: self.store.count(self._first_hop(p).qkdl_id) if self._first_hop(p) else 0 for p in paths}
-        for n in range(len(ids)):
-            best = max(paths, key=lambda p: stock[p.qkdl_id] / (1 + len(batches[p.qkdl_id])))
-            batches[best.qkdl_id].append(n)
-        for lk in paths:
-            sel = batches[lk.qkdl_id]
-            if sel:
-                self._hop(lk.qkdl_id, lk, [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+        todo = list(range(len(ids)))
+        while todo:
+            batches = self._spread(app, paths, [8 * len(end_keys[i]) for i in todo])
+            failed: list[int] = []
+            for lk in list(paths):
+                sel = [todo[n] for n in batches[lk.qkdl_id]]
+                if not sel:
+                    continue
+                try:
+                    self._hop(lk.qkdl_id, self._first_neighbour(lk), [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+                except KmsError as exc:
+                    paths.remove(lk)
+                    failed += sel
+                    if exc.http_status != 503 or not paths:
+                        raise
+            todo = sorted(failed)
 
-    def _hop(self, vlink: str, lk: LinkRoute, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
+    def _hop(self, vlink: str, toward: str | None, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
              stream: dict[str, Any] | None = None) -> None:
-        """Seal `keys` with the link to the next hop of `lk` and send them on."""
-        first = self._first_hop(lk)
+        """Pad `keys` with a link to the adjacent node `toward` and send them on in one
+        message, authenticated by one one-time MAC key (see forwarding)."""
+        first = self._phys_toward(toward)
         if first is None or first.remote is None:
             raise KmsError(503, f"no working link to the next hop of {vlink}")
-        sizes = [8 * len(k) for _, k in keys]
-        need = sum(fm.parts_for(s) + 1 for s in sizes)
-        taken = self.store.take(first.qkdl_id, need)
+        counts = [fm.parts_for(8 * len(k)) for _, k in keys]
+        taken = self._take_link(first, sum(counts) + 1)
         if not taken:
             raise KmsError(503, "not enough key on the link to the next hop; retry later")
-        entries, pos = [], 0
-        for (key_id, key), s in zip(keys, sizes):
-            n = fm.parts_for(s)
-            pad_keys, mac = taken[pos:pos + n], taken[pos + n]
-            pos += n + 1
-            ct, tag = fm.seal(key, b"".join(k for _, k in pad_keys), mac[1], fm.header(key_id, vlink, master, slave))
-            entries.append({"key_id": key_id, "pad": [i for i, _ in pad_keys], "mac": mac[0], "ct": fm.b64(ct), "tag": fm.b64(tag)})
-        msg = {"op": "relay", "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
-               "expires": expires, "keys": entries, "stream": stream}
-        self._send(first.remote, msg)
+        entries, pos = [], 1
+        for (key_id, key), n in zip(keys, counts):
+            pads = taken[pos:pos + n]
+            pos += n
+            entries.append({"key_id": key_id, "pad": [i for i, _ in pads], "ct": fm.b64(fm.pad(key, b"".join(k for _, k in pads)))})
+        msg = {"op": "relay", "v": fm.RELAY_VERSION, "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
+               "expires": expires, "stream": stream, "mac": taken[0][0], "keys": entries}
+        self._send(first.remote, fm.sign(msg, taken[0][1]))
 
     def _send(self, peer: str | None, msg: dict[str, Any]) -> None:
         if self.forwarder is None or peer is None:
@@ -303,12 +385,14 @@ class Lkms:
     # --- the other end of a hop ----------------------------------------------------------------
 
     def handle_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        if op == "reserve":
-            return self._on_reserve(sender, msg)
-        if op == "relay":
-            return self._on_relay(sender, msg)
-        raise fm.RelayError(f"unknown relay operation {op!r}", 400)
+        handlers = {"reserve": self._on_reserve, "relay": self._on_relay, "lend": self._on_lend}
+        handler = handlers.get(str(msg.get("op")))
+        if handler is None:
+            raise fm.RelayError(f"unknown relay operation {msg.get('op')!r}", 400)
+        try:
+            return handler(sender, msg)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong type
+            raise fm.RelayError(f"malformed {msg.get('op')} message: {type(exc).__name__}", 400) from None
 
     def _link_with(self, link_id: str, sender: str) -> LinkRoute:
         lk = self.routes.links.get(str(link_id).lower())
@@ -352,30 +436,48 @@ class Lkms:
         return {"ok": True}
 
     def _on_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg.get("v") != fm.RELAY_VERSION:
+            raise fm.RelayError(f"relay message version {msg.get('v')!r} is not {fm.RELAY_VERSION}", 400)
         lk = self._link_with(msg["hop_link"], sender)
-        vlink, master, slave = str(msg["vlink"]), str(msg["master"]), str(msg["slave"])
-        keys = []
-        entries = msg["keys"]
-        taken = self._take_entries(lk.qkdl_id, [[str(p) for p in entry["pad"]] + [str(entry["mac"])] for entry in entries])
-        for entry, pads in zip(entries, taken):
-            key = fm.unseal(fm.unb64(entry["ct"]), fm.unb64(entry["tag"]), b"".join(pads[:-1]), pads[-1],
-                            fm.header(str(entry["key_id"]), vlink, master, slave))
-            keys.append((str(entry["key_id"]), key))
-        stream = msg.get("stream")
-        if self.cfg.saes.get(slave) == self.cfg.kme_id:
+        vlink, master, slave, expires = str(msg["vlink"]), str(msg["master"]), str(msg["slave"]), float(msg["expires"])
+        entries, stream = msg["keys"], msg.get("stream")
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and isinstance(e.get("pad"), list)
+                                                                   for e in entries):
+            raise fm.RelayError("relay message without a list of keys", 400)
+        ids = [str(i) for i in (e["key_id"] for e in entries)]
+        if len(set(ids)) != len(ids) or not all(_is_uuid(i) for i in ids):
+            raise fm.RelayError("relayed key IDs must be distinct UUIDs", 400)
+        here = self.cfg.saes.get(slave) == self.cfg.kme_id
+        onward = None if here else self._onward(vlink, sender)  # before any link key is spent
+        taken = self._take_entries(lk.qkdl_id, [[str(msg["mac"])]] + [[str(p) for p in e["pad"]] for e in entries])
+        fm.verify(msg, taken[0][0])
+        keys = [(i, fm.pad(fm.unb64(str(e["ct"])), b"".join(pads))) for i, e, pads in zip(ids, entries, taken[1:])]
+        if here:
             self.store.put_deliverable(
-                Deliverable(i, slave, master, k, float(msg["expires"]), stream and stream["ksid"], stream and int(stream["idx"]))
-                for i, k in keys
+                Deliverable(i, slave, master, k, expires, stream and str(stream["ksid"]), stream and int(stream["idx"])) for i, k in keys
             )
             return {"ok": True}
-        route = self.routes.links.get(vlink.lower())
-        if route is None or not route.next_hops:
-            raise fm.RelayError(f"no next hop for virtual link {vlink} at this node", 503)
         try:
-            self._hop(vlink, route, keys, master, slave, float(msg["expires"]), stream)
+            self._hop(vlink, onward, keys, master, slave, expires, stream)
         except KmsError as exc:
             raise fm.RelayError(exc.message, exc.http_status) from None
         return {"ok": True}
+
+    def _on_lend(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        lk = self._link_with(msg["link"], sender)
+        return lending.lend(self.store, lk.qkdl_id, msg, self.cfg.lend_keep)
+
+    def _onward(self, vlink: str, sender: str) -> str:
+        """The neighbour on the virtual link a key from `sender` goes on to: the next hop if it
+        came from the previous one, the previous hop if it came back from the next one."""
+        route = self.routes.links.get(vlink.lower())
+        if route is None or route.kind != "VIRT":
+            raise fm.RelayError(f"no virtual link {vlink} at this node", 503)
+        if sender == route.prev_hop and route.next_hops:
+            return route.next_hops[0]
+        if sender in route.next_hops and route.prev_hop:
+            return route.prev_hop
+        raise fm.RelayError(f"virtual link {vlink} goes on from {sender} to no node here", 503)
 
     # --- ETSI 004 --------------------------------------------------------------------------------
 
@@ -436,7 +538,9 @@ class Lkms:
             if not paths:
                 raise KmsError(503, "the application has no usable link", status004=4)
             try:
-                self._hop(paths[0].qkdl_id, paths[0], [(key_id, key)], src, dst, expires, stream)
+                spread = self._spread(app, paths, [size])
+                path = next(p for p in paths if spread[p.qkdl_id])
+                self._hop(path.qkdl_id, self._first_neighbour(path), [(key_id, key)], src, dst, expires, stream)
             except KmsError as exc:
                 raise KmsError(exc.http_status, exc.message, status004=2) from None
             self.store.record_usage(app.app_id, size)

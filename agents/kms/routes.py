@@ -19,6 +19,7 @@ class LinkRoute:
     remote: str | None  # qkdn_id at the far end of the (virtual) link
     prev_hop: str | None = None
     next_hops: tuple[str, ...] = ()
+    bandwidth: int = 0  # VIRT: the path's planned key rate (bit/s) from the controller's plan; 0 if none
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def from_running(root: Any, own_qkdn_id: str) -> RouteTable:
             remote=_s(lk.qkdl_remote.qkdn_id),
             prev_hop=_s(lk.virt_prev_hop),
             next_hops=tuple(str(h).lower() for h in lk.virt_next_hop),
+            bandwidth=int(leaf_value(lk.virt_bandwidth) or 0),
         )
     apps = []
     for app in list_entries(node.qkd_applications.qkd_app):

@@ -8,8 +8,7 @@ relayed through intermediate nodes exactly as for 014); what this adds is naming
 node and the wait: when no application covers the pair yet, the LKMS has asked the
 controller for a path (ETSI 015 sdqkdn_application_new) and answers 503, and this call
 keeps retrying until the path is provisioned, up to `kms.path_wait` seconds (or the
-caller's shorter `wait`). A relayed key link runs one way (from the application's
-master side), so the far end of one gets 404 at once rather than a retry. ETSI 015 gives the controller no way to tell a node that it
+caller's shorter `wait`). A relayed key link works from either end. ETSI 015 gives the controller no way to tell a node that it
 found no path, so a pair still without an application at the deadline gets 404 "no key
 path"; a node without any QKD link gets that 404 at once. ETSI 014's own routes live
 below /api/v1/keys/{SAE_ID}/, so this exact path is free.
@@ -26,7 +25,6 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from sdqkd.agents.kms.https import ApiError, call, sae_of
-from sdqkd.agents.kms.routes import LinkRoute
 from sdqkd.agents.kms.service import Key, KmsError
 
 from .api import Context
@@ -115,9 +113,6 @@ class _Keys:
                 routes = self.lkms.routes
                 app = routes.app_for(master.sae, slave.sae)
                 no_app = slave.qkdn_id != self.dir.own and app is None
-                if app is not None and _relayed_towards_us(app.backing, routes.links):
-                    raise ApiError(404, f"no key path from {master.node} to {slave.node}: their key link is relayed "
-                                        f"from {slave.node}'s side; get the key there (to=) and here with from=") from None
                 if no_app and not any(lk.kind == "PHYS" and lk.enabled for lk in routes.links.values()):
                     raise ApiError(404, f"no key path from {master.node} to {slave.node}: "
                                         f"{master.node} has no QKD link") from None
@@ -128,13 +123,6 @@ class _Keys:
                                             f"provisioned none within {wait:g} s") from None
                     raise
                 await asyncio.sleep(min(_RETRY, left))
-
-
-def _relayed_towards_us(backing: tuple[str, ...], links: dict[str, LinkRoute]) -> bool:
-    """Every backing link is a virtual link that ends here: keys relay only from the end
-    with the next hop (the application's master side), so none can start here."""
-    lks = [links.get(b) for b in backing]
-    return bool(lks) and all(lk is not None and lk.kind == "VIRT" and not lk.next_hops for lk in lks)
 
 
 def _one(query: MultiMapping[str], name: str) -> str | None:

@@ -111,12 +111,10 @@ class _Listing:
 
 
 def _direction(links: list[LinkRoute | None]) -> str:
-    """Which way keys can go: a PHYS link serves either end as master; a relayed (VIRT)
-    link only the end with the next hop (outgoing), not its far end (incoming)."""
-    kinds = {"both" if lk.kind == "PHYS" else "outgoing" if lk.next_hops else "incoming" for lk in links if lk is not None}
-    if not kinds:
-        return "none"
-    return kinds.pop() if len(kinds) == 1 else "both"
+    """Which way keys can go: a PHYS link and a relayed (VIRT) link alike serve either end
+    as master (a VIRT link relays along its next hops from one end, its previous hops from
+    the other)."""
+    return "both" if any(lk is not None for lk in links) else "none"
 
 
 def _error(text: str) -> dict[str, Any]:
@@ -178,10 +176,9 @@ OPENAPI: dict[str, Any] = {
                     "relayed": {"type": "boolean"},
                     "via": {"type": "array", "items": {"type": "string"},
                             "description": "Adjacent nodes keys are relayed through (empty when direct)."},
-                    "direction": {"enum": ["both", "outgoing", "incoming", "none"],
-                                  "description": "Which end may be master: both over a direct link; over a relayed "
-                                  "link only the end keys are relayed from (outgoing here) — the other end "
-                                  "(incoming) gets them by key ID."},
+                    "direction": {"enum": ["both", "none"],
+                                  "description": "Which end may be master: either (both), over a direct or a "
+                                  "relayed link alike; none while no backing link is configured here."},
                     "backing": {"type": "array", "items": {
                         "type": "object",
                         "required": ["qkdl_id", "type", "enabled", "hop", "hop_links"],
@@ -196,7 +193,7 @@ OPENAPI: dict[str, Any] = {
                     "key_size": {"type": "integer"},
                     "stored_key_count": {"type": "integer", "minimum": 0,
                                          "description": "As ETSI 014 Status: keys of key_size bits this node's SAE "
-                                         "could get as master now (0 on an incoming link)."},
+                                         "could get as master now."},
                 },
             },
             "KeyLinkTransit": {
