@@ -123,7 +123,7 @@ class Rpcs:
 
     def operational(self) -> list[etree._Element]:
         """Running config with live state from the drivers, and /netconf-state."""
-        with self.datastores.lock:  # the decoded running is shared: one filler at a time
+        with self.datastores.live_lock:  # the decoded running is shared: one filler at a time
             roots = self.datastores.running_roots()
             self.fill_state(roots)
             data = self.models.dump(roots, config_only=False)
