@@ -75,6 +75,23 @@ def test_a_locked_hop_refuses_and_nothing_changes(trio) -> None:
     assert not any(has_virt(c) for c in conns.values())
 
 
+def test_someone_else_s_uncommitted_candidate_is_neither_used_nor_lost(trio) -> None:
+    """No <discard-changes> in the transaction: the candidate lock itself refuses a
+    candidate another session has edited (RFC 6241 7.5), and that edit stays."""
+    procs, conns = trio
+    other = procs[2].connect()
+    try:
+        other.edit_config(target="candidate", config=f'<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0"><qkd_node xmlns="{ETSI}"><qkdn_location_id>elsewhere</qkdn_location_id></qkd_node></config>')
+        with pytest.raises(txn.TxnError) as err:
+            txn.apply(virt_plan(procs), conns)
+        assert err.value.tag == "lock-denied" and err.value.node == procs[2].name
+        assert "elsewhere" in etree.tostring(other.get_config("candidate").data).decode()
+    finally:
+        other.discard_changes()
+        other.close_session()
+    assert not any(has_virt(c) for c in conns.values())
+
+
 def test_success_changes_every_hop_and_delete_removes(trio) -> None:
     procs, conns = trio
     report = txn.apply(virt_plan(procs), conns)

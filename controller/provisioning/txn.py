@@ -1,6 +1,7 @@
 """A Plan applied to every agent it touches as one transaction (RFC 6241 8.3/8.4).
 
-1. lock running and candidate on every hop, and start from a clean candidate;
+1. lock running and candidate on every hop (a candidate lock is only granted on a
+   clean candidate, RFC 6241 7.5, so no <discard-changes> round trip is needed);
 2. edit candidate and validate on every hop;
 3. commit with <confirmed/> and a persist id on every hop;
 4. confirm on every hop.
@@ -112,7 +113,6 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
                     locked.append((c, target))
 
         def edit(c: AgentConnection) -> None:
-            _on(c, lambda m: m.discard_changes())
             with record:
                 staged.append(c)
             _on(c, lambda m: m.edit_config(target="candidate", config=configs[id(c)], default_operation="merge"))
