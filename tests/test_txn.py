@@ -1,6 +1,7 @@
 """Provisioning transactions against three real agents: all hops change or none."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -108,3 +109,23 @@ def test_success_changes_every_hop_and_delete_removes(trio) -> None:
     assert not any(has_virt(c) for c in conns.values())
     data = conns[procs[0].qkdn_id].call(lambda m: m.get_config("running").data)
     assert etree.tostring(data).count(b"qkd_app>") == 0
+
+
+def test_refresh_does_not_queue_behind_the_provisioning_session(trio) -> None:
+    """A refresh <get> goes over its own session: a transaction's RPCs on the
+    provisioning session (held here) neither wait for it nor hold it up."""
+    procs, conns = trio
+    c = conns[procs[0].qkdn_id]
+    c.data = None
+    with c.lock:
+        t = threading.Thread(target=c.refresh)
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+    assert c.data is not None and c.data.find(f".//{{{ETSI}}}qkdn_id") is not None
+    sessions = procs[0].connect()
+    try:
+        state = etree.tostring(sessions.get().data).decode()
+        assert state.count("<session>") >= 3  # provisioning, refresh, this one
+    finally:
+        sessions.close_session()
