@@ -17,7 +17,9 @@ from typing import Any
 
 from lxml import etree
 from ncclient.manager import Manager
+from ncclient.operations.errors import TimeoutExpiredError
 from ncclient.operations.rpc import RPCError
+from ncclient.xml_ import to_ele
 
 from sdqkd.controller.southbound.session import connect
 
@@ -184,6 +186,31 @@ class AgentConnection:
     def call(self, fn: Callable[[Manager], Any]) -> Any:
         with self.lock:
             return fn(self._manager())
+
+    def pipeline(self, fns: list[Callable[[Manager], Any]]) -> list[Any]:
+        """Send several RPCs without waiting in between (RFC 6241 allows pipelining; the
+        agent answers them in order), then wait for every reply: one round trip
+        instead of len(fns). Returns each reply, or the RPCError or transport error
+        that took its place; nothing is raised for an <rpc-error>."""
+        with self.lock:
+            m = self._manager()
+            m.async_mode = True
+            try:
+                sent = [fn(m) for fn in fns]
+            finally:
+                m.async_mode = False
+            out: list[Any] = []
+            for rpc in sent:
+                if not rpc.event.wait(m.timeout):
+                    out.append(TimeoutExpiredError("ncclient timed out while waiting for an rpc reply."))
+                elif rpc.error is not None:
+                    out.append(rpc.error)
+                elif rpc.reply.error is not None:
+                    errs = rpc.reply.errors
+                    out.append(RPCError(to_ele(rpc.reply._raw), errs=errs) if len(errs) > 1 else rpc.reply.error)
+                else:
+                    out.append(rpc.reply)
+            return out
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
