@@ -14,8 +14,10 @@ by name): sdqkd/__init__.py does it when sdqkd.bindings is first imported.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import threading
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -27,6 +29,7 @@ ORIGINAL = {
     "RestrictedClassType": yangtypes.RestrictedClassType,
     "RestrictedPrecisionDecimalType": yangtypes.RestrictedPrecisionDecimalType,
     "TypedListType": yangtypes.TypedListType,
+    "YANGListType": yangtypes.YANGListType,
 }
 
 _lock = threading.Lock()
@@ -123,6 +126,117 @@ def RestrictedPrecisionDecimalType(*args: Any, **kwargs: Any) -> type:
 
 def TypedListType(*args: Any, **kwargs: Any) -> type:
     return _cached(_typed_lists, "TypedListType", args, kwargs)
+
+
+_key_names: dict[tuple[type, str], Any] = {}
+
+
+def _key_yang_name(contained: type, kv: str, parent: Any, yang_name: Any) -> Any:
+    """The YANG name of key leaf `kv`: pyangbind builds a whole throw-away entry for
+    it on every add; it depends on the entry class only."""
+    name = _key_names.get((contained, kv))
+    if name is None:
+        tmp = yangtypes.YANGDynClass(base=contained, parent=parent, yang_name=yang_name,
+                                     is_container="container", path_helper=False)
+        name = _key_names[(contained, kv)] = getattr(tmp, kv).yang_name()
+    return name
+
+
+def _list_set(env: dict[str, Any]) -> Any:
+    """pyangbind's YANGList.__set without the throw-away entry (same checks, errors, paths)."""
+    parent, yang_name, is_container = env["parent"], env["yang_name"], env["is_container"]
+    path_helper, extensions = env["path_helper"], env["extensions"]
+
+    def __set(self: Any, *args: Any, **kwargs: Any) -> Any:
+        k = kwargs.pop("_k", None)
+        v = kwargs.pop("_v", None)
+        named_set = kwargs.pop("_named_set", False)
+
+        if k is None and self._keyval and not named_set:
+            k = args[0]
+        elif k is None:
+            k = str(uuid.uuid1())
+
+        update = False
+        if v is not None:
+            if not self.__check__(v):
+                raise ValueError("value must be set to an instance of %s" % (self._contained_class))
+            update = True
+
+        if k in self._members:
+            update = True
+
+        if self._keyval:
+            try:
+                keydict = None
+                if " " in self._keyval and not named_set:
+                    keys = self._keyval.split(" ")
+                    keyparts = k.split(" ")
+                    keydict = {}
+                    for kp, kv in zip(keys, keyparts):
+                        keydict[kp] = kv
+                    if not len(keyparts) == len(keys):
+                        raise KeyError("YANGList key must contain all key elements (%s)" % (self._keyval.split(" ")))
+                elif named_set:
+                    k = kwargs.pop("_python_key", None)
+                    keydict = copy.copy(kwargs)
+                else:
+                    if k == "":
+                        raise KeyError("Cannot set a null key for a list entry!")
+                    keydict = {self._keyval: k}
+
+                if keydict is not None:
+                    keys = self._keyval.split(" ")
+                    path_keystring = "["
+                    for kv in keys:
+                        path_keystring += "%s='%s' " % (_key_yang_name(self._contained_class, kv, parent, yang_name), keydict[kv])
+                    path_keystring = path_keystring[:-1]
+                    path_keystring += "]"
+
+                if not update:
+                    tmp = yangtypes.YANGDynClass(
+                        base=self._contained_class, parent=parent, yang_name=yang_name, is_container="container",
+                        path_helper=path_helper, register_path=(self._parent._path() + [self._yang_name + path_keystring]),
+                        extmethods=self._parent._extmethods, extensions=extensions,
+                    )
+                else:
+                    tmp = yangtypes.YANGDynClass(
+                        v, base=self._contained_class, parent=parent, yang_name=yang_name, is_container="container",
+                        path_helper=path_helper, register_path=(self._parent._path() + [self._yang_name + path_keystring]),
+                        extmethods=self._parent._extmethods, load=True, extensions=extensions,
+                    )
+
+                if keydict is not None:
+                    for kn in keydict:
+                        key = getattr(tmp, "_set_%s" % yangtypes.safe_name(kn))
+                        key(keydict[kn], load=True)
+
+                if hasattr(k, "_referenced_object") and k._referenced_object is not None:
+                    k = k._referenced_object
+
+                self._members[k] = tmp
+
+            except ValueError as m:
+                raise KeyError("key value %s must be valid, %s" % (self._keyval, m))
+        else:
+            self._members[k] = yangtypes.YANGDynClass(
+                base=self._contained_class, parent=parent, yang_name=yang_name, is_container=is_container,
+                path_helper=path_helper, extmethods=self._parent._extmethods, extensions=extensions,
+            )
+            return k
+
+    return __set
+
+
+def YANGListType(*args: Any, **kwargs: Any) -> type:
+    """pyangbind's YANGList class (one per list instance: it closes over its parent)
+    with the add path above."""
+    cls = ORIGINAL["YANGListType"](*args, **kwargs)
+    fn = cls._YANGList__set
+    if set(fn.__code__.co_freevars) == {"extensions", "is_container", "parent", "path_helper", "yang_name"}:
+        env = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+        cls._YANGList__set = _list_set(env)
+    return cls
 
 
 _SLOTS = (
@@ -398,6 +512,7 @@ def install() -> None:
     yangtypes.RestrictedClassType = RestrictedClassType
     yangtypes.RestrictedPrecisionDecimalType = RestrictedPrecisionDecimalType
     yangtypes.TypedListType = TypedListType
+    yangtypes.YANGListType = YANGListType
     _installed = True
 
 
