@@ -15,10 +15,12 @@ by name): sdqkd/__init__.py does it when sdqkd.bindings is first imported.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 import threading
 import uuid
 from decimal import Decimal
+from types import ModuleType
 from typing import Any
 
 import regex
@@ -514,6 +516,23 @@ def install() -> None:
     yangtypes.TypedListType = TypedListType
     yangtypes.YANGListType = YANGListType
     _installed = True
+
+
+def pyangbind_build(module: str) -> ModuleType:
+    """A bindings module (name under sdqkd.bindings) loaded afresh with pyangbind's own
+    factories, as a reference for tests and benchmarks."""
+    from sdqkd import yangmodels
+
+    uninstall()
+    try:
+        path = yangmodels.BINDINGS_DIR / f"{module}.py"
+        spec = importlib.util.spec_from_file_location(f"_pyangbind_{module}", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        install()
+    return mod
 
 
 def uninstall() -> None:
