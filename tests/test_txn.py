@@ -98,6 +98,15 @@ def test_success_changes_every_hop_and_delete_removes(trio) -> None:
     report = txn.apply(virt_plan(procs), conns)
     assert set(report.phases) == {"lock", "edit", "commit", "confirm"}
     assert all(has_virt(c) for c in conns.values())
+    for p in procs:  # every lock was released with the confirm
+        other = p.connect()
+        try:
+            other.lock("running")
+            other.lock("candidate")
+            other.unlock("candidate")
+            other.unlock("running")
+        finally:
+            other.close_session()
     time.sleep(0.2)
     undo = Plan()
     for p in procs:

@@ -4,7 +4,7 @@
    clean candidate, RFC 6241 7.5, so no <discard-changes> round trip is needed);
 2. edit candidate and validate on every hop;
 3. commit with <confirmed/> and a persist id on every hop;
-4. confirm on every hop.
+4. confirm on every hop, and unlock.
 Each phase runs on all hops at once (one NETCONF session each) and the next phase
 starts when every hop has answered; within a phase a hop's RPCs are pipelined
 (both locks, edit + validate, both unlocks: one round trip each). Any failure before step 4 cancels the confirmed
@@ -148,6 +148,19 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
             with record:
                 confirmed.append(c)
 
+        def confirm(c: AgentConnection) -> None:
+            # the unlocks ride in the same round trip: if the confirm fails, the rollback's
+            # cancel-commit needs no lock, and running stays locked to others while a
+            # confirmed commit is pending (RFC 6241 8.4)
+            with record:
+                targets = [t for cc, t in reversed(locked) if cc is c]
+            results = _pipelined(c, [lambda m: m.commit(persist_id=txn), *(lambda m, t=t: m.unlock(t) for t in targets)])
+            with record:
+                for t, r in zip(targets, results[1:]):
+                    if not isinstance(r, Exception):
+                        locked.remove((c, t))
+            _raise_first(c, results[:1])
+
         t0 = time.perf_counter()
         try:
             _each(hops, lock)
@@ -156,7 +169,7 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
             report.phases["edit"] = time.perf_counter() - t0
             _each(hops, commit)
             report.phases["commit"] = time.perf_counter() - t0
-            _each(hops, lambda c: _on(c, lambda m: m.commit(persist_id=txn)))
+            _each(hops, confirm)
             report.phases["confirm"] = time.perf_counter() - t0
             return report
         except TxnError:
