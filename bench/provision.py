@@ -153,8 +153,8 @@ def main() -> None:
                     phases.setdefault(ph, []).append(at - prev)
                     prev = at
                 phases.setdefault("transaction (total)", []).append(prev)
-                # compute, unlock, the controller's own store and view: the rest of create
-                phases.setdefault("outside (compute, unlock, store)", []).append(create[-1] - prev)
+                # compute, the controller's own store and view: the rest of create
+                phases.setdefault("outside (compute, controller store)", []).append(create[-1] - prev)
                 t = time.perf_counter()
                 ctl.delete_application(app.app_id)
                 delete.append(time.perf_counter() - t)
