@@ -97,8 +97,9 @@ class Agent:
 
     def _refresh_routes(self) -> None:
         """The LKMS and forwarding module follow running (apps, links, next hops)."""
-        roots = self.datastores.running_roots()
-        self.kms.lkms.update_routes(kms_routes.from_running(roots["etsi-qkd-sdn-node"], self.cfg.node.qkdn_id))
+        with self.datastores.live_lock:  # a <get> may be filling state into them
+            routes = kms_routes.from_running(self.datastores.running_roots()["etsi-qkd-sdn-node"], self.cfg.node.qkdn_id)
+        self.kms.lkms.update_routes(routes)
 
     def _ask_for_path(self, master: str, slave: str) -> None:
         """No application covers this SAE pair: tell the controller (ETSI 015

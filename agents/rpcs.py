@@ -85,6 +85,7 @@ class Rpcs:
         self.sessions = sessions
         self.modules = monitoring.served_modules(SERVED)
         self.started = notify.now()
+        self._caps: list[str] | None = None
         self._handlers: dict[tuple[str, str], Callable[[Any, etree._Element], Any]] = {
             (NC, "get"): self.get,
             (NC, "get-config"): self.get_config,
@@ -106,11 +107,14 @@ class Rpcs:
     # --- server interface ---------------------------------------------------------
 
     def capabilities(self) -> list[str]:
-        caps = list(BASE_CAPS)
-        for m in self.modules:
-            ns, _ = m.read_header()
-            caps.append(f"{ns}?module={m.name}" + (f"&revision={m.revision}" if m.revision else ""))
-        return caps
+        """Read from the module files once: every <get> lists them (netconf-state)."""
+        if self._caps is None:
+            caps = list(BASE_CAPS)
+            for m in self.modules:
+                ns, _ = m.read_header()
+                caps.append(f"{ns}?module={m.name}" + (f"&revision={m.revision}" if m.revision else ""))
+            self._caps = caps
+        return list(self._caps)
 
     def handler(self, namespace: str, name: str) -> Callable[[Any, etree._Element], Any] | None:
         return self._handlers.get((namespace, name))
@@ -123,7 +127,7 @@ class Rpcs:
 
     def operational(self) -> list[etree._Element]:
         """Running config with live state from the drivers, and /netconf-state."""
-        with self.datastores.lock:  # the decoded running is shared: one filler at a time
+        with self.datastores.live_lock:  # the decoded running is shared: one filler at a time
             roots = self.datastores.running_roots()
             self.fill_state(roots)
             data = self.models.dump(roots, config_only=False)

@@ -1,6 +1,7 @@
 """Provisioning transactions against three real agents: all hops change or none."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -75,11 +76,37 @@ def test_a_locked_hop_refuses_and_nothing_changes(trio) -> None:
     assert not any(has_virt(c) for c in conns.values())
 
 
+def test_someone_else_s_uncommitted_candidate_is_neither_used_nor_lost(trio) -> None:
+    """No <discard-changes> in the transaction: the candidate lock itself refuses a
+    candidate another session has edited (RFC 6241 7.5), and that edit stays."""
+    procs, conns = trio
+    other = procs[2].connect()
+    try:
+        other.edit_config(target="candidate", config=f'<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0"><qkd_node xmlns="{ETSI}"><qkdn_location_id>elsewhere</qkdn_location_id></qkd_node></config>')
+        with pytest.raises(txn.TxnError) as err:
+            txn.apply(virt_plan(procs), conns)
+        assert err.value.tag == "lock-denied" and err.value.node == procs[2].name
+        assert "elsewhere" in etree.tostring(other.get_config("candidate").data).decode()
+    finally:
+        other.discard_changes()
+        other.close_session()
+    assert not any(has_virt(c) for c in conns.values())
+
+
 def test_success_changes_every_hop_and_delete_removes(trio) -> None:
     procs, conns = trio
     report = txn.apply(virt_plan(procs), conns)
     assert set(report.phases) == {"lock", "edit", "commit", "confirm"}
     assert all(has_virt(c) for c in conns.values())
+    for p in procs:  # every lock was released with the confirm
+        other = p.connect()
+        try:
+            other.lock("running")
+            other.lock("candidate")
+            other.unlock("candidate")
+            other.unlock("running")
+        finally:
+            other.close_session()
     time.sleep(0.2)
     undo = Plan()
     for p in procs:
@@ -91,3 +118,23 @@ def test_success_changes_every_hop_and_delete_removes(trio) -> None:
     assert not any(has_virt(c) for c in conns.values())
     data = conns[procs[0].qkdn_id].call(lambda m: m.get_config("running").data)
     assert etree.tostring(data).count(b"qkd_app>") == 0
+
+
+def test_refresh_does_not_queue_behind_the_provisioning_session(trio) -> None:
+    """A refresh <get> goes over its own session: a transaction's RPCs on the
+    provisioning session (held here) neither wait for it nor hold it up."""
+    procs, conns = trio
+    c = conns[procs[0].qkdn_id]
+    c.data = None
+    with c.lock:
+        t = threading.Thread(target=c.refresh)
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+    assert c.data is not None and c.data.find(f".//{{{ETSI}}}qkdn_id") is not None
+    sessions = procs[0].connect()
+    try:
+        state = etree.tostring(sessions.get().data).decode()
+        assert state.count("<session>") >= 3  # provisioning, refresh, this one
+    finally:
+        sessions.close_session()

@@ -59,6 +59,7 @@ class Datastores:
         self.startup_path = startup_path
         self.on_commit = on_commit
         self.lock = threading.RLock()
+        self.live_lock = threading.RLock()  # the decoded running (running_roots)
         self.locks: dict[str, int] = {}
         self.candidate_dirty_by: int | None = None
         self.confirmed: _Confirmed | None = None
@@ -81,16 +82,20 @@ class Datastores:
     def running_roots(self) -> dict[str, Any]:
         """Bindings of running, for <get> (which fills state into them) and the LKMS
         routes (read after every commit). Kept decoded and updated entry by entry:
-        a whole decode costs ~15 ms a list entry."""
-        with self.lock:
+        a whole decode costs ~15 ms a list entry. Whoever reads or fills them holds
+        live_lock (not the datastore lock: a <get> filling state must not hold up the
+        lock/edit/validate of the next transaction); running itself is only ever
+        replaced whole, so one read of it is a consistent snapshot."""
+        with self.live_lock:
+            running = self.running
             live = self._live
-            if live is not None and live[0] is self.running:
+            if live is not None and live[0] is running:
                 return live[1]
-            if live is not None and self.models.update(live[1], live[0], self.running):
+            if live is not None and self.models.update(live[1], live[0], running):
                 roots = live[1]
             else:
-                roots = self.models.decode(self.running)
-            self._live = (self.running, roots)
+                roots = self.models.decode(running)
+            self._live = (running, roots)
             return roots
 
     def _store(self, target: str) -> list[etree._Element]:

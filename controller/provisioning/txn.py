@@ -1,11 +1,13 @@
 """A Plan applied to every agent it touches as one transaction (RFC 6241 8.3/8.4).
 
-1. lock running and candidate on every hop, and start from a clean candidate;
+1. lock running and candidate on every hop (a candidate lock is only granted on a
+   clean candidate, RFC 6241 7.5, so no <discard-changes> round trip is needed);
 2. edit candidate and validate on every hop;
 3. commit with <confirmed/> and a persist id on every hop;
-4. confirm on every hop.
+4. confirm on every hop, and unlock.
 Each phase runs on all hops at once (one NETCONF session each) and the next phase
-starts when every hop has answered. Any failure before step 4 cancels the confirmed
+starts when every hop has answered; within a phase a hop's RPCs are pipelined
+(both locks, edit + validate, both unlocks: one round trip each). Any failure before step 4 cancels the confirmed
 commits already made (or discards the candidate) on every hop, so no hop keeps a
 partial path; if the controller dies mid-way, the agents roll back by themselves
 when the confirm timeout expires. Locks never wait (RFC 6241 7.5 answers
@@ -71,6 +73,25 @@ def _on(c: AgentConnection, fn: Any) -> Any:
         raise TxnError(c.addr.name, str(exc), "resource-denied") from None
 
 
+def _pipelined(c: AgentConnection, fns: list[Callable[[Any], Any]]) -> list[Any]:
+    """Several RPCs on one agent in one round trip: each reply or its error, in order."""
+    try:
+        return c.pipeline(fns)
+    except (AgentUnavailable, OSError) as exc:
+        raise TxnError(c.addr.name, str(exc), "resource-denied") from None
+
+
+def _raise_first(c: AgentConnection, results: list[Any]) -> None:
+    """The first failed RPC of a pipeline, named as _on names it."""
+    for r in results:
+        if isinstance(r, RPCError):
+            raise TxnError(c.addr.name, r.message or str(r), r.tag or "operation-failed", r.path) from None
+        if isinstance(r, OSError):
+            raise TxnError(c.addr.name, str(r), "resource-denied") from None
+        if isinstance(r, Exception):
+            raise r
+
+
 _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="txn")
 
 
@@ -106,22 +127,39 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
 
         def lock(c: AgentConnection) -> None:
             _check_caps(c, edits[id(c)])
-            for target in ("running", "candidate"):
-                _on(c, lambda m, t=target: m.lock(t))
-                with record:
-                    locked.append((c, target))
+            targets = ("running", "candidate")
+            results = _pipelined(c, [lambda m, t=t: m.lock(t) for t in targets])
+            with record:
+                locked.extend((c, t) for t, r in zip(targets, results) if not isinstance(r, Exception))
+            _raise_first(c, results)
 
         def edit(c: AgentConnection) -> None:
-            _on(c, lambda m: m.discard_changes())
             with record:
                 staged.append(c)
-            _on(c, lambda m: m.edit_config(target="candidate", config=configs[id(c)], default_operation="merge"))
-            _on(c, lambda m: m.validate(source="candidate"))
+            # a failed edit changes nothing (the agent's edits are atomic): validate then
+            # checks the untouched candidate, and the edit's error is the one reported
+            _raise_first(c, _pipelined(c, [
+                lambda m: m.edit_config(target="candidate", config=configs[id(c)], default_operation="merge"),
+                lambda m: m.validate(source="candidate"),
+            ]))
 
         def commit(c: AgentConnection) -> None:
             _on(c, lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=txn))
             with record:
                 confirmed.append(c)
+
+        def confirm(c: AgentConnection) -> None:
+            # the unlocks ride in the same round trip: if the confirm fails, the rollback's
+            # cancel-commit needs no lock, and running stays locked to others while a
+            # confirmed commit is pending (RFC 6241 8.4)
+            with record:
+                targets = [t for cc, t in reversed(locked) if cc is c]
+            results = _pipelined(c, [lambda m: m.commit(persist_id=txn), *(lambda m, t=t: m.unlock(t) for t in targets)])
+            with record:
+                for t, r in zip(targets, results[1:]):
+                    if not isinstance(r, Exception):
+                        locked.remove((c, t))
+            _raise_first(c, results[:1])
 
         t0 = time.perf_counter()
         try:
@@ -131,7 +169,7 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
             report.phases["edit"] = time.perf_counter() - t0
             _each(hops, commit)
             report.phases["commit"] = time.perf_counter() - t0
-            _each(hops, lambda c: _on(c, lambda m: m.commit(persist_id=txn)))
+            _each(hops, confirm)
             report.phases["confirm"] = time.perf_counter() - t0
             return report
         except TxnError:
@@ -143,11 +181,10 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
 
 
 def _unlock(c: AgentConnection, targets: list[str]) -> None:
-    for target in targets:
-        try:
-            c.call(lambda m, t=target: m.unlock(t))
-        except Exception:  # noqa: BLE001 - a dropped session released its locks anyway
-            pass
+    try:
+        c.pipeline([lambda m, t=t: m.unlock(t) for t in targets])
+    except Exception:  # noqa: BLE001 - a dropped session released its locks anyway
+        pass
 
 
 def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection]) -> None:

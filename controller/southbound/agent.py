@@ -2,7 +2,10 @@
 node's last known datastore, and its notifications handed to the controller.
 
 After every (re)connect the agent is read in full (resync), so a restarted agent
-or a missed notification never leaves the controller with a stale view.
+or a missed notification never leaves the controller with a stale view. Later
+re-reads (refresh) go over a second, read-only session: an agent answers one
+session's RPCs in order, so a <get> on the provisioning session would hold up the
+next transaction's lock or edit behind it.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from typing import Any
 
 from lxml import etree
 from ncclient.manager import Manager
+from ncclient.operations.errors import TimeoutExpiredError
 from ncclient.operations.rpc import RPCError
+from ncclient.xml_ import to_ele
 
 from sdqkd.controller.southbound.session import connect
 
@@ -58,6 +63,8 @@ class AgentConnection:
         self.connected = threading.Event()
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._read_lock = threading.Lock()
+        self._reader: Manager | None = None  # the refresh session, opened on first use
         self._thread = threading.Thread(target=self._run, name=f"agent-{addr.name}", daemon=True)
 
     @property
@@ -69,6 +76,8 @@ class AgentConnection:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._read_lock:
+            self._close_reader()
         m = self.manager
         if m is not None:
             try:
@@ -138,8 +147,33 @@ class AgentConnection:
         self.on_state(self)
 
     def refresh(self) -> None:
+        """Re-read the agent over the read-only session (the provisioning session
+        when that one cannot be had)."""
+        with self._read_lock:
+            data = None
+            if not self._stop.is_set() and self.connected.is_set():
+                try:
+                    if self._reader is None or not self._reader.connected:
+                        self._close_reader()
+                        self._reader = self._connect()
+                    data = self._reader.get().data
+                except Exception as exc:  # noqa: BLE001 - fall back to the main session below
+                    log.debug("refresh session to %s failed: %s", self.addr.name, exc)
+                    self._close_reader()
+            if data is not None:
+                self.data = data
+                self.on_state(self)
+                return
         with self.lock:
             self.resync()
+
+    def _close_reader(self) -> None:
+        r, self._reader = self._reader, None
+        if r is not None:
+            try:
+                r.close_session()
+            except Exception:  # noqa: BLE001 - it may be gone already
+                pass
 
     def _manager(self) -> Manager:
         m = self.manager
@@ -152,6 +186,31 @@ class AgentConnection:
     def call(self, fn: Callable[[Manager], Any]) -> Any:
         with self.lock:
             return fn(self._manager())
+
+    def pipeline(self, fns: list[Callable[[Manager], Any]]) -> list[Any]:
+        """Send several RPCs without waiting in between (RFC 6241 allows pipelining; the
+        agent answers them in order), then wait for every reply: one round trip
+        instead of len(fns). Returns each reply, or the RPCError or transport error
+        that took its place; nothing is raised for an <rpc-error>."""
+        with self.lock:
+            m = self._manager()
+            m.async_mode = True
+            try:
+                sent = [fn(m) for fn in fns]
+            finally:
+                m.async_mode = False
+            out: list[Any] = []
+            for rpc in sent:
+                if not rpc.event.wait(m.timeout):
+                    out.append(TimeoutExpiredError("ncclient timed out while waiting for an rpc reply."))
+                elif rpc.error is not None:
+                    out.append(rpc.error)
+                elif rpc.reply.error is not None:
+                    errs = rpc.reply.errors
+                    out.append(RPCError(to_ele(rpc.reply._raw), errs=errs) if len(errs) > 1 else rpc.reply.error)
+                else:
+                    out.append(rpc.reply)
+            return out
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
