@@ -84,16 +84,20 @@ class Lkms:
         self._lock = threading.Lock()
         self._credit: dict[str, dict[str, float]] = {}  # per application, per path: weighted round robin
         self._borrowing: dict[str, threading.Lock] = {}  # per link: one borrow at a time
+        self._allocated: dict[str, str] = {}  # PHYS link -> the remote its allocator was set for
         if forwarder is not None:
             forwarder.start(self.handle_relay)
 
     # --- configuration -------------------------------------------------------------------
 
     def update_routes(self, table: RouteTable) -> None:
-        """Called after every commit; PHYS links get their allocation rule."""
+        """Called after every commit; PHYS links get their allocation rule. Only a new or
+        re-pointed link touches the key store (its lock is the one link-key flushes and
+        checkpoints hold: taking it on every commit delayed provisioning)."""
         for lk in table.links.values():
-            if lk.kind == "PHYS" and lk.remote:
+            if lk.kind == "PHYS" and lk.remote and self._allocated.get(lk.qkdl_id) != lk.remote:
                 self.store.set_allocator(lk.qkdl_id, allocator(self.cfg.kme_id, lk.remote))
+                self._allocated[lk.qkdl_id] = lk.remote
         with self._lock:
             self.routes = table
             self._credit.clear()
