@@ -40,7 +40,10 @@ def test_paths_sharing_a_first_hop_count_its_key_once(net) -> None:  # noqa: F81
     keys = nodes[A].enc_keys("sa2", "sc3", stored, 256, [])  # all of it, in one call
     got = nodes[C].dec_keys("sc3", "sa2", [k.key_id for k in keys])
     assert [k.key for k in got] == [k.key for k in keys]
-    assert nodes[A].store.count(L1) == 0 and nodes[B].store.count(L1) == keep
+    # A's half is used up and B never lends below `keep`; when the keys' split over the two
+    # paths leaves one message (one MAC key) fewer than the status promised for, B keeps that
+    # key (seen about once in 30 runs, by the random key IDs' halves)
+    assert nodes[A].store.count(L1) == 0 and keep <= nodes[B].store.count(L1) <= keep + 1
 
 
 def test_paths_sharing_a_first_hop_take_turns_by_planned_rate(net) -> None:  # noqa: F811
