@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 APP_NS = uuid.UUID("8d0c2b1e-5f4a-4e3b-9c2d-1a0b9e8f7c6d")
 
 
+def _view_blind(edit: Any) -> bool:
+    """An edit the topology view never reads (builder.py: interfaces, PHYS links, switches)."""
+    return isinstance(edit, AppEdit) or (isinstance(edit, LinkEdit) and edit.kind == "VIRT")
+
+
 class ControllerError(Exception):
     """An orchestrator request refused. kind: invalid | not-found | no-path | conflict | failed;
     tag: the NETCONF error-tag when an agent refused (failed)."""
@@ -144,7 +149,14 @@ class Controller:
             self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
-        self._mark_dirty(conn.qkdn_id)
+        lid = (content.findtext(f".//{{{ETSI_NS}}}qkdl_id") or "").strip().lower()
+        skr = content.findtext(f".//{{{ETSI_NS}}}performance/{{{ETSI_NS}}}skr")
+        qber = next((pp.findtext(f"{{{ETSI_NS}}}value") for pp in content.iterfind(f".//{{{ETSI_NS}}}phys_perf")
+                     if ident(pp.findtext(f"{{{ETSI_NS}}}perf_type")) == "QBER"), None)
+        if conn.apply_link_perf(lid, skr, qber):
+            self._invalidate()
+        else:
+            self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:
         self._emit("interface-down", {"node": conn.addr.name, "qkdi_id": content.findtext(f".//{{{ETSI_NS}}}qkdi_id")})
@@ -326,8 +338,13 @@ class Controller:
             report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout)
         except txn.TxnError as exc:
             raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
+        # re-read only the agents whose changes the topology view reads (PHYS links,
+        # cross-connects): application entries and VIRT links are not in it, and a
+        # <get> on each hop after every application collided with the next one's
+        # transaction (its agent busy dumping state: most of the create p99)
         for n in report.nodes:
-            self._mark_dirty(n)
+            if any(not _view_blind(e) for e in plan.edits[n]):
+                self._mark_dirty(n)
         self._invalidate()
         return report
 
