@@ -167,31 +167,6 @@ class AgentConnection:
         with self.lock:
             self.resync()
 
-    def apply_link_perf(self, qkdl_id: str, skr: str | None, qber: str | None) -> bool:
-        """A perf update's figures written into the last read datastore, in place: a
-        full <get> per update (every agent, every second) was the load that made the
-        provisioning tail. False when the link or a field is not there yet: re-read then."""
-        data = self.data
-        node = qkd_node(data)
-        if node is None or skr is None:
-            return False
-        for lk in node.iterfind("q:qkd_links/q:qkd_link", {"q": ETSI_NS}):
-            if (text(lk, "q:qkdl_id") or "").lower() != qkdl_id:
-                continue
-            skr_el = lk.find("q:qkdl_performance/q:skr", {"q": ETSI_NS})
-            if skr_el is None:
-                return False
-            if qber is not None:
-                qv = next((p for p in lk.iterfind("q:qkdl_performance/q:phys_perf", {"q": ETSI_NS})
-                           if ident(text(p, "q:perf_type")) == "QBER"), None)
-                val = None if qv is None else qv.find("q:value", {"q": ETSI_NS})
-                if val is None:
-                    return False
-                val.text = qber
-            skr_el.text = skr
-            return True
-        return False
-
     def _close_reader(self) -> None:
         r, self._reader = self._reader, None
         if r is not None:
