@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 APP_NS = uuid.UUID("8d0c2b1e-5f4a-4e3b-9c2d-1a0b9e8f7c6d")
 
 
+REFRESH_DEFER = 3.0  # s: how long a stale agent's re-read may wait for transactions to pause
+
+
 def _view_blind(edit: Any) -> bool:
     """An edit the topology view never reads (builder.py: interfaces, PHYS links, switches)."""
     return isinstance(edit, AppEdit) or (isinstance(edit, LinkEdit) and edit.kind == "VIRT")
@@ -177,15 +180,25 @@ class Controller:
         if self.wait_discovered(30) and not self._stopped.is_set():
             gc.collect()
             gc.freeze()
+        # A <get> keeps its agent busy dumping state: one that lands in a transaction
+        # on that agent slows its every phase. While a transaction runs, a re-read
+        # waits for a later tick, for at most REFRESH_DEFER seconds.
+        deferred: dict[str, float] = {}
         while not self._stopped.wait(1.0):
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
+            now, done = time.monotonic(), False
             for qid in dirty:
+                if txn.busy() and now - deferred.setdefault(qid, now) < REFRESH_DEFER:
+                    self._mark_dirty(qid)
+                    continue
+                deferred.pop(qid, None)
+                done = True
                 try:
                     self.conns[qid].refresh()
                 except Exception as exc:  # noqa: BLE001 - it reconnects and resyncs by itself
                     log.debug("refresh of %s failed: %s", qid, exc)
-            if dirty:
+            if done:
                 self._invalidate()
 
     def _work_loop(self) -> None:

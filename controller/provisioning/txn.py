@@ -55,6 +55,11 @@ class TxnReport:
 _serial = threading.Lock()
 
 
+def busy() -> bool:
+    """A transaction is running (a hint: it may end or start right after)."""
+    return _serial.locked()
+
+
 def _check_caps(conn: AgentConnection, edits: list[Edit]) -> None:
     """The transaction's own needs plus what each edit declares (ncclient's RPC.DEPENDS)."""
     caps = set(_on(conn, lambda m: list(m.server_capabilities)))
