@@ -7,6 +7,8 @@ and delete_application; then the same SAE pair's application again (its default 
 the entries the agents saw before come back). The baseline, measured in the same run, is
 compute_relay alone on a fresh view (as create sees it: every transaction invalidates
 the view). Prints p50/p99 per operation, with the transaction's phases. Target < 100 ms.
+Then the slowest creates, each with its slowest hop per phase (max/min ms over the hops)
+and what the controller did meanwhile (its re-reads of agents, its GC passes): the tail.
 
     .venv/bin/python bench/provision.py [--n 30]
 """
