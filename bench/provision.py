@@ -7,12 +7,15 @@ and delete_application; then the same SAE pair's application again (its default 
 the entries the agents saw before come back). The baseline, measured in the same run, is
 compute_relay alone on a fresh view (as create sees it: every transaction invalidates
 the view). Prints p50/p99 per operation, with the transaction's phases. Target < 100 ms.
+Then the slowest creates, each with its slowest hop per phase (max/min ms over the hops)
+and what the controller did meanwhile (its re-reads of agents, its GC passes): the tail.
 
     .venv/bin/python bench/provision.py [--n 30]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -129,6 +132,26 @@ def main() -> None:
                 return r
 
             ctl._apply = recording_apply  # type: ignore[method-assign]
+            # what else ran in the controller during each create: its refresher's
+            # <get>s (per agent) and its garbage collections
+            busy: list[tuple[str, float, float]] = []
+            for c in ctl.conns.values():
+                def timed_refresh(orig=c.refresh, who=name.get(c.qkdn_id, c.qkdn_id)):  # noqa: ANN001, ANN202
+                    t = time.perf_counter()
+                    try:
+                        return orig()
+                    finally:
+                        busy.append((f"refresh {who}", t, time.perf_counter()))
+                c.refresh = timed_refresh  # type: ignore[method-assign]
+            gc_start: list[float] = []
+
+            def on_gc(phase: str, info: dict) -> None:
+                if phase == "start":
+                    gc_start.append(time.perf_counter())
+                elif gc_start:
+                    busy.append((f"gc{info.get('generation')}", gc_start.pop(), time.perf_counter()))
+            gc.callbacks.append(on_gc)
+            iters: list[tuple[float, float, dict[str, float]]] = []  # create's start, end, phases
             compute, compute_warm, create, delete, again = [], [], [], [], []
             phases: dict[str, list[float]] = {}
             loop_end = t_setup + BUDGET_S - 25  # fewer cycles rather than no table if the agents are slow
@@ -153,8 +176,16 @@ def main() -> None:
                     phases.setdefault(ph, []).append(at - prev)
                     prev = at
                 phases.setdefault("transaction (total)", []).append(prev)
+                # the transaction's time no hop accounts for: the controller's own threads
+                # (handing each phase to the pool and back) rather than the agents
+                hops = getattr(reports[-1], "hops", {}) or {ph: {"?": 0.0} for ph in reports[-1].phases}
+                slowest = sum(max(hs.values()) for hs in hops.values())
+                phases.setdefault("transaction, outside the slowest hops", []).append(prev - slowest)
                 # compute, the controller's own store and view: the rest of create
                 phases.setdefault("outside (compute, controller store)", []).append(create[-1] - prev)
+                iters.append((t, t + create[-1], {
+                    f"{ph}({max(hs, key=hs.get)} {hs[max(hs, key=hs.get)] * 1000:.0f}/{min(hs.values()) * 1000:.0f})": at
+                    for (ph, at), hs in zip(reports[-1].phases.items(), hops.values())}))
                 t = time.perf_counter()
                 ctl.delete_application(app.app_id)
                 delete.append(time.perf_counter() - t)
@@ -190,6 +221,24 @@ def main() -> None:
     row("create_application, same pair again (compute + txn)", again)
     console.print(table)
     console.print(f"setup (9 agents, 8 channels ACTIVE): {setup_s:.1f} s")
+    tail(console, iters, busy)
+
+
+def tail(console: Console, iters: list[tuple[float, float, dict[str, float]]],
+         busy: list[tuple[str, float, float]]) -> None:
+    """The slowest creates, with what else the controller did meanwhile (or up to
+    50 ms before: a <get> just answered may still be draining an agent's CPU)."""
+    def during(t0: float, t1: float) -> list[str]:
+        return [f"{w} {(b - t0) * 1000:+.0f}..{(e - t0) * 1000:+.0f}" for w, b, e in busy if b < t1 and e > t0 - 0.05]
+    slow = sorted(iters, key=lambda it: it[0] - it[1])[:max(3, len(iters) // 20)]
+    for t0, t1, ph in slow:
+        marks = " ".join(f"{k}@{v * 1000:.0f}" for k, v in ph.items())
+        console.print(escape(f"create {(t1 - t0) * 1000:.0f} ms [{marks}]: {', '.join(during(t0, t1)) or 'nothing else'}"))
+    hit = [(t1 - t0) for t0, t1, _ in iters if any(x.startswith("refresh") for x in during(t0, t1))]
+    miss = [(t1 - t0) for t0, t1, _ in iters if not any(x.startswith("refresh") for x in during(t0, t1))]
+    for label, xs in (("with a refresh overlapping", hit), ("without", miss)):
+        if xs:
+            console.print(f"creates {label}: n={len(xs)} p50 {statistics.median(xs) * 1000:.0f} ms max {max(xs) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

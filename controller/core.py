@@ -7,6 +7,7 @@ controller never sees key material: it configures links and applications only.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import queue
@@ -34,6 +35,14 @@ from sdqkd.controller.topology.model import Topology
 log = logging.getLogger(__name__)
 
 APP_NS = uuid.UUID("8d0c2b1e-5f4a-4e3b-9c2d-1a0b9e8f7c6d")
+
+
+REFRESH_DEFER = 3.0  # s: how long a stale agent's re-read may wait for transactions to pause
+
+
+def _view_blind(edit: Any) -> bool:
+    """An edit the topology view never reads (builder.py: interfaces, PHYS links, switches)."""
+    return isinstance(edit, AppEdit) or (isinstance(edit, LinkEdit) and edit.kind == "VIRT")
 
 
 class ControllerError(Exception):
@@ -144,6 +153,8 @@ class Controller:
             self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
+        # A re-read, not the figures patched into the last <get> in place: tried, the
+        # create p99 got worse in bench/provision.py (160 vs 81 ms, same machine state)
         self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:
@@ -162,15 +173,32 @@ class Controller:
             self._dirty.add(qkdn_id)
 
     def _refresh_loop(self) -> None:
+        # Once every agent is read, what the controller has built (sessions, parsers,
+        # module-level tables) lives as long as it: keep it out of the collector's way.
+        # Each full collection scanned it all again: gen-2 passes of 70-160 ms landed
+        # inside creates (bench/provision.py, the slowest creates with their GCs).
+        if self.wait_discovered(30) and not self._stopped.is_set():
+            gc.collect()
+            gc.freeze()
+        # A <get> keeps its agent busy dumping state: one that lands in a transaction
+        # on that agent slows its every phase. While a transaction runs, a re-read
+        # waits for a later tick, for at most REFRESH_DEFER seconds.
+        deferred: dict[str, float] = {}
         while not self._stopped.wait(1.0):
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
+            now, done = time.monotonic(), False
             for qid in dirty:
+                if txn.busy() and now - deferred.setdefault(qid, now) < REFRESH_DEFER:
+                    self._mark_dirty(qid)
+                    continue
+                deferred.pop(qid, None)
+                done = True
                 try:
                     self.conns[qid].refresh()
                 except Exception as exc:  # noqa: BLE001 - it reconnects and resyncs by itself
                     log.debug("refresh of %s failed: %s", qid, exc)
-            if dirty:
+            if done:
                 self._invalidate()
 
     def _work_loop(self) -> None:
@@ -326,8 +354,13 @@ class Controller:
             report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout)
         except txn.TxnError as exc:
             raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
+        # re-read only the agents whose changes the topology view reads (PHYS links,
+        # cross-connects): application entries and VIRT links are not in it, and a
+        # <get> on each hop after every application collided with the next one's
+        # transaction (its agent busy dumping state: most of the create p99)
         for n in report.nodes:
-            self._mark_dirty(n)
+            if any(not _view_blind(e) for e in plan.edits[n]):
+                self._mark_dirty(n)
         self._invalidate()
         return report
 

@@ -133,3 +133,27 @@ def test_discover_provision_reroute_restart(ring) -> None:
     finally:
         again.stop()
     json.dumps(moved.paths)
+
+
+def test_applications_need_no_reread(ring) -> None:
+    """An application's transaction marks no agent for a re-read (the view reads
+    none of what it changes), and a channel's marks every agent it touched."""
+    plan, procs, cfg_path = ring
+    ctl = Controller(controller_config.load(cfg_path))
+    ctl.start()
+    try:
+        assert ctl.wait_discovered(20)
+        wait(lambda: any(lk.status == "ACTIVE" and lk.skr > 0 for lk in ctl.topology().links.values()),
+             what="an ACTIVE link")
+        app = ctl.create_application("sae-b", "sae-d")
+        with ctl._dirty_lock:
+            assert not ctl._dirty & set(app.paths[0]["nodes"]), ctl._dirty
+        ctl.delete_application(app.app_id)
+        with ctl._dirty_lock:
+            assert not ctl._dirty & set(app.paths[0]["nodes"]), ctl._dirty
+        ch = ctl.store.channels()[0]
+        ctl._apply(ctl._channel_plan(ch))  # re-applying a channel: PHYS links, which the view reads
+        with ctl._dirty_lock:
+            assert {ch.tx[0], ch.rx[0]} <= ctl._dirty, ctl._dirty
+    finally:
+        ctl.stop()

@@ -49,9 +49,15 @@ class TxnReport:
     txn_id: str
     nodes: list[str]
     phases: dict[str, float] = field(default_factory=dict)
+    hops: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> node -> its seconds
 
 
 _serial = threading.Lock()
+
+
+def busy() -> bool:
+    """A transaction is running (a hint: it may end or start right after)."""
+    return _serial.locked()
 
 
 def _check_caps(conn: AgentConnection, edits: list[Edit]) -> None:
@@ -161,16 +167,22 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
                         locked.remove((c, t))
             _raise_first(c, results[:1])
 
+        def timed(phase: str, step: Callable[[AgentConnection], None]) -> Callable[[AgentConnection], None]:
+            per = report.hops.setdefault(phase, {})
+
+            def run(c: AgentConnection) -> None:
+                t = time.perf_counter()
+                try:
+                    step(c)
+                finally:
+                    per[c.addr.name] = time.perf_counter() - t
+            return run
+
         t0 = time.perf_counter()
         try:
-            _each(hops, lock)
-            report.phases["lock"] = time.perf_counter() - t0
-            _each(hops, edit)
-            report.phases["edit"] = time.perf_counter() - t0
-            _each(hops, commit)
-            report.phases["commit"] = time.perf_counter() - t0
-            _each(hops, confirm)
-            report.phases["confirm"] = time.perf_counter() - t0
+            for phase, step in (("lock", lock), ("edit", edit), ("commit", commit), ("confirm", confirm)):
+                _each(hops, timed(phase, step))
+                report.phases[phase] = time.perf_counter() - t0
             return report
         except TxnError:
             _rollback(txn, confirmed, staged)
