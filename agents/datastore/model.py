@@ -77,14 +77,20 @@ class ModelSet:
         for el in elements:
             if not isinstance(el.tag, str):
                 continue
-            q = etree.QName(el)
-            m = self.model_for(q.namespace or "", q.localname)
-            if m is None:
-                known = any(q.namespace == ns for ns in self.namespaces())
-                kind = "unknown-element" if known else "unknown-namespace"
-                raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
+            m = self._top_model(el)
             yangcodec.decode_xml([el], roots[m.module], m.schema, config_only=config_only)
         return roots
+
+    def _top_model(self, el: etree._Element) -> Model:
+        """The model a top-level config element belongs to; a CodecError naming what is wrong
+        (unknown-namespace, or unknown-element in a namespace we serve) when none does."""
+        q = etree.QName(el)
+        m = self.model_for(q.namespace or "", q.localname)
+        if m is None:
+            known = any(q.namespace == ns for ns in self.namespaces())
+            kind = "unknown-element" if known else "unknown-namespace"
+            raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
+        return m
 
     def decode(self, elements: Iterable[etree._Element]) -> dict[str, Any]:
         """Fresh bindings of a config (not memoised: the caller may update them in place)."""
@@ -123,13 +129,7 @@ class ModelSet:
                 return hit
         per_model: dict[str, list[etree._Element]] = {name: [] for name in self.models}
         for el in elements:
-            q = etree.QName(el)
-            m = self.model_for(q.namespace or "", q.localname)
-            if m is None:
-                known = any(q.namespace == ns for ns in self.namespaces())
-                kind = "unknown-element" if known else "unknown-namespace"
-                raise yangcodec.CodecError(kind, f"/{q.localname}", f"unknown top-level element <{q.localname}>")
-            per_model[m.module].append(el)
+            per_model[self._top_model(el).module].append(el)
         xml: list[etree._Element] = []
         js: dict[str, dict[str, Any]] = {}
         for name, checker in self._checkers.items():
