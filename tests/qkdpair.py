@@ -2,11 +2,23 @@
 produced), the peer-address resolver the real lab provides, and a PHYS link entry."""
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdqkd.agents.drivers.base import Event
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 4.0) -> None:
+    """Poll until pred() holds (the modules work in their own threads)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
 
 
 def node_ids(*names: str) -> dict[str, str]:

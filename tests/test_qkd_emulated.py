@@ -8,7 +8,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from sdqkd.agents.drivers.optical_switch import OpticalSwitch
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import BUILTIN_PROFILES, QkdProfile, secret_key_rate
 from sdqkd.agents.drivers.qkd_emulated import EmulatedQkdModule, KeyStream
-from qkdpair import End, Ends, node_ids, phys_link
+from qkdpair import End, Ends, node_ids, phys_link, wait_for
 
 SERVICE_KEY = b"lab-wide service key for tests!!"
 IDS = node_ids("alice", "bob", "carol", "dave")
@@ -36,15 +36,6 @@ LAB = {
              {"name": "cd", "endpoints": ["carol:1", "dave:1"], "path": ["f-cd"]}],
 }
 TICK, SCALE = 0.02, 10.0
-
-
-def wait_for(pred: Callable[[], object], timeout: float = 4.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 class Lab(Ends):

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 import qkdpair
-from qkdpair import node_ids, phys_link
+from qkdpair import node_ids, phys_link, wait_for
 
 SERVICE_KEY = b"lab-wide service key for tests!!"
 KME_A, KME_B = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/vendor-kme/{n}")) for n in "ab")
@@ -37,15 +37,6 @@ IDS = node_ids("alice", "bob")
 QL = "0a0b0000-0000-4000-8000-00000000000a"
 POLL = 0.05
 FEED_RATE = 300.0  # link keys per second on the devices' quantum link
-
-
-def wait_for(pred: Callable[[], object], timeout: float = 4.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 class Device:
