@@ -11,7 +11,6 @@ import pickle
 import random
 import subprocess
 import sys
-import time
 from itertools import combinations
 from pathlib import Path
 
@@ -432,16 +431,15 @@ def test_flow_plans_reach_the_max_flow_on_random_topologies(seed: int) -> None:
         assert plan.total_bps == pytest.approx(bound, rel=1e-9)
 
 
-def test_one_request_on_1000_nodes_takes_under_a_second() -> None:
+def test_an_unmeetable_request_on_1000_nodes_says_what_the_network_can_do() -> None:
+    """(How long it takes is bench/pathcomp.py's business, not a test's.)"""
     topo = random_topology(1000, 7, degree=6.0)
     ends = sorted(n for n, node in topo.nodes.items() if node.up and node.kms)
     src, dst = ends[0], ends[-1]
-    start = time.perf_counter()  # cold: includes building the graph and the residual network
-    try:
+    with pytest.raises(NoPath) as err:
         relay_paths(topo, RelayRequest(src, dst, min_bps=1e12))
-    except NoPath as exc:
-        assert exc.maxflow_bps is not None
-    assert time.perf_counter() - start < 1.0
+    bound = nx.maximum_flow_value(reference_graph(topo), src, dst, capacity="capacity")
+    assert err.value.maxflow_bps == pytest.approx(bound)
 
 
 def test_flow_plans_do_not_depend_on_the_process_hash_seed() -> None:
