@@ -18,7 +18,7 @@ from lxml import etree
 from sdqkd import __version__
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers.base import Driver
-from sdqkd.yangcodec import child, set_leaf
+from sdqkd.yangcodec import add_entry, child, set_leaf
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,11 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     return out
 
 
-def _entry(lst: Any, key: Any) -> Any:
-    """The list entry with this key, added if missing (state is refilled on every <get>)."""
-    try:
-        return lst.add(key)
-    except KeyError:
-        return lst[key]
+def _clear(lst: Any) -> None:
+    """Empty a state list of the live running bindings: each <get> fills them anew, so
+    what the last one wrote (an old statistics window, a port gone) must not stay."""
+    for key in list(lst.keys()):
+        del lst[key]
 
 
 def _time(ts: float) -> str:
@@ -107,17 +106,21 @@ def _time(ts: float) -> str:
 
 
 def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None) -> None:
-    """Write live state into bindings holding a copy of running."""
+    """Write live state into the decoded running (Datastores.running_roots): state lists
+    are emptied first, so a <get> shows what the devices report now and nothing older."""
     node = roots["etsi-qkd-sdn-node"].qkd_node
     set_leaf(node, "qkdn_status", "etsi-qkdn-types:OPERATING")
     for app in node.qkd_applications.qkd_app.values():
         set_leaf(app, "app_status", "etsi-qkdn-types:ON")
         stats = app.app_statistics.statistics
+        _clear(stats)
         for start, end, bits in (usage(str(app.app_id).lower()) if usage else []):
-            entry = _entry(stats, _time(end))
+            entry = add_entry(stats, {"end_time": _time(end)})
             set_leaf(entry, "start_time", _time(start))
             set_leaf(entry, "consumed_bits", min(bits, 2**32 - 1))
     links = node.qkd_links.qkd_link
+    for lk in links.values():
+        _clear(lk.qkdl_performance.phys_perf)
     ifaces = node.qkd_interfaces.qkd_interface
     for _drv, st in qkd_modules(drivers):
         info = st["interface"]
@@ -131,7 +134,7 @@ def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], li
             perf = entry.qkdl_performance
             set_leaf(perf, "skr", int(ls.get("skr", 0)))
             if ls.get("qber") is not None:
-                q = _entry(perf.phys_perf, "QBER")
+                q = add_entry(perf.phys_perf, {"perf_type": "QBER"})
                 set_leaf(q, "value", Decimal(str(round(float(ls["qber"]), 3))))
             # qkdl_status is configuration in ETSI 015; the device's view wins on <get>.
             entry.qkdl_status = _ident(ls["status"])
@@ -145,8 +148,9 @@ def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], li
         set_leaf(sw, "insertion-loss", Decimal(str(st["insertion-loss"])))
         set_leaf(sw, "oper-status", st["oper-status"])
         ports = child(sw, "port")
+        _clear(ports)
         for pid, p in st.get("ports", {}).items():
-            port = _entry(ports, int(pid))
+            port = add_entry(ports, {"id": int(pid)})
             if p.get("peer-port") is not None:
                 set_leaf(port, "peer-port", int(p["peer-port"]))
             if p.get("connected-to"):
