@@ -69,7 +69,10 @@ class ServiceStore:
         return [Application(**json.loads(r[0])) for r in rows]
 
     def app(self, app_id: str) -> Application | None:
-        return next((a for a in self.apps() if a.app_id == app_id), None)
+        """One application by its primary key (create and delete ask for it on every call)."""
+        with self._lock:
+            row = self._db.execute("SELECT data FROM applications WHERE app_id = ?", (app_id,)).fetchone()
+        return Application(**json.loads(row[0])) if row else None
 
     def put_channel(self, ch: Channel) -> None:
         with self._lock:
