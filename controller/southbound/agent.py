@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
 OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
+NSMAP = {"q": ETSI_NS, "o": OSW_NS}  # prefixes of the paths text() and the topology builder use
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 
 
@@ -223,7 +224,7 @@ def qkd_node(data: etree._Element | None) -> etree._Element | None:
 def text(el: etree._Element | None, path: str) -> str | None:
     if el is None:
         return None
-    found = el.find(path, namespaces={"q": ETSI_NS, "o": OSW_NS})
+    found = el.find(path, namespaces=NSMAP)
     return None if found is None or found.text is None else found.text.strip()
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from lxml import etree
 
-from sdqkd.controller.southbound.agent import ETSI_NS, OSW_NS, ident
+from sdqkd.controller.southbound.agent import NSMAP, ident, qkd_node, text
 from sdqkd.controller.topology.model import (
     ClassicalChannel,
     Fibre,
@@ -22,9 +22,6 @@ from sdqkd.controller.topology.model import (
     Topology,
 )
 
-Q = {"q": ETSI_NS, "o": OSW_NS}
-
-
 def _channels(rng: str | None) -> frozenset[int]:
     out: set[int] = set()
     for part in (rng or "").split(","):
@@ -33,13 +30,6 @@ def _channels(rng: str | None) -> frozenset[int]:
         lo, _, hi = part.partition("-")
         out.update(range(int(lo), int(hi or lo) + 1))
     return frozenset(out)
-
-
-def _t(el: etree._Element | None, path: str) -> str | None:
-    if el is None:
-        return None
-    f = el.find(path, namespaces=Q)
-    return None if f is None or f.text is None else f.text.strip()
 
 
 class Inventory:
@@ -100,49 +90,49 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
     link_views: dict[str, list[dict[str, Any]]] = {}
     for name, qid, domain, up, data in agents:
         nodes[qid] = Node(qid, name, domain, inv.kms.get(name, True), up)
-        node = data.find("q:qkd_node", Q) if data is not None else None
-        for i in node.findall("q:qkd_interfaces/q:qkd_interface", Q) if node is not None else []:
-            qkdi = int(_t(i, "q:qkdi_id") or 0)
-            roles = ident(_t(i, "q:qkdi_capabilities/q:role_support")) or "TRANSCEIVER"
-            rng = _t(i, "q:qkdi_capabilities/q:wavelength_range")
+        node = qkd_node(data)
+        for i in node.findall("q:qkd_interfaces/q:qkd_interface", NSMAP) if node is not None else []:
+            qkdi = int(text(i, "q:qkdi_id") or 0)
+            roles = ident(text(i, "q:qkdi_capabilities/q:role_support")) or "TRANSCEIVER"
+            rng = text(i, "q:qkdi_capabilities/q:wavelength_range")
             band = inv.band(name, qkdi) or ("C-band" if rng else "O-band")
             ifaces[(qid, qkdi)] = QkdInterface(
                 node=qid,
                 qkdi_id=qkdi,
-                technology=ident(_t(i, "q:qkdi_type")) or "DV-QKD",
+                technology=ident(text(i, "q:qkdi_type")) or "DV-QKD",
                 band=band,
                 roles=frozenset({"TRANSMITTER", "RECEIVER"} if roles == "TRANSCEIVER" else {roles}),
                 channels=_channels(rng),
-                max_absorption=float(_t(i, "q:qkdi_capabilities/q:max_absorption") or 0.0),
-                switch=_t(i, "q:qkdi_att_point/q:device"),
-                port=int(_t(i, "q:qkdi_att_point/q:port")) if _t(i, "q:qkdi_att_point/q:port") else None,
+                max_absorption=float(text(i, "q:qkdi_capabilities/q:max_absorption") or 0.0),
+                switch=text(i, "q:qkdi_att_point/q:device"),
+                port=int(text(i, "q:qkdi_att_point/q:port")) if text(i, "q:qkdi_att_point/q:port") else None,
                 fixed_channel=inv.fixed_channel(name, qkdi),
-                up=up and (ident(_t(i, "q:qkdi_status")) or "ENABLED") == "ENABLED",
+                up=up and (ident(text(i, "q:qkdi_status")) or "ENABLED") == "ENABLED",
             )
-        for lk in node.findall("q:qkd_links/q:qkd_link", Q) if node is not None else []:
-            if ident(_t(lk, "q:qkdl_type")) != "PHYS":
+        for lk in node.findall("q:qkd_links/q:qkd_link", NSMAP) if node is not None else []:
+            if ident(text(lk, "q:qkdl_type")) != "PHYS":
                 continue
-            qv = next((p for p in lk.findall("q:qkdl_performance/q:phys_perf", Q) if ident(_t(p, "q:perf_type")) == "QBER"), None)
-            link_views.setdefault((_t(lk, "q:qkdl_id") or "").lower(), []).append({
+            qv = next((p for p in lk.findall("q:qkdl_performance/q:phys_perf", NSMAP) if ident(text(p, "q:perf_type")) == "QBER"), None)
+            link_views.setdefault((text(lk, "q:qkdl_id") or "").lower(), []).append({
                 "node": qid,
-                "qkdi": int(_t(lk, "q:qkdl_local/q:qkdi_id") or 0),
-                "remote": (_t(lk, "q:qkdl_remote/q:qkdn_id") or "").lower(),
-                "remote_qkdi": int(_t(lk, "q:qkdl_remote/q:qkdi_id") or 0),
-                "status": ident(_t(lk, "q:qkdl_status")) or "OFF",
-                "skr": float(_t(lk, "q:qkdl_performance/q:skr") or 0),
-                "qber": float(_t(qv, "q:value")) if qv is not None and _t(qv, "q:value") else None,
-                "channel": int(_t(lk, "q:phys_wavelength")) if _t(lk, "q:phys_wavelength") else None,
+                "qkdi": int(text(lk, "q:qkdl_local/q:qkdi_id") or 0),
+                "remote": (text(lk, "q:qkdl_remote/q:qkdn_id") or "").lower(),
+                "remote_qkdi": int(text(lk, "q:qkdl_remote/q:qkdi_id") or 0),
+                "status": ident(text(lk, "q:qkdl_status")) or "OFF",
+                "skr": float(text(lk, "q:qkdl_performance/q:skr") or 0),
+                "qber": float(text(qv, "q:value")) if qv is not None and text(qv, "q:value") else None,
+                "channel": int(text(lk, "q:phys_wavelength")) if text(lk, "q:phys_wavelength") else None,
                 "up": up,
             })
-        for sw in data.findall("o:optical-switches/o:switch", Q) if data is not None else []:
-            sname = _t(sw, "o:name") or ""
-            xcs = tuple(sorted((int(_t(x, "o:port-a") or 0), int(_t(x, "o:port-b") or 0)) for x in sw.findall("o:cross-connect", Q)))
+        for sw in data.findall("o:optical-switches/o:switch", NSMAP) if data is not None else []:
+            sname = text(sw, "o:name") or ""
+            xcs = tuple(sorted((int(text(x, "o:port-a") or 0), int(text(x, "o:port-b") or 0)) for x in sw.findall("o:cross-connect", NSMAP)))
             inv_sw = inv_switches.get(sname, {})
             switches[sname] = Switch(
                 name=sname,
                 node=qid,
-                ports=int(_t(sw, "o:port-count") or inv_sw.get("ports", 0)),
-                insertion_loss=float(_t(sw, "o:insertion-loss") or inv_sw.get("insertion-loss", 1.0)),
+                ports=int(text(sw, "o:port-count") or inv_sw.get("ports", 0)),
+                insertion_loss=float(text(sw, "o:insertion-loss") or inv_sw.get("insertion-loss", 1.0)),
                 cross_connects=xcs,
             )
     for sname, s in inv_switches.items():
