@@ -158,7 +158,7 @@ class Lkms:
             for f in map(self._first_hop, paths):
                 if f is not None:
                     messages[f.qkdl_id] = messages.get(f.qkdl_id, 0) + 1
-            total = sum(max(0, self._stock(f) - m) // self._hop_cost(self.cfg.key_size) for f, m in messages.items())
+            total = sum(max(0, self._stock(f) - m) // fm.parts_for(self.cfg.key_size) for f, m in messages.items())
         return min(total, self.cfg.max_key_count)
 
     def enc_keys(self, master_sae: str, slave_sae: str, number: int, size: int | None, additional_slaves: list[str]) -> list[Key]:
@@ -257,7 +257,7 @@ class Lkms:
         with self._lock:
             credit = self._credit.setdefault(app.app_id, {})
             for n, size in enumerate(sizes):
-                cost = {p.qkdl_id: self._hop_cost(size) + (0 if out[p.qkdl_id] else 1) for p in paths}  # +1: its message's MAC key
+                cost = {p.qkdl_id: fm.parts_for(size) + (0 if out[p.qkdl_id] else 1) for p in paths}  # +1: its message's MAC key
                 ok = [q for q, f in firsts.items() if f is not None and stock[f.qkdl_id] >= cost[q]]
                 if not ok:
                     raise KmsError(503, "not enough key on the links to the next hops; retry later")
@@ -295,24 +295,10 @@ class Lkms:
                 lending.borrow(self.store, self.forwarder, link.qkdl_id, link.remote, max(short, self.cfg.lend_batch))
         return self.store.take(link.qkdl_id, n)
 
-    @staticmethod
-    def _hop_cost(size: int) -> int:
-        """Link keys one relayed key of `size` bits takes on a hop (its pad; each message
-        adds one MAC key)."""
-        return fm.parts_for(size)
-
-    @staticmethod
-    def _first_neighbour(lk: LinkRoute) -> str | None:
-        """The node the first hop of a backing link goes to: from the far end of a
-        virtual link (no next hop) keys go back along its previous hops."""
-        if lk.kind == "PHYS":
-            return lk.remote
-        return lk.next_hops[0] if lk.next_hops else lk.prev_hop
-
     def _first_hop(self, lk: LinkRoute) -> LinkRoute | None:
         if lk.kind == "PHYS":
             return lk
-        return self._phys_toward(self._first_neighbour(lk))
+        return self._phys_toward(lk.first_neighbour)
 
     def _phys_toward(self, neighbour: str | None) -> LinkRoute | None:
         """The best stocked PHYS link to an adjacent node."""
@@ -350,7 +336,7 @@ class Lkms:
                 if not sel:
                     continue
                 try:
-                    self._hop(lk.qkdl_id, self._first_neighbour(lk), [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
+                    self._hop(lk.qkdl_id, lk.first_neighbour, [(ids[i], end_keys[i]) for i in sel], master, slave, expires)
                 except KmsError as exc:
                     paths.remove(lk)
                     failed += sel
@@ -544,7 +530,7 @@ class Lkms:
             try:
                 spread = self._spread(app, paths, [size])
                 path = next(p for p in paths if spread[p.qkdl_id])
-                self._hop(path.qkdl_id, self._first_neighbour(path), [(key_id, key)], src, dst, expires, stream)
+                self._hop(path.qkdl_id, path.first_neighbour, [(key_id, key)], src, dst, expires, stream)
             except KmsError as exc:
                 raise KmsError(exc.http_status, exc.message, status004=2) from None
             self.store.record_usage(app.app_id, size)

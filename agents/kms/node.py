@@ -45,10 +45,11 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     if k is None:
         return KmsNode(Lkms(LkmsConfig(cfg.node.qkdn_id, cfg.node.name, {}), store, entropy), None)
     peers = {qid: (str(p.relay[0]), int(p.relay[1])) for qid, p in cfg.peers.items() if p.relay}
+    server_ctx = pki.server_ssl_context(k.cert, k.key, k.ca)  # the relay and the HTTPS APIs
     forwarder = Forwarder(
         cfg.node.qkdn_id,
         (k.address, k.relay_port),
-        pki.server_ssl_context(k.cert, k.key, k.ca),
+        server_ctx,
         pki.client_ssl_context(k.cert, k.key, k.ca),
         peers,
     )
@@ -63,5 +64,5 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     etsi014.add_routes(app, lkms)
     etsi004.add_routes(app, lkms)
     qaas.add_routes(app, qaas.Context(cfg, lkms, qrng, publish))
-    server = https.HttpsServer(app, k.address, k.port, pki.server_ssl_context(k.cert, k.key, k.ca))
+    server = https.HttpsServer(app, k.address, k.port, server_ctx)
     return KmsNode(lkms, server)

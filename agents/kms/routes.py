@@ -21,6 +21,14 @@ class LinkRoute:
     next_hops: tuple[str, ...] = ()
     bandwidth: int = 0  # VIRT: the path's planned key rate (bit/s) from the controller's plan; 0 if none
 
+    @property
+    def first_neighbour(self) -> str | None:
+        """The node the first hop of this backing link goes to: from the far end of a
+        virtual link (no next hop) keys go back along its previous hops."""
+        if self.kind == "PHYS":
+            return self.remote
+        return self.next_hops[0] if self.next_hops else self.prev_hop
+
 
 @dataclass(frozen=True)
 class AppRoute:

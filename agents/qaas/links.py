@@ -87,7 +87,7 @@ class _Listing:
         lk = self.lkms.routes.links.get(qkdl_id)
         if lk is None:  # configured on the app but not (or no longer) a link here
             return {"qkdl_id": qkdl_id, "type": None, "enabled": False, "hop": None, "hop_links": []}
-        hop = lk.remote if lk.kind == "PHYS" else (lk.next_hops[0] if lk.next_hops else lk.prev_hop)
+        hop = lk.first_neighbour
         return {"qkdl_id": lk.qkdl_id, "type": lk.kind, "enabled": lk.enabled, "hop": self._node(hop),
                 "hop_links": self._phys(hop) if lk.kind == "VIRT" else [self._phys_entry(lk)]}
 
