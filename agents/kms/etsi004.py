@@ -19,12 +19,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
 
-from .https import ApiError, call, json_object, sae_of
+from .https import ApiError, call, canonical_uuid, json_object, sae_of
 from .service import KeyService, KmsError, Qos
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class _Api:
         body = _lower(await json_object(request))
         source, destination = _uri(body, "source"), _uri(body, "destination")
         qos = _qos(body.get("qos"))
-        ksid = None if body.get("key_stream_id") is None else _ksid(body["key_stream_id"])
+        ksid = None if body.get("key_stream_id") is None else canonical_uuid(body["key_stream_id"], "key_stream_id")
         try:
             stream = await call(request, self.service.open_connect, sae_of(request), source, destination, qos, ksid)
         except KmsError as exc:
@@ -75,7 +74,7 @@ class _Api:
         query = {k.lower(): v for k, v in request.query.items()}
         if "key_stream_id" not in query:
             raise ApiError(400, "key_stream_id is required")
-        ksid = _ksid(query["key_stream_id"])
+        ksid = canonical_uuid(query["key_stream_id"], "key_stream_id")
         index = _index(query.get("index"))
         try:
             got, key = await call(request, self.service.get_key, sae_of(request), ksid, index)
@@ -89,7 +88,7 @@ class _Api:
         body = _lower(await json_object(request))
         if body.get("key_stream_id") is None:
             raise ApiError(400, "key_stream_id is required")
-        ksid = _ksid(body["key_stream_id"])
+        ksid = canonical_uuid(body["key_stream_id"], "key_stream_id")
         try:
             await call(request, self.service.close, sae_of(request), ksid)
         except KmsError as exc:
@@ -139,16 +138,6 @@ def _qos(value: Any) -> Qos:
             raise ApiError(400, "qos.metadata_mimetype must be a MIME type such as application/json")
         fields["metadata_mimetype"] = given["metadata_mimetype"]
     return Qos(**fields)
-
-
-def _ksid(value: Any) -> str:
-    """A Key_stream_ID (a UUID in the standard) in canonical form, or 400."""
-    if not isinstance(value, str):
-        raise ApiError(400, "key_stream_id must be a UUID string")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ApiError(400, f"key_stream_id is not a UUID: {value[:64]!r}") from None
 
 
 def _index(text: str | None) -> int | None:

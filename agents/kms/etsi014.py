@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
 from multidict import MultiMapping
 
 from .coalesce import Coalescer
-from .https import ApiError, call, json_object, sae_of, use_group_commit
+from .https import ApiError, call, canonical_uuid, json_object, sae_of, use_group_commit
 from .service import Key, KeyService
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class _Api:
         ids = request.query.getall("key_ID", [])
         if len(ids) != 1:
             raise ApiError(400, "the GET form of dec_keys takes exactly one key_ID (use POST for several)")
-        return await self._dec_keys(request, [_key_id(ids[0])])
+        return await self._dec_keys(request, [canonical_uuid(ids[0], "key_ID")])
 
     async def dec_keys_post(self, request: web.Request) -> web.Response:
         body = await json_object(request)
@@ -100,7 +99,7 @@ class _Api:
         for item in items:
             if not isinstance(item, dict) or "key_ID" not in item:
                 raise ApiError(400, "each element of key_IDs must be an object with a key_ID")
-            ids.append(_key_id(item["key_ID"]))
+            ids.append(canonical_uuid(item["key_ID"], "key_ID"))
         if len(set(ids)) != len(ids):
             raise ApiError(400, "key_IDs names the same key_ID more than once")
         return await self._dec_keys(request, ids)
@@ -171,13 +170,3 @@ def _check_extensions(body: dict[str, Any]) -> None:
     if unsupported:
         raise ApiError(400, "not all extension_mandatory parameters are supported",
                        [{"extension_mandatory_unsupported": f"{n} is not supported"} for n in unsupported])
-
-
-def _key_id(value: Any) -> str:
-    """A key_ID in canonical UUID form (the store's), or 400."""
-    if not isinstance(value, str):
-        raise ApiError(400, "key_ID must be a UUID string")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ApiError(400, f"key_ID is not a UUID: {value[:64]!r}") from None

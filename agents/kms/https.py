@@ -23,6 +23,7 @@ import logging
 import ssl
 import threading
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,17 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.details = details or []
+
+
+def canonical_uuid(value: Any, name: str) -> str:
+    """A request's UUID field (key_ID, key_stream_id...) in canonical form, the key
+    store's, or 400 naming the field."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a UUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(400, f"{name} is not a UUID: {value[:64]!r}") from None
 
 
 def error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:

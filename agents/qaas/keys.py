@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
 from multidict import MultiMapping
 
-from sdqkd.agents.kms.https import ApiError, call, sae_of
+from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, sae_of
 from sdqkd.agents.kms.service import Key, KmsError
 
 from .api import Context
@@ -63,7 +62,7 @@ class _Keys:
         if wait is not None:
             raise ApiError(400, "wait goes with 'to'")
         master = self._peer(frm or "", "from", caller)
-        kid = _uuid(key_id)
+        kid = canonical_uuid(key_id, "key_ID")
         try:
             keys = await call(request, self.lkms.dec_keys, caller.sae, master.sae, [kid])
         except KmsError as exc:
@@ -130,13 +129,6 @@ def _one(query: MultiMapping[str], name: str) -> str | None:
     if len(values) > 1:
         raise ApiError(400, f"{name} is given more than once")
     return values[0] if values else None
-
-
-def _uuid(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise ApiError(400, f"key_ID is not a UUID: {text[:64]!r}") from None
 
 
 def _answer(key: Key, master: Party, slave: Party, size: int) -> web.Response:
