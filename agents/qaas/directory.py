@@ -49,8 +49,12 @@ class Directory:
         if text in self.saes:
             return self.party(text)
         qid = next((q for q, n in self.names.items() if n.lower() == text.lower()), None)
-        if qid is None and _is_uuid(text) and str(uuid.UUID(text)) in self.names:
-            qid = str(uuid.UUID(text))
+        if qid is None:
+            try:
+                canon = str(uuid.UUID(text))
+            except ValueError:
+                canon = None
+            qid = canon if canon in self.names else None
         if qid is None:
             raise ApiError(404, f"{what}: no node, qkdn_id or SAE called {text[:128]!r} in this network")
         saes = sorted(s for s, q in self.saes.items() if q == qid)
@@ -59,11 +63,3 @@ class Directory:
         if len(saes) > 1:
             raise ApiError(400, f"{what}: node {self.names[qid]} has several SAEs ({', '.join(saes)}); name one")
         return Party(saes[0], qid, self.names[qid])
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
