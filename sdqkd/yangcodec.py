@@ -239,7 +239,7 @@ def _has_content(obj: Any, node: SchemaNode, config_only: bool) -> bool:
     )
 
 
-def _ordered_children(node: SchemaNode) -> list[SchemaNode]:
+def ordered_children(node: SchemaNode) -> list[SchemaNode]:
     """Schema order, with list keys first (RFC 7950 7.8.5)."""
     kids = list(node.children.values())
     if node.keyword == "list" and node.keys:
@@ -267,7 +267,7 @@ def encode_xml(root: Any, schema: Schema, *, config_only: bool = False) -> list[
     return out
 
 
-def _element(node: SchemaNode, parent_ns: str | None, decl: tuple[str, str] | None = None) -> etree._Element:
+def element(node: SchemaNode, parent_ns: str | None, decl: tuple[str, str] | None = None) -> etree._Element:
     """An element for `node`, declaring its namespace where it changes and any
     prefix an identityref value uses."""
     nsmap: dict[str | None, str] = {}
@@ -284,24 +284,24 @@ def _xml_node(obj: Any, node: SchemaNode, schema: Schema, config_only: bool, par
         els = []
         for value in values:
             text, decl = _text(value, node.type, schema)  # type: ignore[arg-type]
-            el = _element(node, parent_ns, decl)
+            el = element(node, parent_ns, decl)
             el.text = text
             els.append(el)
         return els
     if node.keyword == "list":
         els = []
         for entry in list_entries(obj):
-            el = _element(node, parent_ns)
+            el = element(node, parent_ns)
             _xml_children(el, entry, node, schema, config_only)
             els.append(el)
         return els
-    el = _element(node, parent_ns)
+    el = element(node, parent_ns)
     _xml_children(el, obj, node, schema, config_only)
     return [el]
 
 
 def _xml_children(el: etree._Element, obj: Any, node: SchemaNode, schema: Schema, config_only: bool) -> None:
-    for ch in _ordered_children(node):
+    for ch in ordered_children(node):
         if config_only and not ch.config:
             continue
         member = child(obj, ch.name)
@@ -332,7 +332,7 @@ def _json_xml(value: Any, node: SchemaNode, schema: Schema, parent_ns: str | Non
         els = []
         for v in values:
             text, decl = _json_leaf_text(v, node, schema)
-            el = _element(node, parent_ns, decl)
+            el = element(node, parent_ns, decl)
             el.text = text
             els.append(el)
         return els
@@ -342,7 +342,7 @@ def _json_xml(value: Any, node: SchemaNode, schema: Schema, parent_ns: str | Non
 
 
 def _json_xml_object(obj: dict[str, Any], node: SchemaNode, schema: Schema, parent_ns: str | None, path: str) -> etree._Element:
-    el = _element(node, parent_ns)
+    el = element(node, parent_ns)
     members = {}
     for qname, v in obj.items():
         module, _, name = qname.rpartition(":")
@@ -350,7 +350,7 @@ def _json_xml_object(obj: dict[str, Any], node: SchemaNode, schema: Schema, pare
         if ch is None:
             raise CodecError("unknown-element", f"{path}/{qname}", f"unknown member '{qname}'")
         members[id(ch)] = v
-    for ch in _ordered_children(node):
+    for ch in ordered_children(node):
         if id(ch) in members:
             pfx = schema.prefixes.get(ch.module, ch.module)
             for sub in _json_xml(members[id(ch)], ch, schema, node.namespace, f"{path}/{pfx}:{ch.name}"):
@@ -514,7 +514,7 @@ def _json_value(obj: Any, node: SchemaNode, schema: Schema, config_only: bool) -
 
 def _json_object(obj: Any, node: SchemaNode, schema: Schema, config_only: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for ch in _ordered_children(node):
+    for ch in ordered_children(node):
         if config_only and not ch.config:
             continue
         member = child(obj, ch.name)

@@ -47,10 +47,6 @@ class _ListPath:
         return self.nodes[-1]
 
 
-def _c14n(el: etree._Element) -> bytes:
-    return hashlib.sha256(etree.tostring(el, method="c14n")).digest()
-
-
 def _json_name(node: SchemaNode, parent: SchemaNode | None) -> str:
     if parent is None or parent.module != node.module:
         return f"{node.module}:{node.name}"
@@ -76,11 +72,12 @@ def _list_paths(schema: Schema) -> list[_ListPath]:
 
 
 def _order(node: SchemaNode) -> dict[tuple[str, str], int]:
-    kids = list(node.children.values())
-    if node.keyword == "list" and node.keys:
-        keys = [n for k in node.keys for n in kids if n.name == k]
-        kids = keys + [n for n in kids if n.name not in node.keys]
-    return {(n.namespace, n.name): i for i, n in enumerate(kids)}
+    return {(n.namespace, n.name): i for i, n in enumerate(yangcodec.ordered_children(node))}
+
+
+def digest(elements: list[etree._Element]) -> bytes:
+    """What a config's elements say, as a key: SHA-256 over their canonical XML."""
+    return hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest()
 
 
 class ModuleChecker:
@@ -130,20 +127,20 @@ class ModuleChecker:
             return self._whole(work)  # pyangbind merges same-key entries: let it
         parts: list[Part | None] = []
         for lp, el in entries:
-            part = self._get((id(lp.list), _c14n(el)))
+            part = self._get((id(lp.list), digest([el])))
             parts.append(part)
             if part is not None:
                 _detach(el)
         new = [(lp, el) for (lp, el), part in zip(entries, parts) if part is None]
         skeleton: Part | None = None
         if not new:
-            skeleton = self._get((0, self._skeleton_key(work)))
+            skeleton = self._get((0, digest(work)))
         if skeleton is None:
             skeleton, decoded = self._decode(work, new, fresh)
             for (lp, el), part in zip(new, decoded):
-                self._put((id(lp.list), _c14n(el)), part)
+                self._put((id(lp.list), digest([el])), part)
                 _detach(el)
-            self._put((0, self._skeleton_key(work)), skeleton)
+            self._put((0, digest(work)), skeleton)
             it = iter(decoded)
             parts = [p if p is not None else next(it) for p in parts]
         checked: list[tuple[_ListPath, Part]] = [(lp, p) for (lp, _), p in zip(entries, parts)]  # type: ignore[misc]
@@ -156,7 +153,7 @@ class ModuleChecker:
         bare = [copy.deepcopy(el) for el in out_xml]
         for lp, el in self._entries(bare):
             part = by_list[id(lp.list)].pop(0)
-            key = (id(lp.list), _c14n(el))
+            key = (id(lp.list), digest([el]))
             self._put(key, part)
             _detach(el)
             if id(part) in fresh:
@@ -164,14 +161,8 @@ class ModuleChecker:
                     self._bindings[key] = fresh.pop(id(part))
                     while len(self._bindings) > BINDINGS_KEPT:
                         self._bindings.popitem(last=False)
-        self._put((0, self._skeleton_key(bare)), skeleton)
+        self._put((0, digest(bare)), skeleton)
         return out_xml, out_json
-
-    def _skeleton_key(self, work: list[etree._Element]) -> bytes:
-        h = hashlib.sha256()
-        for el in work:
-            h.update(etree.tostring(el, method="c14n"))
-        return h.digest()
 
     def _entries(self, work: list[etree._Element]) -> list[tuple[_ListPath, etree._Element]]:
         out: list[tuple[_ListPath, etree._Element]] = []
@@ -274,14 +265,14 @@ class ModuleChecker:
             top = lp.nodes[0]
             el = tops.get((top.namespace, top.name))
             if el is None:
-                el = tops[(top.namespace, top.name)] = _element(top, None)
+                el = tops[(top.namespace, top.name)] = yangcodec.element(top, None)
             obj = js.setdefault(_json_name(top, None), {})
             for prev, node in zip(lp.nodes[:-1], lp.nodes[1:]):
                 if node is lp.list:
                     break
                 sub = el.find(f"{{{node.namespace}}}{node.name}")
                 if sub is None:
-                    sub = _element(node, prev.namespace)
+                    sub = yangcodec.element(node, prev.namespace)
                     self._insert(el, sub, prev)
                 el = sub
                 obj = obj.setdefault(_json_name(node, prev), {})
@@ -339,11 +330,6 @@ def _list_of(root: Any, lp: _ListPath) -> Any:
     return obj
 
 
-def _element(node: SchemaNode, parent_ns: str | None) -> etree._Element:
-    nsmap = {None: node.namespace} if node.namespace != parent_ns else None
-    return etree.Element(f"{{{node.namespace}}}{node.name}", nsmap=nsmap)
-
-
 # --- decoded running, kept up to date entry by entry ----------------------------
 
 
@@ -371,15 +357,15 @@ def update_bindings(checker: ModuleChecker, root: Any, old: list[etree._Element]
     before: dict[int, dict[tuple[str, ...], bytes]] = {}
     after: dict[int, dict[tuple[str, ...], tuple[bytes, etree._Element]]] = {}
     for lp, el in old_entries:
-        before.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = _c14n(el)
+        before.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = digest([el])
         _detach(el)
     for lp, el in new_entries:
-        after.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = (_c14n(el), el)
+        after.setdefault(id(lp.list), {})[_xml_key(lp.list, el)] = (digest([el]), el)
     if sum(len(v) for v in before.values()) != len(old_entries) or sum(len(v) for v in after.values()) != len(new_entries):
         return False  # duplicate keys: not canonical
     for _, el in new_entries:
         _detach(el)
-    if checker._skeleton_key(old_work) != checker._skeleton_key(new_work):
+    if digest(old_work) != digest(new_work):
         return False
     for lp in checker.paths:
         b, a = before.get(id(lp.list), {}), after.get(id(lp.list), {})

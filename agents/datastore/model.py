@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -12,7 +11,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangcodec
-from sdqkd.agents.datastore.checked import ModuleChecker, update_bindings
+from sdqkd.agents.datastore.checked import ModuleChecker, digest, update_bindings
 from sdqkd.yangschema import Schema, SchemaNode, load
 
 
@@ -121,7 +120,7 @@ class ModelSet:
         memoised by content, under its canonical form too (validate and commit
         check the candidate an edit just produced)."""
         elements = [el for el in elements if isinstance(el.tag, str)]
-        key = _digest(elements)
+        key = digest(elements)
         with self._memo_lock:
             hit = self._checked.get(key)
             if hit is not None:
@@ -138,15 +137,11 @@ class ModelSet:
             js[name] = j
         cfg = Config(tuple(xml), js)
         with self._memo_lock:
-            for k in (key, _digest(xml)):
+            for k in (key, digest(xml)):
                 self._checked[k] = cfg
             while len(self._checked) > 16:
                 self._checked.popitem(last=False)
         return cfg
-
-
-def _digest(elements: list[etree._Element]) -> bytes:
-    return hashlib.sha256(b"".join(etree.tostring(el, method="c14n") for el in elements)).digest()
 
 
 @functools.lru_cache(maxsize=None)
