@@ -120,8 +120,7 @@ class EmulatedQkdModule(QkdModule):
         role = identity_name(role)
         if not profile.supports_role(role):
             raise ValueError(f"profile '{profile.name}' does not support role {role}")
-        if key_size <= 0 or key_size % 8:
-            raise ValueError("key size must be a positive multiple of 8 bits")
+        self._check_key_size(key_size)
         self._init_module(node, qkdn_id, qkdi_id, role, key_sink=key_sink, peer_address=peer_address,
                           service_key=service_key, listen=listen, logger=log)
         self.profile, self.plant, self.channel = profile, plant, channel
@@ -146,8 +145,7 @@ class EmulatedQkdModule(QkdModule):
             if cfg.role not in ("TRANSMITTER", "RECEIVER") or not p.supports_role(cfg.role):
                 raise DriverError("invalid-value", f"phys_qkd_role {cfg.role} is not supported "
                                                    f"(module supports {p.role_support})")
-            if self.role != "TRANSCEIVER" and cfg.role != self.role:
-                raise DriverError("invalid-value", f"this module is a {self.role}, not a {cfg.role}")
+            self._check_direction(cfg.role)
         if cfg.attenuation is not None and cfg.attenuation > p.max_absorption:
             raise DriverError("invalid-value", f"phys_channel_att {cfg.attenuation} dB is over the "
                                                f"module's max absorption {p.max_absorption} dB")

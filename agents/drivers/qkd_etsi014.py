@@ -98,8 +98,7 @@ class Etsi014QkdModule(QkdModule):
         role = identity_name(role)
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
-        if key_size <= 0 or key_size % 8:
-            raise ValueError("key size must be a positive multiple of 8 bits")
+        self._check_key_size(key_size)
         if not device.sae_id or not device.peer_sae_id:
             raise ValueError("the device's own and peer SAE IDs are needed")
         self._init_module(node, qkdn_id, qkdi_id, role, key_sink=key_sink, peer_address=peer_address,
@@ -124,8 +123,7 @@ class Etsi014QkdModule(QkdModule):
         if cfg.role is not None:
             if cfg.role not in ("TRANSMITTER", "RECEIVER"):
                 raise DriverError("invalid-value", f"phys_qkd_role {cfg.role} is not TRANSMITTER or RECEIVER")
-            if self.role != "TRANSCEIVER" and cfg.role != self.role:
-                raise DriverError("invalid-value", f"this module is a {self.role}, not a {cfg.role}")
+            self._check_direction(cfg.role)
         if cfg.attenuation is not None and self.max_absorption is not None and cfg.attenuation > self.max_absorption:
             raise DriverError("invalid-value", f"phys_channel_att {cfg.attenuation} dB is over the "
                                                f"device's max absorption {self.max_absorption} dB")

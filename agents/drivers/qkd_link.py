@@ -195,6 +195,16 @@ class QkdModule(Driver):
         self.address: tuple[str, int] | None = None
         self._log = ModuleLog(logger, {"where": f"{node}:{qkdi_id}"})
 
+    @staticmethod
+    def _check_key_size(key_size: int) -> None:
+        if key_size <= 0 or key_size % 8:
+            raise ValueError("key size must be a positive multiple of 8 bits")
+
+    def _check_direction(self, role: str) -> None:
+        """A TRANSMITTER or RECEIVER module takes only links in its own direction."""
+        if self.role != "TRANSCEIVER" and role != self.role:
+            raise DriverError("invalid-value", f"this module is a {self.role}, not a {role}")
+
     # --- hooks ------------------------------------------------------------------------------
 
     def _new_link(self, cfg: LinkConfig) -> Link:
