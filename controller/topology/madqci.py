@@ -46,7 +46,9 @@ def qkdn_id(name: str) -> str:
     return node_id(lab()["name"], node)
 
 
+@cache
 def _profiles() -> dict[str, QkdProfile]:
+    """The lab file's vendor profiles by name (built once: asked for per interface)."""
     return {p["name"]: QkdProfile.from_dict(p) for p in lab()["profile"]}
 
 
