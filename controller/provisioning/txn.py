@@ -69,14 +69,20 @@ def _check_caps(conn: AgentConnection, edits: list[Edit]) -> None:
         raise TxnError(conn.addr.name, f"agent lacks {', '.join(missing)}", "operation-not-supported")
 
 
+def _txn_error(c: AgentConnection, exc: RPCError | AgentUnavailable | OSError) -> TxnError:
+    """An RPC's failure as the transaction reports it: the agent's rpc-error as it came,
+    an unreachable agent as resource-denied."""
+    if isinstance(exc, RPCError):
+        return TxnError(c.addr.name, exc.message or str(exc), exc.tag or "operation-failed", exc.path)
+    return TxnError(c.addr.name, str(exc), "resource-denied")
+
+
 def _on(c: AgentConnection, fn: Any) -> Any:
     """One RPC on one agent; failures name the agent."""
     try:
         return c.call(fn)
-    except RPCError as exc:
-        raise TxnError(c.addr.name, exc.message or str(exc), exc.tag or "operation-failed", exc.path) from None
-    except (AgentUnavailable, OSError) as exc:
-        raise TxnError(c.addr.name, str(exc), "resource-denied") from None
+    except (RPCError, AgentUnavailable, OSError) as exc:
+        raise _txn_error(c, exc) from None
 
 
 def _pipelined(c: AgentConnection, fns: list[Callable[[Any], Any]]) -> list[Any]:
@@ -84,16 +90,14 @@ def _pipelined(c: AgentConnection, fns: list[Callable[[Any], Any]]) -> list[Any]
     try:
         return c.pipeline(fns)
     except (AgentUnavailable, OSError) as exc:
-        raise TxnError(c.addr.name, str(exc), "resource-denied") from None
+        raise _txn_error(c, exc) from None
 
 
 def _raise_first(c: AgentConnection, results: list[Any]) -> None:
     """The first failed RPC of a pipeline, named as _on names it."""
     for r in results:
-        if isinstance(r, RPCError):
-            raise TxnError(c.addr.name, r.message or str(r), r.tag or "operation-failed", r.path) from None
-        if isinstance(r, OSError):
-            raise TxnError(c.addr.name, str(r), "resource-denied") from None
+        if isinstance(r, (RPCError, OSError)):
+            raise _txn_error(c, r) from None
         if isinstance(r, Exception):
             raise r
 
