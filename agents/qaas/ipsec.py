@@ -77,7 +77,10 @@ class Tunnels:
         self.charon: Charon | None = None  # the host's daemon, while it ends a tunnel
         self.daemon_lock = threading.Lock()
         k = ctx.cfg.kms
-        self.client_ctx = pki.client_ssl_context(k.cert, k.key, k.ca) if k is not None else None
+        # agent-to-agent calls to the peers' responder ends: one client (one TLS session per
+        # peer, kept), and only on a node that ends tunnels
+        self.peers_http = (httpx.Client(verify=pki.client_ssl_context(k.cert, k.key, k.ca), timeout=20.0)
+                           if k is not None and self.cfg is not None else None)
 
     # --- checks ---------------------------------------------------------------------------
 
@@ -251,12 +254,15 @@ class Tunnels:
             tunnels = list(self.by_id.values())
         for t in tunnels:
             self._drop(t)
+        if self.peers_http is not None:
+            self.peers_http.close()
 
     def _ask(self, peer: IpsecPeerConf, method: str, path: str, body: dict[str, Any] | None) -> None:
         url = f"https://{peer.api[0]}:{peer.api[1]}{path}"
+        if self.peers_http is None:  # _peer() found no host of ours: never reached
+            raise https.ApiError(404, f"node {self.ctx.cfg.node.name} has no lab host: it ends no IPsec tunnel")
         try:
-            with httpx.Client(verify=self.client_ctx, timeout=20.0) as client:
-                r = client.request(method, url, json=body)
+            r = self.peers_http.request(method, url, json=body)
         except httpx.HTTPError as exc:
             raise https.ApiError(502, f"peer agent unreachable: {type(exc).__name__}") from None
         if r.status_code >= 300:
