@@ -20,6 +20,7 @@ from sdqkd.agents.config import MAX_ENTROPY_REQUEST
 from sdqkd.agents.drivers.qrng import QrngFailure
 from sdqkd.agents.kms import https
 
+from . import openapi
 from .api import Context
 
 PATH = "/api/v1/entropy"
@@ -30,7 +31,6 @@ _INTEGER = re.compile(r"-?[0-9]{1,20}")
 
 def openapi_part(max_bytes: int) -> dict[str, Any]:
     """This service's part of the OpenAPI document, for a node serving up to max_bytes."""
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     return {
         "paths": {PATH: {"get": {
             "operationId": "getEntropy",
@@ -45,14 +45,14 @@ def openapi_part(max_bytes: int) -> dict[str, Any]:
             "responses": {
                 "200": {"description": "The random bytes.",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Entropy"}}}},
-                "400": {"description": "Bad query: bytes not an integer, out of range, given twice, "
-                        "or an unknown parameter.", "content": error},
-                "404": {"description": "This node has no QRNG.", "content": error},
-                "503": {"description": "The source failed its health tests (no bytes until it is repaired), "
-                        "or could not produce the bytes in time.",
-                        "headers": {"Retry-After": {"description": "Seconds until the bytes can be produced "
-                                                    "(rate limit only).", "schema": {"type": "integer", "minimum": 1}}},
-                        "content": error},
+                "400": openapi.error("Bad query: bytes not an integer, out of range, given twice, "
+                                     "or an unknown parameter."),
+                "404": openapi.error("This node has no QRNG."),
+                "503": openapi.error("The source failed its health tests (no bytes until it is repaired), "
+                                     "or could not produce the bytes in time.",
+                                     headers={"Retry-After": {"description": "Seconds until the bytes can be produced "
+                                                              "(rate limit only).",
+                                                              "schema": {"type": "integer", "minimum": 1}}}),
             },
         }}},
         "components": {"schemas": {"Entropy": {

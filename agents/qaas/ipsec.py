@@ -27,7 +27,7 @@ from sdqkd.agents.config import IpsecConf, IpsecPeerConf
 from sdqkd.agents.kms import https, pki
 from sdqkd.agents.kms.service import Key, KmsError
 
-from . import api
+from . import api, openapi
 from .strongswan import Charon, Endpoint, SaState, StrongswanError
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ def add_routes(app: web.Application, ctx: api.Context) -> None:
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-_ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_ERR = openapi.error("error")
 _TUNNEL_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/IpsecTunnel"}}}
 _PEER_NOTE = "Agent to agent: the caller's certificate must be the initiating node's KME certificate."
 

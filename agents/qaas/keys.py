@@ -26,6 +26,7 @@ from multidict import MultiMapping
 from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, sae_of
 from sdqkd.agents.kms.service import Key, KmsError
 
+from . import openapi
 from .api import Context
 from .directory import Directory, Party
 
@@ -149,10 +150,6 @@ _PARTY = {
 }
 
 
-def _error(text: str) -> dict[str, Any]:
-    return {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
 OPENAPI: dict[str, Any] = {
     "paths": {
         PATH: {
@@ -174,11 +171,11 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": {"description": "The key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OneCallKey"}}}},
-                    "400": _error("Missing or conflicting parameters, a malformed key_ID or wait, a peer that is the caller, "
+                    "400": openapi.error("Missing or conflicting parameters, a malformed key_ID or wait, a peer that is the caller, "
                                   "a node with several SAEs"),
-                    "401": _error("The client certificate's SAE is not attached to this node"),
-                    "404": _error("No such node or SAE; no key path to the peer; no such key for this pair"),
-                    "503": _error("A key path exists but holds no key now, or the node is overloaded: retry"),
+                    "401": openapi.error("The client certificate's SAE is not attached to this node"),
+                    "404": openapi.error("No such node or SAE; no key path to the peer; no such key for this pair"),
+                    "503": openapi.error("A key path exists but holds no key now, or the node is overloaded: retry"),
                 },
             }
         }

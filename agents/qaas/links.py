@@ -19,6 +19,7 @@ from sdqkd.agents.kms.https import call
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute
 from sdqkd.agents.kms.service import KmsError
 
+from . import openapi
 from .api import Context
 from .directory import Directory
 
@@ -117,10 +118,6 @@ def _direction(links: list[LinkRoute | None]) -> str:
     return "both" if any(lk is not None for lk in links) else "none"
 
 
-def _error(text: str) -> dict[str, Any]:
-    return {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
 _NODE = {
     "type": ["object", "null"],
     "required": ["node", "qkdn_id"],
@@ -145,8 +142,8 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": {"description": "This node and its key links",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/KeyLinks"}}}},
-                    "401": _error("No valid client certificate"),
-                    "503": _error("The node is overloaded: retry"),
+                    "401": openapi.error("No valid client certificate"),
+                    "503": openapi.error("The node is overloaded: retry"),
                 },
             }
         }

@@ -25,6 +25,12 @@ _ERROR = {
 }
 
 
+def error(description: str, **extra: Any) -> dict[str, Any]:
+    """A response whose body is the shared Error schema (an ETSI 014-style {"message"})."""
+    return {"description": description, **extra,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
 def document(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One document from the services' parts; a path or schema defined twice is a bug."""
     paths: dict[str, Any] = {}
