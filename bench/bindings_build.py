@@ -25,6 +25,7 @@ from rich.table import Table  # noqa: E402
 
 import samples  # noqa: E402
 from sdqkd import fastbind  # noqa: E402
+from latency import p50_p99_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def measure(factory: Any, n: int) -> dict[str, Any]:
@@ -67,10 +68,9 @@ def main() -> None:
     for col in ("build", "p50 ms", "p99 ms", "vs baseline", "gen0 GCs", "gen1 GCs", "gen2 GCs", "gen2 max pause ms"):
         table.add_column(col)
     for label, r in runs.items():
-        s = sorted(r["times"])
+        p50, p99 = p50_p99_ms(r["times"])
         p = r["pauses"]
-        table.add_row(escape(label), f"{statistics.median(s) * 1000:.2f}", f"{s[int(0.99 * (len(s) - 1))] * 1000:.2f}",
-                      f"{statistics.median(s) / base:.2f}x", str(len(p[0])), str(len(p[1])), str(len(p[2])),
+        table.add_row(escape(label), f"{p50:.2f}", f"{p99:.2f}", f"{p50 / 1000 / base:.2f}x", str(len(p[0])), str(len(p[1])), str(len(p[2])),
                       f"{max(p[2], default=0.0) * 1000:.1f}")
     Console(width=140).print(table)
 

@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
@@ -41,6 +40,7 @@ from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+from latency import p50_p99_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 KME = str(uuid.uuid5(uuid.NAMESPACE_URL, "sdqkd-bench/etsi014/kme"))
 MASTER, SLAVE = "sae-a", "sae-b"
@@ -197,12 +197,10 @@ class RelayNet:
 
 def _row(label: str, conc: int, res: dict, lat: list[float]) -> tuple:
     """label, concurrency, req/s, p50 ms, p99 ms, server and client CPU µs per request, non-200s."""
-    lat = sorted(lat)
     n = len(res["lat"])
     if not lat or not n:
         return (label, conc, 0.0, float("nan"), float("nan"), float("nan"), float("nan"), res["bad"])
-    p50 = statistics.median(lat) * 1000
-    p99 = lat[int(0.99 * (len(lat) - 1))] * 1000
+    p50, p99 = p50_p99_ms(lat)
     return (label, conc, n / res["elapsed"], p50, p99, res["server_cpu"] / n * 1e6, res["client_cpu"] / n * 1e6, res["bad"])
 
 

@@ -35,7 +35,6 @@ each key spent a pad and a MAC key per hop: a ceiling of 25% of the bound.)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import ssl

@@ -9,7 +9,6 @@ removed: what provisioning does).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from rich.table import Table  # noqa: E402
 from agentproc import PASSWORD, agent_config  # noqa: E402
 from sdqkd.controller.southbound.ops import LinkEdit, config_element  # noqa: E402
 from sdqkd.controller.southbound.session import connect  # noqa: E402
+from latency import p50_p99_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -38,8 +38,7 @@ def measure(fn, n: int) -> tuple[float, float, float]:
         fn(i)
         times.append(time.perf_counter() - t)
     total = time.perf_counter() - start
-    times.sort()
-    return statistics.median(times) * 1000, times[int(0.99 * (len(times) - 1))] * 1000, n / total
+    return (*p50_p99_ms(times), n / total)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from sdqkd.controller import config as controller_config  # noqa: E402
 from sdqkd.controller.core import Controller  # noqa: E402
 from sdqkd.controller.pathcomp.optical import OpticalRequest  # noqa: E402
 from sdqkd.lab import plan as lab_plan  # noqa: E402
+from latency import p50_p99_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 TOPOLOGY = ROOT / "lab" / "topologies" / "madqci.json"
 PREFERRED = ("Quijano", "Concepcion")  # Quijano - Quevedo - Norte - Concepcion
@@ -60,11 +61,6 @@ def wait(pred, timeout: float, what: str) -> None:
             return
         time.sleep(0.25)
     raise RuntimeError(f"{what} not reached in {timeout} s")
-
-
-def pct(xs: list[float]) -> tuple[float, float]:
-    s = sorted(xs)
-    return statistics.median(s) * 1000, s[int(0.99 * (len(s) - 1))] * 1000
 
 
 def three_hop_pair(ctl: Controller, plan, ids: dict[str, str]) -> tuple[str, str]:
@@ -201,19 +197,19 @@ def main() -> None:
             for p in procs:
                 p.stop()
 
-    base = pct(compute)
+    base = p50_p99_ms(compute)
     table = Table(title=f"Key-relay application over a 3-hop MadQCI path {master} -> {slave} ({path}), "
                         f"n={args.n}, loopback, same run")
     for col in ("operation", "p50 ms", "p99 ms", "p50 vs compute", "target"):
         table.add_column(col)
 
     def row(label: str, xs: list[float], target: str = "") -> None:
-        p50, p99 = pct(xs)
+        p50, p99 = p50_p99_ms(xs)
         table.add_row(escape(label), f"{p50:.2f}", f"{p99:.2f}", f"{p50 / base[0]:.1f}x", target)
 
     row("compute_relay (view rebuilt) [baseline]", compute)
     row("compute_relay (view cached)", compute_warm)
-    ok = pct(create)[1] < TARGET_MS
+    ok = p50_p99_ms(create)[1] < TARGET_MS
     row("create_application (compute + txn)", create, f"< {TARGET_MS:.0f} ms p99: {'met' if ok else 'MISSED'}")
     for ph, xs in phases.items():
         row(f"  {ph}" if ph.startswith("outside") else f"  txn {ph}", xs)

@@ -17,7 +17,6 @@ import argparse
 import os
 import socket
 import ssl
-import statistics
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from sdqkd.agents.kms import etsi014, pki
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from latency import p50_p99_ms  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 KME = str(uuid.uuid5(uuid.NAMESPACE_URL, "sdqkd-bench/qkd-tls/kme"))
 PAYLOAD = os.urandom(1024)
@@ -126,8 +126,8 @@ def main() -> None:
     rows = []
     try:
         for label, (session, _) in cases.items():
-            lat = sorted(time_sessions(args.sessions, session))
-            rows.append((label, len(lat) / sum(lat), statistics.median(lat) * 1000, lat[int(0.99 * (len(lat) - 1))] * 1000))
+            lat = time_sessions(args.sessions, session)
+            rows.append((label, len(lat) / sum(lat), *p50_p99_ms(lat)))
     finally:
         for _, stop in cases.values():
             stop()
