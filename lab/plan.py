@@ -46,6 +46,7 @@ class LabPlan:
     nodes: dict[str, NodePlan]
     address: str = "127.0.0.1"
     controller_port: int = 50051
+    username: str = "admin"  # every agent's NETCONF user (defaults/netconf-username)
     hosts: dict[str, lab_hosts.Host] = field(default_factory=dict)  # node name -> its lab host
 
     def by_id(self, qkdn_id: str) -> NodePlan:
@@ -145,6 +146,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
         nodes={},
         address=str(defaults.get("address", "127.0.0.1")),
         controller_port=ports.take("kms") if free_ports else int(defaults.get("controller-grpc-port", 50051)),
+        username=str(defaults.get("netconf-username", "admin")),
     )
     for node in lab.get("node", []):
         nd = lab_dir / "nodes" / node["name"]
@@ -196,7 +198,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "address": plan.address,
             "port": np.netconf_port,
             "host_key": str(np.dir / "ssh_host_ed25519_key"),
-            "users": [{"name": lab.get("defaults", {}).get("netconf-username", "admin"), "password_hash": pw_hash}],
+            "users": [{"name": plan.username, "password_hash": pw_hash}],
         },
         "state_dir": str(np.dir / "state"),
         "plant": {"topology": str(plan.topology_path), "state": str(plan.dir / "plant.sqlite")},
@@ -246,13 +248,10 @@ def ipsec_config(plan: LabPlan, lab: dict[str, Any], node: str) -> dict[str, Any
 
 def controller_config(plan: LabPlan) -> dict[str, Any]:
     """The controller's config for this lab: every agent, the SAE directory, the plant."""
-    lab = lab_object(json.loads(plan.topology_path.read_text()))
-    domains = {n["name"]: n.get("domain") for n in lab.get("node", [])}
     return {
         "agents": [
             {"name": n.name, "qkdn_id": n.qkdn_id, "host": plan.address, "port": n.netconf_port,
-             "username": lab.get("defaults", {}).get("netconf-username", "admin"), "password": plan.password,
-             "domain": domains.get(n.name)}
+             "username": plan.username, "password": plan.password, "domain": n.domain}
             for n in plan.nodes.values()
         ],
         "state_dir": str(plan.dir / "controller"),
