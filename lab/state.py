@@ -34,7 +34,7 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "domain": n.domain,
             "pid": pids.get(n.name),
             "netconf": {
-                "host": plan.address, "port": n.netconf_port, "username": "admin", "password": plan.password,
+                "host": plan.address, "port": n.netconf_port, "username": plan.username, "password": plan.password,
                 "host_key_fingerprint": ssh.fingerprint(host_key) if host_key else None,
                 "host_key": f"{host_key.get_name()} {host_key.get_base64()}" if host_key else None,
             },
