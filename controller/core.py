@@ -58,7 +58,7 @@ class ControllerError(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # node-up, node-down, link-status, application-created, application-rerouted, ...
+    kind: str  # node-synced, node-lost, link-status, application-created, application-rerouted, ...
     data: dict[str, Any]
     at: float
 
@@ -72,7 +72,7 @@ class Controller:
         self.conns: dict[str, AgentConnection] = {}
         for a in cfg.agents:
             addr = AgentAddress(a.name, a.qkdn_id.lower(), a.host, a.port, a.username, a.password, a.key_filename, a.hostkey_b64, a.domain)
-            self.conns[addr.qkdn_id] = AgentConnection(addr, self._on_state, self._on_notification)
+            self.conns[addr.qkdn_id] = AgentConnection(addr, self._on_state, self._on_notification, on_lost=self._on_lost)
         self._topo: Topology | None = None
         self._topo_lock = threading.Lock()
         self._subscribers: list[queue.Queue[Event]] = []
@@ -129,9 +129,16 @@ class Controller:
         with self._topo_lock:
             self._topo = None
 
+    # The view goes stale in these two places only: an agent re-read, or its session
+    # lost (its node and links leave the view until it is back).
+
     def _on_state(self, conn: AgentConnection) -> None:
         self._invalidate()
         self._emit("node-synced", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id})
+
+    def _on_lost(self, conn: AgentConnection) -> None:
+        self._invalidate()
+        self._emit("node-lost", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, "error": conn.last_error})
 
     def _on_notification(self, conn: AgentConnection, content: etree._Element) -> None:
         """One small handler per notification type (Faucet style); failures are contained."""
@@ -187,19 +194,16 @@ class Controller:
         while not self._stopped.wait(1.0):
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
-            now, done = time.monotonic(), False
+            now = time.monotonic()
             for qid in dirty:
                 if txn.busy() and now - deferred.setdefault(qid, now) < REFRESH_DEFER:
                     self._mark_dirty(qid)
                     continue
                 deferred.pop(qid, None)
-                done = True
                 try:
-                    self.conns[qid].refresh()
+                    self.conns[qid].refresh()  # on_state: the view is rebuilt on next use
                 except Exception as exc:  # noqa: BLE001 - it reconnects and resyncs by itself
                     log.debug("refresh of %s failed: %s", qid, exc)
-            if done:
-                self._invalidate()
 
     def _work_loop(self) -> None:
         """Provisioning in reaction to events (reroutes, requested applications), one at a time."""
@@ -211,7 +215,6 @@ class Controller:
                 kind = item[0]
                 if kind == "refresh-and-reroute":
                     self.conns[item[1]].refresh()
-                    self._invalidate()
                     self.reroute(item[2])
                 elif kind == "auto-app":
                     if not any({a.master_sae, a.slave_sae} == {item[1], item[2]} for a in self.store.apps()):
@@ -361,7 +364,6 @@ class Controller:
         for n in report.nodes:
             if any(not _view_blind(e) for e in plan.edits[n]):
                 self._mark_dirty(n)
-        self._invalidate()
         return report
 
     # --- direct quantum channels -------------------------------------------------------------

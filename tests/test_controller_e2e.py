@@ -174,3 +174,35 @@ def test_applications_need_no_reread(ring) -> None:
         assert {ch.tx[0], ch.rx[0]} <= set(marked), marked
     finally:
         ctl.stop()
+
+
+def test_a_lost_agent_leaves_the_view_and_comes_back(ring) -> None:
+    """The view drops a node whose session is lost without anything else (a
+    transaction, a re-read) rebuilding it, and takes it back on reconnection."""
+    plan, procs, cfg_path = ring
+    qid = plan.nodes["D"].qkdn_id
+    ctl = Controller(controller_config.load(cfg_path))
+    stop = threading.Event()
+    events = ctl.events(stop)
+    ctl.start()
+    try:
+        assert ctl.wait_discovered(20)
+        assert ctl.topology().nodes[qid].up
+        procs["D"].stop()
+        wait(lambda: not ctl.topology().nodes[qid].up, what="D out of the view")
+        kinds = []
+        threading.Timer(10, stop.set).start()  # the stream ends there if no event comes
+        for ev in events:
+            kinds.append((ev.kind, ev.data.get("node")))
+            if (ev.kind, ev.data.get("node")) == ("node-lost", "D"):
+                assert ev.data["error"], ev  # why, for the operator
+                break
+        assert ("node-lost", "D") in kinds, kinds
+        assert not [k for k in kinds if k[0] == "node-lost" and k[1] != "D"], kinds
+        procs["D"].start()
+        wait(lambda: ctl.topology().nodes[qid].up, what="D back in the view")
+    finally:
+        stop.set()
+        ctl.stop()
+        if procs["D"].proc is None or procs["D"].proc.poll() is not None:
+            procs["D"].start()

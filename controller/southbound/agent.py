@@ -49,14 +49,17 @@ class AgentUnavailable(Exception):
 
 
 class AgentConnection:
-    """Keeps one session up; `on_state(conn)` after each resync, `on_notification(conn, element)`."""
+    """Keeps one session up; `on_state(conn)` after each resync, `on_lost(conn)` when
+    a session that was up ends, `on_notification(conn, element)`."""
 
     def __init__(self, addr: AgentAddress, on_state: Callable[["AgentConnection"], None],
                  on_notification: Callable[["AgentConnection", etree._Element], None],
-                 backoff: tuple[float, float] = (0.2, 10.0)) -> None:
+                 backoff: tuple[float, float] = (0.2, 10.0),
+                 on_lost: Callable[["AgentConnection"], None] | None = None) -> None:
         self.addr = addr
         self.on_state = on_state
         self.on_notification = on_notification
+        self.on_lost = on_lost
         self.backoff = backoff
         self.lock = threading.RLock()  # one RPC conversation at a time on the session
         self.manager: Manager | None = None
@@ -118,12 +121,18 @@ class AgentConnection:
                 delay = self.backoff[0]
                 log.info("agent %s connected (session %s)", self.addr.name, m.session_id)
                 self._pump(m)
+                if not self._stop.is_set():
+                    self.last_error = "session closed"
+                    log.info("agent %s closed the session", self.addr.name)
             except Exception as exc:  # noqa: BLE001 - any failure: reconnect later
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("agent %s unavailable: %s", self.addr.name, self.last_error)
+            was_up = self.connected.is_set()
             self.connected.clear()
             with self.lock:
                 self.manager = None
+            if was_up and not self._stop.is_set() and self.on_lost is not None:
+                self.on_lost(self)
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, self.backoff[1])
