@@ -45,7 +45,7 @@ class Agent:
         entropy = self.qrng.read if self.qrng is not None else os.urandom
         self.kms = kms_node.build(cfg, entropy=entropy, on_missing_path=self._ask_for_path,
                                   qrng=self.qrng, publish=self.hub.publish)
-        self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink)
+        self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink, key_room=self.kms.lkms.key_room)
         self.drivers: list[Driver] = self.devices.drivers + ([self.qrng] if self.qrng is not None else [])
         self.datastores = Datastores(
             self.models,

@@ -114,6 +114,7 @@ class KmsConf:
     key_size: int = 256
     default_ttl: int = 3600
     path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
+    link_key_limit: int = 100_000  # link keys a link holds here at most, like a device's key buffer
 
 
 @dataclass
@@ -254,6 +255,8 @@ def _check(cfg: AgentConfig) -> list[str]:
         names.setdefault(peer.node.lower(), qid)
     if cfg.kms is not None and not 0 <= cfg.kms.path_wait <= 300:
         problems.append("config.kms.path_wait: from 0 to 300 s")
+    if cfg.kms is not None and cfg.kms.link_key_limit < 1:
+        problems.append("config.kms.link_key_limit: at least 1")
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:

@@ -26,7 +26,7 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
 
   YANG Description: Values every node takes unless it says otherwise.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__address','__netconf_port_base','__kms_port_base','__relay_port_base','__controller_grpc_port','__netconf_username',)
+  __slots__ = ('_path_helper', '_extmethods', '__address','__netconf_port_base','__kms_port_base','__relay_port_base','__controller_grpc_port','__netconf_username','__link_key_limit',)
 
   _yang_name = 'defaults'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -44,6 +44,7 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
     self.__relay_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8500), is_leaf=True, yang_name="relay-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__controller_grpc_port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(50051), is_leaf=True, yang_name="controller-grpc-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__netconf_username = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'length': ['1..32']}), default=str("admin"), is_leaf=True, yang_name="netconf-username", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='string', is_config=True)
+    self.__link_key_limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(100000), is_leaf=True, yang_name="link-key-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
 
     load = kwargs.pop("load", None)
     if args:
@@ -293,15 +294,59 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
   def _unset_netconf_username(self):
     self.__netconf_username = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'length': ['1..32']}), default=str("admin"), is_leaf=True, yang_name="netconf-username", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='string', is_config=True)
 
+
+  def _get_link_key_limit(self):
+    """
+    Getter method for link_key_limit, mapped from YANG variable /lab/defaults/link_key_limit (uint32)
+
+    YANG Description: Link keys a QKD link holds at each of its nodes at most, like
+a device's key buffer: a link whose store is full keeps
+distilling (its SKR is still measured) but stores no key
+until some are used.
+    """
+    return self.__link_key_limit
+      
+  def _set_link_key_limit(self, v, load=False):
+    """
+    Setter method for link_key_limit, mapped from YANG variable /lab/defaults/link_key_limit (uint32)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_link_key_limit is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_link_key_limit() directly.
+
+    YANG Description: Link keys a QKD link holds at each of its nodes at most, like
+a device's key buffer: a link whose store is full keeps
+distilling (its SKR is still measured) but stores no key
+until some are used.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(100000), is_leaf=True, yang_name="link-key-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """link_key_limit must be of a type compatible with uint32""",
+          'defined-type': "uint32",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(100000), is_leaf=True, yang_name="link-key-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)""",
+        })
+
+    self.__link_key_limit = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_link_key_limit(self):
+    self.__link_key_limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(100000), is_leaf=True, yang_name="link-key-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+
   address = __builtin__.property(_get_address, _set_address)
   netconf_port_base = __builtin__.property(_get_netconf_port_base, _set_netconf_port_base)
   kms_port_base = __builtin__.property(_get_kms_port_base, _set_kms_port_base)
   relay_port_base = __builtin__.property(_get_relay_port_base, _set_relay_port_base)
   controller_grpc_port = __builtin__.property(_get_controller_grpc_port, _set_controller_grpc_port)
   netconf_username = __builtin__.property(_get_netconf_username, _set_netconf_username)
+  link_key_limit = __builtin__.property(_get_link_key_limit, _set_link_key_limit)
 
 
-  _pyangbind_elements = OrderedDict([('address', address), ('netconf_port_base', netconf_port_base), ('kms_port_base', kms_port_base), ('relay_port_base', relay_port_base), ('controller_grpc_port', controller_grpc_port), ('netconf_username', netconf_username), ])
+  _pyangbind_elements = OrderedDict([('address', address), ('netconf_port_base', netconf_port_base), ('kms_port_base', kms_port_base), ('relay_port_base', relay_port_base), ('controller_grpc_port', controller_grpc_port), ('netconf_username', netconf_username), ('link_key_limit', link_key_limit), ])
 
 
 class yc_domain_sdqkd_lab__lab_domain(PybindBase):

@@ -229,6 +229,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "cert": str(np.kme_cert[0]),
             "key": str(np.kme_cert[1]),
             "saes": plan.sae_directory(),
+            "link_key_limit": int(lab.get("defaults", {}).get("link-key-limit", 100_000)),
         },
         **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
     }

@@ -5,6 +5,7 @@ services across a restart."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import ssl
 import threading
 import time
@@ -22,8 +23,10 @@ from sdqkd.lab import plan as lab_plan
 PROFILE = {"name": "dv", "technology": "etsi-qkd-node-types:DV-QKD", "band": "O-band", "max-absorption": "20.0",
            "reference-skr": "300.0", "reference-loss": "4.0", "qber": "2.5"}
 RING = ["A", "B", "C", "D"]
+LINK_KEY_LIMIT = 3000  # a link (~1,200 keys/s here) fills its stores in a few seconds
 TOPOLOGY = {"sdqkd-lab:lab": {
     "name": "ring",
+    "defaults": {"link-key-limit": LINK_KEY_LIMIT},
     "profile": [PROFILE],
     "node": [{"name": n, "qkd-interface": [{"id": 1, "profile": "dv"}, {"id": 2, "profile": "dv"}], "sae": [{"id": f"sae-{n.lower()}"}]}
              for n in RING],
@@ -206,3 +209,43 @@ def test_a_lost_agent_leaves_the_view_and_comes_back(ring) -> None:
         ctl.stop()
         if procs["D"].proc is None or procs["D"].proc.poll() is not None:
             procs["D"].start()
+
+
+def test_link_key_stores_fill_up_to_their_limit_and_links_stay_active(ring) -> None:
+    """A link's store at each end stops at the lab's link-key-limit (the last batch
+    of keys may pass it); the links stay ACTIVE with their measured SKR."""
+    plan, procs, cfg_path = ring
+    ctl = Controller(controller_config.load(cfg_path))
+    ctl.start()
+    try:
+        assert ctl.wait_discovered(20)
+        if not ctl.store.channels():
+            ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
+            for a, b in zip(RING, RING[1:] + RING[:1]):
+                ctl.create_channel(OpticalRequest(tx=(ids[a], 1), rx=(ids[b], 2)))
+
+        def counts() -> dict[tuple[str, str], int]:
+            got = {}
+            for name, np in plan.nodes.items():
+                db = sqlite3.connect(f"file:{np.dir / 'state' / 'keys.sqlite'}?mode=ro", uri=True)
+                try:
+                    got.update({(name, link): n for link, n in db.execute("SELECT link, COUNT(*) FROM link_keys GROUP BY link")})
+                finally:
+                    db.close()
+            return got
+
+        def active() -> set[str]:
+            for c in ctl.conns.values():
+                c.refresh()
+            return {lid for lid, lk in ctl.topology().links.items() if lk.status == "ACTIVE" and lk.skr > 0}
+
+        links = wait(active, what="ACTIVE links")  # the first test leaves one fibre cut
+        wait(lambda: all(n >= LINK_KEY_LIMIT for (node, link), n in counts().items() if link in links),
+             timeout=40, what="the ACTIVE links' stores at their limit")
+        time.sleep(2.0)  # ~2,400 keys more per link without a limit
+        later = counts()
+        assert len([k for k in later if k[1] in links]) == 2 * len(links), later
+        assert max(later.values()) <= LINK_KEY_LIMIT + 1024 + 64, later  # one flush batch, one block
+        assert active() >= links  # still distilling, SKR measured
+    finally:
+        ctl.stop()

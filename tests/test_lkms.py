@@ -330,6 +330,28 @@ def test_link_key_counts_follow_every_write(tmp_path) -> None:
     fresh.close()
 
 
+def test_a_link_holds_at_most_link_key_limit_keys(tmp_path) -> None:
+    """Both halves count; using keys makes room; each link has its own limit."""
+    store = KeyStore(tmp_path / "k.sqlite", link_key_limit=10)
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    store.set_allocator(L1, lambda kid: kid in ids[:5])
+    for kid in ids:
+        store.sink(L1, kid, os.urandom(32))
+    store.flush()
+    assert not store.room(L1) and store.room(L2)
+    store.take_ids(L1, ids[9:])  # the peer's half counts too
+    assert store.room(L1)
+    store.sink(L1, str(uuid.uuid4()), os.urandom(32))
+    store.flush()
+    assert not store.room(L1)
+    store.take(L1, 1)
+    assert store.room(L1)
+    store.close()
+    fresh = KeyStore(tmp_path / "k.sqlite", link_key_limit=9)  # counted from the file after a restart
+    assert not fresh.room(L1)
+    fresh.close()
+
+
 def test_etsi004_stream_over_two_hops(net) -> None:
     nodes, _ = net
     qos = Qos(key_chunk_size=32, timeout=2000)

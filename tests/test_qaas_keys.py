@@ -217,17 +217,20 @@ def test_no_key_byte_in_any_log(lab) -> None:
             assert not any(text in log for log in logs)
 
 
-def test_agent_config_refuses_a_directory_with_two_nodes_of_one_name_and_a_bad_path_wait(tmp_path) -> None:
+def test_agent_config_refuses_a_directory_with_two_nodes_of_one_name_and_bad_kms_numbers(tmp_path) -> None:
     plan = lab_plan.make(json.loads(CLOUD.read_text()), tmp_path)
     data = json.loads(plan.nodes["CAIT"].config_path.read_text())
     assert agent_config.parse(data).kms.path_wait == 10.0
+    assert agent_config.parse(data).kms.link_key_limit == 100_000  # the sdqkd-lab default
     first = next(iter(data["peers"]))
     data["peers"][first]["node"] = "cait"
     data["kms"]["path_wait"] = -1
+    data["kms"]["link_key_limit"] = 0
     with pytest.raises(agent_config.ConfigError) as err:
         agent_config.parse(data)
     assert any("already another node's" in p for p in err.value.problems)
     assert any("path_wait" in p for p in err.value.problems)
+    assert any("link_key_limit" in p for p in err.value.problems)
 
 
 def test_a_qkd_keyed_tls_session_takes_its_keys_from_the_one_call_api(lab) -> None:

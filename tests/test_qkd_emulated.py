@@ -119,6 +119,30 @@ def test_both_ends_deliver_identical_key_streams(lab: Lab, caplog: pytest.LogCap
     assert logged and not any(kb.hex() in logged or kb.hex().upper() in logged for _, _, kb in b.keys)
 
 
+def test_a_full_key_store_at_either_end_stops_storing_not_distilling(lab: Lab) -> None:
+    """Like a device's key buffer: a block's keys are kept only when both ends have
+    room, so the two streams stay identical; the link stays ACTIVE and its SKR
+    measured all along."""
+    room = {"alice": threading.Event(), "bob": threading.Event()}
+    room["alice"].set()  # bob's store is full
+    a = lab.module("alice", "TRANSMITTER", key_room=lambda link: room["alice"].is_set())
+    b = lab.module("bob", "RECEIVER", key_room=lambda link: room["bob"].is_set())
+    configure(b, link(QAB, "bob", "alice", "RECEIVER"))
+    configure(a, link(QAB, "alice", "bob", "TRANSMITTER"))
+    wait_for(lambda: status(a) == "ACTIVE" and a.module.state()["links"][QAB]["skr"] > 0)
+    time.sleep(0.3)
+    assert a.keys == [] and b.keys == [] and status(b) == "ACTIVE"
+    room["bob"].set()
+    wait_for(lambda: len(a.keys) >= 20)
+    room["alice"].clear()  # now the transmitter's store is full
+    time.sleep(0.2)
+    n = len(a.keys)
+    time.sleep(0.3)
+    assert len(a.keys) == n and a.module.state()["links"][QAB]["skr"] > 0
+    wait_for(lambda: len(b.keys) == n)
+    assert b.keys == a.keys
+
+
 def test_rate_follows_loss_and_profile(lab: Lab) -> None:
     a, b = start_pair(lab)
     c, d = start_pair(lab, "carol", "dave", QCD)

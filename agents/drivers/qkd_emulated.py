@@ -10,6 +10,11 @@ distilled, and sends "block i: n bits, QBER q". Both ends turn accepted blocks
 into keys derived from (secret, block, index) — see `KeyStream` — so they hand
 identical key streams, in the same order, to their key sinks (the LKMS).
 
+Key buffer: a block's keys are stored only when both ends' key stores have room
+(`key_room`; the transmitter says whether it has with the block, the receiver
+answers whether the block was kept). A full store stops storing, not distilling:
+the link stays ACTIVE and its SKR is still what the physics gives.
+
 Link status follows ETSI 015: PENDING while the service channel is not up,
 ACTIVE while the channel yields key, PASSIVE while it does not (the reason says
 why: loss, QBER, fibre cut, crosstalk, failed module...), OFF when disabled.
@@ -35,7 +40,7 @@ from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import DriverError
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import QkdProfile, identity_name
-from sdqkd.agents.drivers.qkd_link import BlockMeter, KeySink, Link, LinkConfig, NodeOf, PeerAddress, QkdModule
+from sdqkd.agents.drivers.qkd_link import BlockMeter, KeyRoom, KeySink, Link, LinkConfig, NodeOf, PeerAddress, QkdModule
 
 __all__ = ["EmulatedQkdModule", "KeySink", "KeyStream", "NodeOf", "PeerAddress"]
 
@@ -97,6 +102,7 @@ class _Link(Link):
 
     meter: BlockMeter
     qber: float = 0.0
+    full: bool = False  # the last block with key was not kept (a key store full)
     blocks: int = 0
 
 
@@ -112,7 +118,8 @@ class EmulatedQkdModule(QkdModule):
                  plant: Plant, *, peer_address: PeerAddress, node_of: NodeOf, key_sink: KeySink,
                  service_key: bytes, listen: tuple[str, int] = ("127.0.0.1", 0), key_size: int = 256,
                  tick: float = 0.1, time_scale: float = 1.0, perf_every: int = 10,
-                 channel: int | None = None, mttr: float | None = 60.0, seed: int | None = None) -> None:
+                 channel: int | None = None, mttr: float | None = 60.0, seed: int | None = None,
+                 key_room: KeyRoom | None = None) -> None:
         """role: TRANSMITTER / RECEIVER (or TRANSCEIVER: then the link's phys_qkd_role decides);
         tick: wall seconds between blocks; time_scale: emulated seconds per wall second;
         channel: fixed DWDM channel of the module, if any; mttr: mean emulated seconds to
@@ -122,7 +129,7 @@ class EmulatedQkdModule(QkdModule):
             raise ValueError(f"profile '{profile.name}' does not support role {role}")
         self._check_key_size(key_size)
         self._init_module(node, qkdn_id, qkdi_id, role, key_sink=key_sink, peer_address=peer_address,
-                          service_key=service_key, listen=listen, logger=log)
+                          service_key=service_key, listen=listen, logger=log, key_room=key_room)
         self.profile, self.plant, self.channel = profile, plant, channel
         self._node_of = node_of
         self.key_size, self.tick, self.time_scale = key_size, float(tick), float(time_scale)
@@ -215,9 +222,13 @@ class EmulatedQkdModule(QkdModule):
     # --- internals: bookkeeping ------------------------------------------------------------
 
     def _account(self, link: _Link, block: int, bits: int, dt: float, qber_pct: float,
-                 stream: KeyStream) -> None:
-        """Record an accepted block and hand its keys to the sink (never logs key bytes)."""
-        keys = stream.feed(block, bits)
+                 stream: KeyStream, kept: bool) -> None:
+        """Record an accepted block and, if both ends keep it, hand its keys to the sink
+        (never logs key bytes)."""
+        keys = stream.feed(block, bits if kept else 0)
+        if bits and kept == link.full:
+            link.full = not kept
+            self._log.debug("link %s key store %s", link.cfg.qkdl_id, "full: keys not stored" if link.full else "has room again")
         with self._lock:
             if link.stop.is_set():
                 return
@@ -287,7 +298,8 @@ class EmulatedQkdModule(QkdModule):
                 kind = msg.get("t")
                 if kind == "ack":
                     bits, dt, qber = pending.pop(int(msg["i"]))  # a refused block counts as no key
-                    self._account(link, int(msg["i"]), bits if msg.get("ok") else 0, dt, qber, stream)
+                    self._account(link, int(msg["i"]), bits if msg.get("ok") else 0, dt, qber, stream,
+                                  kept=bool(msg.get("kept")))
                 elif kind == "status":
                     peer_failed = msg.get("interface") == "FAILED"
                 elif kind == "bye":
@@ -297,8 +309,9 @@ class EmulatedQkdModule(QkdModule):
             seconds = min(now - last, 5 * self.tick) * self.time_scale
             last, next_tick = now, max(next_tick + self.tick, now + self.tick / 2)
             bits, qber, reason = self._evaluate(link, seconds, peer_failed, budget)
+            keep = bits > 0 and self._room(link.cfg.qkdl_id)
             wire.send({"t": "block", "i": block, "bits": bits, "qber": round(qber, 4),
-                       "dt": seconds, "reason": reason})
+                       "dt": seconds, "reason": reason, "keep": keep})
             pending[block] = (bits, seconds, qber)
             block += 1
             if reason is None:
@@ -327,9 +340,10 @@ class EmulatedQkdModule(QkdModule):
                 raise ConnectionError(f"block {block} out of order (expected {expect})")
             expect += 1
             ok = self._iface != "FAILED"
+            kept = ok and bool(msg.get("keep")) and self._room(link.cfg.qkdl_id)
             self._account(link, block, int(msg["bits"]) if ok else 0, float(msg["dt"]),
-                          float(msg["qber"]), stream)
-            wire.send({"t": "ack", "i": block, "ok": ok})
+                          float(msg["qber"]), stream, kept=kept)
+            wire.send({"t": "ack", "i": block, "ok": ok, "kept": kept})
             reason = msg.get("reason")
             if not ok:
                 self._set_status(link, "PASSIVE", "receiver interface failed")

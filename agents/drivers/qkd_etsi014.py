@@ -14,6 +14,10 @@ therefore get identical (key_ID, key) in the same order, or neither gets a batch
 master dropped; the LKMS's split allocation turns that into one failed relay, never
 into mismatched keys).
 
+Key buffer: the master pulls only while its key store has room (`key_room`); the
+keys wait in the device's own buffer meanwhile. The slave stores what the master
+sends (both stores hold the same link keys, so they fill together).
+
 Link status follows ETSI 015 as in qkd_emulated.py: PENDING while the service
 channel is not up, ACTIVE while keys flow, PASSIVE while they do not (device holds no
 key, device busy, a device down), OFF when disabled. A device that cannot be reached
@@ -34,7 +38,7 @@ from typing import Any, ClassVar
 from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import DriverError
 from sdqkd.agents.drivers.profile import IDENTITY_MODULE, ROLES, identity_name, parse_wavelength_range
-from sdqkd.agents.drivers.qkd_link import KeySink, Link, LinkConfig, PeerAddress, QkdModule, RateMeter
+from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink, Link, LinkConfig, PeerAddress, QkdModule, RateMeter
 from sdqkd.agents.kms.etsi014_client import DeviceApi, DeviceClient, DeviceError
 
 __all__ = ["DeviceApi", "DeviceClient", "DeviceError", "Etsi014QkdModule", "RateMeter"]
@@ -88,7 +92,7 @@ class Etsi014QkdModule(QkdModule):
                  max_backoff: float = 5.0, skr_window: float = 10.0, idle_after: float = 10.0,
                  perf_every: int = 10,
                  model: str = "", technology: str = "DV-QKD", wavelength_range: str | None = None,
-                 max_absorption: float | None = None) -> None:
+                 max_absorption: float | None = None, key_room: KeyRoom | None = None) -> None:
         """role: TRANSMITTER (master SAE) / RECEIVER (slave) / TRANSCEIVER (the link's
         phys_qkd_role decides); poll: seconds between status polls of an idle device;
         idle_after: how long an ACTIVE link may see an empty device before it is PASSIVE
@@ -102,7 +106,7 @@ class Etsi014QkdModule(QkdModule):
         if not device.sae_id or not device.peer_sae_id:
             raise ValueError("the device's own and peer SAE IDs are needed")
         self._init_module(node, qkdn_id, qkdi_id, role, key_sink=key_sink, peer_address=peer_address,
-                          service_key=service_key, listen=listen, logger=log)
+                          service_key=service_key, listen=listen, logger=log, key_room=key_room)
         self.device = device
         self.key_size, self.poll, self.max_backoff = key_size, float(poll), max(float(max_backoff), float(poll))
         self.skr_window, self.idle_after, self.perf_every = float(skr_window), float(idle_after), max(1, perf_every)
@@ -185,6 +189,8 @@ class Etsi014QkdModule(QkdModule):
                 if peer_down is not None:
                     self._passive(link, wire, f"receiver {peer_down}")
                     continue
+                if not self._room(link.cfg.qkdl_id):
+                    continue  # the keys wait in the device until some are used here
                 try:
                     client = client or self._client()
                     keys, more = self._take(client, link)

@@ -23,6 +23,7 @@ from sdqkd.agents.drivers.base import Change, Driver, DriverError, Emit, Event
 from sdqkd.agents.drivers.profile import identity_name
 
 KeySink = Callable[[str, str, bytes], None]
+KeyRoom = Callable[[str], bool]  # link -> may the sink take more keys (a full key store: no)
 PeerAddress = Callable[[str, int], "tuple[str, int] | None"]
 NodeOf = Callable[[str], "str | None"]
 
@@ -178,10 +179,11 @@ class QkdModule(Driver):
 
     def _init_module(self, node: str, qkdn_id: str, qkdi_id: int, role: str, *, key_sink: KeySink,
                      peer_address: PeerAddress, service_key: bytes, listen: tuple[str, int],
-                     logger: logging.Logger) -> None:
+                     logger: logging.Logger, key_room: KeyRoom | None = None) -> None:
         """The fields every QKD module has (drivers add their own around this call)."""
         self.node, self.qkdn_id, self.qkdi_id, self.role = node, qkdn_id, int(qkdi_id), role
         self._sink, self._peer_address = key_sink, peer_address
+        self._room: KeyRoom = key_room or (lambda link: True)
         self._service_key = bytes(service_key)
         self._listen = listen
         self._lock = threading.RLock()

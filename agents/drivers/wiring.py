@@ -4,7 +4,6 @@ measured rate of its link when the topology gives one), one switch driver per sw
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,7 @@ from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import QkdProfile, calibrate
 from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi
-
-KeySink = Callable[[str, str, bytes], None]
+from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink
 
 
 @dataclass
@@ -65,7 +63,7 @@ def _channel_of(topo: dict[str, Any], node: str, qkdi_id: int) -> int | None:
     return None
 
 
-def build(cfg: AgentConfig, key_sink: KeySink) -> Devices:
+def build(cfg: AgentConfig, key_sink: KeySink, key_room: KeyRoom | None = None) -> Devices:
     topo = load_topology(Path(cfg.plant.topology)) if cfg.plant else {}
     plant = Plant(topo, Path(cfg.plant.state)) if cfg.plant else None
     service_key = bytes.fromhex(cfg.service_key or "")
@@ -83,10 +81,10 @@ def build(cfg: AgentConfig, key_sink: KeySink) -> Devices:
         peer = cfg.peers.get(str(qkdn_id).lower())
         return peer.node if peer else None
 
-    sink = key_sink
     devices = Devices([], plant)
     for m in cfg.qkd_modules:
-        common = dict(node=cfg.node.name, qkdn_id=cfg.node.qkdn_id, qkdi_id=m.qkdi_id, role=m.role, key_sink=sink,
+        common = dict(node=cfg.node.name, qkdn_id=cfg.node.qkdn_id, qkdi_id=m.qkdi_id, role=m.role,
+                      key_sink=key_sink, key_room=key_room,
                       service_key=service_key, peer_address=peer_address, listen=(cfg.netconf.address, m.service_port))
         if m.driver == "qkd-etsi014":
             assert m.etsi014 is not None

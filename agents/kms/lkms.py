@@ -106,6 +106,10 @@ class Lkms:
         """Where the QKD modules deliver link keys."""
         self.store.sink(link.lower(), key_id, key)
 
+    def key_room(self, link: str) -> bool:
+        """Whether the QKD modules of `link` may deliver more keys (the store is bounded)."""
+        return self.store.room(link.lower())
+
     # --- checks ------------------------------------------------------------------------------
 
     def _local(self, sae: str) -> None:

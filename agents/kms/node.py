@@ -40,8 +40,8 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     node still keeps its link keys). The HTTPS server also carries the
     quantum-as-a-service APIs (agents/qaas), which may use the QRNG and send
     notifications through `publish`."""
-    store = KeyStore(Path(cfg.state_dir) / "keys.sqlite")
     k = cfg.kms
+    store = KeyStore(Path(cfg.state_dir) / "keys.sqlite", **({"link_key_limit": k.link_key_limit} if k else {}))
     if k is None:
         return KmsNode(Lkms(LkmsConfig(cfg.node.qkdn_id, cfg.node.name, {}), store, entropy), None)
     peers = {qid: (str(p.relay[0]), int(p.relay[1])) for qid, p in cfg.peers.items() if p.relay}
