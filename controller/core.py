@@ -263,9 +263,11 @@ class Controller:
             raise ControllerError("not-found", f"unknown SAE '{sae}'")
         return node.lower()
 
-    def compute_relay(self, src: str, dst: str, min_bps: float = 0.0, avoid_links: frozenset[str] = frozenset()) -> RelayPlan:
+    def compute_relay(self, src: str, dst: str, min_bps: float = 0.0, avoid_links: frozenset[str] = frozenset(),
+                      bound: bool = True) -> RelayPlan:
+        """bound=False: provisioning, which needs no max-flow bound when one path does."""
         try:
-            return relay_paths(self.topology(), RelayRequest(src, dst, min_bps=min_bps, avoid_links=avoid_links))
+            return relay_paths(self.topology(), RelayRequest(src, dst, min_bps=min_bps, avoid_links=avoid_links, bound=bound))
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
 
@@ -278,7 +280,7 @@ class Controller:
         if self.store.app(app_id) is not None:
             raise ControllerError("conflict", f"application {app_id} exists")
         app = svc.Application(app_id, master_sae, slave_sae, src, dst, min_bps, max_bps, ttl, priority)
-        plan_result = self.compute_relay(src, dst, min_bps)
+        plan_result = self.compute_relay(src, dst, min_bps, bound=False)
         plan = self._app_plan(app, plan_result)
         self._apply(plan)
         self.store.put_app(app)
@@ -337,7 +339,7 @@ class Controller:
                 continue
             old = svc.Application(**asdict(app))
             try:
-                result = self.compute_relay(app.src, app.dst, app.min_bps, avoid_links=frozenset({down_link}))
+                result = self.compute_relay(app.src, app.dst, app.min_bps, avoid_links=frozenset({down_link}), bound=False)
             except ControllerError as exc:
                 app.state = "DEGRADED"
                 self.store.put_app(app)

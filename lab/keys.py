@@ -1,21 +1,17 @@
-"""`sdqkd key get`: an end-to-end key between two nodes' SAEs, the way an application
-gets one — ETSI 014 enc_keys at the master's KME, dec_keys at the slave's — using the
-SAE certificates the lab made. The first request for a new pair makes the agent ask
-the controller for a path, so 503 is retried for a while."""
+"""Keys from a running lab, the way applications get them, with the SAE certificates
+the lab made (lab.json): `get` for `sdqkd key get` (ETSI 014 enc_keys at the master's
+KME, dec_keys at the slave's), `sae_keys` for a node's SAE as a key source
+(sdqkd/keysource.py; QKD-keyed TLS uses it). The first request for a new pair makes
+the agent ask the controller for a path, so 503 is retried for a while."""
 from __future__ import annotations
 
-import base64
 import hashlib
-import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-
-class KeyError_(Exception):
-    """The key could not be obtained; the message says at which end and why."""
+from sdqkd.keysource import Etsi014Keys, KeySourceError, NodeApiKeys, etsi014_keys
 
 
 @dataclass
@@ -32,8 +28,8 @@ class KeyResult:
         return hashlib.sha256(self.key).hexdigest()[:16]
 
 
-def _node(lab: dict[str, Any], name_or_sae: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(node, sae) for a node name (its first SAE) or an SAE ID."""
+def node_sae(lab: dict[str, Any], name_or_sae: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(node, sae) of lab.json for a node name (its first SAE) or an SAE ID."""
     for n in lab["nodes"]:
         for s in n["saes"]:
             if s["id"] == name_or_sae:
@@ -41,36 +37,37 @@ def _node(lab: dict[str, Any], name_or_sae: str) -> tuple[dict[str, Any], dict[s
     for n in lab["nodes"]:
         if n["name"].lower() == name_or_sae.lower():
             if not n["saes"]:
-                raise KeyError_(f"node {n['name']} has no SAE (a relay-only node)")
+                raise KeySourceError(f"node {n['name']} has no SAE (a relay-only node)")
             return n, n["saes"][0]
-    raise KeyError_(f"no node or SAE called '{name_or_sae}' in lab {lab['name']}")
+    raise KeySourceError(f"no node or SAE called '{name_or_sae}' in lab {lab['name']}")
 
 
-def _client(lab: dict[str, Any], node: dict[str, Any], sae: dict[str, Any]) -> httpx.Client:
-    ctx = ssl.create_default_context(cafile=lab["ca"]["cert"])
-    ctx.load_cert_chain(sae["cert"], sae["key"])
-    return httpx.Client(verify=ctx, timeout=30, base_url=node["kms"]["etsi014"])
+def sae_keys(lab: dict[str, Any], node: str, peers: Sequence[str] | None = None, *, via: str = "014",
+             **kw: Any) -> Etsi014Keys | NodeApiKeys:
+    """The key source of `node`'s SAE (a node name: its first SAE); peers are node names
+    or SAE IDs (default: every other node's SAEs). via: "014" (ETSI 014) or "api" (the
+    node's one-call key API)."""
+    me, sae = node_sae(lab, node)
+    if peers:
+        peer_saes = [node_sae(lab, p)[1]["id"] for p in peers]
+    else:
+        peer_saes = [s["id"] for n in lab["nodes"] if n is not me for s in n["saes"]]
+    src = etsi014_keys(me["kms"]["url"], sae["cert"], sae["key"], lab["ca"]["cert"], peer_saes, **kw)
+    return NodeApiKeys(src.client, peer_saes) if via == "api" else src
 
 
 def get(lab: dict[str, Any], src: str, dst: str, *, size: int = 256, wait: float = 60.0) -> KeyResult:
-    mnode, msae = _node(lab, src)
-    snode, ssae = _node(lab, dst)
+    """One key at `src`'s KME for `dst`'s SAE, and the same key at `dst`'s KME by its ID."""
     start = time.monotonic()
-    attempts = 0
-    with _client(lab, mnode, msae) as master, _client(lab, snode, ssae) as slave:
-        while True:
-            attempts += 1
-            r = master.post(f"/{ssae['id']}/enc_keys", json={"number": 1, "size": size})
-            if r.status_code == 200:
-                break
-            if r.status_code != 503 or time.monotonic() - start > wait:
-                raise KeyError_(f"enc_keys at {mnode['name']}: HTTP {r.status_code}: {r.json().get('message', r.text)}")
-            time.sleep(min(2.0, 0.25 * attempts))
-        key = r.json()["keys"][0]
-        r = slave.post(f"/{msae['id']}/dec_keys", json={"key_IDs": [{"key_ID": key["key_ID"]}]})
-        if r.status_code != 200:
-            raise KeyError_(f"dec_keys at {snode['name']}: HTTP {r.status_code}: {r.json().get('message', r.text)}")
-        other = r.json()["keys"][0]
+    msae, ssae = node_sae(lab, src)[1]["id"], node_sae(lab, dst)[1]["id"]
+    master, slave = sae_keys(lab, src, [ssae], size=size, wait=wait), sae_keys(lab, dst, [msae])
+    assert isinstance(master, Etsi014Keys)
+    try:
+        key_id, key = master.new_key()
+        other = slave.key(key_id)
+    finally:
+        master.close()
+        slave.close()
     if other != key:
-        raise KeyError_("the two ends returned different keys for the same key ID")
-    return KeyResult(key["key_ID"], base64.b64decode(key["key"]), msae["id"], ssae["id"], attempts, time.monotonic() - start)
+        raise KeySourceError("the two ends returned different keys for the same key ID")
+    return KeyResult(key_id, key, msae, ssae, master.attempts, time.monotonic() - start)

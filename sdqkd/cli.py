@@ -198,12 +198,13 @@ def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool)
     """Get one key at SRC's KME for DST's SAE, and the same key at DST's KME by its ID."""
     import base64
 
+    from sdqkd.keysource import KeySourceError
     from sdqkd.lab import keys, state
 
     try:
         lab = state.read(state.find(lab_name))
         res = keys.get(lab, src, dst, size=size)
-    except (FileNotFoundError, keys.KeyError_) as exc:
+    except (FileNotFoundError, KeySourceError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"key_ID      {res.key_id}")
     click.echo(f"master SAE  {res.master_sae}  slave SAE {res.slave_sae}")
@@ -272,7 +273,7 @@ def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], km
         if not node:
             raise click.UsageError("give --node (with a lab) or --kme and SAE credentials")
         return qkdtls.lab_keys(state.read(state.find(lab_name)), node, list(peers + peer_saes) or None, via=via)
-    except (FileNotFoundError, qkdtls.QkdTlsError) as exc:
+    except (FileNotFoundError, qkdtls.KeySourceError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -315,6 +316,6 @@ def tls_connect(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers,
         with qkdtls.connect(host, port, keys) as sock:
             click.echo(f"session key_ID {sock.key_id}, {sock.version()} {sock.cipher()[0]}", err=True)
             answer = qkdtls.exchange(sock, data, idle=idle)
-    except qkdtls.QkdTlsError as exc:
+    except qkdtls.KeySourceError as exc:  # the session's or the key source's
         raise click.ClickException(str(exc)) from None
     sys.stdout.buffer.write(answer)

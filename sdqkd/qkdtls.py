@@ -47,183 +47,45 @@ with a blocking key fetch, so it runs in threads, not on an event loop.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ctypes
 import logging
 import socket
 import ssl
 import threading
-import time
-import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from sslpsk3 import SSLPSKContext
 from sslpsk3 import sslpsk3 as _psk
 
-from sdqkd.agents.kms.etsi014_client import DeviceApi, DeviceClient, DeviceError
+from sdqkd.keysource import (
+    KEY_BITS,
+    Etsi014Keys,
+    KeySourceError,
+    KeyUnavailable,
+    MasterKeys,
+    NodeApiKeys,
+    SlaveKeys,
+    etsi014_keys,
+)
+from sdqkd.lab.keys import sae_keys as lab_keys
+
+# The key sources are part of this module's API (sdqkd/keysource.py holds them).
+__all__ = ["KEY_BITS", "Etsi014Keys", "KeySourceError", "KeyUnavailable", "MasterKeys", "NodeApiKeys", "QkdTlsError",
+           "QkdTlsServer", "QkdTlsSocket", "SlaveKeys", "connect", "echo", "etsi014_keys", "exchange", "lab_keys",
+           "open_connection"]
 
 log = logging.getLogger(__name__)
 
-KEY_BITS = 256
 HANDSHAKE_TIMEOUT = 15.0
 # A server waits this long for a ClientHello: the client may be waiting for its KME (503
 # while the controller sets up a key path is retried for up to a minute).
 SERVER_HANDSHAKE_TIMEOUT = 75.0
 
 
-class QkdTlsError(Exception):
-    """A session could not be opened; the message says at which step and why (never a key)."""
-
-
-class KeyUnavailable(QkdTlsError):
-    """The key source has no key for this session."""
-
-
-class MasterKeys(Protocol):
-    """Where the client (master SAE) takes a new key for each session."""
-
-    def new_key(self) -> tuple[str, bytes]:
-        """(key_ID, key) of a key not used before; raises KeyUnavailable."""
-
-
-class SlaveKeys(Protocol):
-    """Where the server (slave SAE) takes the key a client names."""
-
-    def key(self, key_id: str) -> bytes:
-        """The key with this ID, delivered at most once; raises KeyUnavailable."""
-
-
-class Etsi014Keys:
-    """Both roles over ETSI GS QKD 014 at this SAE's own KME.
-
-    peer_saes: as master, the first is the slave the keys are for; as slave, the masters
-    whose keys are accepted, tried in order (dec_keys names the master)."""
-
-    def __init__(self, client: DeviceClient, peer_saes: Sequence[str], *, size: int = KEY_BITS, wait: float = 60.0) -> None:
-        if not peer_saes:
-            raise ValueError("at least one peer SAE ID is needed")
-        self.client = client
-        self.peer_saes = list(peer_saes)
-        self.size = size
-        self.wait = wait
-
-    def new_key(self) -> tuple[str, bytes]:
-        """enc_keys for the peer; 503 (no key path yet: the controller is asked) is retried for `wait` s."""
-        start, attempt = time.monotonic(), 0
-        while True:
-            attempt += 1
-            try:
-                return self.client.enc_keys(self.peer_saes[0], 1, self.size)[0]
-            except DeviceError as exc:
-                if exc.kind != "busy" or time.monotonic() - start > self.wait:
-                    raise KeyUnavailable(f"enc_keys for {self.peer_saes[0]}: {exc.reason()}") from None
-            time.sleep(min(2.0, 0.25 * attempt))
-
-    def key(self, key_id: str) -> bytes:
-        """dec_keys by key_ID, trying each accepted master; only a UUID is sent to the KME."""
-        key_id = _key_id(key_id)
-        return _from_first(self.peer_saes, lambda master: self.client.dec_keys(master, [key_id])[0][1],
-                           f"dec_keys {key_id}")
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class NodeApiKeys:
-    """Both roles over the node's one-call key API (agents/qaas/keys.py) instead of ETSI 014:
-    as master GET /api/v1/keys?to=<peer>, which waits on the node for a key path; as slave
-    GET /api/v1/keys?from=<peer>&key_ID=<id>, trying each accepted peer in order. Peers
-    are node names, qkdn_ids or SAE IDs. The keys are 256-bit, the API's size."""
-
-    PATH = "/api/v1/keys"
-
-    def __init__(self, client: DeviceClient, peers: Sequence[str]) -> None:
-        if not peers:
-            raise ValueError("at least one peer is needed")
-        self.client = client
-        self.peers = list(peers)
-
-    def new_key(self) -> tuple[str, bytes]:
-        try:
-            return _one_key(self.client.get_json(self.PATH, {"to": self.peers[0]}))
-        except DeviceError as exc:
-            raise KeyUnavailable(f"one-call key for {self.peers[0]}: {exc.reason()}") from None
-
-    def key(self, key_id: str) -> bytes:
-        key_id = _key_id(key_id)
-        return _from_first(self.peers, lambda peer: _one_key(self.client.get_json(self.PATH, {"from": peer, "key_ID": key_id}))[1],
-                           f"one-call key {key_id}")
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def _from_first(peers: Sequence[str], fetch: Callable[[str], bytes], what: str) -> bytes:
-    """The key from the first peer whose KME has it: a refusal (not this peer's key) moves
-    on to the next peer, any other failure ends the search."""
-    problems = []
-    for peer in peers:
-        try:
-            return fetch(peer)
-        except DeviceError as exc:
-            if exc.kind != "refused":
-                raise KeyUnavailable(f"{what}: {exc.reason()}") from None
-            problems.append(f"from {peer}: {exc.message}")
-    raise KeyUnavailable(f"{what}: " + "; ".join(problems))
-
-
-def _one_key(body: dict[str, Any]) -> tuple[str, bytes]:
-    """(key_ID, key) of a one-call key response; never quotes the key in an error."""
-    try:
-        return str(uuid.UUID(str(body["key_ID"]))), base64.b64decode(body["key"], validate=True)
-    except (KeyError, TypeError, ValueError, binascii.Error):
-        raise KeyUnavailable("the node answered a malformed key") from None
-
-
-def _key_id(key_id: str) -> str:
-    """The PSK identity if it is an ETSI 014 key_ID (a UUID, sent as it came: a KME may
-    tell case apart); else KeyUnavailable, so nothing else ever reaches the KME."""
-    try:
-        if len(key_id) != 36:
-            raise ValueError
-        uuid.UUID(key_id)
-    except ValueError:
-        raise KeyUnavailable("the PSK identity is not an ETSI 014 key_ID (a UUID)") from None
-    return key_id
-
-
-def etsi014_keys(url: str, cert: str, key: str, ca: str, peer_saes: Sequence[str], *, size: int = KEY_BITS,
-                 wait: float = 60.0, timeout: float = 10.0) -> Etsi014Keys:
-    """A key source from a KME URL (https://host:port, with or without /api/v1/keys) and SAE credentials."""
-    if not peer_saes:
-        raise QkdTlsError("no peer SAE ID given")
-    base = url.rstrip("/").removesuffix("/api/v1/keys")
-    try:
-        client = DeviceClient(DeviceApi(base, "", peer_saes[0], ca, cert, key, timeout))
-    except DeviceError as exc:
-        raise QkdTlsError(f"SAE credentials: {exc.message}") from None
-    return Etsi014Keys(client, peer_saes, size=size, wait=wait)
-
-
-def lab_keys(lab: dict[str, Any], node: str, peers: Sequence[str] | None = None, *, via: str = "014",
-             **kw: Any) -> Etsi014Keys | NodeApiKeys:
-    """The key source of `node`'s first SAE in a running lab (lab.json); peers are node names or
-    SAE IDs (default: every other node's SAEs). via: "014" (ETSI 014) or "api" (the node's
-    one-call key API)."""
-    from sdqkd.lab.keys import KeyError_, _node
-
-    try:
-        me, sae = _node(lab, node)
-        if peers:
-            peer_saes = [_node(lab, p)[1]["id"] for p in peers]
-        else:
-            peer_saes = [s["id"] for n in lab["nodes"] if n is not me for s in n["saes"]]
-    except KeyError_ as exc:
-        raise QkdTlsError(str(exc)) from None
-    src = etsi014_keys(me["kms"]["url"], sae["cert"], sae["key"], lab["ca"]["cert"], peer_saes, **kw)
-    return NodeApiKeys(src.client, peer_saes) if via == "api" else src
+class QkdTlsError(KeySourceError):
+    """A session could not be opened; the message says at which step and why (never a key).
+    A key source's own failure (KeyUnavailable) is a KeySourceError too: catch that for both."""
 
 
 class QkdTlsSocket(_psk.SSLPSKSocket):

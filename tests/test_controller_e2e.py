@@ -65,6 +65,21 @@ def wait(pred, timeout: float = 25.0, what: str = "condition"):
     raise AssertionError(f"{what} not reached in {timeout} s")
 
 
+def ring_channels(ctl: Controller, plan) -> None:
+    """The ring's links as direct quantum channels, when no test before made them."""
+    if not ctl.store.channels():
+        ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
+        for a, b in zip(RING, RING[1:] + RING[:1]):
+            ctl.create_channel(OpticalRequest(tx=(ids[a], 1), rx=(ids[b], 2)))
+
+
+def active_links(ctl: Controller) -> set[str]:
+    """The PHYS links ACTIVE with key, every agent re-read first."""
+    for c in ctl.conns.values():
+        c.refresh()
+    return {lid for lid, lk in ctl.topology().links.items() if lk.status == "ACTIVE" and lk.skr > 0}
+
+
 def fetch_pair(plan, master: str, slave: str) -> None:
     with sae_client(plan, master) as m, sae_client(plan, slave) as s:
         r = wait(lambda: (lambda r: r if r.status_code == 200 else None)(m.post(f"/{slave}/enc_keys", json={"number": 2})),
@@ -92,14 +107,7 @@ def test_discover_provision_reroute_restart(ring) -> None:
         with pytest.raises(ControllerError):  # interfaces already in use
             ctl.create_channel(OpticalRequest(tx=(ids["A"], 1), rx=(ids["B"], 2)))
 
-        def all_up():
-            for c in ctl.conns.values():
-                c.refresh()
-            ctl._invalidate()
-            links = ctl.topology().links
-            return len(links) == 4 and all(lk.status == "ACTIVE" and lk.skr > 0 for lk in links.values())
-
-        wait(all_up, what="four ACTIVE links")
+        wait(lambda: len(active_links(ctl)) == 4, what="four ACTIVE links")
         plan_ac = ctl.compute_relay(ids["A"], ids["C"])
         assert len(plan_ac.paths[0].nodes) == 3 and plan_ac.maxflow_bps >= plan_ac.total_bps > 0
 
@@ -157,16 +165,8 @@ def test_applications_need_no_reread(ring) -> None:
     ctl.start()
     try:
         assert ctl.wait_discovered(20)
-        if not ctl.store.channels():  # run on its own: the ring's channels (the test above makes them)
-            ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
-            for a, b in zip(RING, RING[1:] + RING[:1]):
-                ctl.create_channel(OpticalRequest(tx=(ids[a], 1), rx=(ids[b], 2)))
-
-        def active() -> bool:
-            ctl._invalidate()
-            return any(lk.status == "ACTIVE" and lk.skr > 0 for lk in ctl.topology().links.values())
-
-        wait(active, what="an ACTIVE link")
+        ring_channels(ctl, plan)
+        wait(lambda: active_links(ctl), what="an ACTIVE link")
         marked.clear()
         app = ctl.create_application("sae-b", "sae-d")
         assert not set(marked) & set(app.paths[0]["nodes"]), marked
@@ -219,10 +219,7 @@ def test_link_key_stores_fill_up_to_their_limit_and_links_stay_active(ring) -> N
     ctl.start()
     try:
         assert ctl.wait_discovered(20)
-        if not ctl.store.channels():
-            ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
-            for a, b in zip(RING, RING[1:] + RING[:1]):
-                ctl.create_channel(OpticalRequest(tx=(ids[a], 1), rx=(ids[b], 2)))
+        ring_channels(ctl, plan)
 
         def counts() -> dict[tuple[str, str], int]:
             got = {}
@@ -234,18 +231,13 @@ def test_link_key_stores_fill_up_to_their_limit_and_links_stay_active(ring) -> N
                     db.close()
             return got
 
-        def active() -> set[str]:
-            for c in ctl.conns.values():
-                c.refresh()
-            return {lid for lid, lk in ctl.topology().links.items() if lk.status == "ACTIVE" and lk.skr > 0}
-
-        links = wait(active, what="ACTIVE links")  # the first test leaves one fibre cut
+        links = wait(lambda: active_links(ctl), what="ACTIVE links")  # the first test leaves one fibre cut
         wait(lambda: all(n >= LINK_KEY_LIMIT for (node, link), n in counts().items() if link in links),
              timeout=40, what="the ACTIVE links' stores at their limit")
         time.sleep(2.0)  # ~2,400 keys more per link without a limit
         later = counts()
         assert len([k for k in later if k[1] in links]) == 2 * len(links), later
         assert max(later.values()) <= LINK_KEY_LIMIT + 1024 + 64, later  # one flush batch, one block
-        assert active() >= links  # still distilling, SKR measured
+        assert active_links(ctl) >= links  # still distilling, SKR measured
     finally:
         ctl.stop()

@@ -57,6 +57,12 @@ def test_quintin_to_distrito_crosses_the_border_link(mad: Topology) -> None:
     assert path.bps == plan.total_bps == plan.maxflow_bps == 2040.0
 
 
+def test_provisioning_gets_the_same_path_without_the_bound(mad: Topology) -> None:
+    asked = relay_paths(mad, RelayRequest(Q("Quintin"), Q("Distrito")))
+    plan = relay_paths(mad, RelayRequest(Q("Quintin"), Q("Distrito"), bound=False))
+    assert plan.paths == asked.paths and plan.total_bps == asked.total_bps and plan.maxflow_bps is None
+
+
 def test_two_fast_hops_beat_one_slow_hop(mad: Topology) -> None:
     # Norte-Distrito direct: 1.47 kb/s (DV only); via Concepcion: 1040 + 6.2 (CV) then 242 kb/s
     plan = relay_paths(mad, RelayRequest(Q("Norte"), Q("Distrito")))

@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from .coalesce import Coalescer
-from .https import ApiError, call, canonical_uuid, json_object, sae_of, use_group_commit
+from .https import ApiError, call, canonical_uuid, json_object, query_one, sae_of, use_group_commit
 from .service import Key, KeyService
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,10 @@ def _container(keys: list[Key]) -> web.Response:
 
 
 def _query_int(query: MultiMapping[str], name: str) -> int | None:
-    values = query.getall(name, [])
-    if not values:
+    value = query_one(query, name)
+    if value is None:
         return None
-    if len(values) > 1:
-        raise ApiError(400, f"{name} is given more than once")
-    text = values[0].strip()
+    text = value.strip()
     if not text.isdigit() or not text.isascii():
         raise ApiError(400, f"{name} must be a positive integer")
     return _positive(int(text), name)

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from .pki import sae_id_of
 from .service import KmsError
@@ -51,6 +52,15 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.details = details or []
+
+
+def query_one(query: MultiMapping[str], name: str, quote: bool = False) -> str | None:
+    """A query parameter given at most once (None when absent), or 400: a repeated
+    parameter is ambiguous, and taking the first or the last would hide a client bug."""
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise ApiError(400, f"{f'{name!r}' if quote else name} is given more than once")
+    return values[0] if values else None
 
 
 def canonical_uuid(value: Any, name: str) -> str:

@@ -88,14 +88,12 @@ def requested_bytes(query: Any, limit: int) -> int:
     unknown = sorted(set(query) - {"bytes"})
     if unknown:
         raise https.ApiError(400, f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])}")
-    values = query.getall("bytes", [])
-    if not values:
+    value = https.query_one(query, "bytes", quote=True)
+    if value is None:
         return DEFAULT_BYTES
-    if len(values) > 1:
-        raise https.ApiError(400, "'bytes' is given more than once")
-    if not _INTEGER.fullmatch(values[0]):
+    if not _INTEGER.fullmatch(value):
         raise https.ApiError(400, f"'bytes' must be an integer from 1 to {limit}")
-    n = int(values[0])
+    n = int(value)
     if not 1 <= n <= limit:
         raise https.ApiError(400, f"'bytes' must be from 1 to {limit}, got {n}")
     return n

@@ -21,9 +21,8 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from multidict import MultiMapping
 
-from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, sae_of
+from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, query_one, sae_of
 from sdqkd.agents.kms.service import Key, KmsError
 
 from . import openapi
@@ -48,7 +47,7 @@ class _Keys:
 
     async def get(self, request: web.Request) -> web.Response:
         q = request.query
-        to, frm, key_id, wait = (_one(q, n) for n in ("to", "from", "key_ID", "wait"))
+        to, frm, key_id, wait = (query_one(q, n) for n in ("to", "from", "key_ID", "wait"))
         if (to is None) == (frm is None):
             raise ApiError(400, "give exactly one of 'to' (get a new key for a peer) and 'from' (get a peer's key by key_ID)")
         caller = self._caller(request)
@@ -123,13 +122,6 @@ class _Keys:
                                             f"provisioned none within {wait:g} s") from None
                     raise
                 await asyncio.sleep(min(_RETRY, left))
-
-
-def _one(query: MultiMapping[str], name: str) -> str | None:
-    values = query.getall(name, [])
-    if len(values) > 1:
-        raise ApiError(400, f"{name} is given more than once")
-    return values[0] if values else None
 
 
 def _answer(key: Key, master: Party, slave: Party, size: int) -> web.Response:

@@ -71,6 +71,7 @@ class RelayRequest:
     disjoint: str = "none"
     avoid_links: frozenset[str] = frozenset()
     avoid_nodes: frozenset[str] = frozenset()
+    bound: bool = True  # also the max-flow bound when one path does (what provisioning does not need)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "avoid_links", frozenset(self.avoid_links))
@@ -99,11 +100,11 @@ class RelayPath:
 @dataclass(frozen=True)
 class RelayPlan:
     """Paths to carry the key (the first is the preferred one), their total rate, and the
-    max-flow bound between the two ends."""
+    max-flow bound between the two ends (None: one path did and the request did not ask)."""
 
     paths: tuple[RelayPath, ...]
     total_bps: float
-    maxflow_bps: float
+    maxflow_bps: float | None
 
 
 def relay_paths(topo: Topology, req: RelayRequest) -> RelayPlan:
@@ -117,8 +118,10 @@ def relay_paths(topo: Topology, req: RelayRequest) -> RelayPlan:
         best = None
     if best is not None:
         path = _relay_path(g, best)
-        return RelayPlan((path,), path.bps, max(path.bps, _maxflow(topo, g, req)))
+        return RelayPlan((path,), path.bps, max(path.bps, _maxflow(topo, g, req)) if req.bound else None)
     try:
+        if req.min_bps <= 0:  # the search above had no rate filter: the same search
+            raise nx.NetworkXNoPath
         _path(g, s, t, "weight")
     except nx.NetworkXNoPath:
         avoiding = " avoiding the given links/nodes" if req.avoid_links or req.avoid_nodes else ""
