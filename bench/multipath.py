@@ -39,8 +39,6 @@ import logging
 import random
 import ssl
 import statistics
-import sys
-import tempfile
 import time
 from itertools import combinations
 from pathlib import Path
@@ -127,108 +125,70 @@ def diamond_lab() -> dict:
 
 def measured(seconds: float, number: int = 64) -> list[str]:
     """Rows for the diamond on real agents (see the module's docstring)."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import httpx
-    from agentproc import AgentProc
 
-    from sdqkd.controller import config as controller_config
-    from sdqkd.controller.core import Controller
-    from sdqkd.controller.pathcomp.optical import OpticalRequest
-    from sdqkd.lab import plan as lab_plan
+    from labrun import running_lab
 
     logging.basicConfig(level=logging.WARNING)
-    topo = diamond_lab()
-    procs: list[AgentProc] = []
-    ctl = None
-    with tempfile.TemporaryDirectory(prefix="sdqkd-bench-multipath-") as tmp:
-        try:
-            plan = lab_plan.make(topo, Path(tmp), free_ports=True)
-            for n, np in plan.nodes.items():
-                procs.append(AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start())
-            ids = {n: np.qkdn_id for n, np in plan.nodes.items()}
-            ctl = Controller(controller_config.load(lab_plan.write_controller_config(plan)))
-            ctl.cfg.auto_applications = False
-            ctl.start()
-            if not ctl.wait_discovered(30):
-                raise RuntimeError("agents not discovered in 30 s")
-            for link in topo["sdqkd-lab:lab"]["link"]:
-                (an, ai), (bn, bi) = (ep.split(":") for ep in link["endpoints"])
-                ctl.create_channel(OpticalRequest(tx=(ids[an], int(ai)), rx=(ids[bn], int(bi))))
+    with running_lab(diamond_lab(), "sdqkd-bench-multipath-", auto_applications=False) as lab:
+        plan, ctl, ids, view = lab.plan, lab.ctl, lab.ids, lab.view
+        time.sleep(6)  # the SKR meters fill their window
+        before = view()
+        bound = float(nx.maximum_flow_value(before.relay_graph(), ids["S"], ids["T"], capacity="capacity"))
+        name = {v: k for k, v in ids.items()}
+        s_np, t_np = plan.nodes["S"], plan.nodes["T"]
 
-            def view() -> Topology:
-                for c in ctl.conns.values():
-                    c.refresh()
-                ctl._invalidate()
-                return ctl.topology()
+        def client(sae: str, np) -> httpx.Client:  # noqa: ANN001
+            ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
+            ctx.load_cert_chain(*(str(x) for x in np.sae_certs[sae]))
+            return httpx.Client(verify=ctx, timeout=30)
 
-            end = time.monotonic() + 60
-            while not (len(view().links) == len(DIAMOND) and all(lk.status == "ACTIVE" and lk.skr > 0
-                                                                  for lk in ctl.topology().links.values())):
-                if time.monotonic() > end:
-                    raise RuntimeError("links not ACTIVE in 60 s")
-                time.sleep(0.5)
-            time.sleep(6)  # the SKR meters fill their window
-            before = view()
-            bound = float(nx.maximum_flow_value(before.relay_graph(), ids["S"], ids["T"], capacity="capacity"))
-            name = {v: k for k, v in ids.items()}
-            s_np, t_np = plan.nodes["S"], plan.nodes["T"]
+        size = 256
+        enc = f"https://127.0.0.1:{s_np.kms_port}/api/v1/keys/sae-t/enc_keys"
+        dec = f"https://127.0.0.1:{t_np.kms_port}/api/v1/keys/sae-s/dec_keys"
+        status = f"https://127.0.0.1:{s_np.kms_port}/api/v1/keys/sae-t/status"
+        reasons: dict[str, int] = {}
 
-            def client(sae: str, np) -> httpx.Client:  # noqa: ANN001
-                ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
-                ctx.load_cert_chain(*(str(x) for x in np.sae_certs[sae]))
-                return httpx.Client(verify=ctx, timeout=30)
+        def run(cs: httpx.Client, ct: httpx.Client, duration: float) -> tuple[int, int, int]:
+            got, refused, wrong = 0, 0, 0
+            stop = time.monotonic() + duration
+            while time.monotonic() < stop:
+                # as a careful SAE does: no more than the KME says it holds (ETSI 014 status),
+                # and, wanting throughput, a full call's worth (each relay message spends a MAC key)
+                stored = cs.get(status).json().get("stored_key_count", 0)
+                if stored < number:
+                    time.sleep(0.05)
+                    continue
+                r = cs.post(enc, json={"number": number, "size": size})
+                if r.status_code != 200:
+                    refused += 1
+                    why = str(r.json().get("message", r.text))[:90]
+                    reasons[why] = reasons.get(why, 0) + 1
+                    time.sleep(0.1)
+                    continue
+                keys = r.json()["keys"]
+                back = ct.post(dec, json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]})
+                if back.status_code != 200 or back.json()["keys"] != keys:
+                    wrong += len(keys)
+                    continue
+                got += len(keys)
+            return got, refused, wrong
 
-            size = 256
-            enc = f"https://127.0.0.1:{s_np.kms_port}/api/v1/keys/sae-t/enc_keys"
-            dec = f"https://127.0.0.1:{t_np.kms_port}/api/v1/keys/sae-s/dec_keys"
-            status = f"https://127.0.0.1:{s_np.kms_port}/api/v1/keys/sae-t/status"
-            reasons: dict[str, int] = {}
-
-            def run(cs: httpx.Client, ct: httpx.Client, duration: float) -> tuple[int, int, int]:
-                got, refused, wrong = 0, 0, 0
-                stop = time.monotonic() + duration
-                while time.monotonic() < stop:
-                    # as a careful SAE does: no more than the KME says it holds (ETSI 014 status),
-                    # and, wanting throughput, a full call's worth (each relay message spends a MAC key)
-                    stored = cs.get(status).json().get("stored_key_count", 0)
-                    if stored < number:
-                        time.sleep(0.05)
-                        continue
-                    r = cs.post(enc, json={"number": number, "size": size})
-                    if r.status_code != 200:
-                        refused += 1
-                        why = str(r.json().get("message", r.text))[:90]
-                        reasons[why] = reasons.get(why, 0) + 1
-                        time.sleep(0.1)
-                        continue
-                    keys = r.json()["keys"]
-                    back = ct.post(dec, json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]})
-                    if back.status_code != 200 or back.json()["keys"] != keys:
-                        wrong += len(keys)
-                        continue
-                    got += len(keys)
-                return got, refused, wrong
-
-            results = []
-            for label, share in (("one path (min_bps 0) [baseline]", 0.0), ("multipath (99% of the bound)", 0.99)):
-                # the bound as the controller sees it now (the meters move: 99% of an older one may not fit)
-                now = float(nx.maximum_flow_value(view().relay_graph(), ids["S"], ids["T"], capacity="capacity"))
-                app = ctl.create_application("sae-s", "sae-t", min_bps=share * now)
-                planned = " + ".join(f"{''.join(name[n] for n in p['nodes'])} {p['bps'] / 1000:.1f}k" for p in app.paths)
-                with client("sae-s", s_np) as cs, client("sae-t", t_np) as ct:
-                    run(cs, ct, min(10.0, seconds / 2))  # warm-up: spend the stock stored before
-                    start = time.monotonic()
-                    got, refused, wrong = run(cs, ct, seconds)
-                    rate = got * size / (time.monotonic() - start)
-                ctl.delete_application(app.app_id)
-                results.append((label, planned, rate, refused, wrong, now))
-            after = view()
-            bound_after = float(nx.maximum_flow_value(after.relay_graph(), ids["S"], ids["T"], capacity="capacity"))
-        finally:
-            if ctl is not None:
-                ctl.stop()
-            for p in procs:
-                p.stop()
+        results = []
+        for label, share in (("one path (min_bps 0) [baseline]", 0.0), ("multipath (99% of the bound)", 0.99)):
+            # the bound as the controller sees it now (the meters move: 99% of an older one may not fit)
+            now = float(nx.maximum_flow_value(view().relay_graph(), ids["S"], ids["T"], capacity="capacity"))
+            app = ctl.create_application("sae-s", "sae-t", min_bps=share * now)
+            planned = " + ".join(f"{''.join(name[n] for n in p['nodes'])} {p['bps'] / 1000:.1f}k" for p in app.paths)
+            with client("sae-s", s_np) as cs, client("sae-t", t_np) as ct:
+                run(cs, ct, min(10.0, seconds / 2))  # warm-up: spend the stock stored before
+                start = time.monotonic()
+                got, refused, wrong = run(cs, ct, seconds)
+                rate = got * size / (time.monotonic() - start)
+            ctl.delete_application(app.app_id)
+            results.append((label, planned, rate, refused, wrong, now))
+        after = view()
+        bound_after = float(nx.maximum_flow_value(after.relay_graph(), ids["S"], ids["T"], capacity="capacity"))
     rates = ", ".join(f"{''.join(sorted(name[lk.a] + name[lk.b]))} {lk.skr / 1000:.1f}k"
                       for lk in sorted(before.links.values(), key=lambda x: sorted(name[x.a] + name[x.b])))
     lines = [f"diamond on 4 agents, {seconds:.0f} s per plan, {number} x {size}-bit keys a call: link SKR (agents' ETSI 015) {rates}",
