@@ -91,7 +91,8 @@ class Agent:
         state.fill(roots, self.drivers, self.kms.lkms.store.usage)
 
     def _on_commit(self, changes: list[Any]) -> None:
-        self._refresh_routes()
+        if any(c.kind in ("qkd-link", "qkd-app") for c in changes):  # what routes are made of
+            self._refresh_routes()
         for content in events.application_changes(changes):
             self.hub.publish(content)
 

@@ -388,6 +388,11 @@ def to_tapi(topo: Topology, channels: Iterable[ChannelLike] = ()) -> dict[str, A
 
     A channel whose interfaces or switch ports are not in `topo` (say, its node's agent is
     unreachable) is left out, with a warning: TAPI references must resolve."""
+    return json.loads(to_tapi_text(topo, channels))
+
+
+def to_tapi_text(topo: Topology, channels: Iterable[ChannelLike] = ()) -> str:
+    """to_tapi() as the JSON text (what the northbound sends), without a decode and re-encode."""
     chans = list(channels)
     key = _fingerprint(topo, chans)
     with _CACHE_LOCK:
@@ -399,4 +404,4 @@ def to_tapi(topo: Topology, channels: Iterable[ChannelLike] = ()) -> dict[str, A
             _CACHE[key] = text
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
-    return json.loads(text)
+    return text

@@ -212,7 +212,7 @@ def test_a_lost_agent_leaves_the_view_and_comes_back(ring) -> None:
 
 
 def test_link_key_stores_fill_up_to_their_limit_and_links_stay_active(ring) -> None:
-    """A link's store at each end stops at the lab's link-key-limit (the last batch
+    """A link's store at each end stops at the lab's link-key-limit (the last block
     of keys may pass it); the links stay ACTIVE with their measured SKR."""
     plan, procs, cfg_path = ring
     ctl = Controller(controller_config.load(cfg_path))
@@ -237,7 +237,7 @@ def test_link_key_stores_fill_up_to_their_limit_and_links_stay_active(ring) -> N
         time.sleep(2.0)  # ~2,400 keys more per link without a limit
         later = counts()
         assert len([k for k in later if k[1] in links]) == 2 * len(links), later
-        assert max(later.values()) <= LINK_KEY_LIMIT + 1024 + 64, later  # one flush batch, one block
+        assert max(later.values()) <= LINK_KEY_LIMIT + 600, later  # one block (a late tick carries up to ~580 keys)
         assert active_links(ctl) >= links  # still distilling, SKR measured
     finally:
         ctl.stop()

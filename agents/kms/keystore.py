@@ -163,10 +163,11 @@ class KeyStore:
             self._mine[link] = mine
 
     def room(self, link: str) -> bool:
-        """Whether `link` holds fewer than `link_key_limit` keys (keys waiting for the
-        next flush not counted: the limit is soft by at most one batch)."""
+        """Whether `link` holds fewer than `link_key_limit` keys, counting those waiting
+        for the next flush (a block's keys go in at once: the limit is soft by one block)."""
         with self._lock:
-            return self._count_locked(link, 0) + self._count_locked(link, 1) < self.link_key_limit
+            pending = sum(1 for _, lk, _, _ in self._pending if lk == link)
+            return self._count_locked(link, 0) + self._count_locked(link, 1) + pending < self.link_key_limit
 
     def sink(self, link: str, key_id: str, key: bytes) -> None:
         """Key sink for a QKD driver: buffered, written in batches."""

@@ -36,7 +36,7 @@ from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.pathcomp.optical import OpticalRequest
 from sdqkd.controller.pathcomp.relay import RelayPlan
 from sdqkd.controller.topology.model import Topology
-from sdqkd.tapi.context import to_tapi
+from sdqkd.tapi.context import to_tapi_text
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def GetTopology(self, request: pb.GetTopologyRequest, context: grpc.ServicerContext) -> pb.GetTopologyResponse:
         topo = self.ctl.topology()
         if request.format == pb.GetTopologyRequest.TAPI:
-            return pb.GetTopologyResponse(tapi_context_json=json.dumps(to_tapi(topo, self.ctl.store.channels())))
+            return pb.GetTopologyResponse(tapi_context_json=to_tapi_text(topo, self.ctl.store.channels()))
         return pb.GetTopologyResponse(topology=topology_message(topo))
 
     @_rpc
