@@ -16,6 +16,8 @@ from sdqkd.agents.drivers.health import (RETRY_AFTER, STARTUP_SAMPLES, HealthTap
                                          rct_cutoff)
 from sdqkd.agents.drivers.qrng import NoiseModel, Qrng, QrngFailure
 
+WAIT = 15.0  # s: an upper bound for what takes milliseconds, so a loaded machine cannot fail a test
+
 
 def bits(data: bytes) -> np.ndarray:
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8))
@@ -106,7 +108,7 @@ def qrng(rate: float = 2_000_000) -> tuple[Qrng, HealthTap, list[Event], list[by
 def test_no_output_before_the_startup_tests_pass() -> None:
     q, tap, events, raw = qrng()
     assert not tap.ready
-    out = q.read(32, timeout=2.0)
+    out = q.read(32, timeout=WAIT)
     samples = sum(len(r) for r in raw) * 8
     # output comes only once 1024 samples passed the start-up tests (4.3 lets the tested ones go out)
     assert len(out) == 32 and tap.ready and samples >= STARTUP_SAMPLES
@@ -115,11 +117,11 @@ def test_no_output_before_the_startup_tests_pass() -> None:
 
 def test_health_tests_detect_injected_failures_and_gate_output_until_repair() -> None:
     q, tap, events, _ = qrng()
-    q.read(64, timeout=2.0)
+    q.read(64, timeout=WAIT)
     q.inject_failure("stuck")
     assert events == []  # not reported by the injection itself: the tests find it
     with pytest.raises(QrngFailure, match="repetition-count test failed"):
-        q.read(32, timeout=2.0)  # the block that tripped the test is not delivered
+        q.read(32, timeout=WAIT)  # the block that tripped the test is not delivered
     (ev,) = events
     assert ev.kind == "qrng-status" and ev.data["status"] == "FAILED"
     assert (ev.data["test"], ev.data["phase"], ev.data["cutoff"]) == ("repetition-count", "continuous", rct_cutoff(q.min_entropy()))
@@ -131,23 +133,23 @@ def test_health_tests_detect_injected_failures_and_gate_output_until_repair() ->
     q.repair()  # start-up tests on fresh samples at once; the recovery is theirs to announce
     assert [e.data["status"] for e in events] == ["FAILED", "ENABLED"]
     assert events[-1].data["reason"] == "start-up health tests passed"
-    assert len(q.read(32, timeout=2.0)) == 32
+    assert len(q.read(32, timeout=WAIT)) == 32
     q.inject_failure("biased")
     with pytest.raises(QrngFailure, match="test failed"):
-        q.read(2048, timeout=2.0)
+        q.read(2048, timeout=WAIT)
     assert events[-1].data["status"] == "FAILED" and events[-1].data["observed"] >= events[-1].data["cutoff"]
 
 
 def test_a_transient_glitch_is_an_intermittent_failure_that_clears_itself() -> None:
     q, tap, events, _ = qrng()
-    q.read(64, timeout=2.0)
+    q.read(64, timeout=WAIT)
     q.inject_failure("glitch")  # 64 frozen raw samples, then healthy again
     with pytest.raises(QrngFailure, match="repetition-count"):
-        q.read(32, timeout=2.0)
-    deadline = time.monotonic() + 2.0
+        q.read(32, timeout=WAIT)
+    deadline = time.monotonic() + WAIT
     while q.state()["qrng"]["status"] != "ENABLED" and time.monotonic() < deadline:
         time.sleep(0.02)
     assert [e.data["status"] for e in events] == ["FAILED", "ENABLED"]  # no repair needed
-    assert len(q.read(32, timeout=2.0)) == 32
+    assert len(q.read(32, timeout=WAIT)) == 32
     q.close()
     q.inject_failure("stuck")  # a closed source: the retries stop quietly

@@ -11,7 +11,7 @@ import pytest
 
 from sdqkd.agents.drivers import registry
 from sdqkd.agents.drivers.base import Change, Event
-from sdqkd.agents.drivers.qrng import Qrng, QrngFailure, bernoulli_bits
+from sdqkd.agents.drivers.qrng import Clock, Qrng, QrngFailure, bernoulli_bits
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 
@@ -27,6 +27,20 @@ def repeats(data: bytes) -> float:
     return 1 - bin((x ^ (x >> 1)) & ((1 << n) - 1)).count("1") / n
 
 
+class StepClock(Clock):
+    """The device's time as the test steps it: each wait the device makes moves it on,
+    so rates and timeouts come out exact whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def qrng(**kw) -> tuple[Qrng, list[Event]]:
     events: list[Event] = []
     q = Qrng("alice", **{"source": "emulated", "rate": 400_000, **kw})
@@ -36,31 +50,41 @@ def qrng(**kw) -> tuple[Qrng, list[Event]]:
 
 def test_output_follows_the_modelled_rate() -> None:
     rate = 80_000  # bit/s: 10 kB/s
-    q, _ = qrng(rate=rate, fifo_bits=4096)
-    t0 = time.monotonic()
+    clock = StepClock()
+    q, _ = qrng(rate=rate, fifo_bits=4096, clock=clock)
+    t0 = clock.now()
     got = 0
-    while time.monotonic() - t0 < 1.0:
+    while clock.now() - t0 < 1.0:
         got += len(q.read(500, timeout=1.0))
-    elapsed = time.monotonic() - t0
-    assert 8 * got / elapsed == pytest.approx(rate, rel=0.1)
+    elapsed = clock.now() - t0
+    assert 8 * got / elapsed == pytest.approx(rate, rel=0.01)
     assert q.state() == {"qrng": {"source": "emulated", "rate": 80000.0, "status": "ENABLED",
                                   "bits_delivered": 8 * got}}
-    t0 = time.monotonic()
+    t0 = clock.now()
     q.read(5000, timeout=2.0)  # 40 kbit: half a second, nothing banked
-    assert time.monotonic() - t0 == pytest.approx(0.5, rel=0.15)
+    assert clock.now() - t0 == pytest.approx(0.5, rel=0.02)
+
+
+def test_the_wall_clock_rate_is_the_modelled_one() -> None:
+    """The same device on the real clock (loose bounds: the machine may be loaded)."""
+    q, _ = qrng(rate=400_000)
+    t0 = time.monotonic()
+    q.read(25_000, timeout=30.0)  # 200 kbit: half a second at the modelled rate
+    assert time.monotonic() - t0 >= 0.45  # never faster than the device makes it
 
 
 def test_an_idle_device_banks_only_its_fifo() -> None:
-    q, _ = qrng(rate=100_000, fifo_bits=8192)
-    time.sleep(0.3)  # 30 kbit made, but the FIFO keeps 8 kbit
-    t0 = time.monotonic()
+    clock = StepClock()
+    q, _ = qrng(rate=100_000, fifo_bits=8192, clock=clock)
+    clock.sleep(0.3)  # 30 kbit made, but the FIFO keeps 8 kbit
+    t0 = clock.now()
     q.read(1024, timeout=0.5)
-    assert time.monotonic() - t0 < 0.02
+    assert clock.now() - t0 == 0.0  # all of it banked
     with pytest.raises(TimeoutError, match="not produced within 0.1 s"):
         q.read(2000, timeout=0.1)  # 16 kbit need 0.16 s
-    t0 = time.monotonic()
+    t0 = clock.now()
     q.read(2000, timeout=1.0)  # what the timed-out read made is not lost: 0.06 s to go
-    assert time.monotonic() - t0 < 0.12
+    assert clock.now() - t0 == pytest.approx(0.06, abs=0.011)
 
 
 def test_conditioned_output_is_balanced_and_raw_shows_the_model() -> None:
@@ -104,11 +128,13 @@ def test_stuck_and_biased_failures_corrupt_the_raw_stream() -> None:
 
 
 def test_timeouts_and_concurrent_readers() -> None:
-    q, _ = qrng(rate=40_000, fifo_bits=1024)
-    t0 = time.monotonic()
+    clock = StepClock()
+    q, _ = qrng(rate=40_000, fifo_bits=1024, clock=clock)
+    t0 = clock.now()
     with pytest.raises(TimeoutError):
         q.read(10_000, timeout=0.2)  # 80 kbit at 40 kbit/s: 2 s
-    assert time.monotonic() - t0 == pytest.approx(0.2, abs=0.05)
+    assert clock.now() - t0 == pytest.approx(0.2, abs=0.001)
+    q, _ = qrng(rate=40_000, fifo_bits=1024)  # readers in threads: the wall clock
     assert q.read(0) == b""
     got: list[bytes] = []
     threads = [threading.Thread(target=lambda: got.append(q.read(500, timeout=2.0))) for _ in range(4)]

@@ -141,16 +141,29 @@ class NoiseModel:
         return fresh
 
 
+class Clock:
+    """Where the emulated device reads time and waits: the wall clock here; a test's own
+    clock makes the rate model exact instead of subject to the machine's load."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
 class Qrng(Driver):
     """The node's QRNG; configuration-free for ETSI 015 (handles no change)."""
 
     kind: ClassVar[str] = "qrng"
 
     def __init__(self, node: str, source: str = "emulated", *, rate: float | None = None,
-                 bias: float = 0.02, correlation: float = 0.1, fifo_bits: int | None = None) -> None:
+                 bias: float = 0.02, correlation: float = 0.1, fifo_bits: int | None = None,
+                 clock: Clock | None = None) -> None:
         """rate: output bit/s of the emulated device (required for it); bias, correlation:
         raw-sample imperfections (see the module docstring); fifo_bits: output the device
         buffers while nobody reads (default 0.1 s of output, at least one block)."""
+        self._clock = clock or Clock()
         if source not in SOURCES:
             raise ValueError(f"unknown QRNG source '{source}'; known: {', '.join(SOURCES)}")
         self.node, self.source = node, source
@@ -183,7 +196,7 @@ class Qrng(Driver):
         for tap in list(self._health):
             tap.restart()
         with self._lock:
-            self._status, self._tokens, self._last_fill = "ENABLED", 0.0, time.monotonic()
+            self._status, self._tokens, self._last_fill = "ENABLED", 0.0, self._clock.now()
 
     def close(self) -> None:
         with self._lock:
@@ -222,7 +235,7 @@ class Qrng(Driver):
                     raise QrngFailure(f"QRNG is {self._status}")
                 self._delivered += n
             return os.urandom(n)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self._clock.now() + timeout
         out = bytearray()
         with self._read_lock:
             try:
@@ -259,7 +272,7 @@ class Qrng(Driver):
         3 raw samples cost one output bit of the modelled rate."""
         if self._noise is None:
             raise ValueError("the OS source has no raw samples")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self._clock.now() + timeout
         out = bytearray()
         with self._read_lock:
             while len(out) < n:
@@ -329,7 +342,7 @@ class Qrng(Driver):
     def _grant(self, want: int, unit: int, deadline: float | None, enabled_only: bool) -> int:
         """Wait until the sampler has made at least `unit` output bits; take up to `want`."""
         while True:
-            now = time.monotonic()
+            now = self._clock.now()
             with self._lock:
                 if self._status == "DISABLED" or (enabled_only and self._status != "ENABLED"):
                     raise QrngFailure(f"QRNG is {self._status}: {self._reason or 'not open'}")
@@ -342,7 +355,7 @@ class Qrng(Driver):
                 raise TimeoutError("QRNG output not produced in time")
             # wake before the FIFO would fill, so a waiting reader loses no output
             wait = min(want, self.fifo_bits / 4) / (self.rate or 1.0)
-            time.sleep(max(0.001, min(wait, deadline - now) if deadline is not None else wait))
+            self._clock.sleep(max(0.001, min(wait, deadline - now) if deadline is not None else wait))
 
     def _raw(self, nbits: int) -> bytes:
         """The next `nbits` raw samples (a multiple of 8), shown to every tap."""
