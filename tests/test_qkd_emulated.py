@@ -319,7 +319,7 @@ def test_close_is_prompt(lab: Lab) -> None:
     t0 = time.monotonic()
     a.module.close()
     b.module.close()
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 4.0  # no thread waits out its session timeout (5 s or more)
     assert a.module.state()["interface"]["status"] == "DISABLED"
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("qkd-alice:", "qkd-bob:"))]
 
