@@ -309,6 +309,11 @@ def test_keystream_is_deterministic_and_carries_bits() -> None:
     assert s2.feed(1, 600) == k1
     s3.feed(0, 200)
     assert s3.feed(1, 600) != k1
+    k2 = s1.feed(2, 256 * 50)
+    ids = [k for k, _ in k1 + k2]
+    assert all(str(uuid.UUID(k)) == k and uuid.UUID(k).version == 4 and uuid.UUID(k).variant == uuid.RFC_4122 for k in ids)
+    assert len(set(ids)) == len(ids) == 53 and len({key for _, key in k1 + k2}) == 53
+    assert {len(key) for _, key in k1 + k2} == {32} and len(KeyStream(b"s" * 32, 8 * 100).feed(0, 800)[0][1]) == 100
     with pytest.raises(ValueError):
         KeyStream(b"s", 100)
 

@@ -25,13 +25,12 @@ transmitting link, and a failure clock when the profile has an mtbf. They call
 """
 from __future__ import annotations
 
-import hmac
+import hashlib
 import logging
 import math
 import random
 import struct
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,14 +58,18 @@ _WINDOW = 20              # blocks in the measured-SKR window
 class KeyStream:
     """Keys both ends derive from the link secret and the accepted blocks.
 
-    Bits accumulate across blocks (a slow link needs many ticks per key); the j-th
-    key completed in block i is HMAC-SHA256(secret, "key"|i|j|counter) truncated
-    to the key size, and its ID a UUID made from HMAC(secret, "id"|i|j)."""
+    Bits accumulate across blocks (a slow link needs many ticks per key). The keys
+    block i completes come from one SHAKE256 output keyed by the secret (a PRF: the
+    sponge has no length extension; KMAC256 is its standard form, not in hashlib):
+    SHAKE256("sdqkd-keystream" | len(secret) | secret | i), read as 16 bytes of UUID
+    (version 4 bits set) then the key, key after key. One XOF call per block instead
+    of two HMACs per key: a 2.8 Mb/s link makes 11,000 keys a second, and what a real
+    device does in hardware should not take the agent's CPU."""
 
     def __init__(self, secret: bytes, key_bits: int) -> None:
         if key_bits <= 0 or key_bits % 8:
             raise ValueError("key size must be a positive multiple of 8 bits")
-        self._secret = secret
+        self._prefix = b"sdqkd-keystream" + struct.pack(">H", len(secret)) + secret
         self._key_bytes = key_bits // 8
         self.key_bits = key_bits
         self.pending_bits = 0
@@ -74,23 +77,20 @@ class KeyStream:
     def feed(self, block: int, bits: int) -> list[tuple[str, bytes]]:
         """Add a block's distilled bits; the keys it completes, in order."""
         self.pending_bits += max(0, bits)
-        out = []
-        j = 0
-        while self.pending_bits >= self.key_bits:
-            self.pending_bits -= self.key_bits
-            out.append(self._key(block, j))
-            j += 1
-        return out
+        n, self.pending_bits = divmod(self.pending_bits, self.key_bits)
+        if not n:
+            return []
+        step = 16 + self._key_bytes
+        xof = hashlib.shake_256(self._prefix + struct.pack(">Q", block)).digest(n * step)
+        return [_key_at(xof, i * step, self._key_bytes) for i in range(n)]
 
-    def _key(self, block: int, j: int) -> tuple[str, bytes]:
-        label = struct.pack(">QI", block, j)
-        material = b"".join(
-            hmac.digest(self._secret, b"key" + label + struct.pack(">I", c), "sha256")
-            for c in range(math.ceil(self._key_bytes / 32)))[: self._key_bytes]
-        raw = bytearray(hmac.digest(self._secret, b"id" + label, "sha256")[:16])
-        raw[6] = (raw[6] & 0x0F) | 0x40  # RFC 4122 version 4 / variant bits
-        raw[8] = (raw[8] & 0x3F) | 0x80
-        return str(uuid.UUID(bytes=bytes(raw))), material
+
+def _key_at(xof: bytes, at: int, key_bytes: int) -> tuple[str, bytes]:
+    """(UUID string, key) from 16 + key_bytes bytes of the key stream at `at`."""
+    h = xof[at:at + 16].hex()
+    # RFC 4122 version 4 and variant bits over the random ones
+    v, r = "4", "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-{v}{h[13:16]}-{r}{h[17:20]}-{h[20:32]}", xof[at + 16:at + 16 + key_bytes]
 
 
 # --- link bookkeeping ------------------------------------------------------------------
