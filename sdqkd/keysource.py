@@ -65,7 +65,7 @@ class Etsi014Keys:
                 return self.client.enc_keys(self.peer_saes[0], 1, self.size)[0]
             except DeviceError as exc:
                 if exc.kind != "busy" or time.monotonic() - start > self.wait:
-                    raise KeyUnavailable(f"enc_keys for {self.peer_saes[0]}: {exc.reason()}") from None
+                    raise KeyUnavailable(f"enc_keys for {self.peer_saes[0]}: {_why(exc)}") from None
             time.sleep(min(2.0, 0.25 * self.attempts))
 
     def key(self, key_id: str) -> bytes:
@@ -96,7 +96,7 @@ class NodeApiKeys:
         try:
             return _one_key(self.client.get_json(self.PATH, {"to": self.peers[0]}))
         except DeviceError as exc:
-            raise KeyUnavailable(f"one-call key for {self.peers[0]}: {exc.reason()}") from None
+            raise KeyUnavailable(f"one-call key for {self.peers[0]}: {_why(exc)}") from None
 
     def key(self, key_id: str) -> bytes:
         key_id = _key_id(key_id)
@@ -116,7 +116,7 @@ def _from_first(peers: Sequence[str], fetch: Callable[[str], bytes], what: str) 
             return fetch(peer)
         except DeviceError as exc:
             if exc.kind != "refused":
-                raise KeyUnavailable(f"{what}: {exc.reason()}") from None
+                raise KeyUnavailable(f"{what}: {_why(exc)}") from None
             problems.append(f"from {peer}: {exc.message}")
     raise KeyUnavailable(f"{what}: " + "; ".join(problems))
 
@@ -152,3 +152,11 @@ def etsi014_keys(url: str, cert: str, key: str, ca: str, peer_saes: Sequence[str
     except DeviceError as exc:
         raise KeySourceError(f"SAE credentials: {exc.message}") from None
     return Etsi014Keys(client, peer_saes, size=size, wait=wait)
+
+
+def _why(exc: DeviceError) -> str:
+    """A failed call to the KME in an application's words (DeviceError.reason() speaks
+    of a QKD device, which the KME is to the agent's drivers, not here)."""
+    label = {"unreachable": "KME unreachable", "tls": "TLS with the KME failed",
+             "protocol": "the KME answered nonsense"}.get(exc.kind)
+    return f"{label}: {exc.message}" if label else exc.message  # busy, refused: "HTTP <status> <message>"
