@@ -299,7 +299,7 @@ class EmulatedQkdModule(QkdModule):
                 if kind == "ack":
                     bits, dt, qber = pending.pop(int(msg["i"]))  # a refused block counts as no key
                     self._account(link, int(msg["i"]), bits if msg.get("ok") else 0, dt, qber, stream,
-                                  kept=bool(msg.get("kept")))
+                                  kept=bool(msg.get("kept", True)))  # a peer without key buffers keeps all
                 elif kind == "status":
                     peer_failed = msg.get("interface") == "FAILED"
                 elif kind == "bye":
@@ -340,7 +340,7 @@ class EmulatedQkdModule(QkdModule):
                 raise ConnectionError(f"block {block} out of order (expected {expect})")
             expect += 1
             ok = self._iface != "FAILED"
-            kept = ok and bool(msg.get("keep")) and self._room(link.cfg.qkdl_id)
+            kept = ok and bool(msg.get("keep", True)) and self._room(link.cfg.qkdl_id)
             self._account(link, block, int(msg["bits"]) if ok else 0, float(msg["dt"]),
                           float(msg["qber"]), stream, kept=kept)
             wire.send({"t": "ack", "i": block, "ok": ok, "kept": kept})
