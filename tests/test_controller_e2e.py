@@ -239,5 +239,8 @@ def test_link_key_stores_fill_up_to_their_limit_and_links_stay_active(ring) -> N
         assert len([k for k in later if k[1] in links]) == 2 * len(links), later
         assert max(later.values()) <= LINK_KEY_LIMIT + 600, later  # one block (a late tick carries up to ~580 keys)
         assert active_links(ctl) >= links  # still distilling, SKR measured
+        with sae_client(plan, "sae-a") as c:  # ETSI 014 reports the limit as max_key_count
+            st = c.get("/sae-b/status").json()
+        assert st["max_key_count"] == LINK_KEY_LIMIT and 0 <= st["stored_key_count"] <= LINK_KEY_LIMIT, st
     finally:
         ctl.stop()

@@ -54,7 +54,8 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
         peers,
     )
     lkms = Lkms(
-        LkmsConfig(cfg.node.qkdn_id, cfg.node.name, dict(k.saes), key_size=k.key_size, default_ttl=k.default_ttl),
+        LkmsConfig(cfg.node.qkdn_id, cfg.node.name, dict(k.saes), key_size=k.key_size, default_ttl=k.default_ttl,
+                   max_key_count=k.link_key_limit),  # ETSI 014 status: no pair stores more than a link holds
         store,
         entropy,
         forwarder,
