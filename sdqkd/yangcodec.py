@@ -217,7 +217,10 @@ def _assign(obj: Any, node: SchemaNode, value: Any, path: str) -> None:
         else:
             set_leaf(obj, node.name, value)
     except (ValueError, TypeError, KeyError) as exc:
-        raise CodecError("invalid-value", path, _pyangbind_message(exc)) from None
+        # pyangbind says "link_key_limit must be of a type compatible with uint32": the
+        # YANG name and the restriction the value broke say more
+        why = f"'{value}' is not a valid {node.name}: {node.type.describe()}" if node.type else _pyangbind_message(exc)
+        raise CodecError("invalid-value", path, why) from None
 
 
 # --- walking ------------------------------------------------------------------------

@@ -29,6 +29,13 @@ class ValueType:
     base: str  # YANG built-in name: uint32, decimal64, identityref, union, ...
     members: tuple["ValueType", ...] = ()  # for unions, in declaration order
     fraction_digits: int | None = None
+    name: str = ""  # as the leaf names it (a typedef, or the built-in)
+    restrictions: tuple[str, ...] = ()  # "range 1..max", "length 1..32", "pattern '...'": the innermost of each
+
+    def describe(self) -> str:
+        """The type for an error message: 'loss-db (decimal64, range 0..100)'."""
+        inner = ([self.base] if self.name and self.name != self.base else []) + list(self.restrictions)
+        return f"{self.name or self.base}" + (f" ({', '.join(inner)})" if inner else "")
 
     @property
     def json_string_int(self) -> bool:
@@ -125,7 +132,22 @@ def _value_type(type_stmt) -> ValueType:
             return _value_type(target.search_one("type"))
         return ValueType("string")
     fd = getattr(base, "fraction_digits", None)
-    return ValueType(base.name, fraction_digits=fd)
+    return ValueType(base.name, fraction_digits=fd, name=type_stmt.arg.split(":")[-1], restrictions=_restrictions(type_stmt))
+
+
+def _restrictions(type_stmt) -> tuple[str, ...]:
+    """range/length/pattern along the typedef chain, the leaf's own first (it narrows)."""
+    found: dict[str, str] = {}
+    stmt = type_stmt
+    while stmt is not None:
+        for kw in ("range", "length", "pattern"):
+            sub = stmt.search_one(kw)
+            if sub is not None and kw not in found:
+                arg = sub.arg if len(sub.arg) <= 60 else sub.arg[:57] + "..."
+                found[kw] = f"{kw} '{arg}'" if kw == "pattern" else f"{kw} {arg}"
+        td = getattr(stmt, "i_typedef", None)
+        stmt = td.search_one("type") if td is not None else None
+    return tuple(found.values())
 
 
 def _module_name(stmt) -> str:

@@ -450,7 +450,7 @@ BAD_TEXT = [
      "/sdqkd-lab:lab/colour: unknown member 'colour'"),
     ("pattern", lambda s: s.replace('"name": "CAIT"', '"name": "CA IT"'), "/sdqkd-lab:lab/node: key value name must be valid"),
     ("range", lambda s: s.replace('"loss": "10.0"', '"loss": "140.0"', 1),
-     "/sdqkd-lab:lab/fibre[name='f-ccs-rectorado']/loss: loss must be of a type compatible with loss-db"),
+     "/sdqkd-lab:lab/fibre[name='f-ccs-rectorado']/loss: '140.0' is not a valid loss: loss-db (decimal64, range 0..100)"),
     ("json-number-for-decimal", lambda s: s.replace('"loss": "10.0"', '"loss": 10.0', 1),
      "RFC 7951 writes decimal64 as a string"),
 ]
