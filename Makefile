@@ -8,7 +8,7 @@ STAMP := $(VENV)/.sdqkd-installed
 # yanglint (libyang) validates instance data in tests; yangcli and ssh-keygen are real clients for the agent tests.
 # sslpsk3 (QKD-keyed TLS) is a C extension built with gcc against libssl-dev; the openssl CLI is the third-party TLS 1.3 peer in its tests.
 # strongSwan (charon, swanctl, kernel-libipsec in libcharon-extra-plugins), iproute2 and ping: QKD-keyed IPsec.
-DEBS := libyang-tools yangcli openssh-client gcc libssl-dev openssl strongswan-charon strongswan-swanctl libcharon-extra-plugins iproute2 iputils-ping
+DEBS := libyang-tools yangcli openssh-client gcc libssl-dev openssl strongswan-charon strongswan-swanctl libcharon-extra-plugins iproute2 iputils-ping apache2-utils
 PYTEST_ARGS ?=
 
 .PHONY: all debs venv bindings lint-yang test demo clean

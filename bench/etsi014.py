@@ -10,7 +10,10 @@ and checks both got the same key. All servers run in threads of this process (Ht
 load comes from a separate process (aiohttp client, keep-alive, one connection per concurrent
 worker and server) so the client does not share the servers' GIL.
 Prints req/s (relayed: keys delivered end to end per second), p50/p99 latency and the ratios to
-the bare endpoint and to the one-node delivery at the same concurrency.
+the bare endpoint and to the one-node delivery at the same concurrency. With ApacheBench
+installed (`ab`, Debian apache2-utils), the bare and one-node cases run once more at the
+highest concurrency from it: a C client leaves the server the CPU the Python client takes,
+which shows the server's own ceiling (one event loop: about one core).
 
     .venv/bin/python bench/etsi014.py [--duration 3] [--rounds 3] [--concurrency 1 32] [--no-relay]
 """
@@ -22,7 +25,9 @@ import base64
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -195,6 +200,26 @@ class RelayNet:
             node.shutdown()
 
 
+def ab_load(url: str, pem: Path, conc: int, duration: float) -> dict | None:
+    """The same requests from ApacheBench (C, keep-alive): a client that needs a fraction of
+    the Python one's CPU, so the server gets the machine. None when `ab` is not installed."""
+    if shutil.which("ab") is None:
+        return None
+    body = pem.parent / "body.json"
+    body.write_bytes(BODY)
+    out = subprocess.run(["ab", "-q", "-k", "-c", str(conc), "-t", f"{duration:g}", "-n", str(MAX_REQUESTS), "-p", str(body),
+                          "-T", "application/json", "-E", str(pem), url + PATH],
+                         capture_output=True, text=True, timeout=duration + 60)
+
+    def field(pattern: str) -> float:
+        m = re.search(pattern, out.stdout, re.M)
+        return float(m.group(1)) if m else float("nan")
+
+    return {"rate": field(r"^Requests per second:\s+([\d.]+)"), "p50": field(r"^\s+50%\s+(\d+)"),
+            "p99": field(r"^\s+99%\s+(\d+)"), "n": field(r"^Complete requests:\s+(\d+)"),
+            "bad": int(field(r"^Failed requests:\s+(\d+)") + (field(r"^Non-2xx responses:\s+(\d+)") if "Non-2xx" in out.stdout else 0))}
+
+
 def _row(label: str, conc: int, res: dict, lat: list[float]) -> tuple:
     """label, concurrency, req/s, p50 ms, p99 ms, server and client CPU µs per request, non-200s."""
     n = len(res["lat"])
@@ -229,7 +254,7 @@ def main() -> None:
         servers[label] = HttpsServer(app, "127.0.0.1", 0, pki.server_ssl_context(*server_cert, ca[0]))
     # Each relayed 256-bit key takes 2 link keys per hop from the sender's half of the link's keys.
     relay = None if args.no_relay else RelayNet(d, ca, int(4 * 3000 * (args.duration + args.warmup)) * len(args.concurrency) * args.rounds)
-    rows = []
+    rows, ab_rows = [], []
     try:
         for srv in servers.values():
             srv.start()
@@ -259,6 +284,16 @@ def main() -> None:
                             Endpoint(f"https://127.0.0.1:{relay.servers['a'].port}", "/api/v1/keys/sc/enc_keys", *map(str, sa)),
                             Endpoint(f"https://127.0.0.1:{relay.servers['c'].port}", "/api/v1/keys/sa/dec_keys", *map(str, sc)),
                             conc))
+            # the one-node cases once more at the highest concurrency, from a C client
+            pem = d / "sae.pem"
+            pem.write_text(Path(client_cert[0]).read_text() + Path(client_cert[1]).read_text())
+            top = max(args.concurrency)
+            for label in ("bare aiohttp (fixed JSON)", "ETSI 014 + Lkms + SQLite"):
+                before = _cpu()
+                res = ab_load(f"https://127.0.0.1:{servers[label].port}", pem, top, args.duration)
+                if res is not None and res["n"] > 0:
+                    ab_rows.append((f"{label}, ab client", top, res["rate"], res["p50"], res["p99"],
+                                    (_cpu() - before) / res["n"] * 1e6, float("nan"), res["bad"]))
             for conc in args.concurrency:
                 for label in [*servers, *([RELAYED] if relay is not None else [])]:
                     res = best[label, conc]
@@ -281,19 +316,26 @@ def main() -> None:
     for col in ("case", "concurrency", "req/s", "p50 ms", "p99 ms", "vs bare", "vs 1 node", "server CPU µs/req",
                 "client CPU µs/req", "non-200"):
         table.add_column(col, justify="left" if col == "case" else "right")
-    base = {conc: rate for label, conc, rate, *_ in rows if label.startswith("bare")}
-    one = {conc: rate for label, conc, rate, *_ in rows if label.startswith("ETSI")}
+    rows += ab_rows
+    base = {conc: rate for label, conc, rate, *_ in rows if label.startswith("bare") and "ab client" not in label}
+    one = {conc: rate for label, conc, rate, *_ in rows if label.startswith("ETSI") and "ab client" not in label}
+    base_ab = {conc: rate for label, conc, rate, *_ in ab_rows if label.startswith("bare")}
+    one_ab = {conc: rate for label, conc, rate, *_ in ab_rows if label.startswith("ETSI")}
     for label, conc, rate, p50, p99, server, client, bad in rows:
+        if "ab client" in label:  # ratios within the ab rows
+            base, one = base_ab, one_ab
         ratio = f"{rate / base[conc]:.2f}x" if base.get(conc) else "-"
         vs_one = f"{rate / one[conc]:.2f}x" if one.get(conc) and not label.startswith("bare") else "-"
         table.add_row(label, str(conc), f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}", ratio, vs_one, f"{server:,.0f}",
-                      f"{client:,.0f}", str(bad))
+                      f"{client:,.0f}" if client == client else "-", str(bad))
     Console(width=170).print(table)
     print("server: every HttpsServer in a thread of one process (one event loop each; the relay nodes' forwarding "
           "modules too); client: one separate process, aiohttp keep-alive, one connection per concurrent worker "
           "and server. Relayed rows: req/s = keys delivered end to end (enc_keys at A, then dec_keys at C, same "
           "bytes) per second; latency of each request. CPU: user+system time of the servers' process and of the "
-          "client's per request (relayed: per key, both requests).")
+          "client's per request (relayed: per key, both requests). 'ab client' rows: the same requests from "
+          "ApacheBench (apache2-utils; C, keep-alive, latency in whole ms), which leaves the server the CPU the "
+          "Python client takes; their ratios are to the bare endpoint under ab.")
 
 
 if __name__ == "__main__":
