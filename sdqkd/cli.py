@@ -194,7 +194,9 @@ def key() -> None:
 @click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab).")
 @click.option("--size", default=256, show_default=True, help="Key size in bits.")
 @click.option("--show-key", is_flag=True, help="Print the key itself (base64), not only its fingerprint.")
-def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool) -> None:
+@click.option("--wait", default=60.0, show_default=True, type=click.FloatRange(0, 600),
+              help="Seconds to keep retrying while the KME has no key path yet (503: the controller is asked).")
+def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool, wait: float) -> None:
     """Get one key at SRC's KME for DST's SAE, and the same key at DST's KME by its ID."""
     import base64
 
@@ -203,7 +205,7 @@ def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool)
 
     try:
         lab = state.read(state.find(lab_name))
-        res = keys.get(lab, src, dst, size=size)
+        res = keys.get(lab, src, dst, size=size, wait=wait)
     except (FileNotFoundError, KeySourceError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"key_ID      {res.key_id}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from sdqkd.keysource import KeySourceError
 from sdqkd.lab import keys, launcher, plot, state
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
@@ -35,6 +36,9 @@ def test_lab_up_key_down(tmp_path, name, src, dst, hops) -> None:
         assert len(res.key) == 32
         again = keys.get(data, src, dst)
         assert again.key_id != res.key_id and again.key != res.key
+        if name == "madqci":  # Quiron has no QKD link: no key path, said at once with wait=0
+            with pytest.raises(KeySourceError, match="HTTP 503 no key path"):
+                keys.get(data, src, "Quiron", wait=0)
         # the controller built the path over the relay nodes: it is in the agents' running config
         png = plot.plot(data, tmp_path / "topology.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
