@@ -208,6 +208,15 @@ def _pyangbind_message(exc: Exception) -> str:
     return str(arg)
 
 
+def _invalid(node: SchemaNode, value: Any, exc: Exception) -> str:
+    """Why pyangbind refused `value` for leaf `node`, in YANG terms: pyangbind says
+    "link_key_limit must be of a type compatible with uint32" (a list key: its whole
+    generated class); the leaf's name and the restriction the value broke say more."""
+    if node.type is None:
+        return _pyangbind_message(exc)
+    return f"'{value}' is not a valid {node.name}: {node.type.describe()}"
+
+
 def _assign(obj: Any, node: SchemaNode, value: Any, path: str) -> None:
     try:
         if node.keyword == "leaf-list":
@@ -217,10 +226,7 @@ def _assign(obj: Any, node: SchemaNode, value: Any, path: str) -> None:
         else:
             set_leaf(obj, node.name, value)
     except (ValueError, TypeError, KeyError) as exc:
-        # pyangbind says "link_key_limit must be of a type compatible with uint32": the
-        # YANG name and the restriction the value broke say more
-        why = f"'{value}' is not a valid {node.name}: {node.type.describe()}" if node.type else _pyangbind_message(exc)
-        raise CodecError("invalid-value", path, why) from None
+        raise CodecError("invalid-value", path, _invalid(node, value, exc)) from None
 
 
 # --- walking ------------------------------------------------------------------------
@@ -480,7 +486,11 @@ def _new_entry(lst: Any, node: SchemaNode, keys: dict[str, Any], path: str) -> A
     try:
         return add_entry(lst, keys) if node.keys else lst.add()
     except (ValueError, TypeError, KeyError) as exc:
-        raise CodecError("invalid-value", path, _pyangbind_message(exc)) from None
+        m = re.match(r"key value (\S+) must be valid", str(exc.args[0]) if exc.args else "")
+        knode = node.child_by_name(m.group(1)) if m else None
+        why = f"{m.group(0)}: {_invalid(knode, keys[knode.name], exc)}" if m and knode and knode.name in keys \
+            else _pyangbind_message(exc)
+        raise CodecError("invalid-value", path, why) from None
 
 
 def _predicate(node: SchemaNode, keys: dict[str, Any], schema: Schema) -> str:

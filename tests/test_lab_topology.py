@@ -448,7 +448,7 @@ BAD_TEXT = [
      "member 'name' appears twice"),
     ("unknown-member", lambda s: s.replace('"name": "cloud",', '"name": "cloud", "colour": "red",', 1),
      "/sdqkd-lab:lab/colour: unknown member 'colour'"),
-    ("pattern", lambda s: s.replace('"name": "CAIT"', '"name": "CA IT"'), "/sdqkd-lab:lab/node: key value name must be valid"),
+    ("pattern", lambda s: s.replace('"name": "CAIT"', '"name": "CA IT"'), "/sdqkd-lab:lab/node: key value name must be valid: 'CA IT' is not a valid name: name-type (string, "),
     ("range", lambda s: s.replace('"loss": "10.0"', '"loss": "140.0"', 1),
      "/sdqkd-lab:lab/fibre[name='f-ccs-rectorado']/loss: '140.0' is not a valid loss: loss-db (decimal64, range 0..100)"),
     ("json-number-for-decimal", lambda s: s.replace('"loss": "10.0"', '"loss": 10.0', 1),
