@@ -317,15 +317,13 @@ def main() -> None:
                 "client CPU µs/req", "non-200"):
         table.add_column(col, justify="left" if col == "case" else "right")
     rows += ab_rows
-    base = {conc: rate for label, conc, rate, *_ in rows if label.startswith("bare") and "ab client" not in label}
-    one = {conc: rate for label, conc, rate, *_ in rows if label.startswith("ETSI") and "ab client" not in label}
-    base_ab = {conc: rate for label, conc, rate, *_ in ab_rows if label.startswith("bare")}
-    one_ab = {conc: rate for label, conc, rate, *_ in ab_rows if label.startswith("ETSI")}
+    # ratios within the same client's rows: (client, concurrency) -> rate of the bare / one-node case
+    base = {("ab client" in label, conc): rate for label, conc, rate, *_ in rows if label.startswith("bare")}
+    one = {("ab client" in label, conc): rate for label, conc, rate, *_ in rows if label.startswith("ETSI")}
     for label, conc, rate, p50, p99, server, client, bad in rows:
-        if "ab client" in label:  # ratios within the ab rows
-            base, one = base_ab, one_ab
-        ratio = f"{rate / base[conc]:.2f}x" if base.get(conc) else "-"
-        vs_one = f"{rate / one[conc]:.2f}x" if one.get(conc) and not label.startswith("bare") else "-"
+        key = ("ab client" in label, conc)
+        ratio = f"{rate / base[key]:.2f}x" if base.get(key) else "-"
+        vs_one = f"{rate / one[key]:.2f}x" if one.get(key) and not label.startswith("bare") else "-"
         table.add_row(label, str(conc), f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}", ratio, vs_one, f"{server:,.0f}",
                       f"{client:,.0f}" if client == client else "-", str(bad))
     Console(width=170).print(table)
