@@ -5,18 +5,34 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDQKD := $(VENV)/bin/sdqkd
 STAMP := $(VENV)/.sdqkd-installed
-# yanglint (libyang) validates instance data in tests; yangcli and ssh-keygen are real clients for the agent tests.
-# sslpsk3 (QKD-keyed TLS) is a C extension built with gcc against libssl-dev; the openssl CLI is the third-party TLS 1.3 peer in its tests.
-# strongSwan (charon, swanctl, kernel-libipsec in libcharon-extra-plugins), iproute2 and ping: QKD-keyed IPsec.
-DEBS := libyang-tools yangcli openssh-client gcc libssl-dev openssl strongswan-charon strongswan-swanctl libcharon-extra-plugins iproute2 iputils-ping apache2-utils
+# Every Debian package the code and the tests use at run time, named directly (not through a
+# transitional or a depending package); tests/test_debian_packages.py fails when one is missing.
+# yanglint (libyang2-tools) validates instance data in tests; yangcli and ssh-keygen are real clients for the agent tests.
+# sslpsk3 (QKD-keyed TLS) is a C extension built with gcc against libssl-dev and run against libssl3; the openssl CLI
+# is the third-party TLS 1.3 peer in its tests.
+# QKD-keyed IPsec: strongSwan charon, the plugins it loads (crypto: libstrongswan; socket, vici: libcharon), curve25519 (extra plugins),
+# kernel-libipsec (charon extra plugins), swanctl; iproute2 and ping. apache2-utils: ab in bench/etsi014.py.
+DEBS := libyang2-tools yangcli openssh-client gcc libssl-dev libssl3 openssl \
+	strongswan-charon strongswan-libcharon libstrongswan libstrongswan-extra-plugins libcharon-extra-plugins strongswan-swanctl \
+	iproute2 iputils-ping apache2-utils
+# What only the benchmarks need on top (bench/netconf_vs_netconfd.py: yuma123 netconfd behind OpenSSH's sshd).
+BENCH_DEBS := netconfd openssh-server
 PYTEST_ARGS ?=
 
-.PHONY: all debs venv bindings lint-yang test demo clean
+.PHONY: all debs bench-debs print-debs venv bindings lint-yang test demo clean
 
 all: test
 
 debs:
 	@tools/install-debs $(DEBS)
+
+bench-debs: debs
+	@tools/install-debs $(BENCH_DEBS)
+
+# The package lists, for the test that guards them: `make -s print-debs`.
+print-debs:
+	@echo "DEBS $(DEBS)"
+	@echo "BENCH_DEBS $(BENCH_DEBS)"
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)

@@ -15,8 +15,8 @@ with a private tmpfs on /run (`unshare -m`): nothing is created outside the temp
 
     .venv/bin/python bench/netconf_vs_netconfd.py [--n 200]
 
-Needs root (sshd, unshare) and the Debian packages yuma123 netconfd and openssh-server (the latter
-is installed with tools/install-debs if `sshd` is missing).
+Needs root (sshd, unshare) and the Debian packages netconfd (yuma123) and openssh-server: the
+Makefile's BENCH_DEBS, installed with `make bench-debs` when either is missing.
 """
 from __future__ import annotations
 
@@ -62,17 +62,23 @@ def tail(path: Path, n: int = 2000) -> str:
         return "(no log)"
 
 
-def ensure_sshd() -> str:
-    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-    if not sshd:
-        console.print("[yellow]sshd missing: tools/install-debs openssh-server[/]")
-        r = subprocess.run([str(ROOT / "tools" / "install-debs"), "openssh-server"], cwd=ROOT, timeout=150)
+def ensure_debs() -> str:
+    """netconfd and sshd, installed from the Makefile's BENCH_DEBS if missing; sshd's path."""
+    def sshd() -> str | None:
+        return shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+
+    if not sshd() or not all(os.access(exe, os.X_OK) for exe in (NETCONFD, SUBSYSTEM)):
+        console.print("[yellow]netconfd or sshd missing: make bench-debs[/]")
+        r = subprocess.run(["make", "-s", "bench-debs"], cwd=ROOT, timeout=300)
         if r.returncode:
-            raise Blocked(f"tools/install-debs openssh-server failed (exit {r.returncode})")
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        if not os.path.exists(sshd):
-            raise Blocked("openssh-server installed but no sshd binary found")
-    return sshd
+            raise Blocked(f"make bench-debs failed (exit {r.returncode})")
+    for exe in (NETCONFD, SUBSYSTEM):
+        if not os.access(exe, os.X_OK):
+            raise Blocked(f"{exe} not found (Debian package netconfd, in BENCH_DEBS)")
+    found = sshd()
+    if not found:
+        raise Blocked("openssh-server installed but no sshd binary found")
+    return found
 
 
 def wait_for(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float = 15.0) -> None:
@@ -136,12 +142,9 @@ class NetconfdBehindSshd:
         self.client_key = tmp / "client_key"
 
     def start(self) -> "NetconfdBehindSshd":
-        for exe in (NETCONFD, SUBSYSTEM):
-            if not os.access(exe, os.X_OK):
-                raise Blocked(f"{exe} not found (Debian package netconfd / yuma123)")
         if os.geteuid() != 0:
             raise Blocked("needs root: sshd with a private /run (unshare -m) and root login for netconfd --superuser")
-        sshd = ensure_sshd()
+        sshd = ensure_debs()
         tmp = self.tmp
         # netconfd: own socket, own yuma home, no startup file, edits on <running>
         yhome = tmp / "yuma"
