@@ -22,6 +22,8 @@ from pathlib import Path
 import paramiko
 import sshutil.server
 
+from sdqkd.listen import binding
+
 log = logging.getLogger(__name__)
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
@@ -139,9 +141,14 @@ class BoundSSHServer(sshutil.server.SSHServer):
         # Accepted sessions inherit it: a notification followed by an rpc-reply is two
         # small writes, and Nagle held the reply until the client's delayed ACK (~40 ms).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((address, port))
-        sock.listen(100)
-        self.address = address
+        self.address, self.port = address, port
+        with binding("NETCONF", address, port):
+            try:
+                sock.bind((address, port))
+                sock.listen(100)
+            except OSError:
+                sock.close()
+                raise
         self.port = sock.getsockname()[1]
         self.ports = {family: self.port}
         self.close_wsocket, self.close_rsocket = socket.socketpair()
@@ -152,3 +159,6 @@ class BoundSSHServer(sshutil.server.SSHServer):
 
     def __str__(self) -> str:
         return f"NETCONF server {self.address}:{self.port}"
+
+    def __del__(self) -> None:
+        """sshutil's logs every deletion at ERROR level (a second error line after a failed bind)."""

@@ -16,7 +16,11 @@ def serve(cfg: ControllerConfig, stop: threading.Event) -> None:
     logging.getLogger("ncclient").setLevel(logging.WARNING)  # one line per RPC otherwise
     ctl = Controller(cfg)
     ctl.start()
-    grpc_server = northbound.start(ctl, cfg.grpc.address, cfg.grpc.port)
+    try:
+        grpc_server = northbound.start(ctl, cfg.grpc.address, cfg.grpc.port)
+    except BaseException:
+        ctl.stop()
+        raise
     log.info("controller serving gRPC on %s:%s for %d agents", cfg.grpc.address, cfg.grpc.port, len(cfg.agents))
     try:
         stop.wait()

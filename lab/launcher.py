@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,61 @@ class LabError(Exception):
     """Bring-up or tear-down failed; the message says at which stage and why."""
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+FREE_PORTS_HINT = "stop what holds it, or run `sdqkd lab up --free-ports` to pick free ports"
+
+
+@dataclass
+class _Proc:
+    """A process of the lab: what it is (for messages), the process, its log."""
+
+    what: str
+    popen: subprocess.Popen
+    log: Path
+
+    def failure(self) -> str:
+        """Why it exited: its own one-line `error:` if it wrote one, else its exit code."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        said = next((ln.removeprefix("error: ") for ln in reversed(lines) if ln.startswith("error: ")), None)
+        if said is None:
+            return f"{self.what} exited (code {self.popen.returncode}); see {self.log}"
+        if "cannot listen on" in said and "in use" in said:
+            said += f"; {FREE_PORTS_HINT}"
+        return said
+
+
+def _spawn(what: str, args: list[str], log: Path) -> _Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        return subprocess.Popen(
+        return _Proc(what, subprocess.Popen(
             [sys.executable, "-m", "sdqkd", *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        ), log)
+
+
+def _planned_ports(plan: lab_plan.LabPlan) -> list[tuple[int, str]]:
+    """Every port the lab's processes will listen on, with who listens."""
+    out = [(plan.controller_port, "controller gRPC")]
+    for n in plan.nodes.values():
+        out += [(n.netconf_port, f"agent {n.name} NETCONF"), (n.kms_port, f"agent {n.name} ETSI 014/004 HTTPS"),
+                (n.relay_port, f"agent {n.name} key relay")]
+        out += [(p, f"agent {n.name} QKD service channel of interface {i}") for i, p in n.service_ports.items()]
+    return out
+
+
+def check_ports(plan: lab_plan.LabPlan) -> None:
+    """Fail before starting anything when a planned port is taken (another lab, a stale agent)."""
+    for port, who in _planned_ports(plan):
+        family = socket.AF_INET6 if ":" in plan.address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+            try:
+                s.bind((plan.address, port))
+            except OSError as exc:
+                raise LabError(f"port {port} ({who}) on {plan.address} is not available: {(exc.strerror or str(exc)).lower()}; "
+                               f"{FREE_PORTS_HINT}") from None
 
 
 def _listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -57,12 +106,12 @@ def _ready(log: Path) -> bool:
         return False
 
 
-def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[subprocess.Popen]) -> None:
+def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[_Proc]) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        dead = [p for p in procs if p.poll() is not None]
+        dead = [p for p in procs if p.popen.poll() is not None]
         if dead:
-            raise LabError(f"{what}: a process exited (code {dead[0].returncode}); see its log")
+            raise LabError(dead[0].failure())
         if pred():
             return
         time.sleep(0.1)
@@ -85,12 +134,13 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     old = state.lab_dir(name, root)
     if old.exists():  # what a previous run left (keys, controller services): a new lab starts clean
         shutil.rmtree(old)
-    procs: list[subprocess.Popen] = []
+    procs: list[_Proc] = []
     made_hosts: list[lab_hosts.Host] = []
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             plan = lab_plan.make(lab, state.lab_dir(name, root), free_ports=free_ports)
+            check_ports(plan)
             ctl_cfg = lab_plan.write_controller_config(plan)
             progress.add_task("certificates and configs", total=1, completed=1)
             if plan.hosts:
@@ -104,13 +154,13 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
             t = progress.add_task("agents listening", total=len(plan.nodes))
             pids: dict[str, int] = {}
             for n in plan.nodes.values():
-                p = _spawn(["agent", "--config", str(n.config_path)], n.dir / "agent.log")
+                p = _spawn(f"agent {n.name}", ["agent", "--config", str(n.config_path)], n.dir / "agent.log")
                 procs.append(p)
-                pids[n.name] = p.pid
+                pids[n.name] = p.popen.pid
             for n in plan.nodes.values():
                 _wait(lambda n=n: _ready(n.dir / "agent.log"), timeout, f"agent {n.name}", procs)
                 progress.advance(t)
-            ctl = _spawn(["controller", "--config", str(ctl_cfg)], plan.dir / "controller.log")
+            ctl = _spawn("controller", ["controller", "--config", str(ctl_cfg)], plan.dir / "controller.log")
             procs.append(ctl)
             t = progress.add_task("controller connected", total=len(plan.nodes))
             stub = controller_stub(f"{plan.address}:{plan.controller_port}")
@@ -151,12 +201,12 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
                         raise LabError(f"key link {kl['name']}: the controller refused it: {exc.details()}") from None
                     progress.advance(t)
             progress.add_task("healthy", total=1, completed=1)
-        data = state.describe(plan, pids, ctl.pid)
+        data = state.describe(plan, pids, ctl.popen.pid)
         state.write(path, data)
         return data
     except BaseException:
         for p in procs:
-            _terminate(p.pid)
+            _terminate(p.popen.pid)
         lab_hosts.down(lab_hosts.lab_tag(name, state.lab_dir(name, root)), made_hosts)
         raise
 

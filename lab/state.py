@@ -12,11 +12,28 @@ from typing import Any
 from sdqkd.agents import ssh
 from sdqkd.lab.plan import LabPlan
 
-ROOT = Path(".sdqkd") / "lab"
+ENV = "SDQKD_LAB_DIR"  # same meaning as --lab-dir
+STATE_DIR = ".sdqkd"
+
+
+def labs_root(lab_dir: str | Path | None = None) -> Path:
+    """The folder holding one folder per lab: <lab dir>/lab, absolute.
+
+    The lab dir is `lab_dir` (--lab-dir), else $SDQKD_LAB_DIR, else the nearest .sdqkd/
+    from the working directory up (as git finds .git), else ./.sdqkd (where `lab up`
+    makes it): every command finds a lab from any folder below the one it was brought up in."""
+    chosen = lab_dir or os.environ.get(ENV)
+    if chosen:
+        return Path(chosen).expanduser().resolve() / "lab"
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if (d / STATE_DIR).is_dir():
+            return d / STATE_DIR / "lab"
+    return cwd / STATE_DIR / "lab"
 
 
 def lab_dir(name: str, root: Path | None = None) -> Path:
-    return (root or ROOT) / name
+    return Path(root).resolve() / name if root else labs_root() / name
 
 
 def state_path(name: str, root: Path | None = None) -> Path:
@@ -72,15 +89,16 @@ def read(path: Path) -> dict[str, Any]:
 
 def find(name: str | None = None, root: Path | None = None) -> Path:
     """The lab.json of `name`, or of the only running lab."""
-    base = root or ROOT
+    base = Path(root).resolve() if root else labs_root()
+    hint = f"set --lab-dir or ${ENV} to the lab's {STATE_DIR} folder if it is elsewhere"
     if name:
-        p = state_path(name, root)
+        p = base / name / "lab.json"
         if not p.exists():
-            raise FileNotFoundError(f"no running lab '{name}' ({p} does not exist)")
+            raise FileNotFoundError(f"no running lab '{name}' ({p} does not exist; {hint})")
         return p
     found = sorted(base.glob("*/lab.json")) if base.exists() else []
     if not found:
-        raise FileNotFoundError(f"no running lab under {base}")
+        raise FileNotFoundError(f"no running lab under {base} ({hint})")
     if len(found) > 1:
         raise FileNotFoundError("several labs are running: name one (" + ", ".join(p.parent.name for p in found) + ")")
     return found[0]

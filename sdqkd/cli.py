@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from sdqkd import __version__, yangmodels
+from sdqkd.listen import ListenError
+
+EXIT_LISTEN = 3  # an agent or the controller could not take one of its ports
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,8 +79,15 @@ def agent(config_path: str) -> None:
             click.echo(f"config error: {problem}", err=True)
         raise SystemExit(2) from None
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    node = Agent(cfg)
-    node.start()
+    node = None
+    try:
+        node = Agent(cfg)
+        node.start()
+    except ListenError as exc:  # one line for the operator (and `lab up`), no traceback
+        if node is not None:
+            node.stop()
+        click.echo(f"error: agent {cfg.node.name}: {exc}", err=True)
+        raise SystemExit(EXIT_LISTEN) from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: node.stop())
     click.echo(f"ready netconf={cfg.netconf.address}:{node.server.port}", err=True)
@@ -106,7 +116,39 @@ def controller(config_path: str) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serve(cfg, stop)
+    try:
+        serve(cfg, stop)
+    except ListenError as exc:
+        click.echo(f"error: controller: {exc}", err=True)
+        raise SystemExit(EXIT_LISTEN) from None
+
+
+lab_dir_option = click.option(
+    "--lab-dir", type=click.Path(file_okay=False), envvar="SDQKD_LAB_DIR", show_envvar=True,
+    help="Where labs keep their state (default: the nearest .sdqkd/ from here up, else ./.sdqkd).")
+
+
+def _labs(lab_dir: str | None) -> Path:
+    from sdqkd.lab import state
+
+    return state.labs_root(lab_dir)
+
+
+def _find_lab(lab_name: str | None, lab_dir: str | None) -> dict:  # type: ignore[type-arg]
+    """lab.json of the named (or only) running lab; a ClickException when there is none."""
+    from sdqkd.lab import state
+
+    try:
+        return state.read(state.find(lab_name, _labs(lab_dir)))
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _topology_problems(file: str, problems: list) -> None:  # type: ignore[type-arg]
+    """What `lab check` prints and `lab up` refuses with: one line per problem, exit 1."""
+    for p in problems:
+        click.echo(f"{file}: {p}", err=True)
+    sys.exit(1)
 
 
 @main.group()
@@ -117,29 +159,34 @@ def lab() -> None:
 @lab.command("up")
 @click.argument("topology", type=click.Path(exists=True, dir_okay=False))
 @click.option("--free-ports", is_flag=True, help="Pick free loopback ports instead of the topology's port bases.")
-def lab_up(topology: str, free_ports: bool) -> None:
+@lab_dir_option
+def lab_up(topology: str, free_ports: bool, lab_dir: str | None) -> None:
     """Bring up a lab: one agent per node and the controller, on loopback."""
     from rich.console import Console
 
-    from sdqkd.lab import launcher
+    from sdqkd.lab import launcher, topology as lab_topology
 
     console = Console(stderr=True)
+    root = _labs(lab_dir)
     try:
-        launcher.up(Path(topology), free_ports=free_ports, console=console)
+        data = launcher.up(Path(topology), root, free_ports=free_ports, console=console)
+    except lab_topology.TopologyError as exc:
+        _topology_problems(topology, exc.problems)
     except (launcher.LabError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    launcher.render(launcher.status(), Console())
+    launcher.render(launcher.status(data["name"], root), Console())
 
 
 @lab.command("down")
 @click.argument("name", required=False)
 @click.option("--cleanup", is_flag=True, help="Also remove the lab directory (certificates, key stores, logs).")
-def lab_down(name: str | None, cleanup: bool) -> None:
+@lab_dir_option
+def lab_down(name: str | None, cleanup: bool, lab_dir: str | None) -> None:
     """Stop every process of a lab and remove its lab.json."""
     from sdqkd.lab import launcher
 
     try:
-        click.echo(f"lab {launcher.down(name, cleanup=cleanup)} is down")
+        click.echo(f"lab {launcher.down(name, _labs(lab_dir), cleanup=cleanup)} is down")
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -147,14 +194,15 @@ def lab_down(name: str | None, cleanup: bool) -> None:
 @lab.command("status")
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def lab_status(name: str | None, as_json: bool) -> None:
+@lab_dir_option
+def lab_status(name: str | None, as_json: bool, lab_dir: str | None) -> None:
     """Nodes, links and key rates of a running lab."""
     from rich.console import Console
 
     from sdqkd.lab import launcher
 
     try:
-        st = launcher.status(name)
+        st = launcher.status(name, _labs(lab_dir))
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -171,14 +219,12 @@ def topo() -> None:
 @topo.command("plot")
 @click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab).")
 @click.option("-o", "--output", default=None, help="PNG file (default: <lab dir>/topology.png).")
-def topo_plot(lab_name: str | None, output: str | None) -> None:
+@lab_dir_option
+def topo_plot(lab_name: str | None, output: str | None, lab_dir: str | None) -> None:
     """Write a PNG of the network with live key rates."""
-    from sdqkd.lab import plot, state
+    from sdqkd.lab import plot
 
-    try:
-        lab = state.read(state.find(lab_name))
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+    lab = _find_lab(lab_name, lab_dir)
     out = Path(output) if output else Path(lab["dir"]) / "topology.png"
     click.echo(f"wrote {plot.plot(lab, out)}")
 
@@ -196,17 +242,18 @@ def key() -> None:
 @click.option("--show-key", is_flag=True, help="Print the key itself (base64), not only its fingerprint.")
 @click.option("--wait", default=60.0, show_default=True, type=click.FloatRange(0, 600),
               help="Seconds to keep retrying while the KME has no key path yet (503: the controller is asked).")
-def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool, wait: float) -> None:
+@lab_dir_option
+def key_get(src: str, dst: str, lab_name: str | None, size: int, show_key: bool, wait: float, lab_dir: str | None) -> None:
     """Get one key at SRC's KME for DST's SAE, and the same key at DST's KME by its ID."""
     import base64
 
     from sdqkd.keysource import KeySourceError
-    from sdqkd.lab import keys, state
+    from sdqkd.lab import keys
 
+    lab = _find_lab(lab_name, lab_dir)
     try:
-        lab = state.read(state.find(lab_name))
         res = keys.get(lab, src, dst, size=size, wait=wait)
-    except (FileNotFoundError, KeySourceError) as exc:
+    except KeySourceError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"key_ID      {res.key_id}")
     click.echo(f"master SAE  {res.master_sae}  slave SAE {res.slave_sae}")
@@ -228,9 +275,7 @@ def lab_check(file: str) -> None:
     except topology.TopologyError as exc:
         problems = exc.problems
     if problems:
-        for p in problems:
-            click.echo(f"{file}: {p}", err=True)
-        sys.exit(1)
+        _topology_problems(file, problems)
     click.echo(f"OK: {topology.summary(data)}")
 
 
@@ -243,6 +288,7 @@ def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
     """Where this SAE takes its keys: a running lab, or a KME URL and SAE credentials."""
     opts = [
         click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab)."),
+        lab_dir_option,
         click.option("--node", default=None, help="This SAE: a lab node name (its first SAE) or an SAE ID."),
         click.option("--kme", default=None, help="Without a lab: this SAE's KME, https://host:port."),
         click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Without a lab: SAE certificate (PEM)."),
@@ -261,10 +307,9 @@ def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
     return wrap
 
 
-def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], kme: str | None, cert: str | None,
-              key: str | None, ca: str | None, peer_saes: tuple[str, ...], via: str):  # type: ignore[no-untyped-def]
+def _tls_keys(lab_name: str | None, lab_dir: str | None, node: str | None, peers: tuple[str, ...], kme: str | None,
+              cert: str | None, key: str | None, ca: str | None, peer_saes: tuple[str, ...], via: str):  # type: ignore[no-untyped-def]
     from sdqkd import qkdtls
-    from sdqkd.lab import state
 
     try:
         if kme:
@@ -274,8 +319,8 @@ def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], km
             return qkdtls.NodeApiKeys(src.client, list(peer_saes)) if via == "api" else src
         if not node:
             raise click.UsageError("give --node (with a lab) or --kme and SAE credentials")
-        return qkdtls.lab_keys(state.read(state.find(lab_name)), node, list(peers + peer_saes) or None, via=via)
-    except (FileNotFoundError, qkdtls.KeySourceError) as exc:
+        return qkdtls.lab_keys(_find_lab(lab_name, lab_dir), node, list(peers + peer_saes) or None, via=via)
+    except qkdtls.KeySourceError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -283,7 +328,7 @@ def _tls_keys(lab_name: str | None, node: str | None, peers: tuple[str, ...], km
 @_tls_options("A master SAE whose keys are accepted (repeatable; with a lab, default: every other node's).")
 @click.option("--from", "peers", multiple=True, help="With a lab: a node whose sessions are accepted (repeatable).")
 @click.option("--port", default=0, show_default=True, help="TCP port (0: a free one, printed).")
-def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers, port) -> None:  # type: ignore[no-untyped-def]
+def tls_serve(lab_name, lab_dir, node, kme, cert, key, ca, peer_saes, host, via, peers, port) -> None:  # type: ignore[no-untyped-def]
     """Accept QKD-keyed TLS sessions as the slave SAE and echo what each client sends."""
     import logging
 
@@ -291,7 +336,7 @@ def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers, p
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per session is enough
-    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes, via)
+    keys = _tls_keys(lab_name, lab_dir, node, peers, kme, cert, key, ca, peer_saes, via)
     with qkdtls.QkdTlsServer(keys, host, port) as srv:
         click.echo(f"listening on {srv.host}:{srv.port}")
         sys.stdout.flush()
@@ -306,13 +351,13 @@ def tls_serve(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers, p
 @click.option("--to", "peers", multiple=True, help="With a lab: the server's node (the slave SAE).")
 @click.option("--port", required=True, type=int, help="The server's TCP port.")
 @click.option("--idle", default=5.0, show_default=True, help="Stop reading after this many seconds without data.")
-def tls_connect(lab_name, node, kme, cert, key, ca, peer_saes, host, via, peers, port, idle) -> None:  # type: ignore[no-untyped-def]
+def tls_connect(lab_name, lab_dir, node, kme, cert, key, ca, peer_saes, host, via, peers, port, idle) -> None:  # type: ignore[no-untyped-def]
     """Open a QKD-keyed TLS session as the master SAE, send stdin, print what comes back."""
     from sdqkd import qkdtls
 
     if not kme and not peers and not peer_saes:
         raise click.UsageError("give --to (the server's node) or --peer-sae")
-    keys = _tls_keys(lab_name, node, peers, kme, cert, key, ca, peer_saes, via)
+    keys = _tls_keys(lab_name, lab_dir, node, peers, kme, cert, key, ca, peer_saes, via)
     data = sys.stdin.buffer.read()
     try:
         with qkdtls.connect(host, port, keys) as sock:

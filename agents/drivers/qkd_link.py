@@ -269,7 +269,7 @@ class QkdModule(Driver):
     def open(self, emit: Emit) -> None:
         """Listen on the service address (see `address`), start enabled links."""
         self._emit = emit
-        listener = sc.Listener(self._listen)
+        listener = sc.Listener(self._listen, role=f"QKD service channel of interface {self.qkdi_id}")
         self._listener, self.address = listener, listener.address
         with self._lock:
             self._iface = "ENABLED"

@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from sdqkd.listen import binding
+
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 3.0
@@ -259,8 +261,9 @@ class Listener:
     """The module's service address: accepts peers and hands each connection (with the
     handshake timeout set) to `on_connection`, from the thread that runs `serve()`."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self._server = socket.create_server(address, reuse_port=False)
+    def __init__(self, address: tuple[str, int], role: str = "QKD service channel") -> None:
+        with binding(role, *address):
+            self._server = socket.create_server(address, reuse_port=False)
         self._server.settimeout(0.5)
         self.address: tuple[str, int] = self._server.getsockname()[:2]
         self._closed = threading.Event()

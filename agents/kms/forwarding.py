@@ -34,6 +34,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from sdqkd.listen import binding
+
 log = logging.getLogger(__name__)
 
 LINK_KEY_BYTES = 32
@@ -138,7 +140,8 @@ class Forwarder:
         self.peers = {k.lower(): v for k, v in peers.items()}
         self.timeout = timeout
         self.handler: Handler | None = None
-        self._sock = socket.create_server(address)
+        with binding("key relay", *address):
+            self._sock = socket.create_server(address)
         self._sock.settimeout(0.5)
         self.address = self._sock.getsockname()[:2]
         self._pool: dict[str, list[ssl.SSLSocket]] = {}

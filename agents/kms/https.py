@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from multidict import MultiMapping
 
+from sdqkd.listen import binding
+
 from .pki import sae_id_of
 from .service import KmsError
 
@@ -227,8 +229,9 @@ class HttpsServer:
     """Serves `app` over TLS on host:port from a thread of its own (port 0: any free one)."""
 
     def __init__(self, app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
-                 access_log: bool = False, shutdown_timeout: float = 2.0) -> None:
+                 access_log: bool = False, shutdown_timeout: float = 2.0, role: str = "HTTPS") -> None:
         self.app, self.host, self._port, self.ssl_ctx = app, host, port, ssl_ctx
+        self.role = role  # what a bind failure calls this server
         self._access_log = access_log
         self._shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -267,7 +270,8 @@ class HttpsServer:
         try:
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_ctx)
-            loop.run_until_complete(site.start())
+            with binding(self.role, self.host, self._port):
+                loop.run_until_complete(site.start())
             self._port = runner.addresses[0][1]
         except BaseException as exc:  # reported to start()'s caller
             self._failure = exc

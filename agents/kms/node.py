@@ -65,5 +65,5 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     etsi014.add_routes(app, lkms)
     etsi004.add_routes(app, lkms)
     qaas.add_routes(app, qaas.Context(cfg, lkms, qrng, publish))
-    server = https.HttpsServer(app, k.address, k.port, server_ctx)
+    server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
     return KmsNode(lkms, server)

@@ -2,6 +2,7 @@
 reflection, so grpcurl and generic clients can list and call it without the .proto."""
 from __future__ import annotations
 
+import socket
 from concurrent import futures
 
 import grpc
@@ -11,6 +12,7 @@ from sdqkd.controller.core import Controller
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.northbound.servicer import ControllerServicer
+from sdqkd.listen import ListenError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name  # "sdqkd.v1.Controller"
 # Every StreamEvents call holds a worker thread for as long as the client listens.
@@ -30,9 +32,20 @@ def start(controller: Controller, address: str, port: int) -> grpc.Server:
     target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     try:
         bound = server.add_insecure_port(target)
-    except RuntimeError as exc:  # grpcio raises when it cannot bind
-        raise OSError(f"gRPC northbound cannot listen on {target}: {exc}") from None
+    except RuntimeError:  # grpcio raises when it cannot bind, without the reason: ask the OS
+        bound = 0
     if bound == 0:
-        raise OSError(f"gRPC northbound cannot listen on {target}")
+        raise ListenError("controller gRPC", address, port, _why_not(address, port))
     server.start()
     return server
+
+
+def _why_not(address: str, port: int) -> OSError | str:
+    """grpcio does not say why a bind failed; the same bind by hand does."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((address, port))
+    except OSError as exc:
+        return exc
+    return "gRPC refused the address"

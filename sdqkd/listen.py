@@ -1,0 +1,41 @@
+"""One wording for a server that cannot take its address, whichever server it is.
+
+An operator (or `sdqkd lab up`) reading an agent's or the controller's exit needs to know
+which listener failed, on which port, and why, in one line: "NETCONF cannot listen on
+127.0.0.1:8350: address already in use"."""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class ListenError(OSError):
+    """A listener could not bind; `role` says which one (NETCONF, ETSI 014/004 HTTPS, ...)."""
+
+    def __init__(self, role: str, address: str, port: int, reason: OSError | str) -> None:
+        code = reason.errno if isinstance(reason, OSError) and reason.errno else errno.EADDRNOTAVAIL
+        # the errno's own words: asyncio and socket.create_server wrap them in longer text
+        why = reason if isinstance(reason, str) else os.strerror(code) if reason.errno else str(reason)
+        host = f"[{address}]" if ":" in address else address
+        super().__init__(code, f"{role} cannot listen on {host}:{port}: {why.lower()}")
+        self.role, self.address, self.port = role, address, port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    @property
+    def in_use(self) -> bool:
+        return self.errno == errno.EADDRINUSE
+
+
+@contextmanager
+def binding(role: str, address: str, port: int) -> Iterator[None]:
+    """Turn the OSError of a bind inside the block into a ListenError naming `role`."""
+    try:
+        yield
+    except ListenError:
+        raise
+    except OSError as exc:
+        raise ListenError(role, address, port, exc) from None

@@ -1,0 +1,188 @@
+"""The lab's first contact as a new user has it: the `sdqkd` command run as a process, from
+any working directory. Every refusal is one line without a traceback: a topology that
+`lab check` refuses, a port another program holds (named with its role, pointing at
+--free-ports), an agent that loses a race for its port; two labs at once; the lab found
+through --lab-dir, $SDQKD_LAB_DIR or the nearest .sdqkd/ up the tree."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdqkd.lab import plan as lab_plan
+from sdqkd.lab.plan import free_port
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
+
+
+def sdqkd(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "SDQKD_LAB_DIR"}
+    return subprocess.run([sys.executable, "-m", "sdqkd", *args], cwd=cwd, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def small_lab(path: Path, name: str, **defaults: Any) -> Path:
+    """The cloud scenario without its lab hosts (no network namespaces): three agents, two links."""
+    lab = json.loads((TOPOLOGIES / "cloud.json").read_text())["sdqkd-lab:lab"]
+    lab["name"] = name
+    lab["defaults"].update(defaults)
+    for node in lab["node"]:
+        node.pop("host", None)
+    path.write_text(json.dumps({"sdqkd-lab:lab": lab}))
+    return path
+
+
+def one_line_error(res: subprocess.CompletedProcess) -> str:
+    """stderr of a refused command: exactly one `Error: ...` line, no traceback."""
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]
+
+
+class Held:
+    """A port another program listens on."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_up_refuses_what_check_refuses_in_the_same_words(tmp_path: Path) -> None:
+    bad = json.loads((TOPOLOGIES / "cloud.json").read_text())
+    bad["sdqkd-lab:lab"]["profile"][0]["max-absorption"] = "abc"
+    bad["sdqkd-lab:lab"]["link"][0]["endpoints"] = ["CAIT:1", "Nowhere:1"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    check = sdqkd("lab", "check", "bad.json", cwd=tmp_path)
+    up = sdqkd("lab", "up", "bad.json", cwd=tmp_path)
+    assert check.returncode == up.returncode == 1
+    assert "max-absorption" in check.stderr and "Traceback" not in up.stderr
+    assert [ln for ln in up.stderr.splitlines() if ln.startswith("bad.json: ")] == check.stderr.splitlines()
+    assert not list(tmp_path.glob(".sdqkd/lab/*/lab.json"))
+
+
+def test_a_held_port_is_named_with_its_role(tmp_path: Path) -> None:
+    bases = {"netconf-port-base": free_port(), "kms-port-base": free_port(), "relay-port-base": free_port(),
+             "controller-grpc-port": free_port()}
+    topo = small_lab(tmp_path / "fixed.json", "fixed", **bases)
+    held = Held(bases["kms-port-base"] + 1)  # the second node's ETSI 014 port
+    try:
+        res = sdqkd("lab", "up", str(topo), cwd=tmp_path)
+    finally:
+        held.close()
+    line = one_line_error(res)
+    assert f"port {bases['kms-port-base'] + 1} (agent CAIT ETSI 014/004 HTTPS)" in line
+    assert "address already in use" in line and "--free-ports" in line
+    assert not (tmp_path / ".sdqkd" / "lab" / "fixed" / "lab.json").exists()
+
+
+def _roles(node: lab_plan.NodePlan) -> list[tuple[str, int]]:
+    return [("NETCONF", node.netconf_port), ("ETSI 014/004 HTTPS", node.kms_port), ("key relay", node.relay_port),
+            *((f"QKD service channel of interface {i}", p) for i, p in node.service_ports.items())]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> lab_plan.LabPlan:
+    tmp = tmp_path_factory.mktemp("plan")
+    topo = json.loads(small_lab(tmp / "t.json", "race").read_text())
+    return lab_plan.make(topo, tmp / "race", free_ports=True)
+
+
+@pytest.mark.parametrize("role", ["NETCONF", "ETSI 014/004 HTTPS", "key relay", "QKD service channel of interface 1"])
+def test_an_agent_that_loses_its_port_says_which_in_one_line(planned: lab_plan.LabPlan, role: str) -> None:
+    """A port taken after `lab up` checked it: the agent exits 3 with one line, which `lab up` shows."""
+    node = planned.nodes["CAIT"]
+    port = dict(_roles(node))[role]
+    held = Held(port)
+    try:
+        res = subprocess.run([sys.executable, "-m", "sdqkd", "agent", "--config", str(node.config_path)],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert res.returncode == 3
+    assert "Traceback" not in res.stderr and " ERROR " not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == f"error: agent CAIT: {role} cannot listen on 127.0.0.1:{port}: address already in use"
+
+
+def test_a_controller_that_loses_its_port_says_so_in_one_line(planned: lab_plan.LabPlan) -> None:
+    config = lab_plan.write_controller_config(planned)
+    held = Held(planned.controller_port)
+    try:
+        res = subprocess.run([sys.executable, "-m", "sdqkd", "controller", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == (f"error: controller: controller gRPC cannot listen on "
+                                           f"127.0.0.1:{planned.controller_port}: address already in use")
+
+
+@pytest.fixture(scope="module")
+def two_labs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two labs brought up by the command from a folder below the project's .sdqkd/."""
+    top = tmp_path_factory.mktemp("project")
+    (top / ".sdqkd").mkdir()
+    sub = top / "deep" / "below"
+    sub.mkdir(parents=True)
+    ups = {}
+    try:
+        for name in ("alpha", "beta"):
+            ups[name] = sdqkd("lab", "up", str(small_lab(top / f"{name}.json", name)), "--free-ports", cwd=sub)
+        yield {"top": top, "sub": sub, "ups": ups}
+    finally:
+        for name in ("alpha", "beta"):
+            sdqkd("lab", "down", name, "--cleanup", cwd=top)
+
+
+def test_a_second_lab_comes_up_beside_the_first(two_labs: dict[str, Any]) -> None:
+    for name, res in two_labs["ups"].items():
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        assert f"lab {name}: nodes" in res.stdout  # the status of the lab it brought up, not "several labs"
+    labs = two_labs["top"] / ".sdqkd" / "lab"
+    assert {p.parent.name for p in labs.glob("*/lab.json")} == {"alpha", "beta"}
+    data = json.loads((labs / "beta" / "lab.json").read_text())
+    assert Path(data["dir"]).is_absolute() and Path(data["ca"]["cert"]).is_absolute()  # usable from anywhere
+
+
+def test_every_command_finds_the_lab_from_any_folder(two_labs: dict[str, Any], tmp_path: Path) -> None:
+    top, sub = two_labs["top"], two_labs["sub"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # the nearest .sdqkd/ up the tree
+    res = sdqkd("lab", "status", "beta", "--json", cwd=sub)
+    assert res.returncode == 0 and {n["name"] for n in json.loads(res.stdout)["nodes"]} == {"CCS", "CAIT", "Rectorado"}
+    res = sdqkd("key", "get", "--lab", "alpha", "--from", "CAIT", "--to", "Rectorado", cwd=sub)
+    assert res.returncode == 0 and "identical at both ends" in res.stdout, res.stderr
+    # elsewhere: refused in one line that says how to point at the lab, then --lab-dir and the environment
+    line = one_line_error(sdqkd("key", "get", "--lab", "alpha", "--from", "CAIT", "--to", "CCS", cwd=elsewhere))
+    assert "no running lab 'alpha'" in line and "--lab-dir" in line and "SDQKD_LAB_DIR" in line
+    res = sdqkd("key", "get", "--lab", "alpha", "--from", "CAIT", "--to", "CCS", "--lab-dir", str(top / ".sdqkd"), cwd=elsewhere)
+    assert res.returncode == 0, res.stderr
+    env = {"SDQKD_LAB_DIR": str(top / ".sdqkd")}
+    res = sdqkd("topo", "plot", "--lab", "beta", "-o", str(elsewhere / "t.png"), cwd=elsewhere, env=env)
+    assert res.returncode == 0 and (elsewhere / "t.png").stat().st_size > 0, res.stderr
+    line = one_line_error(sdqkd("lab", "status", cwd=elsewhere, env=env))
+    assert "several labs are running: name one (alpha, beta)" in line
+    # tls: a session keyed by the lab found through the environment
+    serve = subprocess.Popen([sys.executable, "-m", "sdqkd", "tls", "serve", "--lab", "beta", "--node", "Rectorado"],
+                             cwd=elsewhere, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = serve.stdout.readline().split(":")[-1].strip()
+        res = subprocess.run([sys.executable, "-m", "sdqkd", "tls", "connect", "--lab", "beta", "--node", "CAIT", "--to",
+                              "Rectorado", "--port", port, "--idle", "1"], cwd=elsewhere, env={**os.environ, **env},
+                             input="hello", capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout == "hello", res.stderr
+    finally:
+        serve.terminate()
+        serve.wait(10)
