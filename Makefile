@@ -11,10 +11,11 @@ STAMP := $(VENV)/.sdqkd-installed
 # sslpsk3 (QKD-keyed TLS) is a C extension built with gcc against libssl-dev and run against libssl3; the openssl CLI
 # is the third-party TLS 1.3 peer in its tests.
 # QKD-keyed IPsec: strongSwan charon, the plugins it loads (crypto: libstrongswan; socket, vici: libcharon), curve25519 (extra plugins),
-# kernel-libipsec (charon extra plugins), swanctl; iproute2 and ping. apache2-utils: ab in bench/etsi014.py.
+# kernel-libipsec (charon extra plugins), swanctl; iproute2 and ping. apache2-utils: ab in bench/etsi014.py. curl: the
+# README's examples (and its test).
 DEBS := libyang2-tools yangcli openssh-client gcc libssl-dev libssl3 openssl \
 	strongswan-charon strongswan-libcharon libstrongswan libstrongswan-extra-plugins libcharon-extra-plugins strongswan-swanctl \
-	iproute2 iputils-ping apache2-utils
+	iproute2 iputils-ping apache2-utils curl
 # What only the benchmarks need on top (bench/netconf_vs_netconfd.py: yuma123 netconfd behind OpenSSH's sshd).
 BENCH_DEBS := netconfd openssh-server
 PYTEST_ARGS ?=

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1])} if n.kme_cert else None,
             "log": str(n.dir / "agent.log"),
+            "host": ({"netns": h.netns, "address": h.address, "inner": h.inner}
+                     if (h := plan.hosts.get(n.name)) else None),
         })
     return {
         "name": plan.name,
@@ -102,3 +105,27 @@ def find(name: str | None = None, root: Path | None = None) -> Path:
     if len(found) > 1:
         raise FileNotFoundError("several labs are running: name one (" + ", ".join(p.parent.name for p in found) + ")")
     return found[0]
+
+
+def _var(name: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def shell_env(data: dict[str, Any]) -> dict[str, str]:
+    """lab.json as shell variables (`eval "$(sdqkd lab env)"`), so that commands written
+    once work whatever ports (--free-ports) and folder the lab has: LAB_CA, LAB_GRPC,
+    LAB_NETCONF_USER/PASSWORD, and per node <NODE>_KME (HTTPS base URL), _NETCONF_PORT,
+    _SAE, _CERT, _KEY (its first SAE's credentials) and, with a lab host, _NETNS, _ADDRESS, _INNER."""
+    labs = Path(data["dir"]).parent  # <lab dir>/lab/<name>
+    env = {"SDQKD_LAB_DIR": str(labs.parent), "SDQKD_LAB": data["name"], "LAB_CA": data["ca"]["cert"],
+           "LAB_GRPC": data["controller"]["grpc"]}
+    for n in data["nodes"]:
+        nc, v = n["netconf"], _var(n["name"])
+        env.update({"LAB_NETCONF_HOST": nc["host"], "LAB_NETCONF_USER": nc["username"], "LAB_NETCONF_PASSWORD": nc["password"]})
+        env.update({f"{v}_KME": n["kms"]["url"], f"{v}_NETCONF_PORT": str(nc["port"])})
+        if n["saes"]:
+            sae = n["saes"][0]
+            env.update({f"{v}_SAE": sae["id"], f"{v}_CERT": sae["cert"], f"{v}_KEY": sae["key"]})
+        if n.get("host"):
+            env.update({f"{v}_NETNS": n["host"]["netns"], f"{v}_ADDRESS": n["host"]["address"], f"{v}_INNER": n["host"]["inner"]})
+    return env

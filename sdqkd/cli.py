@@ -211,13 +211,48 @@ def lab_status(name: str | None, as_json: bool, lab_dir: str | None) -> None:
         launcher.render(st, Console())
 
 
+@lab.command("env")
+@click.argument("name", required=False)
+@lab_dir_option
+def lab_env(name: str | None, lab_dir: str | None) -> None:
+    """Print a running lab's addresses and credentials as shell variables: eval "$(sdqkd lab env)"."""
+    import shlex
+
+    from sdqkd.lab import state
+
+    for var, value in state.shell_env(_find_lab(name, lab_dir)).items():
+        click.echo(f"export {var}={shlex.quote(value)}")
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("node")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@lab_dir_option
+def lab_exec(node: str, command: tuple[str, ...], lab_name: str | None, lab_dir: str | None) -> None:
+    """Run COMMAND on NODE's lab host (its network namespace), e.g. `lab exec CAIT -- ping 10.78.0.2`."""
+    import os
+
+    lab = _find_lab(lab_name, lab_dir)
+    found = next((n for n in lab["nodes"] if n["name"].lower() == node.lower()), None)
+    if found is None:
+        raise click.ClickException(f"no node {node!r} in lab {lab['name']} (nodes: {', '.join(n['name'] for n in lab['nodes'])})")
+    if not found.get("host"):
+        with_host = [n["name"] for n in lab["nodes"] if n.get("host")]
+        raise click.ClickException(f"node {found['name']} has no lab host (nodes with one: {', '.join(with_host) or 'none'})")
+    try:
+        os.execvp("ip", ["ip", "netns", "exec", found["host"]["netns"], *command])
+    except OSError as exc:
+        raise click.ClickException(f"ip netns exec: {exc.strerror}") from None
+
+
 @main.group()
 def topo() -> None:
     """The network of a running lab."""
 
 
 @topo.command("plot")
-@click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab).")
+@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
 @click.option("-o", "--output", default=None, help="PNG file (default: <lab dir>/topology.png).")
 @lab_dir_option
 def topo_plot(lab_name: str | None, output: str | None, lab_dir: str | None) -> None:
@@ -237,7 +272,7 @@ def key() -> None:
 @key.command("get")
 @click.option("--from", "src", required=True, help="Master: a node name (its first SAE) or an SAE ID.")
 @click.option("--to", "dst", required=True, help="Slave: a node name or an SAE ID.")
-@click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab).")
+@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
 @click.option("--size", default=256, show_default=True, help="Key size in bits.")
 @click.option("--show-key", is_flag=True, help="Print the key itself (base64), not only its fingerprint.")
 @click.option("--wait", default=60.0, show_default=True, type=click.FloatRange(0, 600),
@@ -287,7 +322,7 @@ def tls() -> None:
 def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
     """Where this SAE takes its keys: a running lab, or a KME URL and SAE credentials."""
     opts = [
-        click.option("--lab", "lab_name", default=None, help="Lab name (default: the only running lab)."),
+        click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab)."),
         lab_dir_option,
         click.option("--node", default=None, help="This SAE: a lab node name (its first SAE) or an SAE ID."),
         click.option("--kme", default=None, help="Without a lab: this SAE's KME, https://host:port."),

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,7 +138,7 @@ def test_ends_with_different_ppks_do_not_come_up(pair) -> None:
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ipsec-lab")
+    root = tmp_path_factory.mktemp("ipsec-lab") / "lab"  # <lab dir>/lab, as the command lays it out
     data = launcher.up(TOPOLOGIES / "cloud.json", root=root, free_ports=True, console=Console(file=open(os.devnull, "w")))
     prefix = f"sdqkd-{hosts.lab_tag(data['name'], data['dir'])}-"
     try:
@@ -144,6 +146,17 @@ def cloud(tmp_path_factory):
     finally:
         launcher.down("cloud", root)
     assert not any(n.startswith(prefix) for n in hosts.existing())
+
+
+def sdqkd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdqkd", *args], capture_output=True, text=True, timeout=60)
+
+
+def lab_env(data) -> dict[str, str]:
+    """`sdqkd lab env`'s variables, read back as a shell would."""
+    res = sdqkd("lab", "env", "--lab-dir", str(Path(data["dir"]).parent.parent), data["name"])
+    assert res.returncode == 0, res.stderr
+    return {k: shlex.split(v)[0] for k, v in (ln.removeprefix("export ").split("=", 1) for ln in res.stdout.splitlines())}
 
 
 def _client(data, node: str) -> tuple[httpx.Client, str]:
@@ -167,9 +180,11 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
         assert peer["role"] == "responder" and peer["ppk_key_id"] == t["ppk_key_id"]
         assert peer["sa"]["child"]["spi_in"] == t["sa"]["child"]["spi_out"]
         nss = sorted(n for n in hosts.existing() if n.startswith(prefix))
-        cait_ns = next(n for n in nss if n.endswith("-CAIT"))
-        assert subprocess.run(["ip", "netns", "exec", cait_ns, "ping", "-c1", "-W2", "-I", "10.78.0.1", "10.78.0.2"],
-                              capture_output=True).returncode == 0
+        # as the README shows it: the addresses from `sdqkd lab env`, the ping on CAIT's host by `sdqkd lab exec`
+        env = lab_env(cloud)
+        assert env["CAIT_NETNS"] in nss and env["RECTORADO_NETNS"] in nss
+        ping_cmd = ["ping", "-c1", "-W2", "-I", env["CAIT_INNER"], env["RECTORADO_INNER"]]
+        assert sdqkd("lab", "exec", "--lab-dir", env["SDQKD_LAB_DIR"], "CAIT", "--", *ping_cmd).returncode == 0
 
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -190,6 +205,7 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
         assert cait.get(f"{url_a}/{tid}").status_code == 404 and rect.get(f"{url_b}/{tid}").status_code == 404
         for ns in nss:
             assert not subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.strip()
+        assert sdqkd("lab", "exec", "--lab-dir", env["SDQKD_LAB_DIR"], "CAIT", "--", *ping_cmd).returncode != 0
         r = cait.post(url_a, json={"to": "Rectorado"})  # the pair is free again, the daemons start anew
         assert r.status_code == 201 and r.json()["sa"]["ike"]["ppk"], r.text
         assert cait.delete(f"{url_a}/{r.json()['id']}").status_code == 204

@@ -19,7 +19,8 @@ import pytest
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab.plan import free_port
 
-TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
+REPO = Path(__file__).resolve().parent.parent
+TOPOLOGIES = REPO / "lab" / "topologies"
 
 
 def sdqkd(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -186,3 +187,31 @@ def test_every_command_finds_the_lab_from_any_folder(two_labs: dict[str, Any], t
     finally:
         serve.terminate()
         serve.wait(10)
+
+
+def readme_sae_function() -> str:
+    """The README's `sae()` shell helper, as written there."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("sae() {")
+    return text[start:text.index("}", text.index("return $rc", start)) + 1]
+
+
+def test_the_readme_examples_run_on_lab_env(two_labs: dict[str, Any], tmp_path: Path) -> None:
+    """`eval "$(sdqkd lab env NAME)"` and the README's sae() reach the lab's free ports from any folder;
+    an error prints the server's JSON message and fails (no silent curl -s)."""
+    top = two_labs["top"]
+    script = f"""set -u
+eval "$({sys.executable} -m sdqkd lab env --lab-dir {top / '.sdqkd'} alpha)"
+{readme_sae_function()}
+sae CAIT '/api/v1/keys?to=Rectorado'
+sae CCS /api/v1/links
+sae CAIT '/api/v1/keys?to=Nowhere' && echo UNEXPECTED
+echo "grpc=$LAB_GRPC"
+"""
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    key, links, error, grpc_line = res.stdout.strip().split("\n")
+    lab = json.loads((top / ".sdqkd" / "lab" / "alpha" / "lab.json").read_text())
+    assert json.loads(key)["slave"]["node"] == "Rectorado" and json.loads(links)["node"] == "CCS"
+    assert "Nowhere" in json.loads(error)["message"] and "404" in res.stderr
+    assert grpc_line == f"grpc={lab['controller']['grpc']}"

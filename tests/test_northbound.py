@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from agentproc import PASSWORD, agent_config, free_port
@@ -78,12 +79,21 @@ def lonely(tmp_path_factory):
 # --- reflection and the error map -----------------------------------------------------------
 
 
-def test_reflection_lists_the_service(lonely) -> None:
+def test_reflection_lists_the_service_and_calls_it(lonely) -> None:
     _, _, channel = lonely
     db = ProtoReflectionDescriptorDatabase(channel)
     assert {"sdqkd.v1.Controller", "grpc.reflection.v1alpha.ServerReflection"} <= set(db.get_services())
     service = descriptor_pool.DescriptorPool(db).FindServiceByName("sdqkd.v1.Controller")
     assert [m.name for m in service.methods] == RPCS
+    # a call made from the reflected descriptors alone, as grpcurl does (and the README shows)
+    method = service.methods_by_name["GetTopology"]
+    req, resp = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
+    call = channel.unary_unary(f"/{service.full_name}/{method.name}", request_serializer=req.SerializeToString,
+                               response_deserializer=resp.FromString)
+    reflected = call(req(), timeout=5)
+    typed = lonely[1].GetTopology(pb.GetTopologyRequest(), timeout=5)
+    assert {n.name for n in reflected.topology.nodes} == {"alice", "bob"}
+    assert reflected.SerializeToString(deterministic=True) == typed.SerializeToString(deterministic=True)
 
 
 def test_unknown_sae_is_not_found(lonely) -> None:
