@@ -7,13 +7,14 @@ SDQKD := $(VENV)/bin/sdqkd
 STAMP := $(VENV)/.sdqkd-installed
 # Every Debian package the code and the tests use at run time, named directly (not through a
 # transitional or a depending package); tests/test_debian_packages.py fails when one is missing.
+# libyang2 is the YANG engine at run time (PyPI libyang, a CFFI extension built with gcc against libyang2-dev);
 # yanglint (libyang2-tools) validates instance data in tests; yangcli and ssh-keygen are real clients for the agent tests.
 # sslpsk3 (QKD-keyed TLS) is a C extension built with gcc against libssl-dev and run against libssl3; the openssl CLI
 # is the third-party TLS 1.3 peer in its tests.
 # QKD-keyed IPsec: strongSwan charon, the plugins it loads (crypto: libstrongswan; socket, vici: libcharon), curve25519 (extra plugins),
 # kernel-libipsec (charon extra plugins), swanctl; iproute2 and ping. apache2-utils: ab in bench/etsi014.py. curl: the
 # README's examples (and its test).
-DEBS := libyang2-tools yangcli openssh-client gcc libssl-dev libssl3 openssl \
+DEBS := libyang2 libyang2-dev libyang2-tools yangcli openssh-client gcc libssl-dev libssl3 openssl \
 	strongswan-charon strongswan-libcharon libstrongswan libstrongswan-extra-plugins libcharon-extra-plugins strongswan-swanctl \
 	iproute2 iputils-ping apache2-utils curl
 # What only the benchmarks need on top (bench/netconf_vs_netconfd.py: yuma123 netconfd behind OpenSSH's sshd).

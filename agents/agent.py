@@ -87,8 +87,8 @@ class Agent:
     def _sessions(self) -> list[Any]:
         return self.server.sessions() if self.server else []
 
-    def _fill_state(self, roots: dict[str, Any]) -> None:
-        state.fill(roots, self.drivers, self.kms.lkms.store.usage)
+    def _fill_state(self, data: dict[str, Any]) -> None:
+        state.fill(data, self.drivers, self.kms.lkms.store.usage)
 
     def _on_commit(self, changes: list[Any]) -> None:
         if any(c.kind in ("qkd-link", "qkd-app") for c in changes):  # what routes are made of
@@ -98,8 +98,8 @@ class Agent:
 
     def _refresh_routes(self) -> None:
         """The LKMS and forwarding module follow running (apps, links, next hops)."""
-        with self.datastores.live_lock:  # a <get> may be filling state into them
-            routes = kms_routes.from_running(self.datastores.running_roots()["etsi-qkd-sdn-node"], self.cfg.node.qkdn_id)
+        running = self.datastores.running_config().json
+        routes = kms_routes.from_running(running.get("etsi-qkd-sdn-node", {}), self.cfg.node.qkdn_id)
         self.kms.lkms.update_routes(routes)
 
     def _ask_for_path(self, master: str, slave: str) -> None:

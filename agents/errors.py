@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from sdqkd.yangcodec import CodecError
+from sdqkd import yangdata
 
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 
@@ -204,24 +204,40 @@ def protocol(cls: type[RpcError], message: str, **kw) -> RpcError:
     return err
 
 
-_CODEC_KINDS: dict[str, type[RpcError]] = {
-    "unknown-element": UnknownElement,
-    "unknown-namespace": UnknownNamespace,
-    "invalid-value": InvalidValue,
-    "missing-element": MissingElement,
-    "state-data": InvalidValue,
-    "malformed": InvalidValue,
-}
+def _yang_error(p: yangdata.Problem) -> RpcError:
+    """One libyang violation as RFC 6241 appendix A and RFC 7950 sections 8.3 and 15 want it."""
+    path = yangdata.prefixed_path(p.path) if p.path else None
+    element = {"bad-element": p.node} if p.node else {}
+    if p.kind == "when":  # RFC 7950 8.3.2: a node whose "when" is false
+        return UnknownElement(p.message, path=path, info=element)
+    if p.kind == "unknown":
+        return UnknownElement(p.message, path=path, info=element)
+    if p.kind == "unknown-namespace":
+        return UnknownNamespace(p.message, path=path, info=element)
+    if p.kind == "must":
+        return OperationFailed(p.message, path=path, app_tag=p.app_tag or "must-violation")
+    if p.kind == "unique":
+        return OperationFailed(p.message, path=path, app_tag="data-not-unique")
+    if p.kind == "too-many":
+        return OperationFailed(p.message, path=path, app_tag="too-many-elements")
+    if p.kind == "too-few":
+        return OperationFailed(p.message, path=path, app_tag="too-few-elements")
+    if p.kind == "leafref":
+        return DataMissing(p.message, path=path, app_tag="instance-required")
+    if p.kind == "mandatory":
+        return DataMissing(p.message, path=path, app_tag="missing-choice" if "choice" in p.message else None, info=element)
+    if p.kind == "state":
+        return InvalidValue(f"{p.message} (state data cannot be configured)", path=path, info=element)
+    return InvalidValue(p.message, path=path, info=element, app_tag=p.app_tag)
 
 
-def from_codec(exc: CodecError) -> RpcError:
-    """Map a codec decoding failure to its rpc-error (element name in bad-element)."""
-    cls = _CODEC_KINDS.get(exc.kind, InvalidValue)
-    info = {}
-    leaf = exc.path.rsplit("/", 1)[-1].split("[", 1)[0].split(":")[-1] if exc.path else ""
-    if cls in (UnknownElement, MissingElement, UnknownNamespace) and leaf:
-        info["bad-element"] = leaf
-    return cls(exc.message, path=exc.path or None, info=info)
+def from_yang(exc: yangdata.YangError, error_type: str = "application") -> RpcError | RpcErrors:
+    """Every violation libyang found, each its own rpc-error (one reply carries them all);
+    error_type "protocol" for an operation's own parameters (RFC 6241 appendix A)."""
+    found = [_yang_error(p) for p in exc.problems]
+    for f in found:
+        f.error_type = error_type
+    return found[0] if len(found) == 1 else RpcErrors(found)
 
 
 def from_driver(reason: str, message: str, path: str | None = None) -> RpcError:

@@ -2,12 +2,15 @@
 delegates to the datastores, the state view or the notification hub."""
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
 
+from sdqkd import yangdata
 from sdqkd.agents import errors, monitoring, notify
 from sdqkd.agents.datastore import subtree
 from sdqkd.agents.datastore.model import ModelSet
@@ -117,7 +120,20 @@ class Rpcs:
         return list(self._caps)
 
     def handler(self, namespace: str, name: str) -> Callable[[Any, etree._Element], Any] | None:
-        return self._handlers.get((namespace, name))
+        """The operation's handler, behind a check of its input against the operation's YANG
+        (ietf-netconf's types for the base operations) when libyang has its module."""
+        h = self._handlers.get((namespace, name))
+        if h is None or namespace not in yangdata.namespaces():
+            return h
+        return functools.partial(self._checked, h)
+
+    @staticmethod
+    def _checked(h: Callable[[Any, etree._Element], Any], session: Any, op: etree._Element) -> Any:
+        try:
+            yangdata.check_rpc(op)
+        except yangdata.YangError as exc:
+            raise errors.from_yang(exc, error_type="protocol") from None
+        return h(session, op)
 
     def session_ended(self, session_id: int) -> None:
         self.hub.unsubscribe(session_id)
@@ -127,10 +143,9 @@ class Rpcs:
 
     def operational(self) -> list[etree._Element]:
         """Running config with live state from the drivers, and /netconf-state."""
-        with self.datastores.live_lock:  # the decoded running is shared: one filler at a time
-            roots = self.datastores.running_roots()
-            self.fill_state(roots)
-            data = self.models.dump(roots, config_only=False)
+        live = copy.deepcopy(self.datastores.running_config().json)  # state goes into a copy
+        self.fill_state(live)
+        data = self.models.operational(live)
         sessions = self.sessions()
         stats = {"start": self.started, "in-sessions": len(sessions)}
         for s in sessions:
@@ -194,11 +209,7 @@ class Rpcs:
     def commit(self, session: Any, op: etree._Element) -> None:
         confirmed = op.find(_q("confirmed")) is not None
         timeout_text = _text(op, "confirm-timeout")
-        timeout = 600
-        if timeout_text is not None:
-            if not timeout_text.isdigit() or int(timeout_text) == 0:
-                raise errors.protocol(errors.InvalidValue, "confirm-timeout is a positive number of seconds", info={"bad-element": "confirm-timeout"})
-            timeout = int(timeout_text)
+        timeout = int(timeout_text) if timeout_text is not None else 600  # a uint32 1..max: checked by libyang
         self.datastores.commit(session.session_id, confirmed=confirmed, timeout=timeout, persist=_text(op, "persist"), persist_id=_text(op, "persist-id"))
 
     def cancel_commit(self, session: Any, op: etree._Element) -> None:

@@ -18,7 +18,6 @@ from lxml import etree
 from sdqkd import __version__
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers.base import Driver
-from sdqkd.yangcodec import add_entry, child, set_leaf
 
 log = logging.getLogger(__name__)
 
@@ -94,64 +93,65 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     return out
 
 
-def _clear(lst: Any) -> None:
-    """Empty a state list of the live running bindings: each <get> fills them anew, so
-    what the last one wrote (an old statistics window, a port gone) must not stay."""
-    for key in list(lst.keys()):
-        del lst[key]
-
-
 def _time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def fill(roots: dict[str, Any], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None) -> None:
-    """Write live state into the decoded running (Datastores.running_roots): state lists
-    are emptied first, so a <get> shows what the devices report now and nothing older."""
-    node = roots["etsi-qkd-sdn-node"].qkd_node
-    set_leaf(node, "qkdn_status", "etsi-qkdn-types:OPERATING")
-    for app in node.qkd_applications.qkd_app.values():
-        set_leaf(app, "app_status", "etsi-qkdn-types:ON")
-        stats = app.app_statistics.statistics
-        _clear(stats)
-        for start, end, bits in (usage(str(app.app_id).lower()) if usage else []):
-            entry = add_entry(stats, {"end_time": _time(end)})
-            set_leaf(entry, "start_time", _time(start))
-            set_leaf(entry, "consumed_bits", min(bits, 2**32 - 1))
-    links = node.qkd_links.qkd_link
+def _types(name: str) -> str:
+    """An etsi-qkd-node-types identity as RFC 7951 writes it."""
+    return "etsi-qkd-node-types:" + str(name).rsplit(":", 1)[-1]
+
+
+def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None) -> None:
+    """Write live state into a copy of running's per-module RFC 7951 JSON (the datastore's
+    validated running): a <get> shows what the devices report now. Whatever state a copy
+    holds is replaced, never accumulated."""
+    node = data.setdefault("etsi-qkd-sdn-node", {}).setdefault("etsi-qkd-sdn-node:qkd_node", {})
+    node["qkdn_status"] = _types("OPERATING")
+    for app in node.get("qkd_applications", {}).get("qkd_app", []):
+        app["app_status"] = _types("ON")
+        stats = [{"end_time": _time(end), "start_time": _time(start), "consumed_bits": min(bits, 2**32 - 1)}
+                 for start, end, bits in (usage(str(app["app_id"]).lower()) if usage else [])]
+        app.setdefault("app_statistics", {})["statistics"] = stats
+        if not stats:
+            del app["app_statistics"]["statistics"]
+    links = {str(lk["qkdl_id"]).lower(): lk for lk in node.get("qkd_links", {}).get("qkd_link", [])}
     for lk in links.values():
-        _clear(lk.qkdl_performance.phys_perf)
-    ifaces = node.qkd_interfaces.qkd_interface
+        lk.get("qkdl_performance", {}).pop("phys_perf", None)
+    ifaces = {int(i["qkdi_id"]): i for i in node.get("qkd_interfaces", {}).get("qkd_interface", [])}
     for _drv, st in qkd_modules(drivers):
         info = st["interface"]
-        key = str(info["qkdi_id"])
-        if key in ifaces:
-            set_leaf(ifaces[key], "qkdi_status", _ident(info["status"]))
+        iface = ifaces.get(int(info["qkdi_id"]))
+        if iface is not None:
+            iface["qkdi_status"] = _types(info["status"])
         for lid, ls in st.get("links", {}).items():
-            entry = next((links[k] for k in links.keys() if str(k).lower() == str(lid).lower()), None)
+            entry = links.get(str(lid).lower())
             if entry is None:
                 continue
-            perf = entry.qkdl_performance
-            set_leaf(perf, "skr", int(ls.get("skr", 0)))
+            perf = entry.setdefault("qkdl_performance", {})
+            perf["skr"] = int(ls.get("skr", 0))
             if ls.get("qber") is not None:
-                q = add_entry(perf.phys_perf, {"perf_type": "QBER"})
-                set_leaf(q, "value", Decimal(str(round(float(ls["qber"]), 3))))
+                perf["phys_perf"] = [{"perf_type": _types("QBER"), "value": str(Decimal(str(round(float(ls["qber"]), 3))))}]
             # qkdl_status is configuration in ETSI 015; the device's view wins on <get>.
-            entry.qkdl_status = _ident(ls["status"])
-    sw_root = roots["sdqkd-optical-switch"].optical_switches.switch
+            entry["qkdl_status"] = _types(ls["status"])
+    switches = {sw["name"]: sw for sw in data.get("sdqkd-optical-switch", {})
+                .get("sdqkd-optical-switch:optical-switches", {}).get("switch", [])}
     for d in drivers:
         st = d.state()
-        if "cross-connects" not in st or st["name"] not in sw_root:
+        sw = switches.get(st.get("name")) if "cross-connects" in st else None
+        if sw is None:
             continue
-        sw = sw_root[st["name"]]
-        set_leaf(sw, "port-count", int(st["port-count"]))
-        set_leaf(sw, "insertion-loss", Decimal(str(st["insertion-loss"])))
-        set_leaf(sw, "oper-status", st["oper-status"])
-        ports = child(sw, "port")
-        _clear(ports)
+        sw["port-count"] = int(st["port-count"])
+        sw["insertion-loss"] = str(Decimal(str(st["insertion-loss"])))
+        sw["oper-status"] = st["oper-status"]
+        ports = []
         for pid, p in st.get("ports", {}).items():
-            port = add_entry(ports, {"id": int(pid)})
+            port: dict[str, Any] = {"id": int(pid)}
             if p.get("peer-port") is not None:
-                set_leaf(port, "peer-port", int(p["peer-port"]))
+                port["peer-port"] = int(p["peer-port"])
             if p.get("connected-to"):
-                set_leaf(port, "connected-to", p["connected-to"])
+                port["connected-to"] = p["connected-to"]
+            ports.append(port)
+        sw["port"] = ports
+        if not ports:
+            del sw["port"]

@@ -1,9 +1,9 @@
 """Lab topology files: parse and validate, with no side effects.
 
 A lab file is an instance of the `sdqkd-lab` YANG module, RFC 7951 JSON or XML.
-`load()` decodes it through the generated bindings (sdqkd.bindings.sdqkd_lab) with
-sdqkd.yangcodec, so YANG types, patterns, ranges and unknown members are refused as the
-agents refuse them, and returns the RFC 7951 dict re-encoded from the bindings.
+`load()` validates it with libyang (sdqkd.yangdata), so YANG types, patterns, ranges,
+mandatory leaves, `when`, min/max-elements and unknown members are refused as the agents
+refuse them, and returns the RFC 7951 dict libyang re-encodes.
 `check()` then runs an ordered list of small named semantic checks (pyang's validation
 phases, Faucet's check_config) that *collect* every problem with a path to the node at
 fault, so a file is fixed in one go. `sdqkd lab check FILE` prints them.
@@ -21,9 +21,8 @@ from typing import Any
 
 from lxml import etree
 
-from sdqkd import yangcodec, yangschema
+from sdqkd import yangdata
 from sdqkd.agents.drivers.profile import QkdProfile, identity_name
-from sdqkd.bindings.sdqkd_lab import sdqkd_lab
 from sdqkd.lab.plan import node_id
 
 MODULE = "sdqkd-lab"
@@ -54,10 +53,6 @@ class TopologyError(Exception):
 # --- parse ----------------------------------------------------------------------------------
 
 
-def _schema() -> yangschema.Schema:
-    return yangschema.load(MODULE)
-
-
 def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -70,31 +65,24 @@ def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _xml_elements(text: bytes) -> list[etree._Element]:
     parser = etree.XMLParser(resolve_entities=False, no_network=True, remove_comments=True)
     root = etree.fromstring(text, parser)
-    ns = _schema().namespaces[MODULE]
+    ns = next(n for n, m in yangdata.namespaces().items() if m == MODULE)
     if etree.QName(root).namespace == ns:
         return [root]
     return [el for el in root if isinstance(el.tag, str)]  # wrapped in <data> or <config>
 
 
-def _json_path(path: str) -> str:
-    """The codec's prefixed error-path as an RFC 7951 instance identifier, like check()'s."""
-    bare = (path or "/lab").replace(f"{MODULE}:", "")
-    return ROOT + bare[len("/lab"):] if bare.startswith("/lab") else bare
-
-
 def decode(data: Mapping[str, Any] | list[etree._Element]) -> dict[str, Any]:
-    """Decode RFC 7951 JSON (a dict) or XML elements through the bindings; RFC 7951 back.
+    """Validate RFC 7951 JSON (a dict) or XML elements with libyang; RFC 7951 back.
 
-    The codec stops at the first YANG error, so this reports one problem at a time."""
-    schema = _schema()
+    libyang 2.1 stops at the first YANG violation, so this reports one at a time."""
     try:
         if isinstance(data, Mapping):
-            root = yangcodec.decode_json(dict(data), sdqkd_lab(), schema)
+            doc = yangdata.validate_json(dict(data))
         else:
-            root = yangcodec.decode_xml(data, sdqkd_lab(), schema)
-    except yangcodec.CodecError as exc:
-        raise TopologyError([Problem(_json_path(exc.path), exc.message, "yang")]) from None
-    return yangcodec.encode_json(root, schema)
+            doc = yangdata.validate_elements(data)
+    except yangdata.YangError as exc:
+        raise TopologyError([Problem(p.path or ROOT, p.message, "yang") for p in exc.problems]) from None
+    return doc.json
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -261,71 +249,6 @@ Found = Iterator[tuple[str, str]]  # (path, message) yielded by a check
 # Each check gets the lab object and its index and yields (path, message). They run in
 # order and never stop at the first problem; references that do not resolve are reported
 # once (by `references`/`endpoints`) and skipped by the later checks.
-
-
-def check_yang_constraints(lab: Mapping[str, Any], ix: _Index) -> Found:
-    """What the bindings leave to a full YANG validator: mandatory leaves, unique list keys
-    and leaf-list values, decimal64 fraction-digits, min/max-elements of endpoints, and the
-    `when` on ports (only with a switch)."""
-    root = _schema().root_by_name("lab", MODULE)
-    if root is not None:
-        yield from _walk(lab, root, ROOT)
-    for link in ix.links.values():
-        n = len(_seq(link, "endpoints"))
-        if n != 2:
-            yield _at("link", link["name"], "endpoints"), f"a link has exactly two endpoints, not {n}"
-    for fibre in ix.fibres.values():
-        for end in ("a-end", "b-end"):
-            e = _sub(fibre, end)
-            if e.get("port") is not None and not e.get("switch"):
-                yield _at("fibre", fibre["name"], end, "port"), "a port needs the switch it belongs to"
-    for (node, qid), qi in ix.ifaces.items():
-        att = _sub(qi, "attachment")
-        if att.get("port") is not None and not att.get("switch"):
-            yield _iface_at(node, qid, "attachment", "port"), "a port needs the switch it belongs to"
-
-
-def _walk(obj: Mapping[str, Any], node: yangschema.SchemaNode, path: str) -> Found:
-    for ch in node.children.values():
-        value = obj.get(ch.name, obj.get(f"{ch.module}:{ch.name}"))
-        sub = f"{path}/{ch.name}"
-        if ch.keyword == "leaf":
-            if value is None and ch.mandatory:
-                yield sub, f"mandatory leaf '{ch.name}' is missing"
-            elif value is not None:
-                yield from _digits(ch, value, sub)
-        elif ch.keyword == "leaf-list" and isinstance(value, list):
-            seen = set()
-            for v in value:
-                if str(v) in seen:
-                    yield sub, f"value {_q(v)} is listed twice"
-                seen.add(str(v))
-                yield from _digits(ch, v, sub)
-        elif ch.keyword == "container":
-            if isinstance(value, Mapping):
-                yield from _walk(value, ch, sub)
-            elif value is None and not ch.presence:  # a mandatory leaf inside makes it required
-                yield from _walk({}, ch, sub)
-        elif ch.keyword == "list" and isinstance(value, list):
-            seen_keys: set[tuple[str, ...]] = set()
-            for entry in value:
-                if not isinstance(entry, Mapping):
-                    continue
-                keys = tuple(str(entry.get(k)) for k in ch.keys)
-                pred = "".join(f"[{k}={_q(v)}]" for k, v in zip(ch.keys, keys))
-                if keys in seen_keys:
-                    yield f"{sub}{pred}", f"{ch.name} {', '.join(_q(k) for k in keys)} is defined twice"
-                seen_keys.add(keys)
-                yield from _walk(entry, ch, f"{sub}{pred}")
-
-
-def _digits(leaf: yangschema.SchemaNode, value: Any, path: str) -> Found:
-    fd = leaf.type.fraction_digits if leaf.type is not None else None
-    if fd is None:
-        return
-    text = str(value)
-    if "." in text and len(text.split(".", 1)[1]) > fd:
-        yield path, f"{text} has more than {fd} fraction digits"
 
 
 def check_nodes(lab: Mapping[str, Any], ix: _Index) -> Found:
@@ -679,7 +602,6 @@ def check_key_links(lab: Mapping[str, Any], ix: _Index) -> Found:
 
 
 CHECKS: tuple[tuple[str, Callable[[Mapping[str, Any], _Index], Found]], ...] = (
-    ("yang-constraints", check_yang_constraints),
     ("nodes", check_nodes),
     ("references", check_references),
     ("profiles", check_profiles),

@@ -61,6 +61,8 @@ BINDING_SETS: tuple[BindingSet, ...] = (
 
 # Modules served without bindings, and why.
 UNBOUND: dict[str, str] = {
+    "ietf-netconf": "the base protocol's operations: libyang checks their parameters (e.g. "
+    "confirm-timeout), there is no data to bind",
     "ietf-netconf-monitoring": "pyangbind cannot map instance-identifier; the agent builds "
     "its state as XML and tests check it with yanglint",
     "sdqkd-qrng": "notifications only (no data to bind); agents/events.py builds them as XML "

@@ -4,9 +4,10 @@ Orchestrators that speak TAPI (ONOS, TeraFlowSDN, transport SDN controllers) see
 QKD network as photonic media: every QKD module is a service-interface-point, every
 SD-QKD node and every optical switch a topology node, every fibre a link, and every
 direct quantum channel a connectivity service realised by one connection whose route
-lists the switch ports it crosses. The objects are built with the generated bindings
-(sdqkd.bindings.tapi) and serialised by sdqkd.yangcodec, so the output is valid against
-our TAPI subset and therefore against the official modules (tests check both).
+lists the switch ports it crosses. The context is written as RFC 7951 JSON named from the
+schema (sdqkd.yangdata.Builder) and validated by libyang before it is served, so the
+output is valid against our TAPI subset and therefore against the official modules
+(tests check both with yanglint).
 
 Conventions:
 - DWDM channel numbers are on the ITU-T G.694.1 100 GHz grid, counted from 190.0 THz:
@@ -20,10 +21,6 @@ Conventions:
   switch node: the ports an interface or fibre is plugged into or a cross-connect uses (a
   free port says nothing; the switch node's "port-count" name gives the size). A fibre end
   not patched into a switch is a line node-edge-point of its SD-QKD node.
-- pyangbind makes every list entry slowly (~10-40 ms each: MadQCI with its eight direct
-  channels takes seconds), so results are cached by the content they depend on (SKR/QBER
-  updates, which TAPI does not show, do not invalidate them) and the cyclic garbage
-  collector is paused while one is built (_gc_paused).
 - Link cost is the loss in dB ("loss-db"; also "length-km"); latency is propagation at
   4.9 us/km (group index ~1.47); each fibre is its own shared-risk group; the plant is
   validated by inventory (the lab topology file), not by discovery.
@@ -32,21 +29,15 @@ Conventions:
 """
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import logging
-import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from sdqkd import yangschema
-from sdqkd.bindings.tapi import tapi_common
+from sdqkd import yangdata
 from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, QkdInterface, Topology
-from sdqkd.yangcodec import add_entry, child, encode_json, set_leaf
+from sdqkd.yangdata import Builder
 
 log = logging.getLogger(__name__)
 
@@ -81,39 +72,22 @@ def _uuid(*parts: object) -> str:
     return str(uuid.uuid5(UUID_NS, "/".join(str(p) for p in parts)))
 
 
-# --- small writers over pyangbind objects (YANG names) ---------------------------------
+# --- small writers (YANG names) -------------------------------------------------------------
 
 
-def _set(obj: Any, leaves: dict[str, Any]) -> Any:
-    for name, value in leaves.items():
-        if value is not None:
-            set_leaf(obj, name, value)
-    return obj
-
-
-def _at(obj: Any, path: str) -> Any:
-    for name in path.split("/"):
-        obj = child(obj, name)
-    return obj
-
-
-def _entry(parent: Any, lst: str, keys: dict[str, Any], leaves: dict[str, Any] | None = None) -> Any:
-    return _set(add_entry(child(parent, lst), keys), leaves or {})
-
-
-def _names(obj: Any, names: dict[str, Any]) -> None:
+def _names(obj: Builder, names: dict[str, Any]) -> None:
     for key, value in names.items():
         if value is not None:
-            _entry(obj, "name", {"value-name": key}, {"value": str(value)})
+            obj.entry("name", {"value-name": key}, {"value": str(value)})
 
 
-def _state(obj: Any, up: bool, admin: bool = True) -> None:
-    _set(obj, {"administrative-state": "UNLOCKED" if admin else None,
-               "operational-state": "ENABLED" if up else "DISABLED", "lifecycle-state": "INSTALLED"})
+def _state(obj: Builder, up: bool, admin: bool = True) -> None:
+    obj.set({"administrative-state": "UNLOCKED" if admin else None,
+             "operational-state": "ENABLED" if up else "DISABLED", "lifecycle-state": "INSTALLED"})
 
 
-def _constraint(obj: Any) -> None:
-    _set(child(obj, "frequency-constraint"), {"adjustment-granularity": "G_100GHZ", "grid-type": "DWDM"})
+def _constraint(obj: Builder) -> None:
+    obj.child("frequency-constraint").set({"adjustment-granularity": "G_100GHZ", "grid-type": "DWDM"})
 
 
 def _runs(channels: Iterable[int]) -> list[tuple[int, int]]:
@@ -143,62 +117,61 @@ class _Builder:
 
     def __init__(self, topo: Topology) -> None:
         self.topo = topo
-        self.root = tapi_common()
-        self.ctx = self.root.context
+        self.doc, self.ctx = Builder.top("tapi-common", "context")
         self.topo_uuid = _uuid("topology", "sdqkd")
-        self.neps: dict[tuple[str, ...], tuple[Any, str, str]] = {}  # key -> (nep obj, node uuid, nep uuid)
+        self.neps: dict[tuple[str, ...], tuple[Builder, str, str]] = {}  # key -> (nep, node uuid, nep uuid)
 
     def build(self, channels: Iterable[ChannelLike]) -> dict[str, Any]:
-        _set(self.ctx, {"uuid": _uuid("context", "sdqkd")})
+        self.ctx.set({"uuid": _uuid("context", "sdqkd")})
         _names(self.ctx, {"context-name": "sdqkd"})
         for key in sorted(self.topo.interfaces):
             self._sip(self.topo.interfaces[key])
-        tc = child(self.ctx, "topology-context")
-        nts = _set(child(tc, "nw-topology-service"), {"uuid": _uuid("nw-topology-service", "sdqkd")})
-        _entry(nts, "topology", {"topology-uuid": self.topo_uuid})
+        tc = self.ctx.child("topology-context")
+        nts = tc.child("nw-topology-service").set({"uuid": _uuid("nw-topology-service", "sdqkd")})
+        nts.entry("topology", {"topology-uuid": self.topo_uuid})
         _names(nts, {"nw-topology-service-name": "sdqkd"})
-        topo = _entry(tc, "topology", {"uuid": self.topo_uuid}, {"layer-protocol-name": [PM]})
+        topo = tc.entry("topology", {"uuid": self.topo_uuid}, {"layer-protocol-name": [PM]})
         _names(topo, {"topology-name": "sdqkd-optical"})
         channels = list(channels)
         self._nodes(topo, channels)
         self._links(topo)
         for ch in channels:
             self._channel(ch)
-        return encode_json(self.root, yangschema.load(*TAPI_MODULES))
+        return yangdata.validate_json(self.doc, config=False).json
 
     def _sip(self, iface: QkdInterface) -> None:
         node = self.topo.nodes[iface.node]
-        sip = _entry(self.ctx, "service-interface-point", {"uuid": _uuid("sip", iface.node, iface.qkdi_id)}, {
+        sip = self.ctx.entry("service-interface-point", {"uuid": _uuid("sip", iface.node, iface.qkdi_id)}, {
             "layer-protocol-name": PM, "supported-layer-protocol-qualifier": [OTSI], "direction": _direction(iface)})
         _names(sip, {"sip-name": f"{node.name}:qkdi-{iface.qkdi_id}", "qkdn_id": iface.node,
                      "qkdi_id": iface.qkdi_id, "technology": iface.technology, "band": iface.band})
         _state(sip, node.up and iface.up)
         channels = iface.channels or ({iface.fixed_channel} if iface.fixed_channel is not None else set())
         if iface.band == "C-band" and channels:
-            cap = _at(sip, "otsi-service-interface-point-spec/otsi-capability")
+            cap = sip.child("otsi-service-interface-point-spec/otsi-capability")
             for lo, hi in _runs(channels):
-                band = _entry(cap, "supportable-central-frequency-spectrum-band",
+                band = cap.entry("supportable-central-frequency-spectrum-band",
                               {"lower-central-frequency": channel_mhz(lo), "upper-central-frequency": channel_mhz(hi)})
                 _constraint(band)
 
-    def _node(self, topo: Any, key: str, names: dict[str, Any], up: bool, loss_db: float) -> Any:
-        node = _entry(topo, "node", {"uuid": _uuid("node", key)}, {"layer-protocol-name": [PM]})
+    def _node(self, topo: Builder, key: str, names: dict[str, Any], up: bool, loss_db: float) -> Builder:
+        node = topo.entry("node", {"uuid": _uuid("node", key)}, {"layer-protocol-name": [PM]})
         _names(node, names)
         _state(node, up)
-        _entry(node, "cost-characteristic", {"cost-name": "insertion-loss-db"}, {"cost-value": f"{loss_db:g}"})
-        _entry(node, "latency-characteristic", {"traffic-property-name": "fixed"}, {"fixed-latency-characteristic": "0us"})
+        node.entry("cost-characteristic", {"cost-name": "insertion-loss-db"}, {"cost-value": f"{loss_db:g}"})
+        node.entry("latency-characteristic", {"traffic-property-name": "fixed"}, {"fixed-latency-characteristic": "0us"})
         return node
 
-    def _nep(self, node: Any, key: tuple[str, ...], name: str, qualifier: str, direction: str, up: bool,
+    def _nep(self, node: Builder, key: tuple[str, ...], name: str, qualifier: str, direction: str, up: bool,
              sip: str | None = None) -> None:
         nep_uuid = _uuid("nep", *key)
-        nep = _entry(node, "owned-node-edge-point", {"uuid": nep_uuid}, {
+        nep = node.entry("owned-node-edge-point", {"uuid": nep_uuid}, {
             "layer-protocol-name": PM, "supported-cep-layer-protocol-qualifier": [qualifier], "link-port-direction": direction})
         _names(nep, {"nep-name": name})
         _state(nep, up)
         if sip is not None:
-            _entry(nep, "mapped-service-interface-point", {"service-interface-point-uuid": sip})
-        self.neps[key] = (nep, str(node.uuid), nep_uuid)
+            nep.entry("mapped-service-interface-point", {"service-interface-point-uuid": sip})
+        self.neps[key] = (nep, str(node.obj["uuid"]), nep_uuid)
 
     def _used_ports(self, channels: Sequence[ChannelLike]) -> dict[str, set[int]]:
         """Switch ports something is plugged into (an interface, a fibre), cross-connected, or
@@ -214,7 +187,7 @@ class _Builder:
                 used.setdefault(sw, set()).add(port)
         return used
 
-    def _nodes(self, topo: Any, channels: Sequence[ChannelLike]) -> None:
+    def _nodes(self, topo: Builder, channels: Sequence[ChannelLike]) -> None:
         t = self.topo
         used = self._used_ports(channels)
         for qid in sorted(t.nodes):
@@ -237,29 +210,29 @@ class _Builder:
             for port in sorted(used.get(sname, ())):
                 self._nep(node, ("port", sname, str(port)), f"{sname}:{port}", OTSIMC, "BIDIRECTIONAL", up)
 
-    def _link(self, topo: Any, key: str, name: str, ends: tuple[tuple[str, ...], tuple[str, ...]],
+    def _link(self, topo: Builder, key: str, name: str, ends: tuple[tuple[str, ...], tuple[str, ...]],
               loss_db: float, length_km: float, risk: tuple[str, str], up: bool) -> None:
         if any(end not in self.neps for end in ends):  # e.g. a fibre to a node without an agent
             log.warning("link %s left out of the TAPI context: an end is not in the topology", name)
             return
-        link = _entry(topo, "link", {"uuid": _uuid("link", key)}, {
+        link = topo.entry("link", {"uuid": _uuid("link", key)}, {
             "layer-protocol-name": [PM], "direction": "BIDIRECTIONAL",
             "transitioned-layer-protocol-name": [PM, "PHOTONIC_MEDIA_OTS"], "loss-characteristic": f"{loss_db:g}dB"})
         _names(link, {"link-name": name})
         _state(link, up)
         for end in ends:
             _, node_uuid, nep_uuid = self.neps[end]
-            _entry(link, "node-edge-point", {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid,
+            link.entry("node-edge-point", {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid,
                                               "node-edge-point-uuid": nep_uuid})
-        _entry(link, "cost-characteristic", {"cost-name": "loss-db"}, {"cost-value": f"{loss_db:g}"})
-        _entry(link, "cost-characteristic", {"cost-name": "length-km"}, {"cost-value": f"{length_km:g}"})
-        _entry(link, "latency-characteristic", {"traffic-property-name": "propagation"},
+        link.entry("cost-characteristic", {"cost-name": "loss-db"}, {"cost-value": f"{loss_db:g}"})
+        link.entry("cost-characteristic", {"cost-name": "length-km"}, {"cost-value": f"{length_km:g}"})
+        link.entry("latency-characteristic", {"traffic-property-name": "propagation"},
                {"fixed-latency-characteristic": f"{length_km * US_PER_KM:g}us"})
-        _entry(link, "risk-characteristic", {"risk-characteristic-name": risk[0]}, {"risk-identifier-list": [risk[1]]})
-        _entry(link, "validation-mechanism", {"validation-mechanism": "inventory"},
+        link.entry("risk-characteristic", {"risk-characteristic-name": risk[0]}, {"risk-identifier-list": [risk[1]]})
+        link.entry("validation-mechanism", {"validation-mechanism": "inventory"},
                {"layer-protocol-adjacency-validated": "not validated: from the lab topology file"})
 
-    def _links(self, topo: Any) -> None:
+    def _links(self, topo: Builder) -> None:
         t = self.topo
         for fname in sorted(t.fibres):
             f = t.fibres[fname]
@@ -279,18 +252,18 @@ class _Builder:
     def _cep(self, nep_key: tuple[str, ...], chan: str, channel: int | None, termination: bool) -> dict[str, str]:
         nep, node_uuid, nep_uuid = self.neps[nep_key]
         cep_uuid = _uuid("cep", chan, *nep_key)
-        cep = _entry(_at(nep, "cep-list"), "connection-end-point", {"uuid": cep_uuid}, {
+        cep = nep.child("cep-list").entry("connection-end-point", {"uuid": cep_uuid}, {
             "layer-protocol-name": PM, "layer-protocol-qualifier": OTSI if termination else OTSIMC,
             "operational-state": "ENABLED", "lifecycle-state": "INSTALLED"})
-        _set(child(cep, "parent-node-edge-point"), {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid,
+        cep.child("parent-node-edge-point").set({"topology-uuid": self.topo_uuid, "node-uuid": node_uuid,
                                                     "node-edge-point-uuid": nep_uuid})
         if channel is not None and termination:
-            sel = _at(cep, "otsi-connection-end-point-spec/otsi-termination/selected-central-frequency")
-            _set(sel, {"central-frequency": channel_mhz(channel)})
+            sel = cep.child("otsi-connection-end-point-spec/otsi-termination/selected-central-frequency")
+            sel.set({"central-frequency": channel_mhz(channel)})
             _constraint(sel)
         elif channel is not None:
-            occ = _at(cep, "media-channel-connection-end-point-spec/media-channel/occupied-spectrum")
-            _set(occ, {"lower-frequency": channel_mhz(channel) - GRID_SPACING_MHZ // 2,
+            occ = cep.child("media-channel-connection-end-point-spec/media-channel/occupied-spectrum")
+            occ.set({"lower-frequency": channel_mhz(channel) - GRID_SPACING_MHZ // 2,
                        "upper-frequency": channel_mhz(channel) + GRID_SPACING_MHZ // 2})
             _constraint(occ)
         return {"topology-uuid": self.topo_uuid, "node-uuid": node_uuid, "node-edge-point-uuid": nep_uuid,
@@ -313,74 +286,32 @@ class _Builder:
             route += [self._cep(pin, chan, ch.channel, False), self._cep(pout, chan, ch.channel, False)]
         route.append(self._cep(rx_key, chan, ch.channel, True))
 
-        cc = child(self.ctx, "connectivity-context")
-        svc = _entry(cc, "connectivity-service", {"uuid": _uuid("connectivity-service", chan)}, {
+        cc = self.ctx.child("connectivity-context")
+        svc = cc.entry("connectivity-service", {"uuid": _uuid("connectivity-service", chan)}, {
             "service-layer": PM, "service-type": "POINT_TO_POINT_CONNECTIVITY", "connectivity-direction": "UNIDIRECTIONAL"})
         _names(svc, {"service-name": chan, "channel": ch.channel, "loss-db": f"{getattr(ch, 'loss_db', 0.0):g}"})
         _state(svc, up)
         for local_id, (node, qkdi), direction in (("tx", ch.tx, "OUTPUT"), ("rx", ch.rx, "INPUT")):
-            ep = _entry(svc, "end-point", {"local-id": local_id}, {
+            ep = svc.entry("end-point", {"local-id": local_id}, {
                 "layer-protocol-name": PM, "layer-protocol-qualifier": OTSI, "direction": direction, "role": "SYMMETRIC"})
-            _set(child(ep, "service-interface-point"), {"service-interface-point-uuid": _uuid("sip", node, qkdi)})
+            ep.child("service-interface-point").set({"service-interface-point-uuid": _uuid("sip", node, qkdi)})
             _state(ep, up)
             if ch.channel is not None:
-                cfg = _at(ep, "otsi-connectivity-service-end-point-spec/otsi-config")
-                cf = _set(child(cfg, "central-frequency"), {"central-frequency": channel_mhz(ch.channel)})
+                cfg = ep.child("otsi-connectivity-service-end-point-spec/otsi-config")
+                cf = cfg.child("central-frequency").set({"central-frequency": channel_mhz(ch.channel)})
                 _constraint(cf)
-                _set(child(cfg, "spectrum"), {"lower-frequency": channel_mhz(ch.channel) - GRID_SPACING_MHZ // 2,
+                cfg.child("spectrum").set({"lower-frequency": channel_mhz(ch.channel) - GRID_SPACING_MHZ // 2,
                                               "upper-frequency": channel_mhz(ch.channel) + GRID_SPACING_MHZ // 2})
-        _entry(svc, "connection", {"connection-uuid": conn_uuid})
+        svc.entry("connection", {"connection-uuid": conn_uuid})
 
-        conn = _entry(cc, "connection", {"uuid": conn_uuid}, {"layer-protocol-name": PM, "direction": "UNIDIRECTIONAL"})
+        conn = cc.entry("connection", {"uuid": conn_uuid}, {"layer-protocol-name": PM, "direction": "UNIDIRECTIONAL"})
         _names(conn, {"connection-name": chan, "fibres": ",".join(ch.fibres)})
         _state(conn, up, admin=False)
         for ref in (route[0], route[-1]):
-            _entry(conn, "connection-end-point", ref)
-        r = _entry(conn, "route", {"local-id": "main"})
+            conn.entry("connection-end-point", ref)
+        r = conn.entry("route", {"local-id": "main"})
         for ref in route:
-            _entry(r, "connection-end-point", ref)
-
-
-_GC_LOCK = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while pyangbind builds a context.
-
-    pyangbind makes a class per leaf instance, so a build allocates a great many cyclic
-    objects and the collector keeps rescanning a growing heap: MadQCI took 3x as long
-    with it on. Reference counting still frees the rest; the collector resumes (and
-    catches up) when the last concurrent build ends, if it was on before."""
-    global _gc_pausers, _gc_was_enabled
-    with _GC_LOCK:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
-
-
-_CACHE: OrderedDict[str, str] = OrderedDict()
-_CACHE_SIZE = 8
-_CACHE_LOCK = threading.Lock()
-
-
-def _fingerprint(topo: Topology, channels: Sequence[ChannelLike]) -> str:
-    """Everything the context is built from (links with their SKR/QBER are not)."""
-    chans = [(getattr(c, "chan_id", None), tuple(c.tx), tuple(c.rx), c.channel, tuple(c.fibres),
-              tuple(tuple(h) for h in c.hops), getattr(c, "loss_db", None)) for c in channels]
-    parts = [sorted(topo.nodes.items()), sorted(topo.interfaces.items()), sorted(topo.fibres.items()),
-             sorted(topo.switches.items()), chans]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+            r.entry("connection-end-point", ref)
 
 
 def to_tapi(topo: Topology, channels: Iterable[ChannelLike] = ()) -> dict[str, Any]:
@@ -392,16 +323,5 @@ def to_tapi(topo: Topology, channels: Iterable[ChannelLike] = ()) -> dict[str, A
 
 
 def to_tapi_text(topo: Topology, channels: Iterable[ChannelLike] = ()) -> str:
-    """to_tapi() as the JSON text (what the northbound sends), without a decode and re-encode."""
-    chans = list(channels)
-    key = _fingerprint(topo, chans)
-    with _CACHE_LOCK:
-        text = _CACHE.get(key)
-    if text is None:
-        with _gc_paused():
-            text = json.dumps(_Builder(topo).build(chans))
-        with _CACHE_LOCK:
-            _CACHE[key] = text
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-    return text
+    """to_tapi() as the JSON text (what the northbound sends)."""
+    return json.dumps(_Builder(topo).build(list(channels)))

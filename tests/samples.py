@@ -5,7 +5,11 @@ import uuid
 from decimal import Decimal
 
 from sdqkd.bindings.etsi_qkd_sdn_node import etsi_qkd_sdn_node
-from sdqkd.yangcodec import set_leaf
+
+
+def set_leaf(obj, name: str, value) -> None:  # type: ignore[no-untyped-def]
+    """pyangbind's validating setter (config false leaves have no property setter)."""
+    getattr(obj, "_set_" + name.replace("-", "_"))(value)
 
 NODE_ID = "9f2c1a54-0b6e-4d7a-8c3e-2f1b5a6d7e80"
 PEER_ID = "3b1e7c22-5d4f-4a9b-9e0c-6a7b8c9d0e1f"

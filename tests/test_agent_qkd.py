@@ -12,9 +12,8 @@ import pytest
 from lxml import etree
 
 from agentproc import agent_config, free_port
-from sdqkd import yangcodec, yangmodels, yangschema
+from sdqkd import yangdata, yangmodels
 from sdqkd.agents.drivers.plant import Plant
-from sdqkd.bindings.sdqkd_lab import sdqkd_lab
 from conftest import run
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -42,9 +41,7 @@ TOPOLOGY = {
 
 
 def test_topology_is_a_valid_sdqkd_lab_instance(tmp_path, yanglint) -> None:
-    schema = yangschema.load("sdqkd-lab")
-    root = yangcodec.decode_json(TOPOLOGY, sdqkd_lab(), schema)
-    assert yangcodec.encode_json(root, schema)["sdqkd-lab:lab"]["node"][0]["name"] == "alice"
+    assert yangdata.validate_json(TOPOLOGY).json["sdqkd-lab:lab"]["node"][0]["name"] == "alice"
     (tmp_path / "lab.json").write_text(json.dumps(TOPOLOGY))
     mods = [str(yangmodels.module_path(m)) for m in ("etsi-qkd-node-types", "sdqkd-lab")]
     proc = run([yanglint, "-p", str(yangmodels.YANG_DIR), "-t", "config", *mods, str(tmp_path / "lab.json")])

@@ -12,10 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, run
-from sdqkd import yangcodec, yangmodels, yangschema
+from sdqkd import yangdata, yangmodels
 from sdqkd.agents.drivers.plant import Plant
 from sdqkd.agents.drivers.profile import BUILTIN_PROFILES, QkdProfile
-from sdqkd.bindings.sdqkd_lab import sdqkd_lab
 from sdqkd.cli import main
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab import topology
@@ -74,10 +73,8 @@ def test_shipped_file_passes_check_and_yanglint(name: str, yanglint: str) -> Non
 
 
 def test_xml_instance_loads_like_json(tmp_path: Path) -> None:
-    schema = yangschema.load("sdqkd-lab")
-    root = yangcodec.decode_json(json.loads(FILES["madqci"].read_text()), sdqkd_lab(), schema)
     xml = tmp_path / "madqci.xml"
-    xml.write_text(yangcodec.to_xml_string(yangcodec.encode_xml(root, schema)))
+    xml.write_text(yangdata.validate_json(json.loads(FILES["madqci"].read_text())).xml)
     assert topology.load(xml) == topology.load(FILES["madqci"])
     wrapped = tmp_path / "wrapped.xml"  # as a <config> or <data> reply holds it
     wrapped.write_text(f'<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">{xml.read_text()}</config>')
@@ -338,16 +335,6 @@ BAD: list[tuple[str, str, Mutation, str, str]] = [
      "/sdqkd-lab:lab/node: a lab needs at least one node"),
     ("node-case", "cloud", lambda lb: lb["node"].append({"name": "cait"}), "nodes",
      "differs from node 'CAIT' only in case"),
-    ("dup-key", "cloud", lambda lb: lb["fibre"].append(dict(lb["fibre"][0])), "yang-constraints",
-     "fibre[name='f-cait-ccs']: fibre 'f-cait-ccs' is defined twice"),
-    ("mandatory", "cloud", lambda lb: fibre(lb, "f-cait-ccs").pop("loss"), "yang-constraints",
-     "fibre[name='f-cait-ccs']/loss: mandatory leaf 'loss' is missing"),
-    ("fraction-digits", "cloud", lambda lb: fibre(lb, "f-cait-ccs").update(loss="2.995"), "yang-constraints",
-     "2.995 has more than 2 fraction digits"),
-    ("one-endpoint", "cloud", lambda lb: link(lb, "cait-ccs").update(endpoints=["CAIT:1"]), "yang-constraints",
-     "a link has exactly two endpoints, not 1"),
-    ("port-without-switch", "madqci", lambda lb: iface(lb, "Quiron", 11)["attachment"].pop("switch"),
-     "yang-constraints", "attachment/port: a port needs the switch it belongs to"),
     ("unknown-profile", "madqci", lambda lb: iface(lb, "Quintin", 1).update(profile="idq-cerberis9"), "references",
      "node[name='Quintin']/qkd-interface[id='1']/profile: profile 'idq-cerberis9' is not defined"),
     ("unknown-domain", "madqci", lambda lb: node(lb, "Norte").update(domain="TEF"), "references",
@@ -422,6 +409,32 @@ BAD: list[tuple[str, str, Mutation, str, str]] = [
      "netconf-port-base (8300..8308) overlaps kms-port-base (8305..8313)"),
 ]
 
+# What YANG itself says, found by libyang when the file is loaded: (id, file, mutation, text)
+YANG_BAD: list[tuple[str, str, Mutation, str]] = [
+    ("dup-key", "cloud", lambda lb: lb["fibre"].append(dict(lb["fibre"][0])),
+     "/sdqkd-lab:lab/fibre[name='f-cait-ccs']: Duplicate instance of \"fibre\""),
+    ("mandatory", "cloud", lambda lb: fibre(lb, "f-cait-ccs").pop("loss"),
+     "/sdqkd-lab:lab/fibre/loss: Mandatory node \"loss\" instance does not exist"),
+    ("fraction-digits", "cloud", lambda lb: fibre(lb, "f-cait-ccs").update(loss="2.995"),
+     "fibre[name='f-cait-ccs']/loss: Value \"2.995\" of decimal64 type exceeds defined number (2) of fraction digits"),
+    ("one-endpoint", "cloud", lambda lb: link(lb, "cait-ccs").update(endpoints=["CAIT:1"]),
+     "/sdqkd-lab:lab/link/endpoints: Too few \"endpoints\" instances"),
+    ("port-without-switch", "madqci", lambda lb: iface(lb, "Quiron", 11)["attachment"].pop("switch"),
+     "qkd-interface[id='11']/attachment/port: When condition \"../switch\" not satisfied"),
+    ("dangling-key-link", "cloud", lambda lb: lb["key-link"][0].update({"slave-sae": "sae-nowhere"}),
+     "key-link[name='cait-ccs']/slave-sae: Invalid leafref value \"sae-nowhere\""),
+]
+
+
+@pytest.mark.parametrize("case", YANG_BAD, ids=[c[0] for c in YANG_BAD])
+def test_yang_violations_are_refused_on_load(case) -> None:
+    _, name, mutate, text = case
+    lb = lab(name)
+    mutate(lb)
+    with pytest.raises(topology.TopologyError) as err:
+        topology.decode({"sdqkd-lab:lab": lb})
+    assert [p.check for p in err.value.problems] == ["yang"] and text in str(err.value.problems[0]), str(err.value)
+
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_file_is_refused_with_its_problem(case) -> None:
@@ -447,12 +460,14 @@ BAD_TEXT = [
     ("duplicate-member", lambda s: s.replace('"name": "cloud",', '"name": "cloud", "name": "x",', 1),
      "member 'name' appears twice"),
     ("unknown-member", lambda s: s.replace('"name": "cloud",', '"name": "cloud", "colour": "red",', 1),
-     "/sdqkd-lab:lab/colour: unknown member 'colour'"),
-    ("pattern", lambda s: s.replace('"name": "CAIT"', '"name": "CA IT"'), "/sdqkd-lab:lab/node: key value name must be valid: 'CA IT' is not a valid name: name-type (string, "),
+     '/sdqkd-lab:lab: Node "colour" not found as a child of "lab" node'),
+    ("pattern", lambda s: s.replace('"name": "CAIT"', '"name": "CA IT"'), "/sdqkd-lab:lab/node/name: Unsatisfied pattern - \"CA IT\" does not conform to "
+     "\"[A-Za-z0-9][A-Za-z0-9._-]*\" (name: name-type (string, length 1..64, pattern '[A-Za-z0-9][A-Za-z0-9._-]*'))"),
     ("range", lambda s: s.replace('"loss": "10.0"', '"loss": "140.0"', 1),
-     "/sdqkd-lab:lab/fibre[name='f-ccs-rectorado']/loss: '140.0' is not a valid loss: loss-db (decimal64, range 0..100)"),
+     "/sdqkd-lab:lab/fibre[name='f-ccs-rectorado']/loss: Unsatisfied range - value \"140.0\" is out of the allowed "
+     "range (loss: loss-db (decimal64, range 0..100, fraction-digits 2))"),
     ("json-number-for-decimal", lambda s: s.replace('"loss": "10.0"', '"loss": 10.0', 1),
-     "RFC 7951 writes decimal64 as a string"),
+     'Invalid non-string-encoded decimal64 value "10.0"'),  # RFC 7951 writes decimal64 as a string
 ]
 
 

@@ -1,21 +1,42 @@
-"""State written into the live running bindings on <get> is refilled, not accumulated:
-the bindings outlive the request (Datastores.running_roots), so what an earlier <get>
-wrote must not show up in a later one."""
+"""State filled into running's JSON on <get>: refilled, not accumulated, and encoded by
+libyang (every value type-checked) into the operational document."""
 from __future__ import annotations
 
-from samples import APP_ID, populated_node
+import copy
 
 from sdqkd.agents import state
-from sdqkd.bindings.sdqkd_optical_switch import sdqkd_optical_switch
+from sdqkd.agents.datastore.model import agent_models
+
+NS = "urn:etsi:qkd:yang:etsi-qkd-node"
+NODE_ID = "5c0a7c8e-0000-4000-8000-000000000001"
+APP_ID = "5c0a7c8e-0000-4000-8000-0000000000a1"
+
+
+def running() -> dict:
+    cfg = {"etsi-qkd-sdn-node:qkd_node": {"qkdn_id": NODE_ID, "qkd_applications": {"qkd_app": [
+        {"app_id": APP_ID, "server_app_id": "sae-a", "client_app_id": ["sae-b"]}]}}}
+    from sdqkd import yangdata
+    return yangdata.validate_json(cfg).by_module()
 
 
 def test_statistics_windows_are_refilled_not_accumulated() -> None:
-    roots = {"etsi-qkd-sdn-node": populated_node(), "sdqkd-optical-switch": sdqkd_optical_switch()}
+    data = running()
     windows = {APP_ID: [(0, 10, 5), (10, 20, 7)]}
-    state.fill(roots, [], lambda app: windows.get(app, []))
-    stats = roots["etsi-qkd-sdn-node"].qkd_node.qkd_applications.qkd_app[APP_ID].app_statistics.statistics
-    assert len(stats) == 2
+    state.fill(data, [], lambda app: windows.get(app, []))
+    app = data["etsi-qkd-sdn-node"]["etsi-qkd-sdn-node:qkd_node"]["qkd_applications"]["qkd_app"][0]
+    assert [s["end_time"] for s in app["app_statistics"]["statistics"]] == ["1970-01-01T00:00:10Z", "1970-01-01T00:00:20Z"]
     windows[APP_ID] = [(20, 30, 9)]  # the key store keeps the last windows only
-    state.fill(roots, [], lambda app: windows.get(app, []))
-    assert [str(k) for k in stats.keys()] == ["1970-01-01T00:00:30Z"]
-    assert int(stats["1970-01-01T00:00:30Z"].consumed_bits) == 9
+    state.fill(data, [], lambda app: windows.get(app, []))
+    assert app["app_statistics"]["statistics"] == [
+        {"end_time": "1970-01-01T00:00:30Z", "start_time": "1970-01-01T00:00:20Z", "consumed_bits": 9}]
+
+
+def test_filled_state_encodes_through_libyang() -> None:
+    data = running()
+    before = copy.deepcopy(data)
+    state.fill(data, [], lambda app: [(0, 10, 2**40)])  # more bits than uint32 holds: capped, not refused
+    [node] = agent_models().operational(data)
+    assert node.findtext(f"{{{NS}}}qkdn_status") == "etsi-qkdn-types:OPERATING"
+    stat = node.find(f".//{{{NS}}}statistics")
+    assert stat.findtext(f"{{{NS}}}consumed_bits") == str(2**32 - 1)
+    assert before != data and "qkdn_status" not in before["etsi-qkd-sdn-node"]["etsi-qkd-sdn-node:qkd_node"]

@@ -1,9 +1,9 @@
 """<edit-config> operations (RFC 6241 section 7.2) applied to a datastore's XML.
 
 The datastore keeps canonical XML; an edit is applied to a copy, node by node,
-using the schema only to tell leaves, containers, list entries (by key) and
-leaf-list entries (by value) apart. The result is then type-checked by decoding it
-into the bindings (ModelSet.check, entry by entry) before it replaces anything.
+using the schema (libyang's, through sdqkd.yangdata) only to tell leaves, containers,
+list entries (by key) and leaf-list entries (by value) apart. The whole result is then
+validated by libyang (ModelSet.check) before it replaces anything.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 from lxml import etree
 
+from sdqkd import yangdata
 from sdqkd.agents import errors
 from sdqkd.agents.datastore.model import ModelSet
-from sdqkd.yangschema import Schema, SchemaNode
+from sdqkd.yangdata import SchemaNode
 
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 OPERATION = f"{{{NC_NS}}}operation"
@@ -35,21 +36,16 @@ def apply_edit(
         if not isinstance(edit.tag, str):
             continue
         q = etree.QName(edit)
-        model = models.model_for(q.namespace or "", q.localname)
-        if model is None:
+        node = models.model_for(q.namespace or "", q.localname)
+        if node is None:
             raise _unknown(q, "", (q.namespace or "") in models.namespaces())
-        node = model.schema.root(q.namespace or "", q.localname)
-        assert node is not None
-        _Editor(model.schema).edit(holder, edit, node, default_operation, "")
+        _Editor().edit(holder, edit, node, default_operation, "")
     return list(holder)
 
 
 class _Editor:
-    def __init__(self, schema: Schema) -> None:
-        self.schema = schema
-
     def _path(self, parent_path: str, node: SchemaNode, el: etree._Element | None = None) -> str:
-        pfx = self.schema.prefixes.get(node.module, node.module)
+        pfx = node.prefix
         path = f"{parent_path}/{pfx}:{node.name}"
         if el is not None and node.keyword == "list":
             for k in node.keys:
@@ -108,23 +104,45 @@ class _Editor:
                     kel = _find_child(edit, node.namespace, k)
                     assert kel is not None
                     existing.append(_strip(_detach(kel)))
+        self._no_duplicates(edit, node, path)
         for sub in edit:
             if not isinstance(sub.tag, str):
                 continue
             q = etree.QName(sub)
             ch = node.child(q.namespace or "", q.localname)
             if ch is None:
-                raise _unknown(q, path, not q.namespace or self.schema.module_of_namespace(q.namespace) is not None)
+                raise _unknown(q, path, not q.namespace or q.namespace in yangdata.namespaces())
             if node.keyword == "list" and ch.name in node.keys and ch.namespace == node.namespace:
                 if sub.get(OPERATION) in ("delete", "remove", "replace", "create"):
                     raise errors.BadElement("a list key cannot be edited on its own", path=f"{path}/{ch.name}", info={"bad-element": ch.name})
                 continue
             self.edit(existing, sub, ch, op, path)
 
+    def _no_duplicates(self, edit: etree._Element, node: SchemaNode, path: str) -> None:
+        """The same list entry or leaf-list value twice in one edit is not an instance of the
+        model (RFC 7950 7.7.7, 7.8.2), whatever merging would make of it: refused, as libyang
+        refuses it in a whole configuration."""
+        seen: set[tuple[str, tuple[str | None, ...]]] = set()
+        for sub in edit:
+            if not isinstance(sub.tag, str):
+                continue
+            q = etree.QName(sub)
+            ch = node.child(q.namespace or "", q.localname)
+            if ch is None or ch.keyword not in ("list", "leaf-list"):
+                continue
+            if ch.keyword == "list":
+                ident = tuple(self._value(_find_child(sub, ch.namespace, k), ch.child(ch.namespace, k)) for k in ch.keys)
+            else:
+                ident = (self._value(sub, ch),)
+            if (sub.tag, ident) in seen:
+                raise errors.InvalidValue(f'Duplicate instance of "{ch.name}".', path=self._path(path, ch, sub),
+                                          info={"bad-element": ch.name})
+            seen.add((sub.tag, ident))
+
     def _check_keys(self, edit: etree._Element, node: SchemaNode, parent_path: str) -> None:
         for k in node.keys:
             if _find_child(edit, node.namespace, k) is None:
-                pfx = self.schema.prefixes.get(node.module, node.module)
+                pfx = node.prefix
                 raise errors.MissingElement(
                     f"list entry <{node.name}> has no key <{k}>",
                     path=f"{parent_path}/{pfx}:{node.name}/{pfx}:{k}",
@@ -137,8 +155,8 @@ class _Editor:
                 continue
             if node.keyword == "list":
                 if all(
-                    self._value(_find_child(cand, node.namespace, k), node.child_by_name(k))
-                    == self._value(_find_child(edit, node.namespace, k), node.child_by_name(k))
+                    self._value(_find_child(cand, node.namespace, k), node.child(node.namespace, k))
+                    == self._value(_find_child(edit, node.namespace, k), node.child(node.namespace, k))
                     for k in node.keys
                 ):
                     return cand
@@ -154,7 +172,7 @@ class _Editor:
         if el is None:
             return None
         text = (el.text or "").strip()
-        if node is not None and node.type is not None and "identityref" in node.type.bases():
+        if node is not None and node.identityref:
             pfx, _, name = text.rpartition(":")
             ns = el.nsmap.get(pfx or None)
             return f"{{{ns}}}{name}" if ns else name

@@ -25,7 +25,6 @@ from sdqkd.agents import errors
 from sdqkd.agents.datastore import diff, edit, validate
 from sdqkd.agents.datastore.model import Config, ModelSet
 from sdqkd.agents.drivers.base import Change, Driver, DriverError
-from sdqkd.yangcodec import CodecError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ class Datastores:
         self.startup_path = startup_path
         self.on_commit = on_commit
         self.lock = threading.RLock()
-        self.live_lock = threading.RLock()  # the decoded running (running_roots)
         self.locks: dict[str, int] = {}
         self.candidate_dirty_by: int | None = None
         self.confirmed: _Confirmed | None = None
@@ -67,9 +65,9 @@ class Datastores:
         if startup_path is not None and startup_path.exists():
             base = self._read_file(startup_path)
         self.running: list[etree._Element] = []
-        self._live: tuple[list[etree._Element], dict[str, Any]] | None = None
+        self._running_cfg = Config((), {})
         cfg, _ = self.check(base, with_devices=False)
-        self.running = list(cfg.elements)
+        self.running, self._running_cfg = list(cfg.elements), cfg
         self.startup: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
         self.candidate: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
 
@@ -79,24 +77,11 @@ class Datastores:
         with self.lock:
             return [copy.deepcopy(e) for e in self._store(target)]
 
-    def running_roots(self) -> dict[str, Any]:
-        """Bindings of running, for <get> (which fills state into them) and the LKMS
-        routes (read after every commit). Kept decoded and updated entry by entry:
-        a whole decode costs ~15 ms a list entry. Whoever reads or fills them holds
-        live_lock (not the datastore lock: a <get> filling state must not hold up the
-        lock/edit/validate of the next transaction); running itself is only ever
-        replaced whole, so one read of it is a consistent snapshot."""
-        with self.live_lock:
-            running = self.running
-            live = self._live
-            if live is not None and live[0] is running:
-                return live[1]
-            if live is not None and self.models.update(live[1], live[0], running):
-                roots = live[1]
-            else:
-                roots = self.models.decode(running)
-            self._live = (running, roots)
-            return roots
+    def running_config(self) -> Config:
+        """running as last validated: canonical XML and per-module RFC 7951 JSON. Replaced
+        whole on every commit, never changed in place, so one read is a consistent snapshot
+        (a <get> filling state into a copy of it does not hold up the next transaction)."""
+        return self._running_cfg
 
     def _store(self, target: str) -> list[etree._Element]:
         if target not in TARGETS:
@@ -192,10 +177,7 @@ class Datastores:
         return list(self._checked(elements).elements)
 
     def _checked(self, elements: Iterable[etree._Element]) -> Config:
-        try:
-            return self.models.check(elements)
-        except CodecError as exc:
-            raise errors.from_codec(exc) from None
+        return self.models.check(elements)
 
     def check(self, elements: Iterable[etree._Element], *, with_devices: bool = True) -> tuple[Config, list[Change]]:
         """Full validation of a would-be running config; the changes it implies."""
@@ -203,8 +185,7 @@ class Datastores:
         problems = validate.validate(cfg.json, self.facts)
         if problems:
             raise errors.RpcErrors(problems)
-        current = self._checked(self.running).json if self.running else {}
-        changes = diff.changes(current, cfg.json)
+        changes = diff.changes(self._running_cfg.json, cfg.json)
         if not with_devices:
             return cfg, changes
         failures: list[errors.RpcError] = []
@@ -225,7 +206,7 @@ class Datastores:
         that refuses keeps its part unapplied and says so in its state; the node
         still comes up."""
         with self.lock:
-            for change in diff.changes({}, self._checked(self.running).json):
+            for change in diff.changes({}, self._running_cfg.json):
                 driver = self._driver_for(change)
                 if driver is None:
                     continue
@@ -261,7 +242,7 @@ class Datastores:
                 if isinstance(exc, DriverError):
                     raise errors.from_driver(exc.reason, exc.message, _change_path(change)) from None
                 raise errors.from_driver("operation-failed", "the device failed to apply the change", _change_path(change)) from None
-        self.running = list(cfg.elements)
+        self.running, self._running_cfg = list(cfg.elements), cfg
         if self.on_commit is not None and changes:
             try:
                 self.on_commit(changes)

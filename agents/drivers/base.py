@@ -32,7 +32,7 @@ class Change:
     kind: 'qkd-link' (an ETSI 015 qkd_link entry), 'cross-connect' (an
     sdqkd-optical-switch cross-connect entry; key is 'switch/port-a').
     old / new: the entry as an RFC 7951 JSON object (inner names unqualified,
-    as sdqkd.yangcodec.encode_json writes them), None when created / deleted.
+    as libyang prints them), None when created / deleted.
     """
 
     kind: str

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdqkd.yangcodec import leaf_value, list_entries
 
 
 @dataclass(frozen=True)
@@ -63,41 +62,38 @@ class RouteTable:
         return lk.next_hops[0]
 
 
-def _s(leaf: Any) -> str | None:
-    v = leaf_value(leaf)
-    return str(v).lower() if v not in (None, "") else None
+def _s(value: Any) -> str | None:
+    return str(value).lower() if value not in (None, "") else None
 
 
-def from_running(root: Any, own_qkdn_id: str) -> RouteTable:
-    """RouteTable from an etsi_qkd_sdn_node binding holding running."""
-    node = root.qkd_node
+def from_running(module: dict[str, Any], own_qkdn_id: str) -> RouteTable:
+    """RouteTable from running's etsi-qkd-sdn-node RFC 7951 JSON (Datastores.running_config)."""
+    node = module.get("etsi-qkd-sdn-node:qkd_node", {})
     links = {}
-    for lk in list_entries(node.qkd_links.qkd_link):
-        kind = str(leaf_value(lk.qkdl_type) or "").rsplit(":", 1)[-1]
-        enabled = leaf_value(lk.qkdl_enable)
-        links[str(lk.qkdl_id).lower()] = LinkRoute(
-            qkdl_id=str(lk.qkdl_id).lower(),
+    for lk in node.get("qkd_links", {}).get("qkd_link", []):
+        kind = str(lk.get("qkdl_type") or "").rsplit(":", 1)[-1]
+        links[str(lk["qkdl_id"]).lower()] = LinkRoute(
+            qkdl_id=str(lk["qkdl_id"]).lower(),
             kind=kind,
-            enabled=True if enabled is None else bool(enabled),
-            remote=_s(lk.qkdl_remote.qkdn_id),
-            prev_hop=_s(lk.virt_prev_hop),
-            next_hops=tuple(str(h).lower() for h in lk.virt_next_hop),
-            bandwidth=int(leaf_value(lk.virt_bandwidth) or 0),
+            enabled=bool(lk.get("qkdl_enable", True)),
+            remote=_s(lk.get("qkdl_remote", {}).get("qkdn_id")),
+            prev_hop=_s(lk.get("virt_prev_hop")),
+            next_hops=tuple(str(h).lower() for h in lk.get("virt_next_hop", [])),
+            bandwidth=int(lk.get("virt_bandwidth") or 0),
         )
     apps = []
-    for app in list_entries(node.qkd_applications.qkd_app):
-        saes = {str(c) for c in app.client_app_id}
-        server = leaf_value(app.server_app_id)
-        if server:
-            saes.add(str(server))
-        ttl = leaf_value(app.app_qos.ttl)
+    for app in node.get("qkd_applications", {}).get("qkd_app", []):
+        saes = {str(c) for c in app.get("client_app_id", [])}
+        if app.get("server_app_id"):
+            saes.add(str(app["server_app_id"]))
+        ttl = app.get("app_qos", {}).get("ttl")
         apps.append(
             AppRoute(
-                app_id=str(app.app_id).lower(),
+                app_id=str(app["app_id"]).lower(),
                 saes=frozenset(saes),
-                backing=tuple(str(b).lower() for b in app.backing_qkdl_id),
+                backing=tuple(str(b).lower() for b in app.get("backing_qkdl_id", [])),
                 ttl=int(ttl) if ttl else None,
-                remote=_s(app.remote_qkdn_id),
+                remote=_s(app.get("remote_qkdn_id")),
             )
         )
     return RouteTable(own_qkdn_id.lower(), links, tuple(apps))

@@ -1,19 +1,17 @@
 """The edits the controller makes on an agent, one small class each. Each states its
-content as RFC 7951 JSON and writes it as XML beside the compiled schema
-(yangcodec.json_to_xml: names, namespaces, order and identity prefixes from the
-schema, never by string templates), and says which capabilities the agent must have;
-provisioning only orders and sends them. Building pyangbind objects here cost ~10 ms
-an edit on the provisioning path; the agent type-checks every value anyway.
+content as RFC 7951 JSON, which libyang writes as XML (sdqkd.yangdata.encode_json: names,
+namespaces, order, identity prefixes and every value's type from the schema, never by
+string templates), and says which capabilities the agent must have; provisioning only
+orders and sends them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, ClassVar
 
 from lxml import etree
 
-from sdqkd import yangcodec, yangschema
+from sdqkd import yangdata
 
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
@@ -21,12 +19,15 @@ CANDIDATE = "urn:ietf:params:netconf:capability:candidate:1.0"
 CONFIRMED = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
 
 
-def _etsi() -> yangschema.Schema:
-    return yangschema.load("etsi-qkd-sdn-node")
-
-
-def _osw() -> yangschema.Schema:
-    return yangschema.load("sdqkd-optical-switch")
+def _xml(content: dict[str, Any]) -> list[etree._Element]:
+    """A partial configuration (an edit) in XML, each value checked against its type; `nc`
+    declared on top for the operation attributes."""
+    out = []
+    for el in yangdata.encode_json(content, config=True).elements():
+        top = etree.Element(el.tag, nsmap={**el.nsmap, "nc": NC_NS})
+        top.extend(list(el))
+        out.append(top)
+    return out
 
 
 class Edit:
@@ -87,8 +88,8 @@ class LinkEdit(Edit):
             if self.channel is not None:
                 lk["phys_wavelength"] = str(self.channel)
             if self.attenuation is not None:
-                lk["phys_channel_att"] = Decimal(str(round(self.attenuation, 3)))
-        els = yangcodec.json_to_xml({"etsi-qkd-sdn-node:qkd_node": {"qkd_links": {"qkd_link": [lk]}}}, _etsi())
+                lk["phys_channel_att"] = f"{self.attenuation:.3f}"
+        els = _xml({"etsi-qkd-sdn-node:qkd_node": {"qkd_links": {"qkd_link": [lk]}}})
         if self.delete:
             _mark_delete(els[0], f"{{{ETSI_NS}}}qkd_link")
         return els
@@ -128,7 +129,7 @@ class AppEdit(Edit):
             qos = {k: v for k, v in (("min_bandwidth", self.min_bps), ("max_bandwidth", self.max_bps), ("ttl", self.ttl)) if v is not None}
             if qos:
                 app["app_qos"] = qos
-        els = yangcodec.json_to_xml({"etsi-qkd-sdn-node:qkd_node": {"qkd_applications": {"qkd_app": [app]}}}, _etsi())
+        els = _xml({"etsi-qkd-sdn-node:qkd_node": {"qkd_applications": {"qkd_app": [app]}}})
         if self.delete:
             _mark_delete(els[0], f"{{{ETSI_NS}}}qkd_app")
         else:
@@ -149,7 +150,7 @@ class CrossConnectEdit(Edit):
         xc: dict[str, Any] = {"port-a": self.port_a}
         if not self.delete:
             xc["port-b"] = self.port_b
-        els = yangcodec.json_to_xml({"sdqkd-optical-switch:optical-switches": {"switch": [{"name": self.switch, "cross-connect": [xc]}]}}, _osw())
+        els = _xml({"sdqkd-optical-switch:optical-switches": {"switch": [{"name": self.switch, "cross-connect": [xc]}]}})
         if self.delete:
             _mark_delete(els[0], "{urn:sdqkd:yang:sdqkd-optical-switch}cross-connect")
         return els
