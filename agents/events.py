@@ -1,4 +1,6 @@
-"""Driver events -> ETSI GS QKD 015 notifications (and sdqkd-optical-switch's, sdqkd-qrng's)."""
+"""Driver events -> ETSI GS QKD 015 notifications (and sdqkd-optical-switch's, sdqkd-qrng's),
+each stated as RFC 7951 JSON and written by libyang (sdqkd.yangdata.notification), which
+checks it against its module before it is sent."""
 from __future__ import annotations
 
 from decimal import Decimal
@@ -6,38 +8,25 @@ from typing import Any
 
 from lxml import etree
 
+from sdqkd import yangdata
 from sdqkd.agents.drivers.base import Event
 
-ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
-TYPES_NS = "urn:etsi:qkd:yang:etsi-qkd-node-types"
-OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
-QRNG_NS = "urn:sdqkd:yang:sdqkd-qrng"
-
-
-def _root(name: str, ns: str = ETSI_NS) -> etree._Element:
-    return etree.Element(f"{{{ns}}}{name}", nsmap={None: ns, "etsi-qkdn-types": TYPES_NS} if ns == ETSI_NS else {None: ns})
-
-
-def _sub(parent: etree._Element, name: str, text: Any = None, ns: str = ETSI_NS) -> etree._Element:
-    el = etree.SubElement(parent, f"{{{ns}}}{name}")
-    if text is not None:
-        el.text = str(text)
-    return el
+ETSI = "etsi-qkd-sdn-node"
 
 
 def _ident(value: str) -> str:
-    return "etsi-qkdn-types:" + str(value).rsplit(":", 1)[-1]
+    return "etsi-qkd-node-types:" + str(value).rsplit(":", 1)[-1]
 
 
-def _report(kind: str, section: str, key: str, key_value: Any, status_leaf: str, status: str, message: str, severity: str) -> etree._Element:
-    """alarm or event notification with one link/interface section."""
-    root = _root(kind)
-    sec = _sub(root, section)
-    _sub(sec, key, key_value)
-    _sub(sec, status_leaf, _ident(status))
-    _sub(sec, "message", message)
-    _sub(sec, "severity", _ident(severity))
-    return root
+def _etsi(name: str, body: dict[str, Any]) -> etree._Element:
+    return yangdata.notification({f"{ETSI}:{name}": body})
+
+
+def _report(kind: str, section: str, key: str, key_value: Any, status_leaf: str, status: str, message: str,
+            severity: str) -> etree._Element:
+    """alarm or event notification with one link/interface/application section."""
+    return _etsi(kind, {section: {key: key_value, status_leaf: _ident(status), "message": message,
+                                  "severity": _ident(severity)}})
 
 
 class Translator:
@@ -58,13 +47,9 @@ class Translator:
         self._links[str(d["qkdl_id"])] = status
         out = []
         if was == "ACTIVE" and status != "ACTIVE":
-            root = _root("sdqkdn_link_down")
-            link = _sub(root, "qkd_link")
-            _sub(link, "qkdl_id", d["qkdl_id"])
-            _sub(link, "reason", reason)
-            out.append(root)
+            out.append(_etsi("sdqkdn_link_down", {"qkd_link": {"qkdl_id": str(d["qkdl_id"]), "reason": reason}}))
         severity = "MAJOR" if was == "ACTIVE" and status != "ACTIVE" else "MINOR"
-        out.append(_report("event", "link", "qkdl_id", d["qkdl_id"], "qkdl_status", status, reason, severity))
+        out.append(_report("event", "link", "qkdl_id", str(d["qkdl_id"]), "qkdl_status", status, reason, severity))
         return out
 
 
@@ -72,31 +57,19 @@ def to_notification(event: Event) -> etree._Element | None:
     """The notification content element for a stateless driver event (None: not reported)."""
     d = event.data
     if event.kind == "link-perf":
-        root = _root("sdqkdn_link_perf_update")
-        link = _sub(root, "qkd_link")
-        _sub(link, "qkdl_id", d["qkdl_id"])
-        perf = _sub(link, "performance")
-        _sub(perf, "skr", int(d.get("skr", 0)))
+        perf: dict[str, Any] = {"skr": int(d.get("skr", 0))}
         if d.get("qber") is not None:
-            pp = _sub(perf, "phys_perf")
-            _sub(pp, "perf_type", _ident("QBER"))
-            _sub(pp, "value", Decimal(str(round(float(d["qber"]), 3))))
-        return root
+            perf["phys_perf"] = [{"perf_type": _ident("QBER"), "value": str(Decimal(str(round(float(d["qber"]), 3))))}]
+        return _etsi("sdqkdn_link_perf_update", {"qkd_link": {"qkdl_id": str(d["qkdl_id"]), "performance": perf}})
     if event.kind == "interface-status":
         status = str(d["status"]).rsplit(":", 1)[-1]
         reason = str(d.get("reason") or status.lower())
         if status == "FAILED":
-            root = _root("sdqkdn_interface_down")
-            iface = _sub(root, "qkd_interface")
-            _sub(iface, "qkdi_id", d["qkdi_id"])
-            _sub(iface, "reason", reason)
-            return root
-        return _report("event", "interface", "qkdi_id", d["qkdi_id"], "qkdi_status", status, reason, "MINOR")
+            return _etsi("sdqkdn_interface_down", {"qkd_interface": {"qkdi_id": int(d["qkdi_id"]), "reason": reason}})
+        return _report("event", "interface", "qkdi_id", int(d["qkdi_id"]), "qkdi_status", status, reason, "MINOR")
     if event.kind == "switch-status":
-        root = _root("switch-status-change", OSW_NS)
-        _sub(root, "name", d["name"], OSW_NS)
-        _sub(root, "oper-status", d["oper-status"], OSW_NS)
-        return root
+        return yangdata.notification({"sdqkd-optical-switch:switch-status-change": {
+            "name": str(d["name"]), "oper-status": str(d["oper-status"])}})
     if event.kind == "qrng-status":
         return _qrng_status(d)
     return None
@@ -108,17 +81,19 @@ def _qrng_status(d: dict[str, Any]) -> etree._Element | None:
     name = {"FAILED": "source-failed", "ENABLED": "source-recovered"}.get(str(d["status"]))
     if name is None:
         return None
-    root = _root(name, QRNG_NS)
-    _sub(root, "node", d["node"], QRNG_NS)
-    _sub(root, "source", d["source"], QRNG_NS)
-    _sub(root, "message", d.get("reason") or str(d["status"]).lower(), QRNG_NS)
+    body: dict[str, Any] = {"node": str(d["node"]), "source": str(d["source"]),
+                            "message": str(d.get("reason") or str(d["status"]).lower())}
     if name == "source-failed" and d.get("test"):
-        test = _sub(root, "health-test", None, QRNG_NS)
-        for leaf in ("test", "phase", "cutoff", "observed", "window"):
+        test: dict[str, Any] = {}
+        for leaf in ("test", "phase"):
             if d.get(leaf) is not None:
-                _sub(test, leaf, d[leaf], QRNG_NS)
-        _sub(test, "min-entropy", Decimal(str(d["min_entropy"])).quantize(Decimal("0.000001")), QRNG_NS)
-    return root
+                test[leaf] = str(d[leaf])
+        for leaf in ("cutoff", "observed", "window"):
+            if d.get(leaf) is not None:
+                test[leaf] = int(d[leaf])
+        test["min-entropy"] = str(Decimal(str(d["min_entropy"])).quantize(Decimal("0.000001")))
+        body["health-test"] = test
+    return yangdata.notification({f"sdqkd-qrng:{name}": body})
 
 
 def application_changes(changes: list[Any]) -> list[etree._Element]:
@@ -128,34 +103,20 @@ def application_changes(changes: list[Any]) -> list[etree._Element]:
         if ch.kind != "qkd-app":
             continue
         if ch.new is None:
-            root = _root("sdqkdn_application_disconnected")
-            app = _sub(root, "qkd_application")
-            _sub(app, "app_id", ch.key)
+            out.append(_etsi("sdqkdn_application_disconnected", {"qkd_application": {"app_id": ch.key}}))
         elif ch.old is None:
-            root = _report("event", "application", "app_id", ch.key, "app_status", "ON", "application configured", "MINOR")
+            out.append(_report("event", "application", "app_id", ch.key, "app_status", "ON", "application configured", "MINOR"))
         elif ch.old.get("app_qos") != ch.new.get("app_qos") or ch.old.get("app_priority") != ch.new.get("app_priority"):
-            root = _root("sdqkdn_application_qos_update")
-            app = _sub(root, "qkd_application")
-            _sub(app, "app_id", ch.key)
-            qos = _sub(app, "app_qos")
-            for leaf in ("max_bandwidth", "min_bandwidth", "jitter", "ttl", "clients_shared_path_enable", "clients_shared_keys_required"):
-                value = ch.new.get("app_qos", {}).get(leaf)
-                if value is not None:
-                    _sub(qos, leaf, str(value).lower() if isinstance(value, bool) else value)
+            app: dict[str, Any] = {"app_id": ch.key}
+            if ch.new.get("app_qos"):
+                app["app_qos"] = dict(ch.new["app_qos"])  # RFC 7951 JSON of running already
             if ch.new.get("app_priority") is not None:
-                _sub(app, "app_priority", ch.new["app_priority"])
-        else:
-            continue
-        out.append(root)
+                app["app_priority"] = ch.new["app_priority"]
+            out.append(_etsi("sdqkdn_application_qos_update", {"qkd_application": app}))
     return out
 
 
 def application_new(master: str, slave: str, local_qkdn_id: str) -> etree._Element:
     """sdqkdn_application_new: an SAE asked for keys with a peer no application covers."""
-    root = _root("sdqkdn_application_new")
-    app = _sub(root, "qkd_application")
-    _sub(app, "app_type", _ident("CLIENT"))
-    _sub(app, "server_app_id", master)
-    _sub(app, "client_app_id", slave)
-    _sub(app, "local_qkdn_id", local_qkdn_id)
-    return root
+    return _etsi("sdqkdn_application_new", {"qkd_application": {
+        "app_type": _ident("CLIENT"), "server_app_id": master, "client_app_id": [slave], "local_qkdn_id": local_qkdn_id}})

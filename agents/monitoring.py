@@ -16,13 +16,6 @@ from sdqkd.agents import errors, notify
 NCM_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 
 
-def _sub(parent: etree._Element, name: str, text: str | None = None) -> etree._Element:
-    el = etree.SubElement(parent, f"{{{NCM_NS}}}{name}")
-    if text is not None:
-        el.text = text
-    return el
-
-
 def served_modules(names: Iterable[str]) -> list[yangmodels.YangModule]:
     """The named modules and everything they import, from yang/."""
     mods = yangmodels.modules()
@@ -37,46 +30,35 @@ def served_modules(names: Iterable[str]) -> list[yangmodels.YangModule]:
     return sorted(out.values(), key=lambda m: m.name)
 
 
-def netconf_state(capabilities: list[str], modules: list[yangmodels.YangModule], locks: dict[str, int], sessions: list[Any], stats: dict[str, Any]) -> etree._Element:
-    state = etree.Element(f"{{{NCM_NS}}}netconf-state", nsmap={None: NCM_NS})
-    caps = _sub(state, "capabilities")
-    for cap in capabilities:
-        _sub(caps, "capability", cap)
-    stores = _sub(state, "datastores")
+def netconf_state(capabilities: list[str], modules: list[yangmodels.YangModule], locks: dict[str, int],
+                  sessions: list[Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """/netconf-state (RFC 6022) as RFC 7951 JSON; <get> encodes it with the rest through libyang."""
+    ncm = "ietf-netconf-monitoring"
+    stores = []
     for name in ("running", "candidate", "startup"):
-        ds = _sub(stores, "datastore")
-        _sub(ds, "name", name)
+        ds: dict[str, Any] = {"name": name}
         if name in locks:
-            lock = _sub(_sub(ds, "locks"), "global-lock")
-            _sub(lock, "locked-by-session", str(locks[name]))
-            _sub(lock, "locked-time", notify.format_time(notify.now()))
-    schemas = _sub(state, "schemas")
-    for m in modules:
-        ns, _ = m.read_header()
-        sc = etree.SubElement(schemas, f"{{{NCM_NS}}}schema")
-        _sub(sc, "identifier", m.name)
-        _sub(sc, "version", m.revision or "")
-        fmt = etree.SubElement(sc, f"{{{NCM_NS}}}format", nsmap={"ncm": NCM_NS})
-        fmt.text = "ncm:yang"
-        _sub(sc, "namespace", ns)
-        _sub(sc, "location", "NETCONF")
-    sess = _sub(state, "sessions")
+            ds["locks"] = {"global-lock": {"locked-by-session": int(locks[name]),
+                                           "locked-time": notify.format_time(notify.now())}}
+        stores.append(ds)
+    schemas = [{"identifier": m.name, "version": m.revision or "", "format": f"{ncm}:yang",
+                "namespace": m.read_header()[0], "location": ["NETCONF"]} for m in modules]
+    sess = []
     for s in sessions:
-        el = _sub(sess, "session")
-        _sub(el, "session-id", str(s.session_id))
-        tr = etree.SubElement(el, f"{{{NCM_NS}}}transport", nsmap={"ncm": NCM_NS})
-        tr.text = "ncm:netconf-ssh"
-        _sub(el, "username", s.username or "")
+        entry: dict[str, Any] = {"session-id": int(s.session_id), "transport": f"{ncm}:netconf-ssh",
+                                 "username": s.username or "", "login-time": notify.format_time(s.login_time)}
         if s.source_host:
-            _sub(el, "source-host", s.source_host)
-        _sub(el, "login-time", notify.format_time(s.login_time))
-        for k, v in s.counters.items():
-            _sub(el, k, str(v))
-    st = _sub(state, "statistics")
-    _sub(st, "netconf-start-time", notify.format_time(stats["start"]))
-    for k in ("in-bad-hellos", "in-sessions", "dropped-sessions", "in-rpcs", "in-bad-rpcs", "out-rpc-errors", "out-notifications"):
-        _sub(st, k, str(stats.get(k, 0)))
-    return state
+            entry["source-host"] = s.source_host
+        entry.update({k: int(v) for k, v in s.counters.items()})
+        sess.append(entry)
+    st: dict[str, Any] = {"netconf-start-time": notify.format_time(stats["start"])}
+    st.update({k: int(stats.get(k, 0)) for k in ("in-bad-hellos", "in-sessions", "dropped-sessions", "in-rpcs",
+                                                 "in-bad-rpcs", "out-rpc-errors", "out-notifications")})
+    state: dict[str, Any] = {"capabilities": {"capability": list(capabilities)}, "datastores": {"datastore": stores},
+                             "schemas": {"schema": schemas}, "statistics": st}
+    if sess:
+        state["sessions"] = {"session": sess}
+    return {f"{ncm}:netconf-state": state}
 
 
 def get_schema(op: etree._Element, modules: list[yangmodels.YangModule]) -> list[etree._Element]:

@@ -145,14 +145,14 @@ class Rpcs:
         """Running config with live state from the drivers, and /netconf-state."""
         live = copy.deepcopy(self.datastores.running_config().json)  # state goes into a copy
         self.fill_state(live)
-        data = self.models.operational(live)
         sessions = self.sessions()
         stats = {"start": self.started, "in-sessions": len(sessions)}
         for s in sessions:
             for k, v in s.counters.items():
                 stats[k] = stats.get(k, 0) + v
-        state = monitoring.netconf_state(self.capabilities(), self.modules, dict(self.datastores.locks), sessions, stats)
-        return [*data, state]
+        live["ietf-netconf-monitoring"] = monitoring.netconf_state(
+            self.capabilities(), self.modules, dict(self.datastores.locks), sessions, stats)
+        return self.models.operational(live)
 
     def get(self, session: Any, op: etree._Element) -> list[etree._Element]:
         return _data(subtree.apply(self.operational(), _filter(op), self.models.list_keys))

@@ -15,27 +15,12 @@ from typing import Any
 
 from lxml import etree
 
-from sdqkd import __version__
+from sdqkd import __version__, yangdata
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
-ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
-TYPES_NS = "urn:etsi:qkd:yang:etsi-qkd-node-types"
-OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
-
-
-def _ident(name: str) -> str:
-    """'DV-QKD' or 'etsi-qkd-node-types:DV-QKD' -> 'etsi-qkdn-types:DV-QKD' with the prefix declared."""
-    return "etsi-qkdn-types:" + str(name).rsplit(":", 1)[-1]
-
-
-def _sub(parent: etree._Element, ns: str, name: str, text: Any = None) -> etree._Element:
-    el = etree.SubElement(parent, f"{{{ns}}}{name}")
-    if text is not None:
-        el.text = str(text)
-    return el
 
 
 def qkd_modules(drivers: list[Driver]) -> list[tuple[Driver, dict[str, Any]]]:
@@ -49,48 +34,41 @@ def qkd_modules(drivers: list[Driver]) -> list[tuple[Driver, dict[str, Any]]]:
 
 def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Element]:
     """qkd_node with identity, capabilities and one qkd_interface per QKD module; one
-    switch entry per optical switch."""
-    node = etree.Element(f"{{{ETSI_NS}}}qkd_node", nsmap={None: ETSI_NS, "etsi-qkdn-types": TYPES_NS})
-    _sub(node, ETSI_NS, "qkdn_id", cfg.node.qkdn_id)
-    _sub(node, ETSI_NS, "qkdn_version", f"sdqkd {__version__}")
+    switch entry per optical switch (RFC 7951 JSON, written as XML by libyang)."""
+    node: dict[str, Any] = {"qkdn_id": cfg.node.qkdn_id, "qkdn_version": f"sdqkd {__version__}"}
     if cfg.node.location:
-        _sub(node, ETSI_NS, "qkdn_location_id", cfg.node.location)
-    caps = _sub(node, ETSI_NS, "qkdn_capabilities")
-    _sub(caps, ETSI_NS, "link_stats_support", "true")
-    _sub(caps, ETSI_NS, "application_stats_support", "true")
-    _sub(caps, ETSI_NS, "key_relay_mode_enable", "true")
+        node["qkdn_location_id"] = cfg.node.location
+    node["qkdn_capabilities"] = {"link_stats_support": True, "application_stats_support": True,
+                                 "key_relay_mode_enable": True}
     mods = {m.qkdi_id: m for m in cfg.qkd_modules}
-    ifaces = _sub(node, ETSI_NS, "qkd_interfaces")
+    ifaces = []
     for _drv, st in qkd_modules(drivers):
         info = st["interface"]
-        iface = _sub(ifaces, ETSI_NS, "qkd_interface")
-        _sub(iface, ETSI_NS, "qkdi_id", info["qkdi_id"])
+        iface: dict[str, Any] = {"qkdi_id": int(info["qkdi_id"])}
         if info.get("model"):
-            _sub(iface, ETSI_NS, "qkdi_model", info["model"])
+            iface["qkdi_model"] = str(info["model"])
         if info.get("technology"):
-            _sub(iface, ETSI_NS, "qkdi_type", _ident(info["technology"]))
+            iface["qkdi_type"] = _types(info["technology"])
         mod = mods.get(int(info["qkdi_id"]))
         if mod is not None and mod.device:
-            att = _sub(iface, ETSI_NS, "qkdi_att_point")
-            _sub(att, ETSI_NS, "device", mod.device)
-            if mod.port is not None:
-                _sub(att, ETSI_NS, "port", mod.port)
-        icaps = _sub(iface, ETSI_NS, "qkdi_capabilities")
+            iface["qkdi_att_point"] = {"device": mod.device, **({"port": int(mod.port)} if mod.port is not None else {})}
+        caps: dict[str, Any] = {}
         if info.get("role_support"):
-            _sub(icaps, ETSI_NS, "role_support", _ident(info["role_support"]))
+            caps["role_support"] = _types(info["role_support"])
         if info.get("wavelength_range"):
-            _sub(icaps, ETSI_NS, "wavelength_range", info["wavelength_range"])
+            caps["wavelength_range"] = str(info["wavelength_range"])
         if info.get("max_absorption") is not None:
-            _sub(icaps, ETSI_NS, "max_absorption", info["max_absorption"])
-    out = [node]
+            caps["max_absorption"] = str(info["max_absorption"])
+        if caps:
+            iface["qkdi_capabilities"] = caps
+        ifaces.append(iface)
+    if ifaces:
+        node["qkd_interfaces"] = {"qkd_interface": ifaces}
+    data: dict[str, Any] = {"etsi-qkd-sdn-node:qkd_node": node}
     switches = [d.state() for d in drivers if "cross-connects" in d.state()]
     if switches:
-        osw = etree.Element(f"{{{OSW_NS}}}optical-switches", nsmap={None: OSW_NS})
-        for st in switches:
-            sw = _sub(osw, OSW_NS, "switch")
-            _sub(sw, OSW_NS, "name", st["name"])
-        out.append(osw)
-    return out
+        data["sdqkd-optical-switch:optical-switches"] = {"switch": [{"name": st["name"]} for st in switches]}
+    return yangdata.encode_json(data, config=True).elements()
 
 
 def _time(ts: float) -> str:

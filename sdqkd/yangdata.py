@@ -344,6 +344,29 @@ def check_rpc(op: etree._Element) -> None:
         raise YangError(problems)
 
 
+def notification(content: dict[str, Any]) -> etree._Element:
+    """A notification's content, {"module:name": {...}} in RFC 7951 JSON, validated against
+    its module and written as the XML element a <notification> carries (RFC 5277)."""
+    ctx = context()
+    data = json.dumps(content).encode()
+    keep = ffi.new("char[]", data)
+    inp = ffi.new("struct ly_in **")
+    if lib.ly_in_new_memory(keep, inp) != lib.LY_SUCCESS:
+        raise YangError([Problem("other", "cannot read the input")])
+    tree, node = ffi.new("struct lyd_node **"), ffi.new("struct lyd_node **")
+    ret = lib.lyd_parse_op(ctx.cdata, ffi.NULL, inp[0], lib.LYD_JSON, lib.LYD_TYPE_NOTIF_YANG, tree, node)
+    lib.ly_in_free(inp[0], 0)
+    try:
+        if ret != lib.LY_SUCCESS:
+            raise YangError(_problems(ctx))
+        if lib.lyd_validate_op(node[0], ffi.NULL, lib.LYD_TYPE_NOTIF_YANG, ffi.NULL) != lib.LY_SUCCESS:
+            raise YangError(_problems(ctx))
+        return Document(_print(tree[0], "xml"), {}).elements()[0]
+    finally:
+        if tree[0]:
+            lib.lyd_free_all(tree[0])
+
+
 # --- schema ------------------------------------------------------------------------------------
 
 
