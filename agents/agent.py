@@ -25,6 +25,7 @@ from sdqkd.agents.drivers import wiring
 from sdqkd.agents.drivers.base import Driver, Event
 from sdqkd.agents.kms import node as kms_node
 from sdqkd.agents.kms import routes as kms_routes
+from sdqkd.agents.qaas import api as qaas
 from sdqkd.agents.notify import NotificationHub
 from sdqkd.agents.rpcs import Rpcs
 from sdqkd.agents.server import NetconfServer
@@ -44,7 +45,8 @@ class Agent:
         self.qrng = wiring.build_qrng(cfg)
         entropy = self.qrng.read if self.qrng is not None else os.urandom
         self.kms = kms_node.build(cfg, entropy=entropy, on_missing_path=self._ask_for_path,
-                                  qrng=self.qrng, publish=self.hub.publish)
+                                  more_routes=lambda app, lkms: qaas.add_routes(
+                                      app, qaas.Context(cfg, lkms, self.qrng, self.hub.publish)))
         self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink, key_room=self.kms.lkms.key_room)
         self.drivers: list[Driver] = self.devices.drivers + ([self.qrng] if self.qrng is not None else [])
         self.datastores = Datastores(

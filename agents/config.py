@@ -6,23 +6,14 @@ ConfigError, before anything starts.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdqkd.configfile import ConfigError, parse_into, read_json
+
+
 MAX_ENTROPY_REQUEST = 1 << 16  # bytes: upper bound of qrng.max_request_bytes
-
-
-class ConfigError(Exception):
-    """The config file is unusable; `problems` lists every reason."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 @dataclass
@@ -166,64 +157,13 @@ class AgentConfig:
         return Path(self.state_dir) / "startup.xml"
 
 
-def _parse(cls: Any, data: Any, path: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(cls)
-    args = typing.get_args(cls)
-    if origin in (typing.Union, types.UnionType):
-        if data is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _parse(inner[0], data, path, problems)
-    if dataclasses.is_dataclass(cls):
-        if not isinstance(data, dict):
-            problems.append(f"{path}: expected an object")
-            return None
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in fields:
-                problems.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(fields))})")
-        kwargs = {}
-        for name, f in fields.items():
-            if name in data:
-                kwargs[name] = _parse(hints[name], data[name], f"{path}.{name}", problems)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-                problems.append(f"{path}.{name}: missing")
-        try:
-            return cls(**kwargs)
-        except TypeError:
-            return None
-    if origin is list:
-        if not isinstance(data, list):
-            problems.append(f"{path}: expected a list")
-            return []
-        return [_parse(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(data)]
-    if origin is dict:
-        if not isinstance(data, dict):
-            problems.append(f"{path}: expected an object")
-            return {}
-        return {k: _parse(args[1], v, f"{path}.{k}", problems) for k, v in data.items()}
-    if cls is Any:
-        return data
-    if cls is float and isinstance(data, int) and not isinstance(data, bool):
-        return float(data)
-    if not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
-        problems.append(f"{path}: expected {cls.__name__}, got {type(data).__name__}")
-        return None
-    return data
-
-
 def load(path: Path) -> AgentConfig:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
-    return parse(data)
+    return parse(read_json(path))
 
 
 def parse(data: dict[str, Any]) -> AgentConfig:
     problems: list[str] = []
-    cfg = _parse(AgentConfig, data, "config", problems)
+    cfg = parse_into(AgentConfig, data, "config", problems)
     if cfg is not None and not problems:
         problems.extend(_check(cfg))
     if problems:

@@ -39,7 +39,8 @@ from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
-from sdqkd.agents.kms import etsi014, pki
+from sdqkd.agents.kms import etsi014
+from sdqkd import pki
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore

@@ -39,6 +39,7 @@ import logging
 import random
 import ssl
 import statistics
+import sys
 import time
 from itertools import combinations
 from pathlib import Path
@@ -48,10 +49,11 @@ from pathcomp import random_topology
 
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths
-from sdqkd.controller.topology import madqci
 from sdqkd.controller.topology.model import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import madqci  # noqa: E402  (tests/madqci.py: MadQCI as a topology snapshot, from the lab file)
 
 MODES = {
     "node-disjoint (old)": {"disjoint": "node", "max_paths": 4},

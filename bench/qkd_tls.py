@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from sdqkd import qkdtls
-from sdqkd.agents.kms import etsi014, pki
+from sdqkd.agents.kms import etsi014
+from sdqkd import pki
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents.config import ConfigError, _parse
+from sdqkd.configfile import ConfigError, parse_into, read_json
 
 
 @dataclass
@@ -41,7 +41,7 @@ class ControllerConfig:
 
 def parse(data: dict[str, Any]) -> ControllerConfig:
     problems: list[str] = []
-    cfg = _parse(ControllerConfig, data, "config", problems)
+    cfg = parse_into(ControllerConfig, data, "config", problems)
     if cfg is not None and not cfg.agents:
         problems.append("config.agents: at least one agent")
     if problems:
@@ -50,10 +50,4 @@ def parse(data: dict[str, Any]) -> ControllerConfig:
 
 
 def load(path: Path | str) -> ControllerConfig:
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
-    return parse(data)
+    return parse(read_json(path))

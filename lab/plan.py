@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdqkd.agents import ssh
-from sdqkd.agents.kms import pki
+from sdqkd import pki
 from sdqkd.lab import hosts as lab_hosts
 
 LAB_NS = uuid.UUID("0b5e2f7a-6c1d-4e8b-9a3f-7d2c1b0a9e8f")

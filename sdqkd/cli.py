@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdqkd import __version__, yangmodels
+from sdqkd import __version__, bindgen, yangmodels
 from sdqkd.listen import ListenError
 
 EXIT_LISTEN = 3  # an agent or the controller could not take one of its ports
@@ -42,7 +42,7 @@ def _regenerate(generate, drift, stale: str, check: bool) -> None:  # type: igno
 @click.option("--check", is_flag=True, help="Only report drift between bindings/ and yang/.")
 def yang_bindings(check: bool) -> None:
     """Regenerate bindings/ with pyangbind (or check it is up to date)."""
-    _regenerate(yangmodels.generate, yangmodels.drift, "bindings/ differs from what yang/ generates: run `make bindings`", check)
+    _regenerate(bindgen.generate, bindgen.drift, "bindings/ differs from what yang/ generates: run `make bindings`", check)
 
 
 @yang.command("lint")
@@ -102,7 +102,7 @@ def controller(config_path: str) -> None:
     import signal
     import threading
 
-    from sdqkd.agents.config import ConfigError
+    from sdqkd.configfile import ConfigError
     from sdqkd.controller import config as controller_config
     from sdqkd.controller.service import serve
 
@@ -354,7 +354,9 @@ def _tls_keys(lab_name: str | None, lab_dir: str | None, node: str | None, peers
             return qkdtls.NodeApiKeys(src.client, list(peer_saes)) if via == "api" else src
         if not node:
             raise click.UsageError("give --node (with a lab) or --kme and SAE credentials")
-        return qkdtls.lab_keys(_find_lab(lab_name, lab_dir), node, list(peers + peer_saes) or None, via=via)
+        from sdqkd.lab.keys import sae_keys
+
+        return sae_keys(_find_lab(lab_name, lab_dir), node, list(peers + peer_saes) or None, via=via)
     except qkdtls.KeySourceError as exc:
         raise click.ClickException(str(exc)) from None
 

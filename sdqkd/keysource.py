@@ -2,7 +2,7 @@
 key (`new_key()` -> (key_ID, key)) and the slave the key the master names
 (`key(key_id)`), over ETSI GS QKD 014 at the SAE's own KME (`Etsi014Keys`) or over the
 node's one-call key API (`NodeApiKeys`, agents/qaas/keys.py). Both use the one ETSI 014
-client of the project (agents/kms/etsi014_client.DeviceClient: mutual TLS, the SAE
+client of the project (sdqkd/etsi014_client.DeviceClient: mutual TLS, the SAE
 certificate, failures as DeviceError kinds). QKD-keyed TLS (sdqkd/qkdtls.py) and
 `sdqkd key get` (lab/keys.py) take their keys here."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from sdqkd.agents.kms.etsi014_client import DeviceApi, DeviceClient, DeviceError
+from sdqkd.etsi014_client import DeviceApi, DeviceClient, DeviceError
 
 KEY_BITS = 256
 

@@ -33,7 +33,7 @@ It lives in sdqkd/ rather than agents/qaas/ because it runs in the applications 
 SAEs), not on the node: agents/qaas holds the node's own HTTPS services.
 
 Python API (what `sdqkd tls serve|connect` use):
-    keys = Etsi014Keys(DeviceClient(api), peer_saes=["sae-b"])   # or lab_keys(lab, "CAIT", ["Rectorado"])
+    keys = Etsi014Keys(DeviceClient(api), peer_saes=["sae-b"])   # or sdqkd.lab.keys.sae_keys(lab, "CAIT", ["Rectorado"])
     with QkdTlsServer(keys, port=0) as srv:                       # the slave
         srv.serve_forever(echo)                                   # handler(sock) per session, in a thread
     with connect("127.0.0.1", port, keys) as s:                   # the master: an ssl.SSLSocket
@@ -68,11 +68,10 @@ from sdqkd.keysource import (
     SlaveKeys,
     etsi014_keys,
 )
-from sdqkd.lab.keys import sae_keys as lab_keys
 
 # The key sources are part of this module's API (sdqkd/keysource.py holds them).
 __all__ = ["KEY_BITS", "Etsi014Keys", "KeySourceError", "KeyUnavailable", "MasterKeys", "NodeApiKeys", "QkdTlsError",
-           "QkdTlsServer", "QkdTlsSocket", "SlaveKeys", "connect", "echo", "etsi014_keys", "exchange", "lab_keys",
+           "QkdTlsServer", "QkdTlsSocket", "SlaveKeys", "connect", "echo", "etsi014_keys", "exchange",
            "open_connection"]
 
 log = logging.getLogger(__name__)

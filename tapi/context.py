@@ -35,8 +35,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from collections.abc import Mapping
+
 from sdqkd import yangdata
-from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, QkdInterface, Topology
 from sdqkd.yangdata import Builder
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,60 @@ US_PER_KM = 4.9
 PM = "PHOTONIC_MEDIA"
 _Q = "tapi-photonic-media:PHOTONIC_LAYER_QUALIFIER_"
 OTSI, OTSIMC, OTS = _Q + "OTSi", _Q + "OTSiMC", _Q + "OTS"
+
+
+TRANSMITTER, RECEIVER = "TRANSMITTER", "RECEIVER"
+
+
+# What the context is built from: the controller's topology view (controller.topology.model)
+# as seen from here, so that TAPI depends on no controller code (the controller imports us).
+class NodeLike(Protocol):
+    name: str
+    domain: str | None
+    up: bool
+
+
+class QkdInterface(Protocol):
+    node: str
+    qkdi_id: int
+    technology: str
+    band: str
+    roles: frozenset[str]
+    channels: frozenset[int]
+    switch: str | None
+    port: int | None
+    fixed_channel: int | None
+    up: bool
+
+
+class FibreEndLike(Protocol):
+    node: str
+    switch: str | None
+    port: int | None
+
+
+class FibreLike(Protocol):
+    a: FibreEndLike
+    b: FibreEndLike
+    loss_db: float
+    length_km: float
+
+
+class SwitchLike(Protocol):
+    name: str
+    node: str
+    ports: int
+    insertion_loss: float
+    cross_connects: tuple[tuple[int, int], ...]
+
+
+class Topology(Protocol):
+    nodes: Mapping[str, NodeLike]
+    interfaces: Mapping[tuple[str, int], QkdInterface]
+    fibres: Mapping[str, FibreLike]
+    switches: Mapping[str, SwitchLike]
+
+    def interfaces_of(self, qkdn_id: str) -> list[QkdInterface]: ...
 
 
 class ChannelLike(Protocol):

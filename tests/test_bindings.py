@@ -9,21 +9,21 @@ import shutil
 from samples import APP_ID, PHYS_LINK, populated_node
 
 from conftest import run
-from sdqkd import typed, yangdata, yangmodels
+from sdqkd import bindgen, typed, yangdata, yangmodels
 
 
 def test_bindings_match_yang_sources() -> None:
-    problems = yangmodels.drift()
+    problems = bindgen.drift()
     assert problems == [], "bindings/ drifted from yang/ (run `make bindings`):\n" + "\n".join(problems)
 
 
 def test_drift_is_detected(tmp_path) -> None:
     copy = tmp_path / "bindings"
-    shutil.copytree(yangmodels.BINDINGS_DIR, copy)
+    shutil.copytree(bindgen.BINDINGS_DIR, copy)
     target = copy / "sdqkd_optical_switch.py"
     target.write_text(target.read_text().replace("port-count", "port-kount", 1))
     (copy / "handmade.py").write_text("x = 1\n")
-    problems = yangmodels.drift(copy)
+    problems = bindgen.drift(copy)
     assert any("sdqkd_optical_switch.py" in p for p in problems)
     assert any("handmade.py" in p for p in problems)
 

@@ -24,7 +24,8 @@ from sdqkd import yangmodels
 from sdqkd.agents import config as agent_cfg
 from sdqkd.agents.agent import Agent
 from sdqkd.agents.kms import node as kms_node
-from sdqkd.agents.kms import pki
+from sdqkd.agents.qaas import api as qaas
+from sdqkd import pki
 
 QRNG_NS = "urn:sdqkd:yang:sdqkd-qrng"
 MAX = 4096
@@ -116,7 +117,7 @@ def test_a_node_without_qrng_answers_404(tmp_path) -> None:
     qkdn_id = str(uuid.uuid4())
     kms, creds = kms_section(tmp_path, qkdn_id)
     cfg = agent_cfg.parse(agent_config_dict(tmp_path, qkdn_id, kms, None))
-    kn = kms_node.build(cfg)
+    kn = kms_node.build(cfg, more_routes=lambda app, lkms: qaas.add_routes(app, qaas.Context(cfg, lkms)))
     kn.start()
     try:
         with client(creds) as c:

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sdqkd.agents.kms import etsi004, pki
+from sdqkd.agents.kms import etsi004
+from sdqkd import pki
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore

@@ -16,7 +16,8 @@ import httpx
 import pytest
 from etsi_qkd_014_client import QKD014Client
 
-from sdqkd.agents.kms import etsi014, pki
+from sdqkd.agents.kms import etsi014
+from sdqkd import pki
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig

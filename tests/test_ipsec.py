@@ -17,7 +17,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from sdqkd.agents.kms import pki
+from sdqkd import pki
 from sdqkd.agents.qaas.strongswan import Charon, Endpoint, StrongswanError
 from sdqkd.lab import hosts, launcher
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from sdqkd.agents.kms import forwarding as fm
-from sdqkd.agents.kms import lending, pki
+from sdqkd.agents.kms import lending
+from sdqkd import pki
 from sdqkd.agents.kms.coalesce import Coalescer
 from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator

@@ -11,8 +11,8 @@ import pytest
 
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, direct_links, optical_path
-from sdqkd.controller.topology import madqci
-from sdqkd.controller.topology.madqci import qkdn_id as Q
+import madqci
+from madqci import qkdn_id as Q
 from sdqkd.controller.topology.model import (
     RECEIVER,
     TRANSMITTER,

@@ -19,8 +19,8 @@ import pytest
 
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
-from sdqkd.controller.topology import madqci
-from sdqkd.controller.topology.madqci import qkdn_id as Q
+import madqci
+from madqci import qkdn_id as Q
 from sdqkd.controller.topology.model import Node, QkdLink, Topology
 
 
@@ -451,7 +451,7 @@ def test_an_unmeetable_request_on_1000_nodes_says_what_the_network_can_do() -> N
 def test_flow_plans_do_not_depend_on_the_process_hash_seed() -> None:
     """Max-flow algorithms that keep nodes in sets find a different (equally maximum) flow
     per PYTHONHASHSEED, and so a different plan in every controller run."""
-    code = ("import networkx as nx; import tests.test_pathcomp_relay as t; from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths\n"
+    code = ("import sys; sys.path.insert(0, 'tests'); import networkx as nx; import test_pathcomp_relay as t; from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths\n"
             "topo = t.random_topology(80, 3); ends = sorted(n for n, x in topo.nodes.items() if x.up and x.kms)\n"
             "for s, d in zip(ends[:12], ends[-12:]):\n"
             "    try: print(relay_paths(topo, RelayRequest(s, d, max_paths=64, min_bps=nx.maximum_flow_value(\n"

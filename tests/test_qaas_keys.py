@@ -31,6 +31,7 @@ from apicheck import conforms
 
 from sdqkd.agents import config as agent_config
 from sdqkd.lab import launcher
+from sdqkd.lab.keys import sae_keys
 from sdqkd.lab import plan as lab_plan
 
 CLOUD = Path(__file__).resolve().parent.parent / "lab" / "topologies" / "cloud.json"
@@ -238,8 +239,8 @@ def test_a_qkd_keyed_tls_session_takes_its_keys_from_the_one_call_api(lab) -> No
     CAIT -> Rectorado relayed through CCS; a new key per session."""
     from sdqkd import qkdtls
 
-    master = qkdtls.lab_keys(lab, "CAIT", ["Rectorado"], via="api")
-    slave = qkdtls.lab_keys(lab, "Rectorado", ["CAIT", "CCS"], via="api")
+    master = sae_keys(lab, "CAIT", ["Rectorado"], via="api")
+    slave = sae_keys(lab, "Rectorado", ["CAIT", "CCS"], via="api")
     assert isinstance(master, qkdtls.NodeApiKeys) and isinstance(slave, qkdtls.NodeApiKeys)
     ids = set()
     with qkdtls.QkdTlsServer(slave, port=0) as srv:

@@ -22,7 +22,8 @@ import pytest
 from sdqkd.agents.drivers import registry
 from sdqkd.agents.drivers.base import Change, DriverError
 from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi, Etsi014QkdModule, RateMeter
-from sdqkd.agents.kms import etsi014, forwarding, pki
+from sdqkd.agents.kms import etsi014, forwarding
+from sdqkd import pki
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator

@@ -18,7 +18,7 @@ import pytest
 from test_etsi014 import Kme, kme  # noqa: F401 - the shared in-process KME fixture
 
 from sdqkd import qkdtls
-from sdqkd.agents.kms.etsi014_client import DeviceApi, DeviceClient
+from sdqkd.etsi014_client import DeviceApi, DeviceClient
 
 OPENSSL = shutil.which("openssl") or "openssl"  # Debian's, from the Makefile's DEBS; missing fails the tests
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import run
 from sdqkd.controller import services as svc
 from sdqkd.controller.pathcomp.optical import OpticalRequest, direct_links, optical_path
-from sdqkd.controller.topology import madqci
+import madqci
 from sdqkd.controller.topology.model import (
     RECEIVER,
     TRANSMITTER,

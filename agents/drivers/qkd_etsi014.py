@@ -39,7 +39,7 @@ from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import DriverError
 from sdqkd.agents.drivers.profile import IDENTITY_MODULE, ROLES, identity_name, parse_wavelength_range
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink, Link, LinkConfig, PeerAddress, QkdModule, RateMeter
-from sdqkd.agents.kms.etsi014_client import DeviceApi, DeviceClient, DeviceError
+from sdqkd.etsi014_client import DeviceApi, DeviceClient, DeviceError
 
 __all__ = ["DeviceApi", "DeviceClient", "DeviceError", "Etsi014QkdModule", "RateMeter"]
 

@@ -34,7 +34,7 @@ from multidict import MultiMapping
 
 from sdqkd.listen import binding
 
-from .pki import sae_id_of
+from sdqkd.pki import sae_id_of
 from .service import KmsError
 
 log = logging.getLogger(__name__)

@@ -6,16 +6,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from lxml import etree
+from aiohttp import web
 
 from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.kms import etsi004, etsi014, https, pki
+from sdqkd.agents.kms import etsi004, etsi014, https
+from sdqkd import pki
 from sdqkd.agents.kms.forwarding import Forwarder
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
-from sdqkd.agents.qaas import api as qaas
 
 
 @dataclass
@@ -34,12 +33,11 @@ class KmsNode:
 
 
 def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
-          on_missing_path: Callable[[str, str], None] | None = None, *, qrng: Any | None = None,
-          publish: Callable[[etree._Element], None] | None = None) -> KmsNode:
+          on_missing_path: Callable[[str, str], None] | None = None,
+          more_routes: Callable[[web.Application, Lkms], None] | None = None) -> KmsNode:
     """The LKMS of this node; without a `kms` section, a key store only (a relay-less
-    node still keeps its link keys). The HTTPS server also carries the
-    quantum-as-a-service APIs (agents/qaas), which may use the QRNG and send
-    notifications through `publish`."""
+    node still keeps its link keys). The HTTPS server carries ETSI 014 and 004, and
+    whatever `more_routes` adds (the node's quantum-as-a-service APIs)."""
     k = cfg.kms
     store = KeyStore(Path(cfg.state_dir) / "keys.sqlite", **({"link_key_limit": k.link_key_limit} if k else {}))
     if k is None:
@@ -64,6 +62,7 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     app = https.make_app()
     etsi014.add_routes(app, lkms)
     etsi004.add_routes(app, lkms)
-    qaas.add_routes(app, qaas.Context(cfg, lkms, qrng, publish))
+    if more_routes is not None:
+        more_routes(app, lkms)
     server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
     return KmsNode(lkms, server)

@@ -1,35 +1,19 @@
 """Mounts the quantum-as-a-service APIs on the node's HTTPS application."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from aiohttp import web
-from lxml import etree
 
-from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.kms.lkms import Lkms
+from . import entropy, ipsec, keys, links, openapi
+from .context import Context
 
-from . import openapi
-
-
-@dataclass
-class Context:
-    """What a service may use: the node's config, its LKMS, its QRNG driver (None when
-    the node has none) and `publish`, which sends a NETCONF notification."""
-
-    cfg: AgentConfig
-    lkms: Lkms
-    qrng: Any | None = None
-    publish: Callable[[etree._Element], None] | None = None
+__all__ = ["Context", "add_routes", "services"]
 
 
 def services() -> list[ModuleType]:
     """The service modules, in the order their paths appear in the OpenAPI document."""
-    from . import entropy, ipsec, keys, links  # they import Context from here
-
     return [entropy, keys, links, ipsec]
 
 

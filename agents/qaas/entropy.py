@@ -21,7 +21,7 @@ from sdqkd.agents.drivers.qrng import QrngFailure
 from sdqkd.agents.kms import https
 
 from . import openapi
-from .api import Context
+from .context import Context
 
 PATH = "/api/v1/entropy"
 DEFAULT_BYTES = 32

@@ -24,10 +24,12 @@ import httpx
 from aiohttp import web
 
 from sdqkd.agents.config import IpsecConf, IpsecPeerConf
-from sdqkd.agents.kms import https, pki
+from sdqkd.agents.kms import https
+from sdqkd import pki
 from sdqkd.agents.kms.service import Key, KmsError
 
-from . import api, openapi
+from . import openapi
+from .context import Context
 from .strongswan import Charon, Endpoint, SaState, StrongswanError
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class Tunnel:
 class Tunnels:
     """The tunnel ends of this node's host, by tunnel ID."""
 
-    def __init__(self, ctx: api.Context) -> None:
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.cfg: IpsecConf | None = ctx.cfg.ipsec
         self.dir = Path(ctx.cfg.state_dir) / "ipsec"
@@ -348,7 +350,7 @@ def _interval(body: dict[str, Any]) -> int:
     return n
 
 
-def add_routes(app: web.Application, ctx: api.Context) -> None:
+def add_routes(app: web.Application, ctx: Context) -> None:
     tunnels = Tunnels(ctx)
 
     async def create(request: web.Request) -> web.Response:

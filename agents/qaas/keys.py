@@ -26,7 +26,7 @@ from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, query_one, sa
 from sdqkd.agents.kms.service import Key, KmsError
 
 from . import openapi
-from .api import Context
+from .context import Context
 from .directory import Directory, Party
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from sdqkd.agents.kms.routes import AppRoute, LinkRoute
 from sdqkd.agents.kms.service import KmsError
 
 from . import openapi
-from .api import Context
+from .context import Context
 from .directory import Directory
 
 PATH = "/api/v1/links"

@@ -24,7 +24,7 @@ from sdqkd.controller.topology.model import QkdInterface, QkdLink, Node, Switch,
 from sdqkd.lab import topology as labfile
 from sdqkd.lab.plan import node_id
 
-FILE = Path(__file__).resolve().parents[2] / "lab" / "topologies" / "madqci.json"
+FILE = Path(__file__).resolve().parents[1] / "lab" / "topologies" / "madqci.json"
 CV_TECHNOLOGY = "CV-QKD"
 # CV links in service by default, (Tx site, Rx site), set up in this order. The file places
 # 5 Tx and 5 Rx on seven sites; these four leave one Tx (Distrito) and one Rx (Quevedo) idle.

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from sdqkd.agents.kms import pki
+from sdqkd import pki
 
 API = "/api/v1/keys"
 _DOWN = ("unreachable", "tls")
