@@ -19,7 +19,7 @@ from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import lending
 from sdqkd import pki
 from sdqkd.agents.kms.coalesce import Coalescer
-from sdqkd.agents.kms.keystore import KeyStore, MissingKeys
+from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.service import KmsError, Qos
@@ -505,3 +505,24 @@ def test_no_borrowing_for_less_than_lend_min(net) -> None:
     with pytest.raises(KmsError) as err:
         nodes[A].enc_keys("sa", "sb", mine + 1, 256, [])
     assert err.value.http_status == 503 and nodes[B].store.count(L1) == b_mine
+
+
+def test_expired_end_keys_are_swept_and_overwritten_on_disk(tmp_path: Path) -> None:
+    """Nobody asks for an end key past its TTL: the store's sweep drops it (it counts as
+    spent) and, with secure_delete, its bytes leave the database file and the WAL."""
+    store = KeyStore(tmp_path / "k.sqlite", expire_every=0.05)
+    old, young = os.urandom(32), os.urandom(32)
+    try:
+        store.put_deliverable([Deliverable("k-old", "sae-b", "sae-a", old, expires=time.time() + 0.2),
+                               Deliverable("k-young", "sae-b", "sae-a", young, expires=time.time() + 600)])
+        store.flush()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and old in b"".join(p.read_bytes() for p in tmp_path.glob("k.sqlite*")):
+            time.sleep(0.05)
+        on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("k.sqlite*"))
+        assert old not in on_disk and young in on_disk
+        with pytest.raises(MissingKeys):
+            store.fetch_deliverable("sae-b", "sae-a", ["k-old"])
+        assert store.fetch_deliverable("sae-b", "sae-a", ["k-young"]) == [young]
+    finally:
+        store.close()

@@ -97,7 +97,7 @@ class KeyStore:
     """Thread-safe; QKD drivers write from their threads, the front ends read from theirs."""
 
     def __init__(self, path: Path, *, flush_every: float = 0.05, checkpoint_every: float = 0.1, usage_window: int = 60,
-                 durable: bool = False, link_key_limit: int = 100_000) -> None:
+                 durable: bool = False, link_key_limit: int = 100_000, expire_every: float = 1.0) -> None:
         self.path = Path(path)
         self.link_key_limit = link_key_limit
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +119,7 @@ class KeyStore:
         self.usage_window = usage_window
         self._flush_every = flush_every
         self._checkpoint_every = checkpoint_every
+        self._expire_every = expire_every  # the sweep of end keys past their TTL (secure_delete overwrites them)
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
@@ -214,10 +215,15 @@ class KeyStore:
     def _flush_loop(self) -> None:
         checkpointer = sqlite3.connect(str(self.path), isolation_level=None)
         next_checkpoint = time.monotonic() + self._checkpoint_every
+        next_sweep = time.monotonic() + self._expire_every
         try:
             while not self._closed.wait(self._flush_every):
                 try:
                     self.flush()
+                    if time.monotonic() >= next_sweep:
+                        if self.expire():
+                            self._erase_history(checkpointer)
+                        next_sweep = time.monotonic() + self._expire_every
                     if time.monotonic() >= next_checkpoint:
                         self._checkpoint(checkpointer)
                         next_checkpoint = time.monotonic() + self._checkpoint_every
@@ -239,6 +245,12 @@ class KeyStore:
         checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         with self._lock:
             checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _erase_history(self, checkpointer: sqlite3.Connection) -> None:
+        """After expired keys were deleted (secure_delete overwrote their cells): copy the WAL
+        into the file and truncate it, as its older frames still hold the keys' bytes."""
+        with self._lock:
+            checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def count(self, link: str, *, mine: bool = True) -> int:
         with self._lock:
