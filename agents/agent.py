@@ -17,7 +17,9 @@ from typing import Any
 
 
 from sdqkd.agents import config as agent_config
-from sdqkd.agents import events, ssh, state
+from sdqkd.agents import operational
+from sdqkd.agents import device_notifications
+from sdqkd.agents.netconf import ssh
 from sdqkd.agents.datastore.model import agent_models
 from sdqkd.agents.datastore.store import Datastores
 from sdqkd.agents.datastore.validate import NodeFacts
@@ -26,9 +28,9 @@ from sdqkd.agents.drivers.base import Driver, Event
 from sdqkd.agents.kms import node as kms_node
 from sdqkd.agents.kms import routes as kms_routes
 from sdqkd.agents.qaas import api as qaas
-from sdqkd.agents.notify import NotificationHub
-from sdqkd.agents.rpcs import Rpcs
-from sdqkd.agents.server import NetconfServer
+from sdqkd.agents.netconf.notifications import NotificationHub
+from sdqkd.agents.netconf.rpcs import Rpcs
+from sdqkd.agents.netconf.server import NetconfServer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class Agent:
             NodeFacts(cfg.node.qkdn_id),
             drivers=self.drivers,
             startup_path=cfg.startup_path,
-            initial=state.initial_config(cfg, self.drivers),
+            initial=operational.initial_config(cfg, self.drivers),
             on_commit=self._on_commit,
         )
         self.server: NetconfServer | None = None
@@ -62,7 +64,7 @@ class Agent:
         # Drivers emit from their own threads, possibly while a commit holds the
         # datastore lock: events are queued and sent by one thread of ours.
         self._events: queue.Queue[Event | None] = queue.Queue(maxsize=10000)
-        self._translate = events.Translator()
+        self._translate = device_notifications.Translator()
         self._notifier = threading.Thread(target=self._notify_loop, name="notifier", daemon=True)
 
     def start(self) -> None:
@@ -90,12 +92,12 @@ class Agent:
         return self.server.sessions() if self.server else []
 
     def _fill_state(self, data: dict[str, Any]) -> None:
-        state.fill(data, self.drivers, self.kms.lkms.store.usage)
+        operational.fill(data, self.drivers, self.kms.lkms.store.usage)
 
     def _on_commit(self, changes: list[Any]) -> None:
         if any(c.kind in ("qkd-link", "qkd-app") for c in changes):  # what routes are made of
             self._refresh_routes()
-        for content in events.application_changes(changes):
+        for content in device_notifications.application_changes(changes):
             self.hub.publish(content)
 
     def _refresh_routes(self) -> None:
@@ -111,7 +113,7 @@ class Agent:
         if now - self._asked.get((master, slave), -1e9) < 5.0:
             return
         self._asked[(master, slave)] = now
-        self.hub.publish(events.application_new(master, slave, self.cfg.node.qkdn_id))
+        self.hub.publish(device_notifications.application_new(master, slave, self.cfg.node.qkdn_id))
 
     def _on_event(self, event: Event) -> None:
         try:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from agentproc import AgentProc  # noqa: E402
 from sdqkd.controller import config as controller_config  # noqa: E402
-from sdqkd.controller.core import Controller  # noqa: E402
+from sdqkd.controller.controller import Controller  # noqa: E402
 from sdqkd.controller.pathcomp.optical import OpticalRequest  # noqa: E402
 from sdqkd.controller.topology.model import Topology  # noqa: E402
 from sdqkd.lab import plan as lab_plan  # noqa: E402

@@ -30,7 +30,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from sdqkd.controller.core import Controller  # noqa: E402
+from sdqkd.controller.controller import Controller  # noqa: E402
 from labrun import running_lab  # noqa: E402  (bench/ is on sys.path when run as a script)
 from latency import p50_p99_ms  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Cost of the SP 800-90B health tests (agents/drivers/health.py) on the emulated QRNG.
+"""Cost of the SP 800-90B health tests (agents/emulation/health.py) on the emulated QRNG.
 
 Measures, in the same run: the health tests alone on raw samples (samples/s), and
 `Qrng.read` output with and without the health tap on a device whose modelled rate is
@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sdqkd.agents.drivers.health import HealthTap, HealthTests
+from sdqkd.agents.emulation.health import HealthTap, HealthTests
 from sdqkd.agents.drivers.qrng import RAW_PER_BLOCK, BLOCK_BITS, NoiseModel, Qrng, QrngFailure
 
 

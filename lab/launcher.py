@@ -26,7 +26,8 @@ from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
-from sdqkd.lab import state, topology
+from sdqkd.lab import topology
+from sdqkd.lab import labjson
 
 
 class LabError(Exception):
@@ -128,10 +129,10 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     console = console or Console(stderr=True)
     lab = topology.load_valid(Path(topology_path))
     name = lab_plan.lab_object(lab).get("name") or Path(topology_path).stem
-    path = state.state_path(name, root)
+    path = labjson.state_path(name, root)
     if path.exists():
         raise LabError(f"lab '{name}' is already up ({path}); run `sdqkd lab down {name}` first")
-    old = state.lab_dir(name, root)
+    old = labjson.lab_dir(name, root)
     if old.exists():  # what a previous run left (keys, controller services): a new lab starts clean
         shutil.rmtree(old)
     procs: list[_Proc] = []
@@ -139,7 +140,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as progress:
-            plan = lab_plan.make(lab, state.lab_dir(name, root), free_ports=free_ports)
+            plan = lab_plan.make(lab, labjson.lab_dir(name, root), free_ports=free_ports)
             check_ports(plan)
             ctl_cfg = lab_plan.write_controller_config(plan)
             progress.add_task("certificates and configs", total=1, completed=1)
@@ -201,13 +202,13 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
                         raise LabError(f"key link {kl['name']}: the controller refused it: {exc.details()}") from None
                     progress.advance(t)
             progress.add_task("healthy", total=1, completed=1)
-        data = state.describe(plan, pids, ctl.popen.pid)
-        state.write(path, data)
+        data = labjson.describe(plan, pids, ctl.popen.pid)
+        labjson.write(path, data)
         return data
     except BaseException:
         for p in procs:
             _terminate(p.popen.pid)
-        lab_hosts.down(lab_hosts.lab_tag(name, state.lab_dir(name, root)), made_hosts)
+        lab_hosts.down(lab_hosts.lab_tag(name, labjson.lab_dir(name, root)), made_hosts)
         raise
 
 
@@ -238,8 +239,8 @@ def _terminate(pid: int | None, wait: float = 10.0) -> None:
 
 
 def down(name: str | None = None, root: Path | None = None, cleanup: bool = False) -> str:
-    path = state.find(name, root)
-    data = state.read(path)
+    path = labjson.find(name, root)
+    data = labjson.read(path)
     _terminate(data["controller"].get("pid"))
     for n in data["nodes"]:
         _terminate(n.get("pid"))
@@ -265,7 +266,7 @@ def _remove_hosts(data: dict[str, Any]) -> None:
 
 def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
     """lab.json plus the controller's live view (nodes up, links with key rates)."""
-    data = state.read(state.find(name, root))
+    data = labjson.read(labjson.find(name, root))
     try:
         topo = controller_stub(data["controller"]["grpc"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
     except grpc.RpcError as exc:

@@ -40,7 +40,7 @@ UNBOUND: dict[str, str] = {
     "confirm-timeout), there is no data to bind",
     "ietf-netconf-monitoring": "pyangbind cannot map instance-identifier; the agent states "
     "/netconf-state as RFC 7951 JSON and libyang encodes it",
-    "sdqkd-qrng": "notifications only (no data to bind); agents/events.py states them as JSON "
+    "sdqkd-qrng": "notifications only (no data to bind); agents/device_notifications.py states them as JSON "
     "and libyang validates and encodes them",
 }
 

@@ -104,7 +104,7 @@ def controller(config_path: str) -> None:
 
     from sdqkd.configfile import ConfigError
     from sdqkd.controller import config as controller_config
-    from sdqkd.controller.service import serve
+    from sdqkd.controller.daemon import serve
 
     try:
         cfg = controller_config.load(config_path)
@@ -129,17 +129,17 @@ lab_dir_option = click.option(
 
 
 def _labs(lab_dir: str | None) -> Path:
-    from sdqkd.lab import state
+    from sdqkd.lab import labjson
 
-    return state.labs_root(lab_dir)
+    return labjson.labs_root(lab_dir)
 
 
 def _find_lab(lab_name: str | None, lab_dir: str | None) -> dict:  # type: ignore[type-arg]
     """lab.json of the named (or only) running lab; a ClickException when there is none."""
-    from sdqkd.lab import state
+    from sdqkd.lab import labjson
 
     try:
-        return state.read(state.find(lab_name, _labs(lab_dir)))
+        return labjson.read(labjson.find(lab_name, _labs(lab_dir)))
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -218,9 +218,9 @@ def lab_env(name: str | None, lab_dir: str | None) -> None:
     """Print a running lab's addresses and credentials as shell variables: eval "$(sdqkd lab env)"."""
     import shlex
 
-    from sdqkd.lab import state
+    from sdqkd.lab import labjson
 
-    for var, value in state.shell_env(_find_lab(name, lab_dir)).items():
+    for var, value in labjson.shell_env(_find_lab(name, lab_dir)).items():
         click.echo(f"export {var}={shlex.quote(value)}")
 
 

@@ -8,7 +8,7 @@ work and frees what it made, and gives back text, lxml elements or JSON, so no c
 has to manage libyang's memory.
 
 Failures are YangError with one Problem per libyang error: its message, the data path
-(libyang's JSON-style path) and what kind of violation it is, which agents/errors.py
+(libyang's JSON-style path) and what kind of violation it is, which agents/netconf/errors.py
 turns into rpc-errors (RFC 6241 appendix A, RFC 7950 section 15)."""
 from __future__ import annotations
 

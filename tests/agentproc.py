@@ -14,7 +14,7 @@ from typing import Any
 
 from ncclient import manager
 
-from sdqkd.agents import ssh
+from sdqkd.agents.netconf import ssh
 from sdqkd.lab.plan import free_port as plan_free_port
 
 PASSWORD = "s3cret-for-tests"

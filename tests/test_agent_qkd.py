@@ -13,7 +13,7 @@ from lxml import etree
 
 from agentproc import agent_config, free_port
 from sdqkd import yangdata, yangmodels
-from sdqkd.agents.drivers.plant import Plant
+from sdqkd.agents.emulation.plant import Plant
 from conftest import run
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"

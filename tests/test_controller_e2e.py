@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from agentproc import AgentProc
-from sdqkd.agents.drivers.plant import Plant
+from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller import config as controller_config
-from sdqkd.controller.core import Controller, ControllerError
+from sdqkd.controller.controller import Controller, ControllerError
 from sdqkd.controller.pathcomp.optical import OpticalRequest
 from sdqkd.lab import plan as lab_plan
 

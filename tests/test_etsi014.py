@@ -21,7 +21,7 @@ from sdqkd import pki
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
-from sdqkd.agents.kms.service import Status
+from sdqkd.agents.kms.interface import Status
 
 KME = str(uuid.uuid5(uuid.NAMESPACE_URL, "sdqkd-test/etsi014/alice"))
 

@@ -14,7 +14,7 @@ import pytest
 from sdqkd.agents.kms.https import GroupCommit
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
-from sdqkd.agents.kms.service import KmsError
+from sdqkd.agents.kms.interface import KmsError
 
 KME = str(uuid.uuid5(uuid.NAMESPACE_URL, "sdqkd-test/group-commit"))
 L1 = "10000000-0000-4000-8000-000000000001"

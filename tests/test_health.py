@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sdqkd.agents.drivers.base import Event
-from sdqkd.agents.drivers.health import (RETRY_AFTER, STARTUP_SAMPLES, HealthTap, HealthTests, apt_cutoff,
+from sdqkd.agents.emulation.health import (RETRY_AFTER, STARTUP_SAMPLES, HealthTap, HealthTests, apt_cutoff,
                                          rct_cutoff)
 from sdqkd.agents.drivers.qrng import NoiseModel, Qrng, QrngFailure
 

@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 from sdqkd.keysource import KeySourceError
-from sdqkd.lab import keys, launcher, plot, state
+from sdqkd.lab import keys, launcher, plot
+from sdqkd.lab import labjson
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
 
@@ -28,7 +29,7 @@ def test_lab_up_key_down(tmp_path, name, src, dst, hops) -> None:
     data = launcher.up(TOPOLOGIES / f"{name}.json", root=tmp_path, free_ports=True, console=console)
     pids = [n["pid"] for n in data["nodes"]] + [data["controller"]["pid"]]
     try:
-        assert state.find(name, tmp_path) == tmp_path / name / "lab.json"
+        assert labjson.find(name, tmp_path) == tmp_path / name / "lab.json"
         st = launcher.status(name, tmp_path)
         assert all(n["up"] for n in st["nodes"]) and st["links"]
         assert all(lk["status"] == "ACTIVE" and lk["skr_kbps"] > 0 for lk in st["links"])
@@ -48,4 +49,4 @@ def test_lab_up_key_down(tmp_path, name, src, dst, hops) -> None:
         launcher.down(name, tmp_path)
     assert not any(_alive(p) for p in pids)
     with pytest.raises(FileNotFoundError):
-        state.find(name, tmp_path)
+        labjson.find(name, tmp_path)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from conftest import REPO, run
 from sdqkd import yangdata, yangmodels
-from sdqkd.agents.drivers.plant import Plant
-from sdqkd.agents.drivers.profile import BUILTIN_PROFILES, QkdProfile
+from sdqkd.agents.emulation.plant import Plant
+from sdqkd.agents.emulation.profile import BUILTIN_PROFILES, QkdProfile
 from sdqkd.cli import main
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab import topology

@@ -39,8 +39,8 @@ def test_import_contracts_hold(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where, line, contract", [
     ("tapi/context.py", "from sdqkd.controller import core  # noqa", "Layers"),
-    ("agents/rpcs.py", "from sdqkd.bindings import etsi_qkd_sdn_node  # noqa", "No pyangbind"),
-    ("controller/core.py", "from sdqkd.agents import state  # noqa", "Layers"),
+    ("agents/netconf/rpcs.py", "from sdqkd.bindings import etsi_qkd_sdn_node  # noqa", "No pyangbind"),
+    ("controller/controller.py", "from sdqkd.agents import operational  # noqa", "Layers"),
 ])
 def test_a_broken_contract_is_caught(tmp_path: Path, where: str, line: str, contract: str) -> None:
     root = installed_layout(tmp_path)

@@ -22,7 +22,7 @@ from sdqkd.agents.kms.coalesce import Coalescer
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig, allocator
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
-from sdqkd.agents.kms.service import KmsError, Qos
+from sdqkd.agents.kms.interface import KmsError, Qos
 
 A, B, C, D = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in "abcd")
 L1, L2, V = "10000000-0000-4000-8000-000000000001", "10000000-0000-4000-8000-000000000002", "20000000-0000-4000-8000-00000000000c"

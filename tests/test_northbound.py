@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from agentproc import PASSWORD, agent_config, free_port
 from conftest import run
 from sdqkd.controller.config import AgentEntry, ControllerConfig
-from sdqkd.controller.core import Controller, ControllerError
+from sdqkd.controller.controller import Controller, ControllerError
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.northbound import server as northbound

@@ -7,7 +7,7 @@ import pytest
 
 from sdqkd.agents.drivers.base import Change, DriverError, Event
 from sdqkd.agents.drivers.optical_switch import OpticalSwitch
-from sdqkd.agents.drivers.plant import Plant
+from sdqkd.agents.emulation.plant import Plant
 from sdqkd.agents.drivers.registry import create
 
 LAB = {

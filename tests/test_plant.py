@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdqkd.agents.drivers.plant import Plant
+from sdqkd.agents.emulation.plant import Plant
 
 
 def lab() -> dict:
@@ -115,7 +115,7 @@ def test_second_plant_and_other_process_see_the_same_state(plant: Plant, tmp_pat
         assert other.trace("A", 1).peer_node == "C"
         assert other.cross_connects("swB") == {6: 2, 2: 6}
         script = (
-            "import json, sys; from sdqkd.agents.drivers.plant import Plant;"
+            "import json, sys; from sdqkd.agents.emulation.plant import Plant;"
             "p = Plant(json.loads(sys.argv[1]), sys.argv[2]);"
             "print(p.trace('A', 1).peer_node);"
             "p.set_cross_connects('swB', {6: 3}); p.cut_fibre('fAB'); p.close()"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from sdqkd.agents import state
+from sdqkd.agents import operational
 from sdqkd.agents.datastore.model import agent_models
 
 NS = "urn:etsi:qkd:yang:etsi-qkd-node"
@@ -22,11 +22,11 @@ def running() -> dict:
 def test_statistics_windows_are_refilled_not_accumulated() -> None:
     data = running()
     windows = {APP_ID: [(0, 10, 5), (10, 20, 7)]}
-    state.fill(data, [], lambda app: windows.get(app, []))
+    operational.fill(data, [], lambda app: windows.get(app, []))
     app = data["etsi-qkd-sdn-node"]["etsi-qkd-sdn-node:qkd_node"]["qkd_applications"]["qkd_app"][0]
     assert [s["end_time"] for s in app["app_statistics"]["statistics"]] == ["1970-01-01T00:00:10Z", "1970-01-01T00:00:20Z"]
     windows[APP_ID] = [(20, 30, 9)]  # the key store keeps the last windows only
-    state.fill(data, [], lambda app: windows.get(app, []))
+    operational.fill(data, [], lambda app: windows.get(app, []))
     assert app["app_statistics"]["statistics"] == [
         {"end_time": "1970-01-01T00:00:30Z", "start_time": "1970-01-01T00:00:20Z", "consumed_bits": 9}]
 
@@ -34,7 +34,7 @@ def test_statistics_windows_are_refilled_not_accumulated() -> None:
 def test_filled_state_encodes_through_libyang() -> None:
     data = running()
     before = copy.deepcopy(data)
-    state.fill(data, [], lambda app: [(0, 10, 2**40)])  # more bits than uint32 holds: capped, not refused
+    operational.fill(data, [], lambda app: [(0, 10, 2**40)])  # more bits than uint32 holds: capped, not refused
     [node] = agent_models().operational(data)
     assert node.findtext(f"{{{NS}}}qkdn_status") == "etsi-qkdn-types:OPERATING"
     stat = node.find(f".//{{{NS}}}statistics")

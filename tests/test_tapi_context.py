@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from sdqkd.controller import services as svc
+from sdqkd.controller import store as svc
 from sdqkd.controller.pathcomp.optical import OpticalRequest, direct_links, optical_path
 import madqci
 from sdqkd.controller.topology.model import (

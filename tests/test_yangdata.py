@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.agents import errors
+from sdqkd.agents.netconf import errors
 
 NS = "urn:etsi:qkd:yang:etsi-qkd-node"
 TYPES = "urn:etsi:qkd:yang:etsi-qkd-node-types"

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.agents import errors
+from sdqkd.agents.netconf import errors
 from sdqkd.agents.datastore.model import ModelSet
 from sdqkd.yangdata import SchemaNode
 

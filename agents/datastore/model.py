@@ -11,7 +11,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.agents import errors
+from sdqkd.agents.netconf import errors
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from lxml import etree
 
-from sdqkd.agents import errors
+from sdqkd.agents.netconf import errors
 from sdqkd.agents.datastore import diff, edit, validate
 from sdqkd.agents.datastore.model import Config, ModelSet
 from sdqkd.agents.drivers.base import Change, Driver, DriverError

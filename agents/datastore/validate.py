@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sdqkd.agents import errors
+from sdqkd.agents.netconf import errors
 
 QKDN = "/etsi-qkdn:qkd_node"
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from sdqkd.agents.drivers.base import Change, Driver, DriverError, Emit, Event
-from sdqkd.agents.drivers.plant import Plant
+from sdqkd.agents.emulation.plant import Plant
 
 log = logging.getLogger(__name__)
 

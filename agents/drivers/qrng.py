@@ -22,7 +22,7 @@ as hardware, not as a constant:
   the next GLITCH_SAMPLES samples only (a transient, e.g. a supply dip), then the
   device is healthy again by itself. All corrupt the RAW stream only.
 
-Health testing (NIST SP 800-90B, agents/drivers/health.py) hooks in through
+Health testing (NIST SP 800-90B, agents/emulation/health.py) hooks in through
 `add_raw_tap(tap, health=True)`: every raw sample the sampler emits (before
 conditioning, or through the diagnostic `read_raw`) is shown to the taps; a health
 test calls `report_failure()` when it trips (status FAILED, a 'qrng-status' event:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.drivers import health, registry
+from sdqkd.agents.drivers import registry
+from sdqkd.agents.emulation import health
 from sdqkd.agents.drivers.base import Driver
-from sdqkd.agents.drivers.plant import Plant
-from sdqkd.agents.drivers.profile import QkdProfile, calibrate
+from sdqkd.agents.emulation.plant import Plant
+from sdqkd.agents.emulation.profile import QkdProfile, calibrate
 from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink
 

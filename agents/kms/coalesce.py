@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .service import Key, KmsError
+from .interface import Key, KmsError
 
 # the LKMS call for (number, size) keys from master to slave: https.call on the pool
 EncKeys = Callable[[str, str, int, int | None], Awaitable[list[Key]]]

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from .https import ApiError, call, canonical_uuid, json_object, sae_of
-from .service import KeyService, KmsError, Qos
+from .interface import KeyService, KmsError, Qos
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from multidict import MultiMapping
 
 from .coalesce import Coalescer
 from .https import ApiError, call, canonical_uuid, json_object, query_one, sae_of, use_group_commit
-from .service import Key, KeyService
+from .interface import Key, KeyService
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from multidict import MultiMapping
 from sdqkd.listen import binding
 
 from sdqkd.pki import sae_id_of
-from .service import KmsError
+from .interface import KmsError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import lending
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
-from sdqkd.agents.kms.service import Key, KmsError, Qos, Status, Stream
+from sdqkd.agents.kms.interface import Key, KmsError, Qos, Status, Stream
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def allocator(own: str, remote: str) -> Callable[[str], bool]:
 
 
 class Lkms:
-    """Implements sdqkd.agents.kms.service.KeyService."""
+    """Implements sdqkd.agents.kms.interface.KeyService."""
 
     def __init__(self, cfg: LkmsConfig, store: KeyStore, entropy: Callable[[int], bytes] = os.urandom,
                  forwarder: fm.Forwarder | None = None, on_missing_path: Callable[[str, str], None] | None = None) -> None:

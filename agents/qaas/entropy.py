@@ -1,7 +1,7 @@
 """Entropy as a service: GET /api/v1/entropy?bytes=N on a node with a QRNG.
 
 The bytes come from the node's QRNG driver (the emulated device at its modelled rate,
-whose raw samples pass the SP 800-90B health tests of agents/drivers/health.py, or the
+whose raw samples pass the SP 800-90B health tests of agents/emulation/health.py, or the
 OS source). A source that failed its health tests delivers nothing: 503 until it is
 repaired and its start-up tests pass; the alarm itself is the driver's qrng-status
 event, sent as an sdqkd-qrng notification. No entropy byte is ever logged.

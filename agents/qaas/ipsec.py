@@ -26,7 +26,7 @@ from aiohttp import web
 from sdqkd.agents.config import IpsecConf, IpsecPeerConf
 from sdqkd.agents.kms import https
 from sdqkd import pki
-from sdqkd.agents.kms.service import Key, KmsError
+from sdqkd.agents.kms.interface import Key, KmsError
 
 from . import openapi
 from .context import Context

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, query_one, sae_of
-from sdqkd.agents.kms.service import Key, KmsError
+from sdqkd.agents.kms.interface import Key, KmsError
 
 from . import openapi
 from .context import Context

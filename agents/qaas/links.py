@@ -17,7 +17,7 @@ from aiohttp import web
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms.https import call
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute
-from sdqkd.agents.kms.service import KmsError
+from sdqkd.agents.kms.interface import KmsError
 
 from . import openapi
 from .context import Context

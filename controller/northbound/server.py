@@ -8,7 +8,7 @@ from concurrent import futures
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from sdqkd.controller.core import Controller
+from sdqkd.controller.controller import Controller
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.northbound.servicer import ControllerServicer

@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from sdqkd.controller import services as svc
-from sdqkd.controller.core import Controller, ControllerError, Event
+from sdqkd.controller import store as svc
+from sdqkd.controller.controller import Controller, ControllerError, Event
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.pathcomp.optical import OpticalRequest

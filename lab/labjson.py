@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents import ssh
+from sdqkd.agents.netconf import ssh
 from sdqkd.lab.plan import LabPlan
 
 ENV = "SDQKD_LAB_DIR"  # same meaning as --lab-dir

@@ -11,7 +11,7 @@ from typing import Any
 
 from lxml import etree
 
-from sdqkd.agents import errors
+from sdqkd.agents.netconf import errors
 from sdqkd.agents.datastore import subtree
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,9 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.agents import errors, monitoring, notify
+from sdqkd.agents.netconf import errors
+from sdqkd.agents.netconf import monitoring
+from sdqkd.agents.netconf import notifications
 from sdqkd.agents.datastore import subtree
 from sdqkd.agents.datastore.model import ModelSet
 from sdqkd.agents.datastore.store import Datastores
@@ -80,14 +82,14 @@ def _text(op: etree._Element, name: str) -> str | None:
 class Rpcs:
     """What the server calls: capabilities, the handler table and session cleanup."""
 
-    def __init__(self, models: ModelSet, datastores: Datastores, hub: notify.NotificationHub, fill_state: StateFill, sessions: Callable[[], list[Any]]) -> None:
+    def __init__(self, models: ModelSet, datastores: Datastores, hub: notifications.NotificationHub, fill_state: StateFill, sessions: Callable[[], list[Any]]) -> None:
         self.models = models
         self.datastores = datastores
         self.hub = hub
         self.fill_state = fill_state
         self.sessions = sessions
         self.modules = monitoring.served_modules(SERVED)
-        self.started = notify.now()
+        self.started = notifications.now()
         self._caps: list[str] | None = None
         self._handlers: dict[tuple[str, str], Callable[[Any, etree._Element], Any]] = {
             (NC, "get"): self.get,
@@ -104,7 +106,7 @@ class Rpcs:
             (NC, "close-session"): lambda s, op: None,
             (NC, "kill-session"): self.kill_session,
             (monitoring.NCM_NS, "get-schema"): lambda s, op: monitoring.get_schema(op, self.modules),
-            (notify.NOTIF_NS, "create-subscription"): self.create_subscription,
+            (notifications.NOTIF_NS, "create-subscription"): self.create_subscription,
         }
 
     # --- server interface ---------------------------------------------------------
@@ -231,8 +233,8 @@ class Rpcs:
         victim.close()
 
     def create_subscription(self, session: Any, op: etree._Element) -> None:
-        ns = notify.NOTIF_NS
-        stream = op.findtext(f"{{{ns}}}stream") or notify.STREAM
+        ns = notifications.NOTIF_NS
+        stream = op.findtext(f"{{{ns}}}stream") or notifications.STREAM
         filt = op.find(f"{{{ns}}}filter")
         if filt is not None and filt.get("type", "subtree") != "subtree":
             raise errors.protocol(errors.BadAttribute, "only subtree filters are supported", info={"bad-attribute": "type", "bad-element": "filter"})
@@ -242,8 +244,8 @@ class Rpcs:
             session,
             stream.strip(),
             filt,
-            notify.parse_time(start, "startTime") if start else None,
-            notify.parse_time(stop, "stopTime") if stop else None,
+            notifications.parse_time(start, "startTime") if start else None,
+            notifications.parse_time(stop, "stopTime") if stop else None,
         )
         if replay is not None:
             session.after_reply.append(replay)

@@ -5,7 +5,7 @@ import logging
 import threading
 
 from sdqkd.controller.config import ControllerConfig
-from sdqkd.controller.core import Controller
+from sdqkd.controller.controller import Controller
 
 log = logging.getLogger(__name__)
 

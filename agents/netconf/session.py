@@ -17,7 +17,8 @@ from typing import Any
 from lxml import etree
 from netconf.server import NetconfServerSession
 
-from sdqkd.agents import errors, notify
+from sdqkd.agents.netconf import errors
+from sdqkd.agents.netconf import notifications
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,13 @@ Handler = Callable[["AgentSession", etree._Element], Any]
 
 
 class AgentSession(NetconfServerSession):
-    """A client's session. The server's `server_methods` is an sdqkd.agents.rpcs.Rpcs."""
+    """A client's session. The server's `server_methods` is an sdqkd.agents.netconf.rpcs.Rpcs."""
 
     def __init__(self, channel: Any, server: Any, extra_args: Any, debug: bool) -> None:
         self._send_lock = threading.Lock()
         self.after_reply: list[Callable[[], None]] = []
         self.counters = {"in-rpcs": 0, "in-bad-rpcs": 0, "out-rpc-errors": 0, "out-notifications": 0}
-        self.login_time = notify.now()
+        self.login_time = notifications.now()
         peer = channel.get_transport().getpeername()
         self.source_host = peer[0] if isinstance(peer, tuple) else None
         self.username = getattr(channel.get_transport(), "get_username", lambda: None)()

@@ -11,7 +11,8 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangmodels
-from sdqkd.agents import errors, notify
+from sdqkd.agents.netconf import errors
+from sdqkd.agents.netconf import notifications
 
 NCM_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 
@@ -39,19 +40,19 @@ def netconf_state(capabilities: list[str], modules: list[yangmodels.YangModule],
         ds: dict[str, Any] = {"name": name}
         if name in locks:
             ds["locks"] = {"global-lock": {"locked-by-session": int(locks[name]),
-                                           "locked-time": notify.format_time(notify.now())}}
+                                           "locked-time": notifications.format_time(notifications.now())}}
         stores.append(ds)
     schemas = [{"identifier": m.name, "version": m.revision or "", "format": f"{ncm}:yang",
                 "namespace": m.read_header()[0], "location": ["NETCONF"]} for m in modules]
     sess = []
     for s in sessions:
         entry: dict[str, Any] = {"session-id": int(s.session_id), "transport": f"{ncm}:netconf-ssh",
-                                 "username": s.username or "", "login-time": notify.format_time(s.login_time)}
+                                 "username": s.username or "", "login-time": notifications.format_time(s.login_time)}
         if s.source_host:
             entry["source-host"] = s.source_host
         entry.update({k: int(v) for k, v in s.counters.items()})
         sess.append(entry)
-    st: dict[str, Any] = {"netconf-start-time": notify.format_time(stats["start"])}
+    st: dict[str, Any] = {"netconf-start-time": notifications.format_time(stats["start"])}
     st.update({k: int(stats.get(k, 0)) for k in ("in-bad-hellos", "in-sessions", "dropped-sessions", "in-rpcs",
                                                  "in-bad-rpcs", "out-rpc-errors", "out-notifications")})
     state: dict[str, Any] = {"capabilities": {"capability": list(capabilities)}, "datastores": {"datastore": stores},

@@ -21,7 +21,7 @@ from typing import Any
 
 from lxml import etree
 
-from sdqkd.controller import services as svc
+from sdqkd.controller import store as svc
 from sdqkd.controller.config import ControllerConfig
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path

@@ -6,9 +6,9 @@ from typing import Any
 
 import paramiko
 
-from sdqkd.agents.rpcs import Rpcs
-from sdqkd.agents.session import AgentSession
-from sdqkd.agents.ssh import AuthController, BoundSSHServer, User
+from sdqkd.agents.netconf.rpcs import Rpcs
+from sdqkd.agents.netconf.session import AgentSession
+from sdqkd.agents.netconf.ssh import AuthController, BoundSSHServer, User
 
 
 class NetconfServer(BoundSSHServer):
