@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from sdqkd.agents.qaas import strongswan
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCANNED = ("agents", "controller", "lab", "sdqkd", "tapi", "tools", "tests", "bench")
 PLUGIN_DIR = Path("/usr/lib/ipsec/plugins")
 # argv prefixes that run another program: what follows (after options) is checked too.

@@ -29,7 +29,7 @@ from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.northbound import server as northbound
 from sdqkd.controller.northbound.servicer import status_for
 from sdqkd.controller.topology.model import Node, QkdLink, Topology
-from test_tapi_context import A, B, TAPI, small_channel, small_topology
+from topo_samples import A, B, TAPI, small_channel, small_topology
 
 RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
         "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents"]

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from conftest import REPO, run
 from sdqkd.yangmodels import YANG_DIR
 from yang_compat import compare
 
 PYANG = str(Path(sys.executable).with_name("pyang"))
-TAPI_INSTANCE = Path(__file__).parent / "data" / "tapi_instance.xml"
+TAPI_INSTANCE = REPO / "tests" / "data" / "tapi_instance.xml"
 
 ETSI = ("etsi-qkd-node-types", "etsi-qkd-sdn-node")
 ETSI_REVISION = "2022-01-30"

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 # The repository's top-level folders are sub-packages of sdqkd (setup.cfg package_dir);
 # import-linter walks one folder per package, so it reads a copy laid out as installed.
 FOLDERS = {"agents": "agents", "controller": "controller", "lab": "lab", "tapi": "tapi", "bindings": "bindings"}

@@ -22,6 +22,7 @@ from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
 import madqci
 from madqci import qkdn_id as Q
 from sdqkd.controller.topology.model import Node, QkdLink, Topology
+from conftest import REPO
 
 
 def names(topo: Topology, nodes: tuple[str, ...]) -> list[str]:
@@ -451,13 +452,13 @@ def test_an_unmeetable_request_on_1000_nodes_says_what_the_network_can_do() -> N
 def test_flow_plans_do_not_depend_on_the_process_hash_seed() -> None:
     """Max-flow algorithms that keep nodes in sets find a different (equally maximum) flow
     per PYTHONHASHSEED, and so a different plan in every controller run."""
-    code = ("import sys; sys.path.insert(0, 'tests'); import networkx as nx; import test_pathcomp_relay as t; from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths\n"
+    code = ("import sys; sys.path[:0] = ['tests', 'tests/controller']; import networkx as nx; import test_pathcomp_relay as t; from sdqkd.controller.pathcomp.relay import RelayRequest, relay_paths\n"
             "topo = t.random_topology(80, 3); ends = sorted(n for n, x in topo.nodes.items() if x.up and x.kms)\n"
             "for s, d in zip(ends[:12], ends[-12:]):\n"
             "    try: print(relay_paths(topo, RelayRequest(s, d, max_paths=64, min_bps=nx.maximum_flow_value(\n"
             "        topo.relay_graph(), s, d, capacity='capacity'))))\n"
             "    except Exception as exc: print(exc)\n")
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     outs = {subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True, timeout=120).stdout for seed in ("1", "2")}
     assert len(outs) == 1 and "RelayPlan" in outs.pop()

@@ -18,8 +18,8 @@ import pytest
 
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab.plan import free_port
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TOPOLOGIES = REPO / "lab" / "topologies"
 
 

@@ -12,8 +12,9 @@ from rich.console import Console
 from sdqkd.keysource import KeySourceError
 from sdqkd.lab import keys, launcher, plot
 from sdqkd.lab import labjson
+from conftest import REPO
 
-TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
+TOPOLOGIES = REPO / "lab" / "topologies"
 
 
 def _alive(pid: int) -> bool:

@@ -20,8 +20,9 @@ from rich.console import Console
 from sdqkd import pki
 from sdqkd.agents.qaas.strongswan import Charon, Endpoint, StrongswanError
 from sdqkd.lab import hosts, launcher
+from conftest import REPO
 
-TOPOLOGIES = Path(__file__).resolve().parent.parent / "lab" / "topologies"
+TOPOLOGIES = REPO / "lab" / "topologies"
 
 
 def _missing() -> str | None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_etsi014 import Kme, kme  # noqa: F401 - the shared in-process KME fixture
+from kmeproc import Kme, kme  # noqa: F401 - the shared in-process KME fixture
 
 from sdqkd import qkdtls
 from sdqkd.etsi014_client import DeviceApi, DeviceClient
