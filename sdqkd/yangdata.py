@@ -204,7 +204,7 @@ def _bad_date(value: str, path: str) -> Problem:
 def _dates_in_xml(elements: Iterable[etree._Element]) -> list[Problem]:
     """libyang 2.1 checks date-and-time against its pattern only, then normalises the
     value (2026-13-45 becomes a date in 2027): the input text is checked here, before."""
-    wanted = _date_leaves()
+    wanted, on_the_way = _date_leaves(), _date_ancestors()
     out: list[Problem] = []
 
     def walk(el: etree._Element, path: str, module: str | None) -> None:
@@ -214,6 +214,8 @@ def _dates_in_xml(elements: Iterable[etree._Element]) -> list[Problem]:
         here = f"{path}/{step}"
         if here in wanted and not _date_and_time_ok((el.text or "").strip()):
             out.append(_bad_date((el.text or "").strip(), here))
+        if here not in on_the_way:  # no date-and-time leaf below: nothing to look at
+            return
         for ch in el:
             if isinstance(ch.tag, str):
                 walk(ch, here, mod)
@@ -244,6 +246,16 @@ def _dates_in_json(data: Any) -> list[Problem]:
 
     walk(data, "")
     return out
+
+
+@functools.cache
+def _date_ancestors() -> frozenset[str]:
+    """Every schema path above a date-and-time leaf (where the input walk must go down)."""
+    out = set()
+    for path in _date_leaves():
+        steps = path.split("/")
+        out.update("/".join(steps[:i]) for i in range(2, len(steps)))
+    return frozenset(out)
 
 
 @functools.cache
@@ -287,10 +299,15 @@ def _document(tree: Any) -> Document:
     return Document(_print(tree, "xml"), json.loads(_print(tree, "json") or "{}"))
 
 
-def validate(text: str | bytes, fmt: str = "xml", *, config: bool = True) -> Document:
-    """Parse and fully validate a data document (config only when `config`); YangError if invalid."""
+def validate(text: str | bytes, fmt: str = "xml", *, config: bool = True,
+             elements: list[etree._Element] | None = None) -> Document:
+    """Parse and fully validate a data document (config only when `config`); YangError if
+    invalid. `elements`: the XML text as lxml already holds it (spares a second parse)."""
     if fmt == "xml":
-        problems = _dates_in_xml(etree.fromstring(b"<holder>" + (text.encode() if isinstance(text, str) else text) + b"</holder>"))
+        if elements is None:
+            raw = text.encode() if isinstance(text, str) else text
+            elements = list(etree.fromstring(b"<holder>" + raw + b"</holder>"))
+        problems = _dates_in_xml(elements)
     else:
         problems = _dates_in_json(json.loads(text))
     tree = _parse(text, fmt, config=config, validate=True)  # libyang keeps each thread's errors apart
@@ -305,7 +322,8 @@ def validate(text: str | bytes, fmt: str = "xml", *, config: bool = True) -> Doc
 
 def validate_elements(elements: Iterable[etree._Element], *, config: bool = True) -> Document:
     """validate() of a forest of lxml top-level elements (a datastore's content)."""
-    return validate(b"".join(etree.tostring(el) for el in elements), "xml", config=config)
+    elements = list(elements)
+    return validate(b"".join(etree.tostring(el) for el in elements), "xml", config=config, elements=elements)
 
 
 def validate_json(data: dict[str, Any] | str, *, config: bool = True) -> Document:
