@@ -1,16 +1,21 @@
 """Driver kinds: kind name -> class, filled by explicit register() calls (as containerlab's
-node registry), so the lab and the agent build devices from the kind in the lab file."""
+node registry), so the lab and the agent build devices from the kind in the lab file. The
+built-in kinds are imported when first asked for: an agent loads the code (and the
+libraries: httpx for a real device's ETSI 014 API) of the devices it has, no more."""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from sdqkd.agents.drivers.base import Driver
-from sdqkd.agents.drivers.optical_switch import OpticalSwitch
-from sdqkd.agents.drivers.qkd_emulated import EmulatedQkdModule
-from sdqkd.agents.drivers.qkd_etsi014 import Etsi014QkdModule
-from sdqkd.agents.drivers.qrng import Qrng
 
 _KINDS: dict[str, type[Driver]] = {}
+_BUILTIN = {  # kind -> module:class
+    "qkd-emulated": "sdqkd.agents.drivers.qkd_emulated:EmulatedQkdModule",
+    "optical-switch": "sdqkd.agents.drivers.optical_switch:OpticalSwitch",
+    "qkd-etsi014": "sdqkd.agents.drivers.qkd_etsi014:Etsi014QkdModule",
+    "qrng": "sdqkd.agents.drivers.qrng:Qrng",
+}
 
 
 class UnknownKind(LookupError):
@@ -29,10 +34,15 @@ def register(cls: type[Driver]) -> type[Driver]:
 
 
 def kinds() -> list[str]:
-    return sorted(_KINDS)
+    return sorted(set(_KINDS) | set(_BUILTIN))
 
 
 def driver_class(kind: str) -> type[Driver]:
+    if kind not in _KINDS and kind in _BUILTIN:
+        module, _, name = _BUILTIN[kind].partition(":")
+        cls = register(getattr(importlib.import_module(module), name))
+        if cls.kind != kind:
+            raise ValueError(f"{_BUILTIN[kind]} is of kind '{cls.kind}', not '{kind}'")
     try:
         return _KINDS[kind]
     except KeyError:
@@ -43,8 +53,3 @@ def create(kind: str, **kwargs: Any) -> Driver:
     """A new driver of `kind`, built with the class's own keyword arguments."""
     return driver_class(kind)(**kwargs)
 
-
-register(EmulatedQkdModule)
-register(OpticalSwitch)
-register(Etsi014QkdModule)
-register(Qrng)

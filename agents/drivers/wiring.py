@@ -10,11 +10,9 @@ from typing import Any
 
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers import registry
-from sdqkd.agents.emulation import health
 from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.agents.emulation.profile import QkdProfile, calibrate
-from sdqkd.agents.drivers.qkd_etsi014 import DeviceApi
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink
 
 
@@ -88,6 +86,8 @@ def build(cfg: AgentConfig, key_sink: KeySink, key_room: KeyRoom | None = None) 
                       key_sink=key_sink, key_room=key_room,
                       service_key=service_key, peer_address=peer_address, listen=(cfg.netconf.address, m.service_port))
         if m.driver == "qkd-etsi014":
+            from sdqkd.etsi014_client import DeviceApi  # httpx: loaded by nodes with such a device only
+
             assert m.etsi014 is not None
             d = m.etsi014
             entry = next((p for p in topo.get("profile", []) if p.get("name") == m.profile), {})
@@ -124,5 +124,7 @@ def build_qrng(cfg: AgentConfig) -> Driver | None:
     qrng = registry.create("qrng", node=cfg.node.name, source=cfg.qrng.source, rate=cfg.qrng.rate)
     h = qrng.min_entropy()
     if h is not None:
+        from sdqkd.agents.emulation import health  # numpy: loaded by nodes with a QRNG only
+
         health.HealthTap(qrng, h)
     return qrng

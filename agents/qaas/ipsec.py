@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from aiohttp import web
 
 from sdqkd.agents.config import IpsecConf, IpsecPeerConf
@@ -81,8 +80,11 @@ class Tunnels:
         k = ctx.cfg.kms
         # agent-to-agent calls to the peers' responder ends: one client (one TLS session per
         # peer, kept), and only on a node that ends tunnels
-        self.peers_http = (httpx.Client(verify=pki.client_ssl_context(k.cert, k.key, k.ca), timeout=20.0)
-                           if k is not None and self.cfg is not None else None)
+        self.peers_http: Any = None
+        if k is not None and self.cfg is not None:
+            import httpx  # loaded by nodes that end tunnels only
+
+            self.peers_http = httpx.Client(verify=pki.client_ssl_context(k.cert, k.key, k.ca), timeout=20.0)
 
     # --- checks ---------------------------------------------------------------------------
 
@@ -263,6 +265,8 @@ class Tunnels:
         url = f"https://{peer.api[0]}:{peer.api[1]}{path}"
         if self.peers_http is None:  # _peer() found no host of ours: never reached
             raise https.ApiError(404, f"node {self.ctx.cfg.node.name} has no lab host: it ends no IPsec tunnel")
+        import httpx
+
         try:
             r = self.peers_http.request(method, url, json=body)
         except httpx.HTTPError as exc:
