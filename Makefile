@@ -17,8 +17,9 @@ STAMP := $(VENV)/.sdqkd-installed
 DEBS := libyang2 libyang2-dev libyang2-tools yangcli openssh-client gcc libssl-dev libssl3 openssl \
 	strongswan-charon strongswan-libcharon libstrongswan libstrongswan-extra-plugins libcharon-extra-plugins strongswan-swanctl \
 	iproute2 iputils-ping apache2-utils curl
-# What only the benchmarks need on top (bench/netconf_vs_netconfd.py: yuma123 netconfd behind OpenSSH's sshd).
-BENCH_DEBS := netconfd openssh-server
+# What only the benchmarks need on top (bench/netconf_vs_netconfd.py: yuma123 netconfd behind OpenSSH's sshd;
+# bench/validate.py: git, to take the pre-libyang code as its same-run baseline).
+BENCH_DEBS := netconfd openssh-server git
 PYTEST_ARGS ?=
 
 .PHONY: all debs bench-debs print-debs venv bindings lint-yang test demo clean

@@ -42,7 +42,10 @@ class NodeConf:
 class PlantConf:
     """The emulated optical plant shared by the lab's agents."""
 
-    topology: str  # sdqkd-lab topology, RFC 7951 JSON
+    # The plant's description, as `sdqkd lab up` resolves it from the topology (sdqkd-lab
+    # RFC 7951 names): switches, every node's QKD interfaces (channel, switch attachment),
+    # fibres and links. Every agent of a lab gets the same; none reads the topology file.
+    inventory: dict[str, Any]
     state: str  # shared SQLite file
 
 
@@ -63,7 +66,8 @@ class Etsi014DeviceConf:
 @dataclass
 class QkdModuleConf:
     qkdi_id: int
-    profile: str  # name of a profile in the lab topology
+    profile: dict[str, Any]  # the module's QKD profile, resolved (sdqkd-lab `profile` leaves, calibrated)
+    channel: int | None = None  # a fixed DWDM channel, when the module has one
     role: str = "TRANSCEIVER"
     driver: str = "qkd-emulated"  # or "qkd-etsi014"
     service_port: int = 0

@@ -31,7 +31,9 @@ class GrpcConf:
 class ControllerConfig:
     agents: list[AgentEntry]
     state_dir: str
-    topology: str | None = None  # sdqkd-lab topology: the optical plant (fibres, switches) and domains
+    # The inventory NETCONF does not carry (sdqkd-lab RFC 7951 names): QKD profiles, nodes and
+    # their interfaces' attachments, fibres, switches, domains; `sdqkd lab up` writes it here.
+    inventory: dict[str, Any] | None = None
     saes: dict[str, str] = field(default_factory=dict)  # SAE -> qkdn_id of its node
     grpc: GrpcConf = field(default_factory=GrpcConf)
     confirm_timeout: int = 60

@@ -8,7 +8,6 @@ controller never sees key material: it configures links and applications only.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import queue
 import threading
@@ -66,7 +65,7 @@ class Event:
 class Controller:
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
-        lab = json.loads(Path(cfg.topology).read_text()) if cfg.topology else None
+        lab = cfg.inventory
         self.inventory = builder.Inventory(lab)
         self.store = svc.ServiceStore(Path(cfg.state_dir) / "controller.sqlite")
         self.conns: dict[str, AgentConnection] = {}

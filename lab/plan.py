@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdqkd.agents.emulation.profile import QkdProfile, calibrate
 from sdqkd.agents.netconf import ssh
 from sdqkd import pki
 from sdqkd.lab import hosts as lab_hosts
@@ -201,12 +202,13 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "users": [{"name": plan.username, "password_hash": pw_hash}],
         },
         "state_dir": str(np.dir / "state"),
-        "plant": {"topology": str(plan.topology_path), "state": str(plan.dir / "plant.sqlite")},
+        "plant": {"inventory": plant_inventory(lab), "state": str(plan.dir / "plant.sqlite")},
         "service_key": plan.service_key,
         "qkd_modules": [
             {
                 "qkdi_id": int(i["id"]),
-                "profile": i["profile"],
+                "profile": resolved_profile(lab, np.name, int(i["id"]), i["profile"]).to_dict(),
+                **({"channel": int(i["channel"])} if i.get("channel") is not None else {}),
                 "role": _role(lab, np.name, i),
                 "service_port": np.service_ports[int(i["id"])],
                 **({"device": i["attachment"]["switch"], "port": int(i["attachment"]["port"])} if i.get("attachment", {}).get("switch") else {}),
@@ -235,6 +237,35 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
     }
 
 
+def resolved_profile(topo: dict[str, Any], node: str, qkdi_id: int, name: str) -> QkdProfile:
+    """The module's profile from the topology, calibrated to the measured rate of its link
+    when the topology gives one (the rate was taken with the fibre's classical channels lit)."""
+    entry = next((p for p in topo.get("profile", []) if p.get("name") == name), None)
+    if entry is None:
+        raise ValueError(f"profile '{name}' is not in the lab topology")
+    profile = QkdProfile.from_dict(entry)
+    endpoint = f"{node}:{qkdi_id}"
+    fibres = {f["name"]: f for f in topo.get("fibre", [])}
+    for link in topo.get("link", []):
+        if endpoint in link.get("endpoints", []) and link.get("expected-skr") is not None and link.get("loss") is not None:
+            # The measured rate was taken with the fibre's classical channels lit.
+            classical = max(
+                (sum(1 for c in fibres.get(f, {}).get("classical-channel", []) if c.get("band", "C-band") == profile.band) for f in link.get("path", [])),
+                default=0,
+            )
+            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]), same_band_classical=classical)
+    return profile
+
+
+def plant_inventory(lab: dict[str, Any]) -> dict[str, Any]:
+    """What the emulated optical plant is made of (agents/emulation/plant.py): switches, each
+    node's QKD interfaces (channel, switch attachment), fibres and links, as in the topology."""
+    nodes = [{"name": n["name"], "qkd-interface": [{k: i[k] for k in ("id", "channel", "attachment") if k in i}
+                                                   for i in n.get("qkd-interface", [])]} for n in lab.get("node", [])]
+    return {"name": lab.get("name", ""), "switch": lab.get("switch", []), "node": nodes,
+            "fibre": lab.get("fibre", []), "link": lab.get("link", [])}
+
+
 def ipsec_config(plan: LabPlan, lab: dict[str, Any], node: str) -> dict[str, Any]:
     """The node's lab host and every other host, with the API that sets up its tunnel ends."""
     sae = {n["name"]: n["host"]["sae"] for n in lab.get("node", []) if n.get("host")}
@@ -256,7 +287,7 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
             for n in plan.nodes.values()
         ],
         "state_dir": str(plan.dir / "controller"),
-        "topology": str(plan.topology_path),
+        "inventory": lab_object(json.loads(plan.topology_path.read_text())),
         "saes": plan.sae_directory(),
         "grpc": {"address": plan.address, "port": plan.controller_port},
     }

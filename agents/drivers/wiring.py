@@ -1,9 +1,8 @@
 """Builds an agent's devices from its config: the shared optical plant, one emulated
-QKD module per qkd_modules entry (profile from the lab topology, calibrated to the
-measured rate of its link when the topology gives one), one switch driver per switch."""
+QKD module per qkd_modules entry (with the profile its config carries, which `sdqkd lab up`
+resolved and calibrated), one switch driver per switch. Nothing here reads a topology file."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers import registry
 from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import QkdProfile, calibrate
+from sdqkd.agents.emulation.profile import QkdProfile
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink
 
 
@@ -29,42 +28,8 @@ class Devices:
             self.plant.close()
 
 
-def load_topology(path: Path) -> dict[str, Any]:
-    """The `sdqkd-lab:lab` object of a topology file (RFC 7951 JSON)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return data.get("sdqkd-lab:lab", data)
-
-
-def _profile_for(topo: dict[str, Any], node: str, qkdi_id: int, name: str) -> QkdProfile:
-    entry = next((p for p in topo.get("profile", []) if p.get("name") == name), None)
-    if entry is None:
-        raise ValueError(f"profile '{name}' is not in the lab topology")
-    profile = QkdProfile.from_dict(entry)
-    endpoint = f"{node}:{qkdi_id}"
-    fibres = {f["name"]: f for f in topo.get("fibre", [])}
-    for link in topo.get("link", []):
-        if endpoint in link.get("endpoints", []) and link.get("expected-skr") is not None and link.get("loss") is not None:
-            # The measured rate was taken with the fibre's classical channels lit.
-            classical = max(
-                (sum(1 for c in fibres.get(f, {}).get("classical-channel", []) if c.get("band", "C-band") == profile.band) for f in link.get("path", [])),
-                default=0,
-            )
-            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]), same_band_classical=classical)
-    return profile
-
-
-def _channel_of(topo: dict[str, Any], node: str, qkdi_id: int) -> int | None:
-    for n in topo.get("node", []):
-        if n.get("name") == node:
-            for i in n.get("qkd-interface", []):
-                if int(i.get("id")) == qkdi_id and i.get("channel") is not None:
-                    return int(i["channel"])
-    return None
-
-
 def build(cfg: AgentConfig, key_sink: KeySink, key_room: KeyRoom | None = None) -> Devices:
-    topo = load_topology(Path(cfg.plant.topology)) if cfg.plant else {}
-    plant = Plant(topo, Path(cfg.plant.state)) if cfg.plant else None
+    plant = Plant(cfg.plant.inventory, Path(cfg.plant.state)) if cfg.plant else None
     service_key = bytes.fromhex(cfg.service_key or "")
     if cfg.qkd_modules and len(service_key) < 16:
         raise ValueError("service_key must be at least 16 bytes (hex)")
@@ -90,7 +55,7 @@ def build(cfg: AgentConfig, key_sink: KeySink, key_room: KeyRoom | None = None) 
 
             assert m.etsi014 is not None
             d = m.etsi014
-            entry = next((p for p in topo.get("profile", []) if p.get("name") == m.profile), {})
+            entry = m.profile
             drv = registry.create(
                 m.driver, **common, poll=d.poll,
                 device=DeviceApi(d.url, d.sae_id, d.peer_sae_id, d.ca, d.cert, d.key, d.timeout),
@@ -102,8 +67,8 @@ def build(cfg: AgentConfig, key_sink: KeySink, key_room: KeyRoom | None = None) 
             if plant is None:
                 raise ValueError("emulated QKD modules need the optical plant")
             drv = registry.create(
-                m.driver, **common, profile=_profile_for(topo, cfg.node.name, m.qkdi_id, m.profile), plant=plant,
-                node_of=node_of, channel=_channel_of(topo, cfg.node.name, m.qkdi_id),
+                m.driver, **common, profile=QkdProfile.from_dict(m.profile), plant=plant,
+                node_of=node_of, channel=m.channel,
             )
         devices.modules[m.qkdi_id] = drv
         devices.drivers.append(drv)

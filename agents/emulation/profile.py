@@ -153,7 +153,7 @@ class QkdProfile:
             if leaf == "symbol-rate":
                 value = str(value)
             elif parse is float:
-                value = format(value, "g")
+                value = repr(float(value))  # the shortest text that reads back as the same float
             out[leaf] = value
         return out
 

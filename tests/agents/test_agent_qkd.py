@@ -14,6 +14,7 @@ from lxml import etree
 from agentproc import agent_config, free_port
 from sdqkd import yangdata, yangmodels
 from sdqkd.agents.emulation.plant import Plant
+from sdqkd.lab import plan as lab_plan
 from conftest import run
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -51,8 +52,6 @@ def test_topology_is_a_valid_sdqkd_lab_instance(tmp_path, yanglint) -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pair")
-    topo = tmp / "topology.json"
-    topo.write_text(json.dumps(TOPOLOGY))
     plant_state = tmp / "plant.sqlite"
     key = secrets.token_hex(32)
     ids = {n: str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{n}")) for n in ("alice", "bob")}
@@ -61,9 +60,10 @@ def pair(tmp_path_factory):
     for name, role in (("alice", "TRANSMITTER"), ("bob", "RECEIVER")):
         other = "bob" if name == "alice" else "alice"
         extra = {
-            "plant": {"topology": str(topo), "state": str(plant_state)},
+            "plant": {"inventory": lab_plan.plant_inventory(TOPOLOGY["sdqkd-lab:lab"]), "state": str(plant_state)},
             "service_key": key,
-            "qkd_modules": [{"qkdi_id": 1, "profile": "dv-o", "role": role, "service_port": service[name]}],
+            "qkd_modules": [{"qkdi_id": 1, "role": role, "service_port": service[name],
+                             "profile": lab_plan.resolved_profile(TOPOLOGY["sdqkd-lab:lab"], name, 1, "dv-o").to_dict()}],
             "peers": {ids[other]: {"node": other, "service": {"1": ["127.0.0.1", service[other]]}}},
         }
         agents[name] = agent_config(tmp, name, ids[name], extra=extra).start()
