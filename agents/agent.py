@@ -82,8 +82,7 @@ class Agent:
         rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions)
         self.server = NetconfServer(rpcs, users, host_key, self.cfg.netconf.address, self.cfg.netconf.port)
         # Everything built so far lives as long as the process: keep it out of the
-        # collector's way (pyangbind makes many objects; edit-config p99 went from
-        # ~105 ms to ~55 ms in bench/netconf_rtt.py).
+        # collector's way (full collections rescanned it on every pass).
         gc.collect()
         gc.freeze()
         log.info("agent %s (%s) serving NETCONF on %s:%s", self.cfg.node.name, self.cfg.node.qkdn_id, self.cfg.netconf.address, self.server.port)

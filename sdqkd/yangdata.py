@@ -12,6 +12,7 @@ Failures are YangError with one Problem per libyang error: its message, the data
 turns into rpc-errors (RFC 6241 appendix A, RFC 7950 section 15)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -343,46 +344,39 @@ def encode_json(data: dict[str, Any] | str, *, config: bool = False) -> Document
             lib.lyd_free_all(tree)
 
 
-def check_rpc(op: etree._Element) -> None:
-    """An operation's input parameters against their module's YANG (ietf-netconf's for the
-    base operations: confirm-timeout is a uint32 1..max, session-id a uint32 ...); YangError."""
+@contextlib.contextmanager
+def _operation(data: bytes, fmt: str, dtype: int, validate: bool) -> Iterator[Any]:
+    """An RPC or notification parsed (and, with `validate`, validated) by libyang; the tree
+    lives for the block. YangError with libyang's problems when it is not valid."""
     ctx = context()
-    data = etree.tostring(op)
     keep = ffi.new("char[]", data)
     inp = ffi.new("struct ly_in **")
     if lib.ly_in_new_memory(keep, inp) != lib.LY_SUCCESS:
         raise YangError([Problem("other", "cannot read the input")])
     tree, node = ffi.new("struct lyd_node **"), ffi.new("struct lyd_node **")
-    ret = lib.lyd_parse_op(ctx.cdata, ffi.NULL, inp[0], lib.LYD_XML, lib.LYD_TYPE_RPC_YANG, tree, node)
+    ret = lib.lyd_parse_op(ctx.cdata, ffi.NULL, inp[0], lib.LYD_XML if fmt == "xml" else lib.LYD_JSON, dtype, tree, node)
     lib.ly_in_free(inp[0], 0)
-    problems = _problems(ctx) if ret != lib.LY_SUCCESS else []
-    if tree[0]:
-        lib.lyd_free_all(tree[0])
-    if problems:
-        raise YangError(problems)
+    try:
+        if ret != lib.LY_SUCCESS or (validate and lib.lyd_validate_op(node[0], ffi.NULL, dtype, ffi.NULL) != lib.LY_SUCCESS):
+            raise YangError(_problems(ctx))
+        yield tree[0]
+    finally:
+        if tree[0]:
+            lib.lyd_free_all(tree[0])
+
+
+def check_rpc(op: etree._Element) -> None:
+    """An operation's input parameters against their module's YANG (ietf-netconf's for the
+    base operations: confirm-timeout is a uint32 1..max, session-id a uint32 ...); YangError."""
+    with _operation(etree.tostring(op), "xml", lib.LYD_TYPE_RPC_YANG, validate=False):
+        pass
 
 
 def notification(content: dict[str, Any]) -> etree._Element:
     """A notification's content, {"module:name": {...}} in RFC 7951 JSON, validated against
     its module and written as the XML element a <notification> carries (RFC 5277)."""
-    ctx = context()
-    data = json.dumps(content).encode()
-    keep = ffi.new("char[]", data)
-    inp = ffi.new("struct ly_in **")
-    if lib.ly_in_new_memory(keep, inp) != lib.LY_SUCCESS:
-        raise YangError([Problem("other", "cannot read the input")])
-    tree, node = ffi.new("struct lyd_node **"), ffi.new("struct lyd_node **")
-    ret = lib.lyd_parse_op(ctx.cdata, ffi.NULL, inp[0], lib.LYD_JSON, lib.LYD_TYPE_NOTIF_YANG, tree, node)
-    lib.ly_in_free(inp[0], 0)
-    try:
-        if ret != lib.LY_SUCCESS:
-            raise YangError(_problems(ctx))
-        if lib.lyd_validate_op(node[0], ffi.NULL, lib.LYD_TYPE_NOTIF_YANG, ffi.NULL) != lib.LY_SUCCESS:
-            raise YangError(_problems(ctx))
-        return Document(_print(tree[0], "xml"), {}).elements()[0]
-    finally:
-        if tree[0]:
-            lib.lyd_free_all(tree[0])
+    with _operation(json.dumps(content).encode(), "json", lib.LYD_TYPE_NOTIF_YANG, validate=True) as tree:
+        return Document(_print(tree, "xml"), {}).elements()[0]
 
 
 # --- schema ------------------------------------------------------------------------------------

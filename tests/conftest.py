@@ -3,19 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def reference_yang_dir() -> Path | None:
-    """The official modules (shared/reference/yang beside the checkout, or $SDQKD_REFERENCE_YANG)."""
-    env = os.environ.get("SDQKD_REFERENCE_YANG")
-    cand = Path(env) if env else REPO.parent / "shared" / "reference" / "yang"
-    return cand if (cand / "etsi-qkd-015").is_dir() else None
+from testlib import reference_yang_dir
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +24,5 @@ def refdir() -> Path:
 def yanglint() -> str:
     exe = shutil.which("yanglint")
     if exe is None:
-        pytest.fail("yanglint is not installed (make test installs Debian's libyang-tools)")
+        pytest.fail("yanglint is not installed (make test installs Debian's libyang2-tools)")
     return exe
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, **kw)

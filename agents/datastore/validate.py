@@ -1,9 +1,8 @@
 """Semantic checks that YANG types cannot express, as an ordered list of small named
 checks. Each collects every failure with its error-path, so one reply carries them all
-(pyang's err_add style). Types, patterns and ranges were already checked when the
-config was decoded into the bindings; the checks read the config's RFC 7951 JSON
-(ModelSet.check), which holds set leaves only (none of the leaves read here has a
-YANG default).
+(pyang's err_add style). Everything YANG says was already checked by libyang
+(ModelSet.check); the checks read the config's RFC 7951 JSON as libyang prints it, which
+holds set leaves only (none of the leaves read here has a YANG default).
 """
 from __future__ import annotations
 

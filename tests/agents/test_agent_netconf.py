@@ -35,21 +35,6 @@ APP = (
 )
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    a = agent_config(tmp_path_factory.mktemp("agent")).start()
-    yield a
-    a.stop()
-
-
-@pytest.fixture
-def nc(agent):
-    m = agent.connect()
-    yield m
-    if m.connected:
-        m.close_session()
-
-
 def running(m) -> etree._Element:
     return m.get_config("running").data
 

@@ -15,7 +15,7 @@ from agentproc import agent_config, free_port
 from sdqkd import yangdata, yangmodels
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.lab import plan as lab_plan
-from conftest import run
+from testlib import run
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"

@@ -10,7 +10,6 @@ from lxml import etree
 from ncclient.operations.rpc import RPCError
 from ncclient.xml_ import to_ele
 
-from agentproc import agent_config
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
@@ -36,21 +35,6 @@ def app(extra: str) -> str:
 
 def iface(extra: str) -> str:
     return f"<qkd_interfaces><qkd_interface><qkdi_id>77</qkdi_id>{extra}</qkd_interface></qkd_interfaces>"
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    a = agent_config(tmp_path_factory.mktemp("yang")).start()
-    yield a
-    a.stop()
-
-
-@pytest.fixture
-def nc(agent):
-    m = agent.connect()
-    yield m
-    if m.connected:
-        m.close_session()
 
 
 def _text(m, source: str) -> bytes:

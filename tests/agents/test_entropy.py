@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 
 from agentproc import agent_config, free_port
 from apicheck import conforms
-from conftest import run
+from testlib import run
 from sdqkd import yangmodels
 from sdqkd.agents import config as agent_cfg
 from sdqkd.agents.agent import Agent

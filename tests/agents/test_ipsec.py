@@ -20,7 +20,7 @@ from rich.console import Console
 from sdqkd import pki
 from sdqkd.agents.qaas.strongswan import Charon, Endpoint, StrongswanError
 from sdqkd.lab import hosts, launcher
-from conftest import REPO
+from testlib import REPO
 
 TOPOLOGIES = REPO / "lab" / "topologies"
 

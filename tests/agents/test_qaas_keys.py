@@ -33,7 +33,7 @@ from sdqkd.agents import config as agent_config
 from sdqkd.lab import launcher
 from sdqkd.lab.keys import sae_keys
 from sdqkd.lab import plan as lab_plan
-from conftest import REPO
+from testlib import REPO
 
 CLOUD = REPO / "lab" / "topologies" / "cloud.json"
 SEEN: list[bytes] = []  # every key served in this module, looked for in the logs at the end

@@ -21,7 +21,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from agentproc import PASSWORD, agent_config, free_port
-from conftest import run
+from testlib import run
 from sdqkd.controller.config import AgentEntry, ControllerConfig
 from sdqkd.controller.controller import Controller, ControllerError
 from sdqkd.controller.northbound import sdqkd_pb2 as pb

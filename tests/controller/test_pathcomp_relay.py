@@ -22,7 +22,7 @@ from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
 import madqci
 from madqci import qkdn_id as Q
 from sdqkd.controller.topology.model import Node, QkdLink, Topology
-from conftest import REPO
+from testlib import REPO
 
 
 def names(topo: Topology, nodes: tuple[str, ...]) -> list[str]:

@@ -12,7 +12,7 @@ from rich.console import Console
 from sdqkd.keysource import KeySourceError
 from sdqkd.lab import keys, launcher, plot
 from sdqkd.lab import labjson
-from conftest import REPO
+from testlib import REPO
 
 TOPOLOGIES = REPO / "lab" / "topologies"
 

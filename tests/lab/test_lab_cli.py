@@ -18,7 +18,7 @@ import pytest
 
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab.plan import free_port
-from conftest import REPO
+from testlib import REPO
 
 TOPOLOGIES = REPO / "lab" / "topologies"
 

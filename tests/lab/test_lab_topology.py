@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, run
+from testlib import REPO, run
 from sdqkd import yangdata, yangmodels
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.agents.emulation.profile import BUILTIN_PROFILES, QkdProfile

@@ -8,7 +8,7 @@ import shutil
 
 from samples import APP_ID, PHYS_LINK, populated_node
 
-from conftest import run
+from testlib import run
 from sdqkd import bindgen, typed, yangdata, yangmodels
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
+from testlib import REPO, run
 from sdqkd.yangmodels import YANG_DIR
 from yang_compat import compare
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from sdqkd.agents.qaas import strongswan
-from conftest import REPO
+from testlib import REPO
 
 SCANNED = ("agents", "controller", "lab", "sdqkd", "tapi", "tools", "tests", "bench")
 PLUGIN_DIR = Path("/usr/lib/ipsec/plugins")

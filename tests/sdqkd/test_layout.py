@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from testlib import REPO
 
 # The repository's top-level folders are sub-packages of sdqkd (setup.cfg package_dir);
 # import-linter walks one folder per package, so it reads a copy laid out as installed.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sdqkd import typed, yangdata
 from samples import populated_node
-from conftest import run
+from testlib import run
 
 WHEN_FIXES = {
     "\"qkdl_type = 'VIRT'\"": "\"qkdl_type = 'etsi-qkdn-types:VIRT'\"",

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from sdqkd import bindgen, yangmodels
-from conftest import run
+from testlib import run
 
 MODULES = sorted(yangmodels.modules().values(), key=lambda m: m.name)
 

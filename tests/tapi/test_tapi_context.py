@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from testlib import run
 from sdqkd.controller import store as svc
 from sdqkd.controller.pathcomp.optical import OpticalRequest, direct_links, optical_path
 import madqci
