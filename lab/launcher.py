@@ -212,7 +212,8 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
         raise
 
 
-def _is_ours(pid: int) -> bool:
+def is_lab_process(pid: int) -> bool:
+    """Whether pid is an sdqkd agent or controller (a pid from lab.json may have been reused)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -221,20 +222,20 @@ def _is_ours(pid: int) -> bool:
 
 
 def _terminate(pid: int | None, wait: float = 10.0) -> None:
-    if not pid or not _is_ours(pid):
+    if not pid or not is_lab_process(pid):
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     end = time.monotonic() + wait
-    while time.monotonic() < end and _is_ours(pid):
+    while time.monotonic() < end and is_lab_process(pid):
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
         time.sleep(0.05)
-    if _is_ours(pid):
+    if is_lab_process(pid):
         os.kill(pid, signal.SIGKILL)
 
 

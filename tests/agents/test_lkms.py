@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -433,7 +434,7 @@ def test_a_relay_message_naming_a_link_key_twice_is_refused(net) -> None:
 
 
 def mine_at(nodes: dict[str, Lkms], kme: str, link: str) -> set[str]:
-    return {r[0] for r in nodes[kme].store._db.execute("SELECT key_id FROM link_keys WHERE link = ? AND mine = 1", (link,))}
+    return {r[0] for r in _rows(nodes[kme].store, "SELECT key_id FROM link_keys WHERE link = ? AND mine = 1", (link,))}
 
 
 def test_one_way_keys_borrow_the_peers_half_and_no_link_key_is_used_twice(net) -> None:
@@ -465,7 +466,7 @@ def test_a_lost_lend_answer_strands_keys_and_never_shares_one(net) -> None:
     assert not stranded & mine_at(nodes, B, L1) and mine_at(nodes, A, L1) == a_mine  # nobody allocates them
     got = lending.borrow(nodes[A].store, nodes[A].forwarder, L1, B, 20)  # the same 9 first, then 12 more
     assert got == 11 and not stranded & mine_at(nodes, A, L1)  # B ceded 11 of the others and called these dead
-    assert not stranded & {r[0] for r in nodes[A].store._db.execute("SELECT key_id FROM link_keys")}
+    assert not stranded & {r[0] for r in _rows(nodes[A].store, "SELECT key_id FROM link_keys")}
     assert not mine_at(nodes, A, L1) & mine_at(nodes, B, L1)
 
 
@@ -526,3 +527,10 @@ def test_expired_end_keys_are_swept_and_overwritten_on_disk(tmp_path: Path) -> N
         assert store.fetch_deliverable("sae-b", "sae-a", ["k-young"]) == [young]
     finally:
         store.close()
+
+
+def _rows(store: KeyStore, sql: str, args: tuple = ()) -> list[tuple]:
+    """What the store's file holds (its own connection: the file is the seam, not the object)."""
+    store.flush()
+    with sqlite3.connect(store.path) as db:
+        return db.execute(sql, args).fetchall()

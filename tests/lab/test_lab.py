@@ -18,7 +18,7 @@ TOPOLOGIES = REPO / "lab" / "topologies"
 
 
 def _alive(pid: int) -> bool:
-    return launcher._is_ours(pid)
+    return launcher.is_lab_process(pid)
 
 
 @pytest.mark.parametrize("name, src, dst, hops", [
