@@ -7,6 +7,7 @@ controller never sees key material: it configures links and applications only.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import queue
@@ -127,6 +128,22 @@ class Controller:
     def _invalidate(self) -> None:
         with self._topo_lock:
             self._topo = None
+
+    @contextlib.contextmanager
+    def view(self, topo: Topology) -> Iterator[None]:
+        """See `topo` instead of what the agents report while the block runs (what-if path
+        computation, tests); the view is rebuilt from the agents afterwards."""
+        with self._topo_lock:
+            self._topo = topo
+        try:
+            yield
+        finally:
+            self._invalidate()
+
+    def subscriber_count(self) -> int:
+        """How many event streams (gRPC StreamEvents calls) are listening now."""
+        with self._sub_lock:
+            return len(self._subscribers)
 
     # The view goes stale in these two places only: an agent re-read, or its session
     # lost (its node and links leave the view until it is back).

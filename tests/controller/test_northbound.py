@@ -11,8 +11,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -33,17 +31,6 @@ from topo_samples import A, B, TAPI, small_channel, small_topology
 
 RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
         "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents"]
-
-
-@contextmanager
-def snapshot(ctl: Controller, topo: Topology) -> Iterator[None]:
-    """Let the Controller see `topo` (the view agents would report); rebuild from agents after."""
-    with ctl._topo_lock:
-        ctl._topo = topo
-    try:
-        yield
-    finally:
-        ctl._invalidate()
 
 
 def serve(ctl: Controller) -> tuple[grpc.Server, grpc.Channel]:
@@ -131,7 +118,7 @@ def test_bad_requests(lonely) -> None:
 def test_provisioning_failure_follows_the_tag(lonely) -> None:
     """A path exists in the view, but the agents cannot be reached: txn says resource-denied."""
     ctl, stub, _ = lonely
-    with snapshot(ctl, small_topology()):
+    with ctl.view(small_topology()):
         plan = stub.ComputePath(pb.ComputePathRequest(src="sae-a1", dst="bob"), timeout=10)
         assert [n.name for n in plan.paths[0].nodes] == ["alice", "bob"] and plan.total_bps == 2000
         code, msg = code_of(stub.CreateApplication, pb.CreateApplicationRequest(master_sae="sae-a1", slave_sae="sae-b"))
@@ -165,7 +152,7 @@ def test_get_topology_native(lonely) -> None:
     view = stub.GetTopology(pb.GetTopologyRequest(), timeout=10)
     assert view.WhichOneof("view") == "topology"
     assert {(n.name, n.up) for n in view.topology.nodes} == {("alice", False), ("bob", False)}
-    with snapshot(ctl, small_topology()):
+    with ctl.view(small_topology()):
         t = stub.GetTopology(pb.GetTopologyRequest(format=pb.GetTopologyRequest.NATIVE), timeout=10).topology
     (link,) = t.links
     assert (link.a, link.b, link.status, link.skr, link.qber) == (A, B, "ACTIVE", 2000.0, pytest.approx(0.02))
@@ -183,7 +170,7 @@ def test_get_topology_tapi_and_channels(lonely, refdir, yanglint, tmp_path) -> N
     ch = small_channel(topo)
     ctl.store.put_channel(ch)  # as if provisioned earlier
     try:
-        with snapshot(ctl, topo):
+        with ctl.view(topo):
             text = stub.GetTopology(pb.GetTopologyRequest(format=pb.GetTopologyRequest.TAPI), timeout=30).tapi_context_json
             (listed,) = stub.ListChannels(pb.ListChannelsRequest(), timeout=10).channels
             code, _ = code_of(stub.DeleteChannel, pb.DeleteChannelRequest(chan_id=ch.chan_id))
@@ -242,9 +229,9 @@ def test_application_round_trip_and_its_event(trio) -> None:
     reader = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)
     reader.start()
     deadline = time.monotonic() + 5
-    while not ctl._subscribers and time.monotonic() < deadline:  # the server has subscribed
+    while not ctl.subscriber_count() and time.monotonic() < deadline:  # the server has subscribed
         time.sleep(0.01)
-    with snapshot(ctl, chain(procs)):
+    with ctl.view(chain(procs)):
         app = stub.CreateApplication(pb.CreateApplicationRequest(
             master_sae="sae-x", slave_sae="sae-z", qos=pb.Qos(min_bps=500, ttl=60)), timeout=30)
     assert [n.name for n in app.paths[0].nodes] == ["x", "y", "z"] and app.paths[0].vlink
@@ -266,7 +253,7 @@ def test_a_locked_hop_is_aborted(trio) -> None:
     other = procs[1].connect()
     try:
         other.lock("running")
-        with snapshot(ctl, chain(procs)):
+        with ctl.view(chain(procs)):
             code, msg = code_of(stub.CreateApplication, pb.CreateApplicationRequest(master_sae="sae-x", slave_sae="sae-z"))
     finally:
         other.unlock("running")
@@ -277,6 +264,6 @@ def test_a_locked_hop_is_aborted(trio) -> None:
 def test_an_agent_refusing_the_edit_is_invalid_argument(trio) -> None:
     """Adjacent x and y: the application is backed by a PHYS link the agents do not have."""
     ctl, stub, procs = trio
-    with snapshot(ctl, chain(procs)):
+    with ctl.view(chain(procs)):
         code, msg = code_of(stub.CreateApplication, pb.CreateApplicationRequest(master_sae="sae-x", slave_sae="sae-y"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "backing" in msg, msg
