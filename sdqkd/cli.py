@@ -79,6 +79,9 @@ def agent(config_path: str) -> None:
             click.echo(f"config error: {problem}", err=True)
         raise SystemExit(2) from None
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sdqkd.agents.netconf.ssh import return_large_blocks_to_the_os
+
+    return_large_blocks_to_the_os()  # a password check's 16 MiB goes back after each login
     node = None
     try:
         node = Agent(cfg)
