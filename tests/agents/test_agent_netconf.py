@@ -347,3 +347,24 @@ def test_yangcli_reads_and_edits(agent, tmp_path) -> None:
     )
     assert "qkdn_location_id FromYangcli" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "etsi-qkd-sdn-node@2022-01-30" in out.stdout
+
+
+def _resident_anon_kib(pid: int) -> list[int]:
+    sizes, anon = [], False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and "-" in parts[0] and ":" not in parts[0]:
+            anon = len(parts) == 5
+        elif parts and parts[0] == "Rss:" and anon:
+            sizes.append(int(parts[1]))
+    return sizes
+
+
+def test_password_checks_give_their_memory_back(agent) -> None:
+    """Each password login runs scrypt over 16 MiB; after several, none of it stays resident
+    (glibc kept it in a thread arena once its mmap threshold had risen: 16 MiB per agent)."""
+    for _ in range(3):
+        m = agent.connect()
+        m.close_session()
+    time.sleep(0.5)
+    assert max(_resident_anon_kib(agent.proc.pid)) < 12 * 1024
