@@ -40,11 +40,6 @@ APP_NS = uuid.UUID("8d0c2b1e-5f4a-4e3b-9c2d-1a0b9e8f7c6d")
 REFRESH_DEFER = 3.0  # s: how long a stale agent's re-read may wait for transactions to pause
 
 
-def _view_blind(edit: Any) -> bool:
-    """An edit the topology view never reads (builder.py: interfaces, PHYS links, switches)."""
-    return isinstance(edit, AppEdit) or (isinstance(edit, LinkEdit) and edit.kind == "VIRT")
-
-
 class ControllerError(Exception):
     """An orchestrator request refused. kind: invalid | not-found | no-path | conflict | failed;
     tag: the NETCONF error-tag when an agent refused (failed)."""
@@ -375,13 +370,8 @@ class Controller:
             report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout)
         except txn.TxnError as exc:
             raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
-        # re-read only the agents whose changes the topology view reads (PHYS links,
-        # cross-connects): application entries and VIRT links are not in it, and a
-        # <get> on each hop after every application collided with the next one's
-        # transaction (its agent busy dumping state: most of the create p99)
-        for n in report.nodes:
-            if any(not _view_blind(e) for e in plan.edits[n]):
-                self._mark_dirty(n)
+        for n in set(plan.stale_views()) & set(report.nodes):
+            self._mark_dirty(n)
         return report
 
     # --- direct quantum channels -------------------------------------------------------------

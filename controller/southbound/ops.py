@@ -36,6 +36,12 @@ class Edit:
     DEPENDS: ClassVar[tuple[str, ...]] = (CANDIDATE, CONFIRMED)
     delete: bool = False
 
+    @property
+    def in_view(self) -> bool:
+        """Whether the controller's topology view reads what this edit changes (PHYS links,
+        cross-connects: yes; applications and VIRT links: no)."""
+        return True
+
     def elements(self) -> list[etree._Element]:
         raise NotImplementedError
 
@@ -65,6 +71,10 @@ class LinkEdit(Edit):
     channel: int | None = None
     attenuation: float | None = None
     delete: bool = False
+
+    @property
+    def in_view(self) -> bool:
+        return self.kind != "VIRT"
 
     def elements(self) -> list[etree._Element]:
         lk: dict[str, Any] = {"qkdl_id": self.qkdl_id}
@@ -110,6 +120,10 @@ class AppEdit(Edit):
     max_bps: int | None = None
     ttl: int | None = None
     delete: bool = False
+
+    @property
+    def in_view(self) -> bool:
+        return False
 
     def elements(self) -> list[etree._Element]:
         app: dict[str, Any] = {"app_id": self.app_id}
@@ -176,3 +190,9 @@ class Plan:
 
     def nodes(self) -> list[str]:
         return sorted(self.edits)  # a fixed order: no lock-order deadlock between transactions
+
+    def stale_views(self) -> list[str]:
+        """The agents whose part of the topology view this transaction changes: re-read them
+        after it, and no others (a <get> on every hop after each application collided with the
+        next one's transaction: most of the create p99)."""
+        return [n for n in self.nodes() if any(e.in_view for e in self.edits[n])]

@@ -146,39 +146,6 @@ def test_discover_provision_reroute_restart(ring) -> None:
     json.dumps(moved.paths)
 
 
-def test_applications_need_no_reread(ring) -> None:
-    """An application's transaction marks no agent for a re-read (the view reads
-    none of what it changes), and a channel's marks every agent it touched."""
-    plan, procs, cfg_path = ring
-    ctl = Controller(controller_config.load(cfg_path))
-    # Notifications (link-perf-update, link events) mark agents from the NETCONF
-    # threads at any time: only the marks made by the calls on this thread count.
-    marked: list[str] = []
-    here, mark = threading.get_ident(), ctl._mark_dirty
-
-    def recording(qkdn_id: str) -> None:
-        if threading.get_ident() == here:
-            marked.append(qkdn_id)
-        mark(qkdn_id)
-
-    ctl._mark_dirty = recording  # type: ignore[method-assign]
-    ctl.start()
-    try:
-        assert ctl.wait_discovered(20)
-        ring_channels(ctl, plan)
-        wait(lambda: active_links(ctl), what="an ACTIVE link")
-        marked.clear()
-        app = ctl.create_application("sae-b", "sae-d")
-        assert not set(marked) & set(app.paths[0]["nodes"]), marked
-        ctl.delete_application(app.app_id)
-        assert not set(marked) & set(app.paths[0]["nodes"]), marked
-        ch = ctl.store.channels()[0]
-        ctl._apply(ctl._channel_plan(ch))  # re-applying a channel: PHYS links, which the view reads
-        assert {ch.tx[0], ch.rx[0]} <= set(marked), marked
-    finally:
-        ctl.stop()
-
-
 def test_a_lost_agent_leaves_the_view_and_comes_back(ring) -> None:
     """The view drops a node whose session is lost without anything else (a
     transaction, a re-read) rebuilding it, and takes it back on reconnection."""

@@ -11,7 +11,7 @@ from lxml import etree
 from agentproc import PASSWORD, agent_config
 from sdqkd.controller.provisioning import txn
 from sdqkd.controller.southbound.agent import AgentAddress, AgentConnection
-from sdqkd.controller.southbound.ops import AppEdit, LinkEdit, Plan
+from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, LinkEdit, Plan
 
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
 V = "dddddddd-0000-4000-8000-000000000001"
@@ -138,3 +138,25 @@ def test_refresh_does_not_queue_behind_the_provisioning_session(trio) -> None:
         assert state.count("<session>") >= 3  # provisioning, refresh, this one
     finally:
         sessions.close_session()
+
+
+def test_only_edits_the_view_reads_make_agents_stale() -> None:
+    """After a transaction the controller re-reads only the agents whose part of its topology
+    view changed: applications and VIRT links are not in the view (a <get> on every hop
+    after each application was most of the create p99), PHYS links and cross-connects are."""
+    a, b, c = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"stale/{n}")) for n in "abc")
+    app = Plan()
+    for node, far in ((a, c), (b, c), (c, a)):
+        app.add(node, LinkEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "v")), "VIRT", node, far, prev_hop=a))
+    app.add(a, AppEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "app")), "sae-a", ("sae-c",)))
+    assert app.stale_views() == []
+    gone = Plan()
+    gone.add(a, AppEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "app")), delete=True))
+    gone.add(b, LinkEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "v")), "VIRT", b, b, delete=True))
+    assert gone.stale_views() == []
+    channel = Plan()
+    channel.add(a, LinkEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "p")), "PHYS", a, b, 1, 1, role="TRANSMITTER"))
+    channel.add(b, LinkEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "p")), "PHYS", b, a, 1, 1, role="RECEIVER"))
+    channel.add(c, CrossConnectEdit("osw1", 1, 2))
+    channel.add(c, AppEdit(str(uuid.uuid5(uuid.NAMESPACE_URL, "other")), "sae-x", ("sae-y",)))
+    assert channel.stale_views() == sorted({a.lower(), b.lower(), c.lower()})
