@@ -124,6 +124,14 @@ class KeyStore:
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
 
+    @property
+    def synchronous(self) -> str:
+        """SQLite's sync level in force on this store: FULL (a commit survives power loss) or
+        NORMAL (it survives a crash of the process: see the module's docstring)."""
+        with self._lock:
+            level = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[level]
+
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
         """Several calls in one transaction (group commit), held by this thread.
