@@ -66,10 +66,12 @@ class Datastores:
             base = self._read_file(startup_path)
         self.running: list[etree._Element] = []
         self._running_cfg = Config((), {})
+        self.candidate: list[etree._Element] = []
+        self._candidate_cfg = Config((), {})
         cfg, _ = self.check(base, with_devices=False)
         self.running, self._running_cfg = list(cfg.elements), cfg
         self.startup: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
-        self.candidate: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
+        self._reset_candidate()
 
     # --- reading -----------------------------------------------------------------
 
@@ -110,8 +112,7 @@ class Datastores:
                 raise errors.OperationFailed(f"{target} is not locked by this session", info={"session-id": str(holder or 0)})
             del self.locks[target]
             if target == "candidate" and self.candidate_dirty_by == session_id:
-                self.candidate = [copy.deepcopy(e) for e in self.running]  # RFC 6241 8.3.5.2
-                self.candidate_dirty_by = None
+                self._reset_candidate()  # RFC 6241 8.3.5.2
 
     def _check_writable(self, target: str, session_id: int) -> None:
         holder = self.locks.get(target)
@@ -141,8 +142,7 @@ class Datastores:
             if target == "running":
                 self._commit(new, session_id)
             else:
-                self.candidate = self._canonical(new)
-                self.candidate_dirty_by = session_id
+                self._set_candidate(self._validated(new), session_id)
 
     def copy(self, source: list[etree._Element], target: str, session_id: int) -> None:
         with self.lock:
@@ -150,10 +150,9 @@ class Datastores:
             if target == "running":
                 self._commit(source, session_id)
             elif target == "candidate":
-                self.candidate = self._canonical(source)
-                self.candidate_dirty_by = session_id
+                self._set_candidate(self._validated(source), session_id)
             elif target == "startup":
-                self.startup = self._canonical(source)
+                self.startup = list(self._validated(source).elements)
                 self._save_startup()
             else:
                 self._store(target)
@@ -168,20 +167,32 @@ class Datastores:
     def discard_changes(self, session_id: int) -> None:
         with self.lock:
             self._check_writable("candidate", session_id)
-            self.candidate = [copy.deepcopy(e) for e in self.running]
-            self.candidate_dirty_by = None
+            self._reset_candidate()
 
     # --- validation and commit ---------------------------------------------------
 
-    def _canonical(self, elements: Iterable[etree._Element]) -> list[etree._Element]:
-        return list(self._checked(elements).elements)
+    def _set_candidate(self, cfg: Config, session_id: int | None) -> None:
+        """candidate and its validation, kept together: a commit (or <validate>) of an
+        unchanged candidate does not validate it again."""
+        self.candidate, self._candidate_cfg = list(cfg.elements), cfg
+        self.candidate_dirty_by = session_id
 
-    def _checked(self, elements: Iterable[etree._Element]) -> Config:
+    def _reset_candidate(self) -> None:
+        """candidate as running, its edits dropped (a copy: edits never touch running's elements)."""
+        self._set_candidate(self._running_cfg, None)
+        self.candidate = [copy.deepcopy(e) for e in self.running]
+
+    def _validated(self, elements: Iterable[etree._Element]) -> Config:
+        """libyang's validation of a configuration; running's and candidate's are known."""
+        if elements is self.running:
+            return self._running_cfg
+        if elements is self.candidate:
+            return self._candidate_cfg
         return self.models.check(elements)
 
     def check(self, elements: Iterable[etree._Element], *, with_devices: bool = True) -> tuple[Config, list[Change]]:
         """Full validation of a would-be running config; the changes it implies."""
-        cfg = self._checked(list(elements))
+        cfg = self._validated(elements)
         problems = validate.validate(cfg.json, self.facts)
         if problems:
             raise errors.RpcErrors(problems)
@@ -299,8 +310,7 @@ class Datastores:
         self.confirmed = None
         log.warning("rolling back confirmed commit: %s", why)
         self._commit(c.previous, session_id=0)
-        self.candidate = [copy.deepcopy(e) for e in self.running]
-        self.candidate_dirty_by = None
+        self._reset_candidate()
 
     # --- startup file -------------------------------------------------------------
 
