@@ -130,10 +130,7 @@ class _Editor:
             ch = node.child(q.namespace or "", q.localname)
             if ch is None or ch.keyword not in ("list", "leaf-list"):
                 continue
-            if ch.keyword == "list":
-                ident = tuple(self._value(_find_child(sub, ch.namespace, k), ch.child(ch.namespace, k)) for k in ch.keys)
-            else:
-                ident = (self._value(sub, ch),)
+            ident = self._identity(sub, ch)
             if (sub.tag, ident) in seen:
                 raise errors.InvalidValue(f'Duplicate instance of "{ch.name}".', path=self._path(path, ch, sub),
                                           info={"bad-element": ch.name})
@@ -150,22 +147,17 @@ class _Editor:
                 )
 
     def _find(self, parent: etree._Element, edit: etree._Element, node: SchemaNode) -> etree._Element | None:
-        for cand in parent:
-            if not isinstance(cand.tag, str) or cand.tag != edit.tag:
-                continue
-            if node.keyword == "list":
-                if all(
-                    self._value(_find_child(cand, node.namespace, k), node.child(node.namespace, k))
-                    == self._value(_find_child(edit, node.namespace, k), node.child(node.namespace, k))
-                    for k in node.keys
-                ):
-                    return cand
-            elif node.keyword == "leaf-list":
-                if self._value(cand, node) == self._value(edit, node):
-                    return cand
-            else:
-                return cand
-        return None
+        want = self._identity(edit, node)
+        return next((c for c in parent if c.tag == edit.tag and self._identity(c, node) == want), None)
+
+    def _identity(self, el: etree._Element, node: SchemaNode) -> tuple[str | None, ...]:
+        """What tells instances of `node` apart: a list entry's key values, a leaf-list's
+        value; nothing for a container or leaf (there is one)."""
+        if node.keyword == "list":
+            return tuple(self._value(_find_child(el, node.namespace, k), node.child(node.namespace, k)) for k in node.keys)
+        if node.keyword == "leaf-list":
+            return (self._value(el, node),)
+        return ()
 
     def _value(self, el: etree._Element | None, node: SchemaNode | None) -> str | None:
         """Canonical text of a leaf for matching: identityrefs by namespace, not prefix."""
