@@ -10,12 +10,10 @@ from lxml import etree
 
 from sdqkd import yangdata
 from sdqkd.agents.drivers.base import Event
+from sdqkd.agents.emulation.profile import identity
+from sdqkd.agents.operational import qber_perf
 
 ETSI = "etsi-qkd-sdn-node"
-
-
-def _ident(value: str) -> str:
-    return "etsi-qkd-node-types:" + str(value).rsplit(":", 1)[-1]
 
 
 def _etsi(name: str, body: dict[str, Any]) -> etree._Element:
@@ -25,8 +23,8 @@ def _etsi(name: str, body: dict[str, Any]) -> etree._Element:
 def _report(kind: str, section: str, key: str, key_value: Any, status_leaf: str, status: str, message: str,
             severity: str) -> etree._Element:
     """alarm or event notification with one link/interface/application section."""
-    return _etsi(kind, {section: {key: key_value, status_leaf: _ident(status), "message": message,
-                                  "severity": _ident(severity)}})
+    return _etsi(kind, {section: {key: key_value, status_leaf: identity(status), "message": message,
+                                  "severity": identity(severity)}})
 
 
 class Translator:
@@ -59,7 +57,7 @@ def to_notification(event: Event) -> etree._Element | None:
     if event.kind == "link-perf":
         perf: dict[str, Any] = {"skr": int(d.get("skr", 0))}
         if d.get("qber") is not None:
-            perf["phys_perf"] = [{"perf_type": _ident("QBER"), "value": str(Decimal(str(round(float(d["qber"]), 3))))}]
+            perf["phys_perf"] = qber_perf(d["qber"])
         return _etsi("sdqkdn_link_perf_update", {"qkd_link": {"qkdl_id": str(d["qkdl_id"]), "performance": perf}})
     if event.kind == "interface-status":
         status = str(d["status"]).rsplit(":", 1)[-1]
@@ -119,4 +117,4 @@ def application_changes(changes: list[Any]) -> list[etree._Element]:
 def application_new(master: str, slave: str, local_qkdn_id: str) -> etree._Element:
     """sdqkdn_application_new: an SAE asked for keys with a peer no application covers."""
     return _etsi("sdqkdn_application_new", {"qkd_application": {
-        "app_type": _ident("CLIENT"), "server_app_id": master, "client_app_id": [slave], "local_qkdn_id": local_qkdn_id}})
+        "app_type": identity("CLIENT"), "server_app_id": master, "client_app_id": [slave], "local_qkdn_id": local_qkdn_id}})

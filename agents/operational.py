@@ -18,6 +18,7 @@ from lxml import etree
 from sdqkd import __version__, yangdata
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers.base import Driver
+from sdqkd.agents.emulation.profile import identity
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,13 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
         if info.get("model"):
             iface["qkdi_model"] = str(info["model"])
         if info.get("technology"):
-            iface["qkdi_type"] = _types(info["technology"])
+            iface["qkdi_type"] = identity(info["technology"])
         mod = mods.get(int(info["qkdi_id"]))
         if mod is not None and mod.device:
             iface["qkdi_att_point"] = {"device": mod.device, **({"port": int(mod.port)} if mod.port is not None else {})}
         caps: dict[str, Any] = {}
         if info.get("role_support"):
-            caps["role_support"] = _types(info["role_support"])
+            caps["role_support"] = identity(info["role_support"])
         if info.get("wavelength_range"):
             caps["wavelength_range"] = str(info["wavelength_range"])
         if info.get("max_absorption") is not None:
@@ -75,9 +76,9 @@ def _time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _types(name: str) -> str:
-    """An etsi-qkd-node-types identity as RFC 7951 writes it."""
-    return "etsi-qkd-node-types:" + str(name).rsplit(":", 1)[-1]
+def qber_perf(qber: float) -> list[dict[str, Any]]:
+    """ETSI 015 phys_perf with the QBER (decimal64, 3 fraction digits), in <get> and in notifications."""
+    return [{"perf_type": identity("QBER"), "value": str(Decimal(str(round(float(qber), 3))))}]
 
 
 def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None) -> None:
@@ -85,9 +86,9 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
     validated running): a <get> shows what the devices report now. Whatever state a copy
     holds is replaced, never accumulated."""
     node = data.setdefault("etsi-qkd-sdn-node", {}).setdefault("etsi-qkd-sdn-node:qkd_node", {})
-    node["qkdn_status"] = _types("OPERATING")
+    node["qkdn_status"] = identity("OPERATING")
     for app in node.get("qkd_applications", {}).get("qkd_app", []):
-        app["app_status"] = _types("ON")
+        app["app_status"] = identity("ON")
         stats = [{"end_time": _time(end), "start_time": _time(start), "consumed_bits": min(bits, 2**32 - 1)}
                  for start, end, bits in (usage(str(app["app_id"]).lower()) if usage else [])]
         app.setdefault("app_statistics", {})["statistics"] = stats
@@ -101,7 +102,7 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
         info = st["interface"]
         iface = ifaces.get(int(info["qkdi_id"]))
         if iface is not None:
-            iface["qkdi_status"] = _types(info["status"])
+            iface["qkdi_status"] = identity(info["status"])
         for lid, ls in st.get("links", {}).items():
             entry = links.get(str(lid).lower())
             if entry is None:
@@ -109,9 +110,9 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
             perf = entry.setdefault("qkdl_performance", {})
             perf["skr"] = int(ls.get("skr", 0))
             if ls.get("qber") is not None:
-                perf["phys_perf"] = [{"perf_type": _types("QBER"), "value": str(Decimal(str(round(float(ls["qber"]), 3))))}]
+                perf["phys_perf"] = qber_perf(ls["qber"])
             # qkdl_status is configuration in ETSI 015; the device's view wins on <get>.
-            entry["qkdl_status"] = _types(ls["status"])
+            entry["qkdl_status"] = identity(ls["status"])
     switches = {sw["name"]: sw for sw in data.get("sdqkd-optical-switch", {})
                 .get("sdqkd-optical-switch:optical-switches", {}).get("switch", [])}
     for d in drivers:

@@ -65,7 +65,7 @@ def _no_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _xml_elements(text: bytes) -> list[etree._Element]:
     parser = etree.XMLParser(resolve_entities=False, no_network=True, remove_comments=True)
     root = etree.fromstring(text, parser)
-    ns = next(n for n, m in yangdata.namespaces().items() if m == MODULE)
+    ns = yangdata.namespace_of(MODULE)
     if etree.QName(root).namespace == ns:
         return [root]
     return [el for el in root if isinstance(el.tag, str)]  # wrapped in <data> or <config>

@@ -42,7 +42,7 @@ def _to_prefix(value: str) -> str:
     module, _, name = value.rpartition(":")
     if not module:
         return value
-    ns = next((n for n, m in yangdata.namespaces().items() if m == module), None)
+    ns = yangdata.namespace_of(module)
     pfx = next((p for p, n in yangdata.prefixes().items() if n == ns), module)
     return f"{pfx}:{name}"
 
@@ -62,8 +62,7 @@ def _fix(data: dict[str, Any], fix: Callable[[str], str]) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         module, _, name = key.partition(":")
-        ns = next(n for n, m in yangdata.namespaces().items() if m == module)
-        node = yangdata.top(ns, name)
+        node = yangdata.top(yangdata.namespace_of(module) or "", name)
         if node is None:
             raise KeyError(f"no top-level node {key}")
         out[key] = _walk(node, value, fix)

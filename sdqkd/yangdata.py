@@ -436,8 +436,7 @@ class Builder:
     @classmethod
     def top(cls, module: str, name: str) -> tuple[dict[str, Any], Builder]:
         """A document holding one top-level container, and the builder of that container."""
-        ns = next(n for n, m in namespaces().items() if m == module)
-        node = top(ns, name)
+        node = top(namespace_of(module) or "", name)
         if node is None:
             raise KeyError(f"{module} has no top-level {name!r}")
         inner: dict[str, Any] = {}
@@ -604,6 +603,16 @@ def top(namespace: str, name: str) -> SchemaNode | None:
 def namespaces() -> dict[str, str]:
     """namespace -> module name, of every module of the context."""
     return {c2str(m.cdata.ns): m.name() for m in context()}
+
+
+def namespace_of(module: str) -> str | None:
+    """The namespace of a module of the context (None for one it does not have)."""
+    return _module_namespaces().get(module)
+
+
+@functools.cache
+def _module_namespaces() -> dict[str, str]:
+    return {m: ns for ns, m in namespaces().items()}
 
 
 @functools.cache

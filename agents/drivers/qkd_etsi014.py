@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import DriverError
-from sdqkd.agents.emulation.profile import IDENTITY_MODULE, ROLES, identity_name, parse_wavelength_range
+from sdqkd.agents.emulation.profile import IDENTITY_MODULE, ROLES, identity, identity_name, parse_wavelength_range
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink, Link, LinkConfig, PeerAddress, QkdModule, RateMeter
 from sdqkd.etsi014_client import DeviceApi, DeviceClient, DeviceError
 
@@ -110,7 +110,7 @@ class Etsi014QkdModule(QkdModule):
         self.device = device
         self.key_size, self.poll, self.max_backoff = key_size, float(poll), max(float(max_backoff), float(poll))
         self.skr_window, self.idle_after, self.perf_every = float(skr_window), float(idle_after), max(1, perf_every)
-        self.model, self.technology = model, f"{IDENTITY_MODULE}:{identity_name(technology)}"
+        self.model, self.technology = model, identity(technology)
         self.wavelength_range, self.max_absorption = wavelength_range, max_absorption
         self._channels = parse_wavelength_range(wavelength_range) if wavelength_range else frozenset()
         self._clients: set[DeviceClient] = set()

@@ -63,6 +63,11 @@ def identity_name(value: str) -> str:
     return str(value).rsplit(":", 1)[-1]
 
 
+def identity(value: str) -> str:
+    """An etsi-qkd-node-types identity as RFC 7951 writes it ('PHYS' -> 'etsi-qkd-node-types:PHYS')."""
+    return f"{IDENTITY_MODULE}:{identity_name(value)}"
+
+
 def parse_wavelength_range(text: str) -> frozenset[int]:
     """DWDM channels of an ETSI wavelength-range-type ('1,12-20,40')."""
     out: set[int] = set()
