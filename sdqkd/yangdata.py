@@ -143,20 +143,28 @@ def context() -> libyang.Context:
     return ctx
 
 
-def _parse(text: str | bytes, fmt: str, *, config: bool, validate: bool) -> Any:
-    """lyd_parse_data with errors kept apart; the caller frees the returned tree (may be NULL)."""
-    ctx = context()
-    data = text.encode() if isinstance(text, str) else text
-    keep = ffi.new("char[]", data)
+@contextlib.contextmanager
+def _input(data: bytes) -> Iterator[Any]:
+    """libyang's input over `data`, for one parse."""
+    keep = ffi.new("char[]", data)  # alive as long as the input
     inp = ffi.new("struct ly_in **")
     if lib.ly_in_new_memory(keep, inp) != lib.LY_SUCCESS:
         raise YangError([Problem("other", "cannot read the input")])
+    try:
+        yield inp[0]
+    finally:
+        lib.ly_in_free(inp[0], 0)
+
+
+def _parse(text: str | bytes, fmt: str, *, config: bool, validate: bool) -> Any:
+    """lyd_parse_data with errors kept apart; the caller frees the returned tree (may be NULL)."""
+    ctx = context()
     parse = lib.LYD_PARSE_STRICT | (lib.LYD_PARSE_NO_STATE if config else 0) | (0 if validate else lib.LYD_PARSE_ONLY)
     valid = (lib.LYD_VALIDATE_NO_STATE if config else 0) | lib.LYD_VALIDATE_PRESENT
     tree = ffi.new("struct lyd_node **")
     fmt_id = lib.LYD_XML if fmt == "xml" else lib.LYD_JSON
-    ret = lib.lyd_parse_data(ctx.cdata, ffi.NULL, inp[0], fmt_id, parse, valid, tree)
-    lib.ly_in_free(inp[0], 0)
+    with _input(text.encode() if isinstance(text, str) else text) as inp:
+        ret = lib.lyd_parse_data(ctx.cdata, ffi.NULL, inp, fmt_id, parse, valid, tree)
     if ret != lib.LY_SUCCESS:
         problems = _problems(ctx)
         if tree[0]:
@@ -166,11 +174,10 @@ def _parse(text: str | bytes, fmt: str, *, config: bool, validate: bool) -> Any:
     return tree[0]
 
 
-def _print(tree: Any, fmt: str, *, defaults: str = "explicit") -> str:
-    """The whole forest as XML or JSON; defaults: 'explicit' (what is set), 'all' (with defaults)."""
+def _print(tree: Any, fmt: str) -> str:
+    """The whole forest as XML or JSON, with the values that are set (no defaults added)."""
     buf = ffi.new("char **")
-    flags = lib.LYD_PRINT_WITHSIBLINGS | lib.LYD_PRINT_SHRINK
-    flags |= lib.LYD_PRINT_WD_ALL if defaults == "all" else lib.LYD_PRINT_WD_EXPLICIT
+    flags = lib.LYD_PRINT_WITHSIBLINGS | lib.LYD_PRINT_SHRINK | lib.LYD_PRINT_WD_EXPLICIT
     fmt_id = lib.LYD_XML if fmt == "xml" else lib.LYD_JSON
     if lib.lyd_print_mem(buf, tree, fmt_id, flags) != lib.LY_SUCCESS:
         raise YangError(_problems(context()))
@@ -301,16 +308,17 @@ def _document(tree: Any) -> Document:
 
 
 def validate(text: str | bytes, fmt: str = "xml", *, config: bool = True,
-             elements: list[etree._Element] | None = None) -> Document:
+             parsed: list[etree._Element] | dict[str, Any] | None = None) -> Document:
     """Parse and fully validate a data document (config only when `config`); YangError if
-    invalid. `elements`: the XML text as lxml already holds it (spares a second parse)."""
+    invalid. `parsed`: the text as the caller already holds it (lxml elements, JSON object),
+    which spares a second parse for the checks made before libyang's."""
     if fmt == "xml":
-        if elements is None:
+        if parsed is None:
             raw = text.encode() if isinstance(text, str) else text
-            elements = list(etree.fromstring(b"<holder>" + raw + b"</holder>"))
-        problems = _dates_in_xml(elements)
+            parsed = list(etree.fromstring(b"<holder>" + raw + b"</holder>"))
+        problems = _dates_in_xml(parsed)  # type: ignore[arg-type]
     else:
-        problems = _dates_in_json(json.loads(text))
+        problems = _dates_in_json(json.loads(text) if parsed is None else parsed)
     tree = _parse(text, fmt, config=config, validate=True)  # libyang keeps each thread's errors apart
     try:
         if problems:
@@ -324,12 +332,14 @@ def validate(text: str | bytes, fmt: str = "xml", *, config: bool = True,
 def validate_elements(elements: Iterable[etree._Element], *, config: bool = True) -> Document:
     """validate() of a forest of lxml top-level elements (a datastore's content)."""
     elements = list(elements)
-    return validate(b"".join(etree.tostring(el) for el in elements), "xml", config=config, elements=elements)
+    return validate(b"".join(etree.tostring(el) for el in elements), "xml", config=config, parsed=elements)
 
 
 def validate_json(data: dict[str, Any] | str, *, config: bool = True) -> Document:
     """validate() of an RFC 7951 JSON document."""
-    return validate(data if isinstance(data, str) else json.dumps(data), "json", config=config)
+    if isinstance(data, str):
+        return validate(data, "json", config=config)
+    return validate(json.dumps(data), "json", config=config, parsed=data)
 
 
 def encode_json(data: dict[str, Any] | str, *, config: bool = False) -> Document:
@@ -349,13 +359,9 @@ def _operation(data: bytes, fmt: str, dtype: int, validate: bool) -> Iterator[An
     """An RPC or notification parsed (and, with `validate`, validated) by libyang; the tree
     lives for the block. YangError with libyang's problems when it is not valid."""
     ctx = context()
-    keep = ffi.new("char[]", data)
-    inp = ffi.new("struct ly_in **")
-    if lib.ly_in_new_memory(keep, inp) != lib.LY_SUCCESS:
-        raise YangError([Problem("other", "cannot read the input")])
     tree, node = ffi.new("struct lyd_node **"), ffi.new("struct lyd_node **")
-    ret = lib.lyd_parse_op(ctx.cdata, ffi.NULL, inp[0], lib.LYD_XML if fmt == "xml" else lib.LYD_JSON, dtype, tree, node)
-    lib.ly_in_free(inp[0], 0)
+    with _input(data) as inp:
+        ret = lib.lyd_parse_op(ctx.cdata, ffi.NULL, inp, lib.LYD_XML if fmt == "xml" else lib.LYD_JSON, dtype, tree, node)
     try:
         if ret != lib.LY_SUCCESS or (validate and lib.lyd_validate_op(node[0], ffi.NULL, dtype, ffi.NULL) != lib.LY_SUCCESS):
             raise YangError(_problems(ctx))
