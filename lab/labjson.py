@@ -95,7 +95,7 @@ def find(name: str | None = None, root: Path | None = None) -> Path:
     base = Path(root).resolve() if root else labs_root()
     hint = f"set --lab-dir or ${ENV} to the lab's {STATE_DIR} folder if it is elsewhere"
     if name:
-        p = base / name / "lab.json"
+        p = state_path(name, root)
         if not p.exists():
             raise FileNotFoundError(f"no running lab '{name}' ({p} does not exist; {hint})")
         return p

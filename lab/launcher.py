@@ -26,8 +26,8 @@ from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
-from sdqkd.lab import topology
-from sdqkd.lab import labjson
+from sdqkd.lab import labjson, topology
+from sdqkd.listen import bind_error
 
 
 class LabError(Exception):
@@ -81,14 +81,10 @@ def _planned_ports(plan: lab_plan.LabPlan) -> list[tuple[int, str]]:
 def check_ports(plan: lab_plan.LabPlan) -> None:
     """Fail before starting anything when a planned port is taken (another lab, a stale agent)."""
     for port, who in _planned_ports(plan):
-        family = socket.AF_INET6 if ":" in plan.address else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
-            try:
-                s.bind((plan.address, port))
-            except OSError as exc:
-                raise LabError(f"port {port} ({who}) on {plan.address} is not available: {(exc.strerror or str(exc)).lower()}; "
-                               f"{FREE_PORTS_HINT}") from None
+        exc = bind_error(plan.address, port)
+        if exc is not None:
+            raise LabError(f"port {port} ({who}) on {plan.address} is not available: {(exc.strerror or str(exc)).lower()}; "
+                           f"{FREE_PORTS_HINT}")
 
 
 def _listening(port: int, host: str = "127.0.0.1") -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,3 +40,15 @@ def binding(role: str, address: str, port: int) -> Iterator[None]:
         raise
     except OSError as exc:
         raise ListenError(role, address, port, exc) from None
+
+
+def bind_error(address: str, port: int) -> OSError | None:
+    """What binding address:port the way our servers do (SO_REUSEADDR: a port in TIME_WAIT
+    is no obstacle) fails with now, or None when it is free."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError as exc:
+            return exc
+    return None

@@ -2,7 +2,6 @@
 reflection, so grpcurl and generic clients can list and call it without the .proto."""
 from __future__ import annotations
 
-import socket
 from concurrent import futures
 
 import grpc
@@ -12,7 +11,7 @@ from sdqkd.controller.controller import Controller
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.northbound.servicer import ControllerServicer
-from sdqkd.listen import ListenError
+from sdqkd.listen import ListenError, bind_error
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name  # "sdqkd.v1.Controller"
 # Every StreamEvents call holds a worker thread for as long as the client listens.
@@ -35,17 +34,7 @@ def start(controller: Controller, address: str, port: int) -> grpc.Server:
     except RuntimeError:  # grpcio raises when it cannot bind, without the reason: ask the OS
         bound = 0
     if bound == 0:
-        raise ListenError("controller gRPC", address, port, _why_not(address, port))
+        raise ListenError("controller gRPC", address, port, bind_error(address, port) or "gRPC refused the address")
     server.start()
     return server
 
-
-def _why_not(address: str, port: int) -> OSError | str:
-    """grpcio does not say why a bind failed; the same bind by hand does."""
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((address, port))
-    except OSError as exc:
-        return exc
-    return "gRPC refused the address"
