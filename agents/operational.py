@@ -24,13 +24,10 @@ log = logging.getLogger(__name__)
 
 
 
-def qkd_modules(drivers: list[Driver]) -> list[tuple[Driver, dict[str, Any]]]:
-    out = []
-    for d in drivers:
-        st = d.state()
-        if "interface" in st:
-            out.append((d, st))
-    return out
+def _states(drivers: list[Driver]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each driver's state read once: the QKD modules' and the optical switches'."""
+    states = [d.state() for d in drivers]
+    return [st for st in states if "interface" in st], [st for st in states if "cross-connects" in st]
 
 
 def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Element]:
@@ -42,8 +39,9 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     node["qkdn_capabilities"] = {"link_stats_support": True, "application_stats_support": True,
                                  "key_relay_mode_enable": True}
     mods = {m.qkdi_id: m for m in cfg.qkd_modules}
+    modules, switches = _states(drivers)
     ifaces = []
-    for _drv, st in qkd_modules(drivers):
+    for st in modules:
         info = st["interface"]
         iface: dict[str, Any] = {"qkdi_id": int(info["qkdi_id"])}
         if info.get("model"):
@@ -66,7 +64,6 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     if ifaces:
         node["qkd_interfaces"] = {"qkd_interface": ifaces}
     data: dict[str, Any] = {"etsi-qkd-sdn-node:qkd_node": node}
-    switches = [d.state() for d in drivers if "cross-connects" in d.state()]
     if switches:
         data["sdqkd-optical-switch:optical-switches"] = {"switch": [{"name": st["name"]} for st in switches]}
     return yangdata.encode_json(data, config=True).elements()
@@ -98,7 +95,8 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
     for lk in links.values():
         lk.get("qkdl_performance", {}).pop("phys_perf", None)
     ifaces = {int(i["qkdi_id"]): i for i in node.get("qkd_interfaces", {}).get("qkd_interface", [])}
-    for _drv, st in qkd_modules(drivers):
+    modules, switch_states = _states(drivers)
+    for st in modules:
         info = st["interface"]
         iface = ifaces.get(int(info["qkdi_id"]))
         if iface is not None:
@@ -115,9 +113,8 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
             entry["qkdl_status"] = identity(ls["status"])
     switches = {sw["name"]: sw for sw in data.get("sdqkd-optical-switch", {})
                 .get("sdqkd-optical-switch:optical-switches", {}).get("switch", [])}
-    for d in drivers:
-        st = d.state()
-        sw = switches.get(st.get("name")) if "cross-connects" in st else None
+    for st in switch_states:
+        sw = switches.get(st["name"])
         if sw is None:
             continue
         sw["port-count"] = int(st["port-count"])
