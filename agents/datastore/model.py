@@ -28,11 +28,10 @@ class ModelSet:
 
     def __init__(self, modules: Iterable[str]) -> None:
         self.modules = tuple(modules)
-        ctx_namespaces = yangdata.namespaces()
-        self._namespaces = {ns for ns, m in ctx_namespaces.items() if m in self.modules}
+        self._namespaces = {ns for m in self.modules if (ns := yangdata.namespace_of(m))}
         self.prefixes: dict[str, str] = dict(yangdata.prefixes())  # prefix -> namespace, for error-path
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
-        todo = list(_tops(self.modules).values())
+        todo = [n for n in yangdata.tops().values() if n.module in self.modules]
         while todo:
             node = todo.pop()
             if node.keyword == "list":
@@ -79,10 +78,6 @@ class ModelSet:
         except yangdata.YangError as exc:
             raise errors.from_yang(exc) from None
         return doc.elements()
-
-
-def _tops(modules: tuple[str, ...]) -> dict[tuple[str, str], yangdata.SchemaNode]:
-    return {k: n for k, n in yangdata.tops().items() if n.module in modules}
 
 
 @functools.lru_cache(maxsize=None)
