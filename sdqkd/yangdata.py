@@ -528,13 +528,18 @@ def _restrictions(block: str) -> list[str]:
     return out
 
 
-@functools.cache
 def restriction(path: str) -> str | None:
     """What the type of the leaf at a data path allows, for error messages: "loss:
     loss-db (decimal64, range 0..100)". libyang says a value is out of range but not which
     range; the restriction is read from the module that defines the typedef (or from the
     leaf's own statement, when its name is unique in its module)."""
-    schema_path = re.sub(r"\[(?:[^\]']|'[^']*')*\]", "", path)
+    return _restriction(re.sub(r"\[(?:[^\]']|'[^']*')*\]", "", path))
+
+
+@functools.cache
+def _restriction(schema_path: str) -> str | None:
+    """restriction() by schema path: remembered per leaf of the schema, not per data path
+    (a data path carries key values, as many as clients care to send)."""
     try:
         s = next(context().find_path(schema_path))
     except (libyang.LibyangError, StopIteration):
