@@ -53,7 +53,9 @@ class _Proc:
             lines = []
         said = next((ln.removeprefix("error: ") for ln in reversed(lines) if ln.startswith("error: ")), None)
         if said is None:
-            return f"{self.what} exited (code {self.popen.returncode}); see {self.log}"
+            code = self.popen.returncode
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited (code {code})"
+            return f"{self.what} {how}; see {self.log}"
         if "cannot listen on" in said and "in use" in said:
             said += f"; {FREE_PORTS_HINT}"
         return said

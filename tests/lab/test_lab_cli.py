@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,26 @@ echo "grpc=$LAB_GRPC"
     assert json.loads(key)["slave"]["node"] == "Rectorado" and json.loads(links)["node"] == "CCS"
     assert "Nowhere" in json.loads(error)["message"] and "404" in res.stderr
     assert grpc_line == f"grpc={lab['controller']['grpc']}"
+
+
+def test_an_agent_killed_during_up_fails_it_cleanly(tmp_path: Path) -> None:
+    """kill -9 of an agent while `lab up` waits for it: one line that says so, and nothing
+    of the lab left running or recorded."""
+    topo = small_lab(tmp_path / "k.json", "killed")
+    up = subprocess.Popen([sys.executable, "-m", "sdqkd", "lab", "up", str(topo), "--free-ports"], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and up.poll() is None:
+        found = subprocess.run(["pgrep", "-f", f"{tmp_path}/.sdqkd/lab/killed/nodes/CCS/agent.json"],
+                               capture_output=True, text=True).stdout.split()
+        victim = int(found[0]) if found else None
+        time.sleep(0.02)
+    assert victim is not None, "the agent never started"
+    os.kill(victim, signal.SIGKILL)
+    out, err = up.communicate(timeout=120)
+    res = subprocess.CompletedProcess(up.args, up.returncode, out, err)
+    assert "agent CCS was killed by SIGKILL" in one_line_error(res)
+    time.sleep(0.5)
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not list(tmp_path.glob(".sdqkd/lab/*/lab.json"))
