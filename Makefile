@@ -13,10 +13,10 @@ STAMP := $(VENV)/.sdqkd-installed
 # is the third-party TLS 1.3 peer in its tests.
 # QKD-keyed IPsec: strongSwan charon, the plugins it loads (crypto: libstrongswan; socket, vici: libcharon), curve25519 (extra plugins),
 # kernel-libipsec (charon extra plugins), swanctl; iproute2 and ping. apache2-utils: ab in bench/etsi014.py. curl: the
-# README's examples (and its test).
+# README's examples (and its test). procps: pgrep in the lab's kill -9 test.
 DEBS := libyang2 libyang2-dev libyang2-tools yangcli openssh-client gcc libssl-dev libssl3 openssl \
 	strongswan-charon strongswan-libcharon libstrongswan libstrongswan-extra-plugins libcharon-extra-plugins strongswan-swanctl \
-	iproute2 iputils-ping apache2-utils curl
+	iproute2 iputils-ping apache2-utils curl procps
 # What only the benchmarks need on top (bench/netconf_vs_netconfd.py: yuma123 netconfd behind OpenSSH's sshd;
 # bench/validate.py: git, to take the pre-libyang code as its same-run baseline).
 BENCH_DEBS := netconfd openssh-server git
