@@ -31,6 +31,7 @@ from sdqkd.agents.qaas import api as qaas
 from sdqkd.agents.netconf.notifications import NotificationHub
 from sdqkd.agents.netconf.rpcs import Rpcs
 from sdqkd.agents.netconf.server import NetconfServer
+from sdqkd.agents.netconf.session import SessionLimits
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,14 @@ class Agent:
             ssh.User(u.name, u.password_hash, [ssh.parse_public_key(k) for k in u.authorized_keys]) for u in self.cfg.netconf.users
         ]
         host_key = ssh.load_or_create_host_key(Path(self.cfg.netconf.host_key))
-        rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions)
-        self.server = NetconfServer(rpcs, users, host_key, self.cfg.netconf.address, self.cfg.netconf.port)
+        rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions,
+                    lambda: dict(self.server.stats) if self.server else {})
+        nc = self.cfg.netconf
+        self.server = NetconfServer(
+            rpcs, users, host_key, nc.address, nc.port,
+            limits=SessionLimits(max_message_size=nc.max_message_size, hello_timeout=nc.hello_timeout),
+            login=ssh.LoginLimits(login_timeout=nc.login_timeout, max_auth_tries=nc.max_auth_tries,
+                                  max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay))
         # Everything built so far lives as long as the process: keep it out of the
         # collector's way (full collections rescanned it on every pass).
         gc.collect()

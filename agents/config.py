@@ -29,6 +29,13 @@ class NetconfConf:
     host_key: str
     users: list[UserConf]
     address: str = "127.0.0.1"
+    # Bounds on what a client may hold or send (see agents/netconf/session.py and ssh.py).
+    max_message_size: int = 32 * 1024 * 1024  # bytes; a larger request ends the session (rpc-error too-big)
+    hello_timeout: float = 30.0  # s from channel open to the client's <hello>
+    login_timeout: float = 30.0  # s from TCP accept to login, and from login to the NETCONF channel
+    max_auth_tries: int = 6  # failed logins per connection
+    max_startups: int = 32  # connections still logging in
+    auth_failure_delay: float = 0.5  # s after a failed password; doubles per failure from the address
 
 
 @dataclass
@@ -181,6 +188,13 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.netconf.port: out of range")
     if not cfg.netconf.users:
         problems.append("config.netconf.users: at least one user is needed")
+    nc = cfg.netconf
+    if not 1024 <= nc.max_message_size <= 1 << 31:
+        problems.append("config.netconf.max_message_size: from 1024 to 2147483648 bytes")
+    if not (0 < nc.hello_timeout <= 3600 and 0 < nc.login_timeout <= 3600):
+        problems.append("config.netconf.hello_timeout, login_timeout: from 0 to 3600 s")
+    if nc.max_auth_tries < 1 or nc.max_startups < 1 or not 0 <= nc.auth_failure_delay <= 60:
+        problems.append("config.netconf: max_auth_tries and max_startups at least 1, auth_failure_delay from 0 to 60 s")
     for u in cfg.netconf.users:
         if not u.password_hash and not u.authorized_keys:
             problems.append(f"config.netconf.users.{u.name}: needs a password_hash or authorized_keys")

@@ -54,7 +54,7 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "netconf": {
                 "host": plan.address, "port": n.netconf_port, "username": plan.username, "password": plan.password,
                 "host_key_fingerprint": ssh.fingerprint(host_key) if host_key else None,
-                "host_key": f"{host_key.get_name()} {host_key.get_base64()}" if host_key else None,
+                "host_key": ssh.public_key_line(host_key) if host_key else None,
             },
             "kms": {"url": f"https://{plan.address}:{n.kms_port}", "etsi014": f"https://{plan.address}:{n.kms_port}/api/v1/keys",
                     "etsi004": f"https://{plan.address}:{n.kms_port}/api", "relay_port": n.relay_port},

@@ -75,7 +75,8 @@ class AgentProc:
 
 
 def agent_config(tmp: Path, name: str = "alice", qkdn_id: str | None = None, authorized_keys: list[str] | None = None,
-                 extra: dict[str, Any] | None = None, port: int | None = None) -> AgentProc:
+                 extra: dict[str, Any] | None = None, port: int | None = None,
+                 netconf: dict[str, Any] | None = None) -> AgentProc:
     qkdn_id = qkdn_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/{name}"))
     state_dir = tmp / name
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,7 @@ def agent_config(tmp: Path, name: str = "alice", qkdn_id: str | None = None, aut
             "port": port,
             "host_key": str(state_dir / "ssh_host_ed25519_key"),
             "users": [{"name": "admin", "password_hash": ssh.hash_password(PASSWORD), "authorized_keys": authorized_keys or []}],
+            **(netconf or {}),
         },
         "state_dir": str(state_dir),
         "log_level": "INFO",

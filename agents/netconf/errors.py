@@ -158,6 +158,14 @@ class MalformedMessage(RpcError):
 
 
 @dataclass
+class TooBig(RpcError):
+    """A request larger than the server's maximum message size."""
+
+    error_type: str = "rpc"
+    tag: str = "too-big"
+
+
+@dataclass
 class OperationFailed(RpcError):
     """Anything else; the message never carries internals."""
 

@@ -82,12 +82,14 @@ def _text(op: etree._Element, name: str) -> str | None:
 class Rpcs:
     """What the server calls: capabilities, the handler table and session cleanup."""
 
-    def __init__(self, models: ModelSet, datastores: Datastores, hub: notifications.NotificationHub, fill_state: StateFill, sessions: Callable[[], list[Any]]) -> None:
+    def __init__(self, models: ModelSet, datastores: Datastores, hub: notifications.NotificationHub, fill_state: StateFill, sessions: Callable[[], list[Any]],
+                 server_stats: Callable[[], dict[str, int]] = dict) -> None:
         self.models = models
         self.datastores = datastores
         self.hub = hub
         self.fill_state = fill_state
         self.sessions = sessions
+        self.server_stats = server_stats  # RFC 6022 counters the transport keeps (sessions started, dropped, bad hellos)
         self.modules = monitoring.served_modules(SERVED)
         self.started = notifications.now()
         self._caps: list[str] | None = None
@@ -148,7 +150,7 @@ class Rpcs:
         live = copy.deepcopy(self.datastores.running_config().json)  # state goes into a copy
         self.fill_state(live)
         sessions = self.sessions()
-        stats = {"start": self.started, "in-sessions": len(sessions)}
+        stats: dict[str, Any] = {"start": self.started, **self.server_stats()}
         for s in sessions:
             for k, v in s.counters.items():
                 stats[k] = stats.get(k, 0) + v

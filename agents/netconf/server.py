@@ -1,43 +1,175 @@
-"""The agent's NETCONF server: SSH on one address, our session class, the RPC table."""
+"""The agent's NETCONF server: one asyncssh listener on one address, one event loop thread
+for every connection's I/O, and a small fixed pool of worker threads for requests and
+password checks. Connections cost no thread of their own: a client that vanishes, never
+says hello or never finishes its login holds a few objects on the loop until a timer or
+TCP ends it, never a spinning thread or another client's handshake."""
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import paramiko
+import asyncssh
 
+from sdqkd.agents.netconf import ssh
 from sdqkd.agents.netconf.rpcs import Rpcs
-from sdqkd.agents.netconf.session import AgentSession
-from sdqkd.agents.netconf.ssh import AuthController, BoundSSHServer, User
+from sdqkd.agents.netconf.session import NetconfSession, SessionLimits
+from sdqkd.listen import binding
+
+log = logging.getLogger(__name__)
+# asyncssh logs every connection's steps at INFO; ours says what an operator needs per session.
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-class NetconfServer(BoundSSHServer):
-    """What netconf.server.NetconfServerSession expects of its server, bound to one address."""
+def _start_all(pool: ThreadPoolExecutor, n: int) -> None:
+    """Start every thread of a pool now (it starts them one busy moment at a time), so the
+    process's thread count is fixed from the first request on."""
+    barrier = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(barrier.wait)
+    barrier.wait()
 
-    def __init__(self, rpcs: Rpcs, users: list[User], host_key: paramiko.PKey, address: str = "127.0.0.1", port: int = 0) -> None:
-        self.server_methods = rpcs
-        self.session_id = 1
-        self.session_locks_lock = threading.Lock()
-        self.session_locks = {"running": 0, "candidate": 0}  # unused: locks live in Datastores
-        super().__init__(AuthController(users), AgentSession, host_key, address, port)
 
-    def _allocate_session_id(self) -> int:
-        with self.lock:
-            sid = self.session_id
-            self.session_id += 1
+class _Connection(ssh.Login):
+    """One SSH connection: login (ssh.Login), then NETCONF sessions on its channels."""
+
+    def __init__(self, server: NetconfServer) -> None:
+        super().__init__(server.gate)
+        self.server = server
+        self._no_session: asyncio.TimerHandle | None = None
+        self._username: str | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        super().connection_made(conn)
+        self.server.connections.add(self)
+
+    def begin_auth(self, username: str) -> bool:
+        self._username = username
+        return True
+
+    def auth_completed(self) -> None:
+        super().auth_completed()
+        # A login that never opens its NETCONF channel is closed like one that never logs in.
+        self._no_session = asyncio.get_running_loop().call_later(self.server.gate.limits.login_timeout, self._idle)
+
+    def _idle(self) -> None:
+        if self.conn is not None:
+            log.info("closing SSH connection from %s: no NETCONF session opened", self.address)
+            self.conn.close()
+
+    def session_requested(self) -> NetconfSession:
+        if self._no_session is not None:
+            self._no_session.cancel()
+            self._no_session = None
+        return NetconfSession(self.server, self._username, self.address)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._no_session is not None:
+            self._no_session.cancel()
+        self.server.connections.discard(self)
+        super().connection_lost(exc)
+
+
+class NetconfServer:
+    """Listens on address:port until stop(); `sessions()` lists the open NETCONF sessions."""
+
+    def __init__(self, rpcs: Rpcs, users: list[ssh.User], host_key: asyncssh.SSHKey, address: str = "127.0.0.1",
+                 port: int = 0, limits: SessionLimits | None = None, login: ssh.LoginLimits | None = None,
+                 workers: int = 4) -> None:
+        self.rpcs = rpcs
+        self.limits = limits or SessionLimits()
+        self.address = address
+        self.stats = {"in-bad-hellos": 0, "in-sessions": 0, "dropped-sessions": 0}
+        self._sessions: dict[int, NetconfSession] = {}
+        self.connections: set[_Connection] = set()  # touched on the loop only
+        self._next_id = 1
+        self._lock = threading.Lock()
+        self.workers = ThreadPoolExecutor(workers, thread_name_prefix="netconf-rpc")
+        self._auth = ThreadPoolExecutor(2, thread_name_prefix="netconf-auth")  # scrypt: 16 MiB each
+        _start_all(self.workers, workers)
+        _start_all(self._auth, 2)
+        self.gate = ssh.Gate(users, login or ssh.LoginLimits(), self._auth)
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(self.workers)  # asyncssh's and asyncio's blocking calls: no pool of their own
+        self._thread = threading.Thread(target=self.loop.run_forever, name="netconf", daemon=True)
+        self._thread.start()
+        self.loop_thread_id = self._thread.ident
+        options = ssh.server_options(host_key, self.gate.limits)
+
+        async def listen() -> asyncssh.SSHAcceptor:
+            return await asyncssh.listen(address, port, server_factory=lambda: _Connection(self), reuse_address=True,
+                                         backlog=128, family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                         config=[], **options)
+
+        try:
+            with binding("NETCONF", address, port):
+                self._acceptor = asyncio.run_coroutine_threadsafe(listen(), self.loop).result()
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        self.port: int = self._acceptor.sockets[0].getsockname()[1]
+
+    def __str__(self) -> str:
+        return f"NETCONF server {self.address}:{self.port}"
+
+    # --- sessions (register/unregister on the loop) -------------------------------
+
+    def register(self, session: NetconfSession) -> int:
+        with self._lock:
+            sid = self._next_id
+            self._next_id += 1
+            self._sessions[sid] = session
+            self.stats["in-sessions"] += 1
             return sid
 
-    def unlock_target_any(self, session: Any) -> list[str]:
-        return []  # the session's close() tells Rpcs.session_ended
+    def unregister(self, session: NetconfSession, dropped: bool) -> None:
+        """dropped: ended otherwise than by close-session or kill-session (RFC 6022)."""
+        with self._lock:
+            if self._sessions.pop(session.session_id, None) is not None and dropped:
+                self.stats["dropped-sessions"] += 1
 
-    def sessions(self) -> list[AgentSession]:
-        with self.lock:
-            socks = list(self.sockets)
-        out = []
-        for sock in socks:
-            out.extend(s for s in list(sock.sessions) if s.session_open)
-        return out
+    def sessions(self) -> list[NetconfSession]:
+        with self._lock:
+            return [s for s in self._sessions.values() if s.session_open]
+
+    def in_background(self, task: Callable[[], Any]) -> None:
+        """Run a blocking task on a worker thread; inline once the server is stopping."""
+        try:
+            self.workers.submit(task)
+        except RuntimeError:
+            task()
+
+    # --- end --------------------------------------------------------------------------
 
     def stop(self) -> None:
-        self.close()
-        self.join()
+        """Stop listening, end every session (releasing what they held), stop the threads."""
+        if self.loop.is_closed():
+            return
+
+        async def close_all() -> None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            for connection in list(self.connections):
+                if connection.conn is not None:
+                    connection.conn.abort()
+            await asyncio.sleep(0.05)  # their connection_lost callbacks
+
+        try:
+            asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(timeout=10)
+        except Exception:  # noqa: BLE001 - stopping goes on
+            log.exception("closing the NETCONF listener failed")
+        for session in self.sessions():
+            session.release()
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.workers.shutdown(wait=True, cancel_futures=True)
+        self._auth.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():
+            self.loop.close()

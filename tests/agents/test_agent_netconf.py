@@ -310,7 +310,9 @@ def test_malformed_xml_gets_an_error_and_the_session_goes_on(agent) -> None:
     try:
         ch.sendall(b"<rpc message-id='1' xmlns='urn:ietf:params:xml:ns:netconf:base:1.0'><get>]]>]]>")
         reply = etree.fromstring(_read(ch).encode())
-        assert reply.findtext(f".//{{{NC}}}error-tag") == "malformed-message"
+        # RFC 6241 App. A: malformed-message is base:1.1's; a base:1.0 client gets operation-failed
+        assert reply.findtext(f".//{{{NC}}}error-tag") == "operation-failed"
+        assert reply.findtext(f".//{{{NC}}}error-type") == "rpc"
         ch.sendall(f'<rpc xmlns="{NC}"><get/></rpc>]]>]]>'.encode())  # no message-id
         reply = etree.fromstring(_read(ch).encode())
         assert reply.findtext(f".//{{{NC}}}error-tag") == "missing-attribute"
