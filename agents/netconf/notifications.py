@@ -1,6 +1,7 @@
 """RFC 5277 event notifications: subscriptions, filtering, and a bounded replay log."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import threading
@@ -16,9 +17,11 @@ from sdqkd.agents.datastore import subtree
 
 log = logging.getLogger(__name__)
 
+BASE_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NOTIF_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
 NETMOD_NOTIF_NS = "urn:ietf:params:xml:ns:netmod:notification"
 STREAM = "NETCONF"
+STREAM_DESCRIPTION = "Default NETCONF event stream: the node's ETSI GS QKD 015 notifications and sdqkd device events"
 
 
 def now() -> dt.datetime:
@@ -54,6 +57,29 @@ def _wrap(event_time: dt.datetime, content: etree._Element) -> etree._Element:
     return n
 
 
+def subscription_input(op: etree._Element) -> etree._Element:
+    """create-subscription as RFC 5277 writes it, whatever the client sent: its <filter>
+    belongs to the notification namespace, but ncclient (and other clients that build
+    the filter of <get>) put it in the NETCONF base namespace. Other operations, and
+    requests already right, come back unchanged."""
+    q = etree.QName(op)
+    if (q.namespace, q.localname) != (NOTIF_NS, "create-subscription"):
+        return op
+    base = op.find(f"{{{BASE_NS}}}filter")
+    if base is None:
+        return op
+    fixed = copy.deepcopy(op)
+    old = fixed.find(f"{{{BASE_NS}}}filter")
+    # the prefixes declared on the filter stay declared: content matches may use them
+    new = etree.Element(f"{{{NOTIF_NS}}}filter", attrib=dict(old.attrib),
+                        nsmap={p: ns for p, ns in old.nsmap.items() if p is not None})
+    new.text = old.text
+    new.extend(list(old))
+    old.addprevious(new)
+    fixed.remove(old)
+    return fixed
+
+
 class NotificationHub:
     """Fans agent events out to subscribed sessions."""
 
@@ -62,10 +88,21 @@ class NotificationHub:
         self._subs: dict[int, _Subscription] = {}
         self._log: deque[tuple[dt.datetime, etree._Element]] = deque(maxlen=replay_size)
         self.created = now()
+        self._aged: dt.datetime | None = None  # the newest event the bounded log dropped
 
     def replay_start(self) -> dt.datetime:
         with self._lock:
             return self._log[0][0] if self._log else self.created
+
+    def streams(self) -> dict[str, Any]:
+        """/netconf/streams (RFC 5277 3.2.5.1) as RFC 7951 JSON: <get> encodes it through libyang."""
+        with self._lock:
+            aged = self._aged
+        stream: dict[str, Any] = {"name": STREAM, "description": STREAM_DESCRIPTION, "replaySupport": True,
+                                  "replayLogCreationTime": format_time(self.created)}
+        if aged is not None:
+            stream["replayLogAgedTime"] = format_time(aged)
+        return {"nc-notifications:netconf": {"streams": {"stream": [stream]}}}
 
     def subscribe(
         self, session: Any, stream: str, filt: etree._Element | None, start: dt.datetime | None, stop: dt.datetime | None
@@ -104,6 +141,8 @@ class NotificationHub:
         """Send one event (the notification's content element) to every subscriber."""
         t = event_time or now()
         with self._lock:
+            if self._log.maxlen is not None and len(self._log) == self._log.maxlen:
+                self._aged = self._log[0][0]
             self._log.append((t, content))
             subs = list(self._subs.values())
         for sub in subs:
