@@ -1,7 +1,8 @@
 """RFC 5277 against a real agent process, the way clients drive it: ncclient's
 create-subscription (its filter in the base namespace), the RFC's own example request,
-/netconf/streams in <get>, the notification modules advertised and served, and
-subscription filters matching identities written with other prefixes."""
+subscriptions that end at their stopTime on a quiet node, /netconf/streams in <get>, the
+notification modules advertised and served, and content matches on identities written
+with other prefixes (subtree filters of <get> and of subscriptions alike)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -57,6 +58,28 @@ def _app(op: str = "") -> str:
     if not op:
         body += "<server_app_id>sae://alice/enc1</server_app_id>"
     return f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}"><qkd_applications>{body}</qkd_app></qkd_applications></qkd_node></config>'
+
+
+def test_stop_time_ends_the_subscription_on_a_quiet_node(agent) -> None:
+    """RFC 5277 2.1.1: the subscription ends at stopTime with notificationComplete, though
+    no event comes; the session may then subscribe again."""
+    m = agent.connect()
+    try:
+        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+        stop = _time(start + dt.timedelta(seconds=2.5))
+        m.create_subscription(start_time=_time(start), stop_time=stop)
+        got = _take(m, until={"notificationComplete"}, timeout=8.0)
+        assert _names(got)[-2:] == ["replayComplete", "notificationComplete"], _names(got)
+        done = got[-1]
+        assert done[1].tag == f"{{{NETMOD}}}notificationComplete"
+        assert _parse(done.findtext(f"{{{NOTIF}}}eventTime")) >= _parse(stop)
+        # the subscription is over: the same session may create another
+        m.create_subscription()
+        m.edit_config(target="running", config=_app())
+        m.edit_config(target="running", config=_app("delete"))
+        assert "sdqkdn_application_disconnected" in _names(_take(m, until={"sdqkdn_application_disconnected"}))
+    finally:
+        m.close_session()
 
 
 def test_netconf_stream_is_listed(nc) -> None:
