@@ -20,6 +20,7 @@ from testlib import run
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
 LINK = "5a1e0000-0000-4000-8000-0000000000ab"
+BOB_CHANNEL = 34  # bob's module has one fixed DWDM channel
 
 TOPOLOGY = {
     "sdqkd-lab:lab": {
@@ -63,7 +64,8 @@ def pair(tmp_path_factory):
             "plant": {"inventory": lab_plan.plant_inventory(TOPOLOGY["sdqkd-lab:lab"]), "state": str(plant_state)},
             "service_key": key,
             "qkd_modules": [{"qkdi_id": 1, "role": role, "service_port": service[name],
-                             "profile": lab_plan.resolved_profile(TOPOLOGY["sdqkd-lab:lab"], name, 1, "dv-o").to_dict()}],
+                             "profile": lab_plan.resolved_profile(TOPOLOGY["sdqkd-lab:lab"], name, 1, "dv-o").to_dict(),
+                             **({"channel": BOB_CHANNEL} if name == "bob" else {})}],
             "peers": {ids[other]: {"node": other, "service": {"1": ["127.0.0.1", service[other]]}}},
         }
         agents[name] = agent_config(tmp, name, ids[name], extra=extra).start()
@@ -156,3 +158,30 @@ def test_phys_link_comes_up_and_reacts_to_a_fibre_cut(pair, tmp_path, yanglint) 
     finally:
         ma.close_session()
         mb.close_session()
+
+
+# --- ONOS's QKD driver (org.onosproject.drivers.quantum) ----------------------------------------
+
+def onos_lambdas(wavelength_range: str) -> list[int]:
+    """QuantumLambdaQuery.queryLambdas: split on "-", first and last channel, every channel between."""
+    min_max = wavelength_range.split("-")  # "34": no second number (an exception in ONOS)
+    lo, hi = min_max[0], min_max[1]
+    return list(range(int(lo), int(hi) + 1))
+
+
+def interfaces(m) -> dict[int, etree._Element]:
+    data = m.get(filter=("subtree", f'<qkd_node xmlns="{ETSI}"><qkd_interfaces/></qkd_node>')).data
+    return {int(i.findtext(f"{{{ETSI}}}qkdi_id")): i for i in data.iter(f"{{{ETSI}}}qkd_interface")}
+
+
+def test_wavelength_range_reads_as_onos_parses_it(pair) -> None:
+    """A fixed-channel module's wavelength_range is one N-M range (ONOS's parser needs the
+    dash), still an ETSI wavelength-range-type (libyang encoded it)."""
+    agents, _ = pair
+    m = agents["bob"].connect()
+    try:
+        rng = interfaces(m)[1].findtext(f"{{{ETSI}}}qkdi_capabilities/{{{ETSI}}}wavelength_range")
+        assert rng == f"{BOB_CHANNEL}-{BOB_CHANNEL}"
+        assert onos_lambdas(rng) == [BOB_CHANNEL]
+    finally:
+        m.close_session()
