@@ -107,6 +107,8 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
         lk.get("qkdl_performance", {}).pop("phys_perf", None)
     ifaces = {int(i["qkdi_id"]): i for i in node.get("qkd_interfaces", {}).get("qkd_interface", [])}
     modules, switch_states = _states(drivers)
+    for iface in ifaces.values():  # an interface no module serves is down; a module's own says otherwise
+        iface["qkdi_status"] = identity("DISABLED")
     for st in modules:
         info = st["interface"]
         iface = ifaces.get(int(info["qkdi_id"]))

@@ -185,3 +185,18 @@ def test_wavelength_range_reads_as_onos_parses_it(pair) -> None:
         assert onos_lambdas(rng) == [BOB_CHANNEL]
     finally:
         m.close_session()
+
+
+def test_every_interface_shows_its_status(pair) -> None:
+    """qkdi_status for every interface: its module's, or DISABLED when no module serves it."""
+    agents, _ = pair
+    m = agents["alice"].connect()
+    spare = f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}"><qkd_interfaces><qkd_interface{{op}}><qkdi_id>7</qkdi_id>' \
+            "<qkdi_model>spare slot</qkdi_model></qkd_interface></qkd_interfaces></qkd_node></config>"
+    try:
+        m.edit_config(target="running", config=spare.format(op=""))
+        status = {k: (i.findtext(f"{{{ETSI}}}qkdi_status") or "").rsplit(":", 1)[-1] for k, i in interfaces(m).items()}
+        assert status == {1: "ENABLED", 7: "DISABLED"}
+    finally:
+        m.edit_config(target="running", config=spare.format(op=f' xmlns:nc="{NC}" nc:operation="delete"'))
+        m.close_session()
