@@ -18,7 +18,7 @@ from lxml import etree
 from sdqkd import __version__, yangdata
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers.base import Driver
-from sdqkd.agents.emulation.profile import identity
+from sdqkd.agents.emulation.profile import identity, parse_wavelength_range
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
         if info.get("role_support"):
             caps["role_support"] = identity(info["role_support"])
         if info.get("wavelength_range"):
-            caps["wavelength_range"] = str(info["wavelength_range"])
+            caps["wavelength_range"] = wavelength_range(str(info["wavelength_range"]))
         if info.get("max_absorption") is not None:
             caps["max_absorption"] = str(info["max_absorption"])
         if caps:
@@ -67,6 +67,17 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     if switches:
         data["sdqkd-optical-switch:optical-switches"] = {"switch": [{"name": st["name"]} for st in switches]}
     return yangdata.encode_json(data, config=True).elements()
+
+
+def wavelength_range(channels: str) -> str:
+    """A module's channels as ETSI 015 wavelength_range, written as ONOS's QKD driver reads
+    it: its QuantumLambdaQuery splits the value on "-" and takes the two numbers as the
+    first and last channel, so a fixed-channel module is "34-34" (not "34") and contiguous
+    channels are one range. Channels with gaps stay a list, which that parser cannot read."""
+    found = sorted(parse_wavelength_range(channels))
+    if found and found[-1] - found[0] + 1 == len(found):
+        return f"{found[0]}-{found[-1]}"
+    return channels
 
 
 def _time(ts: float) -> str:
@@ -96,6 +107,8 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
         lk.get("qkdl_performance", {}).pop("phys_perf", None)
     ifaces = {int(i["qkdi_id"]): i for i in node.get("qkd_interfaces", {}).get("qkd_interface", [])}
     modules, switch_states = _states(drivers)
+    for iface in ifaces.values():  # an interface no module serves is down; a module's own says otherwise
+        iface["qkdi_status"] = identity("DISABLED")
     for st in modules:
         info = st["interface"]
         iface = ifaces.get(int(info["qkdi_id"]))

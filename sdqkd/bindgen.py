@@ -40,6 +40,9 @@ UNBOUND: dict[str, str] = {
     "confirm-timeout), there is no data to bind",
     "ietf-netconf-monitoring": "pyangbind cannot map instance-identifier; the agent states "
     "/netconf-state as RFC 7951 JSON and libyang encodes it",
+    "notifications": "RFC 5277 create-subscription only: libyang checks its parameters, there is no data to bind",
+    "nc-notifications": "RFC 5277 /netconf/streams (state the agent states as RFC 7951 JSON, libyang encodes "
+    "it) and two notifications the hub sends as they are",
     "sdqkd-qrng": "notifications only (no data to bind); agents/device_notifications.py states them as JSON "
     "and libyang validates and encodes them",
 }

@@ -38,6 +38,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "sdqkd-qrng": (),
     "sdqkd-lab": (),
     "ietf-netconf-monitoring": (),
+    "notifications": (),  # RFC 5277 create-subscription
+    "nc-notifications": (),  # RFC 5277 /netconf/streams, replayComplete, notificationComplete
     "tapi-common": (),
     "tapi-topology": (),
     "tapi-connectivity": (),

@@ -8,6 +8,7 @@ the reply stays addressable (as Netopeer2 and ConfD do).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterable
 
 from lxml import etree
@@ -20,6 +21,32 @@ def _matches(filter_el: etree._Element, data_el: etree._Element) -> bool:
     if fq.localname != dq.localname:
         return False
     return not fq.namespace or fq.namespace == dq.namespace  # no namespace: all match
+
+
+_QNAME = re.compile(r"^([A-Za-z_][\w.-]*):([A-Za-z_][\w.-]*)$")
+
+
+def _qname(el: etree._Element, text: str) -> tuple[str, str] | None:
+    """(namespace, name) of a prefixed value, its prefix resolved in `el`'s scope, as XML
+    writes an identityref (RFC 7950 9.10.3); None when it is not one."""
+    m = _QNAME.match(text)
+    if m is None:
+        return None
+    ns = el.nsmap.get(m.group(1))
+    return None if ns is None else (ns, m.group(2))
+
+
+def _same_value(filter_el: etree._Element, data_el: etree._Element) -> bool:
+    """A content match node's value equals the data's. Two prefixed values whose prefixes
+    are both declared are identities (identityref): equal when they name the same one,
+    each prefix resolved through its own element's namespace declarations (x:PHYS
+    matches etsi-qkdn-types:PHYS when both prefixes name etsi-qkd-node-types, and not
+    when they name different modules). Anything else compares as text."""
+    f, d = (filter_el.text or "").strip(), (data_el.text or "").strip()
+    fq, dq = _qname(filter_el, f), _qname(data_el, d)
+    if fq is not None and dq is not None:
+        return fq == dq
+    return f == d
 
 
 def _is_content_match(el: etree._Element) -> bool:
@@ -41,7 +68,7 @@ def apply(data: Iterable[etree._Element], filter_el: etree._Element | None, key_
             if not _matches(f, d):
                 continue
             if _is_content_match(f):
-                if (d.text or "").strip() == (f.text or "").strip():
+                if _same_value(f, d):
                     out.append(copy.deepcopy(d))
             elif len(f) == 0:
                 out.append(copy.deepcopy(d))
@@ -69,7 +96,7 @@ def _filter_children(data: etree._Element, filt: etree._Element, key_names: KeyN
     others = [f for f in fkids if not _is_content_match(f)]
     matched_content: list[etree._Element] = []
     for f in content:
-        hits = [d for d in dkids if _matches(f, d) and (d.text or "").strip() == (f.text or "").strip()]
+        hits = [d for d in dkids if _matches(f, d) and _same_value(f, d)]
         if not hits:
             return None
         matched_content.extend(hits)

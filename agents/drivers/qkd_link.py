@@ -39,12 +39,22 @@ class LinkConfig:
     """What a QKD module needs of its ETSI 015 PHYS qkd_link entry (shared by the QKD drivers)."""
 
     qkdl_id: str
-    enabled: bool
+    enabled: bool               # qkdl_enable, and qkdl_status not OFF (switched_on)
     remote_qkdn: str | None
     remote_qkdi: int | None
     wavelength: int | None
     role: str | None            # phys_qkd_role, bare identity
     attenuation: float | None   # phys_channel_att
+
+
+def switched_on(entry: Mapping[str, Any]) -> bool:
+    """Whether a qkd_link entry asks for key: qkdl_enable (default true) and a configured
+    qkdl_status other than OFF. ETSI 015 makes qkdl_status configuration, and ONOS's QKD
+    app switches links with it alone: it creates them with qkdl_status OFF, activates them
+    with ACTIVE (and wavelength, attenuation) and deactivates them with OFF, never touching
+    qkdl_enable."""
+    status = identity_name(entry["qkdl_status"]) if entry.get("qkdl_status") else None
+    return bool(entry.get("qkdl_enable", True)) and status != "OFF"
 
 
 def link_config(entry: Mapping[str, Any], key: str) -> LinkConfig:
@@ -55,7 +65,7 @@ def link_config(entry: Mapping[str, Any], key: str) -> LinkConfig:
     try:
         return LinkConfig(
             qkdl_id=str(entry.get("qkdl_id", key)),
-            enabled=bool(entry.get("qkdl_enable", True)),
+            enabled=switched_on(entry),
             remote_qkdn=remote.get("qkdn_id"),
             remote_qkdi=None if remote.get("qkdi_id") is None else int(remote["qkdi_id"]),
             wavelength=None if wl is None else int(wl),

@@ -72,10 +72,12 @@ def from_running(module: dict[str, Any], own_qkdn_id: str) -> RouteTable:
     links = {}
     for lk in node.get("qkd_links", {}).get("qkd_link", []):
         kind = str(lk.get("qkdl_type") or "").rsplit(":", 1)[-1]
+        status = str(lk.get("qkdl_status") or "").rsplit(":", 1)[-1]
         links[str(lk["qkdl_id"]).lower()] = LinkRoute(
             qkdl_id=str(lk["qkdl_id"]).lower(),
             kind=kind,
-            enabled=bool(lk.get("qkdl_enable", True)),
+            # as the QKD modules read it (drivers/qkd_link.switched_on): OFF makes no key
+            enabled=bool(lk.get("qkdl_enable", True)) and status != "OFF",
             remote=_s(lk.get("qkdl_remote", {}).get("qkdn_id")),
             prev_hop=_s(lk.get("virt_prev_hop")),
             next_hops=tuple(str(h).lower() for h in lk.get("virt_next_hop", [])),

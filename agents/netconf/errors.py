@@ -197,6 +197,17 @@ class BadAttribute(RpcError):
     tag: str = "bad-attribute"
 
 
+def malformed(base11: bool, message: str) -> RpcError:
+    """The error for a message that cannot be taken as an <rpc> (not well-formed XML, not
+    an <rpc>, not one operation). malformed-message is "new in :base:1.1 and MUST NOT be
+    sent to old clients" (RFC 6241 appendix A), which leaves a :base:1.0 session the tag
+    RFC 4741 has for failures no other tag covers: operation-failed, at the rpc layer
+    (where malformed-message would be)."""
+    if base11:
+        return MalformedMessage(message)
+    return OperationFailed(message, error_type="rpc")
+
+
 class RpcErrors(Exception):
     """Several rpc-errors for one request (validation collects them all)."""
 

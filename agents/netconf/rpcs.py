@@ -36,7 +36,8 @@ BASE_CAPS = [
     "urn:ietf:params:netconf:capability:interleave:1.0",
 ]
 # Modules whose data the agent serves; their imports are advertised too.
-SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "ietf-netconf-monitoring")
+SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "ietf-netconf-monitoring",
+          "notifications", "nc-notifications")
 
 StateFill = Callable[[dict[str, Any]], None]
 
@@ -133,6 +134,7 @@ class Rpcs:
 
     @staticmethod
     def _checked(h: Callable[[Any, etree._Element], Any], session: Any, op: etree._Element) -> Any:
+        op = notifications.subscription_input(op)
         try:
             yangdata.check_rpc(op)
         except yangdata.YangError as exc:
@@ -156,6 +158,7 @@ class Rpcs:
                 stats[k] = stats.get(k, 0) + v
         live["ietf-netconf-monitoring"] = monitoring.netconf_state(
             self.capabilities(), self.modules, dict(self.datastores.locks), sessions, stats)
+        live["nc-notifications"] = self.hub.streams()
         return self.models.operational(live)
 
     def get(self, session: Any, op: etree._Element) -> list[etree._Element]:

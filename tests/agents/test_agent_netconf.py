@@ -20,6 +20,7 @@ NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
 LINK = "11111111-2222-4333-8444-555555555555"
 PEER = "3b1e7c22-5d4f-4a9b-9e0c-6a7b8c9d0e1f"
+ETSI_TYPES = "urn:etsi:qkd:yang:etsi-qkd-node-types"
 
 
 def cfg(body: str, attrs: str = "") -> str:
@@ -135,6 +136,29 @@ def test_bad_edits_get_rpc_errors_and_change_nothing(nc, body, tag, path_part) -
     assert err.value.tag == tag
     assert path_part in (err.value.path or "")
     assert etree.tostring(running(nc), method="c14n") == before
+
+
+def test_get_filter_matches_identities_by_namespace(nc) -> None:
+    """RFC 6241 6.2.5 content match on an identityref: the filter's prefix is resolved
+    through the filter's declarations, the data's through its own."""
+    link = (f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}"><qkd_links><qkd_link{{op}}><qkdl_id>{LINK}</qkdl_id>'
+            f"<qkdl_type xmlns:t='{ETSI_TYPES}'>t:VIRT</qkdl_type><qkdl_remote><qkdn_id>{PEER}</qkdn_id></qkdl_remote>"
+            "</qkd_link></qkd_links></qkd_node></config>")
+    nc.edit_config(target="running", config=link.format(op=""))
+    try:
+        def links(kind: str, ns: str = ETSI_TYPES) -> list[str]:
+            filt = (f'<qkd_node xmlns="{ETSI}"><qkd_links><qkd_link>'
+                    f'<qkdl_type xmlns:x="{ns}">x:{kind}</qkdl_type></qkd_link></qkd_links></qkd_node>')
+            found = [[e.text for e in reply.data.iter(f"{{{ETSI}}}qkdl_id")]
+                     for reply in (nc.get(filter=("subtree", filt)), nc.get_config("running", filter=("subtree", filt)))]
+            assert found[0] == found[1]
+            return found[0]
+
+        assert links("VIRT") == [LINK]
+        assert links("PHYS") == []
+        assert links("VIRT", "urn:example:not-the-etsi-types") == []
+    finally:
+        nc.edit_config(target="running", config=link.format(op=f' xmlns:nc="{NC}" nc:operation="delete"'))
 
 
 def test_unknown_namespace_and_operation(nc) -> None:

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from lxml import etree
+from ncclient.operations.rpc import RPCError
 
 from agentproc import agent_config, free_port
 from sdqkd import yangdata, yangmodels
@@ -20,6 +21,9 @@ from testlib import run
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
 LINK = "5a1e0000-0000-4000-8000-0000000000ab"
+ONOS_LINK = "5a1e0000-0000-4000-8000-0000000000cd"
+TYPES = "urn:etsi:qkd:yang:etsi-qkd-node-types"
+BOB_CHANNEL = 34  # bob's module has one fixed DWDM channel
 
 TOPOLOGY = {
     "sdqkd-lab:lab": {
@@ -63,7 +67,8 @@ def pair(tmp_path_factory):
             "plant": {"inventory": lab_plan.plant_inventory(TOPOLOGY["sdqkd-lab:lab"]), "state": str(plant_state)},
             "service_key": key,
             "qkd_modules": [{"qkdi_id": 1, "role": role, "service_port": service[name],
-                             "profile": lab_plan.resolved_profile(TOPOLOGY["sdqkd-lab:lab"], name, 1, "dv-o").to_dict()}],
+                             "profile": lab_plan.resolved_profile(TOPOLOGY["sdqkd-lab:lab"], name, 1, "dv-o").to_dict(),
+                             **({"channel": BOB_CHANNEL} if name == "bob" else {})}],
             "peers": {ids[other]: {"node": other, "service": {"1": ["127.0.0.1", service[other]]}}},
         }
         agents[name] = agent_config(tmp, name, ids[name], extra=extra).start()
@@ -154,5 +159,140 @@ def test_phys_link_comes_up_and_reacts_to_a_fibre_cut(pair, tmp_path, yanglint) 
         ma.edit_config(target="running", config=link_config(alice.qkdn_id, bob.qkdn_id, "TRANSMITTER", enable=False))
         wait_status(ma, "OFF")
     finally:
-        ma.close_session()
-        mb.close_session()
+        for m in (ma, mb):  # the interfaces are free for the next link
+            m.edit_config(target="running", config=(
+                f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}"><qkd_links><qkd_link xmlns:nc="{NC}" nc:operation="remove">'
+                f"<qkdl_id>{LINK}</qkdl_id></qkd_link></qkd_links></qkd_node></config>"))
+            m.close_session()
+
+
+# --- ONOS's QKD app and driver (org.onosproject.drivers.quantum, org.quantum.app) ------------
+# What they send, as they send it: edit-config on running with qkdl_status written with the
+# etsi-qkdn-types prefix declared on the leaf, inside a <config> that declares nc.
+
+ONOS_TYPES = f'xmlns:etsi-qkdn-types="{TYPES}"'
+
+
+def onos_edit(m, body: str) -> None:
+    m.edit_config(target="running", config=(
+        f'<config xmlns="{NC}" xmlns:nc="{NC}"><qkd_node xmlns="{ETSI}"><qkd_links>{body}</qkd_links></qkd_node></config>'))
+
+
+def onos_create(local: str, remote: str, role: str) -> str:
+    """QkdLinkManager.createLinkFilterSource / Destination: a PHYS link, created OFF."""
+    return (f"<qkd_link><qkdl_id>{ONOS_LINK}</qkdl_id>"
+            f"<qkdl_status {ONOS_TYPES}>etsi-qkdn-types:OFF</qkdl_status><qkdl_enable>true</qkdl_enable>"
+            f"<qkdl_local><qkdn_id>{local}</qkdn_id><qkdi_id>1</qkdi_id></qkdl_local>"
+            f"<qkdl_remote><qkdn_id>{remote}</qkdn_id><qkdi_id>1</qkdi_id></qkdl_remote>"
+            f"<qkdl_type {ONOS_TYPES}>etsi-qkdn-types:PHYS</qkdl_type>"
+            f"<phys_qkd_role {ONOS_TYPES}>etsi-qkdn-types:{role}</phys_qkd_role></qkd_link>")
+
+
+def onos_activate(attenuation: float, channel: int) -> str:
+    """QkdLinkManager.activateLinkFilter."""
+    return (f"<qkd_link><qkdl_id>{ONOS_LINK}</qkdl_id>"
+            f"<qkdl_status {ONOS_TYPES}>etsi-qkdn-types:ACTIVE</qkdl_status>"
+            f"<phys_channel_att>{attenuation:.2f}</phys_channel_att><phys_wavelength>{channel}</phys_wavelength></qkd_link>")
+
+
+def onos_status(status: str) -> str:
+    """QkdLinkManager.deactivateLinkFilter (OFF), or any other qkdl_status alone."""
+    return f"<qkd_link><qkdl_id>{ONOS_LINK}</qkdl_id><qkdl_status {ONOS_TYPES}>etsi-qkdn-types:{status}</qkdl_status></qkd_link>"
+
+
+def onos_lambdas(wavelength_range: str) -> list[int]:
+    """QuantumLambdaQuery.queryLambdas: split on "-", first and last channel, every channel between."""
+    min_max = wavelength_range.split("-")  # "34": no second number (an exception in ONOS)
+    lo, hi = min_max[0], min_max[1]
+    return list(range(int(lo), int(hi) + 1))
+
+
+def onos_link(m) -> tuple[str | None, int]:
+    """(status, SKR) of ONOS's link in <get>."""
+    filt = f'<qkd_node xmlns="{ETSI}"><qkd_links><qkd_link><qkdl_id>{ONOS_LINK}</qkdl_id></qkd_link></qkd_links></qkd_node>'
+    data = m.get(filter=("subtree", filt)).data
+    status = data.findtext(f".//{{{ETSI}}}qkdl_status")
+    return (status.rsplit(":", 1)[-1] if status else None), int(data.findtext(f".//{{{ETSI}}}skr") or 0)
+
+
+def wait_onos(ms, want: str, timeout: float = 15.0) -> list[int]:
+    end = time.monotonic() + timeout
+    seen = [onos_link(m) for m in ms]
+    while time.monotonic() < end and any(s != want for s, _ in seen):
+        time.sleep(0.2)
+        seen = [onos_link(m) for m in ms]
+    assert all(s == want for s, _ in seen), f"ONOS's link is {seen}, not {want}"
+    return [skr for _, skr in seen]
+
+
+def interfaces(m) -> dict[int, etree._Element]:
+    data = m.get(filter=("subtree", f'<qkd_node xmlns="{ETSI}"><qkd_interfaces/></qkd_node>')).data
+    return {int(i.findtext(f"{{{ETSI}}}qkdi_id")): i for i in data.iter(f"{{{ETSI}}}qkd_interface")}
+
+
+def test_wavelength_range_reads_as_onos_parses_it(pair) -> None:
+    """A fixed-channel module's wavelength_range is one N-M range (ONOS's parser needs the
+    dash), still an ETSI wavelength-range-type (libyang encoded it)."""
+    agents, _ = pair
+    m = agents["bob"].connect()
+    try:
+        rng = interfaces(m)[1].findtext(f"{{{ETSI}}}qkdi_capabilities/{{{ETSI}}}wavelength_range")
+        assert rng == f"{BOB_CHANNEL}-{BOB_CHANNEL}"
+        assert onos_lambdas(rng) == [BOB_CHANNEL]
+    finally:
+        m.close_session()
+
+
+def test_every_interface_shows_its_status(pair) -> None:
+    """qkdi_status for every interface: its module's, or DISABLED when no module serves it."""
+    agents, _ = pair
+    m = agents["alice"].connect()
+    spare = f'<config xmlns="{NC}"><qkd_node xmlns="{ETSI}"><qkd_interfaces><qkd_interface{{op}}><qkdi_id>7</qkdi_id>' \
+            "<qkdi_model>spare slot</qkdi_model></qkd_interface></qkd_interfaces></qkd_node></config>"
+    try:
+        m.edit_config(target="running", config=spare.format(op=""))
+        status = {k: (i.findtext(f"{{{ETSI}}}qkdi_status") or "").rsplit(":", 1)[-1] for k, i in interfaces(m).items()}
+        assert status == {1: "ENABLED", 7: "DISABLED"}
+    finally:
+        m.edit_config(target="running", config=spare.format(op=f' xmlns:nc="{NC}" nc:operation="delete"'))
+        m.close_session()
+
+
+def test_onos_switches_a_link_with_qkdl_status(pair) -> None:
+    """ONOS's QKD app creates a link with qkdl_status OFF, activates it with ACTIVE (and the
+    channel its driver parsed from wavelength_range, and the attenuation), deactivates it
+    with OFF and deletes it, on both nodes: OFF makes no key, ACTIVE makes key again."""
+    agents, _ = pair
+    alice, bob = agents["alice"], agents["bob"]
+    ma, mb = alice.connect(), bob.connect()
+    try:
+        onos_edit(ma, onos_create(alice.qkdn_id, bob.qkdn_id, "TRANSMITTER"))
+        onos_edit(mb, onos_create(bob.qkdn_id, alice.qkdn_id, "RECEIVER"))
+        time.sleep(1.5)  # long enough for a switched-on link to pair and make key
+        assert [onos_link(m) for m in (ma, mb)] == [("OFF", 0), ("OFF", 0)]
+
+        rng = interfaces(mb)[1].findtext(f"{{{ETSI}}}qkdi_capabilities/{{{ETSI}}}wavelength_range")
+        channel = onos_lambdas(rng)[0]
+        for m in (ma, mb):
+            onos_edit(m, onos_activate(4.0, channel))
+        wait_onos((ma, mb), "ACTIVE")
+        time.sleep(1.5)
+        assert all(skr > 1000 for skr in wait_onos((ma, mb), "ACTIVE"))
+
+        for m in (ma, mb):
+            onos_edit(m, onos_status("OFF"))
+        wait_onos((ma, mb), "OFF")
+        time.sleep(1.0)
+        assert [onos_link(m) for m in (ma, mb)] == [("OFF", 0), ("OFF", 0)]  # no key while OFF
+
+        with pytest.raises(RPCError) as err:  # ON is an application status, not a link's
+            onos_edit(ma, onos_status("ON"))
+        assert err.value.tag == "invalid-value"
+
+        for m in (ma, mb):
+            onos_edit(m, onos_status("ACTIVE"))
+        wait_onos((ma, mb), "ACTIVE")
+    finally:
+        for m in (ma, mb):
+            onos_edit(m, f'<qkd_link nc:operation="delete"><qkdl_id>{ONOS_LINK}</qkdl_id></qkd_link>')
+            m.close_session()

@@ -40,3 +40,11 @@ def test_filled_state_encodes_through_libyang() -> None:
     stat = node.find(f".//{{{NS}}}statistics")
     assert stat.findtext(f"{{{NS}}}consumed_bits") == str(2**32 - 1)
     assert before != data and "qkdn_status" not in before["etsi-qkd-sdn-node"]["etsi-qkd-sdn-node:qkd_node"]
+
+
+def test_wavelength_range_is_one_range_when_it_can_be() -> None:
+    """ONOS's QKD driver reads wavelength_range as one "N-M" range."""
+    assert operational.wavelength_range("34") == "34-34"
+    assert operational.wavelength_range("20-22") == "20-22"
+    assert operational.wavelength_range("22,20,21") == "20-22"
+    assert operational.wavelength_range("1,12-20,40") == "1,12-20,40"  # gaps: a list, as ETSI allows
