@@ -253,10 +253,7 @@ class NetconfSession(asyncssh.SSHServerSession):
         return _reply(root, body), self.after_reply, closing
 
     def _malformed(self, message: str) -> errors.RpcError:
-        """RFC 6241 App. A: malformed-message is new in base:1.1 and is not sent to base:1.0 clients."""
-        if self.base11:
-            return errors.MalformedMessage(message)
-        return errors.OperationFailed(message, error_type="rpc")
+        return errors.malformed(self.base11, message)
 
     def _errors(self, rpc: etree._Element | None, errs: list[errors.RpcError]) -> bytes:
         self.counters["out-rpc-errors"] += 1

@@ -230,12 +230,11 @@ def test_a_message_over_the_limit_gets_too_big_and_the_session_ends(agent: Agent
     r = Raw(agent, HELLO_11 if framing == "1.1" else HELLO_10)
     try:
         big = _rpc("<get-config><source><running/></source><filter>" + "x" * (2 * LIMIT) + "</filter></get-config>")
-        if framing == "1.1":
-            r.ch.sendall(_chunk(big))
-            reply = r.read_chunked()
-        else:
-            r.ch.sendall(big + b"]]>]]>")
-            reply = r.read_eom()
+        try:  # the server answers and closes as soon as the limit is crossed, maybe mid-send
+            r.ch.sendall(_chunk(big) if framing == "1.1" else big + b"]]>]]>")
+        except OSError:
+            pass
+        reply = r.read_chunked() if framing == "1.1" else r.read_eom()
         err = etree.fromstring(reply)
         assert err.findtext(f".//{{{NC}}}error-tag") == "too-big"
         assert r.closed_by_server()

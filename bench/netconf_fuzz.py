@@ -1,0 +1,242 @@
+"""Hostile NETCONF input against a real agent: mutated requests (byte flips, truncation,
+splices, deep nesting, entity bombs, huge names and attributes, out-of-range values),
+broken framing of both kinds, oversized messages and abrupt disconnects mid-message.
+Reports what the agent holds before and after: RSS, threads, open sessions, locks,
+and that it still answers. The agent's RSS must come back to within 20% of its start.
+
+    .venv/bin/python bench/netconf_fuzz.py [--count 5000] [--seed 1] [--limit-seconds 600]
+
+Exit status 1 when memory, threads or sessions did not come back, or the agent died.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from agentproc import PASSWORD, AgentProc, agent_config  # noqa: E402
+
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
+MAX_MESSAGE = 1024 * 1024  # the fuzzed agent's limit: oversized inputs cross it cheaply
+
+CORPUS = [
+    "<get/>",
+    "<get-config><source><running/></source></get-config>",
+    f'<get-config><source><candidate/></source><filter type="subtree"><qkd_node xmlns="{ETSI}"><qkd_links/></qkd_node></filter></get-config>',
+    "<lock><target><candidate/></target></lock>",
+    "<unlock><target><candidate/></target></unlock>",
+    f'<edit-config><target><running/></target><config><qkd_node xmlns="{ETSI}"><qkdn_location_id>fuzz</qkdn_location_id></qkd_node></config></edit-config>',
+    f'<edit-config><target><candidate/></target><config><qkd_node xmlns="{ETSI}"><qkd_links><qkd_link>'
+    "<qkdl_id>00000000-0000-0000-0000-00000000000{i}</qkdl_id><qkdl_type "
+    'xmlns:t="urn:etsi:qkd:yang:etsi-qkd-node-types">t:VIRT</qkdl_type><virt_prev_hop>x</virt_prev_hop>'
+    "</qkd_link></qkd_links></qkd_node></config></edit-config>",
+    "<discard-changes/>",
+    "<validate><source><candidate/></source></validate>",
+    "<commit><confirmed/><confirm-timeout>99999999999</confirm-timeout></commit>",
+    "<kill-session><session-id>999999</session-id></kill-session>",
+    '<create-subscription xmlns="urn:ietf:params:xml:ns:netconf:notification:1.0"><startTime>2020-01-01T00:00:00Z</startTime></create-subscription>',
+    '<get-schema xmlns="urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"><identifier>etsi-qkd-sdn-node</identifier></get-schema>',
+]
+
+
+def _rpc(body: str, mid: int) -> bytes:
+    return f'<rpc message-id="{mid}" xmlns="{NC}">{body}</rpc>'.encode()
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.randrange(6)
+        pos = rng.randrange(len(data) + 1)
+        if kind == 0 and data:
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif kind == 1:
+            del data[pos:pos + rng.randint(1, 40)]
+        elif kind == 2:
+            data[pos:pos] = rng.choice([b"<", b">", b"&", b"]]>]]>", b"\n#9\n", b"\x00", b"\xff\xfe", b"<!--", b"<![CDATA["])
+        elif kind == 3 and data:
+            a = rng.randrange(len(data))
+            data[pos:pos] = data[a:a + rng.randint(1, 200)]
+        elif kind == 4:
+            data = data[:pos]
+        else:
+            data[pos:pos] = b"\xf0\x9f\x94\x91" * rng.randint(1, 4)
+    return bytes(data)
+
+
+def _hostile(rng: random.Random, mid: int) -> bytes:
+    """A request a hostile or broken client could send (not framed)."""
+    kind = rng.randrange(10)
+    if kind < 5:
+        body = rng.choice(CORPUS).replace("{i}", str(rng.randrange(10)))
+        return _mutate(rng, _rpc(body, mid))
+    if kind == 5:
+        depth = rng.choice([100, 300, 5000])
+        return _rpc("<get>" + "<a>" * depth + "</a>" * depth + "</get>", mid)
+    if kind == 6:
+        ent = '<!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+        return (ent + f'<rpc message-id="{mid}" xmlns="{NC}"><get-config><source><running/></source>'
+                f'<filter><qkd_node xmlns="{ETSI}"><qkdn_location_id>&c;</qkdn_location_id></qkd_node></filter></get-config></rpc>').encode()
+    if kind == 7:
+        name = "x" * rng.choice([1000, 60000])
+        return _rpc(f'<get-config><source><running/></source><filter><{name} xmlns="urn:x" {name[:500]}="1"/></filter></get-config>', mid)
+    if kind == 8:
+        value = rng.choice(["3.0001", "99999999999999999999999.5", "-1", "NaN", "1e400", "", "\u202e" * 50])
+        return _rpc(f'<edit-config><target><running/></target><config><qkd_node xmlns="{ETSI}"><qkd_links><qkd_link>'
+                    f"<qkdl_id>00000000-0000-0000-0000-000000000001</qkdl_id><qkdl_performance><expected_consumption>{value}"
+                    "</expected_consumption></qkdl_performance></qkd_link></qkd_links></qkd_node></config></edit-config>", mid)
+    return rng.randbytes(rng.randint(1, 2000))
+
+
+@dataclass
+class Client:
+    agent: AgentProc
+    chunked: bool
+
+    def __post_init__(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", self.agent.port), timeout=20)
+        self.t = paramiko.Transport(self.sock)
+        self.t.connect(username="admin", password=PASSWORD)
+        self.ch = self.t.open_session()
+        self.ch.invoke_subsystem("netconf")
+        self.ch.settimeout(20)
+        self.buf = b""
+        while b"]]>]]>" not in self.buf:
+            self.buf += self.ch.recv(65536)
+        self.buf = b""
+        cap = "1.1" if self.chunked else "1.0"
+        self.ch.sendall(f'<hello xmlns="{NC}"><capabilities><capability>urn:ietf:params:netconf:base:{cap}</capability>'
+                        f"</capabilities></hello>]]>]]>".encode())
+
+    def send(self, message: bytes) -> None:
+        self.ch.sendall(b"\n#%d\n" % len(message) + message + b"\n##\n" if self.chunked else message + b"]]>]]>")
+
+    def reply(self) -> bool:
+        """Read one reply; False when the server ended the session."""
+        end = b"\n##\n" if self.chunked else b"]]>]]>"
+        while end not in self.buf:
+            data = self.ch.recv(1 << 20)
+            if not data:
+                return False
+            self.buf += data
+        self.buf = self.buf.split(end, 1)[1]
+        return True
+
+    def drop(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.t.active = False
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        self.t.join(2)
+        self.sock.close()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def fuzz(agent: AgentProc, count: int, seed: int, limit_seconds: float) -> Counter:
+    rng = random.Random(seed)
+    outcome: Counter = Counter()
+    client: Client | None = None
+    deadline = time.monotonic() + limit_seconds
+    for i in range(count):
+        if time.monotonic() > deadline:
+            outcome["stopped at the time limit"] += 1
+            break
+        if client is None:
+            client = Client(agent, chunked=rng.random() < 0.5)
+        roll = rng.random()
+        try:
+            if roll < 0.03:  # an abrupt disconnect mid-message
+                client.ch.sendall(b"\n#5000\n<rpc " if client.chunked else b"<rpc message-id='1'")
+                client.drop()
+                client = None
+                outcome["dropped mid-message"] += 1
+                continue
+            if roll < 0.05 and client.chunked:  # broken chunk framing: an error, then the session ends
+                client.ch.sendall(rng.choice([b"\n#0\n", b"\n#99999999999\n", b"\n##\n", b"\n#12x\n", b"garbage\n"]))
+                client.reply()
+                outcome["broken framing"] += 1
+            elif roll < 0.07:  # over the size limit
+                client.send(_rpc("<get>" + "z" * (MAX_MESSAGE + 10) + "</get>", i))
+                client.reply()
+                outcome["oversized"] += 1
+            else:
+                client.send(_hostile(rng, i))
+                outcome["hostile request"] += 1
+                if not client.reply():
+                    raise EOFError
+                continue
+        except (EOFError, OSError, paramiko.SSHException):
+            outcome["sessions ended by the server"] += 1
+            client.drop()
+            client = None
+            continue
+        client.drop()  # after framing trouble or an oversized message the session is over
+        client = None
+    if client is not None:
+        client.drop()
+    return outcome
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--limit-seconds", type=float, default=600.0)
+    args = ap.parse_args()
+    agent = agent_config(Path(tempfile.mkdtemp(prefix="sdqkd-fuzz-")), netconf={"max_message_size": MAX_MESSAGE}).start()
+    ok = True
+    try:
+        with agent.connect() as m:
+            m.get_config("running")
+        time.sleep(1.0)
+        rss0, threads0 = rss_kib(agent.proc.pid), threads(agent.proc.pid)
+        start = time.monotonic()
+        outcome = fuzz(agent, args.count, args.seed, args.limit_seconds)
+        elapsed = time.monotonic() - start
+        time.sleep(3.0)
+        rss1, threads1 = rss_kib(agent.proc.pid), threads(agent.proc.pid)
+        with agent.connect() as m:
+            m.lock("running")
+            m.unlock("running")
+            state = m.get(filter=("subtree", '<netconf-state xmlns="urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"><sessions/></netconf-state>'))
+            sessions = len(state.data_ele.findall(".//{urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring}session"))
+        print(f"{sum(outcome.values())} inputs in {elapsed:.1f} s ({sum(outcome.values()) / elapsed:.0f}/s), seed {args.seed}")
+        for k, v in sorted(outcome.items()):
+            print(f"  {k:32} {v}")
+        ratio = rss1 / rss0
+        print(f"agent RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB (x{ratio:.2f}; must be <= x1.20)")
+        print(f"agent threads {threads0} -> {threads1}; sessions open after: {sessions - 1} (this one not counted)")
+        ok = ratio <= 1.20 and threads1 <= threads0 and sessions == 1 and agent.proc.poll() is None
+    finally:
+        agent.stop()
+    print("OK" if ok else "FAILED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
