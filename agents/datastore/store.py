@@ -6,6 +6,13 @@ changes already applied are undone with their inverse and running stays as it wa
 A confirmed commit (RFC 6241 8.4) keeps the previous running until confirmed, and
 rolls back when the timeout fires, or when the session that made it ends (unless
 it was given a persist id).
+
+candidate (RFC 6241 8.3) is running itself until it is modified (an edit-config or
+copy-config to it since the last commit or discard-changes): an unmodified candidate
+follows every change to running, so committing it changes nothing. Its first
+modification starts from running as it is then, and a commit replaces running with
+it (sysrepo's and Netopeer2's semantics): changes made to running after that are
+overwritten by the commit.
 """
 from __future__ import annotations
 
@@ -59,7 +66,7 @@ class Datastores:
         self.on_commit = on_commit
         self.lock = threading.RLock()
         self.locks: dict[str, int] = {}
-        self.candidate_dirty_by: int | None = None
+        self.candidate_dirty_by: int | None = None  # the session that last modified candidate; None: unmodified
         self.confirmed: _Confirmed | None = None
         base = list(initial)
         if startup_path is not None and startup_path.exists():
@@ -178,9 +185,10 @@ class Datastores:
         self.candidate_dirty_by = session_id
 
     def _reset_candidate(self) -> None:
-        """candidate as running, its edits dropped (a copy: edits never touch running's elements)."""
-        self._set_candidate(self._running_cfg, None)
-        self.candidate = [copy.deepcopy(e) for e in self.running]
+        """candidate unmodified: running itself, the same list (nothing changes a stored
+        list or its elements in place; every write replaces the list)."""
+        self.candidate, self._candidate_cfg = self.running, self._running_cfg
+        self.candidate_dirty_by = None
 
     def _validated(self, elements: Iterable[etree._Element]) -> Config:
         """libyang's validation of a configuration; running's and candidate's are known."""
@@ -254,6 +262,8 @@ class Datastores:
                     raise errors.from_driver(exc.reason, exc.message, _change_path(change)) from None
                 raise errors.from_driver("operation-failed", "the device failed to apply the change", _change_path(change)) from None
         self.running, self._running_cfg = list(cfg.elements), cfg
+        if self.candidate_dirty_by is None:
+            self._reset_candidate()  # an unmodified candidate follows running (RFC 6241 8.3)
         if self.on_commit is not None and changes:
             try:
                 self.on_commit(changes)
@@ -277,7 +287,7 @@ class Datastores:
                 raise errors.InvalidValue("no confirmed commit is pending", info={"bad-element": "persist-id"})
             previous = pending.previous if pending else [copy.deepcopy(e) for e in self.running]
             self._commit(self.candidate, session_id)
-            self.candidate_dirty_by = None
+            self._reset_candidate()
             if pending is not None:
                 pending.timer.cancel()
                 self.confirmed = None
