@@ -179,8 +179,7 @@ class Rpcs:
             if op.find(_q("url")) is not None:
                 raise errors.OperationNotSupported("<url> is not supported (no :url capability)")
             raise errors.protocol(errors.MissingElement, "edit-config needs <config>", info={"bad-element": "config"})
-        # Edits are atomic whatever error-option says: a failed edit changes nothing.
-        self.datastores.edit(target, config, session.session_id, default_op, test_option)
+        self.datastores.edit(target, config, session.session_id, default_op, test_option, error_option)
 
     def _source(self, op: etree._Element) -> list[etree._Element]:
         src = op.find(_q("source"))
