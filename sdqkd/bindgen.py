@@ -38,6 +38,8 @@ BINDING_SETS: tuple[BindingSet, ...] = (
 UNBOUND: dict[str, str] = {
     "ietf-netconf": "the base protocol's operations: libyang checks their parameters (e.g. "
     "confirm-timeout), there is no data to bind",
+    "ietf-netconf-with-defaults": "only the <with-defaults> parameter of get, get-config and copy-config "
+    "(RFC 6243): libyang checks it, there is no data to bind",
     "ietf-netconf-monitoring": "pyangbind cannot map instance-identifier; the agent states "
     "/netconf-state as RFC 7951 JSON and libyang encodes it",
     "notifications": "RFC 5277 create-subscription only: libyang checks its parameters, there is no data to bind",

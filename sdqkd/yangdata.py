@@ -40,6 +40,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "ietf-netconf-monitoring": (),
     "notifications": (),  # RFC 5277 create-subscription
     "nc-notifications": (),  # RFC 5277 /netconf/streams, replayComplete, notificationComplete
+    "ietf-netconf-with-defaults": (),
     "tapi-common": (),
     "tapi-topology": (),
     "tapi-connectivity": (),
@@ -176,10 +177,11 @@ def _parse(text: str | bytes, fmt: str, *, config: bool, validate: bool) -> Any:
     return tree[0]
 
 
-def _print(tree: Any, fmt: str) -> str:
-    """The whole forest as XML or JSON, with the values that are set (no defaults added)."""
+def _print(tree: Any, fmt: str, defaults: int = lib.LYD_PRINT_WD_EXPLICIT) -> str:
+    """The whole forest as XML or JSON, by default with the values that are set (no
+    defaults added); `defaults`: another of libyang's LYD_PRINT_WD_* modes."""
     buf = ffi.new("char **")
-    flags = lib.LYD_PRINT_WITHSIBLINGS | lib.LYD_PRINT_SHRINK | lib.LYD_PRINT_WD_EXPLICIT
+    flags = lib.LYD_PRINT_WITHSIBLINGS | lib.LYD_PRINT_SHRINK | defaults
     fmt_id = lib.LYD_XML if fmt == "xml" else lib.LYD_JSON
     if lib.lyd_print_mem(buf, tree, fmt_id, flags) != lib.LY_SUCCESS:
         raise YangError(_problems(context()))
@@ -354,6 +356,34 @@ def encode_json(data: dict[str, Any] | str, *, config: bool = False) -> Document
     finally:
         if tree:
             lib.lyd_free_all(tree)
+
+
+# RFC 6243 retrieval modes this engine renders, as libyang's printer modes.
+WITH_DEFAULTS = {"explicit": lib.LYD_PRINT_WD_EXPLICIT, "trim": lib.LYD_PRINT_WD_TRIM, "report-all": lib.LYD_PRINT_WD_ALL}
+
+
+def with_defaults(elements: Iterable[etree._Element], mode: str, *, config: bool, modules: Iterable[str] = ()) -> list[etree._Element]:
+    """A document held as its explicit values (a datastore's content, a <get> reply) in an
+    RFC 6243 retrieval mode, by libyang: report-all adds every default in use (libyang's
+    implicit nodes, `when` honoured; state defaults too unless `config`) to the document's
+    modules and `modules` (libyang would add every module's of the context); trim leaves
+    out every node whose value is its schema default, even one a client set; explicit (the
+    basic mode) is the document as held."""
+    elements = [el for el in elements if isinstance(el.tag, str)]
+    if mode == "explicit" or not elements:
+        return elements
+    tree = ffi.new("struct lyd_node **", _parse(b"".join(etree.tostring(el) for el in elements), "xml",
+                                               config=config, validate=False))
+    try:
+        implicit = lib.LYD_IMPLICIT_NO_STATE if config else 0
+        if mode == "report-all" and lib.lyd_new_implicit_all(tree, context().cdata, implicit, ffi.NULL) != lib.LY_SUCCESS:
+            raise YangError(_problems(context()))
+        out = Document(_print(tree[0], "xml", WITH_DEFAULTS[mode]), {}).elements()
+    finally:
+        if tree[0]:
+            lib.lyd_free_all(tree[0])
+    served = {etree.QName(el).namespace for el in elements} | {namespace_of(m) for m in modules}
+    return [el for el in out if etree.QName(el).namespace in served]
 
 
 @contextlib.contextmanager

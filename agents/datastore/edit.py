@@ -3,12 +3,16 @@
 The datastore keeps canonical XML; an edit is applied to a copy, node by node,
 using the schema (libyang's, through sdqkd.yangdata) only to tell leaves, containers,
 list entries (by key) and leaf-list entries (by value) apart. The whole result is then
-validated by libyang (ModelSet.check) before it replaces anything.
+validated by libyang (ModelSet.check) before it replaces anything. apply_edit is atomic
+(the first error fails the edit); apply_each applies each operation on its own, for
+error-option continue-on-error.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 
 from lxml import etree
 
@@ -26,24 +30,77 @@ DEFAULT_OPERATIONS = ("merge", "replace", "none")
 def apply_edit(
     target: Iterable[etree._Element], config: etree._Element, models: ModelSet, default_operation: str = "merge"
 ) -> list[etree._Element]:
-    """New top-level elements of a datastore after applying <config>'s children."""
+    """New top-level elements of a datastore after applying <config>'s children; the first
+    operation that fails fails the whole edit (stop-on-error, rollback-on-error)."""
+    return _run(target, config, models, default_operation, None).elements
+
+
+@dataclass
+class Outcome:
+    """An edit applied operation by operation (continue-on-error)."""
+
+    elements: list[etree._Element]  # the datastore's new top-level elements
+    failed: list[tuple[etree._Element, errors.RpcError]]  # operations left out: their element in <config>, and why
+    written: list[tuple[etree._Element, str]]  # operations applied: their element, the data path they wrote
+
+
+def apply_each(
+    target: Iterable[etree._Element], config: etree._Element, models: ModelSet, default_operation: str = "merge",
+    skip: Collection[etree._Element] = (),
+) -> Outcome:
+    """continue-on-error (RFC 6241 7.2): every operation of <config> applied on its own; one
+    that fails changes nothing and is reported in Outcome.failed, the others go on. An
+    operation is one element the edit acts on: a leaf or leaf-list value set, a subtree
+    created, replaced, deleted or removed, or a container or list entry a merge creates
+    (its children are operations of their own). `skip`: operations to leave out, with
+    everything inside them (the caller's, for those whose result failed validation)."""
+    return _run(target, config, models, default_operation, set(skip))
+
+
+def _run(target: Iterable[etree._Element], config: etree._Element, models: ModelSet, default_operation: str,
+         skip: set[etree._Element] | None) -> Outcome:
     if default_operation not in DEFAULT_OPERATIONS:
         raise errors.protocol(errors.InvalidValue, f"unknown default-operation '{default_operation}'", info={"bad-element": "default-operation"})
     holder = etree.Element("holder")
     for el in target:
         holder.append(copy.deepcopy(el))
+    editor = _Editor(skip)
     for edit in config:
-        if not isinstance(edit.tag, str):
-            continue
+        if isinstance(edit.tag, str):
+            editor.each(edit, functools.partial(editor.top, holder, edit, models, default_operation))
+    return Outcome(list(holder), editor.failed, editor.written)
+
+
+class _Editor:
+    """Applies edits to a holder of a datastore's elements. `skip` is None for an atomic
+    edit (the first error propagates), else the operations to leave out, and each failing
+    operation is recorded instead of raised."""
+
+    def __init__(self, skip: set[etree._Element] | None) -> None:
+        self.skip = skip
+        self.failed: list[tuple[etree._Element, errors.RpcError]] = []
+        self.written: list[tuple[etree._Element, str]] = []
+
+    def each(self, edit: etree._Element, apply: Callable[[], None]) -> None:
+        """One operation. Every check an operation makes comes before its change, so one
+        that fails has changed nothing and can be left out."""
+        if self.skip is None:
+            apply()
+            return
+        if edit in self.skip:
+            return
+        try:
+            apply()
+        except errors.RpcError as exc:
+            self.failed.append((edit, exc))
+
+    def top(self, holder: etree._Element, edit: etree._Element, models: ModelSet, default_operation: str) -> None:
         q = etree.QName(edit)
         node = models.model_for(q.namespace or "", q.localname)
         if node is None:
             raise _unknown(q, "", (q.namespace or "") in models.namespaces())
-        _Editor().edit(holder, edit, node, default_operation, "")
-    return list(holder)
+        self.edit(holder, edit, node, default_operation, "")
 
-
-class _Editor:
     def _path(self, parent_path: str, node: SchemaNode, el: etree._Element | None = None) -> str:
         pfx = node.prefix
         path = f"{parent_path}/{pfx}:{node.name}"
@@ -73,15 +130,12 @@ class _Editor:
                     raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
                 return
             parent.remove(existing)
+            self.written.append((edit, path))
             return
         if op == "create" and existing is not None:
             raise errors.DataExists(f"<{node.name}> already exists", path=path)
         if op in ("create", "replace"):
-            new = self._clean_copy(edit, node, path)
-            if existing is not None:
-                parent.replace(existing, new)
-            else:
-                parent.append(new)
+            self._put(parent, existing, self._clean_copy(edit, node, path), edit, path)
             return
         # merge, or none (only walks down to find deeper operations)
         if node.keyword in ("leaf", "leaf-list"):
@@ -89,34 +143,41 @@ class _Editor:
                 if existing is None:
                     raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
                 return
-            new = self._clean_copy(edit, node, path)
-            if existing is not None:
-                parent.replace(existing, new)
-            else:
-                parent.append(new)
+            self._put(parent, existing, self._clean_copy(edit, node, path), edit, path)
             return
+        if existing is None and op == "none" and not _has_deeper_create(edit):
+            raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
+        self._no_duplicates(edit, node, path)
         if existing is None:
-            if op == "none" and not _has_deeper_create(edit):
-                raise errors.DataMissing(f"<{node.name}> does not exist", path=path)
             existing = etree.SubElement(parent, edit.tag, nsmap=edit.nsmap)
             if node.keyword == "list":
                 for k in node.keys:
                     kel = _find_child(edit, node.namespace, k)
                     assert kel is not None
                     existing.append(_strip(_detach(kel)))
-        self._no_duplicates(edit, node, path)
+            self.written.append((edit, path))
         for sub in edit:
-            if not isinstance(sub.tag, str):
-                continue
-            q = etree.QName(sub)
-            ch = node.child(q.namespace or "", q.localname)
-            if ch is None:
-                raise _unknown(q, path, not q.namespace or q.namespace in yangdata.namespaces())
-            if node.keyword == "list" and ch.name in node.keys and ch.namespace == node.namespace:
-                if sub.get(OPERATION) in ("delete", "remove", "replace", "create"):
-                    raise errors.BadElement("a list key cannot be edited on its own", path=f"{path}/{ch.name}", info={"bad-element": ch.name})
-                continue
-            self.edit(existing, sub, ch, op, path)
+            if isinstance(sub.tag, str):
+                self.each(sub, functools.partial(self._child, existing, sub, node, op, path))
+
+    def _child(self, existing: etree._Element, sub: etree._Element, node: SchemaNode, op: str, path: str) -> None:
+        q = etree.QName(sub)
+        ch = node.child(q.namespace or "", q.localname)
+        if ch is None:
+            raise _unknown(q, path, not q.namespace or q.namespace in yangdata.namespaces())
+        if node.keyword == "list" and ch.name in node.keys and ch.namespace == node.namespace:
+            if sub.get(OPERATION) in ("delete", "remove", "replace", "create"):
+                raise errors.BadElement("a list key cannot be edited on its own", path=f"{path}/{ch.name}", info={"bad-element": ch.name})
+            return
+        self.edit(existing, sub, ch, op, path)
+
+    def _put(self, parent: etree._Element, existing: etree._Element | None, new: etree._Element,
+             edit: etree._Element, path: str) -> None:
+        if existing is not None:
+            parent.replace(existing, new)
+        else:
+            parent.append(new)
+        self.written.append((edit, path))
 
     def _no_duplicates(self, edit: etree._Element, node: SchemaNode, path: str) -> None:
         """The same list entry or leaf-list value twice in one edit is not an instance of the

@@ -79,6 +79,15 @@ class ModelSet:
             raise errors.from_yang(exc) from None
         return doc.elements()
 
+    def with_defaults(self, elements: list[etree._Element], mode: str, *, config: bool) -> list[etree._Element]:
+        """`elements` (a datastore's content, or the operational document) in an RFC 6243
+        retrieval mode; report-all adds the defaults of this set's modules and of the
+        document's own."""
+        try:
+            return yangdata.with_defaults(elements, mode, config=config, modules=self.modules)
+        except yangdata.YangError as exc:
+            raise errors.from_yang(exc) from None
+
 
 @functools.lru_cache(maxsize=None)
 def agent_models() -> ModelSet:

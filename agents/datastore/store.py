@@ -6,6 +6,13 @@ changes already applied are undone with their inverse and running stays as it wa
 A confirmed commit (RFC 6241 8.4) keeps the previous running until confirmed, and
 rolls back when the timeout fires, or when the session that made it ends (unless
 it was given a persist id).
+
+candidate (RFC 6241 8.3) is running itself until it is modified (an edit-config or
+copy-config to it since the last commit or discard-changes): an unmodified candidate
+follows every change to running, so committing it changes nothing. Its first
+modification starts from running as it is then, and a commit replaces running with
+it (sysrepo's and Netopeer2's semantics): changes made to running after that are
+overwritten by the commit.
 """
 from __future__ import annotations
 
@@ -59,7 +66,7 @@ class Datastores:
         self.on_commit = on_commit
         self.lock = threading.RLock()
         self.locks: dict[str, int] = {}
-        self.candidate_dirty_by: int | None = None
+        self.candidate_dirty_by: int | None = None  # the session that last modified candidate; None: unmodified
         self.confirmed: _Confirmed | None = None
         base = list(initial)
         if startup_path is not None and startup_path.exists():
@@ -130,11 +137,19 @@ class Datastores:
 
     # --- editing -----------------------------------------------------------------
 
-    def edit(self, target: str, config: etree._Element, session_id: int, default_operation: str = "merge", test_option: str = "test-then-set") -> None:
+    def edit(self, target: str, config: etree._Element, session_id: int, default_operation: str = "merge",
+             test_option: str = "test-then-set", error_option: str = "stop-on-error") -> None:
+        """edit-config (RFC 6241 7.2). stop-on-error and rollback-on-error are both atomic:
+        the first error fails the edit and nothing changes (stop-on-error may leave earlier
+        changes in place; we advertise :rollback-on-error and never do). continue-on-error
+        applies the operations that succeed (_edit_each)."""
         with self.lock:
             if target not in ("running", "candidate"):
                 raise errors.protocol(errors.BadElement, f"edit-config cannot target '{target}'", info={"bad-element": target})
             self._check_writable(target, session_id)
+            if error_option == "continue-on-error":
+                self._edit_each(target, config, session_id, default_operation, test_option)
+                return
             new = edit.apply_edit(self._store(target), config, self.models, default_operation)
             if test_option == "test-only":
                 self.check(new)
@@ -143,6 +158,66 @@ class Datastores:
                 self._commit(new, session_id)
             else:
                 self._set_candidate(self._validated(new), session_id)
+
+    def _edit_each(self, target: str, config: etree._Element, session_id: int, default_operation: str, test_option: str) -> None:
+        """continue-on-error: every operation that fails is left out and reported, all in one
+        reply; the others are applied. The result is tested as a whole, as an atomic edit's
+        is (libyang; for running and test-only also the semantic and device checks), and an
+        operation whose result fails the test is left out too, reported with the error found.
+        The error is pinned on the innermost operation that wrote the node it names, else on
+        the operations that wrote inside that node, else on the one operation whose absence
+        clears it (a delete that leaves a leafref dangling); then the rest is tested again.
+        test-then-set's "do not perform the edit-config if validation errors occur" is thus
+        applied per operation. An error that no operation explains fails the whole edit,
+        as rollback-on-error would."""
+        store = self._store(target)
+        test = self.check if target == "running" or test_option == "test-only" else self._check_yang
+
+        def run(skip: set[etree._Element]) -> tuple[edit.Outcome, list[errors.RpcError], Config | None]:
+            """The edit without `skip`, and the errors its test finds (or its validation)."""
+            out = edit.apply_each(store, config, self.models, default_operation, skip)
+            try:
+                return out, [], test(out.elements)[0]
+            except (errors.RpcError, errors.RpcErrors) as exc:
+                return out, _listed(exc), None
+
+        def clearing(problem: errors.RpcError, written: list[tuple[etree._Element, str]],
+                     skip: set[etree._Element]) -> list[etree._Element]:
+            """The last operation without which `problem` is gone ([] if there is none)."""
+            for el, _ in reversed(written):
+                if _ident(problem) not in {_ident(p) for p in run(skip | {el})[1]}:
+                    return [el]
+            return []
+
+        skip: set[etree._Element] = set()
+        failures: list[errors.RpcError] = []
+        while True:
+            out, problems, cfg = run(skip)
+            for el, exc in out.failed:
+                skip.add(el)
+                failures.append(exc)
+            if cfg is not None:
+                break
+            for problem in problems:
+                culprits = _culprits(problem.path, out.written) or clearing(problem, out.written, skip)
+                if not culprits:
+                    raise errors.RpcErrors(_unique(failures + problems))  # no operation explains it
+                skip.update(culprits)
+            failures.extend(problems)
+        failures = _unique(failures)
+        if test_option == "test-only" or (failures and not out.written):
+            if failures:
+                raise errors.RpcErrors(failures)
+            return
+        try:
+            if target == "running":
+                self._commit(cfg, session_id)
+            else:
+                self._set_candidate(cfg, session_id)
+        except (errors.RpcError, errors.RpcErrors) as exc:
+            raise errors.RpcErrors(failures + _listed(exc)) from None
+        if failures:
+            raise errors.RpcErrors(failures)
 
     def copy(self, source: list[etree._Element], target: str, session_id: int) -> None:
         with self.lock:
@@ -178,19 +253,28 @@ class Datastores:
         self.candidate_dirty_by = session_id
 
     def _reset_candidate(self) -> None:
-        """candidate as running, its edits dropped (a copy: edits never touch running's elements)."""
-        self._set_candidate(self._running_cfg, None)
-        self.candidate = [copy.deepcopy(e) for e in self.running]
+        """candidate unmodified: running itself, the same list (nothing changes a stored
+        list or its elements in place; every write replaces the list)."""
+        self.candidate, self._candidate_cfg = self.running, self._running_cfg
+        self.candidate_dirty_by = None
 
-    def _validated(self, elements: Iterable[etree._Element]) -> Config:
-        """libyang's validation of a configuration; running's and candidate's are known."""
+    def _validated(self, elements: Iterable[etree._Element] | Config) -> Config:
+        """libyang's validation of a configuration; running's and candidate's are known,
+        and a Config is one already validated."""
+        if isinstance(elements, Config):
+            return elements
         if elements is self.running:
             return self._running_cfg
         if elements is self.candidate:
             return self._candidate_cfg
         return self.models.check(elements)
 
-    def check(self, elements: Iterable[etree._Element], *, with_devices: bool = True) -> tuple[Config, list[Change]]:
+    def _check_yang(self, elements: Iterable[etree._Element]) -> tuple[Config, list[Change]]:
+        """What an edit of candidate is tested against: libyang's validation (the semantic
+        and device checks come at commit)."""
+        return self._validated(elements), []
+
+    def check(self, elements: Iterable[etree._Element] | Config, *, with_devices: bool = True) -> tuple[Config, list[Change]]:
         """Full validation of a would-be running config; the changes it implies."""
         cfg = self._validated(elements)
         problems = validate.validate(cfg.json, self.facts)
@@ -230,7 +314,7 @@ class Datastores:
     def _driver_for(self, change: Change) -> Driver | None:
         return next((d for d in self.drivers if d.handles(change)), None)
 
-    def _commit(self, elements: Iterable[etree._Element], session_id: int) -> None:
+    def _commit(self, elements: Iterable[etree._Element] | Config, session_id: int) -> None:
         """Validate, then check and apply change by change (deletions come first, so
         a device sees the resources they free); any failure undoes what was applied."""
         cfg, changes = self.check(elements, with_devices=False)
@@ -254,6 +338,8 @@ class Datastores:
                     raise errors.from_driver(exc.reason, exc.message, _change_path(change)) from None
                 raise errors.from_driver("operation-failed", "the device failed to apply the change", _change_path(change)) from None
         self.running, self._running_cfg = list(cfg.elements), cfg
+        if self.candidate_dirty_by is None:
+            self._reset_candidate()  # an unmodified candidate follows running (RFC 6241 8.3)
         if self.on_commit is not None and changes:
             try:
                 self.on_commit(changes)
@@ -277,7 +363,7 @@ class Datastores:
                 raise errors.InvalidValue("no confirmed commit is pending", info={"bad-element": "persist-id"})
             previous = pending.previous if pending else [copy.deepcopy(e) for e in self.running]
             self._commit(self.candidate, session_id)
-            self.candidate_dirty_by = None
+            self._reset_candidate()
             if pending is not None:
                 pending.timer.cancel()
                 self.confirmed = None
@@ -332,6 +418,38 @@ class Datastores:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.startup_path)
+
+
+def _listed(exc: errors.RpcError | errors.RpcErrors) -> list[errors.RpcError]:
+    return list(exc.errors) if isinstance(exc, errors.RpcErrors) else [exc]
+
+
+def _ident(err: errors.RpcError) -> tuple[str, str | None, str]:
+    return err.tag, err.path, err.message
+
+
+def _unique(errs: list[errors.RpcError]) -> list[errors.RpcError]:
+    """Each error once (an error met again after a retry is reported once)."""
+    out: dict[tuple[str, str | None, str], errors.RpcError] = {}
+    for e in errs:
+        out.setdefault(_ident(e), e)
+    return list(out.values())
+
+
+def _within(path: str, top: str) -> bool:
+    """`path` is `top` or a node below it (a list's path covers its entries)."""
+    return path == top or path.startswith((top + "/", top + "["))
+
+
+def _culprits(path: str | None, written: list[tuple[etree._Element, str]]) -> list[etree._Element]:
+    """The operations an error at `path` is pinned on: the innermost one that wrote a node
+    holding `path`, else every one that wrote below it; none when the error has no path."""
+    if path is None:
+        return []
+    holding = [(el, top) for el, top in written if _within(path, top)]
+    if holding:
+        return [max(holding, key=lambda w: len(w[1]))[0]]
+    return [el for el, top in written if _within(top, path)]
 
 
 def _change_path(change: Change) -> str:

@@ -34,10 +34,15 @@ BASE_CAPS = [
     "urn:ietf:params:netconf:capability:startup:1.0",
     "urn:ietf:params:netconf:capability:notification:1.0",
     "urn:ietf:params:netconf:capability:interleave:1.0",
+    # RFC 6243: datastores hold what clients set; report-all-tagged is not offered (its
+    # 'default' attribute would also have to be understood in edit-config).
+    "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=explicit&also-supported=report-all,trim",
 ]
 # Modules whose data the agent serves; their imports are advertised too.
 SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "ietf-netconf-monitoring",
-          "notifications", "nc-notifications")
+          "notifications", "nc-notifications", "ietf-netconf-with-defaults")
+WD_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults"
+WITH_DEFAULTS = ("explicit", "report-all", "trim")  # the capability's basic-mode and also-supported
 
 StateFill = Callable[[dict[str, Any]], None]
 
@@ -73,6 +78,17 @@ def _data(elements: list[etree._Element]) -> list[etree._Element]:
     data = etree.Element(_q("data"), nsmap={None: NC})
     data.extend(elements)
     return [data]
+
+
+def _with_defaults(op: etree._Element) -> str:
+    """The <with-defaults> retrieval mode (RFC 6243 4.5.1), the basic mode when absent.
+    A value the type refuses was refused by libyang already (invalid-value)."""
+    el = op.find(f"{{{WD_NS}}}with-defaults")
+    mode = "explicit" if el is None else (el.text or "").strip()
+    if mode not in WITH_DEFAULTS:
+        raise errors.protocol(errors.InvalidValue, f"with-defaults mode '{mode}' is not supported (explicit, report-all, trim)",
+                              info={"bad-element": "with-defaults"})
+    return mode
 
 
 def _text(op: etree._Element, name: str) -> str | None:
@@ -120,7 +136,9 @@ class Rpcs:
             caps = list(BASE_CAPS)
             for m in self.modules:
                 ns, _ = m.read_header()
-                caps.append(f"{ns}?module={m.name}" + (f"&revision={m.revision}" if m.revision else ""))
+                features = yangdata.MODULES.get(m.name, ())  # RFC 6020 5.6.4: the features implemented
+                caps.append(f"{ns}?module={m.name}" + (f"&revision={m.revision}" if m.revision else "")
+                            + (f"&features={','.join(features)}" if features else ""))
             self._caps = caps
         return list(self._caps)
 
@@ -162,11 +180,15 @@ class Rpcs:
         return self.models.operational(live)
 
     def get(self, session: Any, op: etree._Element) -> list[etree._Element]:
-        return _data(subtree.apply(self.operational(), _filter(op), self.models.list_keys))
+        filt, mode = _filter(op), _with_defaults(op)
+        data = self.models.with_defaults(self.operational(), mode, config=False)
+        return _data(subtree.apply(data, filt, self.models.list_keys))
 
     def get_config(self, session: Any, op: etree._Element) -> list[etree._Element]:
         source = _datastore_name(op.find(_q("source")), "source", ("running", "candidate", "startup"))
-        return _data(subtree.apply(self.datastores.get(source), _filter(op), self.models.list_keys))
+        filt, mode = _filter(op), _with_defaults(op)
+        data = self.models.with_defaults(self.datastores.get(source), mode, config=True)
+        return _data(subtree.apply(data, filt, self.models.list_keys))
 
     # --- writing --------------------------------------------------------------------
 
@@ -184,8 +206,7 @@ class Rpcs:
             if op.find(_q("url")) is not None:
                 raise errors.OperationNotSupported("<url> is not supported (no :url capability)")
             raise errors.protocol(errors.MissingElement, "edit-config needs <config>", info={"bad-element": "config"})
-        # Edits are atomic whatever error-option says: a failed edit changes nothing.
-        self.datastores.edit(target, config, session.session_id, default_op, test_option)
+        self.datastores.edit(target, config, session.session_id, default_op, test_option, error_option)
 
     def _source(self, op: etree._Element) -> list[etree._Element]:
         src = op.find(_q("source"))
@@ -197,6 +218,8 @@ class Rpcs:
         return self.datastores.get(_datastore_name(src, "source", ("running", "candidate", "startup")))
 
     def copy_config(self, session: Any, op: etree._Element) -> None:
+        """<with-defaults> is accepted (libyang checks its value) and has no effect: RFC 6243
+        gives it a meaning for a <url> target, and there is no :url here."""
         target = _datastore_name(op.find(_q("target")), "target", ("running", "candidate", "startup"))
         self.datastores.copy(self._source(op), target, session.session_id)
 
