@@ -202,6 +202,35 @@ def fuzz(agent: AgentProc, count: int, seed: int, limit_seconds: float) -> Count
     return outcome
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def big_messages(sizes_mb: tuple[int, ...] = (1, 8, 30)) -> list[tuple[int, str, float]]:
+    """Agent CPU to take one large request (a get-config whose filter holds N MB of text)
+    under the default 32 MiB limit, in each framing: linear buffering keeps CPU per MB flat
+    (the old server's quadratic buffering cost 50 s for 32 MB)."""
+    agent = agent_config(Path(tempfile.mkdtemp(prefix="sdqkd-big-"))).start()
+    out = []
+    try:
+        for chunked in (False, True):
+            client = Client(agent, chunked=chunked)
+            for mb in sizes_mb:
+                text = "a" * (mb * 1024 * 1024 - 400)
+                msg = _rpc(f'<get-config><source><running/></source><filter type="subtree"><qkd_node xmlns="{ETSI}">'
+                           f"<qkdn_location_id>{text}</qkdn_location_id></qkd_node></filter></get-config>", mb)
+                cpu = cpu_seconds(agent.proc.pid)
+                client.send(msg)
+                if not client.reply():
+                    raise RuntimeError("the agent ended the session")
+                out.append((mb, "1.1 chunked" if chunked else "1.0 end-of-message", cpu_seconds(agent.proc.pid) - cpu))
+            client.drop()
+    finally:
+        agent.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=5000)
@@ -234,6 +263,9 @@ def main() -> None:
         ok = ratio <= 1.20 and threads1 <= threads0 and sessions == 1 and agent.proc.poll() is None
     finally:
         agent.stop()
+    print("one large request (agent CPU; linear buffering keeps s/MB flat):")
+    for mb, framing, cpu in big_messages():
+        print(f"  {mb:3d} MB {framing:20} {cpu:6.2f} s  ({cpu / mb:.3f} s/MB)")
     print("OK" if ok else "FAILED")
     sys.exit(0 if ok else 1)
 
