@@ -336,13 +336,16 @@ def test_unknown_users_are_refused_as_slowly_as_known_ones(tmp_path: Path) -> No
 # --- real clients -----------------------------------------------------------------------
 
 
-def test_scrapli_netconf_connects_and_reads(agent: AgentProc) -> None:
+@pytest.mark.parametrize("transport", ["system", "paramiko"])
+def test_scrapli_netconf_connects_and_reads(agent: AgentProc, transport: str) -> None:
     """scrapli-netconf's hello starts with a newline before <?xml (the old server dropped the
-    whole SSH connection); its default transport is OpenSSH's ssh in a pty."""
+    whole SSH connection); its default transport ("system") is OpenSSH's ssh in a pty, typing
+    the password at its prompt."""
     from scrapli_netconf.driver import NetconfDriver
 
     conn = NetconfDriver(host="127.0.0.1", port=agent.port, auth_username="admin", auth_password=PASSWORD,
-                         auth_strict_key=False, transport="paramiko", timeout_ops=20)
+                         auth_strict_key=False, transport=transport, timeout_ops=20, timeout_socket=10,
+                         timeout_transport=20)
     conn.open()
     try:
         reply = conn.get_config(source="running")
