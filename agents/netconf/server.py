@@ -42,6 +42,7 @@ class _Connection(ssh.Login):
         self.server = server
         self._no_session: asyncio.TimerHandle | None = None
         self._username: str | None = None
+        self.channels: list[NetconfSession] = []
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         super().connection_made(conn)
@@ -62,10 +63,17 @@ class _Connection(ssh.Login):
             self.conn.close()
 
     def session_requested(self) -> NetconfSession:
+        limits = self.server.limits
+        self.channels = [s for s in self.channels if not s.ended]
+        if len(self.channels) >= limits.max_sessions_per_connection or self.server.open_sessions() >= limits.max_sessions:
+            log.warning("refusing a NETCONF channel from %s: session limit reached", self.address)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "too many NETCONF sessions")
         if self._no_session is not None:
             self._no_session.cancel()
             self._no_session = None
-        return NetconfSession(self.server, self._username, self.address)
+        session = NetconfSession(self.server, self._username, self.address)
+        self.channels.append(session)
+        return session
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._no_session is not None:
@@ -131,6 +139,10 @@ class NetconfServer:
         with self._lock:
             if self._sessions.pop(session.session_id, None) is not None and dropped:
                 self.stats["dropped-sessions"] += 1
+
+    def open_sessions(self) -> int:
+        """Sessions started or starting (channels accepted and not yet ended)."""
+        return sum(1 for c in self.connections for s in c.channels if not s.ended)
 
     def sessions(self) -> list[NetconfSession]:
         with self._lock:

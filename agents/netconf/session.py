@@ -50,6 +50,8 @@ class SessionLimits:
     hello_timeout: float = 30.0  # seconds from channel open to the client's hello
     max_pending: int = 16  # requests read ahead of the one in progress; then reading pauses
     max_output_buffer: int = 16 * 1024 * 1024  # unsent bytes to a client that stopped reading; then it is dropped
+    max_sessions: int = 64  # NETCONF sessions open at once; more channels are refused (resource shortage)
+    max_sessions_per_connection: int = 4  # channels one SSH connection may hold
 
 
 class NetconfSession(asyncssh.SSHServerSession):
@@ -75,6 +77,7 @@ class NetconfSession(asyncssh.SSHServerSession):
         self._busy = False
         self._held: list[bytes] = []
         self._closing = False
+        self.ended = False  # connection_lost seen
         self._by_request = False  # ended by close-session or kill-session, not dropped
         self._eof = False
         self._released = threading.Lock()
@@ -131,6 +134,7 @@ class NetconfSession(asyncssh.SSHServerSession):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         was_open, self.session_open, self._closing = self.session_open, False, True

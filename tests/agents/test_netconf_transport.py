@@ -370,3 +370,27 @@ def test_openssh_with_a_forced_tty(agent: AgentProc, tmp_path: Path) -> None:
         assert b"<ok/>" in out.stdout  # close-session answered
     finally:
         a.stop()
+
+
+def test_one_connection_cannot_open_sessions_without_bound(agent: AgentProc) -> None:
+    t = paramiko.Transport(socket.create_connection(("127.0.0.1", agent.port)))
+    t.connect(username="admin", password=PASSWORD)
+    try:
+        chans = []
+        for _ in range(4):  # max_sessions_per_connection
+            ch = t.open_session()
+            ch.invoke_subsystem("netconf")
+            chans.append(ch)
+        with pytest.raises(paramiko.ChannelException):
+            t.open_session()
+        chans[0].close()  # a closed channel frees its place
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                t.open_session().invoke_subsystem("netconf")
+                break
+            except paramiko.ChannelException:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        t.close()
