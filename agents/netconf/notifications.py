@@ -51,6 +51,7 @@ class _Subscription:
     replaying: bool = False  # its replay is still being sent: it cannot complete yet
     done: bool = False  # notificationComplete was sent (or is going out): nothing more
     lock: threading.Lock = field(default_factory=threading.Lock)  # one sender at a time
+    held: list[tuple[dt.datetime, etree._Element]] = field(default_factory=list)  # live events during the replay
 
 
 def _wrap(event_time: dt.datetime, content: etree._Element) -> etree._Element:
@@ -136,11 +137,20 @@ class NotificationHub:
         return lambda: self._replay(sub, replay)
 
     def _replay(self, sub: _Subscription, events: list[tuple[dt.datetime, etree._Element]]) -> None:
+        """The replayed events, replayComplete, then the live events published meanwhile
+        (RFC 5277 2.1.1: new events follow the replay), in that order."""
         for t, content in events:
             self._deliver(sub, t, content)
         self._send(sub, now(), etree.Element(f"{{{NETMOD_NOTIF_NS}}}replayComplete", nsmap={None: NETMOD_NOTIF_NS}))
+        while True:
+            with sub.lock:
+                held, sub.held = sub.held, []
+                if not held:
+                    sub.replaying = False
+                    break
+            for t, content in held:
+                self._deliver(sub, t, content)
         with self._lock:
-            sub.replaying = False
             self._wake.notify()  # the clock may end it now
 
     def unsubscribe(self, session_id: int) -> None:
@@ -157,8 +167,13 @@ class NotificationHub:
             self._log.append((t, content))
             subs = list(self._subs.values())
         for sub in subs:
-            if sub.stop is None or t <= sub.stop:  # later events: the clock ends the subscription
-                self._deliver(sub, t, content)
+            if sub.stop is not None and t > sub.stop:  # later events: the clock ends the subscription
+                continue
+            with sub.lock:
+                if sub.replaying:
+                    sub.held.append((t, content))
+                    continue
+            self._deliver(sub, t, content)
 
     def _deliver(self, sub: _Subscription, t: dt.datetime, content: etree._Element) -> None:
         selected = subtree.apply([content], sub.filter) if sub.filter is not None else [content]

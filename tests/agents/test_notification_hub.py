@@ -116,3 +116,15 @@ def test_one_clock_for_every_stop_time_gone_when_they_are() -> None:
         hub.unsubscribe(s.session_id)  # the sessions end
     assert _wait(lambda: len(_clocks()) == before)
     assert all(s.names() == ["replayComplete"] for s in sessions)
+
+
+def test_events_published_during_a_replay_follow_replay_complete() -> None:
+    hub = notifications.NotificationHub()
+    t0 = notifications.now() - dt.timedelta(seconds=10)
+    for i in range(3):
+        hub.publish(etree.Element(f"{{urn:x}}old{i}"), t0 + dt.timedelta(seconds=i))
+    session = _Session(1)
+    replay = hub.subscribe(session, "NETCONF", None, t0, None)
+    hub.publish(etree.Element("{urn:x}live"))  # the reply has not gone out: the replay has not started
+    replay()
+    assert session.names() == ["old0", "old1", "old2", "replayComplete", "live"]
