@@ -200,3 +200,26 @@ def test_down_stops_what_start_started(lab: dict[str, Any]) -> None:
         if stray.poll() is None:
             os.kill(stray.pid, signal.SIGKILL)
             stray.wait(5)
+
+
+def test_the_readme_rehearsal_names_what_madqci_has() -> None:
+    """The README's rehearsal example runs on the MadQCI lab as written: every node and
+    fibre it names is in lab/topologies/madqci.json, and every command exists."""
+    from click.testing import CliRunner
+    from testlib import REPO
+
+    from sdqkd.cli import main
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("**Rehearse failures.**"):]
+    block = block[block.index("```sh"):block.index("```", block.index("```sh") + 5)]
+    steps = [ln.split("#")[0].split()[1:] for ln in block.splitlines() if ln.startswith(".venv/bin/sdqkd lab ")]
+    lab = json.loads((REPO / "lab" / "topologies" / "madqci.json").read_text())["sdqkd-lab:lab"]
+    nodes, fibres = {n["name"] for n in lab["node"]} | {"controller"}, {f["name"] for f in lab["fibre"]}
+    assert {s[1] for s in steps} == {"kill", "start", "cut", "splice", "status"}
+    for _, verb, *args in steps:
+        assert CliRunner().invoke(main, ["lab", verb, "--help"]).exit_code == 0
+        if verb in ("kill", "start"):
+            assert args[0] in nodes
+        elif verb in ("cut", "splice"):
+            assert args[0] in fibres
