@@ -98,9 +98,11 @@ def wait_agent(proc: LabProcess, timeout: float, procs: list[LabProcess] | None 
     _wait(lambda: "ready netconf=" in proc.output(), timeout, proc.what, procs or [proc])
 
 
-def wait_controller(proc: LabProcess, port: int, timeout: float, host: str = "127.0.0.1") -> None:
-    """Until the controller's gRPC port accepts connections, or LabError."""
-    _wait(lambda: _listening(port, host), timeout, "controller gRPC", [proc])
+def wait_controller(proc: LabProcess, port: int, timeout: float, host: str = "127.0.0.1",
+                    procs: list[LabProcess] | None = None) -> None:
+    """Until the controller's gRPC port accepts connections; LabError when it (or any of
+    `procs`) exits first."""
+    _wait(lambda: _listening(port, host), timeout, "controller gRPC", procs or [proc])
 
 
 def _planned_ports(plan: lab_plan.LabPlan) -> list[tuple[int, str]]:
@@ -191,7 +193,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
             procs.append(ctl)
             t = progress.add_task("controller connected", total=len(plan.nodes))
             stub = controller_stub(f"{plan.address}:{plan.controller_port}")
-            _wait(lambda: _listening(plan.controller_port, plan.address), timeout, "controller gRPC", procs)
+            wait_controller(ctl, plan.controller_port, timeout, plan.address, procs)
 
             def discovered() -> bool:
                 topo = stub.GetTopology(pb.GetTopologyRequest(), timeout=5).topology
