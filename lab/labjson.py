@@ -3,10 +3,13 @@
 removed by `lab down`."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,7 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1])} if n.kme_cert else None,
             "log": str(n.dir / "agent.log"),
+            "config": str(n.config_path),
             "host": ({"netns": h.netns, "address": h.address, "inner": h.inner}
                      if (h := plan.hosts.get(n.name)) else None),
         })
@@ -70,7 +74,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
         "topology": str(plan.topology_path),
         "ca": {"cert": str(plan.ca[0]), "key": str(plan.ca[1])},
         "controller": {"grpc": f"{plan.address}:{plan.controller_port}", "pid": controller_pid,
-                       "log": str(plan.dir / "controller.log")},
+                       "log": str(plan.dir / "controller.log"), "config": str(plan.controller_config_path)},
+        "plant": str(plan.plant_path),
         "nodes": nodes,
     }
 
@@ -88,6 +93,19 @@ def write(path: Path, data: dict[str, Any]) -> None:
 
 def read(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the lab's lock: `lab kill|start|down` each read lab.json, act, then write it, and
+    two of them at once (a script and an operator) must not lose each other's pids."""
+    lock = Path(path).parent / ".lab.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def find(name: str | None = None, root: Path | None = None) -> Path:

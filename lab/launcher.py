@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.lab import hosts as lab_hosts
@@ -38,36 +39,70 @@ FREE_PORTS_HINT = "stop what holds it, or run `sdqkd lab up --free-ports` to pic
 
 
 @dataclass
-class _Proc:
-    """A process of the lab: what it is (for messages), the process, its log."""
+class LabProcess:
+    """A process of the lab: what it is (for messages), the process, its log, and where
+    its own lines begin in that log (a restarted node appends to the same log, so what an
+    earlier run wrote must not count as this one being ready or failing)."""
 
     what: str
     popen: subprocess.Popen
     log: Path
+    log_start: int = 0
+    in_use_hint: str = FREE_PORTS_HINT  # what to do when one of its ports is taken
+
+    def output(self) -> str:
+        """What this run wrote to its log so far."""
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(self.log_start)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def failure(self) -> str:
         """Why it exited: its own one-line `error:` if it wrote one, else its exit code."""
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            lines = []
+        lines = self.output().splitlines()
         said = next((ln.removeprefix("error: ") for ln in reversed(lines) if ln.startswith("error: ")), None)
         if said is None:
             code = self.popen.returncode
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited (code {code})"
             return f"{self.what} {how}; see {self.log}"
         if "cannot listen on" in said and "in use" in said:
-            said += f"; {FREE_PORTS_HINT}"
+            said += f"; {self.in_use_hint}"
         return said
 
 
-def _spawn(what: str, args: list[str], log: Path) -> _Proc:
+def _spawn(what: str, args: list[str], log: Path) -> LabProcess:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        return _Proc(what, subprocess.Popen(
+        start = fh.seek(0, os.SEEK_END)
+        return LabProcess(what, subprocess.Popen(
             [sys.executable, "-m", "sdqkd", *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ), log)
+        ), log, start)
+
+
+def spawn_agent(name: str, config: Path, log: Path) -> LabProcess:
+    """Start one node's agent from its config file; `lab up` and `lab start` both start agents here."""
+    return _spawn(f"agent {name}", ["agent", "--config", str(config)], log)
+
+
+def spawn_controller(config: Path, log: Path) -> LabProcess:
+    """Start the lab's controller from its config file (`lab up`, `lab start controller`)."""
+    return _spawn("controller", ["controller", "--config", str(config)], log)
+
+
+def wait_agent(proc: LabProcess, timeout: float, procs: list[LabProcess] | None = None) -> None:
+    """Until the agent says it is ready (NETCONF, ETSI 014/004 and the relay all listen);
+    LabError with its own one-line error when it (or any of `procs`) exits first."""
+    _wait(lambda: "ready netconf=" in proc.output(), timeout, proc.what, procs or [proc])
+
+
+def wait_controller(proc: LabProcess, port: int, timeout: float, host: str = "127.0.0.1",
+                    procs: list[LabProcess] | None = None) -> None:
+    """Until the controller's gRPC port accepts connections; LabError when it (or any of
+    `procs`) exits first."""
+    _wait(lambda: _listening(port, host), timeout, "controller gRPC", procs or [proc])
 
 
 def _planned_ports(plan: lab_plan.LabPlan) -> list[tuple[int, str]]:
@@ -97,15 +132,7 @@ def _listening(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _ready(log: Path) -> bool:
-    """The agent says so once NETCONF, ETSI 014/004 and the relay all listen."""
-    try:
-        return "ready netconf=" in log.read_text(errors="replace")
-    except OSError:
-        return False
-
-
-def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[_Proc]) -> None:
+def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[LabProcess]) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         dead = [p for p in procs if p.popen.poll() is not None]
@@ -133,7 +160,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
     old = labjson.lab_dir(name, root)
     if old.exists():  # what a previous run left (keys, controller services): a new lab starts clean
         shutil.rmtree(old)
-    procs: list[_Proc] = []
+    procs: list[LabProcess] = []
     made_hosts: list[lab_hosts.Host] = []
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -152,18 +179,21 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
                 progress.add_task("hosts", total=len(made_hosts), completed=len(made_hosts))
             t = progress.add_task("agents listening", total=len(plan.nodes))
             pids: dict[str, int] = {}
+            agents = []
             for n in plan.nodes.values():
-                p = _spawn(f"agent {n.name}", ["agent", "--config", str(n.config_path)], n.dir / "agent.log")
+                assert n.config_path is not None
+                p = spawn_agent(n.name, n.config_path, n.dir / "agent.log")
                 procs.append(p)
+                agents.append(p)
                 pids[n.name] = p.popen.pid
-            for n in plan.nodes.values():
-                _wait(lambda n=n: _ready(n.dir / "agent.log"), timeout, f"agent {n.name}", procs)
+            for p in agents:
+                wait_agent(p, timeout, procs)
                 progress.advance(t)
-            ctl = _spawn("controller", ["controller", "--config", str(ctl_cfg)], plan.dir / "controller.log")
+            ctl = spawn_controller(ctl_cfg, plan.dir / "controller.log")
             procs.append(ctl)
             t = progress.add_task("controller connected", total=len(plan.nodes))
             stub = controller_stub(f"{plan.address}:{plan.controller_port}")
-            _wait(lambda: _listening(plan.controller_port), timeout, "controller gRPC", procs)
+            wait_controller(ctl, plan.controller_port, timeout, plan.address, procs)
 
             def discovered() -> bool:
                 topo = stub.GetTopology(pb.GetTopologyRequest(), timeout=5).topology
@@ -205,7 +235,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
         return data
     except BaseException:
         for p in procs:
-            _terminate(p.popen.pid)
+            stop_lab_process(p.popen.pid)
         lab_hosts.down(lab_hosts.lab_tag(name, labjson.lab_dir(name, root)), made_hosts)
         raise
 
@@ -219,32 +249,73 @@ def is_lab_process(pid: int) -> bool:
     return b"sdqkd" in cmd and (b"agent" in cmd or b"controller" in cmd)
 
 
-def _terminate(pid: int | None, wait: float = 10.0) -> None:
-    if not pid or not is_lab_process(pid):
-        return
+def signal_and_wait(pid: int, sig: signal.Signals, wait: float) -> bool:
+    """Send sig to a lab process and wait until it is gone; whether it is. Reaps it when it
+    is our child (a lab brought up in this process), else a zombie would look alive."""
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except ProcessLookupError:
-        return
+        return True
     end = time.monotonic() + wait
-    while time.monotonic() < end and is_lab_process(pid):
+    while is_lab_process(pid):
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+        if time.monotonic() >= end:
+            return False
         time.sleep(0.05)
-    if is_lab_process(pid):
-        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def stop_lab_process(pid: int | None, wait: float = 10.0) -> None:
+    """SIGTERM (an agent closes its sessions and stores), SIGKILL if it is still there after
+    `wait`; nothing when pid is not a lab process any more (it may have been reused)."""
+    if not pid or not is_lab_process(pid):
+        return
+    if not signal_and_wait(pid, signal.SIGTERM, wait):
+        signal_and_wait(pid, signal.SIGKILL, 5.0)
+
+
+def config_paths(data: dict[str, Any]) -> dict[str, Path]:
+    """Each lab process's config file by who runs it ("agent NAME", "controller"): what
+    `lab start` starts it with, and how `lab down` recognises the lab's processes."""
+    out = {f"agent {n['name']}": Path(n.get("config") or Path(n["log"]).parent / "agent.json") for n in data["nodes"]}
+    out["controller"] = Path(data["controller"].get("config") or Path(data["dir"]) / "controller.json")
+    return out
+
+
+def running_with(configs: set[Path]) -> list[int]:
+    """Pids of sdqkd agents/controllers started with one of these config files, whoever
+    started them: `lab down` must leave nothing running even if a pid never reached lab.json."""
+    wanted = {str(c).encode() for c in configs}
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sdqkd" in cmd and "--config".encode() in cmd and wanted.intersection(cmd):
+            found.append(int(d.name))
+    return found
 
 
 def down(name: str | None = None, root: Path | None = None, cleanup: bool = False) -> str:
+    """Stop every process of the lab (those `lab up` started and those `lab start` started
+    since, as lab.json records them, and any other started with the lab's configs), remove
+    its hosts and lab.json."""
     path = labjson.find(name, root)
-    data = labjson.read(path)
-    _terminate(data["controller"].get("pid"))
-    for n in data["nodes"]:
-        _terminate(n.get("pid"))
-    _remove_hosts(data)
-    path.unlink()
+    with labjson.locked(path):
+        data = labjson.read(path)
+        stop_lab_process(data["controller"].get("pid"))
+        for n in data["nodes"]:
+            stop_lab_process(n.get("pid"))
+        for pid in running_with(set(config_paths(data).values())):
+            stop_lab_process(pid)
+        _remove_hosts(data)
+        path.unlink()
     if cleanup:
         import shutil
 
@@ -263,16 +334,51 @@ def _remove_hosts(data: dict[str, Any]) -> None:
     lab_hosts.down(tag, lab_hosts.plan(tag, nodes))
 
 
+def plant(data: dict[str, Any]) -> Plant:
+    """The lab's optical plant, the same SQLite state every agent of the lab reads: a fibre
+    cut here is dark for their QKD modules at their next tick. Close it after use."""
+    state = data.get("plant") or Path(data["dir"]) / "plant.sqlite"
+    return Plant(json.loads(Path(data["topology"]).read_text()), state)
+
+
+def processes(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every process of the lab, whether it runs now (its pid is an sdqkd process) and, when
+    it does not, what `lab kill` recorded (or that it exited by itself)."""
+    out = []
+    for who, entry in [*((n["name"], n) for n in data["nodes"]), ("controller", data["controller"])]:
+        pid = entry.get("pid")
+        running = bool(pid) and is_lab_process(pid)
+        item: dict[str, Any] = {"name": who, "pid": pid if running else None, "running": running}
+        if not running:
+            item["down"] = entry.get("down") or {"reason": "exited"}
+        out.append(item)
+    return out
+
+
+def fibres(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The topology's fibres with their ends, loss and whether they are cut now."""
+    lab = lab_plan.lab_object(json.loads(Path(data["topology"]).read_text()))
+    p = plant(data)
+    try:
+        cut = set(p.cut_fibres())
+    finally:
+        p.close()
+    return [{"name": f["name"], "a": f.get("a-end", {}).get("node"), "b": f.get("b-end", {}).get("node"),
+             "loss_db": float(f["loss"]), "cut": f["name"] in cut} for f in lab.get("fibre", [])]
+
+
 def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
-    """lab.json plus the controller's live view (nodes up, links with key rates)."""
+    """lab.json, which processes run and which fibres are cut, plus the controller's live
+    view (nodes up, links with key rates) when it answers."""
     data = labjson.read(labjson.find(name, root))
+    local = {"lab": data, "processes": processes(data), "fibres": fibres(data)}
     try:
         topo = controller_stub(data["controller"]["grpc"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
     except grpc.RpcError as exc:
-        return {"lab": data, "error": f"controller unreachable: {exc.code().name}"}
+        return {**local, "error": f"controller unreachable: {exc.code().name}"}
     names = {x.qkdn_id: x.name for x in topo.nodes}
     return {
-        "lab": data,
+        **local,
         "nodes": [{"name": x.name, "qkdn_id": x.qkdn_id, "domain": x.domain, "up": x.up} for x in topo.nodes],
         "links": [{"qkdl_id": lk.qkdl_id, "a": names.get(lk.a, lk.a), "b": names.get(lk.b, lk.b), "status": lk.status,
                    "skr_kbps": round(lk.skr / 1000, 3), "qber": lk.qber if lk.HasField("qber") else None} for lk in topo.links],
@@ -282,13 +388,24 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
 def render(st: dict[str, Any], console: Console) -> None:
     lab = st["lab"]
     nodes = Table(title=f"lab {lab['name']}: nodes")
-    for col in ("node", "domain", "NETCONF", "ETSI 014", "up"):
+    for col in ("node", "domain", "NETCONF", "ETSI 014", "process", "up"):
         nodes.add_column(col)
     up_by = {n["name"]: n["up"] for n in st.get("nodes", [])}
+    procs = {p["name"]: p for p in st.get("processes", [])}
     for n in lab["nodes"]:
         nodes.add_row(n["name"], n.get("domain") or "", f"{n['netconf']['host']}:{n['netconf']['port']}", n["kms"]["etsi014"],
-                      "yes" if up_by.get(n["name"]) else "no")
+                      _process_cell(procs.get(n["name"])), "yes" if up_by.get(n["name"]) else "no")
     console.print(nodes)
+    if "controller" in procs and not procs["controller"]["running"]:
+        console.print(f"[red]controller: {_process_cell(procs['controller'])}[/red]")
+    cut = [f for f in st.get("fibres", []) if f["cut"]]
+    if cut:
+        fib = Table(title="fibres cut")
+        for col in ("fibre", "ends", "loss (dB)"):
+            fib.add_column(col)
+        for f in cut:
+            fib.add_row(f["name"], f"{f['a']} - {f['b']}", f"{f['loss_db']:g}")
+        console.print(fib)
     if "error" in st:
         console.print(f"[red]{st['error']}[/red]")
         return
@@ -299,6 +416,15 @@ def render(st: dict[str, Any], console: Console) -> None:
         links.add_row(f"{lk['a']} - {lk['b']}", lk["status"], f"{lk['skr_kbps']:.3f}", f"{lk['qber']:.3f}" if lk["qber"] is not None else "")
     console.print(links)
     console.print(f"controller gRPC {lab['controller']['grpc']}   lab state {Path(lab['dir']) / 'lab.json'}")
+
+
+def _process_cell(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return ""
+    if p["running"]:
+        return f"pid {p['pid']}"
+    down = p["down"]
+    return f"down ({down['signal']})" if down.get("signal") else f"down ({down.get('reason', 'exited')})"
 
 
 def as_json(st: dict[str, Any]) -> str:

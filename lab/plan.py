@@ -50,6 +50,16 @@ class LabPlan:
     username: str = "admin"  # every agent's NETCONF user (defaults/netconf-username)
     hosts: dict[str, lab_hosts.Host] = field(default_factory=dict)  # node name -> its lab host
 
+    @property
+    def plant_path(self) -> Path:
+        """The optical plant's shared state (cross-connects, cut fibres): every agent opens it,
+        and `lab cut|splice|status` too."""
+        return self.dir / "plant.sqlite"
+
+    @property
+    def controller_config_path(self) -> Path:
+        return self.dir / "controller.json"
+
     def by_id(self, qkdn_id: str) -> NodePlan:
         return next(n for n in self.nodes.values() if n.qkdn_id == qkdn_id)
 
@@ -202,7 +212,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "users": [{"name": plan.username, "password_hash": pw_hash}],
         },
         "state_dir": str(np.dir / "state"),
-        "plant": {"inventory": plant_inventory(lab), "state": str(plan.dir / "plant.sqlite")},
+        "plant": {"inventory": plant_inventory(lab), "state": str(plan.plant_path)},
         "service_key": plan.service_key,
         "qkd_modules": [
             {
@@ -294,6 +304,6 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
 
 
 def write_controller_config(plan: LabPlan) -> Path:
-    path = plan.dir / "controller.json"
+    path = plan.controller_config_path
     path.write_text(json.dumps(controller_config(plan), indent=1))
     return path

@@ -185,7 +185,7 @@ def lab_up(topology: str, free_ports: bool, lab_dir: str | None) -> None:
 @click.option("--cleanup", is_flag=True, help="Also remove the lab directory (certificates, key stores, logs).")
 @lab_dir_option
 def lab_down(name: str | None, cleanup: bool, lab_dir: str | None) -> None:
-    """Stop every process of a lab and remove its lab.json."""
+    """Stop every process of a lab (also those `lab start` started) and remove its lab.json."""
     from sdqkd.lab import launcher
 
     try:
@@ -199,7 +199,7 @@ def lab_down(name: str | None, cleanup: bool, lab_dir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @lab_dir_option
 def lab_status(name: str | None, as_json: bool, lab_dir: str | None) -> None:
-    """Nodes, links and key rates of a running lab."""
+    """Nodes (and which are down), fibres cut, links and key rates of a running lab."""
     from rich.console import Console
 
     from sdqkd.lab import launcher
@@ -212,6 +212,68 @@ def lab_status(name: str | None, as_json: bool, lab_dir: str | None) -> None:
         click.echo(launcher.as_json(st))
     else:
         launcher.render(st, Console())
+
+
+lab_name_option = click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True,
+                               help="Lab name (default: the only running lab).")
+
+
+def _rehearse(action, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Run one failure-rehearsal step; its outcome in one line, a refusal as one `Error:` line."""
+    from sdqkd.lab import launcher
+
+    try:
+        click.echo(action(*args, **kwargs))
+    except (launcher.LabError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@lab.command("kill")
+@click.argument("node")
+@click.option("--signal", "sig", type=click.Choice(["KILL", "TERM", "INT"], case_sensitive=False), default="KILL",
+              show_default=True, help="KILL is a crash; TERM and INT let the process stop in order.")
+@lab_name_option
+@lab_dir_option
+def lab_kill(node: str, sig: str, lab_name: str | None, lab_dir: str | None) -> None:
+    """Kill NODE's agent (or `controller`) as a crash would, and record it down in lab.json."""
+    from sdqkd.lab import failures
+
+    _rehearse(failures.kill, node, lab_name, _labs(lab_dir), sig=sig)
+
+
+@lab.command("start")
+@click.argument("node")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(1, 600),
+              help="Seconds to wait for it to listen.")
+@lab_name_option
+@lab_dir_option
+def lab_start(node: str, timeout: float, lab_name: str | None, lab_dir: str | None) -> None:
+    """Start NODE's agent (or `controller`) again with its lab config; wait until it listens."""
+    from sdqkd.lab import failures
+
+    _rehearse(failures.start, node, lab_name, _labs(lab_dir), timeout=timeout)
+
+
+@lab.command("cut")
+@click.argument("fibre")
+@lab_name_option
+@lab_dir_option
+def lab_cut(fibre: str, lab_name: str | None, lab_dir: str | None) -> None:
+    """Cut FIBRE (a name from the topology file): the QKD links over it stop making keys."""
+    from sdqkd.lab import failures
+
+    _rehearse(failures.cut, fibre, lab_name, _labs(lab_dir))
+
+
+@lab.command("splice")
+@click.argument("fibre")
+@lab_name_option
+@lab_dir_option
+def lab_splice(fibre: str, lab_name: str | None, lab_dir: str | None) -> None:
+    """Splice a cut FIBRE back: the QKD links over it make keys again."""
+    from sdqkd.lab import failures
+
+    _rehearse(failures.cut, fibre, lab_name, _labs(lab_dir), splice=True)
 
 
 @lab.command("env")

@@ -234,6 +234,16 @@ class Plant:
     def is_cut(self, name: str) -> bool:
         return name in self._snapshot()[1]
 
+    def fibres(self) -> list[str]:
+        """The topology's fibre names, in its order: what `cut_fibre` accepts (the lab lists
+        them when it is given another name)."""
+        return list(self._fibres)
+
+    def cut_fibres(self) -> list[str]:
+        """The fibres cut now, in topology order (what `sdqkd lab status` shows)."""
+        cut = self._snapshot()[1]
+        return [f for f in self._fibres if f in cut]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
