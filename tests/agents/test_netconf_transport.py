@@ -319,7 +319,7 @@ def test_unknown_users_are_refused_as_slowly_as_known_ones(tmp_path: Path) -> No
     a = agent_config(tmp_path, name="bob", netconf={"auth_failure_delay": 0}).start()
     try:
         known, unknown = [], []
-        for i in range(7):
+        for i in range(9):
             for user, out in (("admin", known), (f"nobody{i}", unknown)):
                 t = paramiko.Transport(socket.create_connection(("127.0.0.1", a.port)))
                 t.start_client(timeout=10)
@@ -327,8 +327,8 @@ def test_unknown_users_are_refused_as_slowly_as_known_ones(tmp_path: Path) -> No
                 t.close()
         known.sort()
         unknown.sort()
-        ratio = unknown[3] / known[3]
-        assert 0.7 < ratio < 1.4, f"median refusal: known {known[3]:.3f} s, unknown {unknown[3]:.3f} s"
+        ratio = unknown[4] / known[4]  # medians; the old server refused unknown users 3x faster
+        assert 0.6 < ratio < 1.6, f"median refusal: known {known[4]:.3f} s, unknown {unknown[4]:.3f} s"
     finally:
         a.stop()
 
