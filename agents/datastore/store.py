@@ -484,10 +484,11 @@ def _write_config(path: Path, elements: Iterable[etree._Element]) -> None:
     whole. The temporary file is created 0600 in the same directory (rename is atomic only
     within one file system), flushed to disk, renamed over the target, and the directory is
     flushed so that the rename itself survives a power cut."""
-    doc = etree.Element(f"{{{NC_NS}}}config", nsmap={None: NC_NS})
-    for el in elements:
-        doc.append(copy.deepcopy(el))
-    data = etree.tostring(doc, pretty_print=True, xml_declaration=True, encoding="UTF-8")
+    # Each element serialized as it is (no copy into a new tree: running may be large and
+    # this runs on every commit); each carries its own namespace declarations.
+    data = b"".join([f'<?xml version="1.0" encoding="UTF-8"?>\n<config xmlns="{NC_NS}">\n'.encode(),
+                     *(etree.tostring(el, encoding="UTF-8", xml_declaration=False, pretty_print=True) for el in elements),
+                     b"</config>\n"])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mode 0600
     try:
