@@ -661,3 +661,26 @@ def test_a_reservation_left_by_a_killed_process_is_discarded_at_restart(tmp_path
     assert store.count(L1) == 2 and [k for k, _ in store.take(L1, 2)] == ids[2:]
     store.close()
 
+
+
+def test_a_relay_consumed_by_the_peer_whose_answer_fails_is_spent_at_both_ends(net, monkeypatch) -> None:
+    """The outcome A cannot tell from a refusal: B used its copies, then failed before a
+    proper answer. A spends its copies too (it sent the message), so the ends stay in sync."""
+    nodes, _ = net
+    real = nodes[B].handle_relay
+
+    def consumed_then_failed(sender: str, msg: dict) -> dict:
+        reply = real(sender, msg)
+        if msg["op"] == "relay":
+            raise RuntimeError("failure after the message was processed")
+        return reply
+
+    monkeypatch.setattr(nodes[B].forwarder, "handler", consumed_then_failed)
+    before = nodes[A].store.count(L1)
+    with pytest.raises(KmsError) as err:
+        nodes[A].enc_keys("sa", "sc", 1, 256, [])
+    assert err.value.http_status == 503
+    assert nodes[A].store.count(L1) == before - 2  # one pad and the MAC key, spent
+    assert held_ids(nodes, A, L1) == held_ids(nodes, B, L1)
+    monkeypatch.undo()
+    relay_and_check(nodes)
