@@ -57,6 +57,7 @@ class Agent:
             NodeFacts(cfg.node.qkdn_id),
             drivers=self.drivers,
             startup_path=cfg.startup_path,
+            running_path=cfg.running_file,
             initial=operational.initial_config(cfg, self.drivers),
             on_commit=self._on_commit,
         )
@@ -73,7 +74,9 @@ class Agent:
         self._refresh_routes()
         for drv in self.drivers:
             drv.open(self._on_event)
-        # Replay running into the devices now that they are open (startup config).
+        # Replay running into the devices now that they are open (the persisted running, or
+        # startup: see Datastores); the LKMS routes were refreshed from it above.
+        log.info("running restored from %s", self.datastores.restored_from)
         self.datastores.reapply()
         self.kms.start()
         users = [

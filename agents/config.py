@@ -162,10 +162,18 @@ class AgentConfig:
     qrng: QrngConf | None = None
     ipsec: IpsecConf | None = None
     log_level: str = "INFO"
+    # Where running is persisted on every commit (agents/datastore/store.py): a restarted
+    # node comes back with it. Default: running.xml in state_dir.
+    running_path: str | None = None
 
     @property
     def startup_path(self) -> Path:
         return Path(self.state_dir) / "startup.xml"
+
+    @property
+    def running_file(self) -> Path:
+        """The persisted running datastore (`running_path`, else state_dir/running.xml)."""
+        return Path(self.running_path) if self.running_path else Path(self.state_dir) / "running.xml"
 
 
 def load(path: Path) -> AgentConfig:

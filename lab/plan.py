@@ -212,6 +212,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "users": [{"name": plan.username, "password_hash": pw_hash}],
         },
         "state_dir": str(np.dir / "state"),
+        "running_path": str(np.dir / "state" / "running.xml"),
         "plant": {"inventory": plant_inventory(lab), "state": str(plan.plant_path)},
         "service_key": plan.service_key,
         "qkd_modules": [

@@ -64,6 +64,13 @@ class AgentProc:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    def kill(self) -> None:
+        """kill -9: the agent gets no chance to save or close anything (a crash, a power-cut
+        of the process); what it comes back with is only what it had already made durable."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     def connect(self, **kw: Any) -> manager.Manager:
         args = dict(host="127.0.0.1", port=self.port, username="admin", password=PASSWORD, hostkey_verify=False,
                     look_for_keys=False, allow_agent=False, timeout=20)

@@ -13,14 +13,28 @@ follows every change to running, so committing it changes nothing. Its first
 modification starts from running as it is then, and a commit replaces running with
 it (sysrepo's and Netopeer2's semantics): changes made to running after that are
 overwritten by the commit.
+
+Persistence. startup is what the operator saved (copy-config to startup); running is
+written on every commit to its own file as well, so that a node killed at any point
+comes back with the configuration it was provisioned with (the controller expects a
+node to keep its state across a crash, as a router keeps its forwarding state): at
+start, running is the persisted running if there is one, else startup (RFC 6241 8.7
+reads startup at boot; we read it only when there is no running to keep). While a
+confirmed commit is pending, the file holds the configuration from before it: a
+confirmed commit that was never confirmed must not survive a crash as committed
+(RFC 6241 8.4). Files are replaced atomically (temporary file in the same directory,
+fsync, rename, fsync of the directory) and readable by their owner only (they name
+links and applications; the agent's secrets live beside them).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +72,14 @@ class Datastores:
         startup_path: Path | None = None,
         initial: Iterable[etree._Element] = (),
         on_commit: Callable[[list[Change]], None] | None = None,
+        running_path: Path | None = None,
     ) -> None:
         self.models = models
         self.facts = facts
         self.drivers = list(drivers)
         self.startup_path = startup_path
+        self.running_path = running_path
+        self.restored_from: str = "startup"  # where running came from at start: running (file), startup, or initial
         self.on_commit = on_commit
         self.lock = threading.RLock()
         self.locks: dict[str, int] = {}
@@ -71,13 +88,19 @@ class Datastores:
         base = list(initial)
         if startup_path is not None and startup_path.exists():
             base = self._read_file(startup_path)
+        else:
+            self.restored_from = "initial"
         self.running: list[etree._Element] = []
         self._running_cfg = Config((), {})
         self.candidate: list[etree._Element] = []
         self._candidate_cfg = Config((), {})
         cfg, _ = self.check(base, with_devices=False)
+        self.startup: list[etree._Element] = [copy.deepcopy(e) for e in cfg.elements]
+        kept = self._load_running()
+        if kept is not None:
+            cfg = kept
+            self.restored_from = "running"
         self.running, self._running_cfg = list(cfg.elements), cfg
-        self.startup: list[etree._Element] = [copy.deepcopy(e) for e in self.running]
         self._reset_candidate()
 
     # --- reading -----------------------------------------------------------------
@@ -314,11 +337,24 @@ class Datastores:
     def _driver_for(self, change: Change) -> Driver | None:
         return next((d for d in self.drivers if d.handles(change)), None)
 
-    def _commit(self, elements: Iterable[etree._Element] | Config, session_id: int) -> None:
+    def _commit(self, elements: Iterable[etree._Element] | Config, session_id: int, *,
+                recoverable: Iterable[etree._Element] | None = None) -> None:
         """Validate, then check and apply change by change (deletions come first, so
-        a device sees the resources they free); any failure undoes what was applied."""
+        a device sees the resources they free); any failure undoes what was applied.
+        Then the running file is written (`recoverable`: what a restart must come back
+        with, when not the new running, i.e. during a confirmed commit); if it cannot
+        be, the devices are undone too and the commit fails: running in memory, on the
+        devices and on disk never disagree after a commit returns."""
         cfg, changes = self.check(elements, with_devices=False)
         done: list[tuple[Driver, Change]] = []
+
+        def undo() -> None:
+            for drv, ch in reversed(done):
+                try:
+                    drv.apply(ch.inverse())
+                except Exception:  # noqa: BLE001
+                    log.exception("rollback of %s %s failed", ch.kind, ch.key)
+
         for change in changes:
             driver = self._driver_for(change)
             if driver is None:
@@ -329,14 +365,18 @@ class Datastores:
                 done.append((driver, change))
             except Exception as exc:  # noqa: BLE001 - any device failure rolls back
                 log.warning("%s %s refused: %s", change.kind, change.key, exc)
-                for drv, ch in reversed(done):
-                    try:
-                        drv.apply(ch.inverse())
-                    except Exception:  # noqa: BLE001
-                        log.exception("rollback of %s %s failed", ch.kind, ch.key)
+                undo()
                 if isinstance(exc, DriverError):
                     raise errors.from_driver(exc.reason, exc.message, _change_path(change)) from None
                 raise errors.from_driver("operation-failed", "the device failed to apply the change", _change_path(change)) from None
+        if self.confirmed is not None and recoverable is None:
+            recoverable = self.confirmed.previous  # a confirmed commit pending: it is still what a restart keeps
+        try:
+            self._save_running(cfg.elements if recoverable is None else recoverable)
+        except OSError as exc:
+            log.error("cannot save running to %s: %s; the commit is undone", self.running_path, exc)
+            undo()
+            raise errors.OperationFailed(f"cannot save running: {exc.strerror or exc}") from None
         self.running, self._running_cfg = list(cfg.elements), cfg
         if self.candidate_dirty_by is None:
             self._reset_candidate()  # an unmodified candidate follows running (RFC 6241 8.3)
@@ -362,7 +402,9 @@ class Datastores:
             elif persist_id is not None:
                 raise errors.InvalidValue("no confirmed commit is pending", info={"bad-element": "persist-id"})
             previous = pending.previous if pending else [copy.deepcopy(e) for e in self.running]
-            self._commit(self.candidate, session_id)
+            # A confirmed commit (or its extension) leaves the pre-confirmed running as the
+            # one a restart comes back with; a confirming commit makes the new one that.
+            self._commit(self.candidate, session_id, recoverable=previous if confirmed else self.candidate)
             self._reset_candidate()
             if pending is not None:
                 pending.timer.cancel()
@@ -398,26 +440,72 @@ class Datastores:
         self._commit(c.previous, session_id=0)
         self._reset_candidate()
 
-    # --- startup file -------------------------------------------------------------
+    # --- startup and running files ----------------------------------------------------
 
     def _read_file(self, path: Path) -> list[etree._Element]:
         root = etree.parse(str(path)).getroot()
         return [el for el in root if isinstance(el.tag, str)]
 
+    def _load_running(self) -> Config | None:
+        """The persisted running, validated as a commit would validate it (libyang, then the
+        semantic checks: a file from another node's identity fails them); None if there is
+        none. A file that cannot be read or is not valid is not used, and not silently: it is
+        kept aside as <name>.corrupt-<time> for the operator, the error is logged, and the
+        node starts from startup (the controller then sees what it lacks and pushes it)."""
+        path = self.running_path
+        if path is None or not path.exists():
+            return None
+        try:
+            cfg, _ = self.check(self._read_file(path), with_devices=False)
+            return cfg
+        except (OSError, etree.XMLSyntaxError, errors.RpcError, errors.RpcErrors) as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            detail = "; ".join(e.message for e in _listed(exc)) if isinstance(exc, (errors.RpcError, errors.RpcErrors)) else str(exc)
+            try:
+                os.replace(path, aside)
+            except OSError as move_exc:
+                log.error("persisted running %s is unusable (%s) and cannot be moved aside: %s", path, detail, move_exc)
+            else:
+                log.error("persisted running %s is unusable (%s): kept as %s; starting from startup", path, detail, aside)
+            return None
+
+    def _save_running(self, elements: Iterable[etree._Element]) -> None:
+        if self.running_path is not None:
+            _write_config(self.running_path, elements)
+
     def _save_startup(self) -> None:
-        if self.startup_path is None:
-            return
-        doc = etree.Element(f"{{{NC_NS}}}config", nsmap={None: NC_NS})
-        for el in self.startup:
-            doc.append(copy.deepcopy(el))
-        data = etree.tostring(doc, pretty_print=True, xml_declaration=True, encoding="UTF-8")
-        self.startup_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.startup_path.parent, prefix=".startup-")
+        if self.startup_path is not None:
+            _write_config(self.startup_path, self.startup)
+
+
+def _write_config(path: Path, elements: Iterable[etree._Element]) -> None:
+    """`elements` as a NETCONF <config> XML document at `path`, replacing it atomically: a
+    reader (or a restart after kill -9 or a power cut) finds the old file or the new one,
+    whole. The temporary file is created 0600 in the same directory (rename is atomic only
+    within one file system), flushed to disk, renamed over the target, and the directory is
+    flushed so that the rename itself survives a power cut."""
+    # Each element serialized as it is (no copy into a new tree: running may be large and
+    # this runs on every commit); each carries its own namespace declarations.
+    data = b"".join([f'<?xml version="1.0" encoding="UTF-8"?>\n<config xmlns="{NC_NS}">\n'.encode(),
+                     *(etree.tostring(el, encoding="UTF-8", xml_declaration=False, pretty_print=True) for el in elements),
+                     b"</config>\n"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mode 0600
+    try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.startup_path)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _listed(exc: errors.RpcError | errors.RpcErrors) -> list[errors.RpcError]:

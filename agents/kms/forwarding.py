@@ -45,11 +45,18 @@ Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 class RelayError(Exception):
-    """A hop refused or could not be reached; `code` is the HTTP status to report."""
+    """A hop refused or could not be reached; `code` is the HTTP status to report.
 
-    def __init__(self, message: str, code: int = 503) -> None:
+    What the sender may do with the link keys of its message depends on how far it got:
+    `sent` is False when no byte of it was written (no connection could be made: the peer
+    cannot have seen it); `kept` is True when the peer answered that it refused the
+    message without using any link key it names (its copies are all still there)."""
+
+    def __init__(self, message: str, code: int = 503, *, sent: bool = True, kept: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.sent = sent
+        self.kept = kept
 
 
 def parts_for(size_bits: int) -> int:
@@ -145,6 +152,7 @@ class Forwarder:
         self._sock.settimeout(0.5)
         self.address = self._sock.getsockname()[:2]
         self._pool: dict[str, list[ssl.SSLSocket]] = {}
+        self._served: set[ssl.SSLSocket] = set()  # connections peers opened to us, closed with us
         self._pool_lock = threading.Lock()
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -167,6 +175,12 @@ class Forwarder:
                 for c in conns:
                     c.close()
             self._pool.clear()
+            served, self._served = list(self._served), set()
+        for c in served:  # a closed forwarder answers nothing more, on no connection
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for t in self._threads:
             t.join(2)
 
@@ -193,59 +207,89 @@ class Forwarder:
             log.info("relay handshake refused: %s", exc)
             raw.close()
             return
-        with sock:
-            while not self._closing.is_set():
-                try:
-                    msg = _recv_frame(sock)
-                except (OSError, ConnectionError, ValueError):
-                    return
-                try:
-                    assert self.handler is not None
-                    reply = self.handler(peer, msg)
-                except RelayError as exc:
-                    reply = {"ok": False, "code": exc.code, "error": str(exc)}
-                except Exception:  # noqa: BLE001 - one bad message must not stop the channel
-                    log.exception("relay message from %s failed", peer)
-                    reply = {"ok": False, "code": 503, "error": "internal error at the relay node"}
-                try:
-                    _send_frame(sock, reply)
-                except OSError:
-                    return
+        with self._pool_lock:
+            if self._closing.is_set():
+                sock.close()
+                return
+            self._served.add(sock)
+        try:
+            self._serve_messages(sock, peer)
+        finally:
+            with self._pool_lock:
+                self._served.discard(sock)
+            sock.close()
+
+    def _serve_messages(self, sock: ssl.SSLSocket, peer: str) -> None:
+        """One request, one reply, until the peer closes or we do."""
+        while not self._closing.is_set():
+            try:
+                msg = _recv_frame(sock)
+            except (OSError, ConnectionError, ValueError):
+                return
+            try:
+                assert self.handler is not None
+                reply = self.handler(peer, msg)
+            except RelayError as exc:
+                reply = {"ok": False, "code": exc.code, "error": str(exc), **({"kept": True} if exc.kept else {})}
+            except Exception:  # noqa: BLE001 - one bad message must not stop the channel
+                log.exception("relay message from %s failed", peer)
+                reply = {"ok": False, "code": 503, "error": "internal error at the relay node"}
+            if self._closing.is_set():
+                return
+            try:
+                _send_frame(sock, reply)
+            except OSError:
+                return
 
     # --- client side -------------------------------------------------------------------
 
-    def request(self, peer: str, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one message to an adjacent KME and return its reply (raises RelayError)."""
+    def request(self, peer: str, msg: dict[str, Any], *, idempotent: bool = False) -> dict[str, Any]:
+        """Send one message to an adjacent KME and return its reply (raises RelayError, whose
+        `sent` and `kept` say what became of the message). A pooled connection that fails
+        takes the peer's other pooled connections with it (the peer most likely restarted);
+        an `idempotent` message (one that uses no key) is then sent once more on a fresh one."""
         peer = peer.lower()
-        sock = self._checkout(peer)
+        sock, pooled = self._checkout(peer)
         try:
             _send_frame(sock, msg)
             reply = _recv_frame(sock)
         except (OSError, ConnectionError, ValueError) as exc:
             sock.close()
+            if pooled:
+                self._drop_pool(peer)
+                if idempotent:
+                    return self.request(peer, msg)
             raise RelayError(f"relay to {peer} failed: {exc}") from None
         self._checkin(peer, sock)
         if not reply.get("ok"):
-            raise RelayError(str(reply.get("error", "refused")), int(reply.get("code", 503)))
+            raise RelayError(str(reply.get("error", "refused")), int(reply.get("code", 503)), kept=reply.get("kept") is True)
         return reply
 
-    def _checkout(self, peer: str) -> ssl.SSLSocket:
+    def _checkout(self, peer: str) -> tuple[ssl.SSLSocket, bool]:
+        """A connection to `peer`, and whether it came from the pool (it may be stale).
+        RelayError(sent=False) when none can be made: nothing was sent."""
         with self._pool_lock:
             conns = self._pool.get(peer)
             if conns:
-                return conns.pop()
+                return conns.pop(), True
         addr = self.peers.get(peer)
         if addr is None:
-            raise RelayError(f"no relay address for node {peer}")
+            raise RelayError(f"no relay address for node {peer}", sent=False)
         try:
             raw = socket.create_connection(addr, timeout=self.timeout)
             sock = self.client_ctx.wrap_socket(raw, server_hostname=addr[0])
         except (OSError, ssl.SSLError) as exc:
-            raise RelayError(f"cannot reach the relay of node {peer}: {exc}") from None
+            raise RelayError(f"cannot reach the relay of node {peer}: {exc}", sent=False) from None
         if _peer_id(sock) != peer:
             sock.close()
-            raise RelayError(f"relay at {addr} is not node {peer}")
-        return sock
+            raise RelayError(f"relay at {addr} is not node {peer}", sent=False)
+        return sock, False
+
+    def _drop_pool(self, peer: str) -> None:
+        with self._pool_lock:
+            conns = self._pool.pop(peer, [])
+        for c in conns:
+            c.close()
 
     def _checkin(self, peer: str, sock: ssl.SSLSocket) -> None:
         with self._pool_lock:

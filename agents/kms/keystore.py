@@ -18,6 +18,20 @@ commits of that window would roll back, so a key could be lost or served again.
 `durable=True` (synchronous=FULL) closes that window at the price of one fsync per
 commit, i.e. per group of requests.
 
+Reservations. A relay takes link keys before it knows whether the hop will go through:
+it reserves them (reserve: moved to the `reserved` table with their order fields, so
+no other consumer sees them), then either commits the reservation
+(the keys are deleted and spent; a second commit finds nothing: at most once) or
+releases it (the keys are back in link_keys exactly as they were, same order). A
+reservation is in SQLite, so it outlives the process that made it; but whether its
+keys left the node before a crash is not known (the message may be on the wire, the
+peer may have consumed its copy), so a store opened on a file with reservations
+commits them: a key is lost rather than risk being used twice or with a peer whose
+copy is gone (see Lkms._hop for how both ends of a hop agree). The receiving end of a
+hop needs no reservation: it reads the keys a message names (peek_ids), checks the
+message, and consumes them in one transaction (take_ids), with nothing in between that
+could fail halfway.
+
 Link keys are bounded: like a QKD device's key buffer, a link holds at most
 `link_key_limit` keys at this node (both halves); `room(link)` tells the QKD
 modules, which then keep distilling (the link's SKR is still measured) but store
@@ -28,13 +42,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS link_keys (
@@ -45,6 +63,15 @@ CREATE TABLE IF NOT EXISTS link_keys (
     added  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS link_keys_pick ON link_keys(link, mine, added);
+CREATE TABLE IF NOT EXISTS reserved (
+    key_id TEXT PRIMARY KEY,
+    link   TEXT NOT NULL,
+    mine   INTEGER NOT NULL,
+    key    BLOB NOT NULL,
+    added  REAL NOT NULL,
+    rsv    TEXT NOT NULL          -- the reservation holding it
+);
+CREATE INDEX IF NOT EXISTS reserved_rsv ON reserved(rsv);
 CREATE TABLE IF NOT EXISTS deliverable (
     key_id  TEXT NOT NULL,
     slave   TEXT NOT NULL,
@@ -80,6 +107,15 @@ class MissingKeys(KeyError):
     def __init__(self, key_ids: list[str]) -> None:
         super().__init__(", ".join(key_ids))
         self.key_ids = key_ids
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Link keys set aside for one message: commit or release it (KeyStore)."""
+
+    rsv: str
+    link: str
+    keys: list[tuple[str, bytes]]  # (key ID, key), in the order asked for
 
 
 @dataclass(frozen=True)
@@ -121,6 +157,7 @@ class KeyStore:
         self._checkpoint_every = checkpoint_every
         self._expire_every = expire_every  # the sweep of end keys past their TTL (secure_delete overwrites them)
         self._closed = threading.Event()
+        self._burn_reservations()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
 
@@ -202,7 +239,8 @@ class KeyStore:
             for group, rows in groups.items():
                 added_rows[group] = self._db.executemany(
                     "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
-                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1)",
+                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1) "
+                    "AND NOT EXISTS (SELECT 1 FROM reserved WHERE key_id = ?1)",
                     rows,
                 ).rowcount
         for group, n in added_rows.items():
@@ -363,6 +401,83 @@ class KeyStore:
             self._adjust((link, 0), -len(ids))
             return len(ids)
 
+    def reserve(self, link: str, n: int) -> Reservation | None:
+        """n of this end's keys of `link`, oldest first, set aside (invisible to every other
+        consumer) until commit() or release(); None (nothing set aside) if there are fewer."""
+        with self._lock:
+            self._flush_locked()
+            rsv = uuid.uuid4().hex
+            with _tx(self):
+                rows = self._db.execute(
+                    "SELECT key_id, key FROM link_keys WHERE link = ? AND mine = 1 ORDER BY added, key_id LIMIT ?", (link, n)
+                ).fetchall()
+                if len(rows) < n or n < 1:
+                    return None
+                self._move_to_reserved(rsv, [r[0] for r in rows])
+            self._adjust((link, 1), -n)
+            return Reservation(rsv, link, [(r[0], bytes(r[1])) for r in rows])
+
+    def peek_ids(self, link: str, key_ids: list[str]) -> list[bytes]:
+        """The keys of `link` with these IDs, left in place (MissingKeys names those not held):
+        what a receiving end checks a message with before it consumes them (take_ids)."""
+        with self._lock:
+            self._flush_locked()
+            rows = dict(self._db.execute(
+                f"SELECT key_id, key FROM link_keys WHERE +link = ? AND key_id IN ({_marks(key_ids)})", (link, *key_ids)
+            ).fetchall())
+        missing = [k for k in key_ids if k not in rows]
+        if missing:
+            raise MissingKeys(missing)
+        return [bytes(rows[k]) for k in key_ids]
+
+    def _move_to_reserved(self, rsv: str, key_ids: list[str]) -> None:
+        marks = _marks(key_ids)
+        self._db.execute(f"INSERT INTO reserved(key_id, link, mine, key, added, rsv) SELECT key_id, link, mine, key, added, ? "
+                         f"FROM link_keys WHERE key_id IN ({marks})", (rsv, *key_ids))
+        self._db.execute(f"DELETE FROM link_keys WHERE key_id IN ({marks})", key_ids)
+
+    def commit(self, reservation: Reservation) -> int:
+        """The reserved keys are used: deleted (overwritten on disk) and spent. At most once:
+        a second commit, or a commit after release, changes nothing and returns 0."""
+        with self._lock:
+            with _tx(self):
+                ids = [r[0] for r in self._db.execute("SELECT key_id FROM reserved WHERE rsv = ?", (reservation.rsv,))]
+                if ids:
+                    self._db.execute("DELETE FROM reserved WHERE rsv = ?", (reservation.rsv,))
+                    now = time.time()
+                    self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in ids])
+            return len(ids)
+
+    def release(self, reservation: Reservation) -> int:
+        """The reserved keys were not used: back in the store as they were (same IDs, same
+        order, same end allocating them), visible to every consumer again. At most once, and
+        nothing after a commit."""
+        with self._lock:
+            with _tx(self):
+                rows = self._db.execute("SELECT mine, COUNT(*) FROM reserved WHERE rsv = ? GROUP BY mine",
+                                        (reservation.rsv,)).fetchall()
+                self._db.execute("INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
+                                 "SELECT key_id, link, mine, key, added FROM reserved WHERE rsv = ?", (reservation.rsv,))
+                self._db.execute("DELETE FROM reserved WHERE rsv = ?", (reservation.rsv,))
+            for mine, n in rows:
+                self._adjust((reservation.link, int(mine)), int(n))
+            return sum(int(n) for _, n in rows)
+
+    def is_reserved(self, key_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM reserved WHERE key_id = ?", (key_id,)).fetchone() is not None
+
+    def _burn_reservations(self) -> None:
+        """At open: reservations a previous process left are committed (module docstring)."""
+        with self._lock, _tx(self):
+            ids = [r[0] for r in self._db.execute("SELECT key_id FROM reserved")]
+            if ids:
+                now = time.time()
+                self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in ids])
+                self._db.execute("DELETE FROM reserved")
+        if ids:
+            log.warning("%d link keys reserved by a relay in flight when the node stopped are discarded", len(ids))
+
     def put_back(self, link: str, keys: list[tuple[str, bytes]]) -> None:
         """Return keys taken for a request that failed before anything left this node."""
         with self._lock:
@@ -387,6 +502,10 @@ class KeyStore:
                 ids = [r[0] for r in self._db.execute("SELECT key_id FROM link_keys WHERE link = ?", (link,))]
                 if ids:
                     self._spend(ids)
+                held = [r[0] for r in self._db.execute("SELECT key_id FROM reserved WHERE link = ?", (link,))]
+                if held:  # a relay in flight on the link: its commit or release then finds nothing
+                    self._db.execute("DELETE FROM reserved WHERE link = ?", (link,))
+                    self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, time.time()) for k in held])
             self._counts.pop((link, 0), None)
             self._counts.pop((link, 1), None)
             return len(ids)

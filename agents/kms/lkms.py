@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from typing import Any
 
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import lending
-from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys
+from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys, Reservation
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.interface import Key, KmsError, Qos, Status, Stream
 
@@ -286,18 +287,19 @@ class Lkms:
             return 0
         return max(0, self.store.count(link, mine=False) - self.cfg.lend_keep - 1)
 
-    def _take_link(self, link: LinkRoute, n: int) -> list[tuple[str, bytes]]:
-        """n link keys of this end's half, borrowing from the peer's half when short; [] if not."""
-        taken = self.store.take(link.qkdl_id, n)
-        if taken or self.forwarder is None or link.remote is None:
-            return taken
+    def _reserve_link(self, link: LinkRoute, n: int) -> Reservation | None:
+        """n link keys of this end's half set aside for one message, borrowing from the peer's
+        half when short; None if there are not enough. The caller commits or releases them."""
+        rsv = self.store.reserve(link.qkdl_id, n)
+        if rsv is not None or self.forwarder is None or link.remote is None:
+            return rsv
         with self._lock:
             lock = self._borrowing.setdefault(link.qkdl_id, threading.Lock())
         with lock:
             short = n - self.store.count(link.qkdl_id)
             if short > 0 and self._lendable(link.qkdl_id) >= max(short, self.cfg.lend_min):
                 lending.borrow(self.store, self.forwarder, link.qkdl_id, link.remote, max(short, self.cfg.lend_batch))
-        return self.store.take(link.qkdl_id, n)
+        return self.store.reserve(link.qkdl_id, n)
 
     def _first_hop(self, lk: LinkRoute) -> LinkRoute | None:
         if lk.kind == "PHYS":
@@ -312,16 +314,19 @@ class Lkms:
     def _reserve(self, paths: list[LinkRoute], ids: list[str], size: int, master: str, slave: str, expires: float) -> list[Key]:
         parts = fm.parts_for(size)
         link = max(paths, key=lambda p: self._stock(p.qkdl_id))
-        taken = self._take_link(link, parts * len(ids))
-        if not taken:
+        rsv = self._reserve_link(link, parts * len(ids))
+        if rsv is None:
             raise KmsError(503, "not enough key on the link to the slave's node; retry later")
+        taken = rsv.keys
         entries, keys = [], []
         for n, key_id in enumerate(ids):
             chunk = taken[n * parts:(n + 1) * parts]
             keys.append(Key(key_id, b"".join(k for _, k in chunk)[: size // 8]))
             entries.append({"key_id": key_id, "parts": [i for i, _ in chunk], "size": size})
         msg = {"op": "reserve", "link": link.qkdl_id, "master": master, "slave": slave, "expires": expires, "keys": entries}
-        self._send(link.remote, msg)
+        # Only key IDs go on the wire: a peer that refused without using them (kept) leaves
+        # both copies as they were, and ours go back.
+        self._send(link.remote, msg, rsv, release_if_kept=True)
         return keys
 
     def _relay_over(self, app: AppRoute, ids: list[str], end_keys: list[bytes], master: str, slave: str, expires: float) -> None:
@@ -349,37 +354,78 @@ class Lkms:
             todo = sorted(failed)
 
     def _hop(self, vlink: str, toward: str | None, keys: list[tuple[str, bytes]], master: str, slave: str, expires: float,
-             stream: dict[str, Any] | None = None) -> None:
+             stream: dict[str, Any] | None = None, *, offer: bool = True) -> None:
         """Pad `keys` with a link to the adjacent node `toward` and send them on in one
-        message, authenticated by one one-time MAC key (see forwarding)."""
+        message, authenticated by one one-time MAC key (see forwarding).
+
+        Once the message has left this node its pads and MAC key are spent, whatever the
+        answer: the ciphertexts and the tag are on the wire, and reusing a Poly1305 key
+        for a second message would let whoever saw both forge a third. So a hop that may
+        refuse must refuse before: the message is first offered along the whole rest of
+        the path (`offer`, no key material, see _on_offer), and link keys are reserved
+        only once every hop has accepted it. They are committed when the message was
+        sent, released when it could not be (no connection); the receiving end consumes
+        its copies exactly when the message is authentic (_on_relay), so both ends agree."""
         first = self._phys_toward(toward)
         if first is None or first.remote is None:
             raise KmsError(503, f"no working link to the next hop of {vlink}")
         counts = [fm.parts_for(8 * len(k)) for _, k in keys]
-        taken = self._take_link(first, sum(counts) + 1)
-        if not taken:
+        if offer:
+            self._offer(first, vlink, master, slave, sum(counts) + 1)
+        rsv = self._reserve_link(first, sum(counts) + 1)
+        if rsv is None:
             raise KmsError(503, "not enough key on the link to the next hop; retry later")
-        entries, pos = [], 1
-        for (key_id, key), n in zip(keys, counts):
-            pads = taken[pos:pos + n]
-            pos += n
-            entries.append({"key_id": key_id, "pad": [i for i, _ in pads], "ct": fm.b64(fm.pad(key, b"".join(k for _, k in pads)))})
-        msg = {"op": "relay", "v": fm.RELAY_VERSION, "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
-               "expires": expires, "stream": stream, "mac": taken[0][0], "keys": entries}
-        self._send(first.remote, fm.sign(msg, taken[0][1]))
+        taken = rsv.keys
+        try:
+            entries, pos = [], 1
+            for (key_id, key), n in zip(keys, counts):
+                pads = taken[pos:pos + n]
+                pos += n
+                entries.append({"key_id": key_id, "pad": [i for i, _ in pads], "ct": fm.b64(fm.pad(key, b"".join(k for _, k in pads)))})
+            msg = {"op": "relay", "v": fm.RELAY_VERSION, "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave,
+                   "expires": expires, "stream": stream, "mac": taken[0][0], "keys": entries}
+            signed = fm.sign(msg, taken[0][1])
+        except BaseException:
+            self.store.release(rsv)  # nothing left the node
+            raise
+        self._send(first.remote, signed, rsv)
 
-    def _send(self, peer: str | None, msg: dict[str, Any]) -> None:
+    def _send(self, peer: str | None, msg: dict[str, Any], rsv: Reservation, *, release_if_kept: bool = False) -> None:
+        """Send a message that uses the link keys of `rsv`, and settle them: released when
+        nothing was sent (or, with `release_if_kept`, when the peer says it used none of
+        them), else committed, also when the outcome is unknown (a connection lost after
+        sending: the peer may have consumed its copies)."""
         if self.forwarder is None or peer is None:
+            self.store.release(rsv)
             raise KmsError(503, "this node has no forwarding module")
         try:
             self.forwarder.request(peer, msg)
         except fm.RelayError as exc:
+            if not exc.sent or (release_if_kept and exc.kept):
+                self.store.release(rsv)
+            else:
+                self.store.commit(rsv)
             raise KmsError(503 if exc.code >= 500 else 400, f"key relay failed: {exc}") from None
+        except BaseException:
+            self.store.commit(rsv)
+            raise
+        self.store.commit(rsv)
+
+    def _offer(self, first: LinkRoute, vlink: str, master: str, slave: str, need: int) -> None:
+        """Ask the path from `first` on whether it would carry a message of `need` link keys per
+        hop for (master, slave) on `vlink`; KmsError if a hop would refuse. Uses no key."""
+        if self.forwarder is None or first.remote is None:
+            raise KmsError(503, "this node has no forwarding module")
+        msg = {"op": "offer", "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave, "need": need}
+        try:
+            self.forwarder.request(first.remote, msg, idempotent=True)
+        except fm.RelayError as exc:
+            raise KmsError(503 if exc.code >= 500 else 400, f"key relay refused: {exc}") from None
 
     # --- the other end of a hop ----------------------------------------------------------------
 
     def handle_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
-        handlers = {"reserve": self._on_reserve, "relay": self._on_relay, "lend": self._on_lend}
+        handlers = {"offer": self._on_offer, "reserve": self._on_reserve, "relay": self._on_relay, "lend": self._on_lend}
         handler = handlers.get(str(msg.get("op")))
         if handler is None:
             raise fm.RelayError(f"unknown relay operation {msg.get('op')!r}", 400)
@@ -394,39 +440,81 @@ class Lkms:
             raise fm.RelayError(f"link {link_id} is not a PHYS link with {sender}", 400)
         return lk
 
-    def _take_peer_ids(self, link: str, ids: list[str]) -> list[bytes]:
-        """The sender allocated these; they may still be on their way from our module."""
+    def _peek_peer_ids(self, link: str, ids: list[str]) -> list[bytes]:
+        """The sender allocated these; they may still be on their way from our module. Read,
+        not consumed (the caller takes them once it has checked the message)."""
         deadline = time.monotonic() + self.cfg.peer_wait
         while True:
             try:
-                return self.store.take_ids(link, ids)
+                return self.store.peek_ids(link, ids)
             except MissingKeys as exc:
                 if time.monotonic() > deadline or any(self.store.is_spent(k) for k in exc.key_ids):
-                    raise fm.RelayError(f"link keys not held here: {len(exc.key_ids)} missing", 503) from None
+                    raise fm.RelayError(f"link keys not held here: {len(exc.key_ids)} missing", 503, kept=True) from None
                 time.sleep(0.02)
 
-    def _take_entries(self, link: str, groups: list[list[str]]) -> list[list[bytes]]:
-        """The link keys every entry of a message names, in one transaction; a key named twice is refused."""
+    def _peek_entries(self, link: str, groups: list[list[str]]) -> tuple[list[str], list[list[bytes]]]:
+        """The link keys every entry of a message names (all IDs, and per entry); a key named twice is refused."""
         flat = [key_id for group in groups for key_id in group]
         if len(set(flat)) != len(flat):
-            raise fm.RelayError("a link key is named more than once in the message", 400)
-        got = self._take_peer_ids(link, flat)
+            raise fm.RelayError("a link key is named more than once in the message", 400, kept=True)
+        got = self._peek_peer_ids(link, flat)
         out, pos = [], 0
         for group in groups:
             out.append(got[pos:pos + len(group)])
             pos += len(group)
-        return out
+        return flat, out
+
+    def _consume(self, link: str, ids: list[str]) -> None:
+        """Take the link keys a checked message names; all or none (another message naming one
+        of them, a replay, got there first: refused, this one uses nothing)."""
+        try:
+            self.store.take_ids(link, ids)
+        except MissingKeys:
+            raise fm.RelayError("link keys of the message were used meanwhile", 400, kept=True) from None
+
+    def _on_offer(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """Would this node, and the rest of the path after it, carry the relay message the
+        sender means to send? The checks _on_relay makes before it uses a link key, and on
+        a relay node its own stock toward the next hop, then the next hop's answer (so a
+        refusal anywhere costs no link key anywhere). Nothing is set aside: a message that
+        arrives later is checked again."""
+        self._link_with(msg["hop_link"], sender)
+        vlink, master, slave, need = str(msg["vlink"]), str(msg["master"]), str(msg["slave"]), int(msg["need"])
+        if self.cfg.saes.get(slave) == self.cfg.kme_id:
+            return {"ok": True}
+        onward = self._onward(vlink, sender)
+        first = self._phys_toward(onward)
+        if first is None or first.remote is None:
+            raise fm.RelayError(f"no working link to the next hop of {vlink}", 503)
+        if self._stock(first.qkdl_id) < need:
+            raise fm.RelayError("not enough key on the link to the next hop; retry later", 503)
+        try:
+            self._offer(first, vlink, master, slave, need)
+        except KmsError as exc:
+            raise fm.RelayError(exc.message, exc.http_status) from None
+        return {"ok": True}
 
     def _on_reserve(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
-        lk = self._link_with(msg["link"], sender)
+        """The keys the sender made of link keys it names (IDs only on the wire): stored for
+        the slave and the link keys consumed in one transaction, or, refused, nothing used
+        (kept: the sender then returns its copies too)."""
+        try:
+            lk = self._link_with(msg["link"], sender)
+        except fm.RelayError as exc:
+            raise fm.RelayError(str(exc), exc.code, kept=True) from None
         slave, master = str(msg["slave"]), str(msg["master"])
         if self.cfg.saes.get(slave) != self.cfg.kme_id:
-            raise fm.RelayError(f"SAE {slave} is not attached here", 400)
+            raise fm.RelayError(f"SAE {slave} is not attached here", 400, kept=True)
         entries = msg["keys"]
-        taken = self._take_entries(lk.qkdl_id, [[str(p) for p in entry["parts"]] for entry in entries])
+        ids, taken = self._peek_entries(lk.qkdl_id, [[str(p) for p in entry["parts"]] for entry in entries])
         out = [Deliverable(str(entry["key_id"]), slave, master, b"".join(parts)[: int(entry["size"]) // 8], float(msg["expires"]))
                for entry, parts in zip(entries, taken)]
-        self.store.put_deliverable(out)
+        try:
+            with self.store.group():  # stored for the slave and consumed together, or neither
+                self._consume(lk.qkdl_id, ids)
+                self.store.put_deliverable(out)
+        except (ValueError, sqlite3.Error) as exc:
+            raise fm.RelayError(f"reserve refused: {type(exc).__name__}", 400, kept=True) from None
         return {"ok": True}
 
     def _on_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
@@ -443,8 +531,14 @@ class Lkms:
             raise fm.RelayError("relayed key IDs must be distinct UUIDs", 400)
         here = self.cfg.saes.get(slave) == self.cfg.kme_id
         onward = None if here else self._onward(vlink, sender)  # before any link key is spent
-        taken = self._take_entries(lk.qkdl_id, [[str(msg["mac"])]] + [[str(p) for p in e["pad"]] for e in entries])
-        fm.verify(msg, taken[0][0])
+        named, taken = self._peek_entries(lk.qkdl_id, [[str(msg["mac"])]] + [[str(p) for p in e["pad"]] for e in entries])
+        try:
+            fm.verify(msg, taken[0][0])
+        except fm.RelayError as exc:  # not from the other end of the link: whoever sent it cannot burn our keys
+            raise fm.RelayError(str(exc), exc.code, kept=True) from None
+        # Authentic: the sender spent its copies when it sent it, so this end spends its own
+        # now, whatever becomes of the keys further on (see _hop).
+        self._consume(lk.qkdl_id, named)
         keys = [(i, fm.pad(fm.unb64(str(e["ct"])), b"".join(pads))) for i, e, pads in zip(ids, entries, taken[1:])]
         if here:
             self.store.put_deliverable(
@@ -452,7 +546,7 @@ class Lkms:
             )
             return {"ok": True}
         try:
-            self._hop(vlink, onward, keys, master, slave, expires, stream)
+            self._hop(vlink, onward, keys, master, slave, expires, stream, offer=False)  # offered with the sender's offer
         except KmsError as exc:
             raise fm.RelayError(exc.message, exc.http_status) from None
         return {"ok": True}

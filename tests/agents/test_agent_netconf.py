@@ -262,7 +262,9 @@ def test_validate_and_test_only(nc) -> None:
     assert err.value.tag == "invalid-value"
 
 
-def test_startup_survives_restart(tmp_path) -> None:
+def test_startup_and_running_survive_restart(tmp_path) -> None:
+    """Both are kept apart: the restarted node runs what it ran (persisted running), and
+    startup is still what was saved (see test_agent_persist.py)."""
     a = agent_config(tmp_path, "bob").start()
     try:
         m = a.connect()
@@ -276,7 +278,8 @@ def test_startup_survives_restart(tmp_path) -> None:
     a.start()
     try:
         m = a.connect()
-        assert running(m).findtext(f".//{{{ETSI}}}qkdn_location_id") == "Persisted"
+        assert running(m).findtext(f".//{{{ETSI}}}qkdn_location_id") == "NotSaved"
+        assert m.get_config("startup").data.findtext(f".//{{{ETSI}}}qkdn_location_id") == "Persisted"
         m.close_session()
     finally:
         a.stop()

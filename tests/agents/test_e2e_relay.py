@@ -158,3 +158,130 @@ def test_keys_relayed_two_hops_through_etsi014(line) -> None:
         for k in keys + kab:
             assert k["key"] not in text
             assert base64.b64decode(k["key"]).hex() not in text
+
+
+def provision(plan, m) -> None:
+    """The path A - B - C of the first test (merge: the same entries again change nothing)."""
+    a, b, c = (plan.nodes[n] for n in "ABC")
+    m["A"].edit_config(target="running", config=config(
+        phys(L1, a.qkdn_id, 1, b.qkdn_id, 1, "TRANSMITTER") + virt(a.qkdn_id, c.qkdn_id, None, b.qkdn_id),
+        app(APP_AC, "sae-a", "sae-c", V, a.qkdn_id, c.qkdn_id) + app(APP_AB, "sae-a", "sae-b", L1, a.qkdn_id, b.qkdn_id)))
+    m["B"].edit_config(target="running", config=config(
+        phys(L1, b.qkdn_id, 1, a.qkdn_id, 1, "RECEIVER") + phys(L2, b.qkdn_id, 2, c.qkdn_id, 1, "TRANSMITTER")
+        + virt(b.qkdn_id, c.qkdn_id, a.qkdn_id, c.qkdn_id), app(APP_AB, "sae-a", "sae-b", L1, b.qkdn_id, a.qkdn_id)))
+    m["C"].edit_config(target="running", config=config(
+        phys(L2, c.qkdn_id, 1, b.qkdn_id, 2, "RECEIVER") + virt(c.qkdn_id, a.qkdn_id, b.qkdn_id, None),
+        app(APP_AC, "sae-a", "sae-c", V, c.qkdn_id, a.qkdn_id)))
+
+
+def relay_once(plan, timeout: float) -> float:
+    """Seconds until one key A -> C (two hops) is served and C gives the same key by its ID."""
+    a, c = plan.nodes["A"], plan.nodes["C"]
+    start = time.monotonic()
+    with sae_client(plan, "sae-a") as sa, sae_client(plan, "sae-c") as sc:
+        while True:
+            r = sa.post(f"https://127.0.0.1:{a.kms_port}/api/v1/keys/sae-c/enc_keys", json={"number": 1})
+            if r.status_code == 200:
+                keys = r.json()["keys"]
+                got = sc.post(f"https://127.0.0.1:{c.kms_port}/api/v1/keys/sae-a/dec_keys",
+                              json={"key_IDs": [{"key_ID": keys[0]["key_ID"]}]})
+                assert got.status_code == 200 and got.json()["keys"] == keys, got.text
+                return time.monotonic() - start
+            assert time.monotonic() - start < timeout, f"no key through B after {timeout} s: {r.status_code} {r.text}"
+            time.sleep(0.2)
+
+
+def test_transit_node_killed_comes_back_provisioned_and_relays_again(line) -> None:
+    """kill -9 of the transit node B: started again on its state directory, with no NETCONF
+    edit from anyone, it has its links, VIRT link and application back (persisted running),
+    its QKD links come up again (drivers re-applied) and the LKMS relays keys A -> C through it."""
+    plan, procs = line
+    m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
+    try:
+        provision(plan, m)
+        for n, lid in (("A", L1), ("B", L1), ("B", L2), ("C", L2)):
+            wait_active(m[n], lid)
+        relay_once(plan, 20)
+    finally:
+        for x in m.values():
+            x.close_session()
+    procs["B"].kill()
+    procs["B"].start()
+    mb = procs["B"].connect(password=plan.password)
+    try:
+        data = mb.get_config("running").data
+        assert {x.text for x in data.iter(f"{{{ETSI}}}qkdl_id")} == {L1, L2, V}
+        assert data.findtext(f".//{{{ETSI}}}qkd_app/{{{ETSI}}}app_id") == APP_AB
+        wait_active(mb, L1)
+        wait_active(mb, L2)
+    finally:
+        mb.close_session()
+    assert relay_once(plan, 30) < 30
+
+
+def stored(plan) -> int:
+    """A's ETSI 014 status for sae-a -> sae-c: the keys it could relay now (its link keys to B)."""
+    a = plan.nodes["A"]
+    with sae_client(plan, "sae-a") as sa:
+        r = sa.get(f"https://127.0.0.1:{a.kms_port}/api/v1/keys/sae-c/status")
+        assert r.status_code == 200, r.text
+        return int(r.json()["stored_key_count"])
+
+
+def settled(plan, timeout: float = 15) -> int:
+    """stored() once no more link keys arrive (the link to B is down: nothing is distilled)."""
+    last, end = stored(plan), time.monotonic() + timeout
+    while time.monotonic() < end:
+        time.sleep(1.0)
+        now = stored(plan)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("A's link keys to B kept changing with B down")
+
+
+def fail_50(plan, status: int) -> list[str]:
+    """50 key requests A -> C that fail with `status`; their error messages."""
+    a = plan.nodes["A"]
+    seen = []
+    with sae_client(plan, "sae-a") as sa:
+        for _ in range(50):
+            r = sa.post(f"https://127.0.0.1:{a.kms_port}/api/v1/keys/sae-c/enc_keys", json={"number": 1})
+            assert r.status_code == status, r.text
+            seen.append(r.json()["message"])
+    return seen
+
+
+def test_failed_relays_through_a_dead_or_empty_transit_node_use_no_link_key(line) -> None:
+    """The issue's case: transit B killed (unreachable), then back with an empty running (it
+    refuses: "not a PHYS link"); 50 requests A -> C each time leave A's link keys as they were;
+    once B is provisioned again keys flow, A and B agreeing on the link keys they hold."""
+    plan, procs = line
+    m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
+    try:
+        provision(plan, m)
+        for n, lid in (("A", L1), ("B", L1), ("B", L2), ("C", L2)):
+            wait_active(m[n], lid)
+        relay_once(plan, 20)
+    finally:
+        for x in m.values():
+            x.close_session()
+    procs["B"].kill()
+    before = settled(plan)
+    assert before > 0
+    fail_50(plan, 503)
+    assert stored(plan) == before
+    (procs["B"].state_dir / "state" / "running.xml").unlink()  # B comes back as a fresh node would
+    procs["B"].start()
+    refusals = fail_50(plan, 400)
+    assert all("not a PHYS link" in t for t in refusals), refusals[0]
+    assert stored(plan) == before
+    m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
+    try:
+        provision(plan, m)
+        wait_active(m["B"], L1)
+        wait_active(m["B"], L2)
+    finally:
+        for x in m.values():
+            x.close_session()
+    relay_once(plan, 30)

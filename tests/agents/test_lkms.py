@@ -9,7 +9,10 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -222,7 +225,8 @@ def test_refusals(net, call, status) -> None:
 def captured_relay(nodes: dict[str, Lkms], monkeypatch: pytest.MonkeyPatch) -> dict:
     """The relay message A sends B for one key sa -> sc, kept from B."""
     sent: list[dict] = []
-    monkeypatch.setattr(nodes[A].forwarder, "request", lambda peer, msg: sent.append(msg) or {"ok": True})
+    monkeypatch.setattr(nodes[A].forwarder, "request",
+                        lambda peer, msg, **kw: {"ok": True} if msg["op"] == "offer" else (sent.append(msg) or {"ok": True}))
     nodes[A].enc_keys("sa", "sc", 3, 256, [])
     monkeypatch.undo()
     (msg,) = sent
@@ -534,3 +538,149 @@ def _rows(store: KeyStore, sql: str, args: tuple = ()) -> list[tuple]:
     store.flush()
     with sqlite3.connect(store.path) as db:
         return db.execute(sql, args).fetchall()
+
+
+# --- a relay that fails uses no link key (reservations) ------------------------------------------
+
+
+def held_ids(nodes: dict[str, Lkms], kme: str, link: str) -> set[str]:
+    """Every link key of `link` the node holds (either half), by ID, as its file has them."""
+    return {r[0] for r in _rows(nodes[kme].store, "SELECT key_id FROM link_keys WHERE link = ?", (link,))}
+
+
+def stock(nodes: dict[str, Lkms]) -> dict[str, object]:
+    """What a failed relay must leave as it was: A's ETSI 014 status for sa -> sc, and the link
+    keys each end of both hops holds."""
+    return {"status": nodes[A].status("sa", "sc").stored_key_count,
+            **{f"{kme}/{link}": held_ids(nodes, kme, link) for kme, link in ((A, L1), (B, L1), (B, L2), (C, L2))}}
+
+
+def relay_and_check(nodes: dict[str, Lkms]) -> None:
+    """One relay A -> B -> C works, and both ends of each hop still hold the same key IDs."""
+    keys = nodes[A].enc_keys("sa", "sc", 2, 256, [])
+    assert [k.key for k in nodes[C].dec_keys("sc", "sa", [k.key_id for k in keys])] == [k.key for k in keys]
+    assert held_ids(nodes, A, L1) == held_ids(nodes, B, L1)
+    assert held_ids(nodes, B, L2) == held_ids(nodes, C, L2)
+
+
+@pytest.mark.parametrize("refuser, table, status", [
+    (B, lambda t: RouteTable(B, {L2: t.links[L2], V: t.links[V]}, ()), 400),  # next hop: "not a PHYS link with A"
+    (C, lambda t: RouteTable(C, {V: t.links[V]}, ()), 400),  # the hop after: no PHYS link with B (found by B's offer)
+    (B, lambda t: RouteTable(B, {L1: t.links[L1], L2: t.links[L2]}, ()), 503),  # no virtual link V at B
+])
+def test_a_refused_relay_uses_no_link_key_at_any_hop(net, refuser, table, status) -> None:
+    nodes, _ = net
+    nodes[refuser].update_routes(table(tables()[refuser]))
+    before = stock(nodes)
+    assert before["status"] > 0
+    for _ in range(50):
+        with pytest.raises(KmsError) as err:
+            nodes[A].enc_keys("sa", "sc", 1, 256, [])
+        assert err.value.http_status == status
+    assert stock(nodes) == before
+    nodes[refuser].update_routes(tables()[refuser])
+    relay_and_check(nodes)
+
+
+def test_a_refused_reservation_with_the_adjacent_node_uses_no_link_key(net) -> None:
+    """sa -> sb over the PHYS link: only key IDs go on the wire, so a refusal that used nothing
+    at B ("kept") gives A its keys back."""
+    nodes, _ = net
+    nodes[B].update_routes(RouteTable(B, {L2: tables()[B].links[L2]}, ()))
+    before = nodes[A].status("sa", "sb").stored_key_count, held_ids(nodes, A, L1), held_ids(nodes, B, L1)
+    for _ in range(50):
+        with pytest.raises(KmsError) as err:
+            nodes[A].enc_keys("sa", "sb", 2, 256, [])
+        assert err.value.http_status == 400
+    assert (nodes[A].status("sa", "sb").stored_key_count, held_ids(nodes, A, L1), held_ids(nodes, B, L1)) == before
+    nodes[B].update_routes(tables()[B])
+    keys = nodes[A].enc_keys("sa", "sb", 2, 256, [])
+    assert [k.key for k in nodes[B].dec_keys("sb", "sa", [k.key_id for k in keys])] == [k.key for k in keys]
+    assert held_ids(nodes, A, L1) == held_ids(nodes, B, L1)
+
+
+def test_a_relay_to_an_unreachable_next_hop_uses_no_link_key_and_works_once_it_is_back(net, tmp_path) -> None:
+    nodes, _ = net
+    relay_and_check(nodes)  # A has a pooled connection to B: it goes stale below
+    address, store = nodes[B].forwarder.address, nodes[B].store.path
+    nodes[B].shutdown()
+    before = nodes[A].status("sa", "sc").stored_key_count, held_ids(nodes, A, L1)
+    for _ in range(50):
+        with pytest.raises(KmsError) as err:
+            nodes[A].enc_keys("sa", "sc", 1, 256, [])
+        assert err.value.http_status == 503
+    assert (nodes[A].status("sa", "sc").stored_key_count, held_ids(nodes, A, L1)) == before
+    ca = tmp_path / "ca" / "test-ca.crt"
+    cert = (tmp_path / B / f"{B}.crt", tmp_path / B / f"{B}.key")  # the net fixture's certificate of B
+    fwd = fm.Forwarder(B, tuple(address), pki.server_ssl_context(*cert, ca), pki.client_ssl_context(*cert, ca),
+                       {k: n.forwarder.address for k, n in nodes.items() if k != B})
+    nodes[B] = Lkms(LkmsConfig(B, "b", SAES, lend_min=4), KeyStore(store), os.urandom, fwd)
+    nodes[B].update_routes(tables()[B])
+    relay_and_check(nodes)
+
+
+def test_a_reservation_is_committed_once_or_released_in_the_same_order(tmp_path) -> None:
+    store = KeyStore(tmp_path / "s.sqlite")
+    ids = [f"00000000-0000-4000-8000-{i:012x}" for i in range(6)]
+    for i, kid in enumerate(ids):
+        store.sink(L1, kid, bytes([i]) * 32)
+    store.flush()
+    r = store.reserve(L1, 3)
+    assert r is not None and [k for k, _ in r.keys] == ids[:3]
+    assert store.count(L1) == 3 and store.reserve(L1, 4) is None  # reserved keys are nobody else's
+    other = store.reserve(L1, 2)
+    assert [k for k, _ in other.keys] == ids[3:5]
+    assert store.release(r) == 3 and store.release(r) == 0
+    assert store.count(L1) == 4
+    assert store.commit(other) == 2 and store.commit(other) == 0 and store.release(other) == 0
+    assert [k for k, _ in store.take(L1, 4)] == ids[:3] + ids[5:]  # back in their place: oldest first
+    assert all(store.is_spent(k) for k in ids)
+    store.close()
+
+
+def test_a_reservation_left_by_a_killed_process_is_discarded_at_restart(tmp_path) -> None:
+    """kill -9 between reserving and settling: the keys may have left the node, so they are
+    never served again (and a module re-sending them does not bring them back)."""
+    path = tmp_path / "s.sqlite"
+    ids = [f"00000000-0000-4000-8000-{i:012x}" for i in range(4)]
+    script = (
+        "import os, signal, sys\n"
+        "from sdqkd.agents.kms.keystore import KeyStore\n"
+        f"s = KeyStore({str(path)!r})\n"
+        f"for kid in {ids!r}: s.sink({L1!r}, kid, b'k' * 32)\n"
+        "s.flush()\n"
+        f"assert s.reserve({L1!r}, 2) is not None\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=30)
+    assert done.returncode == -signal.SIGKILL
+    store = KeyStore(path)
+    assert store.count(L1) == 2 and all(store.is_spent(k) for k in ids[:2]) and not store.is_reserved(ids[0])
+    store.sink(L1, ids[0], b"k" * 32)  # a re-sent block
+    store.flush()
+    assert store.count(L1) == 2 and [k for k, _ in store.take(L1, 2)] == ids[2:]
+    store.close()
+
+
+
+def test_a_relay_consumed_by_the_peer_whose_answer_fails_is_spent_at_both_ends(net, monkeypatch) -> None:
+    """The outcome A cannot tell from a refusal: B used its copies, then failed before a
+    proper answer. A spends its copies too (it sent the message), so the ends stay in sync."""
+    nodes, _ = net
+    real = nodes[B].handle_relay
+
+    def consumed_then_failed(sender: str, msg: dict) -> dict:
+        reply = real(sender, msg)
+        if msg["op"] == "relay":
+            raise RuntimeError("failure after the message was processed")
+        return reply
+
+    monkeypatch.setattr(nodes[B].forwarder, "handler", consumed_then_failed)
+    before = nodes[A].store.count(L1)
+    with pytest.raises(KmsError) as err:
+        nodes[A].enc_keys("sa", "sc", 1, 256, [])
+    assert err.value.http_status == 503
+    assert nodes[A].store.count(L1) == before - 2  # one pad and the MAC key, spent
+    assert held_ids(nodes, A, L1) == held_ids(nodes, B, L1)
+    monkeypatch.undo()
+    relay_and_check(nodes)
