@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
+from sdqkd.controller.northbound import client as nb_client
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
@@ -117,8 +118,13 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[_Proc
     raise LabError(f"{what}: not reached within {timeout:.0f} s")
 
 
-def controller_stub(grpc_addr: str) -> pb_grpc.ControllerStub:
-    return pb_grpc.ControllerStub(grpc.insecure_channel(grpc_addr))
+def controller_stub(access: dict[str, Any]) -> pb_grpc.ControllerStub:
+    """A stub for the controller of a lab: `access` is lab.json's "controller" (its gRPC
+    address and the orchestrator's mutual TLS certificate)."""
+    tls = access.get("tls")
+    if not tls:
+        raise LabError("lab.json has no controller.tls (a lab from before mutual TLS): bring the lab up again")
+    return nb_client.stub(access["grpc"], ca=tls["ca"], cert=tls["cert"], key=tls["key"])
 
 
 def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = False, console: Console | None = None,
@@ -162,7 +168,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
             ctl = _spawn("controller", ["controller", "--config", str(ctl_cfg)], plan.dir / "controller.log")
             procs.append(ctl)
             t = progress.add_task("controller connected", total=len(plan.nodes))
-            stub = controller_stub(f"{plan.address}:{plan.controller_port}")
+            stub = controller_stub(labjson.controller_access(plan))
             _wait(lambda: _listening(plan.controller_port), timeout, "controller gRPC", procs)
 
             def discovered() -> bool:
@@ -267,7 +273,7 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
     """lab.json plus the controller's live view (nodes up, links with key rates)."""
     data = labjson.read(labjson.find(name, root))
     try:
-        topo = controller_stub(data["controller"]["grpc"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+        topo = controller_stub(data["controller"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
     except grpc.RpcError as exc:
         return {"lab": data, "error": f"controller unreachable: {exc.code().name}"}
     names = {x.qkdn_id: x.name for x in topo.nodes}

@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+import grpctls
 from agentproc import PASSWORD, agent_config, free_port
 from testlib import run
 from sdqkd.controller.config import AgentEntry, ControllerConfig
@@ -30,13 +31,14 @@ from sdqkd.controller.topology.model import Node, QkdLink, Topology
 from topo_samples import A, B, TAPI, small_channel, small_topology
 
 RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
-        "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents"]
+        "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents", "ListReservations", "ListAlarms"]
 
 
-def serve(ctl: Controller) -> tuple[grpc.Server, grpc.Channel]:
+def serve(ctl: Controller, tls: grpctls.Pki) -> tuple[grpc.Server, grpc.Channel]:
+    """The northbound with mutual TLS, and a channel presenting the client certificate."""
     port = free_port()
-    server = northbound.start(ctl, "127.0.0.1", port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = northbound.start(ctl, "127.0.0.1", port, tls.conf(port=port))
+    channel = tls.channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=5)
     return server, channel
 
@@ -56,7 +58,7 @@ def lonely(tmp_path_factory):
         state_dir=str(tmp), saes={"sae-a1": A, "sae-a2": A, "sae-b": B})
     ctl = Controller(cfg)
     ctl.start()
-    server, channel = serve(ctl)
+    server, channel = serve(ctl, grpctls.make(tmp / "pki"))
     yield ctl, pb_grpc.ControllerStub(channel), channel
     channel.close()
     server.stop(grace=1).wait()
@@ -204,7 +206,7 @@ def trio(tmp_path_factory):
     ctl.start()
     try:
         assert ctl.wait_discovered(20)
-        server, channel = serve(ctl)
+        server, channel = serve(ctl, grpctls.make(tmp / "pki"))
         yield ctl, pb_grpc.ControllerStub(channel), procs
         channel.close()
         server.stop(grace=1).wait()
