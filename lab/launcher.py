@@ -276,6 +276,8 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
         topo = controller_stub(data["controller"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
     except grpc.RpcError as exc:
         return {"lab": data, "error": f"controller unreachable: {exc.code().name}"}
+    except LabError as exc:
+        return {"lab": data, "error": str(exc)}
     names = {x.qkdn_id: x.name for x in topo.nodes}
     return {
         "lab": data,
