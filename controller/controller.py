@@ -104,6 +104,7 @@ class Controller:
         # StreamEvents sends state changes only: the last state event per subject.
         self._last_state: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
         self.alarms = AlarmClock()
+        self._link_views: dict[str, dict[str, str]] = {}  # qkdl_id -> qkdn_id -> status that node reports
         self._started = time.time()
 
     # --- life ----------------------------------------------------------------------------
@@ -171,11 +172,15 @@ class Controller:
         self._invalidate()
         self.alarms.clear("node-disconnected", conn.qkdn_id)
         summary = _node_summary(conn.data)
-        for lid, status in summary["links"].items():
-            if status == "ACTIVE":
-                self.alarms.clear("link-down", lid)
-            else:
-                self.alarms.mark("link-down", lid)
+        # a link's alarm starts when either end first reports it not ACTIVE, ends when both say ACTIVE
+        with self._sub_lock:
+            for lid, status in summary["links"].items():
+                views = self._link_views.setdefault(lid, {})
+                views[conn.qkdn_id] = status
+                if all(v == "ACTIVE" for v in views.values()):
+                    self.alarms.clear("link-down", lid)
+                else:
+                    self.alarms.mark("link-down", lid)
         self._emit("node-synced", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, **summary})
 
     def _on_lost(self, conn: AgentConnection) -> None:

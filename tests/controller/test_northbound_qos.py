@@ -378,3 +378,27 @@ def test_alarms_follow_a_killed_agent(diamond) -> None:
         proc.start()
     wait(lambda: not [a for a in d.stub.ListAlarms(pb.ListAlarmsRequest(), timeout=10).alarms
                       if a.kind == "node-disconnected"], what="D's alarm cleared")
+
+
+def test_alarms_follow_a_cut_fibre(diamond) -> None:
+    """A cut fibre takes its QKD link down: a link-down alarm (MAJOR) while it is cut, and
+    none once it is spliced and the link is ACTIVE again."""
+    from sdqkd.agents.emulation.plant import Plant
+
+    d = diamond
+    ab = next(lid for lid, lk in d.links().items() if {lk.a, lk.b} == {d.ids["A"], d.ids["B"]})
+    plant = Plant(TOPOLOGY, d.plan.dir / "plant.sqlite")
+    cut = time.time()
+    plant.cut_fibre("AB")
+    try:
+        def raised():
+            return [a for a in d.stub.ListAlarms(pb.ListAlarmsRequest(), timeout=10).alarms
+                    if (a.kind, a.resource) == ("link-down", ab)]
+
+        (alarm,) = wait(raised, what="a link-down alarm")
+        assert alarm.severity == pb.Alarm.MAJOR and "A-B" in alarm.text
+        assert cut - 1 <= alarm.since.ToNanoseconds() / 1e9 <= time.time()
+    finally:
+        plant.cut_fibre("AB", cut=False)
+        plant.close()
+    wait(lambda: d.links()[ab].status == "ACTIVE" and not raised(), timeout=60, what="the link back and its alarm cleared")
