@@ -28,7 +28,6 @@ from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.northbound import server as northbound
 from sdqkd.controller.northbound.servicer import REFUSAL_KEY
-from sdqkd.controller.pathcomp.optical import OpticalRequest
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab.labjson import controller_access
 
