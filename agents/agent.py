@@ -115,14 +115,20 @@ class Agent:
         routes = kms_routes.from_running(running.get("etsi-qkd-sdn-node", {}), self.cfg.node.qkdn_id)
         self.kms.lkms.update_routes(routes)
 
-    def _ask_for_path(self, master: str, slave: str) -> None:
+    def _ask_for_path(self, master: str, slave: str, qos: Any = None) -> None:
         """No application covers this SAE pair: tell the controller (ETSI 015
-        sdqkdn_application_new), once per pair every few seconds however often SAEs retry."""
+        sdqkdn_application_new), once per pair every few seconds however often SAEs retry.
+        qos: the ETSI 004 QoS of the stream that asked (agents/kms/interface.Qos), sent as
+        the notification's app_qos / app_priority so the controller reserves its min_bps."""
         now = time.monotonic()
         if now - self._asked.get((master, slave), -1e9) < 5.0:
             return
         self._asked[(master, slave)] = now
-        self.hub.publish(device_notifications.application_new(master, slave, self.cfg.node.qkdn_id))
+        asked = None
+        if qos is not None:
+            asked = {"min_bandwidth": qos.min_bps, "max_bandwidth": qos.max_bps, "jitter": qos.jitter,
+                     "ttl": qos.ttl, "priority": qos.priority}
+        self.hub.publish(device_notifications.application_new(master, slave, self.cfg.node.qkdn_id, asked))
 
     def _on_event(self, event: Event) -> None:
         try:

@@ -114,7 +114,17 @@ def application_changes(changes: list[Any]) -> list[etree._Element]:
     return out
 
 
-def application_new(master: str, slave: str, local_qkdn_id: str) -> etree._Element:
-    """sdqkdn_application_new: an SAE asked for keys with a peer no application covers."""
-    return _etsi("sdqkdn_application_new", {"qkd_application": {
-        "app_type": identity("CLIENT"), "server_app_id": master, "client_app_id": [slave], "local_qkdn_id": local_qkdn_id}})
+def application_new(master: str, slave: str, local_qkdn_id: str,
+                    qos: dict[str, int] | None = None) -> etree._Element:
+    """sdqkdn_application_new: an SAE asked for keys with a peer no application covers.
+    qos: what it asked for, by ETSI 015 name (min_bandwidth, max_bandwidth, jitter, ttl in
+    app_qos; priority as app_priority); zero means not asked and is left out."""
+    app: dict[str, Any] = {"app_type": identity("CLIENT"), "server_app_id": master, "client_app_id": [slave]}
+    qos = qos or {}
+    if qos.get("priority"):
+        app["app_priority"] = int(qos["priority"])
+    app["local_qkdn_id"] = local_qkdn_id
+    asked = {k: int(qos[k]) for k in ("max_bandwidth", "min_bandwidth", "jitter", "ttl") if qos.get(k)}
+    if asked:
+        app["app_qos"] = asked
+    return _etsi("sdqkdn_application_new", {"qkd_application": app})

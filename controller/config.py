@@ -23,8 +23,17 @@ class AgentEntry:
 
 @dataclass
 class GrpcConf:
+    """The northbound. It serves mutual TLS: `cert`/`key` are the controller's, and only
+    clients with a certificate signed by `ca` (the lab CA, which issues the orchestrator's)
+    get in. Anyone on the host could otherwise delete applications and channels, so
+    plaintext needs the explicit `insecure: true`."""
+
     address: str = "127.0.0.1"
     port: int = 50051
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None  # client certificates must be signed by it
+    insecure: bool = False
 
 
 @dataclass
@@ -46,6 +55,10 @@ def parse(data: dict[str, Any]) -> ControllerConfig:
     cfg = parse_into(ControllerConfig, data, "config", problems)
     if cfg is not None and not cfg.agents:
         problems.append("config.agents: at least one agent")
+    if cfg is not None and not cfg.grpc.insecure:
+        missing = [f"config.grpc.{k}" for k in ("cert", "key", "ca") if not getattr(cfg.grpc, k)]
+        if missing:
+            problems.append(f"{', '.join(missing)}: required for mutual TLS (or set config.grpc.insecure: true for plaintext)")
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -17,11 +17,12 @@ def serve(cfg: ControllerConfig, stop: threading.Event) -> None:
     ctl = Controller(cfg)
     ctl.start()
     try:
-        grpc_server = northbound.start(ctl, cfg.grpc.address, cfg.grpc.port)
+        grpc_server = northbound.start(ctl, cfg.grpc.address, cfg.grpc.port, cfg.grpc)
     except BaseException:
         ctl.stop()
         raise
-    log.info("controller serving gRPC on %s:%s for %d agents", cfg.grpc.address, cfg.grpc.port, len(cfg.agents))
+    log.info("controller serving gRPC on %s:%s (%s) for %d agents", cfg.grpc.address, cfg.grpc.port,
+             "PLAINTEXT: insecure" if cfg.grpc.insecure else "mutual TLS", len(cfg.agents))
     try:
         stop.wait()
     finally:

@@ -73,11 +73,19 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
         "dir": str(plan.dir),
         "topology": str(plan.topology_path),
         "ca": {"cert": str(plan.ca[0]), "key": str(plan.ca[1])},
-        "controller": {"grpc": f"{plan.address}:{plan.controller_port}", "pid": controller_pid,
-                       "log": str(plan.dir / "controller.log"), "config": str(plan.controller_config_path)},
+        "controller": {**controller_access(plan), "pid": controller_pid, "log": str(plan.dir / "controller.log"),
+                       "config": str(plan.controller_config_path)},
         "plant": str(plan.plant_path),
         "nodes": nodes,
     }
+
+
+def controller_access(plan: LabPlan) -> dict[str, Any]:
+    """How a client reaches the controller's northbound: its address and the mutual TLS
+    material (the lab CA, the orchestrator's client certificate and key)."""
+    assert plan.orchestrator_cert is not None
+    return {"grpc": f"{plan.address}:{plan.controller_port}",
+            "tls": {"ca": str(plan.ca[0]), "cert": str(plan.orchestrator_cert[0]), "key": str(plan.orchestrator_cert[1])}}
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
@@ -133,10 +141,14 @@ def shell_env(data: dict[str, Any]) -> dict[str, str]:
     """lab.json as shell variables (`eval "$(sdqkd lab env)"`), so that commands written
     once work whatever ports (--free-ports) and folder the lab has: LAB_CA, LAB_GRPC,
     LAB_NETCONF_USER/PASSWORD, and per node <NODE>_KME (HTTPS base URL), _NETCONF_PORT,
-    _SAE, _CERT, _KEY (its first SAE's credentials) and, with a lab host, _NETNS, _ADDRESS, _INNER."""
+    _SAE, _CERT, _KEY (its first SAE's credentials) and, with a lab host, _NETNS, _ADDRESS, _INNER;
+    LAB_GRPC_CERT and LAB_GRPC_KEY: the orchestrator's client certificate for the gRPC northbound."""
     labs = Path(data["dir"]).parent  # <lab dir>/lab/<name>
     env = {"SDQKD_LAB_DIR": str(labs.parent), "SDQKD_LAB": data["name"], "LAB_CA": data["ca"]["cert"],
            "LAB_GRPC": data["controller"]["grpc"]}
+    tls = data["controller"].get("tls")
+    if tls:
+        env.update({"LAB_GRPC_CERT": tls["cert"], "LAB_GRPC_KEY": tls["key"]})
     for n in data["nodes"]:
         nc, v = n["netconf"], _var(n["name"])
         env.update({"LAB_NETCONF_HOST": nc["host"], "LAB_NETCONF_USER": nc["username"], "LAB_NETCONF_PASSWORD": nc["password"]})

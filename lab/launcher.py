@@ -24,6 +24,7 @@ from rich.table import Table
 
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
+from sdqkd.controller.northbound import client as nb_client
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
@@ -144,8 +145,13 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, procs: list[LabPr
     raise LabError(f"{what}: not reached within {timeout:.0f} s")
 
 
-def controller_stub(grpc_addr: str) -> pb_grpc.ControllerStub:
-    return pb_grpc.ControllerStub(grpc.insecure_channel(grpc_addr))
+def controller_stub(access: dict[str, Any]) -> pb_grpc.ControllerStub:
+    """A stub for the controller of a lab: `access` is lab.json's "controller" (its gRPC
+    address and the orchestrator's mutual TLS certificate)."""
+    tls = access.get("tls")
+    if not tls:
+        raise LabError("lab.json has no controller.tls (a lab from before mutual TLS): bring the lab up again")
+    return nb_client.stub(access["grpc"], ca=tls["ca"], cert=tls["cert"], key=tls["key"])
 
 
 def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = False, console: Console | None = None,
@@ -192,7 +198,7 @@ def up(topology_path: Path, root: Path | None = None, *, free_ports: bool = Fals
             ctl = spawn_controller(ctl_cfg, plan.dir / "controller.log")
             procs.append(ctl)
             t = progress.add_task("controller connected", total=len(plan.nodes))
-            stub = controller_stub(f"{plan.address}:{plan.controller_port}")
+            stub = controller_stub(labjson.controller_access(plan))
             wait_controller(ctl, plan.controller_port, timeout, plan.address, procs)
 
             def discovered() -> bool:
@@ -373,9 +379,11 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
     data = labjson.read(labjson.find(name, root))
     local = {"lab": data, "processes": processes(data), "fibres": fibres(data)}
     try:
-        topo = controller_stub(data["controller"]["grpc"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+        topo = controller_stub(data["controller"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
     except grpc.RpcError as exc:
         return {**local, "error": f"controller unreachable: {exc.code().name}"}
+    except LabError as exc:
+        return {**local, "error": str(exc)}
     names = {x.qkdn_id: x.name for x in topo.nodes}
     return {
         **local,

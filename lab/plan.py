@@ -49,6 +49,10 @@ class LabPlan:
     controller_port: int = 50051
     username: str = "admin"  # every agent's NETCONF user (defaults/netconf-username)
     hosts: dict[str, lab_hosts.Host] = field(default_factory=dict)  # node name -> its lab host
+    # the northbound's mutual TLS: the controller's server certificate and the orchestrator's
+    # client certificate (what `sdqkd` commands, tests and benchmarks present), both from `ca`
+    controller_cert: tuple[Path, Path] | None = None
+    orchestrator_cert: tuple[Path, Path] | None = None
 
     @property
     def plant_path(self) -> Path:
@@ -159,6 +163,9 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
         controller_port=ports.take("kms") if free_ports else int(defaults.get("controller-grpc-port", 50051)),
         username=str(defaults.get("netconf-username", "admin")),
     )
+    plan.controller_cert = pki.issue(ca, "sdqkd-controller", lab_dir / "pki" / "controller",
+                                     server_names=[plan.address], client=False)
+    plan.orchestrator_cert = pki.issue(ca, "sdqkd-orchestrator", lab_dir / "pki" / "orchestrator", client=True)
     for node in lab.get("node", []):
         nd = lab_dir / "nodes" / node["name"]
         nd.mkdir(parents=True, exist_ok=True)
@@ -300,7 +307,8 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
         "state_dir": str(plan.dir / "controller"),
         "inventory": lab_object(json.loads(plan.topology_path.read_text())),
         "saes": plan.sae_directory(),
-        "grpc": {"address": plan.address, "port": plan.controller_port},
+        "grpc": {"address": plan.address, "port": plan.controller_port, "ca": str(plan.ca[0]),
+                 **({"cert": str(plan.controller_cert[0]), "key": str(plan.controller_cert[1])} if plan.controller_cert else {})},
     }
 
 

@@ -23,7 +23,7 @@ def _rate(bps: float) -> str:
 
 
 def plot(lab: dict[str, Any], out: Path) -> Path:
-    topo = launcher.controller_stub(lab["controller"]["grpc"]).GetTopology(pb.GetTopologyRequest(), timeout=10).topology
+    topo = launcher.controller_stub(lab["controller"]).GetTopology(pb.GetTopologyRequest(), timeout=10).topology
     g = nx.Graph()
     names = {n.qkdn_id: n.name for n in topo.nodes}
     domains = sorted({n.domain or "" for n in topo.nodes})

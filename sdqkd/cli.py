@@ -329,6 +329,70 @@ def topo_plot(lab_name: str | None, output: str | None, lab_dir: str | None) -> 
     click.echo(f"wrote {plot.plot(lab, out)}")
 
 
+def _controller_call(lab: dict, rpc: str, request):  # type: ignore[no-untyped-def, type-arg]
+    """One call to the lab's controller with the orchestrator certificate from lab.json."""
+    import grpc
+
+    from sdqkd.lab import launcher
+
+    try:
+        return getattr(launcher.controller_stub(lab["controller"]), rpc)(request, timeout=10)
+    except launcher.LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    except grpc.RpcError as exc:
+        raise click.ClickException(f"controller: {exc.code().name}: {exc.details()}") from None
+
+
+@topo.command("reservations")
+@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@lab_dir_option
+def topo_reservations(lab_name: str | None, as_json: bool, lab_dir: str | None) -> None:
+    """Per QKD link: its key rate, what applications hold on it (their min_bps) and what is left."""
+    import json
+
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
+
+    lab = _find_lab(lab_name, lab_dir)
+    links = _controller_call(lab, "ListReservations", pb.ListReservationsRequest()).links
+    rows = [{"qkdl_id": r.qkdl_id, "a": r.a.name or r.a.qkdn_id, "b": r.b.name or r.b.qkdn_id, "status": r.status,
+             "capacity_bps": r.capacity_bps, "reserved_bps": r.reserved_bps, "available_bps": r.available_bps,
+             "reservations": [{"app_id": x.app_id, "bps": x.bps} for x in r.reservations]} for r in links]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'link':<24} {'status':<8} {'rate b/s':>10} {'held b/s':>10} {'free b/s':>10}  applications")
+    for r in rows:
+        apps = ", ".join(f"{x['app_id'][:8]}:{x['bps']:.0f}" for x in r["reservations"])
+        click.echo(f"{r['a'] + ' - ' + r['b']:<24} {r['status']:<8} {r['capacity_bps']:>10.0f} {r['reserved_bps']:>10.0f} "
+                   f"{r['available_bps']:>10.0f}  {apps}")
+
+
+@topo.command("alarms")
+@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@lab_dir_option
+def topo_alarms(lab_name: str | None, as_json: bool, lab_dir: str | None) -> None:
+    """What is wrong in the network now (nodes disconnected, links down, applications degraded), most severe first."""
+    import datetime as dt
+    import json
+
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
+
+    lab = _find_lab(lab_name, lab_dir)
+    alarms = _controller_call(lab, "ListAlarms", pb.ListAlarmsRequest()).alarms
+    rows = [{"severity": pb.Alarm.Severity.Name(a.severity), "kind": a.kind, "resource": a.resource,
+             "since": dt.datetime.fromtimestamp(a.since.ToNanoseconds() / 1e9, dt.timezone.utc).isoformat(timespec="seconds"),
+             "text": a.text} for a in alarms]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no alarms")
+    for r in rows:
+        click.echo(f"{r['severity']:<8} {r['since']}  {r['kind']:<22} {r['text']}")
+
+
 @main.group()
 def key() -> None:
     """Keys from a running lab, as an application gets them (ETSI 014)."""

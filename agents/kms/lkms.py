@@ -75,7 +75,7 @@ class Lkms:
     """Implements sdqkd.agents.kms.interface.KeyService."""
 
     def __init__(self, cfg: LkmsConfig, store: KeyStore, entropy: Callable[[int], bytes] = os.urandom,
-                 forwarder: fm.Forwarder | None = None, on_missing_path: Callable[[str, str], None] | None = None) -> None:
+                 forwarder: fm.Forwarder | None = None, on_missing_path: Callable[..., None] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.entropy = entropy
@@ -224,12 +224,17 @@ class Lkms:
 
     # --- how keys move ------------------------------------------------------------------------
 
-    def _app(self, a: str, b: str) -> AppRoute:
+    def _app(self, a: str, b: str, qos: Qos | None = None) -> AppRoute:
+        """The application serving (a, b); if none, ask the controller for one (with the
+        QoS an ETSI 004 stream asked for, so the path is admitted with its min_bps)."""
         app = self.routes.app_for(a, b)
         if app is None:
             if self.on_missing_path is not None:
                 try:
-                    self.on_missing_path(a, b)
+                    if qos is None:
+                        self.on_missing_path(a, b)
+                    else:
+                        self.on_missing_path(a, b, qos)
                 except Exception:  # noqa: BLE001 - asking the controller is best effort
                     log.exception("cannot ask the controller for a path")
             raise KmsError(503, f"no key path between '{a}' and '{b}' yet; the controller has been asked, retry later")
@@ -619,7 +624,7 @@ class Lkms:
             self.store.put_deliverable([Deliverable(key_id, dst, src, key, expires, ksid, idx)])
         else:
             try:
-                app = self._app(src, dst)
+                app = self._app(src, dst, Qos(**data["qos"]))
             except KmsError as exc:
                 raise KmsError(exc.http_status, exc.message, status004=4) from None
             paths = self._paths(app)

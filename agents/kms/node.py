@@ -33,7 +33,7 @@ class KmsNode:
 
 
 def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
-          on_missing_path: Callable[[str, str], None] | None = None,
+          on_missing_path: Callable[..., None] | None = None,
           more_routes: Callable[[web.Application, Lkms], None] | None = None) -> KmsNode:
     """The LKMS of this node; without a `kms` section, a key store only (a relay-less
     node still keeps its link keys). The HTTPS server carries ETSI 014 and 004, and

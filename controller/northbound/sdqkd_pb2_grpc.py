@@ -81,6 +81,16 @@ class ControllerStub:
                 request_serializer=sdqkd__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=sdqkd__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListReservations = channel.unary_unary(
+                '/sdqkd.v1.Controller/ListReservations',
+                request_serializer=sdqkd__pb2.ListReservationsRequest.SerializeToString,
+                response_deserializer=sdqkd__pb2.ListReservationsResponse.FromString,
+                _registered_method=True)
+        self.ListAlarms = channel.unary_unary(
+                '/sdqkd.v1.Controller/ListAlarms',
+                request_serializer=sdqkd__pb2.ListAlarmsRequest.SerializeToString,
+                response_deserializer=sdqkd__pb2.ListAlarmsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -147,7 +157,22 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamEvents(self, request, context):
-        """Controller events from the moment of the call until the client cancels.
+        """Controller events from the moment of the call until the client cancels:
+        changes only (a node re-read that changed nothing is not sent again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReservations(self, request, context):
+        """The key rate applications hold on each QKD link (their min_bps), and what is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlarms(self, request, context):
+        """What is wrong now: nodes disconnected, links down, applications degraded, ...
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +225,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=sdqkd__pb2.StreamEventsRequest.FromString,
                     response_serializer=sdqkd__pb2.Event.SerializeToString,
+            ),
+            'ListReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservations,
+                    request_deserializer=sdqkd__pb2.ListReservationsRequest.FromString,
+                    response_serializer=sdqkd__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'ListAlarms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlarms,
+                    request_deserializer=sdqkd__pb2.ListAlarmsRequest.FromString,
+                    response_serializer=sdqkd__pb2.ListAlarmsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +482,60 @@ class Controller:
             '/sdqkd.v1.Controller/StreamEvents',
             sdqkd__pb2.StreamEventsRequest.SerializeToString,
             sdqkd__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdqkd.v1.Controller/ListReservations',
+            sdqkd__pb2.ListReservationsRequest.SerializeToString,
+            sdqkd__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlarms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdqkd.v1.Controller/ListAlarms',
+            sdqkd__pb2.ListAlarmsRequest.SerializeToString,
+            sdqkd__pb2.ListAlarmsResponse.FromString,
             options,
             channel_credentials,
             insecure,

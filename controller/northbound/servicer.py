@@ -9,6 +9,9 @@ Error mapping (ControllerError kind -> status code):
   no-path -> FAILED_PRECONDITION: the request is well formed and names known things, but
   the network as it is now cannot carry it (a retry may succeed once links come up);
   NOT_FOUND is kept for names that do not exist;
+  exhausted -> RESOURCE_EXHAUSTED: a path exists but not the rate asked, with what other
+  applications hold; the best offer goes with it, an AdmissionRefusal in the trailing
+  metadata key REFUSAL_KEY (a client renegotiates from it, no parsing of the message);
   failed (provisioning) -> by the NETCONF error-tag of the hop that refused, as STYLE.md
   says: invalid-value -> INVALID_ARGUMENT, data-missing -> NOT_FOUND, lock-denied and
   in-use -> ABORTED, resource-denied -> RESOURCE_EXHAUSTED (which is also what txn reports
@@ -22,8 +25,10 @@ import functools
 import inspect
 import json
 import logging
+import math
 import threading
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -42,7 +47,10 @@ log = logging.getLogger(__name__)
 
 S = grpc.StatusCode
 KIND_STATUS = {"invalid": S.INVALID_ARGUMENT, "not-found": S.NOT_FOUND, "no-path": S.FAILED_PRECONDITION,
-               "conflict": S.ALREADY_EXISTS}
+               "conflict": S.ALREADY_EXISTS, "exhausted": S.RESOURCE_EXHAUSTED}
+REFUSAL_KEY = "sdqkd-admission-refusal-bin"  # trailing metadata: a serialized pb.AdmissionRefusal
+SEVERITY = {"WARNING": pb.Alarm.WARNING, "MINOR": pb.Alarm.MINOR, "MAJOR": pb.Alarm.MAJOR, "CRITICAL": pb.Alarm.CRITICAL}
+DISJOINT_MODE = {pb.Disjointness.LINK: "link", pb.Disjointness.NODE: "node"}
 TAG_STATUS = {"invalid-value": S.INVALID_ARGUMENT, "data-missing": S.NOT_FOUND, "lock-denied": S.ABORTED,
               "in-use": S.ABORTED, "resource-denied": S.RESOURCE_EXHAUSTED}
 
@@ -66,8 +74,19 @@ def status_for(exc: ControllerError) -> grpc.StatusCode:
     return KIND_STATUS.get(exc.kind, S.INTERNAL)
 
 
+def refusal_message(offer: dict[str, Any]) -> pb.AdmissionRefusal:
+    """The best offer of an `exhausted` refusal as its message (paths without node names)."""
+    return pb.AdmissionRefusal(
+        requested_bps=offer.get("requested_bps", 0.0), best_bps=offer.get("best_bps", 0.0),
+        maxflow_bps=offer.get("maxflow_bps", 0.0), unreserved_maxflow_bps=offer.get("unreserved_maxflow_bps", 0.0),
+        best_paths=[pb.RelayPath(nodes=[pb.NodeRef(qkdn_id=n) for n in p["nodes"]], links=list(p["links"]), bps=p["bps"])
+                    for p in offer.get("best_paths", [])])
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
     if isinstance(exc, ControllerError):
+        if exc.offer is not None:
+            context.set_trailing_metadata(((REFUSAL_KEY, refusal_message(exc.offer).SerializeToString()),))
         context.abort(status_for(exc), exc.message)
     if isinstance(exc, RequestError):
         context.abort(exc.code, exc.message)
@@ -167,15 +186,18 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def _if(self, key: tuple[str, int], topo: Topology) -> pb.InterfaceRef:
         return pb.InterfaceRef(node=key[0], qkdi_id=int(key[1]), node_name=self._ref(key[0], topo).name)
 
-    def _path(self, nodes: list[str], links: list[str], bps: float, vlink: str | None, topo: Topology) -> pb.RelayPath:
-        return pb.RelayPath(nodes=[self._ref(n, topo) for n in nodes], links=links, vlink=vlink or "", bps=bps)
+    def _path(self, nodes: list[str], links: list[str], bps: float, vlink: str | None, topo: Topology,
+              reserved: float = 0.0) -> pb.RelayPath:
+        return pb.RelayPath(nodes=[self._ref(n, topo) for n in nodes], links=links, vlink=vlink or "", bps=bps,
+                            reserved_bps=reserved)
 
     def _app(self, app: svc.Application) -> pb.Application:
         topo = self.ctl.topology()
         return pb.Application(
             app_id=app.app_id, master_sae=app.master_sae, slave_sae=app.slave_sae, state=app.state,
             src=self._ref(app.src, topo), dst=self._ref(app.dst, topo),
-            paths=[self._path(p["nodes"], p["links"], p["bps"], p.get("vlink"), topo) for p in app.paths],
+            paths=[self._path(p["nodes"], p["links"], p["bps"], p.get("vlink"), topo, p.get("reserved") or 0.0)
+                   for p in app.paths],
             qos=pb.Qos(min_bps=app.min_bps, max_bps=app.max_bps, ttl=app.ttl, priority=app.priority),
             created=_ts(app.created))
 
@@ -187,14 +209,40 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     # --- applications -------------------------------------------------------------------------
 
+    def _avoid(self, links: Iterable[str]) -> frozenset[str]:
+        """avoid_links, every one a link the controller knows: a typo would otherwise avoid nothing."""
+        avoid = frozenset(x.lower() for x in links)
+        unknown = sorted(avoid - self.ctl.known_links()) if avoid else []
+        if unknown:
+            raise RequestError(S.INVALID_ARGUMENT, f"avoid_links names unknown links: {', '.join(unknown)}")
+        return avoid
+
+    @staticmethod
+    def _rate(value: float, what: str) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise RequestError(S.INVALID_ARGUMENT, f"{what} must be a finite number >= 0, not {value}")
+        return value
+
     @_rpc
     def CreateApplication(self, request: pb.CreateApplicationRequest, context: grpc.ServicerContext) -> pb.Application:
         q = request.qos
-        if q.min_bps < 0 or q.max_bps < 0:
-            raise RequestError(S.INVALID_ARGUMENT, "qos rates must be >= 0")
+        min_bps, max_bps = self._rate(q.min_bps, "qos.min_bps"), self._rate(q.max_bps, "qos.max_bps")
+        if max_bps and min_bps > max_bps:
+            raise RequestError(S.INVALID_ARGUMENT, f"qos.min_bps ({min_bps:g}) exceeds qos.max_bps ({max_bps:g})")
+        app_id = None
+        if request.HasField("app_id"):
+            try:
+                app_id = str(uuid.UUID(request.app_id))
+            except ValueError:
+                raise RequestError(S.INVALID_ARGUMENT, f"app_id must be a UUID, not {request.app_id!r}") from None
+        disjoint = []
+        for d in request.disjoint_from:
+            if not d.app_id:
+                raise RequestError(S.INVALID_ARGUMENT, "disjoint_from needs an app_id")
+            disjoint.append((d.app_id, DISJOINT_MODE[d.mode]))
         app = self.ctl.create_application(
-            request.master_sae, request.slave_sae, min_bps=q.min_bps, max_bps=q.max_bps, ttl=q.ttl, priority=q.priority,
-            app_id=request.app_id if request.HasField("app_id") else None)
+            request.master_sae, request.slave_sae, min_bps=min_bps, max_bps=max_bps, ttl=q.ttl, priority=q.priority,
+            app_id=app_id, avoid_links=self._avoid(request.avoid_links), disjoint_from=tuple(disjoint))
         return self._app(app)
 
     @_rpc
@@ -210,10 +258,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     @_rpc
     def ComputePath(self, request: pb.ComputePathRequest, context: grpc.ServicerContext) -> pb.PathPlan:
-        if request.min_bps < 0:
-            raise RequestError(S.INVALID_ARGUMENT, "min_bps must be >= 0")
+        min_bps = self._rate(request.min_bps, "min_bps")
         src, dst = self._endpoint(request.src, "source"), self._endpoint(request.dst, "destination")
-        plan: RelayPlan = self.ctl.compute_relay(src, dst, request.min_bps, frozenset(request.avoid_links))
+        plan: RelayPlan = self.ctl.compute_relay(src, dst, min_bps, self._avoid(request.avoid_links))
         topo = self.ctl.topology()
         paths = [self._path(list(p.nodes), list(p.links), p.bps, None, topo) for p in plan.paths]
         return pb.PathPlan(src=self._ref(src, topo), dst=self._ref(dst, topo), paths=paths,
@@ -261,3 +308,20 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         for ev in self.ctl.events(stop):
             if not kinds or ev.kind in kinds:
                 yield pb.Event(kind=ev.kind, data_json=json.dumps(ev.data, sort_keys=True, default=str), time=_ts(ev.at))
+
+    @_rpc
+    def ListReservations(self, request: pb.ListReservationsRequest,
+                         context: grpc.ServicerContext) -> pb.ListReservationsResponse:
+        topo = self.ctl.topology()
+        out = pb.ListReservationsResponse()
+        for r in self.ctl.reservations(frozenset(x.lower() for x in request.links)):
+            out.links.add(qkdl_id=r["qkdl_id"], a=self._ref(r["a"], topo), b=self._ref(r["b"], topo), status=r["status"],
+                          capacity_bps=r["capacity_bps"], reserved_bps=r["reserved_bps"], available_bps=r["available_bps"],
+                          reservations=[pb.LinkReservation(app_id=a, bps=b) for a, b in r["reservations"]])
+        return out
+
+    @_rpc
+    def ListAlarms(self, request: pb.ListAlarmsRequest, context: grpc.ServicerContext) -> pb.ListAlarmsResponse:
+        return pb.ListAlarmsResponse(alarms=[
+            pb.Alarm(kind=a.kind, resource=a.resource, severity=SEVERITY[a.severity], since=_ts(a.since), text=a.text)
+            for a in self.ctl.alarm_list()])

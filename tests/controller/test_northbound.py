@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+import grpctls
 from agentproc import PASSWORD, agent_config, free_port
 from testlib import run
 from sdqkd.controller.config import AgentEntry, ControllerConfig
@@ -30,13 +31,14 @@ from sdqkd.controller.topology.model import Node, QkdLink, Topology
 from topo_samples import A, B, TAPI, small_channel, small_topology
 
 RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
-        "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents"]
+        "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents", "ListReservations", "ListAlarms"]
 
 
-def serve(ctl: Controller) -> tuple[grpc.Server, grpc.Channel]:
+def serve(ctl: Controller, tls: grpctls.Pki) -> tuple[grpc.Server, grpc.Channel]:
+    """The northbound with mutual TLS, and a channel presenting the client certificate."""
     port = free_port()
-    server = northbound.start(ctl, "127.0.0.1", port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = northbound.start(ctl, "127.0.0.1", port, tls.conf(port=port))
+    channel = tls.channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=5)
     return server, channel
 
@@ -56,7 +58,7 @@ def lonely(tmp_path_factory):
         state_dir=str(tmp), saes={"sae-a1": A, "sae-a2": A, "sae-b": B})
     ctl = Controller(cfg)
     ctl.start()
-    server, channel = serve(ctl)
+    server, channel = serve(ctl, grpctls.make(tmp / "pki"))
     yield ctl, pb_grpc.ControllerStub(channel), channel
     channel.close()
     server.stop(grace=1).wait()
@@ -115,6 +117,36 @@ def test_bad_requests(lonely) -> None:
     assert code_of(stub.DeleteChannel, pb.DeleteChannelRequest(chan_id="nope"))[0] == S.NOT_FOUND
 
 
+@pytest.mark.parametrize("fields, what", [
+    ({"app_id": "not-a-uuid"}, "app_id"),
+    ({"qos": pb.Qos(min_bps=10, max_bps=5)}, "exceeds"),
+    ({"qos": pb.Qos(min_bps=float("nan"))}, "finite"),
+    ({"qos": pb.Qos(min_bps=float("inf"))}, "finite"),
+    ({"qos": pb.Qos(max_bps=float("-inf"))}, "finite"),
+    ({"qos": pb.Qos(min_bps=-1)}, ">= 0"),
+    ({"avoid_links": ["no-such-link"]}, "no-such-link"),
+    ({"disjoint_from": [pb.Disjointness()]}, "app_id"),
+])
+def test_create_application_validates_its_input(lonely, fields, what) -> None:
+    _, stub, _ = lonely
+    code, msg = code_of(stub.CreateApplication, pb.CreateApplicationRequest(master_sae="sae-a1", slave_sae="sae-b", **fields))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and what in msg, msg
+
+
+def test_valid_input_goes_on_to_path_computation(lonely) -> None:
+    """The same request with valid values passes validation (and fails later: no path)."""
+    _, stub, _ = lonely
+    code, _ = code_of(stub.CreateApplication, pb.CreateApplicationRequest(
+        master_sae="sae-a1", slave_sae="sae-b", app_id=str(uuid.uuid4()).upper(), qos=pb.Qos(min_bps=5, max_bps=10)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code, msg = code_of(stub.CreateApplication, pb.CreateApplicationRequest(
+        master_sae="sae-a1", slave_sae="sae-b", disjoint_from=[pb.Disjointness(app_id=str(uuid.uuid4()))]))
+    assert code == grpc.StatusCode.NOT_FOUND and "disjoint_from" in msg
+    S = grpc.StatusCode
+    assert code_of(stub.ComputePath, pb.ComputePathRequest(src="alice", dst="bob", avoid_links=["nope"]))[0] == S.INVALID_ARGUMENT
+    assert code_of(stub.ComputePath, pb.ComputePathRequest(src="alice", dst="bob", min_bps=float("nan")))[0] == S.INVALID_ARGUMENT
+
+
 def test_provisioning_failure_follows_the_tag(lonely) -> None:
     """A path exists in the view, but the agents cannot be reached: txn says resource-denied."""
     ctl, stub, _ = lonely
@@ -131,6 +163,7 @@ def test_provisioning_failure_follows_the_tag(lonely) -> None:
     ("not-found", "x", grpc.StatusCode.NOT_FOUND),
     ("no-path", "x", grpc.StatusCode.FAILED_PRECONDITION),
     ("conflict", "x", grpc.StatusCode.ALREADY_EXISTS),
+    ("exhausted", "x", grpc.StatusCode.RESOURCE_EXHAUSTED),
     ("failed", "provisioning failed at a: bad (invalid-value)", grpc.StatusCode.INVALID_ARGUMENT),
     ("failed", "provisioning failed at a: gone (data-missing)", grpc.StatusCode.NOT_FOUND),
     ("failed", "provisioning failed at a: locked (lock-denied)", grpc.StatusCode.ABORTED),
@@ -204,7 +237,7 @@ def trio(tmp_path_factory):
     ctl.start()
     try:
         assert ctl.wait_discovered(20)
-        server, channel = serve(ctl)
+        server, channel = serve(ctl, grpctls.make(tmp / "pki"))
         yield ctl, pb_grpc.ControllerStub(channel), procs
         channel.close()
         server.stop(grace=1).wait()

@@ -8,7 +8,7 @@ from google.protobuf import descriptor_pb2
 from sdqkd.controller.northbound import codegen, sdqkd_pb2, sdqkd_pb2_grpc
 
 RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
-        "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents"]
+        "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents", "ListReservations", "ListAlarms"]
 
 
 def test_generated_modules_match_the_proto() -> None:

@@ -240,3 +240,37 @@ def test_an_agent_killed_during_up_fails_it_cleanly(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert not subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not list(tmp_path.glob(".sdqkd/lab/*/lab.json"))
+
+
+def test_the_controller_takes_the_labs_orchestrator_certificate_only(two_labs: dict[str, Any], tmp_path: Path) -> None:
+    """lab.json names the orchestrator's certificate; the README's reflection example and the
+    `topo` commands use it; plaintext to the same address is refused."""
+    import grpc
+
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
+    from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
+
+    top = two_labs["top"]
+    lab = json.loads((top / ".sdqkd" / "lab" / "alpha" / "lab.json").read_text())
+    tls = lab["controller"]["tls"]
+    assert tls["ca"] == lab["ca"]["cert"] and Path(tls["cert"]).is_file() and Path(tls["key"]).is_file()
+    with grpc.insecure_channel(lab["controller"]["grpc"]) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.ControllerStub(ch).ListAlarms(pb.ListAlarmsRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    text = (REPO / "README.md").read_text()
+    start = text.index(".venv/bin/python - <<'PY'")
+    snippet = text[start:text.index("\nPY\n", start) + 4].replace(".venv/bin/python", sys.executable)
+    script = f"""set -eu
+eval "$({sys.executable} -m sdqkd lab env --lab-dir {top / '.sdqkd'} alpha)"
+{snippet}"""
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "sdqkd.v1.Controller" in res.stdout and "CAIT" in res.stdout
+    env = {"SDQKD_LAB_DIR": str(top / ".sdqkd")}
+    res = sdqkd("topo", "reservations", "--lab", "alpha", "--json", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert rows and all(r["reserved_bps"] == 0 and r["available_bps"] == r["capacity_bps"] for r in rows)
+    res = sdqkd("topo", "alarms", "--lab", "alpha", "--json", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert not [a for a in json.loads(res.stdout) if a["kind"] == "node-disconnected"]
