@@ -11,8 +11,9 @@ Error mapping (ControllerError kind -> status code):
   NOT_FOUND is kept for names that do not exist;
   failed (provisioning) -> by the NETCONF error-tag of the hop that refused, as STYLE.md
   says: invalid-value -> INVALID_ARGUMENT, data-missing -> NOT_FOUND, lock-denied and
-  in-use -> ABORTED, resource-denied -> RESOURCE_EXHAUSTED (which is also what txn reports
-  for an unreachable agent), anything else -> INTERNAL.
+  in-use -> ABORTED, resource-denied -> RESOURCE_EXHAUSTED, anything else -> INTERNAL;
+  unavailable (an agent unreachable or dead mid-transaction, named in the message; nothing
+  left half-configured) -> UNAVAILABLE, which clients retry.
 An unexpected exception is logged with its traceback and answered INTERNAL with a fixed
 message, never str(exc).
 """
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 S = grpc.StatusCode
 KIND_STATUS = {"invalid": S.INVALID_ARGUMENT, "not-found": S.NOT_FOUND, "no-path": S.FAILED_PRECONDITION,
-               "conflict": S.ALREADY_EXISTS}
+               "conflict": S.ALREADY_EXISTS, "unavailable": S.UNAVAILABLE}
 TAG_STATUS = {"invalid-value": S.INVALID_ARGUMENT, "data-missing": S.NOT_FOUND, "lock-denied": S.ABORTED,
               "in-use": S.ABORTED, "resource-denied": S.RESOURCE_EXHAUSTED}
 
