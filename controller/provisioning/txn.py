@@ -91,10 +91,8 @@ def _txn_error(c: AgentConnection, exc: Exception) -> TxnError:
         return exc
     if isinstance(exc, RPCError):
         return TxnError(c.addr.name, exc.message or str(exc), exc.tag or "operation-failed", exc.path)
-    why = str(exc) or type(exc).__name__
-    if not isinstance(exc, AgentUnavailable):
-        why = f"agent {c.addr.name} is unreachable ({type(exc).__name__}: {why})"
-    return TxnError(c.addr.name, why, "resource-denied", unavailable=True)
+    why = str(exc) if isinstance(exc, AgentUnavailable) else f"{type(exc).__name__}: {exc}"
+    return TxnError(c.addr.name, f"agent {c.addr.name} is unreachable ({why})", "resource-denied", unavailable=True)
 
 
 def _on(c: AgentConnection, fn: Any) -> Any:

@@ -44,6 +44,12 @@ class AgentAddress:
     domain: str | None = None
 
 
+# Reconnect delays, doubling from the first to the cap. The cap bounds how long a restarted
+# agent waits to be reconnected, and so reconciled and used again (with 10 s, a restart after
+# ~10 s down waited up to 6.4 s more); a refused connect every 2 s per dead agent costs nothing.
+BACKOFF = (0.2, 2.0)
+
+
 class AgentUnavailable(Exception):
     """The agent is not connected right now."""
 
@@ -55,7 +61,7 @@ class AgentConnection:
 
     def __init__(self, addr: AgentAddress, on_state: Callable[["AgentConnection"], None],
                  on_notification: Callable[["AgentConnection", etree._Element], None],
-                 backoff: tuple[float, float] = (0.2, 10.0),
+                 backoff: tuple[float, float] = BACKOFF,
                  on_lost: Callable[["AgentConnection"], None] | None = None,
                  on_up: Callable[["AgentConnection"], None] | None = None) -> None:
         self.addr = addr
