@@ -471,7 +471,14 @@ class Controller:
                         log.warning("application %s DEGRADED: %s", app_id, why)
                         self._emit("application-degraded", {"app_id": app_id, "reason": why})
                     return False
-                self._move(app, best, "path broken")
+                try:
+                    self._move(app, best, "path broken")
+                except ControllerError as exc:  # keys fail meanwhile: say so; the next pass tries again
+                    if app.state != "DEGRADED":
+                        app.state = "DEGRADED"
+                        self.store.put_app(app)
+                        self._emit("application-degraded", {"app_id": app_id, "reason": exc.message})
+                    raise
                 return True
             if app.state == "DEGRADED":
                 app.state = "ACTIVE"

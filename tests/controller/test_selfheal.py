@@ -214,15 +214,18 @@ def test_reconciliation_removes_owned_orphans_and_leaves_other_managers_entries(
     n = net
     a, c, b = n.ids["A"], n.ids["C"], n.ids["B"]
     orphan, foreign = "0bad0000-0000-4000-8000-00000000000a", "f0e19e00-0000-4000-8000-00000000000b"
-    n.ctl.store.own([(a, "link", orphan)])
-    m = n.connect("A")
-    try:
-        for lid in (orphan, foreign):
-            m.edit_config(target="candidate", config=config_element([LinkEdit(lid, "VIRT", a, c, next_hops=(b,))]))
-        m.commit()
-    finally:
-        m.close_session()
-    assert {("link", orphan), ("link", foreign)} <= set(n.running("A"))
+    # As the controller pushes: under its provisioning lock, ownership recorded first (else a
+    # periodic pass in between would find the entry owned, absent and unwanted, and forget it)
+    with n.ctl._intent:
+        n.ctl.store.own([(a, "link", orphan)])
+        m = n.connect("A")
+        try:
+            for lid in (orphan, foreign):
+                m.edit_config(target="candidate", config=config_element([LinkEdit(lid, "VIRT", a, c, next_hops=(b,))]))
+            m.commit()
+        finally:
+            m.close_session()
+        assert {("link", orphan), ("link", foreign)} <= set(n.running("A"))
     wait(lambda: ("link", orphan) not in n.running("A"), 15, "the orphan removed by the periodic reconciliation")
     assert ("link", foreign) in n.running("A")
     assert n.ctl.reconcile(a) == 0  # nothing more to do: the foreign entry is not the controller's
