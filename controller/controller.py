@@ -105,6 +105,7 @@ class Controller:
         self._intent = threading.RLock()  # see the module docstring
         self._heal_queued = threading.Event()
         self._better_since: dict[str, float] = {}  # app_id -> when a better path was first seen
+        self._healed_shape: Any = None  # the relay graph's nodes and hops at the last heal pass
         # Runs before each transaction phase (txn.apply before_phase): tests kill hops there.
         self.txn_hook: Any = None
         # A store from before ownership was recorded: what it desires is the controller's.
@@ -438,8 +439,18 @@ class Controller:
     def heal(self, avoid_links: frozenset[str] = frozenset()) -> list[str]:
         """One pass over every application (see the module docstring); one application's
         failure is logged and the pass goes on with the next. Returns the moved app_ids."""
+        g = self.topology().relay_graph()
+        shape = (frozenset(g.nodes), frozenset(frozenset(e) for e in g.edges))
+        apps = self.store.apps()
+        # Nothing to do while the graph keeps its shape (rates alone move nobody: a better path
+        # comes with a hop or node that returns), no move back is pending and none is DEGRADED:
+        # the pass then costs one look at the graph, not a path computation per application.
+        if (not avoid_links and shape == self._healed_shape and not self._better_since
+                and all(a.state != "DEGRADED" for a in apps)):
+            return []
+        self._healed_shape = shape
         moved = []
-        for app in self.store.apps():
+        for app in apps:
             try:
                 if self._heal_app(app.app_id, avoid_links):
                     moved.append(app.app_id)
@@ -491,8 +502,8 @@ class Controller:
             since = self._better_since.setdefault(app_id, time.monotonic())
             if time.monotonic() - since < self.cfg.hold_down:
                 return False
-            self._better_since.pop(app_id, None)
             self._move(app, best, "better path")
+            self._better_since.pop(app_id, None)  # after the move: a failed one is tried again next pass
             return True
 
     def _better(self, app: svc.Application, g: Any, best: RelayPlan) -> bool:
