@@ -157,6 +157,7 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
         staged: list[AgentConnection] = []
         confirmed: list[AgentConnection] = []
         done: list[AgentConnection] = []  # confirm went through: committed for good
+        committing: list[AgentConnection] = []  # the confirmed commit was sent (answered or not)
 
         def lock(c: AgentConnection) -> None:
             _check_caps(c, edits[id(c)])
@@ -177,6 +178,8 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
             ]))
 
         def commit(c: AgentConnection) -> None:
+            with record:
+                committing.append(c)
             _on(c, lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=txn))
             with record:
                 confirmed.append(c)
@@ -216,7 +219,10 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
                 report.phases[phase] = time.perf_counter() - t0
             return report
         except Exception as exc:
-            _rollback(txn, [c for c in confirmed if c not in done], [c for c in staged if c not in done])
+            # a hop whose commit got no answer (timed out, session dropped) may have committed:
+            # it is cancelled too (an agent that answers "no commit pending" harms nothing)
+            _rollback(txn, [c for c in committing if c not in done], [c for c in staged if c not in done],
+                      quiet=[c for c in committing if c not in confirmed])
             if isinstance(exc, TxnError):
                 exc.committed = [c.qkdn_id for c in done]
             raise
@@ -232,12 +238,14 @@ def _unlock(c: AgentConnection, targets: list[str]) -> None:
         pass
 
 
-def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection]) -> None:
+def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection],
+              quiet: list[AgentConnection] | None = None) -> None:
     def cancel(c: AgentConnection) -> None:
         try:
             c.call(lambda m: m.cancel_commit(persist_id=txn))
         except Exception:  # noqa: BLE001 - the confirm timeout rolls it back anyway
-            log.warning("cancel-commit on %s failed; its confirm timeout will roll back", c.addr.name)
+            if c not in (quiet or []):
+                log.warning("cancel-commit on %s failed; its confirm timeout will roll back", c.addr.name)
 
     def discard(c: AgentConnection) -> None:
         try:
