@@ -47,6 +47,14 @@ class ControllerConfig:
     grpc: GrpcConf = field(default_factory=GrpcConf)
     confirm_timeout: int = 60
     auto_applications: bool = True  # provision a path when an agent reports sdqkdn_application_new
+    # Reconciliation and self-healing (controller.py): every agent is reconciled against the
+    # store on each (re)connect and every reconcile_interval s; applications are checked every
+    # heal_interval s and moved back to a path at least better_margin cheaper once it has
+    # stayed so for hold_down s (a link or node that flaps does not drag them to and fro).
+    reconcile_interval: float = 30.0
+    heal_interval: float = 1.0
+    hold_down: float = 5.0
+    better_margin: float = 0.2
     log_level: str = "INFO"
 
 

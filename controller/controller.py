@@ -2,8 +2,25 @@
 
 Path computation is pure (pathcomp); this module turns its results into Plans of
 per-agent edits and hands them to provisioning as one transaction. Notifications
-update the view; a link going down reroutes the applications that used it. The
-controller never sees key material: it configures links and applications only.
+update the view. The controller never sees key material: it configures links and
+applications only.
+
+The store holds the desired state (applications, channels) and what the controller owns
+on each agent. Two loops keep the network in that state, both on the work thread:
+- reconcile: on each (re)connect of an agent and every reconcile_interval, the agent's
+  running configuration is compared with the store (provisioning/reconcile.py): missing
+  entries are pushed (an agent restarted empty gets its links, cross-connects, VIRT links
+  and applications back), owned orphans removed, other managers' entries left alone. A
+  transaction that failed after some hops confirmed is reconciled on those hops at once.
+- heal: when an agent is lost, a link goes down, and every heal_interval, each
+  application's paths are checked against the view; a broken one is moved at once to the
+  best path there is, or marked DEGRADED (its entries stay, so keys flow again when the
+  path returns, and DEGRADED is then cleared); a working one is moved to a path better by
+  better_margin once that path has stayed better for hold_down seconds. Moves are make
+  before break: the new path's VIRT links, then the ends' applications, then removal of the
+  old VIRT links, three transactions, so no hop drops a link a relay may still be using.
+All provisioning (orchestrator calls, reconcile, heal) holds one lock from reading the store
+to recording the result: a reconcile never sees a half-made service's entries as orphans.
 """
 from __future__ import annotations
 
@@ -30,9 +47,10 @@ from sdqkd.controller.config import ControllerConfig
 from sdqkd.controller.pathcomp import NoPath
 from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path
 from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
+from sdqkd.controller.provisioning import reconcile as recon
 from sdqkd.controller.provisioning import txn
 from sdqkd.controller.southbound.agent import ETSI_NS, NSMAP, AgentAddress, AgentConnection, ident, qkd_node, text
-from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, LinkEdit, Plan
+from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, Edit, LinkEdit, Plan, present
 from sdqkd.controller.topology import builder
 from sdqkd.controller.topology.model import Topology
 
@@ -53,7 +71,10 @@ _STATE_SUBJECT = {"node-synced": ("node", "qkdn_id"), "node-lost": ("node", "qkd
 
 class ControllerError(Exception):
     """An orchestrator request refused. kind: invalid | not-found | no-path | exhausted |
-    conflict | failed; tag: the NETCONF error-tag when an agent refused (failed). exhausted:
+    conflict | failed | unavailable; tag: the NETCONF error-tag when an agent refused
+    (failed). unavailable: an agent the request needs could not be reached or died mid-way;
+    the message names it, nothing was left half-configured, a retry may take another path.
+    exhausted:
     the network cannot carry the rate asked now; `offer` says what it can (requested_bps,
     best_bps, maxflow_bps, unreserved_maxflow_bps, best_paths) so the caller can renegotiate."""
 
@@ -82,7 +103,8 @@ class Controller:
         self.conns: dict[str, AgentConnection] = {}
         for a in cfg.agents:
             addr = AgentAddress(a.name, a.qkdn_id.lower(), a.host, a.port, a.username, a.password, a.key_filename, a.hostkey_b64, a.domain)
-            self.conns[addr.qkdn_id] = AgentConnection(addr, self._on_state, self._on_notification, on_lost=self._on_lost)
+            self.conns[addr.qkdn_id] = AgentConnection(addr, self._on_state, self._on_notification, on_lost=self._on_lost,
+                                                       on_up=self._on_up)
         self._topo: Topology | None = None
         self._topo_lock = threading.Lock()
         self._subscribers: list[queue.Queue[Event]] = []
@@ -106,6 +128,14 @@ class Controller:
         self.alarms = AlarmClock()
         self._link_views: dict[str, dict[str, str]] = {}  # qkdl_id -> qkdn_id -> status that node reports
         self._started = time.time()
+        self._intent = threading.RLock()  # see the module docstring
+        self._heal_queued = threading.Event()
+        self._better_since: dict[str, float] = {}  # app_id -> when a better path was first seen
+        self._healed_shape: Any = None  # the relay graph's nodes and hops at the last heal pass
+        # Runs before each transaction phase (txn.apply before_phase): tests kill hops there.
+        self.txn_hook: Any = None
+        # A store from before ownership was recorded: what it desires is the controller's.
+        self.store.own([(n, *e.key) for n, edits in self._desired().items() for e in edits])
 
     # --- life ----------------------------------------------------------------------------
 
@@ -142,7 +172,7 @@ class Controller:
             if ch.channel is not None:
                 for f in ch.fibres:
                     in_use.setdefault(f, set()).add(ch.channel)
-        agents = [(c.addr.name, c.qkdn_id, c.addr.domain, c.connected.is_set(), c.data) for c in self.conns.values()]
+        agents = [(c.addr.name, c.qkdn_id, c.addr.domain, c.is_up(), c.data) for c in self.conns.values()]
         return builder.build(agents, self.inventory, in_use)
 
     def _invalidate(self) -> None:
@@ -187,6 +217,19 @@ class Controller:
         self._invalidate()
         self.alarms.mark("node-disconnected", conn.qkdn_id)
         self._emit("node-lost", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, "error": conn.last_error})
+        self._want_heal()
+
+    def _on_up(self, conn: AgentConnection) -> None:
+        """A (re)connected agent may have restarted empty, or with entries of a transaction
+        that never finished: reconcile it, then see whether applications can use it again."""
+        self._work.put(("reconcile", conn.qkdn_id))
+        self._want_heal()
+
+    def _want_heal(self) -> None:
+        """One heal pass queued at a time: losses and ticks that come while one waits share it."""
+        if not self._heal_queued.is_set():
+            self._heal_queued.set()
+            self._work.put(("heal",))
 
     def _on_notification(self, conn: AgentConnection, content: etree._Element) -> None:
         """One small handler per notification type (Faucet style); failures are contained."""
@@ -244,7 +287,16 @@ class Controller:
         # on that agent slows its every phase. While a transaction runs, a re-read
         # waits for a later tick, for at most REFRESH_DEFER seconds.
         deferred: dict[str, float] = {}
-        while not self._stopped.wait(1.0):
+        next_heal = time.monotonic() + self.cfg.heal_interval
+        next_reconcile = time.monotonic() + self.cfg.reconcile_interval
+        while not self._stopped.wait(min(1.0, self.cfg.heal_interval)):
+            now = time.monotonic()
+            if now >= next_heal:
+                next_heal = now + self.cfg.heal_interval
+                self._want_heal()
+            if now >= next_reconcile:
+                next_reconcile = now + self.cfg.reconcile_interval
+                self._work.put(("reconcile-all",))
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
             now = time.monotonic()
@@ -267,8 +319,18 @@ class Controller:
             try:
                 kind = item[0]
                 if kind == "refresh-and-reroute":
-                    self.conns[item[1]].refresh()
+                    try:
+                        self.conns[item[1]].refresh()
+                    except Exception as exc:  # noqa: BLE001 - lost meanwhile: the view has it down
+                        log.debug("refresh of %s failed: %s", item[1], exc)
                     self.reroute(item[2])
+                elif kind == "heal":
+                    self._heal_queued.clear()
+                    self.heal()
+                elif kind == "reconcile":
+                    self.reconcile(item[1])
+                elif kind == "reconcile-all":
+                    self.reconcile_all()
                 elif kind == "auto-app":
                     if not any({a.master_sae, a.slave_sae} == {item[1], item[2]} for a in self.store.apps()):
                         self.create_application(item[1], item[2], **(item[3] if len(item) > 3 else {}))
@@ -485,102 +547,308 @@ class Controller:
         app_id = (app_id or str(uuid.uuid5(APP_NS, f"{master_sae}|{slave_sae}"))).lower()
         app = svc.Application(app_id, master_sae, slave_sae, src, dst, min_bps, max_bps, ttl, priority)
         # Paths computed and their rate held in one step (path computation takes milliseconds;
-        # provisioning, outside the lock, much longer): concurrent creates see each other's holds.
-        with self._admission:
-            if self.store.app(app_id) is not None or app_id in self._pending:
-                raise ControllerError("conflict", f"application {app_id} exists")
-            plan_result = self.compute_relay(src, dst, min_bps, avoid_links, bound=False,
-                                             avoid_nodes=frozenset(avoid_nodes))
-            plan = self._app_plan(app, plan_result)
-            self._pending[app_id] = app.paths
-        try:
-            self._apply(plan)
-            self.store.put_app(app)
-        finally:
+        # provisioning, much longer): concurrent creates see each other's holds. The intent lock
+        # (module docstring) keeps reconciliation from taking a half-made service for an orphan.
+        with self._intent:
             with self._admission:
-                self._pending.pop(app_id, None)
+                if self.store.app(app_id) is not None or app_id in self._pending:
+                    raise ControllerError("conflict", f"application {app_id} exists")
+                plan_result = self.compute_relay(src, dst, min_bps, avoid_links, bound=False,
+                                                 avoid_nodes=frozenset(avoid_nodes))
+                plan = self._app_plan(app, plan_result)
+                self._pending[app_id] = app.paths
+            try:
+                self._apply(plan)
+                self.store.put_app(app)
+            finally:
+                with self._admission:
+                    self._pending.pop(app_id, None)
         log.info("application %s (%s -> %s) over %s", app_id, master_sae, slave_sae,
                  " + ".join("-".join(self.conns[n].addr.name if n in self.conns else n for n in p["nodes"]) for p in app.paths))
         self._emit("application-created", {"app_id": app_id, "paths": app.paths})
         return app
 
-    def _app_plan(self, app: svc.Application, result: RelayPlan, old: svc.Application | None = None) -> Plan:
-        """Edits for `app` over `result`'s paths (and removal of `old`'s VIRT links)."""
-        plan = Plan()
+    def _app_plan(self, app: svc.Application, result: RelayPlan) -> Plan:
+        """Set `app`'s paths to `result`'s and return every edit the application needs."""
         app.paths, app.backing = [], []
         # what each path holds of min_bps (qos.py); a VIRT link's virt_bandwidth is what it
         # holds, or for best effort its planned rate
         held = qos.shares([p.bps for p in result.paths], app.min_bps)
         for n, path in enumerate(result.paths):
             nodes = list(path.nodes)
-            if len(nodes) == 2:  # adjacent: the PHYS link backs the application directly
-                app.backing.append(path.links[0])
-                app.paths.append({"vlink": None, "nodes": nodes, "links": list(path.links), "bps": path.bps,
-                                  "reserved": held[n]})
+            vlink = None if len(nodes) == 2 else str(uuid.uuid5(APP_NS, f"{app.app_id}/{n}/{'-'.join(path.links)}"))
+            # adjacent ends: the PHYS link backs the application directly
+            app.backing.append(vlink or path.links[0])
+            app.paths.append({"vlink": vlink, "nodes": nodes, "links": list(path.links), "bps": path.bps,
+                              "reserved": held[n]})
+        plan = Plan()
+        self._vlink_edits(app, plan)
+        self._end_edits(app, plan)
+        return plan
+
+    @staticmethod
+    def _vlink_edits(app: svc.Application, plan: Plan, skip: frozenset[str] = frozenset()) -> None:
+        """The VIRT link of each relayed path on every node of it (but those in `skip`); its
+        virt_bandwidth is what the path holds of min_bps, or for best effort its planned rate."""
+        for p in app.paths:
+            nodes, vlink = p["nodes"], p["vlink"]
+            if vlink is None or vlink in skip:
                 continue
-            vlink = str(uuid.uuid5(APP_NS, f"{app.app_id}/{n}/{'-'.join(path.links)}"))
-            bandwidth = math.ceil(held[n]) if held[n] > 0 else int(path.bps)
+            held = float(p.get("reserved") or 0.0)
+            bandwidth = math.ceil(held) if held > 0 else int(p["bps"])
             for i, node in enumerate(nodes):
                 remote = nodes[-1] if i < len(nodes) - 1 else nodes[0]
                 plan.add(node, LinkEdit(vlink, "VIRT", node, remote, prev_hop=nodes[i - 1] if i else None,
                                         next_hops=(nodes[i + 1],) if i < len(nodes) - 1 else (), bandwidth=bandwidth))
-            app.backing.append(vlink)
-            app.paths.append({"vlink": vlink, "nodes": nodes, "links": list(path.links), "bps": path.bps,
-                              "reserved": held[n]})
+
+    @staticmethod
+    def _end_edits(app: svc.Application, plan: Plan) -> None:
+        """The qkd_app entry at both ends."""
         for end, far in ((app.src, app.dst), (app.dst, app.src)):
             plan.add(end, AppEdit(app.app_id, app.master_sae, (app.slave_sae,), tuple(app.backing), end, far, app.priority or None,
                                   int(app.min_bps) or None, int(app.max_bps) or None, app.ttl or None))
-        if old is not None:
-            for p in old.paths:
-                if p["vlink"] and p["vlink"] not in app.backing:
-                    for node in p["nodes"]:
-                        plan.add(node, LinkEdit(p["vlink"], "VIRT", node, node, delete=True))
-        return plan
+
+    def _up_only(self, plan: Plan) -> Plan:
+        """A removal plan without the agents that are down: their entries are owned, no longer
+        desired, and removed by reconciliation when they are back (a delete must not wait for
+        a dead node, nor fail because of it)."""
+        out = Plan()
+        left: list[svc.Owned] = []
+        for node, edits in plan.edits.items():
+            for e in edits:
+                if node in self.conns and self.conns[node].is_up():
+                    out.add(node, e)
+                else:
+                    left.append((node, *e.key))
+        self.store.own(left)  # so that reconciliation knows them for the controller's
+        return out
 
     def delete_application(self, app_id: str) -> None:
-        app = self.store.app(app_id.lower())
-        if app is None:
-            raise ControllerError("not-found", f"no application {app_id}")
-        plan = Plan()
-        for end in (app.src, app.dst):
-            plan.add(end, AppEdit(app.app_id, delete=True))
-        for p in app.paths:
-            if p["vlink"]:
-                for node in p["nodes"]:
-                    plan.add(node, LinkEdit(p["vlink"], "VIRT", node, node, delete=True))
-        self._apply(plan)
-        self.store.delete_app(app.app_id)
+        with self._intent:
+            app = self.store.app(app_id.lower())
+            if app is None:
+                raise ControllerError("not-found", f"no application {app_id}")
+            plan = Plan()
+            for end in (app.src, app.dst):
+                plan.add(end, AppEdit(app.app_id, delete=True))
+            for p in app.paths:
+                if p["vlink"]:
+                    for node in p["nodes"]:
+                        plan.add(node, LinkEdit(p["vlink"], "VIRT", node, node, delete=True))
+            plan = self._up_only(plan)
+            if plan.edits:
+                self._apply(plan)
+            self.store.delete_app(app.app_id)
+        self._better_since.pop(app.app_id, None)
         self._emit("application-deleted", {"app_id": app.app_id})
 
     def reroute(self, down_link: str) -> list[str]:
-        """Move every application that used `down_link` to a path without it."""
+        """Move every application that used `down_link` to a path without it (or mark it
+        DEGRADED): a heal pass that also treats `down_link` as gone before the view says so."""
+        return self.heal(avoid_links=frozenset({down_link}))
+
+    # --- self-healing ----------------------------------------------------------------------
+
+    def heal(self, avoid_links: frozenset[str] = frozenset()) -> list[str]:
+        """One pass over every application (see the module docstring); one application's
+        failure is logged and the pass goes on with the next. Returns the moved app_ids."""
+        g = self.topology().relay_graph()
+        shape = (frozenset(g.nodes), frozenset(frozenset(e) for e in g.edges))
+        apps = self.store.apps()
+        # Nothing to do while the graph keeps its shape (rates alone move nobody: a better path
+        # comes with a hop or node that returns), no move back is pending and none is DEGRADED:
+        # the pass then costs one look at the graph, not a path computation per application.
+        if (not avoid_links and shape == self._healed_shape and not self._better_since
+                and all(a.state != "DEGRADED" for a in apps)):
+            return []
+        self._healed_shape = shape
         moved = []
-        for app in self.store.apps():
-            if not any(down_link in p["links"] for p in app.paths):
-                continue
-            old = svc.Application(**asdict(app))
+        for app in apps:
             try:
-                result = self.compute_relay(app.src, app.dst, app.min_bps, avoid_links=frozenset({down_link}), bound=False,
-                                            exclude_app=app.app_id)
+                if self._heal_app(app.app_id, avoid_links):
+                    moved.append(app.app_id)
             except ControllerError as exc:
-                app.state = "DEGRADED"
-                self.store.put_app(app)
-                self._emit("application-degraded", {"app_id": app.app_id, "reason": exc.message})
-                continue
-            plan = self._app_plan(app, result, old)
-            self._apply(plan)
-            app.state = "ACTIVE"
-            self.store.put_app(app)
-            moved.append(app.app_id)
-            log.info("application %s rerouted around link %s", app.app_id, down_link)
-            self._emit("application-rerouted", {"app_id": app.app_id, "paths": app.paths, "avoided": down_link})
+                log.warning("application %s: %s", app.app_id, exc.message)
+            except Exception:  # noqa: BLE001 - the next application is still healed
+                log.exception("healing application %s failed", app.app_id)
         return moved
 
+    def _heal_app(self, app_id: str, avoid_links: frozenset[str]) -> bool:
+        with self._intent:
+            app = self.store.app(app_id)
+            if app is None:
+                return False
+            topo = self.topology()
+            g = topo.relay_graph()
+            broken = not all(_path_usable(g, p, avoid_links) for p in app.paths)
+            try:  # on what other applications' holds leave free, this one's own given back
+                best: RelayPlan | None = self.compute_relay(app.src, app.dst, app.min_bps, avoid_links=avoid_links,
+                                                            bound=False, exclude_app=app.app_id)
+            except ControllerError as exc:  # no path, or not at the rate it holds
+                best, why = None, exc.message
+            if broken:
+                self._better_since.pop(app_id, None)
+                if best is None:
+                    if app.state != "DEGRADED":
+                        app.state = "DEGRADED"
+                        self.store.put_app(app)
+                        log.warning("application %s DEGRADED: %s", app_id, why)
+                        self._emit("application-degraded", {"app_id": app_id, "reason": why})
+                    return False
+                try:
+                    self._move(app, best, "path broken")
+                except ControllerError as exc:  # keys fail meanwhile: say so; the next pass tries again
+                    if app.state != "DEGRADED":
+                        app.state = "DEGRADED"
+                        self.store.put_app(app)
+                        self._emit("application-degraded", {"app_id": app_id, "reason": exc.message})
+                    raise
+                return True
+            if app.state == "DEGRADED":
+                app.state = "ACTIVE"
+                self.store.put_app(app)
+                log.info("application %s: its path is back", app_id)
+                self._emit("application-restored", {"app_id": app_id, "paths": app.paths})
+            if best is None or not self._better(app, g, best):
+                self._better_since.pop(app_id, None)
+                return False
+            since = self._better_since.setdefault(app_id, time.monotonic())
+            if time.monotonic() - since < self.cfg.hold_down:
+                return False
+            self._move(app, best, "better path")
+            self._better_since.pop(app_id, None)  # after the move: a failed one is tried again next pass
+            return True
+
+    def _better(self, app: svc.Application, g: Any, best: RelayPlan) -> bool:
+        """Whether `best` beats the application's current paths by better_margin: by cost
+        (seconds of link key per relayed bit, what path computation minimises) for one path
+        each, else by total rate."""
+        margin = self.cfg.better_margin
+        if len(app.paths) == 1 and len(best.paths) == 1:
+            return _cost(g, best.paths[0].nodes) < _cost(g, app.paths[0]["nodes"]) * (1 - margin)
+        now = sum(min((g[a][b]["capacity"] for a, b in zip(p["nodes"], p["nodes"][1:])), default=0.0) for p in app.paths)
+        return best.total_bps > now * (1 + margin)
+
+    def _move(self, app: svc.Application, result: RelayPlan, why: str) -> None:
+        """Make before break: (1) the new paths' VIRT links on their nodes, (2) the ends'
+        applications onto them (recorded in the store once done), (3) the old VIRT links off
+        the nodes that are up. A failure in (1) or (2) leaves the application as it was
+        (reconciliation removes what (1) left); in (3), the leftovers are orphans, removed by
+        reconciliation."""
+        old = svc.Application(**asdict(app))
+        new = svc.Application(**asdict(app))
+        self._app_plan(new, result)
+        if [p["vlink"] or tuple(p["nodes"]) for p in new.paths] == [p["vlink"] or tuple(p["nodes"]) for p in old.paths]:
+            return
+        make = Plan()
+        self._vlink_edits(new, make, skip=frozenset(p["vlink"] for p in old.paths if p["vlink"]))
+        if make.edits:
+            self._apply(make)
+        switch = Plan()
+        self._end_edits(new, switch)
+        self._apply(switch)
+        new.state = "ACTIVE"
+        self.store.put_app(new)
+        brk = Plan()
+        for p in old.paths:
+            if p["vlink"] and p["vlink"] not in new.backing:
+                for node in p["nodes"]:
+                    brk.add(node, LinkEdit(p["vlink"], "VIRT", node, node, delete=True))
+        brk = self._up_only(brk)
+        if brk.edits:
+            try:
+                self._apply(brk)
+            except ControllerError as exc:
+                log.warning("old paths of %s stay until reconciled: %s", app.app_id, exc.message)
+        log.info("application %s moved (%s) to %s", app.app_id, why,
+                 " + ".join("-".join(self.conns[n].addr.name if n in self.conns else n for n in p["nodes"]) for p in new.paths))
+        self._emit("application-rerouted", {"app_id": app.app_id, "paths": new.paths, "reason": why,
+                                            "avoided": sorted({lk for p in old.paths for lk in p["links"]} - {lk for p in new.paths for lk in p["links"]})})
+
+    # --- reconciliation --------------------------------------------------------------------
+
+    def _desired(self) -> dict[str, list[Edit]]:
+        """Every edit the store's services put on each agent."""
+        plan = Plan()
+        for app in self.store.apps():
+            self._vlink_edits(app, plan)
+            self._end_edits(app, plan)
+        for ch in self.store.channels():
+            for node, edits in self._channel_plan(ch).edits.items():
+                for e in edits:
+                    plan.add(node, e)
+        return plan.edits
+
+    def reconcile_all(self) -> dict[str, int]:
+        """reconcile() on every agent that is up; {node name: edits made}."""
+        out = {}
+        for qid, c in self.conns.items():
+            if c.is_up():
+                try:
+                    out[c.addr.name] = self.reconcile(qid)
+                except ControllerError as exc:
+                    log.warning("reconciling %s failed: %s", c.addr.name, exc.message)
+        return out
+
+    def reconcile(self, qkdn_id: str) -> int:
+        """Bring one agent to what the store says (provisioning/reconcile.py): returns how many
+        entries were pushed or removed. When the agent refuses the whole edit (an application
+        whose backing link another manager removed), each entry is tried alone, so one bad
+        entry does not keep the others away."""
+        conn = self.conns[qkdn_id]
+        with self._intent:
+            try:
+                data = conn.call(lambda m: m.get_config(source="running").data)
+            except Exception as exc:  # noqa: BLE001 - down again: its next (re)connect reconciles it
+                raise ControllerError("unavailable", f"agent {conn.addr.name} is unreachable ({exc})") from None
+            d = recon.diff(self._desired().get(qkdn_id, []), present(data), self.store.owned(qkdn_id))
+            self.store.disown([(qkdn_id, *k) for k in d.forget])
+            if not d:
+                return 0
+            edits = d.edits
+            plan = Plan()
+            for e in edits:
+                plan.add(qkdn_id, e)
+            try:
+                self._apply(plan)
+                done = len(edits)
+            except ControllerError as exc:
+                if exc.kind == "unavailable":
+                    raise
+                log.warning("reconciling %s in one edit failed (%s): entry by entry", conn.addr.name, exc.message)
+                done = 0
+                for e in edits:
+                    one = Plan()
+                    one.add(qkdn_id, e)
+                    try:
+                        self._apply(one)
+                        done += 1
+                    except ControllerError as exc1:
+                        log.warning("reconciling %s: %s %s refused: %s", conn.addr.name, *e.key, exc1.message)
+        log.info("agent %s reconciled: %d pushed, %d orphans removed", conn.addr.name, len(d.push), len(d.remove))
+        self._emit("node-reconciled", {"node": conn.addr.name, "qkdn_id": qkdn_id, "pushed": [list(e.key) for e in d.push],
+                                       "removed": [list(k) for k in d.remove]})
+        return done
+
     def _apply(self, plan: Plan) -> txn.TxnReport:
+        """One transaction. Every entry it creates is recorded as the controller's first; the
+        ones it deletes are forgotten once it succeeds. When it fails after some hops confirmed
+        (a hop died in the confirm phase), those hops are reconciled against the store at once,
+        so none keeps half a path."""
+        self.store.own([(n, *e.key) for n, edits in plan.edits.items() for e in edits if not e.delete])
         try:
-            report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout)
+            report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout, before_phase=self.txn_hook)
         except txn.TxnError as exc:
-            raise ControllerError("failed", f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
+            if exc.unavailable:
+                self._invalidate()  # the dead hop leaves the view now, not when its pump notices
+            for n in exc.committed:
+                try:
+                    self.reconcile(n)
+                except ControllerError as rexc:
+                    log.warning("repairing %s after a failed transaction: %s", n, rexc.message)
+            kind = "unavailable" if exc.unavailable else "failed"
+            raise ControllerError(kind, f"provisioning failed at {exc.node}: {exc.message} ({exc.tag})", exc.tag) from None
+        self.store.disown([(n, *e.key) for n, edits in plan.edits.items() for e in edits if e.delete])
         for n in set(plan.stale_views()) & set(report.nodes):
             self._mark_dirty(n)
         return report
@@ -594,13 +862,14 @@ class Controller:
             raise ControllerError("no-path", str(exc)) from None
 
     def create_channel(self, req: OpticalRequest, chan_id: str | None = None) -> svc.Channel:
-        path = self.compute_optical(req)
-        topo = self.topology()
-        chan_id = (chan_id or str(uuid.uuid4())).lower()
-        switch_nodes = {hop[0]: topo.switches[hop[0]].node for hop in path.hops}
-        ch = svc.Channel(chan_id, path.tx, path.rx, path.channel, list(path.fibres), [list(h) for h in path.hops], path.loss_db, switch_nodes)
-        self._apply(self._channel_plan(ch))
-        self.store.put_channel(ch)
+        with self._intent:
+            path = self.compute_optical(req)
+            topo = self.topology()
+            chan_id = (chan_id or str(uuid.uuid4())).lower()
+            switch_nodes = {hop[0]: topo.switches[hop[0]].node for hop in path.hops}
+            ch = svc.Channel(chan_id, path.tx, path.rx, path.channel, list(path.fibres), [list(h) for h in path.hops], path.loss_db, switch_nodes)
+            self._apply(self._channel_plan(ch))
+            self.store.put_channel(ch)
         self._invalidate()
         log.info("direct channel %s %s:%s -> %s:%s, %.2f dB", chan_id, *path.tx, *path.rx, path.loss_db)
         self._emit("channel-created", {"chan_id": chan_id, "tx": list(path.tx), "rx": list(path.rx), "channel": path.channel, "loss_db": path.loss_db})
@@ -617,11 +886,14 @@ class Controller:
         return plan
 
     def delete_channel(self, chan_id: str) -> None:
-        ch = next((c for c in self.store.channels() if c.chan_id == chan_id.lower()), None)
-        if ch is None:
-            raise ControllerError("not-found", f"no channel {chan_id}")
-        self._apply(self._channel_plan(ch, delete=True))
-        self.store.delete_channel(ch.chan_id)
+        with self._intent:
+            ch = next((c for c in self.store.channels() if c.chan_id == chan_id.lower()), None)
+            if ch is None:
+                raise ControllerError("not-found", f"no channel {chan_id}")
+            plan = self._up_only(self._channel_plan(ch, delete=True))
+            if plan.edits:
+                self._apply(plan)
+            self.store.delete_channel(ch.chan_id)
         self._invalidate()
         self._emit("channel-deleted", {"chan_id": ch.chan_id})
 
@@ -654,3 +926,17 @@ def _notified_qos(content: etree._Element) -> dict[str, Any]:
     if prio is not None and prio.strip().isdigit():
         out["priority"] = int(prio)
     return out
+
+
+def _path_usable(g: Any, path: dict[str, Any], avoid_links: frozenset[str]) -> bool:
+    """Every node of a stored path up and every hop with an ACTIVE link in the relay graph."""
+    nodes = path["nodes"]
+    if avoid_links & set(path["links"]):
+        return False
+    return all(n in g for n in nodes) and all(g.has_edge(a, b) for a, b in zip(nodes, nodes[1:]))
+
+
+def _cost(g: Any, nodes: Any) -> float:
+    """A path's cost as path computation weighs it (sum of 1/SKR over its hops)."""
+    return sum(g[a][b]["weight"] for a, b in zip(nodes, nodes[1:]))
+

@@ -1,6 +1,14 @@
 """The services the controller has set up, in SQLite, so a restart keeps them:
 key-relay applications (SAE pair, QoS, the paths that back it) and direct quantum
-channels (transmitter, receiver, optical path, wavelength)."""
+channels (transmitter, receiver, optical path, wavelength). Together they are the
+desired state the controller reconciles the agents against.
+
+Plus what the controller owns on each agent: every entry (qkd_app, qkd_link,
+cross-connect) it is about to push is recorded here before the push. Reconciliation
+removes only owned entries that are no longer desired (leftovers of a transaction that
+failed half-way, of a controller that died before recording its service), and never
+anything another manager (an ONOS, an operator) wrote: those ids were never recorded.
+ETSI 015 has no leaf to mark an entry's manager, so the record lives here, not on the agent."""
 from __future__ import annotations
 
 import json
@@ -14,7 +22,11 @@ from typing import Any
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS applications (app_id TEXT PRIMARY KEY, data TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS channels (chan_id TEXT PRIMARY KEY, data TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS owned (node TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL,
+                                  PRIMARY KEY (node, kind, key));
 """
+
+Owned = tuple[str, str, str]  # (qkdn_id, kind: app | link | xc, key: app_id | qkdl_id | "switch/port-a")
 
 
 @dataclass
@@ -91,6 +103,28 @@ class ServiceStore:
             d["tx"], d["rx"] = tuple(d["tx"]), tuple(d["rx"])
             out.append(Channel(**d))
         return out
+
+    def own(self, entries: list[Owned]) -> None:
+        """Record entries as the controller's, before it pushes them (see the module docstring)."""
+        if not entries:
+            return
+        now = time.time()
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO owned VALUES (?, ?, ?, ?)", [(*e, now) for e in entries])
+
+    def disown(self, entries: list[Owned]) -> None:
+        """Forget entries that are gone from their agent for good (deleted, or found absent
+        and not desired)."""
+        if not entries:
+            return
+        with self._lock:
+            self._db.executemany("DELETE FROM owned WHERE node = ? AND kind = ? AND key = ?", entries)
+
+    def owned(self, node: str) -> set[tuple[str, str]]:
+        """(kind, key) of every entry the controller owns on one agent."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, key FROM owned WHERE node = ?", (node,)).fetchall()
+        return {(k, v) for k, v in rows}
 
     def close(self) -> None:
         with self._lock:

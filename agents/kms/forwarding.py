@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -126,6 +127,17 @@ def _recv_frame(sock: ssl.SSLSocket) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ConnectionError("relay frame is not an object")
     return obj
+
+
+def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
+    """An idle pooled connection the peer has closed (it restarted, or was killed: the
+    kernel sent FIN or RST) is readable. Reused, it failed the next relay with "peer closed
+    the relay connection", a key request lost on the first use after a peer came back."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _peer_id(sock: ssl.SSLSocket) -> str:
@@ -269,9 +281,12 @@ class Forwarder:
         """A connection to `peer`, and whether it came from the pool (it may be stale).
         RelayError(sent=False) when none can be made: nothing was sent."""
         with self._pool_lock:
-            conns = self._pool.get(peer)
-            if conns:
-                return conns.pop(), True
+            conns = self._pool.get(peer, [])
+            while conns:
+                sock = conns.pop()
+                if not _closed_by_peer(sock):
+                    return sock, True
+                sock.close()
         addr = self.peers.get(peer)
         if addr is None:
             raise RelayError(f"no relay address for node {peer}", sent=False)

@@ -14,8 +14,9 @@ Error mapping (ControllerError kind -> status code):
   metadata key REFUSAL_KEY (a client renegotiates from it, no parsing of the message);
   failed (provisioning) -> by the NETCONF error-tag of the hop that refused, as STYLE.md
   says: invalid-value -> INVALID_ARGUMENT, data-missing -> NOT_FOUND, lock-denied and
-  in-use -> ABORTED, resource-denied -> RESOURCE_EXHAUSTED (which is also what txn reports
-  for an unreachable agent), anything else -> INTERNAL.
+  in-use -> ABORTED, resource-denied -> RESOURCE_EXHAUSTED, anything else -> INTERNAL;
+  unavailable (an agent unreachable or dead mid-transaction, named in the message; nothing
+  left half-configured) -> UNAVAILABLE, which clients retry.
 An unexpected exception is logged with its traceback and answered INTERNAL with a fixed
 message, never str(exc).
 """
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 S = grpc.StatusCode
 KIND_STATUS = {"invalid": S.INVALID_ARGUMENT, "not-found": S.NOT_FOUND, "no-path": S.FAILED_PRECONDITION,
-               "conflict": S.ALREADY_EXISTS, "exhausted": S.RESOURCE_EXHAUSTED}
+               "conflict": S.ALREADY_EXISTS, "exhausted": S.RESOURCE_EXHAUSTED, "unavailable": S.UNAVAILABLE}
 REFUSAL_KEY = "sdqkd-admission-refusal-bin"  # trailing metadata: a serialized pb.AdmissionRefusal
 SEVERITY = {"WARNING": pb.Alarm.WARNING, "MINOR": pb.Alarm.MINOR, "MAJOR": pb.Alarm.MAJOR, "CRITICAL": pb.Alarm.CRITICAL}
 DISJOINT_MODE = {pb.Disjointness.LINK: "link", pb.Disjointness.NODE: "node"}

@@ -10,7 +10,14 @@ starts when every hop has answered; within a phase a hop's RPCs are pipelined
 (both locks, edit + validate, both unlocks: one round trip each). Any failure before step 4 cancels the confirmed
 commits already made (or discards the candidate) on every hop, so no hop keeps a
 partial path; if the controller dies mid-way, the agents roll back by themselves
-when the confirm timeout expires. Locks never wait (RFC 6241 7.5 answers
+when the confirm timeout expires. A hop that dies (its session drops, ncclient raises
+a transport error or times out) fails the transaction like a refusal does: every
+exception a hop raises is a TxnError, so the rollback always runs (before, a dropped
+session's SessionCloseError escaped it and left the survivors' confirmed commits
+pending and their changes in place). Only step 4 cannot be undone by the protocol: a
+hop that dies there leaves the hops whose confirm went through committed; the error
+lists them (TxnError.committed) and the caller puts them back (the controller
+reconciles them against its store). Locks never wait (RFC 6241 7.5 answers
 lock-denied), so two controllers locking the same hops at once both fail cleanly
 rather than deadlock.
 """
@@ -34,14 +41,20 @@ log = logging.getLogger(__name__)
 
 
 class TxnError(Exception):
-    """The transaction failed and was rolled back everywhere. node/tag/path tell where and why."""
+    """The transaction failed and was rolled back everywhere (but on `committed`, the hops
+    whose confirm had gone through when another hop failed in the confirm phase).
+    node/tag/path tell where and why; unavailable: the hop could not be reached or died
+    mid-way (not a refusal: a retry may take another path)."""
 
-    def __init__(self, node: str, message: str, tag: str = "operation-failed", path: str | None = None) -> None:
+    def __init__(self, node: str, message: str, tag: str = "operation-failed", path: str | None = None,
+                 unavailable: bool = False) -> None:
         super().__init__(f"{node}: {message}")
         self.node = node
         self.message = message
         self.tag = tag
         self.path = path
+        self.unavailable = unavailable
+        self.committed: list[str] = []
 
 
 @dataclass
@@ -69,19 +82,24 @@ def _check_caps(conn: AgentConnection, edits: list[Edit]) -> None:
         raise TxnError(conn.addr.name, f"agent lacks {', '.join(missing)}", "operation-not-supported")
 
 
-def _txn_error(c: AgentConnection, exc: RPCError | AgentUnavailable | OSError) -> TxnError:
-    """An RPC's failure as the transaction reports it: the agent's rpc-error as it came,
-    an unreachable agent as resource-denied."""
+def _txn_error(c: AgentConnection, exc: Exception) -> TxnError:
+    """An RPC's failure as the transaction reports it: the agent's rpc-error as it came;
+    anything else (not connected, the session dropped, no reply in time: ncclient's
+    TransportError, SessionCloseError, TimeoutExpiredError, OSError) as an unavailable
+    agent, resource-denied."""
+    if isinstance(exc, TxnError):
+        return exc
     if isinstance(exc, RPCError):
         return TxnError(c.addr.name, exc.message or str(exc), exc.tag or "operation-failed", exc.path)
-    return TxnError(c.addr.name, str(exc), "resource-denied")
+    why = str(exc) if isinstance(exc, AgentUnavailable) else f"{type(exc).__name__}: {exc}"
+    return TxnError(c.addr.name, f"agent {c.addr.name} is unreachable ({why})", "resource-denied", unavailable=True)
 
 
 def _on(c: AgentConnection, fn: Any) -> Any:
     """One RPC on one agent; failures name the agent."""
     try:
         return c.call(fn)
-    except (RPCError, AgentUnavailable, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure of a hop must reach the rollback
         raise _txn_error(c, exc) from None
 
 
@@ -89,17 +107,15 @@ def _pipelined(c: AgentConnection, fns: list[Callable[[Any], Any]]) -> list[Any]
     """Several RPCs on one agent in one round trip: each reply or its error, in order."""
     try:
         return c.pipeline(fns)
-    except (AgentUnavailable, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - as in _on
         raise _txn_error(c, exc) from None
 
 
 def _raise_first(c: AgentConnection, results: list[Any]) -> None:
     """The first failed RPC of a pipeline, named as _on names it."""
     for r in results:
-        if isinstance(r, (RPCError, OSError)):
-            raise _txn_error(c, r) from None
         if isinstance(r, Exception):
-            raise r
+            raise _txn_error(c, r) from None
 
 
 _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="txn")
@@ -118,8 +134,14 @@ def _each(conns: list[AgentConnection], step: Callable[[AgentConnection], None])
             raise exc
 
 
-def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int = 60) -> TxnReport:
-    """Apply `plan` everywhere or nowhere."""
+PHASES = ("lock", "edit", "commit", "confirm")
+
+
+def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int = 60,
+          before_phase: Callable[[str], None] | None = None) -> TxnReport:
+    """Apply `plan` everywhere or nowhere (see TxnError.committed for the one exception).
+    before_phase(name) runs before each phase starts: where a test kills a hop, or
+    anything that must observe a transaction between its phases."""
     with _serial:
         txn = str(uuid.uuid4())
         order = plan.nodes()
@@ -134,6 +156,8 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
         locked: list[tuple[AgentConnection, str]] = []
         staged: list[AgentConnection] = []
         confirmed: list[AgentConnection] = []
+        done: list[AgentConnection] = []  # confirm went through: committed for good
+        committing: list[AgentConnection] = []  # the confirmed commit was sent (answered or not)
 
         def lock(c: AgentConnection) -> None:
             _check_caps(c, edits[id(c)])
@@ -154,6 +178,8 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
             ]))
 
         def commit(c: AgentConnection) -> None:
+            with record:
+                committing.append(c)
             _on(c, lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=txn))
             with record:
                 confirmed.append(c)
@@ -170,6 +196,8 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
                     if not isinstance(r, Exception):
                         locked.remove((c, t))
             _raise_first(c, results[:1])
+            with record:
+                done.append(c)
 
         def timed(phase: str, step: Callable[[AgentConnection], None]) -> Callable[[AgentConnection], None]:
             per = report.hops.setdefault(phase, {})
@@ -184,12 +212,19 @@ def apply(plan: Plan, conns: dict[str, AgentConnection], *, confirm_timeout: int
 
         t0 = time.perf_counter()
         try:
-            for phase, step in (("lock", lock), ("edit", edit), ("commit", commit), ("confirm", confirm)):
+            for phase, step in zip(PHASES, (lock, edit, commit, confirm)):
+                if before_phase is not None:
+                    before_phase(phase)
                 _each(hops, timed(phase, step))
                 report.phases[phase] = time.perf_counter() - t0
             return report
-        except TxnError:
-            _rollback(txn, confirmed, staged)
+        except Exception as exc:
+            # a hop whose commit got no answer (timed out, session dropped) may have committed:
+            # it is cancelled too (an agent that answers "no commit pending" harms nothing)
+            _rollback(txn, [c for c in committing if c not in done], [c for c in staged if c not in done],
+                      quiet=[c for c in committing if c not in confirmed])
+            if isinstance(exc, TxnError):
+                exc.committed = [c.qkdn_id for c in done]
             raise
         finally:
             holders = list(dict.fromkeys(c for c, _ in locked))
@@ -203,12 +238,14 @@ def _unlock(c: AgentConnection, targets: list[str]) -> None:
         pass
 
 
-def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection]) -> None:
+def _rollback(txn: str, confirmed: list[AgentConnection], staged: list[AgentConnection],
+              quiet: list[AgentConnection] | None = None) -> None:
     def cancel(c: AgentConnection) -> None:
         try:
             c.call(lambda m: m.cancel_commit(persist_id=txn))
         except Exception:  # noqa: BLE001 - the confirm timeout rolls it back anyway
-            log.warning("cancel-commit on %s failed; its confirm timeout will roll back", c.addr.name)
+            if c not in (quiet or []):
+                log.warning("cancel-commit on %s failed; its confirm timeout will roll back", c.addr.name)
 
     def discard(c: AgentConnection) -> None:
         try:

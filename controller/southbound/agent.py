@@ -44,19 +44,28 @@ class AgentAddress:
     domain: str | None = None
 
 
+# Reconnect delays, doubling from the first to the cap. The cap bounds how long a restarted
+# agent waits to be reconnected, and so reconciled and used again (with 10 s, a restart after
+# ~10 s down waited up to 6.4 s more); a refused connect every 2 s per dead agent costs nothing.
+BACKOFF = (0.2, 2.0)
+
+
 class AgentUnavailable(Exception):
     """The agent is not connected right now."""
 
 
 class AgentConnection:
-    """Keeps one session up; `on_state(conn)` after each resync, `on_lost(conn)` when
-    a session that was up ends, `on_notification(conn, element)`."""
+    """Keeps one session up; `on_state(conn)` after each resync, `on_up(conn)` once per
+    (re)connection after its first resync (where the controller reconciles the agent),
+    `on_lost(conn)` when a session that was up ends, `on_notification(conn, element)`."""
 
     def __init__(self, addr: AgentAddress, on_state: Callable[["AgentConnection"], None],
                  on_notification: Callable[["AgentConnection", etree._Element], None],
-                 backoff: tuple[float, float] = (0.2, 10.0),
-                 on_lost: Callable[["AgentConnection"], None] | None = None) -> None:
+                 backoff: tuple[float, float] = BACKOFF,
+                 on_lost: Callable[["AgentConnection"], None] | None = None,
+                 on_up: Callable[["AgentConnection"], None] | None = None) -> None:
         self.addr = addr
+        self.on_up = on_up
         self.on_state = on_state
         self.on_notification = on_notification
         self.on_lost = on_lost
@@ -120,6 +129,11 @@ class AgentConnection:
                 self.last_error = None
                 delay = self.backoff[0]
                 log.info("agent %s connected (session %s)", self.addr.name, m.session_id)
+                if self.on_up is not None:
+                    try:
+                        self.on_up(self)
+                    except Exception:  # noqa: BLE001 - the session stays up whatever the handler does
+                        log.exception("on_up handler failed for %s", self.addr.name)
                 self._pump(m)
                 if not self._stop.is_set():
                     self.last_error = "session closed"
@@ -221,6 +235,13 @@ class AgentConnection:
                 else:
                     out.append(rpc.reply)
             return out
+
+    def is_up(self) -> bool:
+        """Connected, and the session not seen dropped: ncclient marks a session closed the
+        moment its reader hits EOF (an agent killed), up to half a second before the pump
+        loop notices and on_lost runs; path computation must not wait for that."""
+        m = self.manager
+        return self.connected.is_set() and m is not None and m.connected
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)

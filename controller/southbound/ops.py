@@ -30,11 +30,26 @@ def _xml(content: dict[str, Any]) -> list[etree._Element]:
     return out
 
 
+OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
+Key = tuple[str, str]  # (kind: app | link | xc, id): one entry on one agent
+
+
 class Edit:
     """One change on one agent."""
 
     DEPENDS: ClassVar[tuple[str, ...]] = (CANDIDATE, CONFIRMED)
     delete: bool = False
+
+    @property
+    def key(self) -> Key:
+        """The entry this edit writes: what the controller records as its own before pushing
+        it, and what reconciliation compares with what the agent has."""
+        raise NotImplementedError
+
+    def matches(self, found: dict[str, Any]) -> bool:
+        """Whether the entry as the agent has it (see present()) says what this edit says,
+        in what reconciliation must restore (default: that it exists)."""
+        return True
 
     @property
     def in_view(self) -> bool:
@@ -75,6 +90,10 @@ class LinkEdit(Edit):
     @property
     def in_view(self) -> bool:
         return self.kind != "VIRT"
+
+    @property
+    def key(self) -> Key:
+        return ("link", self.qkdl_id.lower())
 
     def elements(self) -> list[etree._Element]:
         lk: dict[str, Any] = {"qkdl_id": self.qkdl_id}
@@ -125,6 +144,16 @@ class AppEdit(Edit):
     def in_view(self) -> bool:
         return False
 
+    @property
+    def key(self) -> Key:
+        return ("app", self.app_id.lower())
+
+    def matches(self, found: dict[str, Any]) -> bool:
+        """The backing links decide where the keys go: a reroute that committed on some
+        hops and not others leaves them differing, and reconciliation puts them back."""
+        return (found.get("backing") == sorted(b.lower() for b in self.backing) and found.get("server") == self.server
+                and found.get("clients") == sorted(self.clients))
+
     def elements(self) -> list[etree._Element]:
         app: dict[str, Any] = {"app_id": self.app_id}
         if not self.delete:
@@ -160,6 +189,13 @@ class CrossConnectEdit(Edit):
     port_b: int = 0
     delete: bool = False
 
+    @property
+    def key(self) -> Key:
+        return ("xc", f"{self.switch}/{self.port_a}")
+
+    def matches(self, found: dict[str, Any]) -> bool:
+        return found.get("port-b") == self.port_b
+
     def elements(self) -> list[etree._Element]:
         xc: dict[str, Any] = {"port-a": self.port_a}
         if not self.delete:
@@ -168,6 +204,46 @@ class CrossConnectEdit(Edit):
         if self.delete:
             _mark_delete(els[0], "{urn:sdqkd:yang:sdqkd-optical-switch}cross-connect")
         return els
+
+
+def removal(key: Key) -> Edit:
+    """The edit that removes one entry, from its key alone (an orphan has no other record)."""
+    kind, ident = key
+    if kind == "app":
+        return AppEdit(ident, delete=True)
+    if kind == "link":
+        return LinkEdit(ident, "VIRT", "", "", delete=True)
+    switch, _, port = ident.rpartition("/")
+    return CrossConnectEdit(switch, int(port), delete=True)
+
+
+def present(config: etree._Element | None) -> dict[Key, dict[str, Any]]:
+    """The entries an agent's configuration (<data> of a get-config) holds, by key, with
+    what Edit.matches compares."""
+    out: dict[Key, dict[str, Any]] = {}
+    if config is None:
+        return out
+    q = f"{{{ETSI_NS}}}"
+    for lk in config.iter(f"{q}qkd_link"):
+        lid = (lk.findtext(f"{q}qkdl_id") or "").strip().lower()
+        if lid:
+            out[("link", lid)] = {"type": (lk.findtext(f"{q}qkdl_type") or "").rsplit(":", 1)[-1]}
+    for app in config.iter(f"{q}qkd_app"):
+        aid = (app.findtext(f"{q}app_id") or "").strip().lower()
+        if aid:
+            out[("app", aid)] = {
+                "backing": sorted((e.text or "").strip().lower() for e in app.findall(f"{q}backing_qkdl_id")),
+                "server": (app.findtext(f"{q}server_app_id") or "").strip(),
+                "clients": sorted((e.text or "").strip() for e in app.findall(f"{q}client_app_id")),
+            }
+    o = f"{{{OSW_NS}}}"
+    for sw in config.iter(f"{o}switch"):
+        name = (sw.findtext(f"{o}name") or "").strip()
+        for xc in sw.findall(f"{o}cross-connect"):
+            a, b = xc.findtext(f"{o}port-a"), xc.findtext(f"{o}port-b")
+            if a is not None:
+                out[("xc", f"{name}/{int(a)}")] = {"port-b": int(b) if b is not None else None}
+    return out
 
 
 def config_element(edits: list[Edit]) -> etree._Element:

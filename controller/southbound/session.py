@@ -95,8 +95,11 @@ class WakingSSHSession(SSHSession):
                         return
         except Exception as exc:  # noqa: BLE001 - same contract as ncclient's loop
             self.logger.debug("Broke out of main loop, error=%r", exc)
-            self._dispatch_error(exc)
+            # closed first, then the error to the waiting RPCs (ncclient does it the other way
+            # round): an RPC sent in between would be queued on a dead loop and wait out its
+            # whole timeout; closed first, send() refuses it at once (a killed agent)
             self.close()
+            self._dispatch_error(exc)
         finally:
             sel.close()
             self._wake_r.close()

@@ -148,13 +148,13 @@ def test_valid_input_goes_on_to_path_computation(lonely) -> None:
 
 
 def test_provisioning_failure_follows_the_tag(lonely) -> None:
-    """A path exists in the view, but the agents cannot be reached: txn says resource-denied."""
+    """A path exists in the view, but the agents cannot be reached: UNAVAILABLE, naming the agent."""
     ctl, stub, _ = lonely
     with ctl.view(small_topology()):
         plan = stub.ComputePath(pb.ComputePathRequest(src="sae-a1", dst="bob"), timeout=10)
         assert [n.name for n in plan.paths[0].nodes] == ["alice", "bob"] and plan.total_bps == 2000
         code, msg = code_of(stub.CreateApplication, pb.CreateApplicationRequest(master_sae="sae-a1", slave_sae="sae-b"))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "alice" in msg
+    assert code == grpc.StatusCode.UNAVAILABLE and "alice" in msg
     assert stub.ListApplications(pb.ListApplicationsRequest(), timeout=10).applications == []
 
 
@@ -206,12 +206,15 @@ def test_get_topology_tapi_and_channels(lonely, refdir, yanglint, tmp_path) -> N
         with ctl.view(topo):
             text = stub.GetTopology(pb.GetTopologyRequest(format=pb.GetTopologyRequest.TAPI), timeout=30).tapi_context_json
             (listed,) = stub.ListChannels(pb.ListChannelsRequest(), timeout=10).channels
-            code, _ = code_of(stub.DeleteChannel, pb.DeleteChannelRequest(chan_id=ch.chan_id))
+            # its agents are unreachable: the channel leaves the store now, its entries leave each
+            # agent when that agent is back (reconciliation: owned, no longer desired)
+            stub.DeleteChannel(pb.DeleteChannelRequest(chan_id=ch.chan_id), timeout=10)
+            assert not stub.ListChannels(pb.ListChannelsRequest(), timeout=10).channels
+            assert ("link", ch.chan_id) in ctl.store.owned(ch.tx[0])
     finally:
         ctl.store.delete_channel(ch.chan_id)
     assert (listed.chan_id, listed.tx.node_name, listed.rx.qkdi_id, listed.channel) == (ch.chan_id, "alice", 1, ch.channel)
     assert [(h.switch, h.port_in, h.port_out) for h in listed.hops] == [tuple(h) for h in ch.hops]
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # its agents are unreachable
     doc = tmp_path / "context.json"
     doc.write_text(text)
     d = refdir / "tapi"
