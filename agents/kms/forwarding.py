@@ -212,6 +212,7 @@ class Forwarder:
     def _serve(self, raw: socket.socket) -> None:
         try:
             raw.settimeout(self.timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply waited for Nagle and the delayed ACK
             sock = self.server_ctx.wrap_socket(raw, server_side=True)
             peer = _peer_id(sock)
             sock.settimeout(None)
@@ -292,6 +293,7 @@ class Forwarder:
             raise RelayError(f"no relay address for node {peer}", sent=False)
         try:
             raw = socket.create_connection(addr, timeout=self.timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages, one per request
             sock = self.client_ctx.wrap_socket(raw, server_hostname=addr[0])
         except (OSError, ssl.SSLError) as exc:
             raise RelayError(f"cannot reach the relay of node {peer}: {exc}", sent=False) from None
