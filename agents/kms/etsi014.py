@@ -4,7 +4,8 @@ Only translation and request validation live here. The caller is the SAE named b
 client certificate (https.sae_of): for status and enc_keys it is the master and the URL
 names the slave; for dec_keys it is the slave and the URL names the master. Both the
 GET and the POST forms are served, as clients in the wild use both; unknown fields are
-ignored, and error messages are the standard's own wording where it gives one.
+ignored, and error messages are the standard's own wording where it gives one. Error
+bodies carry `message` only (https.error). A caller naming itself as its peer is 400.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class _Api:
         if size is not None and size % 8:
             raise ApiError(400, "size shall be a multiple of 8")
         master, slave = sae_of(request), request.match_info["slave_SAE_ID"]
+        _distinct(master, slave)
         if self.service.serves_locally([slave, *slaves]):  # end keys for this node's SAEs: store only
             keys = await call(request, self.service.enc_keys, master, slave, number, size, slaves, inline=True)
         elif slaves:
@@ -106,9 +108,18 @@ class _Api:
 
     async def _dec_keys(self, request: web.Request, ids: list[str]) -> web.Response:
         slave, master = sae_of(request), request.match_info["master_SAE_ID"]
+        _distinct(master, slave)
         keys = await call(request, self.service.dec_keys, slave, master, ids, inline=True)  # store only
         log.debug("dec_keys %s <- %s: %s", slave, master, ", ".join(ids))
         return _container(keys)
+
+
+def _distinct(master: str, slave: str) -> None:
+    """400 when the caller names itself as its peer. A key shared by an SAE with itself
+    protects nothing, and serving it would let an SAE make keys and then read them back
+    through dec_keys as its own slave, which the standard's master/slave split rules out."""
+    if master == slave:
+        raise ApiError(400, f"master and slave are the same SAE ('{master[:64]}'): a key is shared by two different SAEs")
 
 
 def _container(keys: list[Key]) -> web.Response:
@@ -144,11 +155,15 @@ def _positive(value: int, name: str) -> int:
 
 
 def _json_strings(body: dict[str, Any], name: str) -> list[str]:
+    """A list of SAE IDs; absent or null is none. An empty array is 400: the field is there
+    to name additional slaves (clause 6.2), so `[]` is a client that meant something else."""
     value = body.get(name)
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ApiError(400, f"{name} must be an array of SAE IDs (strings)")
+    if not value:
+        raise ApiError(400, f"{name} must not be empty (leave it out when there is no additional slave)")
     return value
 
 
@@ -166,5 +181,4 @@ def _extension_objects(body: dict[str, Any], name: str) -> list[str]:
 def _check_extensions(body: dict[str, Any]) -> None:
     unsupported = [n for n in _extension_objects(body, "extension_mandatory") if n not in SUPPORTED_EXTENSIONS]
     if unsupported:
-        raise ApiError(400, "not all extension_mandatory parameters are supported",
-                       [{"extension_mandatory_unsupported": f"{n} is not supported"} for n in unsupported])
+        raise ApiError(400, "not all extension_mandatory parameters are supported")  # the standard's wording

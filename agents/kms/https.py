@@ -10,8 +10,10 @@ calls that only touch this node's key store run on the loop itself (`inline=True
 the thread hop and the GIL hand-over cost more than the SQLite transaction they wrap.
 Inline calls that arrive in the same loop iteration share one transaction (group
 commit, `use_group_commit`), and none of them is answered before it is committed.
-Every error is JSON {"message": ..., "details"?: [...]}, as ETSI 014 clients expect;
-an unexpected exception becomes 503 {"message": "internal error"} with its traceback
+Every error is JSON {"message": ...} and nothing else: the ETSI 014 Error object less
+its optional `details` (an array of free-form objects that clients parsed in
+incompatible ways, so it is not sent; a KmsError may still carry details for the
+server's own use, e.g. the ETSI 004 counter-offer). An unexpected exception becomes 503 {"message": "internal error"} with its traceback
 logged but never its message (it might quote key bytes).
 """
 from __future__ import annotations
@@ -49,11 +51,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApiError(Exception):
     """A request the front end refuses before it reaches the LKMS (bad format, auth)."""
 
-    def __init__(self, status: int, message: str, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.details = details or []
 
 
 def query_one(query: MultiMapping[str], name: str, quote: bool = False) -> str | None:
@@ -76,12 +77,10 @@ def canonical_uuid(value: Any, name: str) -> str:
         raise ApiError(400, f"{name} is not a UUID: {value[:64]!r}") from None
 
 
-def error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:
-    """ETSI 014 Error object (clause 6.5): message, and details only when there are some."""
-    body: dict[str, Any] = {"message": message}
-    if details:
-        body["details"] = details
-    return web.json_response(body, status=status)
+def error(status: int, message: str) -> web.Response:
+    """ETSI 014 Error object (clause 6.5) with `message` only: its `details` array of
+    free-form objects was read differently by each client, so no answer carries it."""
+    return web.json_response({"message": message}, status=status)
 
 
 def make_app(*, workers: int = 8, max_pending: int = 256) -> web.Application:
@@ -193,9 +192,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[SAE_ID] = _peer_sae(request.transport)
         return await handler(request)
     except ApiError as exc:
-        return error(exc.status, exc.message, exc.details)
+        return error(exc.status, exc.message)
     except KmsError as exc:
-        return error(exc.http_status, exc.message, exc.details)
+        return error(exc.http_status, exc.message)
     except web.HTTPException as exc:  # unknown path, wrong method, body too large...
         if exc.status < 400:
             raise
