@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .https import ApiError, call, canonical_uuid, json_object, sae_of
+from .https import ApiError, call, canonical_uuid, json_object, openapi_error, sae_of
 from .interface import KeyService, KmsError, Qos
 
 log = logging.getLogger(__name__)
@@ -147,3 +147,108 @@ def _index(text: str | None) -> int | None:
     if not text.isascii() or not text.isdigit() or int(text) > _UINT32_MAX:
         raise ApiError(400, f"index must be an integer from 0 to {_UINT32_MAX}")
     return int(text)
+
+
+# Part of /openapi.json (agents/qaas/api.py assembles it). Outcomes the standard gives a
+# status code are 200 with that `status` and a `message`; field names of requests are
+# matched without regard to case, which the document cannot say, so it names the
+# lower-case spelling; other fields are ignored, so request schemas stay open.
+_JSON = "application/json"
+_U32 = {"type": "integer", "minimum": 0, "maximum": _UINT32_MAX}
+_STATUS = {"type": "integer", "minimum": 0,
+           "description": "ETSI GS QKD 004 status (clause 6.2): 0 success, 1 peer not connected, 2 insufficient "
+           "key, 3 peer not connected (GET_KEY), 4 no QKD connection, 5 key_stream_id in use, 6 timeout, "
+           "7 QoS not met, 8 metadata size insufficient."}
+_KSID = {"type": "string", "format": "uuid"}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _answers(schema: str, bad: str) -> dict[str, Any]:
+    return {
+        "200": {"description": "Done (status 0), or an outcome the standard has a status code for",
+                "content": {_JSON: {"schema": _ref(schema)}}},
+        "400": openapi_error(bad),
+        "401": openapi_error("The caller is not attached to this KME, or not a party of the stream"),
+        "503": openapi_error("No key path or link now, or the KME is overloaded: retry"),
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "paths": {
+        "/api/open_connect": {
+            "post": {
+                "operationId": "etsi004OpenConnect", "tags": ["ETSI GS QKD 004"],
+                "summary": "OPEN_CONNECT: reserve a key stream between source and destination (clause 6.3)",
+                "requestBody": {"required": True, "content": {_JSON: {"schema": _ref("Etsi004OpenConnect")}}},
+                "responses": _answers("Etsi004OpenConnectResult",
+                                      "Missing source or destination, bad QoS, a malformed key_stream_id"),
+            }
+        },
+        "/api/get_key": {
+            "get": {
+                "operationId": "etsi004GetKey", "tags": ["ETSI GS QKD 004"],
+                "summary": "GET_KEY: the key chunk at index of an open stream (clause 6.4)",
+                "parameters": [
+                    {"name": "key_stream_id", "in": "query", "required": True, "schema": _KSID},
+                    {"name": "index", "in": "query", "required": False, "schema": _U32,
+                     "description": "Chunk index; default: the next one."},
+                ],
+                "responses": _answers("Etsi004GetKeyResult",
+                                      "A malformed key_stream_id or index, no such open stream, a chunk already delivered"),
+            }
+        },
+        "/api/close": {
+            "post": {
+                "operationId": "etsi004Close", "tags": ["ETSI GS QKD 004"],
+                "summary": "CLOSE: end a key stream (clause 6.5)",
+                "requestBody": {"required": True, "content": {_JSON: {"schema": _ref("Etsi004Close")}}},
+                "responses": _answers("Etsi004CloseResult", "A missing or malformed key_stream_id, no such open stream"),
+            }
+        },
+    },
+    "components": {
+        "schemas": {
+            "Etsi004Qos": {
+                "type": "object", "description": "ETSI GS QKD 004 QoS (clause 6.1.1); absent fields take the KME's default.",
+                "properties": {
+                    "key_chunk_size": {**_U32, "minimum": 1, "description": "Bytes per chunk."},
+                    **{k: _U32 for k in ("max_bps", "min_bps", "jitter", "priority", "timeout", "ttl")},
+                    "metadata_mimetype": {"type": "string", "pattern": "/"},
+                },
+            },
+            "Etsi004OpenConnect": {
+                "type": "object", "required": ["source", "destination"],
+                "properties": {
+                    "source": {"type": "string", "pattern": "\\S", "description": "URI of the source application."},
+                    "destination": {"type": "string", "pattern": "\\S",
+                                    "description": "URI of the destination application."},
+                    "qos": _ref("Etsi004Qos"),
+                    "key_stream_id": {**_KSID, "description": "Given by the second party to join the first's stream."},
+                },
+            },
+            "Etsi004OpenConnectResult": {
+                "type": "object", "required": ["status", "key_stream_id", "qos"], "additionalProperties": False,
+                "properties": {"status": _STATUS, "key_stream_id": {"anyOf": [_KSID, {"type": "null"}]},
+                               "qos": {"type": "object"}, "message": {"type": "string"}},
+            },
+            "Etsi004GetKeyResult": {
+                "type": "object", "required": ["status", "index", "key_buffer", "metadata"], "additionalProperties": False,
+                "properties": {
+                    "status": _STATUS, "index": {"anyOf": [_U32, {"type": "null"}]},
+                    "key_buffer": {"type": "string", "contentEncoding": "base64", "description": "Empty unless status is 0."},
+                    "metadata": {"type": "object", "required": ["size", "buffer"],
+                                 "properties": {"size": {"type": "integer", "minimum": 0}, "buffer": {"type": "string"}}},
+                    "message": {"type": "string"},
+                },
+            },
+            "Etsi004Close": {"type": "object", "required": ["key_stream_id"], "properties": {"key_stream_id": _KSID}},
+            "Etsi004CloseResult": {
+                "type": "object", "required": ["status"], "additionalProperties": False,
+                "properties": {"status": _STATUS, "message": {"type": "string"}},
+            },
+        }
+    },
+}

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from .coalesce import Coalescer
-from .https import ApiError, call, canonical_uuid, json_object, query_one, sae_of, use_group_commit
+from .https import ApiError, call, canonical_uuid, json_object, openapi_error, query_one, sae_of, use_group_commit
 from .interface import Key, KeyService
 
 log = logging.getLogger(__name__)
@@ -182,3 +182,140 @@ def _check_extensions(body: dict[str, Any]) -> None:
     unsupported = [n for n in _extension_objects(body, "extension_mandatory") if n not in SUPPORTED_EXTENSIONS]
     if unsupported:
         raise ApiError(400, "not all extension_mandatory parameters are supported")  # the standard's wording
+
+
+# Part of /openapi.json (agents/qaas/api.py assembles it): the five routes and the
+# standard's data formats (clause 6), as this KME serves them. The Error schema is the
+# shared one, `message` only. A request may carry fields the standard does not name
+# (they are ignored), so request schemas stay open; answers are closed, so a check
+# against the document catches a field we add by mistake.
+_SAE = {"type": "string", "minLength": 1}
+_NAMED_OBJECTS = {"type": "array", "items": {"type": "object"},
+                  "description": "Name/value objects, one parameter each (clause 6.2)."}
+_JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _sae_param(name: str, what: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": _SAE, "description": what}
+
+
+def _answers(ok: str, ok_schema: str, bad: str) -> dict[str, Any]:
+    return {
+        "200": {"description": ok, "content": {_JSON: {"schema": _ref(ok_schema)}}},
+        "400": openapi_error(bad),
+        "401": openapi_error("The client certificate's SAE is not attached to this KME"),
+        "503": openapi_error("No key (path) available now, a relay failed, or the KME is overloaded: retry"),
+    }
+
+
+_ENC_BAD = ("Bad number or size, an unknown slave or one that is the caller, an empty or malformed "
+            "additional_slave_SAE_IDs, an unsupported extension_mandatory parameter")
+_DEC_BAD = "Malformed or repeated key_IDs, a key not found for this pair, or a master that is the caller"
+_KEY_ID_PARAM = {"name": "key_ID", "in": "query", "required": True, "schema": {"type": "string", "format": "uuid"},
+                 "description": "The one key to get (POST takes several)."}
+
+OPENAPI: dict[str, Any] = {
+    "paths": {
+        BASE + "/{slave_SAE_ID}/status": {
+            "get": {
+                "operationId": "etsi014GetStatus", "tags": ["ETSI GS QKD 014"],
+                "summary": "Status of the keys between the caller (master) and slave_SAE_ID (clause 5.1)",
+                "parameters": [_sae_param("slave_SAE_ID", "The slave SAE.")],
+                "responses": _answers("Status", "Etsi014Status", "An unknown slave SAE"),
+            }
+        },
+        BASE + "/{slave_SAE_ID}/enc_keys": {
+            "get": {
+                "operationId": "etsi014GetKeySimple", "tags": ["ETSI GS QKD 014"],
+                "summary": "New keys shared with slave_SAE_ID, the caller being the master (clause 5.2, GET form)",
+                "parameters": [
+                    _sae_param("slave_SAE_ID", "The slave SAE; not the caller."),
+                    {"name": "number", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": _UINT32_MAX, "default": 1}},
+                    {"name": "size", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 8, "maximum": _UINT32_MAX, "multipleOf": 8},
+                     "description": "Key size in bits; default: the status key_size."},
+                ],
+                "responses": _answers("Key container", "Etsi014KeyContainer", _ENC_BAD),
+            },
+            "post": {
+                "operationId": "etsi014GetKey", "tags": ["ETSI GS QKD 014"],
+                "summary": "New keys shared with slave_SAE_ID and any additional slaves (clause 5.2, POST form)",
+                "parameters": [_sae_param("slave_SAE_ID", "The slave SAE; not the caller.")],
+                "requestBody": {"required": False, "content": {_JSON: {"schema": _ref("Etsi014KeyRequest")}}},
+                "responses": _answers("Key container", "Etsi014KeyContainer", _ENC_BAD),
+            },
+        },
+        BASE + "/{master_SAE_ID}/dec_keys": {
+            "get": {
+                "operationId": "etsi014GetKeyWithKeyIdsSimple", "tags": ["ETSI GS QKD 014"],
+                "summary": "The key master_SAE_ID got with this key_ID, the caller being the slave (clause 5.3, GET form)",
+                "parameters": [_sae_param("master_SAE_ID", "The master SAE; not the caller."), _KEY_ID_PARAM],
+                "responses": _answers("Key container", "Etsi014KeyContainer", _DEC_BAD),
+            },
+            "post": {
+                "operationId": "etsi014GetKeyWithKeyIds", "tags": ["ETSI GS QKD 014"],
+                "summary": "The keys master_SAE_ID got with these key_IDs, each delivered once (clause 5.3, POST form)",
+                "parameters": [_sae_param("master_SAE_ID", "The master SAE; not the caller.")],
+                "requestBody": {"required": True, "content": {_JSON: {"schema": _ref("Etsi014KeyIds")}}},
+                "responses": _answers("Key container", "Etsi014KeyContainer", _DEC_BAD),
+            },
+        },
+    },
+    "components": {
+        "schemas": {
+            "Etsi014Status": {
+                "type": "object", "description": "ETSI GS QKD 014 Status (clause 6.1).",
+                "required": ["source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID", "key_size",
+                             "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size",
+                             "min_key_size", "max_SAE_ID_count"],
+                "additionalProperties": False,
+                "properties": {
+                    **{k: {"type": "string"} for k in ("source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID")},
+                    **{k: {"type": "integer", "minimum": 0} for k in (
+                        "key_size", "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size",
+                        "min_key_size", "max_SAE_ID_count")},
+                    "status_extension": {"type": "object"},
+                },
+            },
+            "Etsi014KeyRequest": {
+                "type": "object", "description": "ETSI GS QKD 014 Key request (clause 6.2); other fields are ignored.",
+                "properties": {
+                    "number": {"type": "integer", "minimum": 1, "maximum": _UINT32_MAX, "default": 1},
+                    "size": {"type": "integer", "minimum": 8, "maximum": _UINT32_MAX, "multipleOf": 8,
+                             "description": "Key size in bits; default: the status key_size."},
+                    "additional_slave_SAE_IDs": {"type": "array", "minItems": 1, "items": _SAE,
+                                                 "description": "Further slaves; leave out when there are none."},
+                    "extension_mandatory": {**_NAMED_OBJECTS, "description": "Refused with 400 (none is supported)."},
+                    "extension_optional": _NAMED_OBJECTS,
+                },
+            },
+            "Etsi014KeyIds": {
+                "type": "object", "description": "ETSI GS QKD 014 Key IDs (clause 6.4); other fields are ignored.",
+                "required": ["key_IDs"],
+                "properties": {
+                    "key_IDs": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {
+                        "type": "object", "required": ["key_ID"],
+                        "properties": {"key_ID": {"type": "string", "format": "uuid"},
+                                       "key_ID_extension": {"type": "object"}}}},
+                    "key_IDs_extension": {"type": "object"},
+                },
+            },
+            "Etsi014KeyContainer": {
+                "type": "object", "description": "ETSI GS QKD 014 Key container (clause 6.3).",
+                "required": ["keys"],
+                "additionalProperties": False,
+                "properties": {
+                    "keys": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["key_ID", "key"], "additionalProperties": False,
+                        "properties": {"key_ID": {"type": "string", "format": "uuid"},
+                                       "key": {"type": "string", "contentEncoding": "base64"}}}},
+                },
+            },
+        }
+    },
+}

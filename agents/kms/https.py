@@ -83,6 +83,13 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"message": message}, status=status)
 
 
+def openapi_error(description: str) -> dict[str, Any]:
+    """An OpenAPI response whose body is the Error schema (`error` above), for the parts of
+    /openapi.json the key-delivery front ends contribute (agents/qaas/openapi.py defines it)."""
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
 def make_app(*, workers: int = 8, max_pending: int = 256) -> web.Application:
     """An application with the error and client-certificate middlewares and the LKMS pool.
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..kms import etsi004, etsi014
 from . import entropy, ipsec, keys, links, openapi
 from .context import Context
 
@@ -18,10 +19,13 @@ def services() -> list[ModuleType]:
 
 
 def add_routes(app: web.Application, ctx: Context) -> None:
-    """Every service's routes, and GET /openapi.json describing them."""
+    """Every service's routes, and GET /openapi.json describing them and ETSI 014 and 004."""
     mods = services()
     for mod in mods:
         mod.add_routes(app, ctx)
     # a service whose limits depend on the node's config describes them with openapi_for(ctx)
-    doc = openapi.document([mod.openapi_for(ctx) if hasattr(mod, "openapi_for") else mod.OPENAPI for mod in mods])
+    # ETSI 014 and 004 are mounted by agents/kms/node.py on the same app; described here so
+    # one document covers every path a client of this server can call
+    parts = [etsi014.OPENAPI, etsi004.OPENAPI]
+    doc = openapi.document(parts + [mod.openapi_for(ctx) if hasattr(mod, "openapi_for") else mod.OPENAPI for mod in mods])
     app.router.add_get(openapi.PATH, openapi.handler(doc), allow_head=False)

@@ -1,5 +1,6 @@
-"""The OpenAPI 3.1 document of the quantum-as-a-service APIs, assembled from each
-service's part ({"paths": {...}, "components": {"schemas": {...}}}).
+"""The OpenAPI 3.1 document of the node's HTTPS APIs (ETSI 014, the ETSI 004 REST form and
+the quantum-as-a-service APIs), assembled from each service's part ({"paths": {...},
+"components": {"schemas": {...}}}).
 
 Served on the same mutual-TLS server as everything else (the TLS layer asks every
 client for a certificate of the node's CA before any HTTP is read).
@@ -17,11 +18,10 @@ PATH = "/openapi.json"
 _ERROR = {
     "type": "object",
     "required": ["message"],
-    "properties": {
-        "message": {"type": "string"},
-        "details": {"type": "array", "items": {"type": "object"}},
-    },
-    "description": "Same shape as the ETSI GS QKD 014 Error object.",
+    "additionalProperties": False,
+    "properties": {"message": {"type": "string"}},
+    "description": "The ETSI GS QKD 014 Error object (clause 6.5) less its optional `details`, which "
+    "no answer of this node carries (clients parsed its free-form objects in incompatible ways).",
 }
 
 
@@ -47,7 +47,7 @@ def document(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": "sdqkd quantum as a service",
+            "title": "sdqkd key delivery and quantum as a service",
             "version": "1.0.0",
             "description": "Services of one sdqkd node. Every operation authenticates the caller by its "
             "TLS client certificate (the subject CN is the SAE ID), as ETSI GS QKD 014 does.",
