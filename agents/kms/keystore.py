@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdqkd.private import private_sqlite
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -136,7 +138,7 @@ class KeyStore:
                  durable: bool = False, link_key_limit: int = 100_000, expire_every: float = 1.0) -> None:
         self.path = Path(path)
         self.link_key_limit = link_key_limit
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # the file, its WAL and shm: 0600 in a 0700 directory
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         # Checkpoints (copying the WAL back into the file, with its fsyncs) run on the
         # flusher's own connection, never inside a request's commit (wal_autocheckpoint=0).
