@@ -109,3 +109,21 @@ def open_append(path: Path | str) -> int:
     if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
         os.fchmod(fd, FILE_MODE)
     return fd
+
+
+def tighten_tree(root: Path | str) -> int:
+    """Drop group/world access from everything under `root` (and root): the directory of a
+    lab made by a version that wrote 0644/0755, started again (`lab start`). Symbolic links
+    are left alone (their mode means nothing, and their target may not be ours). Returns
+    how many entries were changed."""
+    root = Path(root)
+    changed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name, mode in [("", DIR_MODE), *((d, DIR_MODE) for d in dirnames), *((f, FILE_MODE) for f in filenames)]:
+            p = Path(dirpath) / name
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                st = os.lstat(p)
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(p, stat.S_IMODE(st.st_mode) & mode)
+                    changed += 1
+    return changed

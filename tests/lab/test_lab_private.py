@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sdqkd.lab import keys, launcher
+from sdqkd.lab import failures, keys, launcher
 from test_lab_cli import small_lab
 
 
@@ -44,6 +44,18 @@ def test_a_lab_directory_is_private(tmp_path: Path) -> None:
                          "nodes/CAIT/ssh_host_ed25519_key", "nodes/CAIT/agent.log", "controller.log"):
             assert expected in files, sorted(files)
         assert any(f.endswith(".key") for f in files) and any("running" in f for f in files)
+        assert _loose(lab_dir) == []
+
+        # a lab an older version brought up (files 0644, directories 0755), a node restarted:
+        # `lab start` tightens the lab directory, the agent its state, before anything runs
+        failures.kill("Rectorado", "private", tmp_path / "labs")
+        for dirpath, dirnames, filenames in os.walk(lab_dir):
+            os.chmod(dirpath, 0o755)
+            for f in filenames:
+                os.chmod(Path(dirpath) / f, 0o644)
+        assert len(_loose(lab_dir)) > 50
+        failures.start("Rectorado", "private", tmp_path / "labs")
+        assert keys.get(data, "CAIT", "Rectorado").key
         assert _loose(lab_dir) == []
     finally:
         launcher.down("private", tmp_path / "labs")
