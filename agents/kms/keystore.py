@@ -156,7 +156,10 @@ class KeyStore:
         # Checkpoints (copying the WAL back into the file, with its fsyncs) run on the
         # flusher's own connection, never inside a request's commit (wal_autocheckpoint=0).
         sync = "FULL" if durable else "NORMAL"  # see the module's docstring
+        # temp_store=MEMORY: a statement journal (a savepoint of group()) or a sort spills
+        # page images, keys among them, into an unlinked temporary file otherwise.
         for pragma in ("journal_mode=WAL", f"synchronous={sync}", "secure_delete=ON", "foreign_keys=ON", "wal_autocheckpoint=0",
+                       "temp_store=MEMORY",
                        "journal_size_limit=16777216"):  # the WAL file shrinks back to 16 MiB when it starts over
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)

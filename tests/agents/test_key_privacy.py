@@ -99,3 +99,15 @@ def test_agent_state_dir_is_private(tmp_path: Path) -> None:
     finally:
         a.stop()
     assert _loose(a.state_dir) == []
+
+
+def test_the_store_overwrites_and_never_spills_keys(tmp_path: Path) -> None:
+    """secure_delete: freed cells and pages are zeroed (no key in free pages); temp_store in
+    memory: a savepoint's statement journal or a sort never writes page images, keys among
+    them, into a temporary file."""
+    store = KeyStore(tmp_path / "keys.sqlite")
+    try:
+        assert store._db.execute("PRAGMA secure_delete").fetchone()[0] == 1
+        assert store._db.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    finally:
+        store.close()
