@@ -22,11 +22,13 @@ DIR_MODE = 0o700
 UMASK = 0o077  # for the daemons: what they (and the libraries they call) create is private too
 
 
-def private_dir(path: Path | str) -> Path:
+def private_dir(path: Path | str, *, tighten_existing: bool = True) -> Path:
     """`path` as a directory only its owner can enter: the missing components are created
     0700 (mkdir with the mode: no window), and `path` itself, if it already existed with
-    group/world access (a state dir of an older lab), is tightened. Existing parents are
-    left as they are (they may be shared, like /tmp)."""
+    group/world access (a state dir of an older lab), is tightened unless
+    `tighten_existing` is false (the directory a file happens to be put in). Existing
+    parents are left as they are; so is a shared directory (sticky, like /tmp, or not
+    ours), which is never made private."""
     path = Path(path)
     missing = []
     p = path
@@ -38,12 +40,15 @@ def private_dir(path: Path | str) -> Path:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made meanwhile by another process of the lab
             os.mkdir(d, DIR_MODE)
-    _tighten(path, DIR_MODE)
+    if tighten_existing or missing:
+        _tighten(path, DIR_MODE)
     return path
 
 
 def _tighten(path: Path, mode: int) -> None:
     st = os.stat(path)
+    if st.st_mode & stat.S_ISVTX or st.st_uid != os.geteuid():  # shared: /tmp, someone else's
+        return
     if st.st_mode & 0o077:
         os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
 
@@ -59,7 +64,7 @@ def private_file(path: Path | str) -> Path:
     """Make sure `path` exists and is 0600: created so if missing (O_CREAT with the mode),
     tightened if an older version left it readable."""
     path = Path(path)
-    private_dir(path.parent)
+    private_dir(path.parent, tighten_existing=False)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
@@ -85,7 +90,7 @@ def write_private(path: Path | str, data: bytes | str) -> Path:
     """Replace `path` atomically with `data`, the new file created 0600 (mkstemp) in the same
     0700 directory: a reader finds the old content or the new, and never a readable copy."""
     path = Path(path)
-    private_dir(path.parent)
+    private_dir(path.parent, tighten_existing=False)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # 0600
     try:
@@ -104,7 +109,7 @@ def write_private(path: Path | str, data: bytes | str) -> Path:
 def open_append(path: Path | str) -> int:
     """A descriptor appending to `path` (a log), the file created 0600 or tightened."""
     path = Path(path)
-    private_dir(path.parent)
+    private_dir(path.parent, tighten_existing=False)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
     if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
         os.fchmod(fd, FILE_MODE)

@@ -111,3 +111,27 @@ def test_the_store_overwrites_and_never_spills_keys(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
     finally:
         store.close()
+
+
+def test_shared_directories_are_never_made_private(tmp_path: Path) -> None:
+    """A store or config put straight into a shared directory (sticky, like /tmp) must not
+    take that directory away from its other users; a directory a file is put in is not
+    tightened either, only created 0700 when missing."""
+    from sdqkd import private
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    private.private_dir(shared)
+    private.write_private(shared / "x.json", "{}")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "x.json").stat().st_mode) == 0o600
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    os.chmod(plain, 0o755)
+    private.private_sqlite(plain / "a.sqlite")
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o755
+    private.private_sqlite(plain / "new" / "a.sqlite")
+    assert stat.S_IMODE((plain / "new").stat().st_mode) == 0o700
+    private.private_dir(plain)  # a state dir: tightened
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o700
