@@ -32,6 +32,7 @@ from sdqkd.agents.netconf.notifications import NotificationHub
 from sdqkd.agents.netconf.rpcs import Rpcs
 from sdqkd.agents.netconf.server import NetconfServer
 from sdqkd.agents.netconf.session import SessionLimits
+from sdqkd.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Agent:
         self.models = agent_models()
         self.hub = NotificationHub()
         self._asked: dict[tuple[str, str], float] = {}
-        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.state_dir)  # key store, running config, host key: only ours to read
         self.qrng = wiring.build_qrng(cfg)
         entropy = self.qrng.read if self.qrng is not None else os.urandom
         self.kms = kms_node.build(cfg, entropy=entropy, on_missing_path=self._ask_for_path,

@@ -42,6 +42,7 @@ from lxml import etree
 
 from sdqkd.controller import qos
 from sdqkd.controller import store as svc
+from sdqkd.private import private_dir
 from sdqkd.controller.alarms import CRITICAL, MAJOR, MINOR, Alarm, AlarmClock
 from sdqkd.controller.config import ControllerConfig
 from sdqkd.controller.pathcomp import NoPath
@@ -99,6 +100,7 @@ class Controller:
         self.cfg = cfg
         lab = cfg.inventory
         self.inventory = builder.Inventory(lab)
+        private_dir(cfg.state_dir)  # its store: services, channels; one of an older version is tightened
         self.store = svc.ServiceStore(Path(cfg.state_dir) / "controller.sqlite")
         self.conns: dict[str, AgentConnection] = {}
         for a in cfg.agents:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdqkd.private import private_sqlite
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS applications (app_id TEXT PRIMARY KEY, data TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS channels (chan_id TEXT PRIMARY KEY, data TEXT NOT NULL, updated REAL NOT NULL);
@@ -61,7 +63,7 @@ class Channel:
 
 class ServiceStore:
     def __init__(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(path)  # the file, its WAL and shm: 0600 in a 0700 directory
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)

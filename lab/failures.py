@@ -16,6 +16,7 @@ from typing import Any
 
 from sdqkd.lab import labjson, launcher
 from sdqkd.lab.launcher import LabError
+from sdqkd import private
 
 CONTROLLER = "controller"
 SIGNALS = ("KILL", "TERM", "INT")  # a crash, an orderly stop, ^C
@@ -66,6 +67,7 @@ def start(target: str, name: str | None = None, root: Path | None = None, *, tim
         if pid and launcher.is_lab_process(pid):
             raise LabError(f"{who} is already running (pid {pid}); `sdqkd lab kill {target}` stops it")
         config = launcher.config_paths(data)[who]
+        private.tighten_tree(data["dir"])  # a lab brought up by a version that left its files readable
         if who == CONTROLLER:
             proc = launcher.spawn_controller(config, Path(entry["log"]))
         else:

@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from sdqkd.agents.netconf import ssh
 from sdqkd.lab.plan import LabPlan
+from sdqkd.private import open_append, write_private
 
 ENV = "SDQKD_LAB_DIR"  # same meaning as --lab-dir
 STATE_DIR = ".sdqkd"
@@ -89,14 +89,7 @@ def controller_access(plan: LabPlan) -> dict[str, Any]:
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lab-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)  # it holds the lab's NETCONF password
-    os.replace(tmp, path)
+    write_private(path, json.dumps(data, indent=1))  # it holds the lab's NETCONF password
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -108,7 +101,7 @@ def locked(path: Path) -> Iterator[None]:
     """Hold the lab's lock: `lab kill|start|down` each read lab.json, act, then write it, and
     two of them at once (a script and an operator) must not lose each other's pids."""
     lock = Path(path).parent / ".lab.lock"
-    with open(lock, "a") as fh:
+    with os.fdopen(open_append(lock), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

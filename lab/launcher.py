@@ -30,6 +30,7 @@ from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab import labjson, topology
 from sdqkd.listen import bind_error
+from sdqkd import private
 
 
 class LabError(Exception):
@@ -74,8 +75,7 @@ class LabProcess:
 
 
 def _spawn(what: str, args: list[str], log: Path) -> LabProcess:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
+    with os.fdopen(private.open_append(log), "ab") as fh:  # 0600 in a 0700 directory
         start = fh.seek(0, os.SEEK_END)
         return LabProcess(what, subprocess.Popen(
             [sys.executable, "-m", "sdqkd", *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ from sdqkd.agents.emulation.profile import QkdProfile, calibrate
 from sdqkd.agents.netconf import ssh
 from sdqkd import pki
 from sdqkd.lab import hosts as lab_hosts
+from sdqkd.private import private_dir, write_private
 
 LAB_NS = uuid.UUID("0b5e2f7a-6c1d-4e8b-9a3f-7d2c1b0a9e8f")
 
@@ -145,9 +146,9 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
     lab = lab_object(topology)
     name = lab.get("name") or "lab"
     lab_dir = Path(lab_dir)
-    lab_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(lab_dir)
     topo_path = lab_dir / "topology.json"
-    topo_path.write_text(json.dumps({"sdqkd-lab:lab": lab}, indent=1))
+    write_private(topo_path, json.dumps({"sdqkd-lab:lab": lab}, indent=1))
     defaults = lab.get("defaults", {})
     ports = _Ports(defaults, free_ports)
     ca = pki.make_ca(lab_dir / "pki", f"sdqkd lab {name} CA")
@@ -168,7 +169,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
     plan.orchestrator_cert = pki.issue(ca, "sdqkd-orchestrator", lab_dir / "pki" / "orchestrator", client=True)
     for node in lab.get("node", []):
         nd = lab_dir / "nodes" / node["name"]
-        nd.mkdir(parents=True, exist_ok=True)
+        private_dir(nd)
         np = NodePlan(
             name=node["name"],
             qkdn_id=node_id(name, node),
@@ -191,7 +192,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
         np = plan.nodes[node["name"]]
         cfg = agent_config(plan, lab, node, np, pw_hash)
         np.config_path = np.dir / "agent.json"
-        np.config_path.write_text(json.dumps(cfg, indent=1))
+        write_private(np.config_path, json.dumps(cfg, indent=1))  # password hash, service key
     return plan
 
 
@@ -314,5 +315,5 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
 
 def write_controller_config(plan: LabPlan) -> Path:
     path = plan.controller_config_path
-    path.write_text(json.dumps(controller_config(plan), indent=1))
+    write_private(path, json.dumps(controller_config(plan), indent=1))  # the agents' NETCONF password
     return path

@@ -9,6 +9,7 @@ import click
 
 from sdqkd import __version__, bindgen, yangmodels
 from sdqkd.listen import ListenError
+from sdqkd import private
 
 EXIT_LISTEN = 3  # an agent or the controller could not take one of its ports
 
@@ -62,6 +63,17 @@ def proto(check: bool) -> None:
     _regenerate(codegen.generate, codegen.drift, "generated gRPC code is stale: run `sdqkd proto`", check)
 
 
+def _private_process(config_path: str | None = None) -> None:
+    """What this daemon (and the libraries and helpers it runs) creates is for its owner
+    only (key stores, logs, files charon writes): umask 077. Its config holds a password
+    hash or a password and the service key: one written readable by others is tightened."""
+    import os
+
+    os.umask(private.UMASK)
+    if config_path is not None:
+        private.tighten(config_path)
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Agent config (JSON).")
 def agent(config_path: str) -> None:
@@ -72,6 +84,7 @@ def agent(config_path: str) -> None:
     from sdqkd.agents import config as agent_config
     from sdqkd.agents.agent import Agent
 
+    _private_process(config_path)
     try:
         cfg = agent_config.load(config_path)
     except agent_config.ConfigError as exc:
@@ -109,6 +122,7 @@ def controller(config_path: str) -> None:
     from sdqkd.controller import config as controller_config
     from sdqkd.controller.daemon import serve
 
+    _private_process(config_path)
     try:
         cfg = controller_config.load(config_path)
     except ConfigError as exc:
@@ -171,6 +185,7 @@ def lab_up(topology: str, free_ports: bool, lab_dir: str | None) -> None:
 
     console = Console(stderr=True)
     root = _labs(lab_dir)
+    _private_process()
     try:
         data = launcher.up(Path(topology), root, free_ports=free_ports, console=console)
     except lab_topology.TopologyError as exc:

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sdqkd.private import private_dir, write_private
+
 VALIDITY = dt.timedelta(days=365)
 # Names every KME server certificate carries: the servers listen on loopback only.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -145,7 +147,7 @@ def _alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def _write(dir: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-    dir.mkdir(parents=True, exist_ok=True)
+    private_dir(dir)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     cert_path, key_path = dir / f"{stem}.crt", dir / f"{stem}.key"
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -153,7 +155,7 @@ def _write(dir: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePr
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)  # also when the file already existed
         f.write(pem)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))  # public, but the lab's files are all 0600
     return cert_path, key_path
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ncclient import manager
 
+from sdqkd import private
 from sdqkd.agents.netconf import ssh
 from sdqkd.lab.plan import free_port as plan_free_port
 
@@ -37,7 +38,7 @@ class AgentProc:
     proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "AgentProc":
-        log = open(self.state_dir / "agent.log", "ab")
+        log = os.fdopen(private.open_append(self.state_dir / "agent.log"), "ab")  # 0600, as `lab up` makes it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdqkd", "agent", "--config", str(self.config_path)],
             stdout=log,

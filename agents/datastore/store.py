@@ -46,6 +46,7 @@ from sdqkd.agents.netconf import errors
 from sdqkd.agents.datastore import diff, edit, validate
 from sdqkd.agents.datastore.model import Config, ModelSet
 from sdqkd.agents.drivers.base import Change, Driver, DriverError
+from sdqkd.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +490,7 @@ def _write_config(path: Path, elements: Iterable[etree._Element]) -> None:
     data = b"".join([f'<?xml version="1.0" encoding="UTF-8"?>\n<config xmlns="{NC_NS}">\n'.encode(),
                      *(etree.tostring(el, encoding="UTF-8", xml_declaration=False, pretty_print=True) for el in elements),
                      b"</config>\n"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:

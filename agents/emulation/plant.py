@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdqkd.private import private_sqlite
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS cross_connect ("
     " switch TEXT NOT NULL, port_a INTEGER NOT NULL, port_b INTEGER NOT NULL,"
@@ -112,6 +114,7 @@ class Plant:
         self._ports: dict[tuple[str, int], tuple[str, Any]] = {}  # (switch, port) -> what is patched
         self._load(lab)
         self._lock = threading.Lock()
+        private_sqlite(state_path)  # the file, its WAL and shm: 0600 in a 0700 directory
         self._db = sqlite3.connect(str(state_path), timeout=10.0, isolation_level=None,
                                    check_same_thread=False)
         self._db.execute("PRAGMA busy_timeout = 10000")

@@ -7,6 +7,19 @@ secure_delete, the bytes are overwritten on disk) and records its ID as spent in
 the same transaction, so a key that comes back (a re-sent block, a replayed
 message) is refused.
 
+How long a key that left stays on disk. secure_delete zeroes the row in the page image
+the delete writes; the next checkpoint (every `checkpoint_every`) carries that image into
+the file, and freed pages are zeroed too. The WAL's older frames still hold the key (every
+commit that touched its page since it came in), and a WAL that starts over is overwritten
+from its start only, so its tail kept delivered keys for as long as the load stayed light.
+Now the first sweep after a key left (delivered, taken, committed, expired, dropped)
+truncates the WAL: its bytes are in none of the store's files at most `expire_every` +
+`flush_every` after the deletion committed (1.05 s with the defaults; measured 0.7 s
+by tests/agents/test_key_privacy.py), unless a reader blocks the checkpoint, which is then
+retried at the next sweep. Blocks the file system freed (a truncated WAL, a deleted file)
+are not overwritten by SQLite: a raw device read or an SSD's spare area is out of reach
+here. The store's file, WAL and shm are 0600 in a 0700 directory (sdqkd/private.py).
+
 Durability. The front ends answer only after the transaction that stored (or spent)
 the key has committed; several requests may share one commit (group()). In WAL mode
 with synchronous=NORMAL (the default here) a commit is a write() into the WAL, in the
@@ -51,6 +64,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sdqkd.private import private_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +151,15 @@ class KeyStore:
                  durable: bool = False, link_key_limit: int = 100_000, expire_every: float = 1.0) -> None:
         self.path = Path(path)
         self.link_key_limit = link_key_limit
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # the file, its WAL and shm: 0600 in a 0700 directory
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         # Checkpoints (copying the WAL back into the file, with its fsyncs) run on the
         # flusher's own connection, never inside a request's commit (wal_autocheckpoint=0).
         sync = "FULL" if durable else "NORMAL"  # see the module's docstring
+        # temp_store=MEMORY: a statement journal (a savepoint of group()) or a sort spills
+        # page images, keys among them, into an unlinked temporary file otherwise.
         for pragma in ("journal_mode=WAL", f"synchronous={sync}", "secure_delete=ON", "foreign_keys=ON", "wal_autocheckpoint=0",
+                       "temp_store=MEMORY",
                        "journal_size_limit=16777216"):  # the WAL file shrinks back to 16 MiB when it starts over
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
@@ -156,6 +174,9 @@ class KeyStore:
         self._flush_every = flush_every
         self._checkpoint_every = checkpoint_every
         self._expire_every = expire_every  # the sweep of end keys past their TTL (secure_delete overwrites them)
+        # Keys left the store since the WAL was last truncated: their bytes may still be in
+        # older WAL frames until the next sweep truncates it (_erase_history).
+        self._erased = False
         self._closed = threading.Event()
         self._burn_reservations()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
@@ -267,7 +288,8 @@ class KeyStore:
                 try:
                     self.flush()
                     if time.monotonic() >= next_sweep:
-                        if self.expire():
+                        self.expire()
+                        if self._erased:
                             self._erase_history(checkpointer)
                         next_sweep = time.monotonic() + self._expire_every
                     if time.monotonic() >= next_checkpoint:
@@ -293,10 +315,22 @@ class KeyStore:
             checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _erase_history(self, checkpointer: sqlite3.Connection) -> None:
-        """After expired keys were deleted (secure_delete overwrote their cells): copy the WAL
-        into the file and truncate it, as its older frames still hold the keys' bytes."""
+        """After keys left the store (delivered, taken, committed, expired, dropped), at the
+        next sweep: copy the WAL into the file and truncate it.
+
+        secure_delete overwrites a deleted row in the page image that the delete writes, and
+        the checkpoint carries that image into the file; but the WAL's older frames (every
+        commit that touched the page since the key came in) still hold the key's bytes, and
+        a WAL that starts over after a PASSIVE checkpoint is overwritten from its start only:
+        under light load its tail would keep delivered keys indefinitely (up to
+        journal_size_limit). So a key's bytes stay on disk at most until the first sweep
+        after it left: `expire_every` + `flush_every` (1.05 s with the defaults), unless a
+        reader blocks the checkpoint, which is then retried at the next sweep."""
         with self._lock:
-            checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._erased = False
+            busy = checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                self._erased = True
 
     def count(self, link: str, *, mine: bool = True) -> int:
         with self._lock:
@@ -443,6 +477,7 @@ class KeyStore:
             with _tx(self):
                 ids = [r[0] for r in self._db.execute("SELECT key_id FROM reserved WHERE rsv = ?", (reservation.rsv,))]
                 if ids:
+                    self._erased = True
                     self._db.execute("DELETE FROM reserved WHERE rsv = ?", (reservation.rsv,))
                     now = time.time()
                     self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in ids])
@@ -472,6 +507,7 @@ class KeyStore:
         with self._lock, _tx(self):
             ids = [r[0] for r in self._db.execute("SELECT key_id FROM reserved")]
             if ids:
+                self._erased = True
                 now = time.time()
                 self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in ids])
                 self._db.execute("DELETE FROM reserved")
@@ -491,6 +527,7 @@ class KeyStore:
 
     def _spend(self, key_ids: list[str]) -> None:
         now = time.time()
+        self._erased = True
         self._db.execute(f"DELETE FROM link_keys WHERE key_id IN ({_marks(key_ids)})", key_ids)
         self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in key_ids])
 
@@ -504,6 +541,7 @@ class KeyStore:
                     self._spend(ids)
                 held = [r[0] for r in self._db.execute("SELECT key_id FROM reserved WHERE link = ?", (link,))]
                 if held:  # a relay in flight on the link: its commit or release then finds nothing
+                    self._erased = True
                     self._db.execute("DELETE FROM reserved WHERE link = ?", (link,))
                     self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, time.time()) for k in held])
             self._counts.pop((link, 0), None)
@@ -538,6 +576,7 @@ class KeyStore:
             if missing or len(set(key_ids)) != len(key_ids):
                 raise MissingKeys(missing or key_ids)
             self._db.execute(f"DELETE FROM deliverable WHERE slave = ? AND key_id IN ({_marks(key_ids)})", (slave, *key_ids))
+            self._erased = True
             self._mark_spent_if_last(key_ids)
         return [bytes(rows[k]) for k in key_ids]
 
@@ -551,6 +590,7 @@ class KeyStore:
             if row is None:
                 return None
             self._db.execute("DELETE FROM deliverable WHERE slave = ? AND key_id = ?", (slave, row[0]))
+            self._erased = True
             self._mark_spent_if_last([row[0]])
         return row[0], bytes(row[1])
 
@@ -589,6 +629,7 @@ class KeyStore:
         with self._lock, _tx(self):
             ids = [r[0] for r in self._db.execute("SELECT key_id FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))]
             if ids:
+                self._erased = True
                 self._db.execute("DELETE FROM deliverable WHERE expires IS NOT NULL AND expires <= ?", (now,))
                 self._db.executemany("INSERT OR IGNORE INTO spent(key_id, at) VALUES (?, ?)", [(k, now) for k in ids])
             return len(ids)

@@ -29,6 +29,8 @@ from typing import Any
 
 import asyncssh
 
+from sdqkd.private import private_dir
+
 log = logging.getLogger(__name__)
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 128 * r * n = 16 MiB of working memory per check
@@ -87,7 +89,7 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
     """The agent's Ed25519 host key, made on first start (0600)."""
     if not path.exists():
         key = asyncssh.generate_private_key("ssh-ed25519")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(key.export_private_key("openssh"))

@@ -21,6 +21,8 @@ from typing import Any
 
 import vici
 
+from sdqkd.private import open_append, private_dir, write_private
+
 CHARON = "/usr/lib/ipsec/charon"
 # What kernel-libipsec can do: no AEAD in its ESP, so CBC + HMAC.
 IKE_PROPOSAL = "aes256-sha256-x25519"
@@ -106,10 +108,10 @@ class Charon:
     def start(self, timeout: float = 10.0) -> None:
         """Spawn charon and wait for its VICI socket."""
         run = self.dir / "run"
-        run.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(strongswan_conf(self.dir))
+        private_dir(run)  # charon's VICI socket: whoever connects to it can load keys
+        write_private(self.conf, strongswan_conf(self.dir))
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "STRONGSWAN_CONF": str(self.conf)}
-        with open(self.dir / "charon.out", "ab") as out:
+        with os.fdopen(open_append(self.dir / "charon.out"), "ab") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private",
                  "sh", "-c", 'mount --bind "$0" /run && exec "$1"', str(run), CHARON],
