@@ -54,7 +54,9 @@ class _Api:
         self.coalescer = Coalescer()
 
     async def status(self, request: web.Request) -> web.Response:
-        st = await call(request, self.service.status, sae_of(request), request.match_info["slave_SAE_ID"], inline=True)
+        master, slave = sae_of(request), request.match_info["slave_SAE_ID"]
+        _distinct(master, slave)  # no link "to itself" to report on
+        st = await call(request, self.service.status, master, slave, inline=True)
         return web.json_response(dataclasses.asdict(st))
 
     async def enc_keys_get(self, request: web.Request) -> web.Response:

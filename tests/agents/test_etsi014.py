@@ -149,6 +149,7 @@ def test_bad_requests_get_400_with_a_message(kme: Kme, sae: str, method: str, pa
 
 
 @pytest.mark.parametrize("method, path, kw", [
+    ("GET", "/api/v1/keys/sae-a/status", {}),
     ("GET", "/api/v1/keys/sae-a/enc_keys", {}),
     ("POST", "/api/v1/keys/sae-a/enc_keys", {"json": {"number": 1}}),
     ("GET", "/api/v1/keys/sae-a/dec_keys", {"params": {"key_ID": str(uuid.uuid4())}}),
