@@ -86,9 +86,11 @@ def private_sqlite(path: Path | str) -> Path:
     return path
 
 
-def write_private(path: Path | str, data: bytes | str) -> Path:
+def write_private(path: Path | str, data: bytes | str, *, durable: bool = False) -> Path:
     """Replace `path` atomically with `data`, the new file created 0600 (mkstemp) in the same
-    0700 directory: a reader finds the old content or the new, and never a readable copy."""
+    0700 directory: a reader finds the old content or the new, and never a readable copy.
+    durable: also flush the directory, so that the rename itself survives a power cut (what a
+    datastore needs; configs written once before start do not)."""
     path = Path(path)
     private_dir(path.parent, tighten_existing=False)
     raw = data.encode() if isinstance(data, str) else data
@@ -103,6 +105,12 @@ def write_private(path: Path | str, data: bytes | str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     return path
 
 

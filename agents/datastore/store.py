@@ -28,11 +28,9 @@ links and applications; the agent's secrets live beside them).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,7 +44,7 @@ from sdqkd.agents.netconf import errors
 from sdqkd.agents.datastore import diff, edit, validate
 from sdqkd.agents.datastore.model import Config, ModelSet
 from sdqkd.agents.drivers.base import Change, Driver, DriverError
-from sdqkd.private import private_dir
+from sdqkd.private import private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -491,22 +489,7 @@ def _write_config(path: Path, elements: Iterable[etree._Element]) -> None:
                      *(etree.tostring(el, encoding="UTF-8", xml_declaration=False, pretty_print=True) for el in elements),
                      b"</config>\n"])
     private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_private(path, data, durable=True)
 
 
 def _listed(exc: errors.RpcError | errors.RpcErrors) -> list[errors.RpcError]:
