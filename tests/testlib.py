@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,3 +21,16 @@ def reference_yang_dir() -> Path | None:
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str = "condition", poll: float = 0.2,
+             explain: Callable[[], str] | None = None) -> Any:
+    """pred()'s first true value within `timeout` s; AssertionError naming `what` (and what
+    `explain` adds, e.g. where threads were) when it never comes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"{what} not reached in {timeout} s" + (f"; {explain()}" if explain else ""))

@@ -174,6 +174,20 @@ def provision(plan, m) -> None:
         app(APP_AC, "sae-a", "sae-c", V, c.qkdn_id, a.qkdn_id)))
 
 
+def provisioned_and_relaying(plan, procs) -> None:
+    """The path A - B - C provisioned over NETCONF, its PHYS links ACTIVE at both ends, and
+    one key relayed A -> C: the state the kill -9 tests start from."""
+    m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
+    try:
+        provision(plan, m)
+        for n, lid in (("A", L1), ("B", L1), ("B", L2), ("C", L2)):
+            wait_active(m[n], lid)
+        relay_once(plan, 20)
+    finally:
+        for x in m.values():
+            x.close_session()
+
+
 def relay_once(plan, timeout: float) -> float:
     """Seconds until one key A -> C (two hops) is served and C gives the same key by its ID."""
     a, c = plan.nodes["A"], plan.nodes["C"]
@@ -196,15 +210,7 @@ def test_transit_node_killed_comes_back_provisioned_and_relays_again(line) -> No
     edit from anyone, it has its links, VIRT link and application back (persisted running),
     its QKD links come up again (drivers re-applied) and the LKMS relays keys A -> C through it."""
     plan, procs = line
-    m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
-    try:
-        provision(plan, m)
-        for n, lid in (("A", L1), ("B", L1), ("B", L2), ("C", L2)):
-            wait_active(m[n], lid)
-        relay_once(plan, 20)
-    finally:
-        for x in m.values():
-            x.close_session()
+    provisioned_and_relaying(plan, procs)
     procs["B"].kill()
     procs["B"].start()
     mb = procs["B"].connect(password=plan.password)
@@ -257,15 +263,7 @@ def test_failed_relays_through_a_dead_or_empty_transit_node_use_no_link_key(line
     refuses: "not a PHYS link"); 50 requests A -> C each time leave A's link keys as they were;
     once B is provisioned again keys flow, A and B agreeing on the link keys they hold."""
     plan, procs = line
-    m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
-    try:
-        provision(plan, m)
-        for n, lid in (("A", L1), ("B", L1), ("B", L2), ("C", L2)):
-            wait_active(m[n], lid)
-        relay_once(plan, 20)
-    finally:
-        for x in m.values():
-            x.close_session()
+    provisioned_and_relaying(plan, procs)
     procs["B"].kill()
     before = settled(plan)
     assert before > 0

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from testlib import wait_for
 from agentproc import AgentProc
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller import config as controller_config
@@ -56,13 +57,7 @@ def sae_client(plan, sae: str) -> httpx.Client:
 
 
 def wait(pred, timeout: float = 25.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"{what} not reached in {timeout} s")
+    return wait_for(pred, timeout, what, poll=0.25)
 
 
 def ring_channels(ctl: Controller, plan) -> None:

@@ -19,6 +19,7 @@ import grpc
 import httpx
 import pytest
 
+from testlib import wait_for
 from agentproc import AgentProc, free_port
 from sdqkd import pki
 from sdqkd.controller import config as controller_config
@@ -52,13 +53,7 @@ S = grpc.StatusCode
 
 
 def wait(pred, timeout: float = 30.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not reached in {timeout} s")
+    return wait_for(pred, timeout, what, poll=0.2)
 
 
 class Diamond:

@@ -24,6 +24,7 @@ import grpc
 import httpx
 import pytest
 
+from testlib import wait_for
 from agentproc import AgentProc, free_port
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller
@@ -54,13 +55,7 @@ SHORT, DETOUR = ["A", "B", "C"], ["A", "E", "D", "C"]
 
 
 def wait(pred, timeout: float = 20.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout} s; the controller's threads:\n{_stacks()}")
+    return wait_for(pred, timeout, what, poll=0.1, explain=lambda: f"the controller's threads:\n{_stacks()}")
 
 
 def _stacks() -> str:
