@@ -13,20 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
-import struct
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from agentproc import PASSWORD, AgentProc, agent_config  # noqa: E402
+from agentproc import AgentProc, agent_config  # noqa: E402
+from ncraw import HELLO_10, HELLO_11, Raw  # noqa: E402
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 ETSI = "urn:etsi:qkd:yang:etsi-qkd-node"
@@ -101,49 +99,13 @@ def _hostile(rng: random.Random, mid: int) -> bytes:
     return rng.randbytes(rng.randint(1, 2000))
 
 
-@dataclass
-class Client:
-    agent: AgentProc
-    chunked: bool
-
-    def __post_init__(self) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", self.agent.port), timeout=20)
-        self.t = paramiko.Transport(self.sock)
-        self.t.connect(username="admin", password=PASSWORD)
-        self.ch = self.t.open_session()
-        self.ch.invoke_subsystem("netconf")
-        self.ch.settimeout(20)
-        self.buf = b""
-        while b"]]>]]>" not in self.buf:
-            self.buf += self.ch.recv(65536)
-        self.buf = b""
-        cap = "1.1" if self.chunked else "1.0"
-        self.ch.sendall(f'<hello xmlns="{NC}"><capabilities><capability>urn:ietf:params:netconf:base:{cap}</capability>'
-                        f"</capabilities></hello>]]>]]>".encode())
-
-    def send(self, message: bytes) -> None:
-        self.ch.sendall(b"\n#%d\n" % len(message) + message + b"\n##\n" if self.chunked else message + b"]]>]]>")
-
-    def reply(self) -> bool:
-        """Read one reply; False when the server ended the session."""
-        end = b"\n##\n" if self.chunked else b"]]>]]>"
-        while end not in self.buf:
-            data = self.ch.recv(1 << 20)
-            if not data:
-                return False
-            self.buf += data
-        self.buf = self.buf.split(end, 1)[1]
-        return True
-
-    def drop(self) -> None:
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.t.active = False
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-        self.t.join(2)
-        self.sock.close()
+def reply(session: Raw) -> bool:
+    """Read one reply; False when the server ended the session."""
+    try:
+        session.read()
+    except EOFError:
+        return False
+    return True
 
 
 def rss_kib(pid: int) -> int:
@@ -160,45 +122,45 @@ def threads(pid: int) -> int:
 def fuzz(agent: AgentProc, count: int, seed: int, limit_seconds: float) -> Counter:
     rng = random.Random(seed)
     outcome: Counter = Counter()
-    client: Client | None = None
+    session: Raw | None = None
     deadline = time.monotonic() + limit_seconds
     for i in range(count):
         if time.monotonic() > deadline:
             outcome["stopped at the time limit"] += 1
             break
-        if client is None:
-            client = Client(agent, chunked=rng.random() < 0.5)
+        if session is None:
+            session = Raw(agent, HELLO_11 if rng.random() < 0.5 else HELLO_10)
         roll = rng.random()
         try:
             if roll < 0.03:  # an abrupt disconnect mid-message
-                client.ch.sendall(b"\n#5000\n<rpc " if client.chunked else b"<rpc message-id='1'")
-                client.drop()
-                client = None
+                session.ch.sendall(b"\n#5000\n<rpc " if session.chunked else b"<rpc message-id='1'")
+                session.drop()
+                session = None
                 outcome["dropped mid-message"] += 1
                 continue
-            if roll < 0.05 and client.chunked:  # broken chunk framing: an error, then the session ends
-                client.ch.sendall(rng.choice([b"\n#0\n", b"\n#99999999999\n", b"\n##\n", b"\n#12x\n", b"garbage\n"]))
-                client.reply()
+            if roll < 0.05 and session.chunked:  # broken chunk framing: an error, then the session ends
+                session.ch.sendall(rng.choice([b"\n#0\n", b"\n#99999999999\n", b"\n##\n", b"\n#12x\n", b"garbage\n"]))
+                reply(session)
                 outcome["broken framing"] += 1
             elif roll < 0.07:  # over the size limit
-                client.send(_rpc("<get>" + "z" * (MAX_MESSAGE + 10) + "</get>", i))
-                client.reply()
+                session.send(_rpc("<get>" + "z" * (MAX_MESSAGE + 10) + "</get>", i))
+                reply(session)
                 outcome["oversized"] += 1
             else:
-                client.send(_hostile(rng, i))
+                session.send(_hostile(rng, i))
                 outcome["hostile request"] += 1
-                if not client.reply():
+                if not reply(session):
                     raise EOFError
                 continue
         except (EOFError, OSError, paramiko.SSHException):
             outcome["sessions ended by the server"] += 1
-            client.drop()
-            client = None
+            session.drop()
+            session = None
             continue
-        client.drop()  # after framing trouble or an oversized message the session is over
-        client = None
-    if client is not None:
-        client.drop()
+        session.drop()  # after framing trouble or an oversized message the session is over
+        session = None
+    if session is not None:
+        session.drop()
     return outcome
 
 
@@ -215,17 +177,17 @@ def big_messages(sizes_mb: tuple[int, ...] = (1, 8, 30)) -> list[tuple[int, str,
     out = []
     try:
         for chunked in (False, True):
-            client = Client(agent, chunked=chunked)
+            session = Raw(agent, HELLO_11 if chunked else HELLO_10)
             for mb in sizes_mb:
                 text = "a" * (mb * 1024 * 1024 - 400)
                 msg = _rpc(f'<get-config><source><running/></source><filter type="subtree"><qkd_node xmlns="{ETSI}">'
                            f"<qkdn_location_id>{text}</qkdn_location_id></qkd_node></filter></get-config>", mb)
                 cpu = cpu_seconds(agent.proc.pid)
-                client.send(msg)
-                if not client.reply():
+                session.send(msg)
+                if not reply(session):
                     raise RuntimeError("the agent ended the session")
                 out.append((mb, "1.1 chunked" if chunked else "1.0 end-of-message", cpu_seconds(agent.proc.pid) - cpu))
-            client.drop()
+            session.drop()
     finally:
         agent.stop()
     return out

@@ -101,15 +101,7 @@ def test_keys_relayed_two_hops_through_etsi014(line) -> None:
     m = {n: procs[n].connect(password=plan.password) for n in "ABC"}
     try:
         m["A"].create_subscription()
-        m["A"].edit_config(target="running", config=config(
-            phys(L1, a.qkdn_id, 1, b.qkdn_id, 1, "TRANSMITTER") + virt(a.qkdn_id, c.qkdn_id, None, b.qkdn_id),
-            app(APP_AC, "sae-a", "sae-c", V, a.qkdn_id, c.qkdn_id) + app(APP_AB, "sae-a", "sae-b", L1, a.qkdn_id, b.qkdn_id)))
-        m["B"].edit_config(target="running", config=config(
-            phys(L1, b.qkdn_id, 1, a.qkdn_id, 1, "RECEIVER") + phys(L2, b.qkdn_id, 2, c.qkdn_id, 1, "TRANSMITTER")
-            + virt(b.qkdn_id, c.qkdn_id, a.qkdn_id, c.qkdn_id), app(APP_AB, "sae-a", "sae-b", L1, b.qkdn_id, a.qkdn_id)))
-        m["C"].edit_config(target="running", config=config(
-            phys(L2, c.qkdn_id, 1, b.qkdn_id, 2, "RECEIVER") + virt(c.qkdn_id, a.qkdn_id, b.qkdn_id, None),
-            app(APP_AC, "sae-a", "sae-c", V, c.qkdn_id, a.qkdn_id)))
+        provision(plan, m)
         for n, lid in (("A", L1), ("B", L1), ("B", L2), ("C", L2)):
             wait_active(m[n], lid)
         time.sleep(1.5)  # let some link key accumulate
@@ -161,7 +153,8 @@ def test_keys_relayed_two_hops_through_etsi014(line) -> None:
 
 
 def provision(plan, m) -> None:
-    """The path A - B - C of the first test (merge: the same entries again change nothing)."""
+    """The path A - B - C: PHYS links A-B and B-C, the VIRT link A-C through B, the
+    applications A-C and A-B (merge: the same entries again change nothing)."""
     a, b, c = (plan.nodes[n] for n in "ABC")
     m["A"].edit_config(target="running", config=config(
         phys(L1, a.qkdn_id, 1, b.qkdn_id, 1, "TRANSMITTER") + virt(a.qkdn_id, c.qkdn_id, None, b.qkdn_id),

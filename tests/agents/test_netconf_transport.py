@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import os
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,10 +19,9 @@ import pytest
 from lxml import etree
 
 from agentproc import PASSWORD, AgentProc, agent_config
+from ncraw import HELLO_10, HELLO_11, Raw, reset
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
-HELLO_10 = f'<hello xmlns="{NC}"><capabilities><capability>urn:ietf:params:netconf:base:1.0</capability></capabilities></hello>]]>]]>'.encode()
-HELLO_11 = f'<hello xmlns="{NC}"><capabilities><capability>urn:ietf:params:netconf:base:1.1</capability></capabilities></hello>]]>]]>'.encode()
 LIMIT = 64 * 1024
 
 
@@ -36,77 +34,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
     a.stop()
 
 
-# --- raw clients ---------------------------------------------------------------------
-
-
-class Raw:
-    """One SSH connection with a netconf channel, as bytes; `drop()` ends it with a TCP reset."""
-
-    def __init__(self, agent: AgentProc, hello: bytes | None = HELLO_10, source: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", agent.port), source_address=(source, 0), timeout=20)
-        self.t = paramiko.Transport(self.sock)
-        self.t.connect(username="admin", password=PASSWORD)
-        self.ch = self.t.open_session()
-        self.ch.invoke_subsystem("netconf")
-        self.ch.settimeout(20)
-        self.buf = b""
-        self.server_hello = self.read_eom()
-        if hello is not None:
-            self.ch.sendall(hello)
-
-    def _more(self) -> None:
-        data = self.ch.recv(65536)
-        if not data:
-            raise EOFError(self.buf)
-        self.buf += data
-
-    def read_eom(self) -> bytes:
-        while b"]]>]]>" not in self.buf:
-            self._more()
-        message, _, self.buf = self.buf.partition(b"]]>]]>")
-        return message
-
-    def read_chunked(self) -> bytes:
-        """One chunked-framed message (RFC 6242 §4.2)."""
-        out = b""
-        while True:
-            while b"\n" not in self.buf[2:] or len(self.buf) < 4:
-                self._more()
-            if self.buf.startswith(b"\n##\n"):
-                self.buf = self.buf[4:]
-                return out
-            header, _, rest = self.buf[2:].partition(b"\n")
-            size = int(header)
-            while len(rest) < size:
-                self._more()
-                header, _, rest = self.buf[2:].partition(b"\n")
-            out += rest[:size]
-            self.buf = rest[size:]
-
-    def closed_by_server(self, timeout: float = 10.0) -> bool:
-        self.ch.settimeout(timeout)
-        try:
-            while self.ch.recv(65536):
-                pass
-        except socket.timeout:
-            return False
-        return True
-
-    def drop(self) -> None:
-        """A TCP reset, no SSH disconnect. paramiko's reader thread would hold the socket open
-        past our close: SHUT_RD (which sends nothing) ends it, then the socket closes with
-        SO_LINGER 0."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.t.active = False
-        self.sock.shutdown(socket.SHUT_RD)
-        self.t.join(2)
-        self.sock.close()
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST, as a crashed client or a cut cable looks to the server."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+# --- requests --------------------------------------------------------------------------
 
 
 def _rpc(body: str, mid: int = 1) -> bytes:
@@ -170,7 +98,7 @@ def _drop_mid_handshake(agent: AgentProc) -> None:
     s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
     s.sendall(b"SSH-2.0-OpenSSH_9.2p1\r\n")
     s.recv(256)  # the server's banner
-    _reset(s)
+    reset(s)
 
 
 DROPS = {"1.0 session holding a lock": _drop_holding_lock, "1.1 session mid-chunk": _drop_mid_chunk,
