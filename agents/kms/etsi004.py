@@ -3,45 +3,41 @@ cloud scenario exposes it, translated to KeyService calls.
 
     POST /api/open_connect  {source, destination, qos?, key_stream_id?}
                             -> {status, key_stream_id, qos}
-    GET  /api/get_key?key_stream_id=KSID[&index=N]
+    GET  /api/get_key?key_stream_id=KSID[&index=N][&metadata_size=N]
                             -> {status, index, key_buffer (base64), metadata {size, buffer}}
     POST /api/close         {key_stream_id} -> {status}
 
-HTTP status: outcomes the standard models as status codes (clause 6.2 table: 1 peer not
-connected, 2 insufficient key, ... 8 metadata size insufficient) are 200 with that
-`status` (and a human `message`); a malformed request is 400, a caller that is not a
-party of the stream 401 (both JSON {"message"}). Field names are matched without regard
+HTTP status: every ETSI 004 outcome (agents/kms/keystream.py decides them all: 1 peer not
+connected, 2 insufficient key, ... 4 no such open stream, ... 8 metadata size
+insufficient) is 200 with that `status` (and a human `message`); a malformed request is
+400, a caller that is not a party of the stream 401 (both JSON {"message"}). Field names are matched without regard
 to case, since the standard writes them Key_stream_ID, Key_chunk_size, TTL; unknown
 fields are ignored. The caller is the SAE named by its client certificate.
 """
 from __future__ import annotations
 
-import base64
-import dataclasses
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from .https import ApiError, call, canonical_uuid, json_object, openapi_error, sae_of
-from .interface import KeyService, KmsError, Qos
+from . import keystream as ks
+from .https import ApiError, call, json_object, openapi_error, sae_of
+from .interface import KeyService
 
 log = logging.getLogger(__name__)
 
-SUCCESS, PEER_NOT_CONNECTED = 0, 1  # OPEN_CONNECT: 1 = connected, peer not yet
-_QOS_INTS = ("key_chunk_size", "max_bps", "min_bps", "jitter", "priority", "timeout", "ttl")
-_UINT32_MAX = 2**32 - 1
-_NO_METADATA = {"size": 0, "buffer": ""}  # the LKMS attaches no metadata to key chunks
+_UINT32_MAX = ks.UINT32_MAX
 
 
-def add_routes(app: web.Application, service: KeyService) -> None:
+def add_routes(app: web.Application, service: KeyService, nodes: dict[str, set[str]] | None = None) -> None:
     """Serve ETSI 004 on `app` (made by https.make_app) for `service`."""
-    app.add_routes(routes(service))
+    app.add_routes(routes(service, nodes))
 
 
-def routes(service: KeyService) -> list[web.RouteDef]:
+def routes(service: KeyService, nodes: dict[str, set[str]] | None = None) -> list[web.RouteDef]:
     """The three ETSI 004 routes; HEAD is not served (it would use up a key chunk)."""
-    api = _Api(service)
+    api = _Api(ks.KeyStreams(service, nodes))
     return [
         web.post("/api/open_connect", api.open_connect),
         web.get("/api/get_key", api.get_key, allow_head=False),
@@ -49,104 +45,65 @@ def routes(service: KeyService) -> list[web.RouteDef]:
     ]
 
 
+async def _bad(request: web.Request, fn: Any, *args: Any) -> Any:
+    try:
+        return await call(request, fn, *args)
+    except ks.BadRequest as exc:
+        raise ApiError(400, exc.message) from None
+
+
+def _checked(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ks.BadRequest as exc:
+        raise ApiError(400, exc.message) from None
+
+
 class _Api:
-    def __init__(self, service: KeyService) -> None:
-        self.service = service
+    def __init__(self, streams: ks.KeyStreams) -> None:
+        self.streams = streams
 
     async def open_connect(self, request: web.Request) -> web.Response:
-        body = _lower(await json_object(request))
-        source, destination = _uri(body, "source"), _uri(body, "destination")
-        qos = _qos(body.get("qos"))
-        ksid = None if body.get("key_stream_id") is None else canonical_uuid(body["key_stream_id"], "key_stream_id")
-        try:
-            stream = await call(request, self.service.open_connect, sae_of(request), source, destination, qos, ksid)
-        except KmsError as exc:
-            counter = next((d["qos"] for d in exc.details if isinstance(d.get("qos"), dict)), None)
-            return _outcome(exc, key_stream_id=ksid, qos=counter or dataclasses.asdict(qos))
-        log.info("open_connect %s: %s -> %s, stream %s", sae_of(request), source, destination, stream.key_stream_id)
-        return web.json_response({
-            "status": SUCCESS if stream.peer_connected else PEER_NOT_CONNECTED,
-            "key_stream_id": stream.key_stream_id,
-            "qos": dataclasses.asdict(stream.qos),
-        })
+        body = {k.lower(): v for k, v in (await json_object(request)).items()}
+        source = _checked(self.streams.endpoint, body.get("source"), "source")
+        destination = _checked(self.streams.endpoint, body.get("destination"), "destination")
+        qos = _checked(ks.parse_qos, body.get("qos"))
+        ksid = _checked(ks.parse_ksid, body.get("key_stream_id"))
+        got = await _bad(request, self.streams.open_connect, sae_of(request), source, destination, qos, ksid)
+        if got.status in (ks.SUCCESSFUL, ks.PEER_NOT_CONNECTED):
+            log.info("open_connect %s: %s -> %s, stream %s", sae_of(request), source, destination, got.key_stream_id)
+        return _answer({"status": got.status, "key_stream_id": got.key_stream_id, "qos": ks.qos_dict(got.qos)}, got.message)
 
     async def get_key(self, request: web.Request) -> web.Response:
         query = {k.lower(): v for k, v in request.query.items()}
         if "key_stream_id" not in query:
             raise ApiError(400, "key_stream_id is required")
-        ksid = canonical_uuid(query["key_stream_id"], "key_stream_id")
-        index = _index(query.get("index"))
-        try:
-            got, key = await call(request, self.service.get_key, sae_of(request), ksid, index)
-        except KmsError as exc:
-            return _outcome(exc, index=index, key_buffer="", metadata=_NO_METADATA)
-        return web.json_response({
-            "status": SUCCESS, "index": got, "key_buffer": base64.b64encode(key).decode("ascii"), "metadata": _NO_METADATA,
-        })
+        ksid = _checked(ks.parse_ksid, query["key_stream_id"])
+        if ksid is None:
+            raise ApiError(400, "key_stream_id must name an open stream, not the null one")
+        index = _checked(ks.parse_index, query.get("index"))
+        size = _checked(ks.parse_index, query.get("metadata_size"))
+        got = await _bad(request, self.streams.get_key, sae_of(request), ksid, index, size)
+        metadata = {"size": got.metadata_size, "buffer": got.metadata.decode("utf-8", "replace")}
+        return _answer({"status": got.status, "index": got.index, "key_buffer": got.key_b64, "metadata": metadata},
+                       got.message)
 
     async def close(self, request: web.Request) -> web.Response:
-        body = _lower(await json_object(request))
+        body = {k.lower(): v for k, v in (await json_object(request)).items()}
         if body.get("key_stream_id") is None:
             raise ApiError(400, "key_stream_id is required")
-        ksid = canonical_uuid(body["key_stream_id"], "key_stream_id")
-        try:
-            await call(request, self.service.close, sae_of(request), ksid)
-        except KmsError as exc:
-            return _outcome(exc)
-        log.info("close %s: stream %s", sae_of(request), ksid)
-        return web.json_response({"status": SUCCESS})
+        ksid = _checked(ks.parse_ksid, body["key_stream_id"])
+        if ksid is None:
+            raise ApiError(400, "key_stream_id must name an open stream, not the null one")
+        got = await _bad(request, self.streams.close, sae_of(request), ksid)
+        if got.status == ks.SUCCESSFUL:
+            log.info("close %s: stream %s", sae_of(request), ksid)
+        return _answer({"status": got.status}, got.message)
 
 
-def _outcome(exc: KmsError, **fields: Any) -> web.Response:
-    """A refusal the standard has a status code for: 200 with it; any other goes to the middleware."""
-    if exc.status004 is None:
-        raise exc
-    return web.json_response({"status": exc.status004, **fields, "message": exc.message})
-
-
-def _lower(body: dict[str, Any]) -> dict[str, Any]:
-    return {k.lower(): v for k, v in body.items()}
-
-
-def _uri(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError(400, f"{name} is required (the URI of the application)")
-    return value
-
-
-def _qos(value: Any) -> Qos:
-    """QoS (clause 6.1.1) from JSON; a field that is absent or null keeps the LKMS default."""
-    if value is None:
-        return Qos()
-    if not isinstance(value, dict):
-        raise ApiError(400, "qos must be an object")
-    given = {k.lower(): v for k, v in value.items() if v is not None}
-    fields: dict[str, Any] = {}
-    for name in _QOS_INTS:
-        if name in given:
-            v = given[name]
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _UINT32_MAX:
-                raise ApiError(400, f"qos.{name} must be an integer from 0 to {_UINT32_MAX}")
-            fields[name] = v
-    if fields.get("key_chunk_size") == 0:
-        raise ApiError(400, "qos.key_chunk_size must be at least 1 (bytes)")
-    if fields.get("max_bps") and fields.get("min_bps", 0) > fields["max_bps"]:
-        raise ApiError(400, "qos.min_bps must not exceed qos.max_bps")
-    if "metadata_mimetype" in given:
-        if not isinstance(given["metadata_mimetype"], str) or "/" not in given["metadata_mimetype"]:
-            raise ApiError(400, "qos.metadata_mimetype must be a MIME type such as application/json")
-        fields["metadata_mimetype"] = given["metadata_mimetype"]
-    return Qos(**fields)
-
-
-def _index(text: str | None) -> int | None:
-    if text is None:
-        return None
-    text = text.strip()
-    if not text.isascii() or not text.isdigit() or int(text) > _UINT32_MAX:
-        raise ApiError(400, f"index must be an integer from 0 to {_UINT32_MAX}")
-    return int(text)
+def _answer(body: dict[str, Any], message: str) -> web.Response:
+    """Every ETSI 004 outcome is 200 with its `status` (and a human `message` when not 0)."""
+    return web.json_response({**body, "message": message} if message else body)
 
 
 # Part of /openapi.json (agents/qaas/api.py assembles it). Outcomes the standard gives a
@@ -155,7 +112,7 @@ def _index(text: str | None) -> int | None:
 # lower-case spelling; other fields are ignored, so request schemas stay open.
 _JSON = "application/json"
 _U32 = {"type": "integer", "minimum": 0, "maximum": _UINT32_MAX}
-_STATUS = {"type": "integer", "minimum": 0,
+_STATUS = {"type": "integer", "minimum": 0, "maximum": 8,
            "description": "ETSI GS QKD 004 status (clause 6.2): 0 success, 1 peer not connected, 2 insufficient "
            "key, 3 peer not connected (GET_KEY), 4 no QKD connection, 5 key_stream_id in use, 6 timeout, "
            "7 QoS not met, 8 metadata size insufficient."}

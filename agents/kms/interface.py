@@ -91,10 +91,16 @@ class KeyService(Protocol):
         """Whether enc_keys for these slaves needs nothing but this node (no network wait)."""
         ...
 
-    # ETSI GS QKD 004 (caller is the SAE authenticated by its client certificate)
-    def open_connect(self, caller_sae: str, source: str, destination: str, qos: Qos,
+    # ETSI GS QKD 004 (agents/kms/keystream.py turns these into 004 statuses). caller_sae is
+    # the SAE authenticated by its client certificate; None on a transport the operator
+    # declared trusted (plain TCP on loopback): then the party attached to this node.
+    def open_connect(self, caller_sae: str | None, source: str, destination: str, qos: Qos,
                      key_stream_id: str | None) -> Stream: ...
 
-    def get_key(self, caller_sae: str, key_stream_id: str, index: int | None) -> tuple[int, bytes]: ...
+    def get_key(self, caller_sae: str | None, key_stream_id: str, index: int | None,
+                metadata_size: int | None = None) -> tuple[int, bytes, bytes]:
+        """(index, key, metadata); KmsError status004=8 with details [{"metadata_size": n}]
+        when metadata_size (the caller's buffer) is smaller than the metadata."""
+        ...
 
-    def close(self, caller_sae: str, key_stream_id: str) -> None: ...
+    def close(self, caller_sae: str | None, key_stream_id: str) -> None: ...

@@ -592,7 +592,8 @@ class Lkms:
         # The destination joins a stream the source announced; the source cannot know yet.
         return Stream(ksid, source, destination, qos, peer_connected=caller_sae == destination)
 
-    def get_key(self, caller_sae: str, key_stream_id: str, index: int | None) -> tuple[int, bytes]:
+    def get_key(self, caller_sae: str | None, key_stream_id: str, index: int | None,
+                metadata_size: int | None = None) -> tuple[int, bytes, bytes]:
         ksid = key_stream_id.lower()
         data = self.store.load_stream(_stream_key(ksid, caller_sae))
         if data is None:
@@ -611,7 +612,7 @@ class Lkms:
             key = self._stream_key_at_destination(ksid, idx, caller_sae, qos)
         data["next"] = max(data["next"], idx + 1)
         self.store.save_stream(_stream_key(ksid, caller_sae), data)
-        return idx, key
+        return idx, key, b""
 
     def _stream_key_at_source(self, ksid: str, idx: int, key_id: str, size: int, data: dict[str, Any]) -> bytes:
         if self.store.is_spent(f"{key_id}#source"):

@@ -364,11 +364,11 @@ def test_etsi004_stream_over_two_hops(net) -> None:
     stream = nodes[A].open_connect("sa", "sa", "sc", qos, None)
     peer = nodes[C].open_connect("sc", "sa", "sc", qos, stream.key_stream_id)
     assert peer.key_stream_id == stream.key_stream_id
-    i0, k0 = nodes[A].get_key("sa", stream.key_stream_id, None)
-    i1, k1 = nodes[A].get_key("sa", stream.key_stream_id, None)
+    i0, k0, _ = nodes[A].get_key("sa", stream.key_stream_id, None)
+    i1, k1, _ = nodes[A].get_key("sa", stream.key_stream_id, None)
     assert (i0, i1) == (0, 1) and k0 != k1
-    assert nodes[C].get_key("sc", stream.key_stream_id, 1) == (1, k1)
-    assert nodes[C].get_key("sc", stream.key_stream_id, 0) == (0, k0)
+    assert nodes[C].get_key("sc", stream.key_stream_id, 1) == (1, k1, b"")
+    assert nodes[C].get_key("sc", stream.key_stream_id, 0) == (0, k0, b"")
     with pytest.raises(KmsError) as err:
         nodes[A].get_key("sa", stream.key_stream_id, 0)  # already delivered
     assert err.value.http_status == 400
