@@ -53,6 +53,7 @@ class Agent:
                                       app, qaas.Context(cfg, lkms, self.qrng, self.hub.publish)))
         self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink, key_room=self.kms.lkms.key_room)
         self.drivers: list[Driver] = self.devices.drivers + ([self.qrng] if self.qrng is not None else [])
+        self.kms.lkms.streams.link_rate = lambda qkdl_id: operational.link_rate(self.drivers, qkdl_id)
         self.datastores = Datastores(
             self.models,
             NodeFacts(cfg.node.qkdn_id),

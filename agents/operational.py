@@ -30,6 +30,14 @@ def _states(drivers: list[Driver]) -> tuple[list[dict[str, Any]], list[dict[str,
     return [st for st in states if "interface" in st], [st for st in states if "cross-connects" in st]
 
 
+def link_rate(drivers: list[Driver], qkdl_id: str) -> float:
+    """The secret key rate (bit/s) the QKD modules measure on a link now (summed over the
+    modules serving it); what an ETSI 004 stream's min_bps is admitted against."""
+    want = qkdl_id.lower()
+    return float(sum(float(ls.get("skr") or 0) for st in _states(drivers)[0]
+                     for lid, ls in st.get("links", {}).items() if str(lid).lower() == want))
+
+
 def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Element]:
     """qkd_node with identity, capabilities and one qkd_interface per QKD module; one
     switch entry per optical switch (RFC 7951 JSON, written as XML by libyang)."""

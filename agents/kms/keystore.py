@@ -580,12 +580,15 @@ class KeyStore:
             self._mark_spent_if_last(key_ids)
         return [bytes(rows[k]) for k in key_ids]
 
-    def fetch_stream_key(self, slave: str, stream: str, idx: int) -> tuple[str, bytes] | None:
+    def fetch_stream_key(self, slave: str, stream: str, idx: int, master: str | None = None) -> tuple[str, bytes] | None:
+        """Chunk `idx` of an ETSI 004 stream for its destination, taken (delivered once);
+        `master`: only if it came from the stream's source."""
         now = time.time()
         with self._lock, _tx(self):
             row = self._db.execute(
-                "SELECT key_id, key FROM deliverable WHERE slave = ? AND stream = ? AND idx = ? AND (expires IS NULL OR expires > ?)",
-                (slave, stream, idx, now),
+                "SELECT key_id, key FROM deliverable WHERE slave = ? AND stream = ? AND idx = ? AND (expires IS NULL OR expires > ?)"
+                + ("" if master is None else " AND master = ?"),
+                (slave, stream, idx, now) + (() if master is None else (master,)),
             ).fetchone()
             if row is None:
                 return None
@@ -664,6 +667,11 @@ class KeyStore:
         with self._lock:
             row = self._db.execute("SELECT data FROM streams WHERE ksid = ?", (ksid,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def list_streams(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT data FROM streams").fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def delete_stream(self, ksid: str) -> None:
         with self._lock, _tx(self):

@@ -34,10 +34,9 @@ from sdqkd.agents.kms import lending
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys, Reservation
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.interface import Key, KmsError, Qos, Status, Stream
+from sdqkd.agents.kms.streams import Streams
 
 log = logging.getLogger(__name__)
-
-STREAM_NS = uuid.UUID("6f1b5a3c-2d7e-4c8a-9b0f-5e4d3c2b1a09")
 
 
 @dataclass
@@ -86,6 +85,7 @@ class Lkms:
         self._credit: dict[str, dict[str, float]] = {}  # per application, per path: weighted round robin
         self._borrowing: dict[str, threading.Lock] = {}  # per link: one borrow at a time
         self._allocated: dict[str, str] = {}  # PHYS link -> the remote its allocator was set for
+        self.streams = Streams(self)
         if forwarder is not None:
             forwarder.start(self.handle_relay)
 
@@ -376,7 +376,7 @@ class Lkms:
             raise KmsError(503, f"no working link to the next hop of {vlink}")
         counts = [fm.parts_for(8 * len(k)) for _, k in keys]
         if offer:
-            self._offer(first, vlink, master, slave, sum(counts) + 1)
+            self._offer(first, vlink, master, slave, sum(counts) + 1, stream)
         rsv = self._reserve_link(first, sum(counts) + 1)
         if rsv is None:
             raise KmsError(503, "not enough key on the link to the next hop; retry later")
@@ -416,12 +416,14 @@ class Lkms:
             raise
         self.store.commit(rsv)
 
-    def _offer(self, first: LinkRoute, vlink: str, master: str, slave: str, need: int) -> None:
+    def _offer(self, first: LinkRoute, vlink: str, master: str, slave: str, need: int,
+               stream: dict[str, Any] | None = None) -> None:
         """Ask the path from `first` on whether it would carry a message of `need` link keys per
         hop for (master, slave) on `vlink`; KmsError if a hop would refuse. Uses no key."""
         if self.forwarder is None or first.remote is None:
             raise KmsError(503, "this node has no forwarding module")
-        msg = {"op": "offer", "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave, "need": need}
+        msg = {"op": "offer", "vlink": vlink, "hop_link": first.qkdl_id, "master": master, "slave": slave, "need": need,
+               **({"stream": stream} if stream else {})}
         try:
             self.forwarder.request(first.remote, msg, idempotent=True)
         except fm.RelayError as exc:
@@ -430,7 +432,8 @@ class Lkms:
     # --- the other end of a hop ----------------------------------------------------------------
 
     def handle_relay(self, sender: str, msg: dict[str, Any]) -> dict[str, Any]:
-        handlers = {"offer": self._on_offer, "reserve": self._on_reserve, "relay": self._on_relay, "lend": self._on_lend}
+        handlers = {"offer": self._on_offer, "reserve": self._on_reserve, "relay": self._on_relay, "lend": self._on_lend,
+                    "stream": self.streams.on_relay}
         handler = handlers.get(str(msg.get("op")))
         if handler is None:
             raise fm.RelayError(f"unknown relay operation {msg.get('op')!r}", 400)
@@ -486,6 +489,8 @@ class Lkms:
         self._link_with(msg["hop_link"], sender)
         vlink, master, slave, need = str(msg["vlink"]), str(msg["master"]), str(msg["slave"]), int(msg["need"])
         if self.cfg.saes.get(slave) == self.cfg.kme_id:
+            if not self.streams.accepts(msg.get("stream"), master, slave):
+                raise fm.RelayError("no such ETSI 004 stream from that source joined here", 400)
             return {"ok": True}
         onward = self._onward(vlink, sender)
         first = self._phys_toward(onward)
@@ -494,7 +499,7 @@ class Lkms:
         if self._stock(first.qkdl_id) < need:
             raise fm.RelayError("not enough key on the link to the next hop; retry later", 503)
         try:
-            self._offer(first, vlink, master, slave, need)
+            self._offer(first, vlink, master, slave, need, msg.get("stream"))
         except KmsError as exc:
             raise fm.RelayError(exc.message, exc.http_status) from None
         return {"ok": True}
@@ -545,6 +550,8 @@ class Lkms:
         # now, whatever becomes of the keys further on (see _hop).
         self._consume(lk.qkdl_id, named)
         keys = [(i, fm.pad(fm.unb64(str(e["ct"])), b"".join(pads))) for i, e, pads in zip(ids, entries, taken[1:])]
+        if here and not self.streams.accepts(stream, master, slave):  # offered before: a stream closed meanwhile
+            raise fm.RelayError("no such ETSI 004 stream from that source joined here", 400)
         if here:
             self.store.put_deliverable(
                 Deliverable(i, slave, master, k, expires, stream and str(stream["ksid"]), stream and int(stream["idx"])) for i, k in keys
@@ -572,100 +579,23 @@ class Lkms:
             return route.prev_hop
         raise fm.RelayError(f"virtual link {vlink} goes on from {sender} to no node here", 503)
 
-    # --- ETSI 004 --------------------------------------------------------------------------------
+    # --- ETSI 004 (agents/kms/streams.py) ----------------------------------------------------------
 
-    def open_connect(self, caller_sae: str, source: str, destination: str, qos: Qos, key_stream_id: str | None) -> Stream:
-        self._local(caller_sae)
-        if caller_sae not in (source, destination):
-            raise KmsError(401, "the caller must be the source or the destination of the stream")
-        self._known(source)
-        self._known(destination)
-        if qos.key_chunk_size < 1 or 8 * qos.key_chunk_size > self.cfg.max_key_size:
-            raise KmsError(400, "key_chunk_size out of range", status004=7)
-        ksid = (key_stream_id or str(uuid.uuid4())).lower()
-        if not _is_uuid(ksid):
-            raise KmsError(400, "key_stream_id must be a UUID")
-        if self.store.load_stream(_stream_key(ksid, caller_sae)) is not None:
-            raise KmsError(400, "key_stream_id is already in use", status004=5)
-        data = {"ksid": ksid, "source": source, "destination": destination, "caller": caller_sae, "qos": qos.__dict__, "next": 0}
-        self.store.save_stream(_stream_key(ksid, caller_sae), data)
-        # The destination joins a stream the source announced; the source cannot know yet.
-        return Stream(ksid, source, destination, qos, peer_connected=caller_sae == destination)
+    def open_connect(self, caller_sae: str | None, source: str, destination: str, qos: Qos,
+                     key_stream_id: str | None) -> Stream:
+        return self.streams.open_connect(caller_sae, source, destination, qos, key_stream_id and key_stream_id.lower())
 
     def get_key(self, caller_sae: str | None, key_stream_id: str, index: int | None,
                 metadata_size: int | None = None) -> tuple[int, bytes, bytes]:
-        ksid = key_stream_id.lower()
-        data = self.store.load_stream(_stream_key(ksid, caller_sae))
-        if data is None:
-            raise KmsError(400, "no open key stream with that key_stream_id for this SAE")
-        qos = Qos(**data["qos"])
-        idx = data["next"] if index is None else index
-        if idx < 0:
-            raise KmsError(400, "index must be >= 0")
-        size = 8 * qos.key_chunk_size
-        key_id = str(uuid.uuid5(STREAM_NS, f"{ksid}/{idx}"))
-        if caller_sae == data["source"]:
-            key = self._stream_key_at_source(ksid, idx, key_id, size, data)
-        else:
-            if self.store.is_spent(key_id):
-                raise KmsError(400, f"key {idx} of this stream was already delivered")
-            key = self._stream_key_at_destination(ksid, idx, caller_sae, qos)
-        data["next"] = max(data["next"], idx + 1)
-        self.store.save_stream(_stream_key(ksid, caller_sae), data)
-        return idx, key, b""
+        return self.streams.get_key(caller_sae, key_stream_id.lower(), index, metadata_size)
 
-    def _stream_key_at_source(self, ksid: str, idx: int, key_id: str, size: int, data: dict[str, Any]) -> bytes:
-        if self.store.is_spent(f"{key_id}#source"):
-            raise KmsError(400, f"key {idx} of this stream was already delivered")
-        src, dst = data["source"], data["destination"]
-        key = self.entropy(size // 8)
-        expires = time.time() + (data["qos"].get("ttl") or self.cfg.default_ttl)
-        stream = {"ksid": ksid, "idx": idx}
-        if self._known(dst) == self.cfg.kme_id:
-            self.store.put_deliverable([Deliverable(key_id, dst, src, key, expires, ksid, idx)])
-        else:
-            try:
-                app = self._app(src, dst, Qos(**data["qos"]))
-            except KmsError as exc:
-                raise KmsError(exc.http_status, exc.message, status004=4) from None
-            paths = self._paths(app)
-            if not paths:
-                raise KmsError(503, "the application has no usable link", status004=4)
-            try:
-                spread = self._spread(app, paths, [size])
-                path = next(p for p in paths if spread[p.qkdl_id])
-                self._hop(path.qkdl_id, path.first_neighbour, [(key_id, key)], src, dst, expires, stream)
-            except KmsError as exc:
-                raise KmsError(exc.http_status, exc.message, status004=2) from None
-            self.store.record_usage(app.app_id, size)
-        self.store.mark_spent([f"{key_id}#source"])  # the source SAE has it; never served to it again
-        return key
-
-    def _stream_key_at_destination(self, ksid: str, idx: int, caller: str, qos: Qos) -> bytes:
-        deadline = time.monotonic() + qos.timeout / 1000.0
-        while True:
-            got = self.store.fetch_stream_key(caller, ksid, idx)
-            if got is not None:
-                return got[1]
-            if time.monotonic() >= deadline:
-                raise KmsError(503, f"key {idx} of this stream is not available yet", status004=2 if qos.timeout == 0 else 6)
-            time.sleep(0.02)
-
-    def close(self, caller_sae: str, key_stream_id: str) -> None:
-        key = _stream_key(key_stream_id.lower(), caller_sae)
-        if self.store.load_stream(key) is None:
-            raise KmsError(400, "no open key stream with that key_stream_id for this SAE")
-        self.store.delete_stream(key)
+    def close(self, caller_sae: str | None, key_stream_id: str) -> None:
+        self.streams.close(caller_sae, key_stream_id.lower())
 
     def shutdown(self) -> None:
         if self.forwarder is not None:
             self.forwarder.close()
         self.store.close()
-
-
-def _stream_key(ksid: str, caller: str) -> str:
-    """Both ends of a stream may sit on this node: one record per (stream, SAE)."""
-    return f"{ksid}/{caller}"
 
 
 def _is_uuid(text: str) -> bool:

@@ -61,8 +61,18 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     )
     app = https.make_app()
     etsi014.add_routes(app, lkms)
-    etsi004.add_routes(app, lkms)
+    etsi004.add_routes(app, lkms, sae_nodes(cfg))
     if more_routes is not None:
         more_routes(app, lkms)
     server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
     return KmsNode(lkms, server)
+
+
+def sae_nodes(cfg: AgentConfig) -> dict[str, set[str]]:
+    """SAE ID -> the names its node goes by (qkdn_id, node name), for ETSI 004 URIs
+    `qkd://SAE@node` (agents/kms/keystream.sae_of_uri)."""
+    k = cfg.kms
+    names = {cfg.node.qkdn_id.lower(): {cfg.node.qkdn_id.lower(), cfg.node.name.lower()}}
+    for qid, peer in cfg.peers.items():
+        names.setdefault(qid.lower(), {qid.lower()}).update({peer.node.lower()} if getattr(peer, "node", None) else set())
+    return {sae: names.get(kme.lower(), {kme.lower()}) for sae, kme in (k.saes.items() if k else [])}

@@ -4,6 +4,8 @@ joined by a PHYS link whose keys both stores hold and by their forwarding module
 from __future__ import annotations
 
 import base64
+import json
+import dataclasses
 import logging
 import os
 import uuid
@@ -24,7 +26,7 @@ from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 
 A, B = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/etsi004/{n}")) for n in ("alice", "bob"))
 LINK, APP = "10000000-0000-4000-8000-0000000000ab", "30000000-0000-4000-8000-0000000000ab"
-SAES = {"sae-a": A, "sae-b": B}
+SAES = {"sae-a": A, "sae-b": B, "sae-c": B}  # sae-c: another application at bob's node
 QOS = {"key_chunk_size": 32, "max_bps": 0, "min_bps": 0, "jitter": 0, "priority": 0, "timeout": 2000, "ttl": 60,
        "metadata_mimetype": "application/json"}
 
@@ -34,6 +36,7 @@ class Lab:
     urls: dict[str, str]  # SAE -> base URL of its node
     ca: Path
     certs: dict[str, tuple[Path, Path]]
+    nodes: dict[str, Lkms] = dataclasses.field(default_factory=dict)
 
     def client(self, sae: str, node_of: str | None = None) -> httpx.Client:
         ctx = pki.client_ssl_context(*self.certs[sae], self.ca)
@@ -46,7 +49,7 @@ def _node(d: Path, ca: tuple[Path, Path], kme: str, name: str) -> tuple[Lkms, Ht
     lkms = Lkms(LkmsConfig(kme, name, SAES), KeyStore(d / f"{name}.sqlite"), os.urandom,
                 fm.Forwarder(kme, ("127.0.0.1", 0), server_ctx, client_ctx, {}))
     app = make_app()
-    etsi004.add_routes(app, lkms)
+    etsi004.add_routes(app, lkms, {"sae-a": {A, "alice"}, "sae-b": {B, "bob"}, "sae-c": {B, "bob"}})
     return lkms, HttpsServer(app, "127.0.0.1", 0, server_ctx, access_log=True).start()
 
 
@@ -54,7 +57,7 @@ def _node(d: Path, ca: tuple[Path, Path], kme: str, name: str) -> tuple[Lkms, Ht
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     d = tmp_path_factory.mktemp("etsi004")
     ca = pki.make_ca(d / "ca", "lab-ca")
-    certs = {sae: pki.issue(ca, sae, d / "sae", client=True) for sae in ("sae-a", "sae-b", "sae-x")}
+    certs = {sae: pki.issue(ca, sae, d / "sae", client=True) for sae in ("sae-a", "sae-b", "sae-c", "sae-x")}
     certs["rogue"] = pki.issue(pki.make_ca(d / "other", "other-ca"), "sae-a", d / "other", client=True)
     (alice, alice_srv), (bob, bob_srv) = _node(d, ca, A, "alice"), _node(d, ca, B, "bob")
     alice.forwarder.peers, bob.forwarder.peers = {B: bob.forwarder.address}, {A: alice.forwarder.address}
@@ -67,7 +70,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lkms.key_sink(LINK, key_id, key)
         lkms.store.flush()
     urls = {"sae-a": f"https://127.0.0.1:{alice_srv.port}", "sae-b": f"https://127.0.0.1:{bob_srv.port}"}
-    yield Lab({**urls, "sae-x": urls["sae-a"], "rogue": urls["sae-a"]}, ca[0], certs)
+    lab = Lab({**urls, "sae-c": urls["sae-b"], "sae-x": urls["sae-a"], "rogue": urls["sae-a"]}, ca[0], certs)
+    lab.nodes = {"alice": alice, "bob": bob}
+    yield lab
     for srv, lkms in ((alice_srv, alice), (bob_srv, bob)):
         srv.stop()
         lkms.shutdown()
@@ -113,15 +118,15 @@ def test_open_get_key_by_index_and_close_at_both_ends(lab: Lab) -> None:
         # The other end asks by index, in any order, and gets the same chunks.
         at_b = get_key(b, ksid, 1).json(), get_key(b, ksid, 0).json()
         assert [(r["status"], r["index"], r["key_buffer"]) for r in at_b] == [(0, 1, second["key_buffer"]), (0, 0, first["key_buffer"])]
-        again = get_key(a, ksid, 0)  # each chunk leaves each end once
-        assert again.status_code == 400 and again.json()["message"]
+        again = get_key(a, ksid, 0).json()  # each chunk leaves each end once
+        assert again["status"] == 2 and again["key_buffer"] == "" and again["message"]
         reused = a.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b", "qos": QOS, "key_stream_id": ksid})
         assert reused.status_code == 200 and reused.json()["status"] == 5  # KSID in use
 
         assert a.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
         assert b.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
         closed = get_key(a, ksid)
-    assert closed.status_code == 400 and closed.json()["message"]
+    assert closed.status_code == 200 and closed.json()["status"] == 4 and closed.json()["key_buffer"] == ""
 
 
 def test_at_the_destination_a_chunk_not_held_is_status_2_not_an_http_error(lab: Lab) -> None:
@@ -130,8 +135,8 @@ def test_at_the_destination_a_chunk_not_held_is_status_2_not_an_http_error(lab: 
         chunk = get_key(a, ksid).json()["key_buffer"]
         assert get_key(b, ksid, 0).json()["key_buffer"] == chunk
         again, ahead = get_key(b, ksid, 0), get_key(b, ksid, 7)  # delivered already; never drawn
-    # a chunk already delivered is refused at once, as at the source
-    assert again.status_code == 400 and again.json()["message"]
+    # a chunk already delivered is not there any more: status 2 at once (timeout 0)
+    assert again.status_code == 200 and again.json()["status"] == 2 and again.json()["key_buffer"] == ""
     assert ahead.status_code == 200
     body = ahead.json()
     assert body["status"] == 2 and body["key_buffer"] == "" and body["message"] and body["index"] == 7
@@ -167,16 +172,16 @@ KSID = str(uuid.uuid4())
     ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"min_bps": 9, "max_bps": 8}}}),
     ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "qos": {"metadata_mimetype": 1}}}),
     ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "sae-b", "key_stream_id": "stream-1"}}),
-    ("POST", "/api/open_connect", {"json": {"source": "sae-a", "destination": "nobody"}}),
     ("GET", "/api/get_key", {}),
     ("GET", "/api/get_key", {"params": {"key_stream_id": "stream-1"}}),
     ("GET", "/api/get_key", {"params": {"key_stream_id": KSID, "index": "-1"}}),
     ("GET", "/api/get_key", {"params": {"key_stream_id": KSID, "index": "first"}}),
-    ("GET", "/api/get_key", {"params": {"key_stream_id": KSID}}),  # no such stream
     ("POST", "/api/close", {"json": {}}),
     ("POST", "/api/close", {"json": {"key_stream_id": 5}}),
     ("POST", "/api/close", {"content": b"close"}),
-    ("POST", "/api/close", {"json": {"key_stream_id": KSID}}),  # no such stream
+    ("POST", "/api/open_connect", {"json": {"source": "qkd://sae-a@bob", "destination": "sae-b"}}),  # not sae-a's node
+    ("POST", "/api/open_connect", {"json": {"source": "http://sae-a@alice", "destination": "sae-b"}}),
+    ("GET", "/api/get_key", {"params": {"key_stream_id": "00000000-0000-0000-0000-000000000000"}}),
 ])
 def test_bad_requests_get_400_with_a_message(lab: Lab, method: str, path: str, kw: dict) -> None:
     with lab.client("sae-a") as a:
@@ -191,7 +196,7 @@ def test_no_key_bytes_in_logs(lab: Lab, caplog: pytest.LogCaptureFixture) -> Non
     with lab.client("sae-a") as a, lab.client("sae-b") as b:
         chunks = [get_key(a, ksid).json()["key_buffer"] for _ in range(3)]
         chunks += [get_key(b, ksid, i).json()["key_buffer"] for i in range(3)]
-        assert get_key(a, ksid, 0).status_code == 400
+        assert get_key(a, ksid, 0).json()["status"] == 2
         a.post("/api/close", json={"key_stream_id": ksid})
         b.post("/api/close", json={"key_stream_id": ksid})
     text = caplog.text
@@ -220,3 +225,116 @@ def test_both_saes_on_one_node(tmp_path: Path) -> None:
     finally:
         srv.stop()
         lkms.shutdown()
+
+
+def _open(c: httpx.Client, src: str = "sae-a", dst: str = "sae-b", **body: object) -> dict:
+    r = c.post("/api/open_connect", json={"source": src, "destination": dst, "qos": QOS, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_get_key_before_the_peer_opened_is_3_at_either_end(lab: Lab) -> None:
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        ksid = _open(a)["key_stream_id"]
+        early = get_key(a, ksid).json()
+        assert early["status"] == 3 and early["key_buffer"] == ""
+        assert _open(b, key_stream_id=ksid)["status"] == 0
+        assert get_key(a, ksid).json()["status"] == 0
+        # the source closes: the destination gets what was sent, then 3
+        assert a.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
+        assert get_key(b, ksid, 0).json()["status"] == 0
+        assert get_key(b, ksid, 1).json()["status"] == 3
+        assert b.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
+
+
+def test_unknown_streams_and_applications_are_status_4(lab: Lab) -> None:
+    other = str(uuid.uuid4())
+    with lab.client("sae-a") as a:
+        got = get_key(a, other)
+        closed = a.post("/api/close", json={"key_stream_id": other})
+        nobody = a.post("/api/open_connect", json={"source": "sae-a", "destination": "nobody"})
+    assert got.status_code == closed.status_code == nobody.status_code == 200
+    assert got.json()["status"] == closed.json()["status"] == nobody.json()["status"] == 4
+    assert nobody.json()["key_stream_id"] is None
+
+
+def test_null_and_all_zero_ksid_ask_for_one_and_uris_name_the_application(lab: Lab) -> None:
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        first = _open(a, src=f"qkd://sae-a@{A}", dst="qkd://sae-b@bob", key_stream_id="00000000-0000-0000-0000-000000000000")
+        assert first["status"] == 1 and first["key_stream_id"] != "00000000-0000-0000-0000-000000000000"
+        ksid = first["key_stream_id"]
+        assert _open(b, src="qkd://sae-a@alice", dst="qkd://sae-b", key_stream_id=ksid)["status"] == 0
+        assert get_key(a, ksid).json()["key_buffer"] == get_key(b, ksid, 0).json()["key_buffer"]
+        for c in (a, b):
+            c.post("/api/close", json={"key_stream_id": ksid})
+
+
+@pytest.mark.parametrize("first", ["source", "destination"])
+def test_madqci_pairing_both_ends_open_with_a_null_ksid(lab: Lab, first: str) -> None:
+    """Both applications open (source, destination) with no KSID at their own node, in
+    either order, and get the same stream."""
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        order = [a, b] if first == "source" else [b, a]
+        one, two = _open(order[0], key_stream_id=None), _open(order[1], key_stream_id=None)
+        assert (one["status"], two["status"]) == (1, 0)
+        assert one["key_stream_id"] == two["key_stream_id"]
+        ksid = one["key_stream_id"]
+        assert get_key(a, ksid).json()["key_buffer"] == get_key(b, ksid).json()["key_buffer"]
+        for c in (a, b):
+            assert c.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
+
+
+def test_a_third_application_cannot_feed_or_squat_a_stream(lab: Lab) -> None:
+    """sae-c (at bob's node, like the destination) opens the victim's KSID with itself as
+    source and asks for keys first: its stream is its own, the destination never sees its
+    keys, and the destination still joins the real one."""
+    with lab.client("sae-a") as a, lab.client("sae-b") as b, lab.client("sae-c") as c:
+        ksid = _open(a)["key_stream_id"]
+        squat = _open(c, src="sae-c", dst="sae-b", key_stream_id=ksid)
+        assert squat["status"] == 1  # a stream of sae-c's own, which sae-b never joined
+        assert get_key(c, ksid).json()["status"] == 3
+        assert _open(b, key_stream_id=ksid)["status"] == 0
+        real = get_key(a, ksid).json()
+        at_b = get_key(b, ksid, 0).json()
+        assert real["status"] == at_b["status"] == 0 and real["key_buffer"] == at_b["key_buffer"]
+        assert get_key(c, ksid).json()["status"] == 3  # still not joined by anyone
+        # claiming to be the destination of the real stream is another party's KSID: 5
+        assert _open(c, src="sae-a", dst="sae-c", key_stream_id=ksid)["status"] in (4, 5)
+        for cl in (a, b, c):
+            cl.post("/api/close", json={"key_stream_id": ksid})
+
+
+def test_metadata_and_status_8(lab: Lab) -> None:
+    ksid = open_stream(lab)
+    with lab.client("sae-a") as a, lab.client("sae-b") as b:
+        small = a.get("/api/get_key", params={"key_stream_id": ksid, "metadata_size": 4}).json()
+        assert small["status"] == 8 and small["metadata"]["size"] > 4 and small["key_buffer"] == ""
+        ok = a.get("/api/get_key", params={"key_stream_id": ksid, "metadata_size": small["metadata"]["size"]}).json()
+        assert ok["status"] == 0 and ok["index"] == 0
+        meta = json.loads(ok["metadata"]["buffer"])
+        assert meta == {"key_stream_id": ksid, "index": 0, "size": 256} and ok["metadata"]["size"] == len(ok["metadata"]["buffer"])
+        assert get_key(b, ksid, 0).json()["key_buffer"] == ok["key_buffer"]
+        for c in (a, b):
+            c.post("/api/close", json={"key_stream_id": ksid})
+
+
+def test_qos_counter_proposals_are_achievable(lab: Lab) -> None:
+    alice = lab.nodes["alice"]
+    alice.streams.link_rate = lambda link: 5000.0  # what the QKD modules measure on the PHYS link
+    try:
+        with lab.client("sae-a") as a, lab.client("sae-b") as b:
+            big = _open(a, qos={**QOS, "key_chunk_size": 4096, "min_bps": 8000})
+            assert big["status"] == 7 and big["key_stream_id"] is None
+            assert big["qos"]["key_chunk_size"] == 1024 and big["qos"]["min_bps"] == 5000
+            again = _open(a, qos=big["qos"])  # the counter-proposal, sent back, is accepted
+            assert again["status"] == 1 and again["qos"] == big["qos"]
+            ksid = again["key_stream_id"]
+            second = _open(a, qos={**QOS, "min_bps": 1})  # the first stream holds the whole rate
+            assert second["status"] == 7 and second["qos"]["min_bps"] == 0
+            assert _open(a, qos=second["qos"])["status"] == 1
+            joined = _open(b, key_stream_id=ksid)  # the destination gets the stream's granted QoS
+            assert joined["status"] == 0 and joined["qos"] == big["qos"]
+            for c in (a, b):
+                c.post("/api/close", json={"key_stream_id": ksid})
+    finally:
+        alice.streams.link_rate = None
