@@ -152,9 +152,11 @@ OPENAPI: dict[str, Any] = {
                     {"name": "key_stream_id", "in": "query", "required": True, "schema": _KSID},
                     {"name": "index", "in": "query", "required": False, "schema": _U32,
                      "description": "Chunk index; default: the next one."},
+                    {"name": "metadata_size", "in": "query", "required": False, "schema": _U32,
+                     "description": "Bytes the caller can take of metadata; less than the metadata needs: status 8 "
+                                    "with the size needed. Default: no limit."},
                 ],
-                "responses": _answers("Etsi004GetKeyResult",
-                                      "A malformed key_stream_id or index, no such open stream, a chunk already delivered"),
+                "responses": _answers("Etsi004GetKeyResult", "A malformed or null key_stream_id, index or metadata_size"),
             }
         },
         "/api/close": {
@@ -162,7 +164,7 @@ OPENAPI: dict[str, Any] = {
                 "operationId": "etsi004Close", "tags": ["ETSI GS QKD 004"],
                 "summary": "CLOSE: end a key stream (clause 6.5)",
                 "requestBody": {"required": True, "content": {_JSON: {"schema": _ref("Etsi004Close")}}},
-                "responses": _answers("Etsi004CloseResult", "A missing or malformed key_stream_id, no such open stream"),
+                "responses": _answers("Etsi004CloseResult", "A missing, malformed or null key_stream_id"),
             }
         },
     },
@@ -179,11 +181,14 @@ OPENAPI: dict[str, Any] = {
             "Etsi004OpenConnect": {
                 "type": "object", "required": ["source", "destination"],
                 "properties": {
-                    "source": {"type": "string", "pattern": "\\S", "description": "URI of the source application."},
+                    "source": {"type": "string", "pattern": "\\S",
+                               "description": "The source application: its SAE ID or qkd://SAE_ID@node."},
                     "destination": {"type": "string", "pattern": "\\S",
                                     "description": "URI of the destination application."},
                     "qos": _ref("Etsi004Qos"),
-                    "key_stream_id": {**_KSID, "description": "Given by the second party to join the first's stream."},
+                    "key_stream_id": {"anyOf": [_KSID, {"type": "null"}],
+                                      "description": "The stream to join; null or all-zero: assign one (or pair with "
+                                                     "the stream the other application opened alone)."},
                 },
             },
             "Etsi004OpenConnectResult": {
