@@ -74,18 +74,18 @@ class LabProcess:
         return said
 
 
-def _spawn(what: str, args: list[str], log: Path) -> LabProcess:
+def _spawn(what: str, args: list[str], log: Path, module: str = "sdqkd") -> LabProcess:
     with os.fdopen(private.open_append(log), "ab") as fh:  # 0600 in a 0700 directory
         start = fh.seek(0, os.SEEK_END)
         return LabProcess(what, subprocess.Popen(
-            [sys.executable, "-m", "sdqkd", *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", module, *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         ), log, start)
 
 
 def spawn_agent(name: str, config: Path, log: Path) -> LabProcess:
     """Start one node's agent from its config file; `lab up` and `lab start` both start agents here."""
-    return _spawn(f"agent {name}", ["agent", "--config", str(config)], log)
+    return _spawn(f"agent {name}", ["--config", str(config)], log, "sdqkd.agents")  # the CLI less click
 
 
 def spawn_controller(config: Path, log: Path) -> LabProcess:
@@ -252,7 +252,12 @@ def is_lab_process(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"sdqkd" in cmd and (b"agent" in cmd or b"controller" in cmd)
+    return _is_sdqkd(cmd) and (b"agent" in cmd or b"controller" in cmd or b"sdqkd.agents" in cmd)
+
+
+def _is_sdqkd(cmd: list[bytes]) -> bool:
+    """`python -m sdqkd ...` (the CLI) or `python -m sdqkd.agents` (what the lab starts agents with)."""
+    return b"sdqkd" in cmd or b"sdqkd.agents" in cmd
 
 
 def signal_and_wait(pid: int, sig: signal.Signals, wait: float) -> bool:
@@ -303,7 +308,7 @@ def running_with(configs: set[Path]) -> list[int]:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"sdqkd" in cmd and "--config".encode() in cmd and wanted.intersection(cmd):
+        if _is_sdqkd(cmd) and b"--config" in cmd and wanted.intersection(cmd):
             found.append(int(d.name))
     return found
 

@@ -78,36 +78,9 @@ def _private_process(config_path: str | None = None) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Agent config (JSON).")
 def agent(config_path: str) -> None:
     """Run one SD-QKD node agent (NETCONF server, drivers) until SIGTERM/SIGINT."""
-    import logging
-    import signal
+    from sdqkd.agents.main import run  # also `python -m sdqkd.agents`, what `lab up` starts
 
-    from sdqkd.agents import config as agent_config
-    from sdqkd.agents.agent import Agent
-
-    _private_process(config_path)
-    try:
-        cfg = agent_config.load(config_path)
-    except agent_config.ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"config error: {problem}", err=True)
-        raise SystemExit(2) from None
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from sdqkd.agents.netconf.ssh import return_large_blocks_to_the_os
-
-    return_large_blocks_to_the_os()  # a password check's 16 MiB goes back after each login
-    node = None
-    try:
-        node = Agent(cfg)
-        node.start()
-    except ListenError as exc:  # one line for the operator (and `lab up`), no traceback
-        if node is not None:
-            node.stop()
-        click.echo(f"error: agent {cfg.node.name}: {exc}", err=True)
-        raise SystemExit(EXIT_LISTEN) from None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: node.stop())
-    click.echo(f"ready netconf={cfg.netconf.address}:{node.server.port}", err=True)
-    node.wait()
+    raise SystemExit(run(config_path))
 
 
 @main.command()

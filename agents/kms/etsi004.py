@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from . import keystream as ks
 from .https import ApiError, call, json_object, openapi_error, sae_of

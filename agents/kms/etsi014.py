@@ -14,8 +14,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from aiohttp import web
-from multidict import MultiMapping
+from sdqkd.agents.kms import web
+
 
 from .coalesce import Coalescer
 from .https import ApiError, call, canonical_uuid, json_object, openapi_error, query_one, sae_of, use_group_commit
@@ -131,7 +131,7 @@ def _container(keys: list[Key]) -> web.Response:
     )
 
 
-def _query_int(query: MultiMapping[str], name: str) -> int | None:
+def _query_int(query: web.Query, name: str) -> int | None:
     value = query_one(query, name)
     if value is None:
         return None

@@ -1,6 +1,6 @@
 """The HTTPS server the key-delivery front ends (ETSI GS QKD 014, 004) share.
 
-The agent is thread-based (NETCONF server, drivers), so the aiohttp application runs in
+The agent is thread-based (NETCONF server, drivers), so the HTTP server (agents/kms/web.py, on h11) runs in
 its own thread with its own asyncio loop (`HttpsServer`). Every request is
 authenticated by its TLS client certificate: the SAE ID is the certificate's subject CN
 (pki.sae_id_of), never anything in the URL or body.
@@ -31,10 +31,9 @@ from contextlib import AbstractContextManager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from aiohttp import web
-from multidict import MultiMapping
-
 from sdqkd.listen import binding
+
+from . import web
 
 from sdqkd.pki import sae_id_of
 from .interface import KmsError
@@ -57,7 +56,7 @@ class ApiError(Exception):
         self.message = message
 
 
-def query_one(query: MultiMapping[str], name: str, quote: bool = False) -> str | None:
+def query_one(query: web.Query, name: str, quote: bool = False) -> str | None:
     """A query parameter given at most once (None when absent), or 400: a repeated
     parameter is ambiguous, and taking the first or the last would hide a client bug."""
     values = query.getall(name, [])
@@ -235,9 +234,12 @@ class HttpsServer:
     """Serves `app` over TLS on host:port from a thread of its own (port 0: any free one)."""
 
     def __init__(self, app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
-                 access_log: bool = False, shutdown_timeout: float = 2.0, role: str = "HTTPS") -> None:
+                 access_log: bool = False, shutdown_timeout: float = 2.0, role: str = "HTTPS",
+                 limits: web.Limits = web.Limits()) -> None:
         self.app, self.host, self._port, self.ssl_ctx = app, host, port, ssl_ctx
         self.role = role  # what a bind failure calls this server
+        self.limits = limits
+        self.server: web.Server | None = None
         self._access_log = access_log
         self._shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -271,25 +273,22 @@ class HttpsServer:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(self.app, access_log=log if self._access_log else None,
-                               shutdown_timeout=self._shutdown_timeout)
+        server = web.Server(self.app, self.limits, log if self._access_log else None)
         try:
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_ctx)
             with binding(self.role, self.host, self._port):
-                loop.run_until_complete(site.start())
-            self._port = runner.addresses[0][1]
+                self._port = loop.run_until_complete(server.start(self.host, self._port, self.ssl_ctx))
         except BaseException as exc:  # reported to start()'s caller
             self._failure = exc
-            loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(self.app.cleanup())
             loop.close()
             self._ready.set()
             return
-        self._loop = loop
+        self._loop, self.server = loop, server
         self._ready.set()
         log.info("ETSI key delivery listening on https://%s:%d", self.host, self._port)
         try:
             loop.run_forever()
         finally:
-            loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(server.stop(self._shutdown_timeout))
+            loop.run_until_complete(self.app.cleanup())
             loop.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -83,7 +83,7 @@ class Closed:
     message: str = ""
 
 
-def sae_of_uri(value: Any, name: str, nodes: Mapping[str, str] | None = None) -> str:
+def sae_of_uri(value: Any, name: str, nodes: Mapping[str, Collection[str]] | None = None) -> str:
     """The SAE ID an endpoint URI names. `nodes`: SAE ID -> the names its node goes by
     (qkdn_id, node name), to refuse `qkd://SAE@other-node`."""
     if not isinstance(value, str) or not value.strip():
@@ -176,7 +176,7 @@ class KeyStreams:
     timeout, the relay): run them off an event loop.
     """
 
-    def __init__(self, service: KeyService, nodes: Mapping[str, str] | None = None) -> None:
+    def __init__(self, service: KeyService, nodes: Mapping[str, Collection[str]] | None = None) -> None:
         self.service = service
         self.nodes = nodes
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.kms import etsi004, etsi014, https

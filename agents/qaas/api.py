@@ -4,7 +4,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from ..kms import etsi004, etsi014
 from . import entropy, ipsec, keys, links, openapi
@@ -28,4 +28,4 @@ def add_routes(app: web.Application, ctx: Context) -> None:
     # one document covers every path a client of this server can call
     parts = [etsi014.OPENAPI, etsi004.OPENAPI]
     doc = openapi.document(parts + [mod.openapi_for(ctx) if hasattr(mod, "openapi_for") else mod.OPENAPI for mod in mods])
-    app.router.add_get(openapi.PATH, openapi.handler(doc), allow_head=False)
+    app.add_routes([web.get(openapi.PATH, openapi.handler(doc), allow_head=False)])

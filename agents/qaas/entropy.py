@@ -14,7 +14,7 @@ import re
 import time
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from sdqkd.agents.config import MAX_ENTROPY_REQUEST
 from sdqkd.agents.drivers.qrng import QrngFailure
@@ -136,4 +136,4 @@ def add_routes(app: web.Application, ctx: Context) -> None:
         return web.json_response({"bytes": n, "entropy": base64.b64encode(data).decode("ascii"),
                                   "source": qrng.source})
 
-    app.router.add_get(PATH, get_entropy, allow_head=False)
+    app.add_routes([web.get(PATH, get_entropy, allow_head=False)])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from sdqkd.agents.config import IpsecConf, IpsecPeerConf
 from sdqkd.agents.kms import https
@@ -395,14 +395,16 @@ def add_routes(app: web.Application, ctx: Context) -> None:
     async def _close(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, tunnels.close)
 
-    app.router.add_post(PATH, create)
-    app.router.add_get(PATH, listing, allow_head=False)
-    app.router.add_get(PATH + "/{id}", one, allow_head=False)
-    app.router.add_delete(PATH + "/{id}", delete)
-    app.router.add_put(PATH + "/{id}/peer", accept)
-    app.router.add_post(PATH + "/{id}/peer/ppk", new_ppk)
-    app.router.add_delete(PATH + "/{id}/peer", release)
-    app.on_shutdown.append(_close)
+    app.add_routes([
+        web.post(PATH, create),
+        web.get(PATH, listing, allow_head=False),
+        web.get(PATH + "/{id}", one, allow_head=False),
+        web.delete(PATH + "/{id}", delete),
+        web.put(PATH + "/{id}/peer", accept),
+        web.post(PATH + "/{id}/peer/ppk", new_ppk),
+        web.delete(PATH + "/{id}/peer", release),
+    ])
+    app.on_cleanup.insert(0, _close)  # before the key-delivery pool shuts down
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}

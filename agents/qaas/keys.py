@@ -20,7 +20,7 @@ import base64
 import logging
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from sdqkd.agents.kms.https import ApiError, call, canonical_uuid, query_one, sae_of
 from sdqkd.agents.kms.interface import Key, KmsError
@@ -36,7 +36,7 @@ _RETRY = 0.2  # s between attempts while the controller provisions the path
 
 
 def add_routes(app: web.Application, ctx: Context) -> None:
-    app.router.add_get(PATH, _Keys(ctx).get, allow_head=False)
+    app.add_routes([web.get(PATH, _Keys(ctx).get, allow_head=False)])
 
 
 class _Keys:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms.https import call
@@ -32,7 +32,7 @@ def add_routes(app: web.Application, ctx: Context) -> None:
     async def get(request: web.Request) -> web.Response:
         return web.json_response(await call(request, listing.snapshot))
 
-    app.router.add_get(PATH, get, allow_head=False)
+    app.add_routes([web.get(PATH, get, allow_head=False)])
 
 
 class _Listing:

@@ -11,7 +11,7 @@ import copy
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 PATH = "/openapi.json"
 

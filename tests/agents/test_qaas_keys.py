@@ -213,6 +213,44 @@ def test_openapi_document_is_valid_and_responses_follow_it(lab) -> None:
             {**key.json(), "size": "256"})
 
 
+def _open004(c: httpx.Client, src: str, dst: str, ksid: str | None = None, tries: int = 60) -> dict[str, Any]:
+    """OPEN_CONNECT, retried while the answer is 4 (the controller is still provisioning a path)."""
+    for _ in range(tries):
+        r = c.post("/api/open_connect", json={"source": src, "destination": dst, "key_stream_id": ksid,
+                                              "qos": {"key_chunk_size": 32, "timeout": 5000}})
+        assert r.status_code == 200, r.text
+        if r.json()["status"] != 4:
+            return r.json()
+        time.sleep(0.5)
+    raise AssertionError(f"no QKD connection between {src} and {dst}: {r.json()}")
+
+
+def test_etsi004_streams_between_agents_two_hops_apart(lab) -> None:
+    """CAIT and Rectorado (relayed through CCS by the controller's path): the MadQCI
+    pairing (both open with no KSID, URIs naming the nodes), keys equal at both ends and
+    a third application at the relay node (sae-ccs-2) that opens the same KSID as its own
+    source gets 3, never a key of the stream."""
+    src, dst = "qkd://sae-cait@CAIT", f"qkd://sae-rectorado@{_qkdn_id(lab, 'Rectorado')}"
+    with _client(lab, "CAIT") as cait, _client(lab, "Rectorado") as rect, _client(lab, "CCS", "sae-ccs-2") as ccs2:
+        one = _open004(cait, src, dst)
+        two = _open004(rect, src, dst)
+        assert (one["status"], two["status"]) == (1, 0) and one["key_stream_id"] == two["key_stream_id"]
+        ksid = one["key_stream_id"]
+        squat = _open004(ccs2, "sae-ccs-2", "sae-rectorado", ksid)
+        assert squat["status"] in (1, 4)
+        got = [cait.get("/api/get_key", params={"key_stream_id": ksid}).json() for _ in range(3)]
+        assert [g["status"] for g in got] == [0, 0, 0]
+        at_far = [rect.get("/api/get_key", params={"key_stream_id": ksid, "index": i}).json() for i in range(3)]
+        assert [g["key_buffer"] for g in at_far] == [g["key_buffer"] for g in got]
+        SEEN.extend(base64.b64decode(g["key_buffer"]) for g in got)
+        if squat["status"] == 1:
+            assert ccs2.get("/api/get_key", params={"key_stream_id": ksid}).json()["status"] == 3
+        assert rect.get("/api/get_key", params={"key_stream_id": ksid, "index": 3}).json()["status"] == 6  # QoS timeout 5 s
+        for c in (cait, rect):
+            assert c.post("/api/close", json={"key_stream_id": ksid}).json() == {"status": 0}
+        assert cait.get("/api/get_key", params={"key_stream_id": ksid}).json()["status"] == 4
+
+
 def test_no_key_byte_in_any_log(lab) -> None:
     assert len(SEEN) >= 6
     logs = [Path(n["log"]).read_text(errors="replace") for n in lab["nodes"]] + [Path(lab["controller"]["log"]).read_text()]
