@@ -32,15 +32,15 @@ MAX = 4096
 
 
 def kms_section(tmp: Path, qkdn_id: str) -> tuple[dict[str, Any], tuple[str, str, str]]:
-    """The node's KME certificate and an SAE client certificate from a fresh CA."""
+    """The node's KME certificate and an SAE client certificate from a fresh lab PKI."""
     d = tmp / "pki"
     d.mkdir(parents=True, exist_ok=True)
-    ca = pki.make_ca(d, "ca")
-    cert, key = pki.issue(ca, qkdn_id, d, server_names=("localhost",), client=True)
-    sae_cert, sae_key = pki.issue(ca, "sae-1", d, client=True)
-    kms = {"port": free_port(), "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
-           "saes": {"sae-1": qkdn_id}}
-    return kms, (str(sae_cert), str(sae_key), str(ca[0]))
+    cas = pki.make_lab_cas(d, "test")
+    cert, key = pki.issue(cas.kme, qkdn_id, d, server_names=("localhost",), client=True, kme=True)
+    sae_cert, sae_key = pki.issue(cas.sae, "sae-1", d, client=True)
+    kms = {"port": free_port(), "relay_port": free_port(), "sae_ca": str(cas.sae[0]), "kme_ca": str(cas.kme[0]),
+           "cert": str(cert), "key": str(key), "saes": {"sae-1": qkdn_id, "sae-far": str(uuid.uuid4())}}
+    return kms, (str(sae_cert), str(sae_key), str(cas.root[0]))
 
 
 def qrng_section(**kw: Any) -> dict[str, Any]:
