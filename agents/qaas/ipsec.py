@@ -447,9 +447,9 @@ OPENAPI: dict[str, Any] = {
                                                    "minItems": 2, "maxItems": 2,
                                                    "description": "ETSI 014 key IDs of the PSK and the PPK"}}}}}},
                     "responses": {"201": {"description": "end ready", "content": _TUNNEL_REF},
-                                  "400": _ERR, "403": _ERR, "409": _ERR, "503": _ERR}},
+                                  "400": _ERR, "401": _ERR, "403": _ERR, "409": _ERR, "503": _ERR}},
             "delete": {"summary": "Remove the responder end", "description": _PEER_NOTE,
-                       "responses": {"204": {"description": "gone"}, "403": _ERR, "404": _ERR}},
+                       "responses": {"204": {"description": "gone"}, "401": _ERR, "403": _ERR, "404": _ERR}},
         },
         PATH + "/{id}/peer/ppk": {
             "parameters": [_ID],
@@ -457,7 +457,8 @@ OPENAPI: dict[str, Any] = {
                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
                          "type": "object", "required": ["key_id"],
                          "properties": {"key_id": {"type": "string", "format": "uuid"}}}}}},
-                     "responses": {"204": {"description": "loaded"}, "400": _ERR, "403": _ERR, "404": _ERR}},
+                     "responses": {"204": {"description": "loaded"}, "400": _ERR, "401": _ERR, "403": _ERR,
+                                   "404": _ERR}},
         },
     },
     "components": {"schemas": {"IpsecTunnel": {
