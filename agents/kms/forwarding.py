@@ -178,7 +178,7 @@ class _Conn:
     def __init__(self, sock: ssl.SSLSocket, deadline: float) -> None:
         self.sock = sock
         self.peer: str | None = None
-        self.state = "handshake"  # -> "idle" <-> "busy"
+        self.state = "handshake"  # -> "idle" <-> "busy", or "refused" (closed soon)
         self.deadline = deadline
         self.buf = bytearray()
         self.events = 0  # what it is registered for in the selector (0: not registered)
@@ -209,6 +209,7 @@ class Forwarder:
         self.address = self._sock.getsockname()[:2]
         self._pool: dict[str, list[tuple[ssl.SSLSocket, float]]] = {}
         self._pool_lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}  # requests in flight per peer
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         # server side: the selector thread owns every connection that is not busy
@@ -274,6 +275,8 @@ class Forwarder:
                         self._resume()
                     elif key.data.state == "handshake":
                         self._handshake(key.data)
+                    elif key.data.state == "refused":
+                        self._drain(key.data)
                     else:
                         self._read(key.data)
                 self._expire()
@@ -363,7 +366,7 @@ class Forwarder:
         for c in [c for c in self._conns if c.state != "busy" and c.deadline <= now]:
             if c.state == "handshake":
                 log.info("relay connection closed: no authorized peer after %.1f s", self.limits.handshake_timeout)
-            else:
+            elif c.state == "idle":
                 log.debug("idle relay connection from %s closed", c.peer)
             self._close(c)
 
@@ -396,7 +399,16 @@ class Forwarder:
                 c.peer, c.state = peer, "idle"
         if full:
             log.warning("relay connection from %s refused: it has %d already", peer, self.limits.max_per_peer)
-            self._close(c)
+            # Said in a reply, so that the request the peer may send on it at once is known
+            # refused unread (its link keys kept), rather than lost with the connection.
+            refusal = json.dumps({"ok": False, "code": 503, "kept": True, "error": f"node {self.kme_id} takes "
+                                  f"{self.limits.max_per_peer} relay connections from {peer} at most"}).encode()
+            with self._ret_lock:
+                self._handshaking -= 1
+            c.state, c.deadline = "refused", time.monotonic() + 1.0  # read and dropped until then: a close
+            with contextlib.suppress(OSError, ssl.SSLError):  # with unread input would reset the reply away
+                c.sock.send(struct.pack(">I", len(refusal)) + refusal)
+            self._want(c, selectors.EVENT_READ)
             return
         c.deadline = time.monotonic() + self.limits.idle_timeout
         self._want(c, selectors.EVENT_READ)
@@ -418,6 +430,17 @@ class Forwarder:
         if self.pins is not None and self.pins.get(peer) != pki.spki_pin(der):
             raise ConnectionError(f"the key of {peer} is not the one pinned for it")
         return peer
+
+    def _drain(self, c: _Conn) -> None:
+        """Input on a refused connection: dropped; closed at its end or its deadline."""
+        try:
+            while c.sock.recv(65536):
+                pass
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (OSError, ssl.SSLError):
+            pass
+        self._close(c)
 
     def _read(self, c: _Conn) -> None:
         """Read what the peer sent; a complete frame goes to a worker."""
@@ -512,8 +535,26 @@ class Forwarder:
         """Send one message to an adjacent KME and return its reply (raises RelayError, whose
         `sent` and `kept` say what became of the message). A pooled connection that fails
         takes the peer's other pooled connections with it (the peer most likely restarted);
-        an `idempotent` message (one that uses no key) is then sent once more on a fresh one."""
+        an `idempotent` message (one that uses no key) is then sent once more on a fresh one.
+        At most limits.max_per_peer requests to one peer are in flight (so at most as many
+        connections, what the peer accepts from us when its limits are ours); more wait."""
         peer = peer.lower()
+        slot = self._slot(peer)
+        if not slot.acquire(timeout=self.timeout):
+            raise RelayError(f"relay to {peer}: {self.limits.max_per_peer} requests in flight already", sent=False)
+        try:
+            return self._request(peer, msg, idempotent)
+        finally:
+            slot.release()
+
+    def _slot(self, peer: str) -> threading.BoundedSemaphore:
+        with self._pool_lock:
+            slot = self._slots.get(peer)
+            if slot is None:
+                slot = self._slots[peer] = threading.BoundedSemaphore(self.limits.max_per_peer)
+            return slot
+
+    def _request(self, peer: str, msg: dict[str, Any], idempotent: bool) -> dict[str, Any]:
         sock, pooled = self._checkout(peer)
         try:
             _send_frame(sock, msg)
@@ -523,7 +564,7 @@ class Forwarder:
             if pooled:
                 self._drop_pool(peer)
                 if idempotent:
-                    return self.request(peer, msg)
+                    return self._request(peer, msg, False)
             raise RelayError(f"relay to {peer} failed: {exc}") from None
         self._checkin(peer, sock)
         if not reply.get("ok"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 import uuid
 from pathlib import Path
 
@@ -111,12 +112,39 @@ def test_callers_are_saes_or_kmes_by_usage_and_issuer(tmp_path, cas) -> None:
         srv.stop()
 
 
-def forwarder(cas, tmp: Path, me: str, peers: dict, pins: dict | None, **limits) -> fm.Forwarder:
+def forwarder(cas, tmp: Path, me: str, peers: dict, pins: dict | None, delay: float = 0.0, **limits) -> fm.Forwarder:
     cert = pki.issue(cas.kme, me, tmp / me, server_names=["127.0.0.1"], client=True, kme=True)
     f = fm.Forwarder(me, ("127.0.0.1", 0), pki.server_ssl_context(*cert, cas.kme[0]),
                      pki.client_ssl_context(*cert, cas.kme[0]), peers, pins=pins, limits=fm.RelayLimits(**limits))
-    f.start(lambda sender, msg: {"ok": True, "from": sender, "n": msg.get("n")})
+
+    def handler(sender: str, msg: dict) -> dict:
+        time.sleep(delay)
+        return {"ok": True, "from": sender, "n": msg.get("n")}
+
+    f.start(handler)
     return f
+
+
+def test_requests_to_a_peer_are_bounded_and_a_connection_over_its_limit_is_refused_with_keys_kept(tmp_path, cas) -> None:
+    """A sends at most max_per_peer requests to B at once (the others wait for a connection);
+    a connection over B's own limit gets a refusal saying the keys are kept, not a reset."""
+    b = forwarder(cas, tmp_path, B, {}, None, delay=0.3, max_per_peer=1, workers=4)
+    a = forwarder(cas, tmp_path, A, {B: b.address}, None, max_per_peer=1)
+    b.peers = {A: a.address}
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            assert sorted(r["n"] for r in pool.map(lambda n: a.request(B, {"n": n}), range(3))) == [0, 1, 2]
+        a.limits = fm.RelayLimits(max_per_peer=3)  # A now allows more than B takes
+        a._slots.clear()
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(a.request, B, {"n": n}) for n in range(3)]
+            errors = [f.exception() for f in futures]
+        refused = [e for e in errors if e is not None]
+        assert refused and len(refused) < 3
+        assert all(isinstance(e, fm.RelayError) and e.kept and e.code == 503 and "at most" in str(e) for e in refused)
+    finally:
+        a.close()
+        b.close()
 
 
 def test_the_client_pool_copes_with_connections_the_server_closed_when_idle(tmp_path, cas) -> None:
