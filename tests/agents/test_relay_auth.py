@@ -25,7 +25,7 @@ from sdqkd.lab import plan as lab_plan
 from sdqkd.private import write_private
 from test_e2e_relay import TOPOLOGY, provisioned_and_relaying, relay_once
 
-HANDSHAKE_TIMEOUT, IDLE_TIMEOUT = 2.0, 4.0
+HANDSHAKE_TIMEOUT, IDLE_TIMEOUT = 2.0, 6.0
 MAX_HANDSHAKES, MAX_PER_PEER = 16, 8
 
 
@@ -235,9 +235,10 @@ def test_idle_and_hostile_relay_connections_are_bounded_and_a_relay_still_works(
     # the rest refused; the kept ones are closed after the idle timeout
     conns = idle_connections(b.relay_port, 100, lambda p: connect(p, *a.kme_cert, plan.ca[0]))
     peak = max(peak, threads(procs["B"]))
-    alive = [c for c in conns if not closed(c, 0.5)]
-    assert len(alive) <= MAX_PER_PEER
-    assert alive and answers(alive[0])
+    ready = set(select.select([c for c in conns if c is not None], [], [], 1.0)[0])  # closed or refused by now
+    alive = [c for c in conns if c is not None and (c not in ready or not closed(c, 0.1))]
+    assert 1 <= len(alive) <= MAX_PER_PEER  # A's own pooled connection may hold one of its places
+    assert answers(alive[-1])
     start = time.monotonic()
     assert all(closed(c, IDLE_TIMEOUT + 3) for c in alive)
     assert time.monotonic() - start > IDLE_TIMEOUT - 2
