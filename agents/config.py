@@ -132,7 +132,7 @@ class KmsConf:
     relay_idle_timeout: float = 120.0  # s an established connection may stay without a request
     relay_handshake_timeout: float = 10.0  # s from TCP accept to an authorized peer
     relay_max_connections: int = 64  # inbound connections at once, handshaking ones included
-    relay_max_handshakes: int = 16  # of which still in their TLS handshake
+    relay_max_handshakes: int = 16  # of which still in their TLS handshake (a new one drops the oldest)
     relay_max_per_peer: int = 8  # established connections from one peer
     relay_workers: int = 8  # threads handling relay messages (the connections wait in one selector)
 

@@ -158,7 +158,7 @@ class RelayLimits:
     idle_timeout: float = 120.0  # s an authorized connection may wait for its next request
     handshake_timeout: float = 10.0  # s from TCP accept to an authorized peer
     max_connections: int = 64  # inbound connections at once, handshaking ones included
-    max_handshakes: int = 16  # of which not yet authorized
+    max_handshakes: int = 16  # of which not yet authorized (a new one drops the oldest)
     max_per_peer: int = 8  # authorized connections from one peer
     workers: int = 8  # threads answering requests
 
@@ -314,9 +314,17 @@ class Forwarder:
                 log.warning("relay accept failed: %s", exc)
                 time.sleep(0.05)
                 return
-            if len(self._conns) >= lim.max_connections or self._handshaking >= lim.max_handshakes:
-                log.info("relay connection from %s refused: %d connections, %d handshaking (limits %d, %d)",
-                         addr[0], len(self._conns), self._handshaking, lim.max_connections, lim.max_handshakes)
+            if self._handshaking >= lim.max_handshakes:
+                # The oldest handshake makes way: a real peer's takes milliseconds, so what is
+                # still handshaking is mostly stalled, and a flood of silent connections cannot
+                # hold every place for the whole handshake timeout (as SSH's MaxStartups drops).
+                oldest = min((c for c in self._conns if c.state == "handshake"), key=lambda c: c.deadline)
+                log.info("relay connection dropped: %d handshaking (limit %d), the oldest makes way",
+                         self._handshaking, lim.max_handshakes)
+                self._close(oldest)
+            if len(self._conns) >= lim.max_connections:
+                log.info("relay connection from %s refused: %d connections (limit %d)",
+                         addr[0], len(self._conns), lim.max_connections)
                 raw.close()
                 continue
             try:
