@@ -100,23 +100,41 @@ class PeerConf:
     node: str
     service: dict[str, list[Any]] = field(default_factory=dict)  # qkdi_id -> [host, port]
     relay: list[Any] = field(default_factory=list)  # [host, port]
+    # The pin of its KME certificate's public key (pki.spki_pin: "sha256/<base64>"), like the
+    # NETCONF host-key fingerprint: the relay accepts this peer only with that key, both ways.
+    kme_pin: str | None = None
 
 
 @dataclass
 class KmsConf:
-    """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI."""
+    """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI.
+
+    Two CAs: `sae_ca` issues the applications' client certificates (the only ones the
+    key-delivery port accepts as callers), `kme_ca` the KMEs' (the only ones the relay port
+    accepts, and then from a configured peer with its pinned key only). The old single
+    `ca` is refused with a message saying so (a lab made before the split: `sdqkd lab up`
+    again writes the new form)."""
 
     port: int
     relay_port: int
-    ca: str
-    cert: str  # this KME's certificate (CN = qkdn_id), for HTTPS and relay
+    cert: str  # this KME's certificate (CN = qkdn_id, from kme_ca), for HTTPS and relay
     key: str
+    sae_ca: str | None = None
+    kme_ca: str | None = None
+    ca: str | None = None  # before the split: refused with an explanation
     saes: dict[str, str] = field(default_factory=dict)  # every SAE of the network -> qkdn_id
     address: str = "127.0.0.1"
     key_size: int = 256
     default_ttl: int = 3600
     path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
     link_key_limit: int = 100_000  # link keys a link holds here at most, like a device's key buffer
+    # Bounds on the relay port's inbound connections (agents/kms/forwarding.py)
+    relay_idle_timeout: float = 120.0  # s an established connection may stay without a request
+    relay_handshake_timeout: float = 10.0  # s from TCP accept to an authorized peer
+    relay_max_connections: int = 64  # inbound connections at once, handshaking ones included
+    relay_max_handshakes: int = 16  # of which still in their TLS handshake (a new one drops the oldest)
+    relay_max_per_peer: int = 8  # established connections from one peer
+    relay_workers: int = 8  # threads handling relay messages (the connections wait in one selector)
 
 
 @dataclass
@@ -190,6 +208,38 @@ def parse(data: dict[str, Any]) -> AgentConfig:
     return cfg
 
 
+def _check_kms(cfg: AgentConfig) -> list[str]:
+    from sdqkd import pki
+
+    k = cfg.kms
+    assert k is not None
+    problems = []
+    if k.ca is not None:
+        problems.append("config.kms.ca: one CA for applications and KMEs is no longer accepted: give kms.sae_ca "
+                        "(the CA of the SAE client certificates) and kms.kme_ca (the CA of the KME certificates), "
+                        "and each relay peer's kme_pin; a lab writes them (`sdqkd lab up` again)")
+    for name in ("sae_ca", "kme_ca"):
+        path = getattr(k, name)
+        if path is None:
+            if k.ca is None:
+                problems.append(f"config.kms.{name}: missing")
+        elif (why := pki.check_ca(path)) is not None:
+            problems.append(f"config.kms.{name}: {path}: {why}")
+    if k.sae_ca is not None and k.kme_ca is not None and k.sae_ca == k.kme_ca:
+        problems.append("config.kms.sae_ca, kme_ca: must be two different CAs")
+    for qid, peer in cfg.peers.items():
+        if peer.relay and peer.kme_pin is None:
+            problems.append(f"config.peers.{qid}.kme_pin: a relay peer needs the pin of its KME key "
+                            "(pki.spki_pin: sha256/<base64 of the SHA-256 of its SubjectPublicKeyInfo>)")
+        elif peer.kme_pin is not None and not pki.is_pin(peer.kme_pin):
+            problems.append(f"config.peers.{qid}.kme_pin: expected sha256/<base64 of 32 bytes>")
+    if not (0 < k.relay_idle_timeout <= 86400 and 0 < k.relay_handshake_timeout <= 300):
+        problems.append("config.kms.relay_idle_timeout (0..86400 s), relay_handshake_timeout (0..300 s): out of range")
+    if min(k.relay_max_connections, k.relay_max_handshakes, k.relay_max_per_peer, k.relay_workers) < 1:
+        problems.append("config.kms.relay_max_connections, relay_max_handshakes, relay_max_per_peer, relay_workers: at least 1")
+    return problems
+
+
 def _check(cfg: AgentConfig) -> list[str]:
     problems = []
     if not (0 <= cfg.netconf.port <= 65535):
@@ -219,6 +269,8 @@ def _check(cfg: AgentConfig) -> list[str]:
         if peer.node.lower() in names:
             problems.append(f"config.peers.{qid}.node: name {peer.node!r} is already another node's")
         names.setdefault(peer.node.lower(), qid)
+    if cfg.kms is not None:
+        problems.extend(_check_kms(cfg))
     if cfg.kms is not None and not 0 <= cfg.kms.path_wait <= 300:
         problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.kms is not None and cfg.kms.link_key_limit < 1:

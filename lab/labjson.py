@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sdqkd import pki
 from sdqkd.agents.netconf import ssh
 from sdqkd.lab.plan import LabPlan
 from sdqkd.private import open_append, write_private
@@ -62,7 +63,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "kms": {"url": f"https://{plan.address}:{n.kms_port}", "etsi014": f"https://{plan.address}:{n.kms_port}/api/v1/keys",
                     "etsi004": f"https://{plan.address}:{n.kms_port}/api", "relay_port": n.relay_port},
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
-            "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1])} if n.kme_cert else None,
+            "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1]), "pin": pki.spki_pin(n.kme_cert[0])}
+            if n.kme_cert else None,
             "log": str(n.dir / "agent.log"),
             "config": str(n.config_path),
             "host": ({"netns": h.netns, "address": h.address, "inner": h.inner}
@@ -73,6 +75,7 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
         "dir": str(plan.dir),
         "topology": str(plan.topology_path),
         "ca": {"cert": str(plan.ca[0]), "key": str(plan.ca[1])},
+        **{name: {"cert": str(c[0]), "key": str(c[1])} for name, c in (("kme_ca", plan.kme_ca), ("sae_ca", plan.sae_ca)) if c},
         "controller": {**controller_access(plan), "pid": controller_pid, "log": str(plan.dir / "controller.log"),
                        "config": str(plan.controller_config_path)},
         "plant": str(plan.plant_path),

@@ -44,7 +44,7 @@ class LabPlan:
     topology_path: Path
     password: str
     service_key: str
-    ca: tuple[Path, Path]
+    ca: tuple[Path, Path]  # the lab's root CA: what every client trusts to check a lab server
     nodes: dict[str, NodePlan]
     address: str = "127.0.0.1"
     controller_port: int = 50051
@@ -54,6 +54,10 @@ class LabPlan:
     # client certificate (what `sdqkd` commands, tests and benchmarks present), both from `ca`
     controller_cert: tuple[Path, Path] | None = None
     orchestrator_cert: tuple[Path, Path] | None = None
+    # the two intermediate CAs under `ca` (sdqkd/pki.py): KME certificates (relay, KME
+    # HTTPS servers) and SAE client certificates; each port trusts one of them only
+    kme_ca: tuple[Path, Path] | None = None
+    sae_ca: tuple[Path, Path] | None = None
 
     @property
     def plant_path(self) -> Path:
@@ -151,7 +155,8 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
     write_private(topo_path, json.dumps({"sdqkd-lab:lab": lab}, indent=1))
     defaults = lab.get("defaults", {})
     ports = _Ports(defaults, free_ports)
-    ca = pki.make_ca(lab_dir / "pki", f"sdqkd lab {name} CA")
+    cas = pki.make_lab_cas(lab_dir / "pki", f"sdqkd lab {name}")
+    ca = cas.root
     plan = LabPlan(
         name=name,
         dir=lab_dir,
@@ -164,6 +169,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
         controller_port=ports.take("kms") if free_ports else int(defaults.get("controller-grpc-port", 50051)),
         username=str(defaults.get("netconf-username", "admin")),
     )
+    plan.kme_ca, plan.sae_ca = cas.kme, cas.sae
     plan.controller_cert = pki.issue(ca, "sdqkd-controller", lab_dir / "pki" / "controller",
                                      server_names=[plan.address], client=False)
     plan.orchestrator_cert = pki.issue(ca, "sdqkd-orchestrator", lab_dir / "pki" / "orchestrator", client=True)
@@ -181,9 +187,10 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
         )
-        np.kme_cert = pki.issue(ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"], client=True)
+        np.kme_cert = pki.issue(plan.kme_ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"],
+                                client=True, kme=True)
         for sae in np.saes:
-            np.sae_certs[sae] = pki.issue(ca, sae, lab_dir / "saes" / _safe(sae), client=True)
+            np.sae_certs[sae] = pki.issue(plan.sae_ca, sae, lab_dir / "saes" / _safe(sae), client=True)
         plan.nodes[np.name] = np
     with_host = [n for n in lab.get("node", []) if n.get("host")]
     plan.hosts = {h.node: h for h in lab_hosts.plan(lab_hosts.lab_tag(name, lab_dir), [n["name"] for n in with_host])}
@@ -209,8 +216,9 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "node": other.name,
             "service": {str(i): [plan.address, p] for i, p in other.service_ports.items()},
             "relay": [plan.address, other.relay_port],
+            **({"kme_pin": pki.spki_pin(other.kme_cert[0])} if other.kme_cert else {}),
         }
-    assert np.kme_cert is not None
+    assert np.kme_cert is not None and plan.kme_ca is not None and plan.sae_ca is not None
     return {
         "node": {"name": np.name, "qkdn_id": np.qkdn_id, "location": node.get("location") or np.name},
         "netconf": {
@@ -246,7 +254,8 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "address": plan.address,
             "port": np.kms_port,
             "relay_port": np.relay_port,
-            "ca": str(plan.ca[0]),
+            "sae_ca": str(plan.sae_ca[0]),
+            "kme_ca": str(plan.kme_ca[0]),
             "cert": str(np.kme_cert[0]),
             "key": str(np.kme_cert[1]),
             "saes": plan.sae_directory(),

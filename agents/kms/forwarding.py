@@ -13,28 +13,37 @@ succeeds with probability at most 8 * ceil(L / 16) / 2^106 for an L-byte message
 the message as the receiver reads it: the canonical JSON (sorted keys, no spaces)
 of every field but the tag itself, so whatever the receiver acts on is
 authenticated. The channel itself is mutual TLS between KMEs (certificates from the
-lab CA), which authenticates who sent a message; the pads and the tag do not depend
-on it.
+lab's KME CA, each peer's key pinned in the config), which authenticates who sent a
+message; the pads and the tag do not depend on it.
 
 Messages are length-prefixed JSON on a persistent TLS connection; one request,
-one reply.
+one reply. The server side holds no thread per connection: one selector thread
+accepts, runs the TLS handshakes (non-blocking, with a deadline) and waits on idle
+connections (closed after an idle timeout); a bounded pool of workers answers the
+requests (`RelayLimits`).
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import select
+import selectors
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from sdqkd import pki
 from sdqkd.listen import binding
 
 log = logging.getLogger(__name__)
@@ -140,119 +149,393 @@ def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
     return bool(readable)
 
 
-def _peer_id(sock: ssl.SSLSocket) -> str:
-    cert = sock.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName":
-                return str(v).lower()
-    raise ConnectionError("relay peer certificate has no common name")
+@dataclass(frozen=True)
+class RelayLimits:
+    """Bounds on the relay port's inbound connections (config kms.relay_*). Connections wait
+    in one selector thread, handshaking or idle; a complete request goes to one of
+    `workers` threads, which answers it and hands the connection back."""
+
+    idle_timeout: float = 120.0  # s an authorized connection may wait for its next request
+    handshake_timeout: float = 10.0  # s from TCP accept to an authorized peer
+    max_connections: int = 64  # inbound connections at once, handshaking ones included
+    max_handshakes: int = 16  # of which not yet authorized (a new one drops the oldest)
+    max_per_peer: int = 8  # authorized connections from one peer
+    workers: int = 8  # threads answering requests
+
+    @property
+    def pool_idle(self) -> float:
+        """How long our own pooled client connections are reused: well under the peer's idle
+        timeout (the same in a lab), so that we never send on one it is closing."""
+        return self.idle_timeout / 2
+
+
+class _Conn:
+    """One inbound relay connection: its TLS socket, the peer once authorized, what was read
+    of its next frame, and the deadline of its state (handshake, idle; none while busy)."""
+
+    __slots__ = ("sock", "peer", "state", "deadline", "buf", "events")
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: float) -> None:
+        self.sock = sock
+        self.peer: str | None = None
+        self.state = "handshake"  # -> "idle" <-> "busy", or "refused" (closed soon)
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.events = 0  # what it is registered for in the selector (0: not registered)
 
 
 class Forwarder:
-    """Server and client of the relay channel for one node (its KME ID is its qkdn_id)."""
+    """Server and client of the relay channel for one node (its KME ID is its qkdn_id).
+
+    `peers` are the adjacent KMEs (qkdn_id -> relay address): only they may connect, and
+    only they are connected to. With `pins` (qkdn_id -> pki.spki_pin of its KME key, what a
+    node's config gives), a peer must also present a KME certificate (pki.KME_EKU) with that
+    public key, both ways; without (unit tests) its certificate's CN is enough. Which CA
+    the certificates come from is the TLS contexts' business (node.py: the KME CA only)."""
 
     def __init__(self, kme_id: str, address: tuple[str, int], server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
-                 peers: dict[str, tuple[str, int]], timeout: float = 10.0) -> None:
+                 peers: dict[str, tuple[str, int]], timeout: float = 10.0, *, pins: dict[str, str] | None = None,
+                 limits: RelayLimits | None = None) -> None:
         self.kme_id = kme_id.lower()
         self.server_ctx, self.client_ctx = server_ctx, client_ctx
         self.peers = {k.lower(): v for k, v in peers.items()}
+        self.pins = {k.lower(): v for k, v in pins.items()} if pins is not None else None
+        self.limits = limits or RelayLimits()
         self.timeout = timeout
         self.handler: Handler | None = None
         with binding("key relay", *address):
             self._sock = socket.create_server(address)
-        self._sock.settimeout(0.5)
+        self._sock.setblocking(False)
         self.address = self._sock.getsockname()[:2]
-        self._pool: dict[str, list[ssl.SSLSocket]] = {}
-        self._served: set[ssl.SSLSocket] = set()  # connections peers opened to us, closed with us
+        self._pool: dict[str, list[tuple[ssl.SSLSocket, float]]] = {}
         self._pool_lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}  # requests in flight per peer
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
+        # server side: the selector thread owns every connection that is not busy
+        self._sel = selectors.DefaultSelector()
+        self._conns: set[_Conn] = set()
+        self._per_peer: dict[str, int] = {}
+        self._handshaking = 0
+        self._returned: list[tuple[_Conn, bool]] = []  # busy connections the workers handed back
+        self._stopped = False  # the selector thread has ended: workers close what they hold
+        self._ret_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._workers = ThreadPoolExecutor(self.limits.workers, thread_name_prefix=f"relay-{self.address[1]}")
 
     def start(self, handler: Handler) -> None:
         self.handler = handler
-        t = threading.Thread(target=self._accept_loop, name=f"relay-accept-{self.address[1]}", daemon=True)
+        t = threading.Thread(target=self._loop, name=f"relay-{self.address[1]}", daemon=True)
         t.start()
         self._threads.append(t)
 
     def close(self) -> None:
         self._closing.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() at once
-        except OSError:
-            pass
-        self._sock.close()
-        with self._pool_lock:
-            for conns in self._pool.values():
-                for c in conns:
-                    c.close()
-            self._pool.clear()
-            served, self._served = list(self._served), set()
-        for c in served:  # a closed forwarder answers nothing more, on no connection
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._wake()
         for t in self._threads:
             t.join(2)
+        if not self._threads:
+            self._stop_serving()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with self._pool_lock:
+            for conns in self._pool.values():
+                for c, _ in conns:
+                    c.close()
+            self._pool.clear()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def connections(self) -> dict[str, int]:
+        """Inbound connections now: handshaking, and authorized ones per peer (tests, status)."""
+        with self._ret_lock:
+            return {"handshaking": self._handshaking, **self._per_peer}
 
     # --- server side -------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                raw, _ = self._sock.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(raw,), name="relay-conn", daemon=True)
-            t.start()
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
 
-    def _serve(self, raw: socket.socket) -> None:
+    def _loop(self) -> None:
+        sel = self._sel
+        sel.register(self._sock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
-            raw.settimeout(self.timeout)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply waited for Nagle and the delayed ACK
-            sock = self.server_ctx.wrap_socket(raw, server_side=True)
-            peer = _peer_id(sock)
-            sock.settimeout(None)
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("relay handshake refused: %s", exc)
-            raw.close()
-            return
-        with self._pool_lock:
-            if self._closing.is_set():
-                sock.close()
-                return
-            self._served.add(sock)
-        try:
-            self._serve_messages(sock, peer)
+            while not self._closing.is_set():
+                now = time.monotonic()
+                waits = [c.deadline - now for c in self._conns if c.state != "busy"]
+                for key, _ in sel.select(min([1.0, *waits]) if waits else 1.0):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                        self._resume()
+                    elif key.data.state == "handshake":
+                        self._handshake(key.data)
+                    elif key.data.state == "refused":
+                        self._drain(key.data)
+                    else:
+                        self._read(key.data)
+                self._expire()
+        except Exception:  # noqa: BLE001 - logged; the relay port is closed below
+            log.exception("relay server loop failed")
         finally:
-            with self._pool_lock:
-                self._served.discard(sock)
-            sock.close()
+            self._stop_serving()
 
-    def _serve_messages(self, sock: ssl.SSLSocket, peer: str) -> None:
-        """One request, one reply, until the peer closes or we do."""
-        while not self._closing.is_set():
+    def _stop_serving(self) -> None:
+        with self._ret_lock:
+            self._stopped = True
+            returned, self._returned = self._returned, []
+        for c, _ in returned:
+            c.sock.close()
+        for c in list(self._conns):
+            if c.state == "busy":  # its worker closes it when it is done
+                with contextlib.suppress(OSError):
+                    c.sock.shutdown(socket.SHUT_RDWR)  # and a peer waiting for its reply gets none
+            else:
+                self._close(c)
+        self._sel.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _accept(self) -> None:
+        lim = self.limits
+        while True:
             try:
-                msg = _recv_frame(sock)
-            except (OSError, ConnectionError, ValueError):
+                raw, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:  # out of descriptors: let the backlog wait a little
+                log.warning("relay accept failed: %s", exc)
+                time.sleep(0.05)
+                return
+            if self._handshaking >= lim.max_handshakes:
+                # The oldest handshake makes way: a real peer's takes milliseconds, so what is
+                # still handshaking is mostly stalled, and a flood of silent connections cannot
+                # hold every place for the whole handshake timeout (as SSH's MaxStartups drops).
+                oldest = min((c for c in self._conns if c.state == "handshake"), key=lambda c: c.deadline)
+                log.info("relay connection dropped: %d handshaking (limit %d), the oldest makes way",
+                         self._handshaking, lim.max_handshakes)
+                self._close(oldest)
+            if len(self._conns) >= lim.max_connections:
+                log.info("relay connection from %s refused: %d connections (limit %d)",
+                         addr[0], len(self._conns), lim.max_connections)
+                raw.close()
+                continue
             try:
-                assert self.handler is not None
-                reply = self.handler(peer, msg)
-            except RelayError as exc:
-                reply = {"ok": False, "code": exc.code, "error": str(exc), **({"kept": True} if exc.kept else {})}
-            except Exception:  # noqa: BLE001 - one bad message must not stop the channel
-                log.exception("relay message from %s failed", peer)
-                reply = {"ok": False, "code": 503, "error": "internal error at the relay node"}
-            if self._closing.is_set():
-                return
-            try:
-                _send_frame(sock, reply)
-            except OSError:
-                return
+                raw.setblocking(False)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply waited for Nagle and the delayed ACK
+                sock = self.server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ssl.SSLError):
+                raw.close()
+                continue
+            c = _Conn(sock, time.monotonic() + lim.handshake_timeout)
+            with self._ret_lock:
+                self._handshaking += 1
+            self._conns.add(c)
+            self._handshake(c)
+
+    def _want(self, c: _Conn, events: int) -> None:
+        if c.events == events:
+            return
+        if c.events:
+            self._sel.modify(c.sock, events, c)
+        else:
+            self._sel.register(c.sock, events, c)
+        c.events = events
+
+    def _unregister(self, c: _Conn) -> None:
+        if c.events:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(c.sock)
+            c.events = 0
+
+    def _close(self, c: _Conn) -> None:
+        self._unregister(c)
+        with contextlib.suppress(OSError):
+            c.sock.close()
+        if c in self._conns:
+            self._conns.discard(c)
+            with self._ret_lock:
+                if c.state == "handshake":
+                    self._handshaking -= 1
+                elif c.peer is not None:
+                    self._per_peer[c.peer] -= 1
+                    if not self._per_peer[c.peer]:
+                        del self._per_peer[c.peer]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self._conns if c.state != "busy" and c.deadline <= now]:
+            if c.state == "handshake":
+                log.info("relay connection closed: no authorized peer after %.1f s", self.limits.handshake_timeout)
+            elif c.state == "idle":
+                log.debug("idle relay connection from %s closed", c.peer)
+            self._close(c)
+
+    def _handshake(self, c: _Conn) -> None:
+        try:
+            c.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(c, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(c, selectors.EVENT_WRITE)
+            return
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.info("relay handshake refused: %s", exc)
+            self._close(c)
+            return
+        try:
+            peer = self._authorize(c.sock)
+        except ConnectionError as exc:
+            log.warning("relay connection refused: %s", exc)
+            self._close(c)
+            return
+        with self._ret_lock:
+            if self._per_peer.get(peer, 0) >= self.limits.max_per_peer:
+                full = True
+            else:
+                full = False
+                self._handshaking -= 1
+                self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+                c.peer, c.state = peer, "idle"
+        if full:
+            log.warning("relay connection from %s refused: it has %d already", peer, self.limits.max_per_peer)
+            # Said in a reply, so that the request the peer may send on it at once is known
+            # refused unread (its link keys kept), rather than lost with the connection.
+            refusal = json.dumps({"ok": False, "code": 503, "kept": True, "error": f"node {self.kme_id} takes "
+                                  f"{self.limits.max_per_peer} relay connections from {peer} at most"}).encode()
+            with self._ret_lock:
+                self._handshaking -= 1
+            c.state, c.deadline = "refused", time.monotonic() + 1.0  # read and dropped until then: a close
+            with contextlib.suppress(OSError, ssl.SSLError):  # with unread input would reset the reply away
+                c.sock.send(struct.pack(">I", len(refusal)) + refusal)
+            self._want(c, selectors.EVENT_READ)
+            return
+        c.deadline = time.monotonic() + self.limits.idle_timeout
+        self._want(c, selectors.EVENT_READ)
+        self._read(c)  # a request may have come with the end of the handshake
+
+    def _authorize(self, sock: ssl.SSLSocket) -> str:
+        """The peer's KME ID, if it is one of ours (and has its pinned key); else ConnectionError."""
+        der = sock.getpeercert(binary_form=True)
+        if not der:
+            raise ConnectionError("no peer certificate")
+        role, cn = pki.role_of(der)
+        peer = cn.lower()
+        if not peer:
+            raise ConnectionError("relay peer certificate has no common name")
+        if self.pins is not None and role != "kme":
+            raise ConnectionError(f"the certificate of {peer} is not a KME certificate")
+        if peer not in self.peers:
+            raise ConnectionError(f"{peer} is not a neighbour of this node")
+        if self.pins is not None and self.pins.get(peer) != pki.spki_pin(der):
+            raise ConnectionError(f"the key of {peer} is not the one pinned for it")
+        return peer
+
+    def _drain(self, c: _Conn) -> None:
+        """Input on a refused connection: dropped; closed at its end or its deadline."""
+        try:
+            while c.sock.recv(65536):
+                pass
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (OSError, ssl.SSLError):
+            pass
+        self._close(c)
+
+    def _read(self, c: _Conn) -> None:
+        """Read what the peer sent; a complete frame goes to a worker."""
+        try:
+            while len(c.buf) < 4 + MAX_FRAME:
+                chunk = c.sock.recv(65536)
+                if not chunk:
+                    self._close(c)
+                    return
+                c.buf += chunk
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except (OSError, ssl.SSLError):
+            self._close(c)
+            return
+        if len(c.buf) < 4:
+            return
+        (n,) = struct.unpack(">I", c.buf[:4])
+        if n > MAX_FRAME:
+            log.warning("relay frame too large from %s", c.peer)
+            self._close(c)
+            return
+        if len(c.buf) < 4 + n:
+            return
+        body = bytes(c.buf[4 : 4 + n])
+        del c.buf[: 4 + n]
+        self._unregister(c)
+        c.state = "busy"
+        try:
+            self._workers.submit(self._answer, c, body)
+        except RuntimeError:  # shut down
+            self._close(c)
+
+    def _answer(self, c: _Conn, body: bytes) -> None:
+        ok = False
+        try:
+            ok = self._answer_one(c, body)
+        finally:
+            with self._ret_lock:
+                stopped = self._stopped
+                if not stopped:
+                    self._returned.append((c, ok))
+            if stopped:
+                with contextlib.suppress(OSError):
+                    c.sock.close()
+            else:
+                self._wake()
+
+    def _answer_one(self, c: _Conn, body: bytes) -> bool:
+        try:
+            msg = json.loads(body)
+        except ValueError:
+            return False
+        if not isinstance(msg, dict):
+            return False
+        peer = c.peer
+        assert peer is not None
+        try:
+            assert self.handler is not None
+            reply = self.handler(peer, msg)
+        except RelayError as exc:
+            reply = {"ok": False, "code": exc.code, "error": str(exc), **({"kept": True} if exc.kept else {})}
+        except Exception:  # noqa: BLE001 - one bad message must not stop the channel
+            log.exception("relay message from %s failed", peer)
+            reply = {"ok": False, "code": 503, "error": "internal error at the relay node"}
+        if self._closing.is_set():  # a closed forwarder answers nothing more
+            return False
+        try:
+            c.sock.settimeout(self.timeout)
+            _send_frame(c.sock, reply)
+            c.sock.setblocking(False)
+        except OSError:
+            return False
+        return True
+
+    def _resume(self) -> None:
+        """Connections back from the workers wait for their next request (or are closed)."""
+        with self._ret_lock:
+            returned, self._returned = self._returned, []
+        for c, ok in returned:
+            if not ok or self._closing.is_set():
+                c.state = "idle"
+                self._close(c)
+                continue
+            c.state, c.deadline = "idle", time.monotonic() + self.limits.idle_timeout
+            self._want(c, selectors.EVENT_READ)
+            self._read(c)  # the next request may be there already (or in the TLS buffer)
 
     # --- client side -------------------------------------------------------------------
 
@@ -260,8 +543,26 @@ class Forwarder:
         """Send one message to an adjacent KME and return its reply (raises RelayError, whose
         `sent` and `kept` say what became of the message). A pooled connection that fails
         takes the peer's other pooled connections with it (the peer most likely restarted);
-        an `idempotent` message (one that uses no key) is then sent once more on a fresh one."""
+        an `idempotent` message (one that uses no key) is then sent once more on a fresh one.
+        At most limits.max_per_peer requests to one peer are in flight (so at most as many
+        connections, what the peer accepts from us when its limits are ours); more wait."""
         peer = peer.lower()
+        slot = self._slot(peer)
+        if not slot.acquire(timeout=self.timeout):
+            raise RelayError(f"relay to {peer}: {self.limits.max_per_peer} requests in flight already", sent=False)
+        try:
+            return self._request(peer, msg, idempotent)
+        finally:
+            slot.release()
+
+    def _slot(self, peer: str) -> threading.BoundedSemaphore:
+        with self._pool_lock:
+            slot = self._slots.get(peer)
+            if slot is None:
+                slot = self._slots[peer] = threading.BoundedSemaphore(self.limits.max_per_peer)
+            return slot
+
+    def _request(self, peer: str, msg: dict[str, Any], idempotent: bool) -> dict[str, Any]:
         sock, pooled = self._checkout(peer)
         try:
             _send_frame(sock, msg)
@@ -271,7 +572,7 @@ class Forwarder:
             if pooled:
                 self._drop_pool(peer)
                 if idempotent:
-                    return self.request(peer, msg)
+                    return self._request(peer, msg, False)
             raise RelayError(f"relay to {peer} failed: {exc}") from None
         self._checkin(peer, sock)
         if not reply.get("ok"):
@@ -281,13 +582,14 @@ class Forwarder:
     def _checkout(self, peer: str) -> tuple[ssl.SSLSocket, bool]:
         """A connection to `peer`, and whether it came from the pool (it may be stale).
         RelayError(sent=False) when none can be made: nothing was sent."""
+        stale = time.monotonic() - self.limits.pool_idle
         with self._pool_lock:
             conns = self._pool.get(peer, [])
             while conns:
-                sock = conns.pop()
-                if not _closed_by_peer(sock):
+                sock, used = conns.pop()
+                if used > stale and not _closed_by_peer(sock):
                     return sock, True
-                sock.close()
+                sock.close()  # closed by the peer, or about to be (its idle timeout)
         addr = self.peers.get(peer)
         if addr is None:
             raise RelayError(f"no relay address for node {peer}", sent=False)
@@ -297,17 +599,20 @@ class Forwarder:
             sock = self.client_ctx.wrap_socket(raw, server_hostname=addr[0])
         except (OSError, ssl.SSLError) as exc:
             raise RelayError(f"cannot reach the relay of node {peer}: {exc}", sent=False) from None
-        if _peer_id(sock) != peer:
+        try:
+            if self._authorize(sock) != peer:
+                raise ConnectionError(f"relay at {addr} is not node {peer}")
+        except ConnectionError as exc:
             sock.close()
-            raise RelayError(f"relay at {addr} is not node {peer}", sent=False)
+            raise RelayError(str(exc), sent=False) from None
         return sock, False
 
     def _drop_pool(self, peer: str) -> None:
         with self._pool_lock:
             conns = self._pool.pop(peer, [])
-        for c in conns:
+        for c, _ in conns:
             c.close()
 
     def _checkin(self, peer: str, sock: ssl.SSLSocket) -> None:
         with self._pool_lock:
-            self._pool.setdefault(peer, []).append(sock)
+            self._pool.setdefault(peer, []).append((sock, time.monotonic()))

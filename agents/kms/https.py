@@ -3,7 +3,12 @@
 The agent is thread-based (NETCONF server, drivers), so the HTTP server (agents/kms/web.py, on h11) runs in
 its own thread with its own asyncio loop (`HttpsServer`). Every request is
 authenticated by its TLS client certificate: the SAE ID is the certificate's subject CN
-(pki.sae_id_of), never anything in the URL or body.
+(pki.sae_id_of), never anything in the URL or body. Only an SAE certificate (pki.role_of:
+clientAuth, no serverAuth, no KME marker; issued by the SAE CA when `trust` set it) is an
+SAE (`sae_of`); a KME certificate (KME marker, issued by the KME CA) is a KME (`kme_of`,
+for the agent-to-agent calls of the IPsec service) and fetches no key: 401. The TLS layer
+admits only what the server context trusts (node.py: the SAE CA, and the KME CA only on a
+node whose IPsec peers call it).
 Calls into the synchronous KeyService that may wait on the network (a relay, a peer's
 reservation) go through a bounded thread pool (`call`), so they do not stall the loop;
 calls that only touch this node's key store run on the loop itself (`inline=True`):
@@ -33,6 +38,7 @@ from typing import Any, TypeVar
 
 from sdqkd.listen import binding
 
+from sdqkd import pki
 from . import web
 
 from sdqkd.pki import sae_id_of
@@ -41,7 +47,9 @@ from .interface import KmsError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SAE_ID = web.RequestKey("sdqkd.sae_id", str)  # the authenticated caller
+SAE_ID = web.RequestKey("sdqkd.sae_id", str)  # the authenticated caller (deprecated: use sae_of)
+_PEER = web.RequestKey("sdqkd.peer", tuple)  # (role, id) of the authenticated caller
+_TRUST = web.AppKey("sdqkd.trust", dict)  # role -> the CA file that must have issued its certificates
 _EXECUTOR = web.AppKey("sdqkd.executor", ThreadPoolExecutor)
 _LIMIT = web.AppKey("sdqkd.limit", asyncio.Semaphore)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -155,9 +163,26 @@ def use_group_commit(app: web.Application, group: Callable[[], AbstractContextMa
         app[_GROUP] = GroupCommit(group)
 
 
+def trust(app: web.Application, *, sae_ca: str | None, kme_ca: str | None) -> None:
+    """Callers are SAEs only with a certificate `sae_ca` issued, KMEs only with one `kme_ca`
+    issued (on top of the role their extended key usages give, pki.role_of)."""
+    app[_TRUST] = {"sae": sae_ca, "kme": kme_ca}
+
+
 def sae_of(request: web.Request) -> str:
-    """The SAE ID from the caller's verified client certificate."""
-    return request[SAE_ID]
+    """The SAE ID from the caller's verified client certificate; 401 if it is not an SAE's."""
+    role, ident = request[_PEER]
+    if role != "sae":
+        raise ApiError(401, "an SAE client certificate is required (a KME certificate gets no key)")
+    return ident
+
+
+def kme_of(request: web.Request) -> str:
+    """The KME ID (qkdn_id) from the caller's verified KME certificate; 401 if it is not a KME's."""
+    role, ident = request[_PEER]
+    if role != "kme":
+        raise ApiError(401, "a KME client certificate is required")
+    return ident
 
 
 async def call(request: web.Request, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
@@ -195,7 +220,10 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Client-certificate authentication, and every error as a JSON Error object."""
     try:
-        request[SAE_ID] = _peer_sae(request.transport)
+        role, ident = _peer_sae(request.transport, request.app.get(_TRUST))
+        request[_PEER] = (role, ident)
+        if role == "sae":
+            request[SAE_ID] = ident
         return await handler(request)
     except ApiError as exc:
         return error(exc.status, exc.message)
@@ -214,14 +242,24 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(503, "internal error")
 
 
-def _peer_sae(transport: asyncio.BaseTransport | None) -> str:
-    cert = transport.get_extra_info("peercert") if transport is not None else None
-    if not cert:
+def _peer_sae(transport: asyncio.BaseTransport | None, trusted: dict[str, str | None] | None = None) -> tuple[str, str]:
+    """("sae" | "kme", ID) of the caller's verified certificate, else 401."""
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not der:
         raise ApiError(401, "a client certificate is required")
-    try:
-        return sae_id_of(cert)
-    except ValueError as exc:
-        raise ApiError(401, str(exc)) from None
+    role, ident = pki.role_of(der)
+    if not ident:
+        try:
+            sae_id_of(der)  # says why
+        except ValueError as exc:
+            raise ApiError(401, str(exc)) from None
+    if role is None:
+        raise ApiError(401, "the client certificate is not an SAE's (extended key usage: clientAuth only)")
+    ca = (trusted or {}).get(role)
+    if trusted is not None and (ca is None or not pki.issued_by(der, ca)):
+        raise ApiError(401, f"the client certificate is not from this node's {role.upper()} CA")
+    return role, ident.lower() if role == "kme" else ident
 
 
 def _reason(exc: Exception) -> str:

@@ -12,7 +12,7 @@ from sdqkd.agents.kms import web
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.kms import etsi004, etsi014, https
 from sdqkd import pki
-from sdqkd.agents.kms.forwarding import Forwarder
+from sdqkd.agents.kms.forwarding import Forwarder, RelayLimits
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 
@@ -42,14 +42,20 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     store = KeyStore(Path(cfg.state_dir) / "keys.sqlite", **({"link_key_limit": k.link_key_limit} if k else {}))
     if k is None:
         return KmsNode(Lkms(LkmsConfig(cfg.node.qkdn_id, cfg.node.name, {}), store, entropy), None)
+    assert k.sae_ca is not None and k.kme_ca is not None  # config.py refuses a kms section without them
     peers = {qid: (str(p.relay[0]), int(p.relay[1])) for qid, p in cfg.peers.items() if p.relay}
-    server_ctx = pki.server_ssl_context(k.cert, k.key, k.ca)  # the relay and the HTTPS APIs
+    pins = {qid: p.kme_pin for qid, p in cfg.peers.items() if p.relay and p.kme_pin}
+    # The relay trusts the KME CA only (and then a configured peer with its pinned key only).
     forwarder = Forwarder(
         cfg.node.qkdn_id,
         (k.address, k.relay_port),
-        server_ctx,
-        pki.client_ssl_context(k.cert, k.key, k.ca),
+        pki.server_ssl_context(k.cert, k.key, k.kme_ca),
+        pki.client_ssl_context(k.cert, k.key, k.kme_ca),
         peers,
+        pins=pins,
+        limits=RelayLimits(idle_timeout=k.relay_idle_timeout, handshake_timeout=k.relay_handshake_timeout,
+                           max_connections=k.relay_max_connections, max_handshakes=k.relay_max_handshakes,
+                           max_per_peer=k.relay_max_per_peer, workers=k.relay_workers),
     )
     lkms = Lkms(
         LkmsConfig(cfg.node.qkdn_id, cfg.node.name, dict(k.saes), key_size=k.key_size, default_ttl=k.default_ttl,
@@ -59,12 +65,17 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
         forwarder,
         on_missing_path,
     )
+    # The key-delivery port trusts the SAE CA; the KME CA too only on a node whose IPsec
+    # peers call its responder API (those calls get no key: https.sae_of refuses a KME).
+    callers = [k.sae_ca, *([k.kme_ca] if cfg.ipsec is not None else [])]
     app = https.make_app()
+    https.trust(app, sae_ca=k.sae_ca, kme_ca=k.kme_ca if cfg.ipsec is not None else None)
     etsi014.add_routes(app, lkms)
     etsi004.add_routes(app, lkms, sae_nodes(cfg))
     if more_routes is not None:
         more_routes(app, lkms)
-    server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
+    server = https.HttpsServer(app, k.address, k.port, pki.server_ssl_context(k.cert, k.key, callers),
+                               role="ETSI 014/004 HTTPS")
     return KmsNode(lkms, server)
 
 

@@ -5,6 +5,8 @@ whose raw samples pass the SP 800-90B health tests of agents/emulation/health.py
 OS source). A source that failed its health tests delivers nothing: 503 until it is
 repaired and its start-up tests pass; the alarm itself is the driver's qrng-status
 event, sent as an sdqkd-qrng notification. No entropy byte is ever logged.
+Only the node's own SAEs (kms.saes entries naming this node) get entropy: a caller that
+is not an SAE (a KME certificate) is 401, an SAE of another node 403.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def openapi_part(max_bytes: int) -> dict[str, Any]:
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Entropy"}}}},
                 "400": openapi.error("Bad query: bytes not an integer, out of range, given twice, "
                                      "or an unknown parameter."),
+                "401": openapi.error("The caller's certificate is not an SAE's."),
+                "403": openapi.error("The caller is not an SAE of this node."),
                 "404": openapi.error("This node has no QRNG."),
                 "503": openapi.error("The source failed its health tests (no bytes until it is repaired), "
                                      "or could not produce the bytes in time.",
@@ -119,7 +123,13 @@ def read(qrng: Any, n: int, timeout: float) -> bytes:
 def add_routes(app: web.Application, ctx: Context) -> None:
     limit = _limit(ctx)
 
+    k = ctx.cfg.kms
+    own = frozenset(sae for sae, qid in (k.saes.items() if k is not None else ()) if qid.lower() == ctx.cfg.node.qkdn_id.lower())
+
     async def get_entropy(request: web.Request) -> web.Response:
+        sae = https.sae_of(request)
+        if sae not in own:
+            raise https.ApiError(403, f"SAE '{sae[:64]}' is not an application of this node")
         n = requested_bytes(request.query, limit)
         qrng = ctx.qrng
         if qrng is None:

@@ -84,7 +84,7 @@ class Tunnels:
         if k is not None and self.cfg is not None:
             import httpx  # loaded by nodes that end tunnels only
 
-            self.peers_http = httpx.Client(verify=pki.client_ssl_context(k.cert, k.key, k.ca), timeout=20.0)
+            self.peers_http = httpx.Client(verify=pki.client_ssl_context(k.cert, k.key, k.kme_ca or ""), timeout=20.0)
 
     # --- checks ---------------------------------------------------------------------------
 
@@ -380,16 +380,16 @@ def add_routes(app: web.Application, ctx: Context) -> None:
 
     async def accept(request: web.Request) -> web.Response:
         body = await https.json_object(request)
-        t = await https.call(request, tunnels.accept, https.sae_of(request), _tid(request), body)
+        t = await https.call(request, tunnels.accept, https.kme_of(request), _tid(request), body)
         return web.json_response(await https.call(request, tunnels.state, t), status=201)
 
     async def new_ppk(request: web.Request) -> web.Response:
         body = await https.json_object(request)
-        await https.call(request, tunnels.new_ppk, https.sae_of(request), _tid(request), body)
+        await https.call(request, tunnels.new_ppk, https.kme_of(request), _tid(request), body)
         return web.Response(status=204)
 
     async def release(request: web.Request) -> web.Response:
-        await https.call(request, tunnels.release, https.sae_of(request), _tid(request))
+        await https.call(request, tunnels.release, https.kme_of(request), _tid(request))
         return web.Response(status=204)
 
     async def _close(app: web.Application) -> None:
@@ -449,9 +449,9 @@ OPENAPI: dict[str, Any] = {
                                                    "minItems": 2, "maxItems": 2,
                                                    "description": "ETSI 014 key IDs of the PSK and the PPK"}}}}}},
                     "responses": {"201": {"description": "end ready", "content": _TUNNEL_REF},
-                                  "400": _ERR, "403": _ERR, "409": _ERR, "503": _ERR}},
+                                  "400": _ERR, "401": _ERR, "403": _ERR, "409": _ERR, "503": _ERR}},
             "delete": {"summary": "Remove the responder end", "description": _PEER_NOTE,
-                       "responses": {"204": {"description": "gone"}, "403": _ERR, "404": _ERR}},
+                       "responses": {"204": {"description": "gone"}, "401": _ERR, "403": _ERR, "404": _ERR}},
         },
         PATH + "/{id}/peer/ppk": {
             "parameters": [_ID],
@@ -459,7 +459,8 @@ OPENAPI: dict[str, Any] = {
                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
                          "type": "object", "required": ["key_id"],
                          "properties": {"key_id": {"type": "string", "format": "uuid"}}}}}},
-                     "responses": {"204": {"description": "loaded"}, "400": _ERR, "403": _ERR, "404": _ERR}},
+                     "responses": {"204": {"description": "loaded"}, "400": _ERR, "401": _ERR, "403": _ERR,
+                                   "404": _ERR}},
         },
     },
     "components": {"schemas": {"IpsecTunnel": {

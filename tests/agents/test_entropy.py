@@ -32,15 +32,17 @@ MAX = 4096
 
 
 def kms_section(tmp: Path, qkdn_id: str) -> tuple[dict[str, Any], tuple[str, str, str]]:
-    """The node's KME certificate and an SAE client certificate from a fresh CA."""
+    """The node's KME certificate and an SAE client certificate from a fresh lab PKI."""
     d = tmp / "pki"
     d.mkdir(parents=True, exist_ok=True)
-    ca = pki.make_ca(d, "ca")
-    cert, key = pki.issue(ca, qkdn_id, d, server_names=("localhost",), client=True)
-    sae_cert, sae_key = pki.issue(ca, "sae-1", d, client=True)
-    kms = {"port": free_port(), "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
-           "saes": {"sae-1": qkdn_id}}
-    return kms, (str(sae_cert), str(sae_key), str(ca[0]))
+    cas = pki.make_lab_cas(d, "test")
+    cert, key = pki.issue(cas.kme, qkdn_id, d, server_names=("localhost",), client=True, kme=True)
+    sae_cert, sae_key = pki.issue(cas.sae, "sae-1", d, client=True)
+    for other in ("sae-far", "sae-unknown"):  # an SAE of another node, an SAE of no node
+        pki.issue(cas.sae, other, d, client=True)
+    kms = {"port": free_port(), "relay_port": free_port(), "sae_ca": str(cas.sae[0]), "kme_ca": str(cas.kme[0]),
+           "cert": str(cert), "key": str(key), "saes": {"sae-1": qkdn_id, "sae-far": str(uuid.uuid4())}}
+    return kms, (str(sae_cert), str(sae_key), str(cas.root[0]))
 
 
 def qrng_section(**kw: Any) -> dict[str, Any]:
@@ -111,6 +113,27 @@ def test_api_conforms_to_its_openapi_document(node, mode) -> None:
     calls = conforms(base, cert, key, ca, "/api/v1/entropy", "GET", mode)
     # a "negative" case may still serialise to a valid query (e.g. an array of one integer)
     assert calls and (set(calls) == {200} if mode == GenerationMode.POSITIVE else 400 in calls)
+
+
+def test_only_the_nodes_own_saes_get_entropy(node) -> None:
+    """An SAE certificate of the SAE CA is not enough: the SAE must be one of this node's
+    (kms.saes naming it); a KME certificate is no SAE at all."""
+    base, (cert, key, ca), _ = node
+    d = Path(cert).parent
+    for other in ("sae-far", "sae-unknown"):
+        with client((str(d / f"{other}.crt"), str(d / f"{other}.key"), ca)) as c:
+            r = c.get(f"{base}/api/v1/entropy")
+            assert r.status_code == 403 and r.json() == {"message": f"SAE '{other}' is not an application of this node"}
+    kme = next(p for p in d.glob("*.crt") if p.stem not in ("sae-1", "sae-far", "sae-unknown") and "CA" not in p.stem)
+    with client((str(kme), str(kme.with_suffix(".key")), ca)) as c:
+        try:
+            r = c.get(f"{base}/api/v1/entropy")
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            pass  # refused in the TLS handshake: the node trusts the SAE CA only for its callers
+        else:
+            assert r.status_code == 401
+    with client((cert, key, ca)) as c:
+        assert c.get(f"{base}/api/v1/entropy").status_code == 200
 
 
 def test_a_node_without_qrng_answers_404(tmp_path) -> None:

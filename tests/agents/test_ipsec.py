@@ -220,9 +220,9 @@ def test_api_sets_up_reauths_and_deletes_both_ends(cloud) -> None:
         r = cait.post(url_a, content=b"{not json")
         assert r.status_code == 400 and "JSON" in r.json()["message"]
         assert cait.delete(f"{url_a}/not-a-tunnel").status_code == 404
-        # only a node's KME may set up a responder end
+        # only a node's KME may set up a responder end: an SAE certificate is not a KME's
         r = rect.put(f"{url_b}/{tid}/peer", json={"from": "CAIT", "key_ids": [tid, tid]})
-        assert r.status_code == 403
+        assert r.status_code == 401 and r.json()["message"] == "a KME client certificate is required"
 
     logs = "".join(Path(n["log"]).read_text() for n in cloud["nodes"])
     assert "Traceback" not in logs
