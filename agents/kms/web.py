@@ -275,6 +275,8 @@ class Server:
     def __init__(self, app: Application, limits: Limits = Limits(), access_log: logging.Logger | None = None) -> None:
         self.app, self.limits, self.access_log = app, limits, access_log
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.Task[None]] = set()  # waiting for a request head
+        self._closing = False
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int, ssl_ctx: ssl.SSLContext | None) -> int:
@@ -288,9 +290,14 @@ class Server:
         return len(self._tasks)
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting; connections get `grace` seconds to finish their request."""
+        """Stop accepting; idle connections are closed at once (a kept-alive client opens a
+        new one to whoever listens next), the others get `grace` seconds to finish their
+        request and are closed after its answer."""
+        self._closing = True
         if self.server is not None:
             self.server.close()
+        for t in list(self._idle):
+            t.cancel()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for t in pending:
@@ -313,16 +320,26 @@ class Server:
             pass
         finally:
             self._tasks.discard(task)
-            writer.transport.abort()
+            self._idle.discard(task)
+            if self._closing or writer.transport.is_closing():
+                writer.transport.abort()
+            else:
+                writer.close()  # a FIN (and TLS close_notify) the client can tell from a reset
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        task = asyncio.current_task()
         while True:
+            if self._closing:
+                return
+            if task is not None:
+                self._idle.add(task)
             try:
-                head = await self._next(conn, reader, self.limits.head_timeout)
+                head = await self._next(conn, reader, self.limits.head_timeout, idle=task)
             except h11.RemoteProtocolError as exc:
                 await self._error(conn, writer, exc.error_status_hint or 400, "malformed HTTP request")
                 return
+            self._idle.discard(task)  # type: ignore[arg-type]
             if head is None or isinstance(head, h11.ConnectionClosed):
                 return
             assert isinstance(head, h11.Request)
@@ -354,8 +371,10 @@ class Server:
             except h11.LocalProtocolError:
                 return
 
-    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> Any:
-        """The next h11 event, reading as needed; None when the client took too long."""
+    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float,
+                    idle: asyncio.Task[None] | None = None) -> Any:
+        """The next h11 event, reading as needed; None when the client took too long.
+        `idle`: the connection's task, no longer idle once a byte arrived."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -369,6 +388,8 @@ class Server:
                 data = await asyncio.wait_for(reader.read(65536), left)
             except TimeoutError:
                 return None
+            if idle is not None:
+                self._idle.discard(idle)
             conn.receive_data(data)  # b"" is the end of the stream
 
     async def _body(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
+from sdqkd.agents.kms import web
 
 from sdqkd import pki
 from sdqkd.agents import config as agent_cfg
@@ -92,8 +92,7 @@ def test_callers_are_saes_or_kmes_by_usage_and_issuer(tmp_path, cas) -> None:
     async def as_kme(request: web.Request) -> web.Response:
         return web.json_response({"kme": https.kme_of(request)})
 
-    app.router.add_get("/sae", as_sae)
-    app.router.add_get("/kme", as_kme)
+    app.add_routes([web.get("/sae", as_sae), web.get("/kme", as_kme)])
     srv = https.HttpsServer(app, "127.0.0.1", 0, pki.server_ssl_context(*kme, [cas.sae[0], cas.kme[0]])).start()
     try:
         def get(creds, path):
