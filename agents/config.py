@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdqkd.agents.kms.streamserver import is_loopback, limits_of
 from sdqkd.configfile import ConfigError, parse_into, read_json
 
 
@@ -103,6 +104,23 @@ class PeerConf:
 
 
 @dataclass
+class Etsi004JsonConf:
+    """ETSI 004 in the JSON command form over TCP (agents/kms/etsi004_json.py), for the
+    MadQCI-style clients such as UPM's hybridization module. Mutual TLS, the SAE named by
+    its client certificate; `plain` serves plain TCP instead (that module speaks nothing
+    else), only on a loopback address, where every local process is trusted."""
+
+    port: int
+    address: str | None = None  # default: the kms address
+    plain: bool = False
+    read_timeout: float = 10.0  # s for a whole request to arrive
+    handshake_timeout: float = 10.0  # s for the TLS handshake
+    max_request: int = 64 * 1024  # bytes
+    max_connections: int = 64
+    workers: int = 8  # LKMS calls at once
+
+
+@dataclass
 class KmsConf:
     """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI."""
 
@@ -117,6 +135,7 @@ class KmsConf:
     default_ttl: int = 3600
     path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
     link_key_limit: int = 100_000  # link keys a link holds here at most, like a device's key buffer
+    etsi004_json: Etsi004JsonConf | None = None  # off unless configured (`sdqkd lab up` configures it)
 
 
 @dataclass
@@ -223,6 +242,8 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.kms is not None and cfg.kms.link_key_limit < 1:
         problems.append("config.kms.link_key_limit: at least 1")
+    if cfg.kms is not None and cfg.kms.etsi004_json is not None:
+        problems.extend(_check_etsi004_json(cfg.kms))
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:
@@ -232,3 +253,15 @@ def _check(cfg: AgentConfig) -> list[str]:
     if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):
         problems.append(f"config.qrng.max_request_bytes: between 32 (the default request) and {MAX_ENTROPY_REQUEST}")
     return problems
+
+
+def _check_etsi004_json(kms: KmsConf) -> list[str]:
+    j = kms.etsi004_json
+    assert j is not None
+    where = "config.kms.etsi004_json"
+    problems = [] if 0 <= j.port <= 65535 else [f"{where}.port: out of range"]
+    address = j.address or kms.address
+    if j.plain and not is_loopback(address):
+        problems.append(f"{where}.plain: plain TCP only on a loopback address, not {address} "
+                        "(anyone on the network could claim any SAE)")
+    return problems + limits_of(j).problems(where)
