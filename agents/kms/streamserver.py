@@ -189,7 +189,7 @@ class StreamServer:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._stopping: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # open connections
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -254,7 +254,10 @@ class StreamServer:
             await self._stopping.wait()
         finally:
             server.close()
-            for task in list(self._tasks):
+            # The socket first: a cancellation can be lost in 3.11's asyncio.wait_for (when the
+            # awaited read completes at the same time), a stream at EOF ends any handler.
+            for task, writer in list(self._tasks.items()):
+                writer.transport.abort()
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=2.0)
@@ -269,12 +272,11 @@ class StreamServer:
             return
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
+        self._tasks[task] = writer
         try:
-            caller = await self._secure(writer, peer)
-            if caller is not False:
-                assert self._executor is not None
-                await self.handler(Connection(reader, writer, caller, peer, self.limits, self._executor))
+            caller = await self._secure(writer)
+            assert self._executor is not None
+            await self.handler(Connection(reader, writer, caller, peer, self.limits, self._executor))
         except StreamError as exc:
             log.info("%s: closing the connection from %s: %s", self.role, peer, exc)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
@@ -285,11 +287,11 @@ class StreamServer:
             tb = "".join(traceback.format_tb(exc.__traceback__))
             log.error("%s: unexpected %s serving %s\n%s", self.role, type(exc).__name__, peer, tb)
         finally:
-            self._tasks.discard(task)
+            self._tasks.pop(task, None)
             await _close(writer)
 
-    async def _secure(self, writer: asyncio.StreamWriter, peer: str) -> str | None | bool:
-        """TLS handshake and the caller's SAE ID; None on plain TCP; False to close."""
+    async def _secure(self, writer: asyncio.StreamWriter) -> str | None:
+        """TLS handshake and the caller's SAE ID (None on plain TCP); StreamError to close."""
         if self.ssl_ctx is None:
             writer.transport.resume_reading()  # type: ignore[attr-defined]
             return None
@@ -297,13 +299,11 @@ class StreamServer:
             await asyncio.wait_for(writer.start_tls(self.ssl_ctx, ssl_handshake_timeout=self.limits.handshake_timeout),
                                    self.limits.handshake_timeout + 1)
         except (asyncio.TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
-            log.info("%s: TLS handshake with %s failed: %s", self.role, peer, type(exc).__name__)
-            return False
+            raise StreamError(f"TLS handshake failed: {type(exc).__name__}") from None
         try:
             return sae_id_of(writer.get_extra_info("peercert") or {})
         except ValueError as exc:
-            log.info("%s: refusing %s: %s", self.role, peer, exc)
-            return False
+            raise StreamError(str(exc)) from None
 
 
 class _Paused(asyncio.StreamReaderProtocol):
