@@ -15,6 +15,22 @@ else, once for all of them:
   to arrive (a silent or trickling client is closed), the size of a request, the number
   of connections (one more is closed at once, before its handshake);
 - blocking LKMS calls (`Connection.call`) on a bounded thread pool, never on the loop.
+
+A protocol with a length header reads like this (the binary form's shape):
+
+    async def serve(conn: Connection) -> None:
+        while True:
+            try:
+                header = await conn.readexactly(8)
+            except PeerClosed:
+                return  # the client is done (or left mid-header)
+            payload = await conn.readexactly(struct.unpack("!I", header[4:])[0])  # RequestTooLarge past max_request
+            answer = await conn.call(streams.get_key, conn.caller, ...)
+            await conn.send(encode(answer))
+            conn.next_request()  # the next request gets the full time and size again
+
+`StreamServer(serve, host, port, ssl_ctx, limits=..., role="ETSI 004 binary").start()`;
+`stop()` closes every connection and joins the thread.
 """
 from __future__ import annotations
 
@@ -50,7 +66,8 @@ class RequestTooLarge(StreamError):
 
 
 class PeerClosed(StreamError):
-    """The client closed the connection in the middle of a request."""
+    """The client closed the connection before readexactly() had its bytes (between
+    requests when nothing of the current one had come)."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +137,9 @@ class Connection:
             raise RequestTooLarge(f"request longer than {self._limits.max_request} bytes")
         try:
             data = await self._timed(self._reader.readexactly(n))
-        except asyncio.IncompleteReadError:
-            raise PeerClosed("the client closed the connection in the middle of a request") from None
+        except asyncio.IncompleteReadError as exc:
+            self._count(exc.partial)
+            raise PeerClosed("the client closed the connection" + (" in the middle of a request" if self._size else "")) from None
         return self._count(data)
 
     async def send(self, data: bytes) -> None:

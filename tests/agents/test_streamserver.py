@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sdqkd import pki
-from sdqkd.agents.kms.streamserver import Connection, Limits, StreamServer, is_loopback
+from sdqkd.agents.kms.streamserver import Connection, Limits, RequestTooLarge, StreamServer, is_loopback
 from sdqkd.listen import ListenError
 
 
@@ -113,3 +113,32 @@ def test_a_handler_bug_closes_its_connection_logs_no_message_and_the_server_goes
     finally:
         srv.stop()
     assert "unexpected RuntimeError" in caplog.text and SECRET not in caplog.text
+
+
+async def framed(conn: Connection) -> None:
+    """A length-prefixed protocol, as the ETSI binary form is: each body comes back reversed."""
+    while True:
+        try:
+            body = await conn.readexactly(int.from_bytes(await conn.readexactly(4), "big"))
+        except RequestTooLarge:
+            await conn.send(b"too large")
+            await conn.linger()
+            return
+        await conn.send(body[::-1])
+        conn.next_request()
+
+
+def test_a_length_prefixed_protocol_gets_size_bounds_per_request() -> None:
+    srv = StreamServer(framed, "127.0.0.1", 0, None, limits=Limits(max_request=256)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            for body in (b"a" * 200 + b"b", b"c" * 250):  # each fits; together they would not
+                s.sendall(len(body).to_bytes(4, "big") + body)
+                got = b""
+                while len(got) < len(body):
+                    got += s.recv(1000)
+                assert got == body[::-1]
+            s.sendall((10_000).to_bytes(4, "big") + b"x" * 10_000)
+            assert s.recv(100) == b"too large" and s.recv(100) == b""
+    finally:
+        srv.stop()
