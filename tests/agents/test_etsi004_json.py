@@ -384,3 +384,22 @@ def test_plain_tcp_on_a_non_loopback_address_is_refused(tmp_path: Path) -> None:
         proc.start(timeout=20)
     data["kms"]["etsi004_json"]["plain"] = False  # TLS on any address is fine
     agent_cfg.parse(data)
+
+
+def test_the_config_section_is_checked_at_load_with_every_problem_at_once(tmp_path: Path) -> None:
+    qkdn_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "sdqkd-test/json004-config"))
+    data = json.loads(agent_config(tmp_path, "erin", qkdn_id,
+                                   extra=kms_section(tmp_path, qkdn_id, "127.0.0.1", False)).config_path.read_text())
+    data["kms"]["etsi004_json"].update(port=70000, read_timeout=0, max_request=10, max_connections=0, tls=True)
+    with pytest.raises(ConfigError) as err:
+        agent_cfg.parse(data)
+    assert "etsi004_json.tls: unknown key" in str(err.value)  # the shape first, then the values
+    del data["kms"]["etsi004_json"]["tls"]
+    with pytest.raises(ConfigError) as err:
+        agent_cfg.parse(data)
+    text = str(err.value)
+    for part in ("etsi004_json.port: out of range", "read_timeout and handshake_timeout", "max_request: from 256",
+                 "max_connections from 1"):
+        assert part in text
+    del data["kms"]["etsi004_json"]
+    assert agent_cfg.parse(data).kms.etsi004_json is None  # off unless configured
