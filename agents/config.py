@@ -261,6 +261,8 @@ def _check_etsi004_json(kms: KmsConf) -> list[str]:
     where = "config.kms.etsi004_json"
     problems = [] if 0 <= j.port <= 65535 else [f"{where}.port: out of range"]
     address = j.address or kms.address
+    if j.port and address == kms.address and j.port in (kms.port, kms.relay_port):
+        problems.append(f"{where}.port: {j.port} is already the kms HTTPS or relay port")
     if j.plain and not is_loopback(address):
         problems.append(f"{where}.plain: plain TCP only on a loopback address, not {address} "
                         "(anyone on the network could claim any SAE)")

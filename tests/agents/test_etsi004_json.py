@@ -401,5 +401,8 @@ def test_the_config_section_is_checked_at_load_with_every_problem_at_once(tmp_pa
     for part in ("etsi004_json.port: out of range", "read_timeout and handshake_timeout", "max_request: from 256",
                  "max_connections from 1"):
         assert part in text
+    data["kms"]["etsi004_json"] = {"port": data["kms"]["relay_port"]}
+    with pytest.raises(ConfigError, match="is already the kms HTTPS or relay port"):
+        agent_cfg.parse(data)
     del data["kms"]["etsi004_json"]
     assert agent_cfg.parse(data).kms.etsi004_json is None  # off unless configured
