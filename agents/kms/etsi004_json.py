@@ -21,8 +21,9 @@ malformed request, 401 a caller that is not a party, 503 the KME cannot serve no
 module treats every non-zero status as failure (hybridization_module/model/exceptions.py
 check_status; unknown codes raise QkdError), and the numbers keep one meaning across the
 wire forms; the peers that answer status 1 for every error make "peer not connected"
-ambiguous. A request that cannot be framed (not JSON, too long, not an object) is
-answered and the connection closed, since where the next request would start is unknown.
+ambiguous. A request that cannot be framed (bytes that cannot start a JSON object, or
+more than the size bound) is answered and the connection closed, since where the next
+request would start is unknown; a framed one that is not valid JSON only gets its answer.
 Field and command names are matched without regard to case, unknown fields ignored.
 """
 from __future__ import annotations
