@@ -221,6 +221,33 @@ echo "grpc=$LAB_GRPC"
     assert grpc_line == f"grpc={lab['controller']['grpc']}"
 
 
+def test_each_node_serves_the_json_004_form_where_lab_json_and_lab_env_say(two_labs: dict[str, Any]) -> None:
+    """`lab up` gives every agent an ETSI 004 JSON port (mutual TLS with the lab's SAE
+    certificates); a stream opened and closed there, in the form the hybridization module sends."""
+    import ssl
+
+    from sdqkd.lab import labjson
+
+    lab = json.loads((two_labs["top"] / ".sdqkd" / "lab" / "alpha" / "lab.json").read_text())
+    nodes = {n["name"]: n for n in lab["nodes"]}
+    cait, rectorado = nodes["CAIT"], nodes["Rectorado"]
+    where = cait["kms"]["etsi004_json"]
+    assert labjson.shell_env(lab)["CAIT_ETSI004_JSON_PORT"] == str(where["port"]) and where["tls"] is True
+    ctx = ssl.create_default_context(cafile=lab["ca"]["cert"])
+    ctx.load_cert_chain(cait["saes"][0]["cert"], cait["saes"][0]["key"])
+    request = {"command": "OPEN_CONNECT", "data": {
+        "source": f"qkd://sae-cait@{cait['qkdn_id']}", "destination": f"qkd://sae-rectorado@{rectorado['qkdn_id']}",
+        "qos": {"key_chunk_size": 32, "max_bps": 32, "min_bps": 32, "jitter": 0, "priority": 0, "timeout": 0, "ttl": 0,
+                "metadata_mimetype": "application/json"}}}
+    with socket.create_connection((where["host"], where["port"]), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=where["host"]) as s:
+        s.sendall(json.dumps(request).encode())
+        opened = json.loads(s.recv(65057))
+        assert opened["status"] == 1, opened  # open, Rectorado's application not yet
+        s.sendall(json.dumps({"command": "CLOSE", "data": {"key_stream_id": opened["key_stream_id"]}}).encode())
+        assert json.loads(s.recv(65057)) == {"status": 0}
+
+
 def test_an_agent_killed_during_up_fails_it_cleanly(tmp_path: Path) -> None:
     """kill -9 of an agent while `lab up` waits for it: one line that says so, and nothing
     of the lab left running or recorded."""
