@@ -325,6 +325,15 @@ def test_a_client_without_a_certificate_of_the_lab_ca_is_refused(lab: Lab, tmp_p
             pass
 
 
+def test_after_all_that_the_logs_hold_no_traceback_and_no_request_body(lab: Lab) -> None:
+    """Runs after the tests above (file order): malformed, oversized, abrupt and refused
+    connections are one line each in the log, never a traceback or what the client sent."""
+    for p in lab.procs.values():
+        text = p.log()
+        assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+        assert "The metadata field is not used" not in text and "SEND_KEY" not in text
+
+
 # --- plain TCP ---------------------------------------------------------------------------------
 
 def kms_section(tmp: Path, qkdn_id: str, address: str, plain: bool) -> dict[str, Any]:
