@@ -183,6 +183,26 @@ def test_several_requests_on_one_connection_and_split_across_segments(lab: Lab) 
         assert json.loads(s.recv(RECV)) == {"status": 0}
 
 
+def test_requests_sent_in_one_write_get_one_answer_each_in_order(lab: Lab) -> None:
+    """Braces and backslashes inside strings do not end a request early."""
+    tricky = '{"command": "CLOSE", "data": {"key_stream_id": "}{\\\\", "note": "\\"}"}}'
+    unknown = CLOSE.replace("<KSID>", KSID)
+    with lab.tls(SRC_SAE, "alice") as s:
+        s.sendall(f"{tricky}\n{unknown} {tricky}".encode())
+        got, text = [], ""
+        while len(got) < 3:
+            text += s.recv(RECV).decode()
+            while text:
+                try:
+                    obj, end = json.JSONDecoder().raw_decode(text)
+                except ValueError:
+                    break
+                got.append(obj)
+                text = text[end:]
+    assert [g["status"] for g in got] == [400, 400, 400]
+    assert ["UUID" in g["message"] for g in got] == [True, False, True]  # the middle one: no such stream
+
+
 def test_field_and_command_names_in_any_case(lab: Lab) -> None:
     request = {"Command": "open_connect", "Data": {"Source": f"qkd://{SRC_SAE}@alice", "Destination": DST_SAE,
                                                    "QoS": {"Key_chunk_size": 32, "Timeout": 0, "TTL": 60}, "vendor": 1}}
