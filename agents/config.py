@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents.kms.streamserver import is_loopback, limits_of
 from sdqkd.configfile import ConfigError, parse_into, read_json
+from sdqkd.listen import is_loopback
 
 
 MAX_ENTROPY_REQUEST = 1 << 16  # bytes: upper bound of qrng.max_request_bytes
@@ -266,4 +266,10 @@ def _check_etsi004_json(kms: KmsConf) -> list[str]:
     if j.plain and not is_loopback(address):
         problems.append(f"{where}.plain: plain TCP only on a loopback address, not {address} "
                         "(anyone on the network could claim any SAE)")
-    return problems + limits_of(j).problems(where)
+    if not (0 < j.read_timeout <= 3600 and 0 < j.handshake_timeout <= 3600):
+        problems.append(f"{where}: read_timeout and handshake_timeout from 0 to 3600 s")
+    if not 256 <= j.max_request <= 1 << 24:
+        problems.append(f"{where}.max_request: from 256 to 16777216 bytes")
+    if not (1 <= j.max_connections <= 10_000 and 1 <= j.workers <= 256):
+        problems.append(f"{where}: max_connections from 1 to 10000, workers from 1 to 256")
+    return problems

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import ssl
 import threading
@@ -46,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sdqkd.listen import binding
+from sdqkd.listen import binding, is_loopback
 from sdqkd.pki import sae_id_of
 
 log = logging.getLogger(__name__)
@@ -80,31 +79,10 @@ class Limits:
     max_connections: int = 64  # open at once; one more is closed at once
     workers: int = 8  # LKMS calls running at once
 
-    def problems(self, where: str) -> list[str]:
-        """What is out of range, for a config check that reports everything at once."""
-        out = []
-        if not (0 < self.read_timeout <= 3600 and 0 < self.handshake_timeout <= 3600):
-            out.append(f"{where}: read_timeout and handshake_timeout from 0 to 3600 s")
-        if not 256 <= self.max_request <= 1 << 24:
-            out.append(f"{where}.max_request: from 256 to 16777216 bytes")
-        if not (1 <= self.max_connections <= 10_000 and 1 <= self.workers <= 256):
-            out.append(f"{where}: max_connections from 1 to 10000, workers from 1 to 256")
-        return out
-
 
 def limits_of(conf: Any) -> Limits:
     """The Limits a server's config section gives (fields named as in Limits)."""
     return Limits(**{f: getattr(conf, f) for f in Limits.__dataclass_fields__ if hasattr(conf, f)})
-
-
-def is_loopback(address: str) -> bool:
-    """Whether `address` (a literal or 'localhost') only reaches this host."""
-    if address.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 class Connection:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sdqkd import pki
-from sdqkd.agents.kms.streamserver import Connection, Limits, RequestTooLarge, StreamServer, is_loopback
-from sdqkd.listen import ListenError
+from sdqkd.agents.kms.streamserver import Connection, Limits, RequestTooLarge, StreamServer
+from sdqkd.listen import ListenError, is_loopback
 
 
 @pytest.fixture(scope="module")
