@@ -183,11 +183,11 @@ class _Api:
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ks.BadRequest(f"the request is not valid JSON: {_reason(exc)}") from None
             top = _lower(request, "the request")
-            command = top.get("command")
-            if not isinstance(command, str) or command.upper() not in COMMANDS:
-                shown = command[:32] if isinstance(command, str) else command
-                raise ks.BadRequest(f"command must be one of {', '.join(COMMANDS)}, not {shown!r}"[:200])
-            command = command.upper()
+            given = top.get("command")
+            if not isinstance(given, str) or given.upper() not in COMMANDS:
+                shown = given[:32] if isinstance(given, str) else type(given).__name__
+                raise ks.BadRequest(f"command must be one of {', '.join(COMMANDS)}, not {shown!r}")
+            command = given.upper()  # only a known name reaches the log
             data = top.get("data")
             data = _lower(data, "data") if data is not None else {k: v for k, v in top.items() if k != "command"}
             if command == "OPEN_CONNECT":
