@@ -158,7 +158,8 @@ class _Api:
                     data = await conn.read(65536)
                     if not data:
                         if framer.pending():
-                            await self._send(conn, _fail(BAD_REQUEST, "the connection closed before the request was complete"))
+                            why = "the connection closed before the request was complete"
+                            await self._send(conn, _fail(BAD_REQUEST, why))
                         return
                     framer.feed(data)
                     raw = framer.take()

@@ -117,7 +117,8 @@ class Connection:
             data = await self._timed(self._reader.readexactly(n))
         except asyncio.IncompleteReadError as exc:
             self._count(exc.partial)
-            raise PeerClosed("the client closed the connection" + (" in the middle of a request" if self._size else "")) from None
+            where = " in the middle of a request" if self._size else ""
+            raise PeerClosed(f"the client closed the connection{where}") from None
         return self._count(data)
 
     async def send(self, data: bytes) -> None:
@@ -200,7 +201,8 @@ class StreamServer:
 
     def start(self, timeout: float = 10.0) -> StreamServer:
         """Listen, or raise what stopped it (a ListenError naming `role`); returns self."""
-        self._thread = threading.Thread(target=self._run, name=f"stream-{self.role}-{self.host}:{self._port}", daemon=True)
+        name = f"stream-{self.role}-{self.host}:{self._port}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError(f"{self.role} server on {self.host}:{self._port} did not start in {timeout} s")
