@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdqkd.configfile import ConfigError, parse_into, read_json
+from sdqkd.listen import is_loopback
 
 
 MAX_ENTROPY_REQUEST = 1 << 16  # bytes: upper bound of qrng.max_request_bytes
@@ -106,6 +107,23 @@ class PeerConf:
 
 
 @dataclass
+class Etsi004JsonConf:
+    """ETSI 004 in the JSON command form over TCP (agents/kms/etsi004_json.py), for the
+    MadQCI-style clients such as UPM's hybridization module. Mutual TLS, the SAE named by
+    its client certificate; `plain` serves plain TCP instead (that module speaks nothing
+    else), only on a loopback address, where every local process is trusted."""
+
+    port: int
+    address: str | None = None  # default: the kms address
+    plain: bool = False
+    read_timeout: float = 10.0  # s for a whole request to arrive
+    handshake_timeout: float = 10.0  # s for the TLS handshake
+    max_request: int = 64 * 1024  # bytes
+    max_connections: int = 64
+    workers: int = 8  # LKMS calls at once
+
+
+@dataclass
 class KmsConf:
     """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI.
 
@@ -135,6 +153,7 @@ class KmsConf:
     relay_max_handshakes: int = 16  # of which still in their TLS handshake (a new one drops the oldest)
     relay_max_per_peer: int = 8  # established connections from one peer
     relay_workers: int = 8  # threads handling relay messages (the connections wait in one selector)
+    etsi004_json: Etsi004JsonConf | None = None  # off unless configured (`sdqkd lab up` configures it)
 
 
 @dataclass
@@ -275,6 +294,8 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.kms is not None and cfg.kms.link_key_limit < 1:
         problems.append("config.kms.link_key_limit: at least 1")
+    if cfg.kms is not None and cfg.kms.etsi004_json is not None:
+        problems.extend(_check_etsi004_json(cfg.kms))
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:
@@ -283,4 +304,24 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.ipsec: IPsec tunnels take their keys from the LKMS, which needs config.kms")
     if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):
         problems.append(f"config.qrng.max_request_bytes: between 32 (the default request) and {MAX_ENTROPY_REQUEST}")
+    return problems
+
+
+def _check_etsi004_json(kms: KmsConf) -> list[str]:
+    j = kms.etsi004_json
+    assert j is not None
+    where = "config.kms.etsi004_json"
+    problems = [] if 0 <= j.port <= 65535 else [f"{where}.port: out of range"]
+    address = j.address or kms.address
+    if j.port and address == kms.address and j.port in (kms.port, kms.relay_port):
+        problems.append(f"{where}.port: {j.port} is already the kms HTTPS or relay port")
+    if j.plain and not is_loopback(address):
+        problems.append(f"{where}.plain: plain TCP only on a loopback address, not {address} "
+                        "(anyone on the network could claim any SAE)")
+    if not (0 < j.read_timeout <= 3600 and 0 < j.handshake_timeout <= 3600):
+        problems.append(f"{where}: read_timeout and handshake_timeout from 0 to 3600 s")
+    if not 256 <= j.max_request <= 1 << 24:
+        problems.append(f"{where}.max_request: from 256 to 16777216 bytes")
+    if not (1 <= j.max_connections <= 10_000 and 1 <= j.workers <= 256):
+        problems.append(f"{where}: max_connections from 1 to 10000, workers from 1 to 256")
     return problems

@@ -61,7 +61,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
                 "host_key": ssh.public_key_line(host_key) if host_key else None,
             },
             "kms": {"url": f"https://{plan.address}:{n.kms_port}", "etsi014": f"https://{plan.address}:{n.kms_port}/api/v1/keys",
-                    "etsi004": f"https://{plan.address}:{n.kms_port}/api", "relay_port": n.relay_port},
+                    "etsi004": f"https://{plan.address}:{n.kms_port}/api", "relay_port": n.relay_port,
+                    "etsi004_json": {"host": plan.address, "port": n.etsi004_json_port, "tls": True}},
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1]), "pin": pki.spki_pin(n.kme_cert[0])}
             if n.kme_cert else None,
@@ -137,7 +138,7 @@ def shell_env(data: dict[str, Any]) -> dict[str, str]:
     """lab.json as shell variables (`eval "$(sdqkd lab env)"`), so that commands written
     once work whatever ports (--free-ports) and folder the lab has: LAB_CA, LAB_GRPC,
     LAB_NETCONF_USER/PASSWORD, and per node <NODE>_KME (HTTPS base URL), _NETCONF_PORT,
-    _SAE, _CERT, _KEY (its first SAE's credentials) and, with a lab host, _NETNS, _ADDRESS, _INNER;
+    _ETSI004_JSON_PORT (the JSON command form, mutual TLS), _SAE, _CERT, _KEY (its first SAE's credentials) and, with a lab host, _NETNS, _ADDRESS, _INNER;
     LAB_GRPC_CERT and LAB_GRPC_KEY: the orchestrator's client certificate for the gRPC northbound."""
     labs = Path(data["dir"]).parent  # <lab dir>/lab/<name>
     env = {"SDQKD_LAB_DIR": str(labs.parent), "SDQKD_LAB": data["name"], "LAB_CA": data["ca"]["cert"],
@@ -149,6 +150,8 @@ def shell_env(data: dict[str, Any]) -> dict[str, str]:
         nc, v = n["netconf"], _var(n["name"])
         env.update({"LAB_NETCONF_HOST": nc["host"], "LAB_NETCONF_USER": nc["username"], "LAB_NETCONF_PASSWORD": nc["password"]})
         env.update({f"{v}_KME": n["kms"]["url"], f"{v}_NETCONF_PORT": str(nc["port"])})
+        if n["kms"].get("etsi004_json"):  # a lab brought up before the JSON form had none
+            env[f"{v}_ETSI004_JSON_PORT"] = str(n["kms"]["etsi004_json"]["port"])
         if n["saes"]:
             sae = n["saes"][0]
             env.update({f"{v}_SAE": sae["id"], f"{v}_CERT": sae["cert"], f"{v}_KEY": sae["key"]})

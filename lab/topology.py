@@ -23,7 +23,7 @@ from lxml import etree
 
 from sdqkd import yangdata
 from sdqkd.agents.emulation.profile import QkdProfile, identity_name
-from sdqkd.lab.plan import node_id
+from sdqkd.lab.plan import ETSI004_JSON_OFFSET, node_id
 
 MODULE = "sdqkd-lab"
 ROOT = f"/{MODULE}:lab"
@@ -553,15 +553,17 @@ def check_qrng(lab: Mapping[str, Any], ix: _Index) -> Found:
 
 
 def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
-    """The lab's fixed port ranges (one NETCONF, KMS and relay port per node, one service
+    """The lab's fixed port ranges (one NETCONF, KMS, ETSI 004 JSON and relay port per node, one service
     port per QKD interface from relay base + 100, the controller's gRPC port) fit and do
     not overlap."""
     d = _sub(lab, "defaults")
     n, m = len(ix.nodes), len(ix.ifaces)
     relay = _int(d.get("relay-port-base", 8500)) or 8500
+    kms = _int(d.get("kms-port-base", 8400)) or 8400
     ranges = {
         "netconf-port-base": (_int(d.get("netconf-port-base", 8300)) or 8300, n),
-        "kms-port-base": (_int(d.get("kms-port-base", 8400)) or 8400, n),
+        "kms-port-base": (kms, n),
+        f"ETSI 004 JSON ports (kms-port-base + {ETSI004_JSON_OFFSET})": (kms + ETSI004_JSON_OFFSET, n),
         "relay-port-base": (relay, n),
         "service ports (relay-port-base + 100)": (relay + 100, m),
         "controller-grpc-port": (_int(d.get("controller-grpc-port", 50051)) or 50051, 1),

@@ -6,6 +6,7 @@ which listener failed, on which port, and why, in one line: "NETCONF cannot list
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from collections.abc import Iterator
@@ -52,3 +53,14 @@ def bind_error(address: str, port: int) -> OSError | None:
         except OSError as exc:
             return exc
     return None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address` (a literal or 'localhost') only reaches this host: where a server
+    may trust its clients without authenticating them (plain TCP key delivery)."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -1,16 +1,17 @@
 """Assembles a node's LKMS from the agent config: key store, forwarding module, the
-ETSI 014 and 004 HTTPS front ends on one port."""
+ETSI 014 and 004 HTTPS front ends on one port, and the ETSI 004 JSON command form on a
+port of its own when configured."""
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdqkd.agents.kms import web
 
 from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.kms import etsi004, etsi014, https
+from sdqkd.agents.kms import etsi004, etsi004_json, etsi014, https, keystream, streamserver
 from sdqkd import pki
 from sdqkd.agents.kms.forwarding import Forwarder, RelayLimits
 from sdqkd.agents.kms.keystore import KeyStore
@@ -21,12 +22,17 @@ from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 class KmsNode:
     lkms: Lkms
     server: https.HttpsServer | None
+    streams: list[streamserver.StreamServer] = field(default_factory=list)  # the non-HTTP 004 forms
 
     def start(self) -> None:
         if self.server is not None:
             self.server.start()
+        for s in self.streams:
+            s.start()
 
     def stop(self) -> None:
+        for s in self.streams:
+            s.stop()
         if self.server is not None:
             self.server.stop()
         self.lkms.shutdown()
@@ -71,19 +77,26 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     app = https.make_app()
     https.trust(app, sae_ca=k.sae_ca, kme_ca=k.kme_ca if cfg.ipsec is not None else None)
     etsi014.add_routes(app, lkms)
-    etsi004.add_routes(app, lkms, sae_nodes(cfg))
+    etsi004.add_routes(app, lkms, node_names(cfg))
     if more_routes is not None:
         more_routes(app, lkms)
+    sae_only = pki.server_ssl_context(k.cert, k.key, [k.sae_ca])
     server = https.HttpsServer(app, k.address, k.port, pki.server_ssl_context(k.cert, k.key, callers),
                                role="ETSI 014/004 HTTPS")
-    return KmsNode(lkms, server)
+    node = KmsNode(lkms, server)
+    if k.etsi004_json is not None:
+        j = k.etsi004_json
+        streams = keystream.KeyStreams(lkms, node_names(cfg))
+        node.streams.append(streamserver.StreamServer(
+            etsi004_json.handler(streams), j.address or k.address, j.port, None if j.plain else sae_only,
+            limits=streamserver.limits_of(j), role="ETSI 004 JSON"))
+    return node
 
 
-def sae_nodes(cfg: AgentConfig) -> dict[str, set[str]]:
-    """SAE ID -> the names its node goes by (qkdn_id, node name), for ETSI 004 URIs
-    `qkd://SAE@node` (agents/kms/keystream.sae_of_uri)."""
-    k = cfg.kms
+def node_names(cfg: AgentConfig) -> dict[str, set[str]]:
+    """SAE ID -> the names its node goes by (qkdn_id, node name), lower case: an ETSI 004
+    URI `qkd://SAE@node` naming another node than the SAE's is refused."""
     names = {cfg.node.qkdn_id.lower(): {cfg.node.qkdn_id.lower(), cfg.node.name.lower()}}
-    for qid, peer in cfg.peers.items():
-        names.setdefault(qid.lower(), {qid.lower()}).update({peer.node.lower()} if getattr(peer, "node", None) else set())
-    return {sae: names.get(kme.lower(), {kme.lower()}) for sae, kme in (k.saes.items() if k else [])}
+    names.update({qid.lower(): {qid.lower(), p.node.lower()} for qid, p in cfg.peers.items()})
+    assert cfg.kms is not None
+    return {sae: names.get(qid.lower(), {qid.lower()}) for sae, qid in cfg.kms.saes.items()}

@@ -91,6 +91,7 @@ def test_a_held_port_is_named_with_its_role(tmp_path: Path) -> None:
 
 def _roles(node: lab_plan.NodePlan) -> list[tuple[str, int]]:
     return [("NETCONF", node.netconf_port), ("ETSI 014/004 HTTPS", node.kms_port), ("key relay", node.relay_port),
+            ("ETSI 004 JSON", node.etsi004_json_port),
             *((f"QKD service channel of interface {i}", p) for i, p in node.service_ports.items())]
 
 
@@ -101,7 +102,8 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> lab_plan.LabPlan:
     return lab_plan.make(topo, tmp / "race", free_ports=True)
 
 
-@pytest.mark.parametrize("role", ["NETCONF", "ETSI 014/004 HTTPS", "key relay", "QKD service channel of interface 1"])
+@pytest.mark.parametrize("role", ["NETCONF", "ETSI 014/004 HTTPS", "key relay", "ETSI 004 JSON",
+                                  "QKD service channel of interface 1"])
 def test_an_agent_that_loses_its_port_says_which_in_one_line(planned: lab_plan.LabPlan, role: str) -> None:
     """A port taken after `lab up` checked it: the agent exits 3 with one line, which `lab up` shows."""
     node = planned.nodes["CAIT"]
@@ -217,6 +219,33 @@ echo "grpc=$LAB_GRPC"
     assert json.loads(key)["slave"]["node"] == "Rectorado" and json.loads(links)["node"] == "CCS"
     assert "Nowhere" in json.loads(error)["message"] and "404" in res.stderr
     assert grpc_line == f"grpc={lab['controller']['grpc']}"
+
+
+def test_each_node_serves_the_json_004_form_where_lab_json_and_lab_env_say(two_labs: dict[str, Any]) -> None:
+    """`lab up` gives every agent an ETSI 004 JSON port (mutual TLS with the lab's SAE
+    certificates); a stream opened and closed there, in the form the hybridization module sends."""
+    import ssl
+
+    from sdqkd.lab import labjson
+
+    lab = json.loads((two_labs["top"] / ".sdqkd" / "lab" / "alpha" / "lab.json").read_text())
+    nodes = {n["name"]: n for n in lab["nodes"]}
+    cait, rectorado = nodes["CAIT"], nodes["Rectorado"]
+    where = cait["kms"]["etsi004_json"]
+    assert labjson.shell_env(lab)["CAIT_ETSI004_JSON_PORT"] == str(where["port"]) and where["tls"] is True
+    ctx = ssl.create_default_context(cafile=lab["ca"]["cert"])
+    ctx.load_cert_chain(cait["saes"][0]["cert"], cait["saes"][0]["key"])
+    request = {"command": "OPEN_CONNECT", "data": {
+        "source": f"qkd://sae-cait@{cait['qkdn_id']}", "destination": f"qkd://sae-rectorado@{rectorado['qkdn_id']}",
+        "qos": {"key_chunk_size": 32, "max_bps": 32, "min_bps": 32, "jitter": 0, "priority": 0, "timeout": 0, "ttl": 0,
+                "metadata_mimetype": "application/json"}}}
+    with socket.create_connection((where["host"], where["port"]), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=where["host"]) as s:
+        s.sendall(json.dumps(request).encode())
+        opened = json.loads(s.recv(65057))
+        assert opened["status"] == 1, opened  # open, Rectorado's application not yet
+        s.sendall(json.dumps({"command": "CLOSE", "data": {"key_stream_id": opened["key_stream_id"]}}).encode())
+        assert json.loads(s.recv(65057)) == {"status": 0}
 
 
 def test_an_agent_killed_during_up_fails_it_cleanly(tmp_path: Path) -> None:

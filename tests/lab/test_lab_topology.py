@@ -407,6 +407,8 @@ BAD: list[tuple[str, str, Mutation, str, str]] = [
      "an emulated QRNG needs its rate"),
     ("ports-overlap", "madqci", lambda lb: lb["defaults"].update({"kms-port-base": 8305}), "ports",
      "netconf-port-base (8300..8308) overlaps kms-port-base (8305..8313)"),
+    ("json-004-ports-overlap", "madqci", lambda lb: lb["defaults"].update({"relay-port-base": 9405}), "ports",
+     "ETSI 004 JSON ports (kms-port-base + 1000) (9400..9408) overlaps relay-port-base (9405..9413)"),
 ]
 
 # What YANG itself says, found by libyang when the file is loaded: (id, file, mutation, text)
