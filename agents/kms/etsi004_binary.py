@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import enum
 import logging
+import ssl
 import struct
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
 from . import keystream as ks
-from .interface import KmsError, Qos
+from .interface import KeyService, KmsError, Qos
+from .streamserver import Connection, Limits, StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ MAX_PAYLOAD = {
     GET_KEY_REQUEST: KSID_SIZE + 4 + 4 + MAX_METADATA,
     CLOSE_REQUEST: KSID_SIZE,
 }
+MAX_MESSAGE = HEADER_SIZE + max(MAX_PAYLOAD.values())
 _RESPONSE_OF = {OPEN_CONNECT_REQUEST: OPEN_CONNECT_RESPONSE, GET_KEY_REQUEST: GET_KEY_RESPONSE,
                 CLOSE_REQUEST: CLOSE_RESPONSE}
 
@@ -257,7 +261,10 @@ class Handler:
 
     def answer(self, caller: str, header: Header, payload: bytes) -> bytes:
         """The whole response message to one request; ProtocolError: close the connection."""
-        request = decode_request(header, payload)
+        return self.respond(caller, header, decode_request(header, payload))
+
+    def respond(self, caller: str, header: Header, request: Request) -> bytes:
+        """The whole response message to a decoded request, in the request's version and dialect."""
         if isinstance(request, OpenConnectRequest):
             body = encode_opened(self._open(caller, request), request.dialect)
         elif isinstance(request, GetKeyRequest):
@@ -308,3 +315,40 @@ class Handler:
 
 def _why(exc: Exception) -> str:
     return getattr(exc, "message", None) or type(exc).__name__
+
+
+def serve(handler: Handler) -> Callable[[Connection], Awaitable[None]]:
+    """The connection loop for streamserver: header, payload, answer, as many times as the
+    client asks on one connection (the QUBIP client keeps it; the ETSI C client makes one
+    per request). Mutual TLS only: a caller without a certificate is never served."""
+
+    async def run(conn: Connection) -> None:
+        if conn.caller is None:
+            log.warning("ETSI 004 binary: refusing %s, which has no client certificate", conn.peer)
+            return
+        while True:
+            first = await conn.read(HEADER_SIZE)
+            if not first:
+                return  # closed between requests: the normal end
+            try:
+                head = first if len(first) == HEADER_SIZE else first + await conn.readexactly(HEADER_SIZE - len(first))
+                header = decode_header(head)  # before the payload: a huge length is never read
+                request = decode_request(header, await conn.readexactly(header.length))
+            except ProtocolError as exc:
+                log.info("ETSI 004 binary: closing the connection from %s (%s): %s", conn.peer, conn.caller, exc)
+                return
+            await conn.send(await conn.call(handler.respond, conn.caller, header, request))
+            conn.next_request()
+
+    return run
+
+
+def server(service: KeyService, host: str, port: int, ssl_ctx: ssl.SSLContext,
+           nodes: Mapping[str, set[str]] | None = None, limits: Limits | None = None) -> StreamServer:
+    """The ETSI 004 binary server of a node (not started). `ssl_ctx` must require client
+    certificates: the protocol has no other way to say who the caller is."""
+    limits = limits or Limits(max_request=MAX_MESSAGE)
+    if limits.max_request < MAX_MESSAGE:
+        raise ValueError(f"ETSI 004 binary needs max_request of at least {MAX_MESSAGE} bytes")
+    return StreamServer(serve(Handler(ks.KeyStreams(service, nodes))), host, port, ssl_ctx, limits=limits,
+                        role="ETSI 004 binary")

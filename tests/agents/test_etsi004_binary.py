@@ -2,14 +2,30 @@
 reference clients' exact bytes, and the server over real mutual TLS against the real LKMS."""
 from __future__ import annotations
 
+import base64
+import logging
+import os
+import socket
+import ssl
 import struct
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from sdqkd import pki
 from sdqkd.agents.kms import etsi004_binary as b4
+from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import keystream as ks
 from sdqkd.agents.kms.interface import Qos
+from sdqkd.agents.kms.keystore import KeyStore
+from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+from sdqkd.agents.kms.streamserver import Limits, StreamServer
 
 KSID = "3f1c2a9e-7b4d-4e21-9a0b-5c6d7e8f9012"
 
@@ -145,3 +161,230 @@ def test_payloads_that_break_the_framing_are_protocol_errors(message: bytes, why
     header = b4.Header(tuple(message[:3]), message[3], struct.unpack("!I", message[4:8])[0])
     with pytest.raises(b4.ProtocolError, match=why):
         b4.decode_request(header, message[8:])
+
+
+# --- over mutual TLS against the real LKMS -----------------------------------------------
+# Two nodes as in test_etsi004.py: alice holds sae-a, bob holds sae-b, one PHYS link whose
+# keys both stores hold, forwarding modules joined; each node serves the binary protocol.
+
+A, B = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/etsi004-binary/{n}")) for n in ("alice", "bob"))
+LINK, APP = "10000000-0000-4000-8000-0000000000b4", "30000000-0000-4000-8000-0000000000b4"
+SAES = {"sae-a": A, "sae-b": B}
+READ_TIMEOUT = 2.0
+
+
+@dataclass
+class Lab:
+    ports: dict[str, int]  # SAE -> binary port of its node
+    ca: Path
+    certs: dict[str, tuple[Path, Path]]
+    servers: dict[str, StreamServer]
+
+    def connect(self, sae: str | None, node_of: str = "sae-a") -> ssl.SSLSocket:
+        """A TLS connection as `sae` (None: no client certificate) to the node of `node_of`."""
+        ctx = pki.client_ssl_context(*self.certs[sae], self.ca) if sae else ssl.create_default_context(cafile=str(self.ca))
+        raw = socket.create_connection(("127.0.0.1", self.ports[node_of]), timeout=10)
+        return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def ask(self, sae: str, message: bytes, node_of: str | None = None) -> tuple[tuple[int, ...], bytes]:
+        """One request on a connection of its own (as the ETSI C client does)."""
+        with self.connect(sae, node_of or sae) as s:
+            s.sendall(message)
+            return answer(s)
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = s.recv(n - len(data))
+        if not part:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += part
+    return data
+
+
+def answer(s: socket.socket) -> tuple[tuple[int, ...], bytes]:
+    """(version major, minor, patch, service), payload of one response."""
+    *head, length = struct.unpack("!BBBBI", recv_exactly(s, 8))
+    return tuple(head), recv_exactly(s, length)
+
+
+def closed_without_answer(s: ssl.SSLSocket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True
+
+
+def _node(d: Path, ca: tuple[Path, Path], kme: str, name: str) -> tuple[Lkms, StreamServer]:
+    cert = pki.issue(ca, kme, d / name, server_names=["127.0.0.1"], client=True)
+    server_ctx, client_ctx = pki.server_ssl_context(*cert, ca[0]), pki.client_ssl_context(*cert, ca[0])
+    lkms = Lkms(LkmsConfig(kme, name, SAES), KeyStore(d / f"{name}.sqlite"), os.urandom,
+                fm.Forwarder(kme, ("127.0.0.1", 0), server_ctx, client_ctx, {}))
+    limits = Limits(read_timeout=READ_TIMEOUT, handshake_timeout=5, max_request=b4.MAX_MESSAGE, max_connections=16)
+    return lkms, b4.server(lkms, "127.0.0.1", 0, server_ctx, limits=limits).start()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    d = tmp_path_factory.mktemp("etsi004bin")
+    ca = pki.make_ca(d / "ca", "lab-ca")
+    certs = {sae: pki.issue(ca, sae, d / "sae", client=True) for sae in ("sae-a", "sae-b", "sae-x")}
+    (alice, alice_srv), (bob, bob_srv) = _node(d, ca, A, "alice"), _node(d, ca, B, "bob")
+    alice.forwarder.peers, bob.forwarder.peers = {B: bob.forwarder.address}, {A: alice.forwarder.address}
+    for lkms, remote in ((alice, B), (bob, A)):
+        lkms.update_routes(RouteTable(lkms.cfg.kme_id, {LINK: LinkRoute(LINK, "PHYS", True, remote)},
+                                      (AppRoute(APP, frozenset(SAES), (LINK,)),)))
+    link_keys = [(str(uuid.uuid4()), os.urandom(32)) for _ in range(600)]  # as a QKD pair delivers them
+    for lkms in (alice, bob):
+        for key_id, key in link_keys:
+            lkms.key_sink(LINK, key_id, key)
+        lkms.store.flush()
+    ports = {"sae-a": alice_srv.port, "sae-b": bob_srv.port, "sae-x": alice_srv.port}
+    yield Lab(ports, ca[0], certs, {"alice": alice_srv, "bob": bob_srv})
+    for srv, lkms in ((alice_srv, alice), (bob_srv, bob)):
+        srv.stop()
+        lkms.shutdown()
+
+
+def with_ksid(message: bytes, ksid: str) -> bytes:
+    """An OPEN_CONNECT as the reference client sends it once its key_stream_id is set."""
+    return message[:-16] + uuid.UUID(ksid).bytes
+
+
+def parse_chunk(payload: bytes) -> tuple[int, int, bytes, bytes]:
+    """(status, index, key, metadata) as the reference client's parse_get_key_response reads a success."""
+    status, index, size = struct.unpack_from("!III", payload)
+    key = payload[12:12 + size]
+    (msize,) = struct.unpack_from("!I", payload, 12 + size)
+    metadata = payload[16 + size:16 + size + msize]
+    assert len(payload) == 16 + size + msize
+    return status, index, key, metadata
+
+
+def test_the_reference_clients_bytes_replayed_at_both_ends_give_the_same_key(lab: Lab) -> None:
+    head, opened = lab.ask("sae-a", QUBIP_OPEN_CONNECT)  # exactly as recorded: null KSID, assign one
+    assert head == (1, 0, 1, b4.OPEN_CONNECT_RESPONSE) and len(opened) == 4 + 28 + 256 + 16
+    assert struct.unpack_from("!I", opened)[0] == ks.PEER_NOT_CONNECTED  # opened; sae-b has not yet
+    assigned = uuid.UUID(bytes=opened[-16:])
+    assert assigned.int != 0 and opened[32:288].rstrip(b"\0") == b"application/json"
+    assert struct.unpack_from("!7I", opened, 4) == (512, 40000, 5000, 10, 0, 5000, 3600)
+
+    # the recorded GET_KEY and CLOSE name KSID: both parties open it first, on one connection
+    # each, as the QUBIP client keeps its connection for OPEN_CONNECT, GET_KEY and CLOSE
+    keys = {}
+    with lab.connect("sae-a") as a, lab.connect("sae-b", "sae-b") as b:
+        for s, want in ((a, ks.PEER_NOT_CONNECTED), (b, ks.SUCCESSFUL)):
+            s.sendall(with_ksid(QUBIP_OPEN_CONNECT, KSID))
+            head, payload = answer(s)
+            assert struct.unpack_from("!I", payload)[0] == want and payload[-16:] == uuid.UUID(KSID).bytes
+        for name, s in (("a", a), ("b", b)):
+            s.sendall(QUBIP_GET_KEY)
+            head, payload = answer(s)
+            assert head == (1, 0, 1, b4.GET_KEY_RESPONSE)
+            status, index, keys[name], metadata = parse_chunk(payload)
+            assert (status, index, len(keys[name])) == (0, 0, 512)
+        assert keys["a"] == keys["b"]
+        for s in (a, b):
+            s.sendall(QUBIP_CLOSE)
+            assert answer(s) == ((1, 0, 1, b4.CLOSE_RESPONSE), struct.pack("!I", 0))
+        a.sendall(QUBIP_CLOSE)  # closed already: no such stream
+        assert answer(a)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)
+    lab.ask("sae-a", b4.encode((1, 0, 1), b4.CLOSE_REQUEST, assigned.bytes))
+
+
+def test_the_etsi_c_form_one_connection_per_request(lab: Lab) -> None:
+    head, opened = lab.ask("sae-a", etsi_c_open_connect("qkd://sae-a", "qkd://sae-b"))
+    assert head == (2, 1, 1, b4.OPEN_CONNECT_RESPONSE)
+    status, *qos = struct.unpack_from("!I7I", opened)
+    assert status == ks.PEER_NOT_CONNECTED and qos[0] == 32
+    assert opened[32:-16] == b"application/json\0"
+    ksid = str(uuid.UUID(bytes=opened[-16:]))
+    _, joined = lab.ask("sae-b", etsi_c_open_connect("qkd://sae-a", "qkd://sae-b", ksid=ksid))
+    assert struct.unpack_from("!I", joined)[0] == ks.SUCCESSFUL
+    at_a = parse_chunk(lab.ask("sae-a", etsi_c_get_key(ksid, 0, bytes(64)))[1])
+    at_b = parse_chunk(lab.ask("sae-b", etsi_c_get_key(ksid, 0, bytes(64)))[1])
+    assert at_a[:2] == at_b[:2] == (0, 0) and len(at_a[2]) == 32 and at_a[2] == at_b[2]
+    close = b4.encode((2, 1, 1), b4.CLOSE_REQUEST, uuid.UUID(ksid).bytes)
+    assert lab.ask("sae-a", close) == ((2, 1, 1, b4.CLOSE_RESPONSE), struct.pack("!I", 0))
+    assert lab.ask("sae-b", close)[1] == struct.pack("!I", 0)
+    # an ETSI C client reads the full layout whatever the status
+    gone = lab.ask("sae-a", etsi_c_get_key(ksid, 1, b""))[1]
+    assert gone == struct.pack("!IIII", ks.NO_QKD_CONNECTION, 1, 0, 0)
+
+
+def test_requests_that_cannot_be_served_get_status_4(lab: Lab) -> None:
+    not_qkd = b4.encode((1, 0, 1), 2, b"client://localhost\0server://qkd_server\0" + QUBIP_OPEN_CONNECT[32:])
+    assert lab.ask("sae-a", not_qkd)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)
+    assert lab.ask("sae-x", QUBIP_OPEN_CONNECT)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)  # attached to no node
+    null = b4.encode((1, 0, 1), b4.GET_KEY_REQUEST, bytes(16) + struct.pack("!II", 0, 64))
+    assert lab.ask("sae-a", null)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)
+
+
+def test_a_client_without_a_certificate_is_not_served(lab: Lab) -> None:
+    with lab.connect(None) as s:
+        try:
+            s.sendall(QUBIP_CLOSE)
+        except (ssl.SSLError, ConnectionError):
+            return
+        assert closed_without_answer(s)
+
+
+def _raw_exchange(lab: Lab, data: bytes) -> tuple[bool, float]:
+    """Sends data and then waits: (closed without an answer, seconds until closed)."""
+    with lab.connect("sae-a") as s:
+        s.sendall(data)
+        start = time.monotonic()
+        closed = closed_without_answer(s)
+        return closed, time.monotonic() - start
+
+
+@pytest.mark.parametrize("data, quick", [
+    (QUBIP_CLOSE[:5], False),  # truncated header: closed when the request's time is up
+    (bytes.fromhex("0200000800000010") + uuid.UUID(KSID).bytes, True),  # wrong version
+    (bytes.fromhex("0100010aa0000010") + uuid.UUID(KSID).bytes, True),  # unknown service type
+    (bytes.fromhex("01000102ffffffff"), True),  # declares 4 GiB: closed at once, nothing read or allocated
+    (bytes.fromhex("0100010400000020") + QUBIP_GET_KEY[8:], False),  # declares more than it sends
+    (bytes.fromhex("0100010400000014") + QUBIP_GET_KEY[8:], True),  # declares less than GET_KEY needs
+])
+def test_framing_errors_close_the_connection_without_an_answer(lab: Lab, data: bytes, quick: bool) -> None:
+    closed, took = _raw_exchange(lab, data)
+    assert closed
+    assert (took < READ_TIMEOUT / 2) if quick else (READ_TIMEOUT * 0.8 <= took < READ_TIMEOUT + 3)
+
+
+def test_an_answered_request_then_garbage_closes_after_the_answer(lab: Lab) -> None:
+    with lab.connect("sae-a") as s:
+        s.sendall(QUBIP_CLOSE + b"\x02\x00")  # answered (no such stream), then a header that never completes
+        assert answer(s)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)
+        assert closed_without_answer(s)
+
+
+def test_abrupt_close_mid_payload_leaves_nothing_behind(lab: Lab) -> None:
+    server = lab.servers["alice"]
+    threads = threading.active_count()
+    for _ in range(5):
+        s = lab.connect("sae-a")
+        s.sendall(QUBIP_OPEN_CONNECT[:100])  # header + part of the payload
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST, no close_notify
+    deadline = time.monotonic() + 5
+    while server.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.connections == 0
+    assert threading.active_count() <= threads
+    # and the server still serves
+    assert lab.ask("sae-a", QUBIP_CLOSE)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)
+
+
+def test_no_key_bytes_in_logs(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    _, opened = lab.ask("sae-a", etsi_c_open_connect("sae-a", "sae-b"))
+    ksid = str(uuid.UUID(bytes=opened[-16:]))
+    lab.ask("sae-b", etsi_c_open_connect("sae-a", "sae-b", ksid=ksid))
+    keys = [parse_chunk(lab.ask(sae, etsi_c_get_key(ksid, i, b""))[1])[2] for sae in ("sae-a", "sae-b") for i in range(2)]
+    assert keys[:2] == keys[2:] and all(keys)
+    assert ksid in caplog.text
+    for key in keys:
+        for form in (key.hex(), key.hex().upper(), repr(key)[2:-1], base64.b64encode(key).decode()):
+            assert form not in caplog.text
