@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdqkd.agents.kms.etsi004_binary import MAX_MESSAGE
+from sdqkd.agents.kms.streamserver import Limits
 from sdqkd.configfile import ConfigError, parse_into, read_json
 
 
@@ -103,6 +105,18 @@ class PeerConf:
 
 
 @dataclass
+class Etsi004BinaryConf:
+    """The ETSI 004 binary protocol (agents/kms/etsi004_binary.py) on a port of its own,
+    mutual TLS with the KMS certificate; the bounds a client cannot stretch."""
+
+    port: int
+    read_timeout: float = 10.0  # s for a whole request to arrive
+    handshake_timeout: float = 10.0  # s
+    max_connections: int = 64
+    workers: int = 8  # LKMS calls at once
+
+
+@dataclass
 class KmsConf:
     """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI."""
 
@@ -117,6 +131,7 @@ class KmsConf:
     default_ttl: int = 3600
     path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
     link_key_limit: int = 100_000  # link keys a link holds here at most, like a device's key buffer
+    etsi004_binary: Etsi004BinaryConf | None = None  # not served without
 
 
 @dataclass
@@ -176,6 +191,13 @@ class AgentConfig:
         return Path(self.running_path) if self.running_path else Path(self.state_dir) / "running.xml"
 
 
+def binary_limits(b: Etsi004BinaryConf) -> Limits:
+    """The stream server's bounds for the ETSI 004 binary protocol; requests may be as
+    long as the protocol allows (etsi004_binary.MAX_MESSAGE), no longer."""
+    return Limits(read_timeout=b.read_timeout, handshake_timeout=b.handshake_timeout, max_request=MAX_MESSAGE,
+                  max_connections=b.max_connections, workers=b.workers)
+
+
 def load(path: Path) -> AgentConfig:
     return parse(read_json(path))
 
@@ -223,6 +245,10 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.kms is not None and cfg.kms.link_key_limit < 1:
         problems.append("config.kms.link_key_limit: at least 1")
+    if cfg.kms is not None and (b := cfg.kms.etsi004_binary) is not None:
+        if not 0 <= b.port <= 65535:
+            problems.append("config.kms.etsi004_binary.port: out of range")
+        problems.extend(binary_limits(b).problems("config.kms.etsi004_binary"))
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:

@@ -30,6 +30,7 @@ class NodePlan:
     kms_port: int
     relay_port: int
     service_ports: dict[int, int]
+    etsi004_binary_port: int
     saes: list[str]
     dir: Path
     kme_cert: tuple[Path, Path] | None = None
@@ -121,6 +122,7 @@ class _Ports:
             "kms": int(defaults.get("kms-port-base", 8400)),
             "relay": int(defaults.get("relay-port-base", 8500)),
             "service": int(defaults.get("relay-port-base", 8500)) + 100,
+            "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
         }
 
     def take(self, kind: str) -> int:
@@ -178,6 +180,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             kms_port=ports.take("kms"),
             relay_port=ports.take("relay"),
             service_ports={int(i["id"]): ports.take("service") for i in node.get("qkd-interface", [])},
+            etsi004_binary_port=ports.take("etsi004-binary"),
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
         )
@@ -246,6 +249,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "address": plan.address,
             "port": np.kms_port,
             "relay_port": np.relay_port,
+            "etsi004_binary": {"port": np.etsi004_binary_port},
             "ca": str(plan.ca[0]),
             "cert": str(np.kme_cert[0]),
             "key": str(np.kme_cert[1]),

@@ -1,16 +1,18 @@
 """Assembles a node's LKMS from the agent config: key store, forwarding module, the
-ETSI 014 and 004 HTTPS front ends on one port."""
+ETSI 014 and 004 HTTPS front ends on one port, and the ETSI 004 binary protocol on its own
+port when configured."""
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
-from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.kms import etsi004, etsi014, https
+from sdqkd.agents.config import AgentConfig, binary_limits
+from sdqkd.agents.kms import etsi004, etsi004_binary, etsi014, https
+from sdqkd.agents.kms.streamserver import StreamServer
 from sdqkd import pki
 from sdqkd.agents.kms.forwarding import Forwarder
 from sdqkd.agents.kms.keystore import KeyStore
@@ -21,12 +23,17 @@ from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 class KmsNode:
     lkms: Lkms
     server: https.HttpsServer | None
+    streams: list[StreamServer] = field(default_factory=list)  # the non-HTTP ETSI 004 forms
 
     def start(self) -> None:
         if self.server is not None:
             self.server.start()
+        for s in self.streams:
+            s.start()
 
     def stop(self) -> None:
+        for s in self.streams:
+            s.stop()
         if self.server is not None:
             self.server.stop()
         self.lkms.shutdown()
@@ -65,4 +72,8 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     if more_routes is not None:
         more_routes(app, lkms)
     server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
-    return KmsNode(lkms, server)
+    streams = []
+    if k.etsi004_binary is not None:
+        streams.append(etsi004_binary.server(lkms, k.address, k.etsi004_binary.port, server_ctx,
+                                             limits=binary_limits(k.etsi004_binary)))
+    return KmsNode(lkms, server, streams)

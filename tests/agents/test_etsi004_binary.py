@@ -3,6 +3,7 @@ reference clients' exact bytes, and the server over real mutual TLS against the 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import socket
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from agentproc import agent_config, free_port
 from sdqkd import pki
+from sdqkd.agents import config as agent_cfg
 from sdqkd.agents.kms import etsi004_binary as b4
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import keystream as ks
@@ -26,6 +29,7 @@ from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.streamserver import Limits, StreamServer
+from sdqkd.configfile import ConfigError
 
 KSID = "3f1c2a9e-7b4d-4e21-9a0b-5c6d7e8f9012"
 
@@ -388,3 +392,48 @@ def test_no_key_bytes_in_logs(lab: Lab, caplog: pytest.LogCaptureFixture) -> Non
     for key in keys:
         for form in (key.hex(), key.hex().upper(), repr(key)[2:-1], base64.b64encode(key).decode()):
             assert form not in caplog.text
+
+
+# --- a real agent process serving it from its config ----------------------------------
+
+def test_an_agent_process_serves_it_from_its_kms_config(tmp_path: Path) -> None:
+    qkdn_id = str(uuid.uuid4())
+    ca = pki.make_ca(tmp_path / "pki", "ca")
+    cert, key = pki.issue(ca, qkdn_id, tmp_path / "pki", server_names=("127.0.0.1",), client=True)
+    certs = {sae: pki.issue(ca, sae, tmp_path / "sae", client=True) for sae in ("sae-a", "sae-b")}
+    port = free_port()
+    kms = {"port": free_port(), "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
+           "saes": {"sae-a": qkdn_id, "sae-b": qkdn_id}, "etsi004_binary": {"port": port, "read_timeout": 5}}
+    proc = agent_config(tmp_path, "rectorado", qkdn_id, extra={"kms": kms}).start()
+    try:
+        lab = Lab({"sae-a": port, "sae-b": port}, ca[0], certs, {})
+        deadline = time.monotonic() + 10
+        while True:  # NETCONF listens first; the KMS servers right after
+            try:
+                _, opened = lab.ask("sae-a", QUBIP_OPEN_CONNECT)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert struct.unpack_from("!I", opened)[0] == ks.PEER_NOT_CONNECTED
+        ksid = str(uuid.UUID(bytes=opened[-16:]))
+        assert struct.unpack_from("!I", lab.ask("sae-b", with_ksid(QUBIP_OPEN_CONNECT, ksid))[1])[0] == ks.SUCCESSFUL
+        get = b4.encode((1, 0, 1), b4.GET_KEY_REQUEST, uuid.UUID(ksid).bytes + struct.pack("!II", 0, 1024))
+        at_a, at_b = (parse_chunk(lab.ask(sae, get)[1]) for sae in ("sae-a", "sae-b"))
+        assert at_a[:2] == (0, 0) and len(at_a[2]) == 512 and at_a == at_b
+    finally:
+        proc.stop()
+    assert "ETSI 004 binary listening" in proc.log()
+
+
+@pytest.mark.parametrize("section, problem", [
+    ({"port": 70000}, "etsi004_binary.port"),
+    ({"port": 1, "read_timeout": 0}, "read_timeout"),
+    ({"port": 1, "max_connections": 0}, "max_connections"),
+    ({"port": 1, "tls": False}, "tls"),  # no plain-TCP switch: mutual TLS only
+])
+def test_the_config_section_is_checked(tmp_path: Path, section: dict, problem: str) -> None:
+    kms = {"port": 1, "relay_port": 2, "ca": "ca", "cert": "c", "key": "k", "etsi004_binary": section}
+    cfg = json.loads(agent_config(tmp_path, extra={"kms": kms}).config_path.read_text())
+    with pytest.raises(ConfigError, match=problem):
+        agent_cfg.parse(cfg)
