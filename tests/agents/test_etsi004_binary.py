@@ -49,11 +49,31 @@ QUBIP_GET_KEY = bytes.fromhex("01000104" "00000018" "3f1c2a9e7b4d4e219a0b5c6d7e8
 QUBIP_CLOSE = bytes.fromhex("01000108" "00000010" "3f1c2a9e7b4d4e219a0b5c6d7e8f9012")
 
 
-def etsi_c_open_connect(source: str, destination: str, mime: str = "application/json", ksid: str | None = None) -> bytes:
+# Recorded from the ETSI forge C reference client (gs004-app-int edition 3, as forked in
+# github diogoftm/minimal-etsi-qkd-004 at commit 6635c902d05cff1e47464704c8b9d4a1477992ce:
+# etsi-gs-qkd-004-c/src/qkd/ssl_socket_client.c, serializers.c, sizes.c, interfaces.c built
+# with OpenSSL, libexplain stubbed, SSL_write wrapped to dump what it sends), driven against
+# this server: qkd_open_connect_struct("qkd://sae-a", "qkd://sae-b", QoS {32, 0, 0, 0, 0, 2000,
+# 60, "application/json"}, null KSID), then GET_KEY (index 0, a 64-byte zeroed metadata buffer)
+# and CLOSE on stream KSID_C. Its version is 2.1.1; one TLS connection per request.
+KSID_C = "f2c9d18f-7cf7-4c23-bdba-0172eadf8c48"
+ETSI_C_OPEN_CONNECT = bytes.fromhex(
+    "02010102" "00000055"  # version 2.1.1, OPEN_CONNECT request, 85 payload bytes
+    "716b643a2f2f7361652d6100" "716b643a2f2f7361652d6200"  # "qkd://sae-a\0" "qkd://sae-b\0"
+    "00000020" "00000000" "00000000" "00000000" "00000000" "000007d0" "0000003c"  # QoS uint32s
+    "6170706c69636174696f6e2f6a736f6e00"  # "application/json\0": NUL-terminated, not padded
+    "00000000000000000000000000000000"  # null Key_stream_ID
+)
+ETSI_C_GET_KEY = bytes.fromhex("02010104" "00000058" "f2c9d18f7cf74c23bdba0172eadf8c48" "00000000" "00000040" + "00" * 64)
+ETSI_C_CLOSE = bytes.fromhex("02010108" "00000010" "f2c9d18f7cf74c23bdba0172eadf8c48")
+
+
+def etsi_c_open_connect(source: str, destination: str, mime: str = "application/json", ksid: str | None = None,
+                        qos: tuple[int, ...] = (32, 32, 32, 0, 0, 0, 0)) -> bytes:
     """As the ETSI forge C reference serializes it (diogoftm/minimal-etsi-qkd-004,
     etsi-gs-qkd-004-c/src/qkd/serializers.c and sizes.c at 5e536c001e0aa7b4d47ecc778c13e1e6e2253fe5):
     NUL-terminated strings, mimetype included; its QKD_004_VERSION is 2.1.1 (interfaces.c)."""
-    payload = (source.encode() + b"\0" + destination.encode() + b"\0" + struct.pack("!7I", 32, 32, 32, 0, 0, 0, 0)
+    payload = (source.encode() + b"\0" + destination.encode() + b"\0" + struct.pack("!7I", *qos)
                + mime.encode() + b"\0" + (uuid.UUID(ksid).bytes if ksid else bytes(16)))
     return struct.pack("!BBBBI", 2, 1, 1, 2, len(payload)) + payload
 
@@ -88,6 +108,17 @@ def test_the_reference_clients_open_connect_decodes_to_the_call() -> None:
 def test_the_reference_clients_get_key_and_close_decode_to_the_calls() -> None:
     assert decode(QUBIP_GET_KEY) == b4.GetKeyRequest(KSID, 0, 1024, b4.Dialect.QUBIP)
     assert decode(QUBIP_CLOSE) == b4.CloseRequest(KSID)
+
+
+def test_the_etsi_c_reference_clients_bytes_decode_to_the_calls() -> None:
+    req = decode(ETSI_C_OPEN_CONNECT)
+    assert req == b4.OpenConnectRequest(
+        "qkd://sae-a", "qkd://sae-b",
+        {"key_chunk_size": 32, "max_bps": 0, "min_bps": 0, "jitter": 0, "priority": 0, "timeout": 2000, "ttl": 60,
+         "metadata_mimetype": "application/json"}, None, b4.Dialect.ETSI_C)
+    assert decode(ETSI_C_GET_KEY) == b4.GetKeyRequest(KSID_C, 0, 64, b4.Dialect.ETSI_C)
+    assert decode(ETSI_C_CLOSE) == b4.CloseRequest(KSID_C)
+    assert ETSI_C_OPEN_CONNECT == etsi_c_open_connect("qkd://sae-a", "qkd://sae-b", qos=(32, 0, 0, 0, 0, 2000, 60))
 
 
 def test_the_etsi_c_forms_decode_too() -> None:
@@ -295,6 +326,20 @@ def test_the_reference_clients_bytes_replayed_at_both_ends_give_the_same_key(lab
         a.sendall(QUBIP_CLOSE)  # closed already: no such stream
         assert answer(a)[1] == struct.pack("!I", ks.NO_QKD_CONNECTION)
     lab.ask("sae-a", b4.encode((1, 0, 1), b4.CLOSE_REQUEST, assigned.bytes))
+
+
+def test_the_etsi_c_reference_clients_bytes_replayed_one_connection_per_request(lab: Lab) -> None:
+    head, opened = lab.ask("sae-a", ETSI_C_OPEN_CONNECT)  # exactly as recorded
+    assert head == (2, 1, 1, b4.OPEN_CONNECT_RESPONSE) and struct.unpack_from("!I", opened)[0] == ks.PEER_NOT_CONNECTED
+    assigned = opened[-16:]
+    assert opened[4:-16] == struct.pack("!7I", 32, 0, 0, 0, 0, 2000, 60) + b"application/json\0"
+    for sae, want in (("sae-a", ks.PEER_NOT_CONNECTED), ("sae-b", ks.SUCCESSFUL)):  # the recorded KSID, both ends
+        assert struct.unpack_from("!I", lab.ask(sae, with_ksid(ETSI_C_OPEN_CONNECT, KSID_C))[1])[0] == want
+    at_a, at_b = (parse_chunk(lab.ask(sae, ETSI_C_GET_KEY)[1]) for sae in ("sae-a", "sae-b"))
+    assert at_a[:2] == (0, 0) and len(at_a[2]) == 32 and at_a == at_b
+    for sae in ("sae-a", "sae-b"):
+        assert lab.ask(sae, ETSI_C_CLOSE) == ((2, 1, 1, b4.CLOSE_RESPONSE), struct.pack("!I", 0))
+    lab.ask("sae-a", b4.encode((2, 1, 1), b4.CLOSE_REQUEST, assigned))
 
 
 def test_the_etsi_c_form_one_connection_per_request(lab: Lab) -> None:
