@@ -3,7 +3,8 @@
 A message is an 8-byte header, then `length` bytes of payload (every integer big-endian):
 
     version  3 x uint8   1.0.1 (QUBIP etsi-qkd-004, Python) or 2.1.1 (the ETSI forge C
-                         reference gs004-app-int edition 3, as forked by diogoftm/minimal-etsi-qkd-004)
+                         reference gs004-app-int edition 3, as its fork
+                         diogoftm/minimal-etsi-qkd-004 has it); an answer carries the request's
     service  uint8       0x02/0x03 OPEN_CONNECT request/response, 0x04/0x05 GET_KEY,
                          0x08/0x09 CLOSE
     length   uint32      payload bytes
@@ -28,6 +29,13 @@ The two peers differ in three places, so the codec reads which one a request com
 The two request forms cannot be confused: a mimetype area is either exactly string + NUL
 or exactly 256 bytes; a GET_KEY payload is either 24 bytes or 24 + the size it declares
 (when that size is 0 both are the same 24 bytes, and so are both answers).
+
+Both run over TLS with client certificates (QUBIP's server requires one when configured
+with certificates; the C server with SSL_VERIFY_FAIL_IF_NO_PEER_CERT); the caller is the SAE
+its certificate names, and there is no plain-TCP form here. The QUBIP client keeps one
+connection for all its calls, the C client makes one per call: both are served.
+QUBIP's client takes only OPEN_CONNECT status 0 and 7 as success, so as a stream's source
+it reads our status 1 (opened, peer not yet) as a failure, though the stream is open.
 
 The codec only decodes and encodes; agents/kms/keystream.py decides every ETSI 004 outcome.
 A request that breaks the framing (version, service, a declared length beyond what that
@@ -344,7 +352,7 @@ def serve(handler: Handler) -> Callable[[Connection], Awaitable[None]]:
 
 
 def server(service: KeyService, host: str, port: int, ssl_ctx: ssl.SSLContext,
-           nodes: Mapping[str, set[str]] | None = None, limits: Limits | None = None) -> StreamServer:
+           nodes: Mapping[str, Any] | None = None, limits: Limits | None = None) -> StreamServer:
     """The ETSI 004 binary server of a node (not started). `ssl_ctx` must require client
     certificates: the protocol has no other way to say who the caller is."""
     limits = limits or Limits(max_request=MAX_MESSAGE)
