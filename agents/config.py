@@ -6,12 +6,13 @@ ConfigError, before anything starts.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdqkd.agents.kms.etsi004_binary import MAX_MESSAGE
-from sdqkd.agents.kms.streamserver import Limits
+from sdqkd.agents.kms.streamserver import Limits, is_loopback, limits_of
 from sdqkd.configfile import ConfigError, parse_into, read_json
 
 
@@ -105,6 +106,23 @@ class PeerConf:
 
 
 @dataclass
+class Etsi004JsonConf:
+    """ETSI 004 in the JSON command form over TCP (agents/kms/etsi004_json.py), for the
+    MadQCI-style clients such as UPM's hybridization module. Mutual TLS, the SAE named by
+    its client certificate; `plain` serves plain TCP instead (that module speaks nothing
+    else), only on a loopback address, where every local process is trusted."""
+
+    port: int
+    address: str | None = None  # default: the kms address
+    plain: bool = False
+    read_timeout: float = 10.0  # s for a whole request to arrive
+    handshake_timeout: float = 10.0  # s for the TLS handshake
+    max_request: int = 64 * 1024  # bytes
+    max_connections: int = 64
+    workers: int = 8  # LKMS calls at once
+
+
+@dataclass
 class Etsi004BinaryConf:
     """The ETSI 004 binary protocol (agents/kms/etsi004_binary.py) on a port of its own,
     mutual TLS with the KMS certificate; the bounds a client cannot stretch."""
@@ -131,6 +149,7 @@ class KmsConf:
     default_ttl: int = 3600
     path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
     link_key_limit: int = 100_000  # link keys a link holds here at most, like a device's key buffer
+    etsi004_json: Etsi004JsonConf | None = None  # off unless configured (`sdqkd lab up` configures it)
     etsi004_binary: Etsi004BinaryConf | None = None  # not served without
 
 
@@ -194,8 +213,7 @@ class AgentConfig:
 def binary_limits(b: Etsi004BinaryConf) -> Limits:
     """The stream server's bounds for the ETSI 004 binary protocol; requests may be as
     long as the protocol allows (etsi004_binary.MAX_MESSAGE), no longer."""
-    return Limits(read_timeout=b.read_timeout, handshake_timeout=b.handshake_timeout, max_request=MAX_MESSAGE,
-                  max_connections=b.max_connections, workers=b.workers)
+    return dataclasses.replace(limits_of(b), max_request=MAX_MESSAGE)
 
 
 def load(path: Path) -> AgentConfig:
@@ -245,6 +263,8 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.kms is not None and cfg.kms.link_key_limit < 1:
         problems.append("config.kms.link_key_limit: at least 1")
+    if cfg.kms is not None and cfg.kms.etsi004_json is not None:
+        problems.extend(_check_etsi004_json(cfg.kms))
     if cfg.kms is not None and (b := cfg.kms.etsi004_binary) is not None:
         if not 0 <= b.port <= 65535:
             problems.append("config.kms.etsi004_binary.port: out of range")
@@ -258,3 +278,15 @@ def _check(cfg: AgentConfig) -> list[str]:
     if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):
         problems.append(f"config.qrng.max_request_bytes: between 32 (the default request) and {MAX_ENTROPY_REQUEST}")
     return problems
+
+
+def _check_etsi004_json(kms: KmsConf) -> list[str]:
+    j = kms.etsi004_json
+    assert j is not None
+    where = "config.kms.etsi004_json"
+    problems = [] if 0 <= j.port <= 65535 else [f"{where}.port: out of range"]
+    address = j.address or kms.address
+    if j.plain and not is_loopback(address):
+        problems.append(f"{where}.plain: plain TCP only on a loopback address, not {address} "
+                        "(anyone on the network could claim any SAE)")
+    return problems + limits_of(j).problems(where)

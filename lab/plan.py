@@ -19,6 +19,7 @@ from sdqkd.lab import hosts as lab_hosts
 from sdqkd.private import private_dir, write_private
 
 LAB_NS = uuid.UUID("0b5e2f7a-6c1d-4e8b-9a3f-7d2c1b0a9e8f")
+ETSI004_JSON_OFFSET = 1000  # the JSON 004 ports count up from kms-port-base + this
 
 
 @dataclass
@@ -36,6 +37,7 @@ class NodePlan:
     kme_cert: tuple[Path, Path] | None = None
     sae_certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     config_path: Path | None = None
+    etsi004_json_port: int = 0  # ETSI 004 JSON command form over mutual TLS (kms-port-base + 1000 up)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class _Ports:
             "relay": int(defaults.get("relay-port-base", 8500)),
             "service": int(defaults.get("relay-port-base", 8500)) + 100,
             "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
+            "etsi004-json": int(defaults.get("kms-port-base", 8400)) + ETSI004_JSON_OFFSET,
         }
 
     def take(self, kind: str) -> int:
@@ -183,6 +186,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             etsi004_binary_port=ports.take("etsi004-binary"),
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
+            etsi004_json_port=ports.take("etsi004-json"),
         )
         np.kme_cert = pki.issue(ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"], client=True)
         for sae in np.saes:
@@ -255,6 +259,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "key": str(np.kme_cert[1]),
             "saes": plan.sae_directory(),
             "link_key_limit": int(lab.get("defaults", {}).get("link-key-limit", 100_000)),
+            "etsi004_json": {"port": np.etsi004_json_port},
         },
         **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
     }

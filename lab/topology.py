@@ -553,7 +553,7 @@ def check_qrng(lab: Mapping[str, Any], ix: _Index) -> Found:
 
 
 def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
-    """The lab's fixed port ranges (one NETCONF, KMS and relay port per node, one service
+    """The lab's fixed port ranges (one NETCONF, KMS, ETSI 004 JSON and relay port per node, one service
     port per QKD interface from relay base + 100, one ETSI 004 binary port per node from
     relay base + 200, the controller's gRPC port) fit and do not overlap."""
     d = _sub(lab, "defaults")
@@ -562,6 +562,7 @@ def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
     ranges = {
         "netconf-port-base": (_int(d.get("netconf-port-base", 8300)) or 8300, n),
         "kms-port-base": (_int(d.get("kms-port-base", 8400)) or 8400, n),
+        "ETSI 004 JSON ports (kms-port-base + 1000)": ((_int(d.get("kms-port-base", 8400)) or 8400) + 1000, n),
         "relay-port-base": (relay, n),
         "service ports (relay-port-base + 100)": (relay + 100, m),
         "ETSI 004 binary ports (relay-port-base + 200)": (relay + 200, n),

@@ -1,6 +1,6 @@
 """Assembles a node's LKMS from the agent config: key store, forwarding module, the
-ETSI 014 and 004 HTTPS front ends on one port, and the ETSI 004 binary protocol on its own
-port when configured."""
+ETSI 014 and 004 HTTPS front ends on one port, and the ETSI 004 JSON command form and
+binary protocol on ports of their own when configured."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from sdqkd.agents.config import AgentConfig, binary_limits
-from sdqkd.agents.kms import etsi004, etsi004_binary, etsi014, https
-from sdqkd.agents.kms.streamserver import StreamServer
+from sdqkd.agents.kms import etsi004, etsi004_binary, etsi004_json, etsi014, https, keystream, streamserver
 from sdqkd import pki
 from sdqkd.agents.kms.forwarding import Forwarder
 from sdqkd.agents.kms.keystore import KeyStore
@@ -23,7 +22,7 @@ from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
 class KmsNode:
     lkms: Lkms
     server: https.HttpsServer | None
-    streams: list[StreamServer] = field(default_factory=list)  # the non-HTTP ETSI 004 forms
+    streams: list[streamserver.StreamServer] = field(default_factory=list)  # the non-HTTP 004 forms
 
     def start(self) -> None:
         if self.server is not None:
@@ -72,8 +71,23 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     if more_routes is not None:
         more_routes(app, lkms)
     server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
-    streams = []
+    node = KmsNode(lkms, server)
+    if k.etsi004_json is not None:
+        j = k.etsi004_json
+        streams = keystream.KeyStreams(lkms, node_names(cfg))
+        node.streams.append(streamserver.StreamServer(
+            etsi004_json.handler(streams), j.address or k.address, j.port, None if j.plain else server_ctx,
+            limits=streamserver.limits_of(j), role="ETSI 004 JSON"))
     if k.etsi004_binary is not None:
-        streams.append(etsi004_binary.server(lkms, k.address, k.etsi004_binary.port, server_ctx,
-                                             limits=binary_limits(k.etsi004_binary)))
-    return KmsNode(lkms, server, streams)
+        node.streams.append(etsi004_binary.server(lkms, k.address, k.etsi004_binary.port, server_ctx, node_names(cfg),
+                                                  limits=binary_limits(k.etsi004_binary)))
+    return node
+
+
+def node_names(cfg: AgentConfig) -> dict[str, set[str]]:
+    """SAE ID -> the names its node goes by (qkdn_id, node name), lower case: an ETSI 004
+    URI `qkd://SAE@node` naming another node than the SAE's is refused."""
+    names = {cfg.node.qkdn_id.lower(): {cfg.node.qkdn_id.lower(), cfg.node.name.lower()}}
+    names.update({qid.lower(): {qid.lower(), p.node.lower()} for qid, p in cfg.peers.items()})
+    assert cfg.kms is not None
+    return {sae: names.get(qid.lower(), {qid.lower()}) for sae, qid in cfg.kms.saes.items()}

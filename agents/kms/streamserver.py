@@ -75,6 +75,11 @@ class Limits:
         return out
 
 
+def limits_of(conf: Any) -> Limits:
+    """The Limits a server's config section gives (fields named as in Limits)."""
+    return Limits(**{f: getattr(conf, f) for f in Limits.__dataclass_fields__ if hasattr(conf, f)})
+
+
 def is_loopback(address: str) -> bool:
     """Whether `address` (a literal or 'localhost') only reaches this host."""
     if address.lower() == "localhost":
@@ -126,6 +131,21 @@ class Connection:
             await asyncio.wait_for(self._writer.drain(), self._limits.read_timeout)
         except asyncio.TimeoutError:
             raise RequestTimeout("the client does not read its answer") from None
+
+    async def linger(self, seconds: float = 1.0, limit: int = 1 << 20) -> None:
+        """Read and drop what the client still sends, until it closes (at most `seconds`,
+        `limit` bytes): closing a socket with unread input resets the connection, and the
+        reset can destroy an answer (a refusal of a too-long request) before it is read."""
+        loop = self._loop
+        end, dropped = loop.time() + seconds, 0
+        while dropped < limit:
+            try:
+                data = await asyncio.wait_for(self._reader.read(65536), max(end - loop.time(), 0))
+            except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
+                return
+            if not data:
+                return
+            dropped += len(data)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call (the LKMS may wait on a relay or a peer) on the server's pool."""
