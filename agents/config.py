@@ -6,6 +6,7 @@ ConfigError, before anything starts.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,18 @@ class Etsi004JsonConf:
 
 
 @dataclass
+class Etsi004BinaryConf:
+    """The ETSI 004 binary protocol (agents/kms/etsi004_binary.py) on a port of its own,
+    mutual TLS with the KMS certificate; the bounds a client cannot stretch."""
+
+    port: int
+    read_timeout: float = 10.0  # s for a whole request to arrive
+    handshake_timeout: float = 10.0  # s
+    max_connections: int = 64
+    workers: int = 8  # LKMS calls at once
+
+
+@dataclass
 class KmsConf:
     """The LKMS: ETSI 014/004 HTTPS, forwarding-module relay, and the lab PKI.
 
@@ -154,6 +167,7 @@ class KmsConf:
     relay_max_per_peer: int = 8  # established connections from one peer
     relay_workers: int = 8  # threads handling relay messages (the connections wait in one selector)
     etsi004_json: Etsi004JsonConf | None = None  # off unless configured (`sdqkd lab up` configures it)
+    etsi004_binary: Etsi004BinaryConf | None = None  # not served without
 
 
 @dataclass
@@ -296,6 +310,14 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.kms.link_key_limit: at least 1")
     if cfg.kms is not None and cfg.kms.etsi004_json is not None:
         problems.extend(_check_etsi004_json(cfg.kms))
+    if cfg.kms is not None and (b := cfg.kms.etsi004_binary) is not None:
+        where = "config.kms.etsi004_binary"
+        if not 0 <= b.port <= 65535:
+            problems.append(f"{where}.port: out of range")
+        if not (0 < b.read_timeout <= 3600 and 0 < b.handshake_timeout <= 3600):
+            problems.append(f"{where}: read_timeout and handshake_timeout from 0 to 3600 s")
+        if not (1 <= b.max_connections <= 10_000 and 1 <= b.workers <= 256):
+            problems.append(f"{where}: max_connections from 1 to 10000, workers from 1 to 256")
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:

@@ -62,7 +62,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             },
             "kms": {"url": f"https://{plan.address}:{n.kms_port}", "etsi014": f"https://{plan.address}:{n.kms_port}/api/v1/keys",
                     "etsi004": f"https://{plan.address}:{n.kms_port}/api", "relay_port": n.relay_port,
-                    "etsi004_json": {"host": plan.address, "port": n.etsi004_json_port, "tls": True}},
+                    "etsi004_json": {"host": plan.address, "port": n.etsi004_json_port, "tls": True},
+                    "etsi004_binary": {"host": plan.address, "port": n.etsi004_binary_port}},
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1]), "pin": pki.spki_pin(n.kme_cert[0])}
             if n.kme_cert else None,

@@ -111,7 +111,8 @@ def _planned_ports(plan: lab_plan.LabPlan) -> list[tuple[int, str]]:
     out = [(plan.controller_port, "controller gRPC")]
     for n in plan.nodes.values():
         out += [(n.netconf_port, f"agent {n.name} NETCONF"), (n.kms_port, f"agent {n.name} ETSI 014/004 HTTPS"),
-                (n.relay_port, f"agent {n.name} key relay"), (n.etsi004_json_port, f"agent {n.name} ETSI 004 JSON")]
+                (n.relay_port, f"agent {n.name} key relay"), (n.etsi004_json_port, f"agent {n.name} ETSI 004 JSON"),
+                (n.etsi004_binary_port, f"agent {n.name} ETSI 004 binary")]
         out += [(p, f"agent {n.name} QKD service channel of interface {i}") for i, p in n.service_ports.items()]
     return out
 

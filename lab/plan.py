@@ -31,6 +31,7 @@ class NodePlan:
     kms_port: int
     relay_port: int
     service_ports: dict[int, int]
+    etsi004_binary_port: int
     saes: list[str]
     dir: Path
     kme_cert: tuple[Path, Path] | None = None
@@ -127,6 +128,7 @@ class _Ports:
             "kms": int(defaults.get("kms-port-base", 8400)),
             "relay": int(defaults.get("relay-port-base", 8500)),
             "service": int(defaults.get("relay-port-base", 8500)) + 100,
+            "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
             "etsi004-json": int(defaults.get("kms-port-base", 8400)) + ETSI004_JSON_OFFSET,
         }
 
@@ -187,6 +189,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             kms_port=ports.take("kms"),
             relay_port=ports.take("relay"),
             service_ports={int(i["id"]): ports.take("service") for i in node.get("qkd-interface", [])},
+            etsi004_binary_port=ports.take("etsi004-binary"),
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
             etsi004_json_port=ports.take("etsi004-json"),
@@ -260,6 +263,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "relay_port": np.relay_port,
             "sae_ca": str(plan.sae_ca[0]),
             "kme_ca": str(plan.kme_ca[0]),
+            "etsi004_binary": {"port": np.etsi004_binary_port},
             "cert": str(np.kme_cert[0]),
             "key": str(np.kme_cert[1]),
             "saes": plan.sae_directory(),

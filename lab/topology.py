@@ -554,8 +554,8 @@ def check_qrng(lab: Mapping[str, Any], ix: _Index) -> Found:
 
 def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
     """The lab's fixed port ranges (one NETCONF, KMS, ETSI 004 JSON and relay port per node, one service
-    port per QKD interface from relay base + 100, the controller's gRPC port) fit and do
-    not overlap."""
+    port per QKD interface from relay base + 100, one ETSI 004 binary port per node from
+    relay base + 200, the controller's gRPC port) fit and do not overlap."""
     d = _sub(lab, "defaults")
     n, m = len(ix.nodes), len(ix.ifaces)
     relay = _int(d.get("relay-port-base", 8500)) or 8500
@@ -566,6 +566,7 @@ def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
         f"ETSI 004 JSON ports (kms-port-base + {ETSI004_JSON_OFFSET})": (kms + ETSI004_JSON_OFFSET, n),
         "relay-port-base": (relay, n),
         "service ports (relay-port-base + 100)": (relay + 100, m),
+        "ETSI 004 binary ports (relay-port-base + 200)": (relay + 200, n),
         "controller-grpc-port": (_int(d.get("controller-grpc-port", 50051)) or 50051, 1),
     }
     items = [(k, lo, lo + cnt - 1) for k, (lo, cnt) in ranges.items() if cnt > 0]

@@ -1,8 +1,9 @@
 """Assembles a node's LKMS from the agent config: key store, forwarding module, the
-ETSI 014 and 004 HTTPS front ends on one port, and the ETSI 004 JSON command form on a
-port of its own when configured."""
+ETSI 014 and 004 HTTPS front ends on one port, and the ETSI 004 JSON command form and
+binary protocol on ports of their own when configured."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from pathlib import Path
 from sdqkd.agents.kms import web
 
 from sdqkd.agents.config import AgentConfig
-from sdqkd.agents.kms import etsi004, etsi004_json, etsi014, https, keystream, streamserver
+from sdqkd.agents.kms import etsi004, etsi004_binary, etsi004_json, etsi014, https, keystream, streamserver
 from sdqkd import pki
 from sdqkd.agents.kms.forwarding import Forwarder, RelayLimits
 from sdqkd.agents.kms.keystore import KeyStore
@@ -90,6 +91,10 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
         node.streams.append(streamserver.StreamServer(
             etsi004_json.handler(streams), j.address or k.address, j.port, None if j.plain else sae_only,
             limits=streamserver.limits_of(j), role="ETSI 004 JSON"))
+    if k.etsi004_binary is not None:
+        b = k.etsi004_binary
+        limits = dataclasses.replace(streamserver.limits_of(b), max_request=etsi004_binary.MAX_MESSAGE)
+        node.streams.append(etsi004_binary.server(lkms, k.address, b.port, sae_only, node_names(cfg), limits=limits))
     return node
 
 

@@ -91,7 +91,7 @@ def test_a_held_port_is_named_with_its_role(tmp_path: Path) -> None:
 
 def _roles(node: lab_plan.NodePlan) -> list[tuple[str, int]]:
     return [("NETCONF", node.netconf_port), ("ETSI 014/004 HTTPS", node.kms_port), ("key relay", node.relay_port),
-            ("ETSI 004 JSON", node.etsi004_json_port),
+            ("ETSI 004 JSON", node.etsi004_json_port), ("ETSI 004 binary", node.etsi004_binary_port),
             *((f"QKD service channel of interface {i}", p) for i, p in node.service_ports.items())]
 
 
@@ -102,7 +102,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> lab_plan.LabPlan:
     return lab_plan.make(topo, tmp / "race", free_ports=True)
 
 
-@pytest.mark.parametrize("role", ["NETCONF", "ETSI 014/004 HTTPS", "key relay", "ETSI 004 JSON",
+@pytest.mark.parametrize("role", ["NETCONF", "ETSI 014/004 HTTPS", "key relay", "ETSI 004 JSON", "ETSI 004 binary",
                                   "QKD service channel of interface 1"])
 def test_an_agent_that_loses_its_port_says_which_in_one_line(planned: lab_plan.LabPlan, role: str) -> None:
     """A port taken after `lab up` checked it: the agent exits 3 with one line, which `lab up` shows."""
