@@ -126,13 +126,16 @@ class Streams:
     # --- QoS admission --------------------------------------------------------------------------
 
     def _capacity(self, source: str, destination: str, qos: Qos) -> float | None:
-        """bit/s the application's paths can give a stream with this QoS now; None = no path yet."""
+        """bit/s the application's paths can give a stream with this QoS now, less what the
+        streams open on them hold; None when not known (no meter on a PHYS path)."""
         app = self.k._app(source, destination, qos)  # 503 (and the controller asked) when none
         total = 0.0
         for path in self.k._paths(app):
             if path.kind == "VIRT":
                 total += path.bandwidth
-            elif self.link_rate is not None:
+            elif self.link_rate is None:  # a KME without its QKD modules' meters: not known
+                return None
+            else:
                 total += max(0.0, float(self.link_rate(path.qkdl_id)))
         held = sum(int(r["qos"].get("min_bps") or 0) for r in self._records()
                    if r.get("app") == app.app_id and r.get("src_kme") == self._me and not r.get("src_closed"))
@@ -153,8 +156,8 @@ class Streams:
             except KmsError:
                 raise _refuse(NO_QKD_CONNECTION, f"no QKD connection between '{source}' and '{destination}' yet; "
                               "the controller has been asked for one, retry", 503) from None
-            if qos.min_bps:
-                can = self._capacity(source, destination, qos) or 0.0
+            can = self._capacity(source, destination, qos) if qos.min_bps else None
+            if can is not None:
                 if qos.min_bps > can:
                     counter["min_bps"] = int(can)
                     if qos.max_bps and qos.max_bps < int(can):
@@ -228,7 +231,9 @@ class Streams:
         if idx < rec[f"{end}_next"] and end == "src":
             raise _refuse(INSUFFICIENT_KEY, f"key chunk {idx} of this stream was already delivered")
         metadata = self._metadata(rec, idx, qos)
-        if metadata_size is not None and metadata_size < len(metadata):
+        if metadata_size == 0:  # a caller with no metadata buffer wants none (the QUBIP client)
+            metadata = b""
+        elif metadata_size is not None and metadata_size < len(metadata):
             raise _refuse(METADATA_SIZE, f"the metadata needs {len(metadata)} bytes", metadata_size=len(metadata))
         deadline = time.monotonic() + qos.timeout / 1000.0
         key = self._chunk_at_source(rec, idx, qos, deadline) if end == "src" else self._chunk_at_destination(rec, idx, qos, deadline)
@@ -238,8 +243,9 @@ class Streams:
         return idx, key, metadata
 
     def _metadata(self, rec: dict[str, Any], idx: int, qos: Qos) -> bytes:
-        return json.dumps({"key_stream_id": rec["ksid"], "index": idx, "size": 8 * qos.key_chunk_size},
-                          separators=(",", ":")).encode()
+        """What the KME says of a chunk (metadata_mimetype application/json): its index and
+        size in bits; short, so the reference clients' 64-byte buffers take it."""
+        return json.dumps({"index": idx, "size": 8 * qos.key_chunk_size}, separators=(",", ":")).encode()
 
     def _chunk_at_source(self, rec: dict[str, Any], idx: int, qos: Qos, deadline: float) -> bytes:
         if not rec.get("dst_open"):

@@ -312,8 +312,11 @@ def test_metadata_and_status_8(lab: Lab) -> None:
         ok = a.get("/api/get_key", params={"key_stream_id": ksid, "metadata_size": small["metadata"]["size"]}).json()
         assert ok["status"] == 0 and ok["index"] == 0
         meta = json.loads(ok["metadata"]["buffer"])
-        assert meta == {"key_stream_id": ksid, "index": 0, "size": 256} and ok["metadata"]["size"] == len(ok["metadata"]["buffer"])
+        assert meta == {"index": 0, "size": 256} and ok["metadata"]["size"] == len(ok["metadata"]["buffer"])
+        none = a.get("/api/get_key", params={"key_stream_id": ksid, "metadata_size": 0}).json()  # no buffer: none wanted
+        assert none["status"] == 0 and none["metadata"] == {"size": 0, "buffer": ""}
         assert get_key(b, ksid, 0).json()["key_buffer"] == ok["key_buffer"]
+        assert get_key(b, ksid, 1).json()["key_buffer"] == none["key_buffer"]
         for c in (a, b):
             c.post("/api/close", json={"key_stream_id": ksid})
 

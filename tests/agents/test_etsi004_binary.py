@@ -443,11 +443,13 @@ def test_no_key_bytes_in_logs(lab: Lab, caplog: pytest.LogCaptureFixture) -> Non
 
 def test_an_agent_process_serves_it_from_its_kms_config(tmp_path: Path) -> None:
     qkdn_id = str(uuid.uuid4())
-    ca = pki.make_ca(tmp_path / "pki", "ca")
-    cert, key = pki.issue(ca, qkdn_id, tmp_path / "pki", server_names=("127.0.0.1",), client=True)
-    certs = {sae: pki.issue(ca, sae, tmp_path / "sae", client=True) for sae in ("sae-a", "sae-b")}
+    cas = pki.make_lab_cas(tmp_path / "pki", "lab")
+    ca = cas.root
+    cert, key = pki.issue(cas.kme, qkdn_id, tmp_path / "pki", server_names=("127.0.0.1",), client=True, kme=True)
+    certs = {sae: pki.issue(cas.sae, sae, tmp_path / "sae", client=True) for sae in ("sae-a", "sae-b")}
     port = free_port()
-    kms = {"port": free_port(), "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
+    kms = {"port": free_port(), "relay_port": free_port(), "sae_ca": str(cas.sae[0]), "kme_ca": str(cas.kme[0]),
+           "cert": str(cert), "key": str(key),
            "saes": {"sae-a": qkdn_id, "sae-b": qkdn_id}, "etsi004_binary": {"port": port, "read_timeout": 5}}
     proc = agent_config(tmp_path, "rectorado", qkdn_id, extra={"kms": kms}).start()
     try:

@@ -156,8 +156,6 @@ def test_open_get_key_close_with_the_modules_bytes(lab: Lab) -> None:
             assert form not in text
 
 
-@pytest.mark.xfail(strict=True, reason="the LKMS does not yet pair two OPEN_CONNECTs with a null KSID "
-                   "(lkms.py is being reworked); the module relies on it")
 def test_both_modules_open_with_a_null_ksid_and_get_the_same_stream(lab: Lab) -> None:
     """The module's pairing: both ends send the same OPEN_CONNECT, with no key_stream_id,
     each to its own node, and must get the same stream and the same keys."""
@@ -199,8 +197,14 @@ def test_requests_sent_in_one_write_get_one_answer_each_in_order(lab: Lab) -> No
                     break
                 got.append(obj)
                 text = text[end:]
-    assert [g["status"] for g in got] == [400, 400, 400]
-    assert ["UUID" in g["message"] for g in got] == [True, False, True]  # the middle one: no such stream
+    assert [g["status"] for g in got] == [400, 4, 400]  # the middle one: no such stream (ETSI 004 status 4)
+    assert ["UUID" in g["message"] for g in got] == [True, False, True]
+
+
+def test_unknown_streams_answer_status_4(lab: Lab) -> None:
+    get = '{"command": "GET_KEY", "data": {"key_stream_id": "' + KSID + '", "index": 0}}'
+    assert lab.ask(SRC_SAE, "alice", get)["status"] == 4
+    assert lab.ask(SRC_SAE, "alice", CLOSE.replace("<KSID>", KSID))["status"] == 4
 
 
 def test_field_and_command_names_in_any_case(lab: Lab) -> None:
@@ -230,9 +234,7 @@ SRC, DST = "qkd://Application1@<SRC>", "qkd://Application4@<DST>"
     '{"command": "GET_KEY", "data": {"key_stream_id": "00000000-0000-0000-0000-000000000000"}}',
     '{"command": "GET_KEY", "data": {"key_stream_id": "' + KSID + '", "index": -1}}',
     '{"command": "GET_KEY", "data": {"key_stream_id": "' + KSID + '", "metadata": {"size": "big"}}}',
-    '{"command": "GET_KEY", "data": {"key_stream_id": "' + KSID + '", "index": 0}}',  # no such stream
     '{"command": "CLOSE", "data": {"key_stream_id": 5}}',
-    '{"command": "CLOSE", "data": {"key_stream_id": "' + KSID + '"}}',  # no such stream
     '{"command": "CLOSE", "data": {"key_stream_id": "\\u00e9\\"}"}}',  # escapes inside strings
     '{"command": "OPEN_CONNECT", "data": {"source": "\xff"}}',  # not UTF-8 once encoded as latin-1
     '[{"command": "CLOSE"}]',
@@ -310,7 +312,7 @@ def test_an_abrupt_close_mid_request_leaves_no_thread_behind(lab: Lab) -> None:
         s.close()
     time.sleep(0.5)
     assert threads(alice) == before
-    assert lab.ask(SRC_SAE, "alice", CLOSE.replace("<KSID>", KSID))["status"] == 400  # still serving
+    assert lab.ask(SRC_SAE, "alice", CLOSE.replace("<KSID>", KSID))["status"] == 4  # still serving: no such stream
 
 
 def test_beyond_max_connections_a_connection_is_closed_at_once(lab: Lab) -> None:
@@ -326,7 +328,7 @@ def test_beyond_max_connections_a_connection_is_closed_at_once(lab: Lab) -> None
 
     def served() -> bool:  # once the server has seen the held ones go
         try:
-            return lab.ask(SRC_SAE, "alice", CLOSE.replace("<KSID>", KSID))["status"] == 400
+            return lab.ask(SRC_SAE, "alice", CLOSE.replace("<KSID>", KSID))["status"] == 4
         except (ssl.SSLError, ConnectionError):
             return False
     wait_for(served, 5, "served again")
@@ -357,10 +359,11 @@ def test_after_all_that_the_logs_hold_no_traceback_and_no_request_body(lab: Lab)
 # --- plain TCP ---------------------------------------------------------------------------------
 
 def kms_section(tmp: Path, qkdn_id: str, address: str, plain: bool) -> dict[str, Any]:
-    ca = pki.make_ca(tmp / "ca", "ca")
-    kme = pki.issue(ca, qkdn_id, tmp / "kme", server_names=["127.0.0.1"], client=True)
+    cas = pki.make_lab_cas(tmp / "ca", "lab")
+    kme = pki.issue(cas.kme, qkdn_id, tmp / "kme", server_names=["127.0.0.1"], client=True, kme=True)
     from agentproc import free_port
-    return {"kms": {"port": free_port(), "relay_port": free_port(), "ca": str(ca[0]), "cert": str(kme[0]),
+    return {"kms": {"port": free_port(), "relay_port": free_port(), "sae_ca": str(cas.sae[0]),
+                    "kme_ca": str(cas.kme[0]), "cert": str(kme[0]),
                     "key": str(kme[1]), "saes": {SRC_SAE: qkdn_id, DST_SAE: qkdn_id},
                     "etsi004_json": {"port": free_port(), "address": address, "plain": plain}}}
 
@@ -396,8 +399,6 @@ def test_half_a_request_then_the_client_closes_its_side(plain: AgentProc) -> Non
         assert s.recv(RECV) == b""
 
 
-@pytest.mark.xfail(strict=True, reason="the LKMS does not yet take caller None (trusted plain TCP) as the "
-                   "party attached to this node (lkms.py is being reworked)")
 def test_plain_tcp_caller_is_the_party_at_this_node(plain: AgentProc) -> None:
     got = plain_ask(plain, OPEN_CONNECT.replace("<SRC>", plain.qkdn_id).replace("<DST>", plain.qkdn_id))
     assert got["status"] in (0, 1) and got["key_stream_id"]
