@@ -117,6 +117,10 @@ class KmsConf:
     default_ttl: int = 3600
     path_wait: float = 10.0  # s a one-call key request (agents/qaas/keys.py) waits for the controller's path
     link_key_limit: int = 100_000  # link keys a link holds here at most, like a device's key buffer
+    # Bounds of the HTTPS front end under abuse (agents/kms/https.py HttpsServer): s for a
+    # TLS handshake, a request head and a request body each; TCP connections open at once.
+    header_timeout: float = 10.0
+    max_connections: int = 512
 
 
 @dataclass
@@ -223,6 +227,10 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.kms.path_wait: from 0 to 300 s")
     if cfg.kms is not None and cfg.kms.link_key_limit < 1:
         problems.append("config.kms.link_key_limit: at least 1")
+    if cfg.kms is not None and not 0 < cfg.kms.header_timeout <= 300:
+        problems.append("config.kms.header_timeout: from 0 to 300 s")
+    if cfg.kms is not None and not 1 <= cfg.kms.max_connections <= 65536:
+        problems.append("config.kms.max_connections: from 1 to 65536")
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:

@@ -15,6 +15,23 @@ its optional `details` (an array of free-form objects that clients parsed in
 incompatible ways, so it is not sent; a KmsError may still carry details for the
 server's own use, e.g. the ETSI 004 counter-offer). An unexpected exception becomes 503 {"message": "internal error"} with its traceback
 logged but never its message (it might quote key bytes).
+
+Bounded under abuse (limits in the agent config's kms section, agents/config.py):
+- a TCP connection must finish its TLS handshake within `header_timeout` (10 s by
+  default), then send each request head, and each request body, within as long again;
+  a connection idle between requests is closed after it too. A closing connection waits
+  at most min(5 s, header_timeout) more for the client's TLS close_notify. Nothing else
+  holds a connection open: 600 half-open or trickling connections were all closed at
+  the bound (tests/agents/test_abuse.py).
+- at most `max_connections` (512) TCP connections are open at once, handshakes
+  included; past it a new one is closed on accept, before any TLS work. No connection
+  has a thread of its own: one event loop serves them all.
+- a request body is at most aiohttp's client_max_size (1 MiB); JSON in it nesting deeper
+  than MAX_JSON_DEPTH (32) or with a number longer than MAX_NUMBER_CHARS (64), or NaN,
+  Infinity or a float out of range, is 400 before anything is built (parse_json, the one
+  place request JSON is parsed).
+- a key store that fails (disk full, I/O error, locked too long) is 503
+  {"message": "key store unavailable"}, logged once per outage, with no traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +39,8 @@ import asyncio
 import functools
 import json
 import logging
+import math
+import re
 import ssl
 import threading
 import traceback
@@ -45,6 +64,7 @@ T = TypeVar("T")
 SAE_ID = web.RequestKey("sdqkd.sae_id", str)  # the authenticated caller
 _EXECUTOR = web.AppKey("sdqkd.executor", ThreadPoolExecutor)
 _LIMIT = web.AppKey("sdqkd.limit", asyncio.Semaphore)
+_BODY_TIMEOUT = web.AppKey("sdqkd.body_timeout", float)  # set by HttpsServer
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -178,15 +198,89 @@ async def call(request: web.Request, fn: Callable[..., T], *args: Any, inline: b
         return await loop.run_in_executor(request.app[_EXECUTOR], functools.partial(fn, *args))
 
 
-async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object; an empty body counts as {}. Else 400."""
-    raw = await request.read()
-    if not raw.strip():
-        return {}
+# Hostile JSON (agents/kms/README or the module docstring): a request body is at most
+# aiohttp's client_max_size (1 MiB); within it, nesting deeper than MAX_JSON_DEPTH or a
+# number longer than MAX_NUMBER_CHARS is 400 before any of it is built. Python's own
+# parser would recurse 100,000 levels deep into a RecursionError (a 503), turn a
+# 5,000-digit integer into a ValueError, and a 400-digit float or 1e999 into inf.
+MAX_JSON_DEPTH = 32  # no request of these APIs nests more than 4 levels
+MAX_NUMBER_CHARS = 64  # a uint32 needs 10; a float with its exponent well under 64
+# A JSON string, or an unterminated one to the end of the body: one pass, no backtracking.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*+(?:"|\Z)', re.DOTALL)
+_OPEN_CLOSE = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+class _Hostile(ValueError):
+    """A body refused for its shape, not its syntax."""
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in `raw` nest deeper than `limit`, at the cost of a few
+    passes of C over the body (strings are taken out first: a "[" in one is no nesting).
+
+    Each pass deletes the innermost "()" pairs, one level; what is left after `limit`
+    passes nests deeper. What does not balance is no JSON (the parser says where), but
+    its unclosed brackets nest too: more than `limit` of them is refused here as well, so
+    the parser never goes deeper than twice the limit."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(_OPEN_CLOSE, _NOT_BRACKET)
+    if b"(" * (limit + 1) in brackets:  # the plain attack: [[[[... or {"a":{"a":...
+        return True
+    for _ in range(limit):
+        if not brackets:
+            return False
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):  # unbalanced: ")))(((" is left
+            return brackets.count(b"(") > limit
+        brackets = shorter
+    return bool(brackets)
+
+
+def _number(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise _Hostile(f"a number longer than {MAX_NUMBER_CHARS} characters")
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Hostile("a number out of range")
+        return value
+    return parse
+
+
+def _constant(name: str) -> Any:
+    raise _Hostile(f"{name} is not JSON")  # Python's json takes NaN, Infinity, -Infinity
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """`raw` as JSON, within the limits above; ApiError 400 {"message"} otherwise. The one
+    place a JSON request body is parsed (json_object)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise ApiError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        body = json.loads(raw)
+        return json.loads(raw, parse_int=_number(int), parse_float=_number(float), parse_constant=_constant)
+    except _Hostile as exc:
+        raise ApiError(400, f"request body refused: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise ApiError(400, f"request body is not valid JSON: {_reason(exc)}") from None
+    except RecursionError:  # not reached within MAX_JSON_DEPTH; kept so that it never is a 503
+        raise ApiError(400, "request body nests too deeply") from None
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; an empty body counts as {}. Else 400.
+
+    The body must arrive within the server's request timeout (HttpsServer): a client
+    trickling it byte by byte is answered 408 rather than holding the connection."""
+    timeout = request.app.get(_BODY_TIMEOUT)
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s") from None
+    if not raw.strip():
+        return {}
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -231,12 +325,144 @@ def _reason(exc: Exception) -> str:
     return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else type(exc).__name__
 
 
+DEFAULT_HEADER_TIMEOUT = 10.0  # s: TLS handshake, request head, request body, idle keep-alive
+DEFAULT_MAX_CONNECTIONS = 512  # TCP connections open at once, handshakes included
+_MAX_SHUTDOWN = 5.0  # s a closing TLS connection waits for the client's close_notify
+
+
+class _BoundedSite(web.BaseSite):
+    """aiohttp's TCPSite with bounds on what a client may hold without asking anything.
+
+    Every accepted TCP connection first meets `_Gate`: past `max_connections` open ones
+    (TLS handshakes included) it is closed at once, before any TLS work (no thread is
+    ever spent on a connection: the loop serves them all). Otherwise it is upgraded to
+    TLS with asyncio's own handshake timeout (loop.start_tls), which TCPSite does not let
+    one set (asyncio's default is 60 s), and handed to aiohttp's request handler, whose
+    keepalive_timeout (HttpsServer) then bounds the wait for each request head, the first
+    one included (aiohttp arms it at connection_made: a client trickling a head a byte a
+    second is closed all the same)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
+                 handshake_timeout: float, max_connections: int) -> None:
+        super().__init__(runner, ssl_context=ssl_ctx)
+        self._host, self._port = host, port
+        self._handshake_timeout = handshake_timeout
+        self._shutdown_timeout = min(_MAX_SHUTDOWN, handshake_timeout)
+        self.max_connections = max_connections
+        self._open: set[asyncio.Transport] = set()  # raw TCP transports, pruned when full
+        self._pruned = 0.0
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self.refused = 0  # connections closed at accept, over the limit
+        self._refusing = False
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    def open_connections(self) -> int:
+        self._open = {t for t in self._open if not t.is_closing()}
+        return len(self._open)
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Gate(self), self._host, self._port, backlog=self._backlog)
+
+    async def stop(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await super().stop()
+
+    def admit(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self._open) >= self.max_connections and loop.time() - self._pruned > 0.05:
+            self._pruned = loop.time()  # at most 20 scans a second while full
+            self.open_connections()
+        if len(self._open) >= self.max_connections:
+            raw.abort()
+            self.refused += 1
+            if not self._refusing:
+                self._refusing = True
+                log.warning("%s: %d connections open, refusing new ones", self.name, len(self._open))
+            return
+        if self._refusing:
+            self._refusing = False
+            log.warning("%s: accepting connections again (%d refused so far)", self.name, self.refused)
+        self._open.add(raw)
+        raw.pause_reading()  # nothing is read before start_tls takes the transport
+        task = loop.create_task(self._serve(raw))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _serve(self, raw: asyncio.Transport) -> None:
+        first = _Handover()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, first, self._ssl_context, server_side=True,
+                ssl_handshake_timeout=self._handshake_timeout, ssl_shutdown_timeout=self._shutdown_timeout)
+        except Exception as exc:  # noqa: BLE001 - timed out, bad certificate, reset: start_tls closed it
+            log.debug("TLS handshake with %s failed: %s", raw.get_extra_info("peername"), exc)
+            return
+        server = self._runner.server
+        if server is not None:
+            first.hand_over(server(), tls)
+        else:
+            tls.abort()
+
+
+class _Gate(asyncio.Protocol):
+    """The first protocol of an accepted TCP connection: `_BoundedSite.admit` takes it."""
+
+    def __init__(self, site: _BoundedSite) -> None:
+        self._site = site
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._site.admit(transport)  # type: ignore[arg-type]
+
+
+class _Handover(asyncio.Protocol):
+    """A TLS connection's protocol from the end of its handshake until aiohttp's handler
+    takes it: a request sent along with the client's last handshake message is kept."""
+
+    def __init__(self) -> None:
+        self._data: list[bytes] = []
+        self._eof = False
+        self._lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self._data.append(data)
+
+    def eof_received(self) -> None:
+        self._eof = True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+
+    def hand_over(self, handler: asyncio.Protocol, tls: asyncio.Transport) -> None:
+        if self._lost:
+            return
+        tls.set_protocol(handler)
+        handler.connection_made(tls)
+        for data in self._data:
+            handler.data_received(data)
+        if self._eof:
+            handler.eof_received()
+
+
 class HttpsServer:
-    """Serves `app` over TLS on host:port from a thread of its own (port 0: any free one)."""
+    """Serves `app` over TLS on host:port from a thread of its own (port 0: any free one).
+
+    Bounded under abuse (see the module docstring): a TLS handshake, a request head (the
+    first or a later one on a kept-alive connection) and a request body each have
+    `header_timeout` s; at most `max_connections` TCP connections are open at once."""
 
     def __init__(self, app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
-                 access_log: bool = False, shutdown_timeout: float = 2.0, role: str = "HTTPS") -> None:
+                 access_log: bool = False, shutdown_timeout: float = 2.0, role: str = "HTTPS",
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.app, self.host, self._port, self.ssl_ctx = app, host, port, ssl_ctx
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.site: _BoundedSite | None = None
         self.role = role  # what a bind failure calls this server
         self._access_log = access_log
         self._shutdown_timeout = shutdown_timeout
@@ -271,11 +497,15 @@ class HttpsServer:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        self.app[_BODY_TIMEOUT] = self.header_timeout
+        # keepalive_timeout: aiohttp closes a connection that has not sent a whole request
+        # head that long after it came up or after its last answer.
         runner = web.AppRunner(self.app, access_log=log if self._access_log else None,
-                               shutdown_timeout=self._shutdown_timeout)
+                               shutdown_timeout=self._shutdown_timeout, keepalive_timeout=self.header_timeout)
         try:
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_ctx)
+            site = self.site = _BoundedSite(runner, self.host, self._port, self.ssl_ctx,
+                                            handshake_timeout=self.header_timeout, max_connections=self.max_connections)
             with binding(self.role, self.host, self._port):
                 loop.run_until_complete(site.start())
             self._port = runner.addresses[0][1]

@@ -64,5 +64,6 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     etsi004.add_routes(app, lkms)
     if more_routes is not None:
         more_routes(app, lkms)
-    server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS")
+    server = https.HttpsServer(app, k.address, k.port, server_ctx, role="ETSI 014/004 HTTPS",
+                               header_timeout=k.header_timeout, max_connections=k.max_connections)
     return KmsNode(lkms, server)
