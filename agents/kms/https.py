@@ -57,6 +57,7 @@ from sdqkd.listen import binding
 
 from sdqkd.pki import sae_id_of
 from .interface import KmsError
+from .keystore import is_store_failure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -304,6 +305,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
     except Exception as exc:
+        if is_store_failure(exc):  # disk full, I/O error, locked too long: the store logs the outage once
+            log.debug("%s %s: key store unavailable (%s)", request.method, request.path, type(exc).__name__)
+            return error(503, "key store unavailable")
         tb = "".join(traceback.format_tb(exc.__traceback__))
         log.error("unexpected %s in %s %s\n%s", type(exc).__name__, request.method, request.path, tb)
         return error(503, "internal error")

@@ -3,7 +3,6 @@ HTTPS server carrying ETSI 014, ETSI 004 and the QaaS APIs) against half-open an
 trickling connections, too many connections, and hostile JSON."""
 from __future__ import annotations
 
-import os
 import select
 import socket
 import ssl
@@ -11,76 +10,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from sdqkd import pki
-from agentproc import AgentProc, agent_config, free_port
+from kmeproc import KmeAgent as Node, start_kme_agent as start_node
 
 HEADER_TIMEOUT = 3.0  # the agents of this module: a short bound keeps the test short
 SLACK = 3.0  # the TLS close (server's close_notify, up to min(5 s, bound) for the client's) and scheduling
-
-
-@dataclass
-class Node:
-    proc: AgentProc
-    url: str
-    port: int
-    ca: str
-    certs: dict[str, tuple[str, str]]
-
-    def client(self, sae: str = "sae-a", timeout: float = 10) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=pki.client_ssl_context(*self.certs[sae], self.ca), timeout=timeout)
-
-    def tls(self, sae: str = "sae-a") -> ssl.SSLContext:
-        return pki.client_ssl_context(*self.certs[sae], self.ca)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc.proc is not None
-        return self.proc.proc.pid
-
-    def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/task"))
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-
-def start_node(tmp: Path, name: str, state_dir: Path | None = None, log_dir: Path | None = None, **kms: Any) -> Node:
-    """A real agent whose LKMS holds two SAEs (sae-a, sae-b): their keys never leave the node."""
-    qkdn_id = str(uuid.uuid4())
-    d = tmp / f"pki-{name}"
-    d.mkdir(parents=True, exist_ok=True)
-    ca = pki.make_ca(d, "ca")
-    cert, key = pki.issue(ca, qkdn_id, d, server_names=("127.0.0.1",), client=True)
-    certs = {sae: tuple(map(str, pki.issue(ca, sae, d, client=True))) for sae in ("sae-a", "sae-b")}
-    port = free_port()
-    section = {"port": port, "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
-               "saes": {"sae-a": qkdn_id, "sae-b": qkdn_id}, **kms}
-    proc = agent_config(tmp, name, qkdn_id, extra={"kms": section})
-    if state_dir is not None:  # the key store somewhere else (a small file system)
-        import json
-        cfg = json.loads(proc.config_path.read_text())
-        cfg["state_dir"] = str(state_dir)
-        proc.config_path.write_text(json.dumps(cfg))
-    proc.start()
-    node = Node(proc, f"https://127.0.0.1:{port}", port, str(ca[0]), certs)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 15
-    while True:  # NETCONF answers first; the HTTPS server comes up right after
-        try:
-            with node.client() as c:
-                c.get("/openapi.json")
-            return node
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                proc.stop()
-                raise
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
