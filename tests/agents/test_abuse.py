@@ -18,7 +18,7 @@ import pytest
 
 from kmeproc import KmeAgent as Node, start_kme_agent as start_node
 
-HEADER_TIMEOUT = 3.0  # the agents of this module: a short bound keeps the test short
+HEADER_TIMEOUT = 5.0  # the agents of this module: a short bound keeps the test short
 SLACK = 3.0  # the TLS close (server's close_notify, up to min(5 s, bound) for the client's) and scheduling
 
 
@@ -124,6 +124,9 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
     trickler.start()
     try:
         time.sleep(0.3)
+        for k in kinds:
+            k.poll()
+        held = sum(len(k.open()) for k in kinds)  # on a slow machine the first may be gone already
         during = {"threads": node.threads(), "fds": node.fds()}
         t = time.monotonic()
         one_key_round(node)  # 600 connections held open: a real client is still served
@@ -141,7 +144,7 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
     for k in kinds:
         life = k.lifetimes()
         print(f"{k.kind}: {len(life)}/200 closed by the server, after {life[0]:.2f} .. {life[-1]:.2f} s" if life else k.kind)
-    print(f"opened 600 in {opened_in:.2f} s; during: {during}; before: threads {threads0}, fds {fds0}; "
+    print(f"opened 600 in {opened_in:.2f} s; during ({held} open): {during}; before: threads {threads0}, fds {fds0}; "
           f"a key round took {served_in:.2f} s meanwhile")
     for k in kinds:
         assert not k.open(), f"{k.kind}: {len(k.open())} connections still open"
@@ -149,7 +152,7 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
         assert life[-1] <= opened_in + HEADER_TIMEOUT + SLACK, f"{k.kind}: the last one lived {life[-1]:.1f} s"
         assert life[0] >= HEADER_TIMEOUT - 0.5, f"{k.kind}: closed after {life[0]:.1f} s, before the bound"
     assert during["threads"] == threads0, "a thread per connection?"
-    assert during["fds"] >= fds0 + 550  # they were all held, one descriptor each
+    assert held >= 400 and during["fds"] >= fds0 + held - 20  # all held, a descriptor each
     t = time.monotonic()
     while node.fds() > fds0 + 2 and time.monotonic() - t < 5:
         time.sleep(0.1)
