@@ -734,7 +734,10 @@ class KeyStore:
         self._closed.set()
         self._flusher.join(2)
         with self._lock:
-            self._flush_locked()
+            try:
+                self._flush_locked()
+            except sqlite3.Error as exc:  # the store failing at the end too: what it could not take is lost
+                log.error("key store closed with %d link keys unstored: %s", len(self._pending), exc)
             self._db.close()
 
 

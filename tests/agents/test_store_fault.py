@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore
-from kmeproc import KmeAgent, start_kme_agent
+from kmeproc import KmeAgent, kme, start_kme_agent  # noqa: F401 - kme: the in-process KME fixture
 
 UNAVAILABLE = {"message": "key store unavailable"}
 
@@ -248,3 +248,22 @@ def test_a_group_whose_transaction_sqlite_rolled_back_answers_nothing(tmp_path: 
             assert store.fetch_deliverable("b", "a", ["k1", "k2"]) == [b"1" * 32, b"2" * 32]
     finally:
         store.close()
+
+
+def test_a_store_locked_too_long_is_503_then_served_again(kme) -> None:  # noqa: F811 - the fixture
+    """Another process holding the store's write lock past SQLite's busy timeout (5 s): 503
+    "key store unavailable", not an internal error; served again once the lock goes."""
+    other = sqlite3.connect(str(kme.lkms.store.path), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with kme.client("sae-a") as a:
+            t = time.monotonic()
+            r = a.post("/api/v1/keys/sae-b/enc_keys", json={"number": 1})
+            waited = time.monotonic() - t
+            assert r.status_code == 503 and r.json() == UNAVAILABLE, r.text
+            other.execute("ROLLBACK")
+            r = a.post("/api/v1/keys/sae-b/enc_keys", json={"number": 1})
+            assert r.status_code == 200, r.text
+        print(f"503 after {waited:.1f} s of a locked store; served again once unlocked")
+    finally:
+        other.close()
