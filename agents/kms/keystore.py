@@ -327,6 +327,8 @@ class KeyStore:
                     self._checkpoint(checkpointer)
                     next_checkpoint = time.monotonic() + self._checkpoint_every
                 wait = self._flush_every
+                self._health.settle()
+                self._checkpoints.settle()
             except sqlite3.Error as exc:
                 if self._closed.is_set():
                     break
@@ -761,36 +763,53 @@ def is_store_failure(exc: BaseException) -> bool:
 
 class _Health:
     """One line when `what` starts failing and one when it works again, however many
-    calls fail in between (the error's SQLite name and message: never a key)."""
+    calls fail in between (the error's SQLite name and message: never a key). A nearly full
+    disk flaps (a commit that fits in the WAL's old blocks goes through, the next does not):
+    the outage is over only once a call succeeded and none failed for SETTLE s."""
+
+    SETTLE = 2.0
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.since: float | None = None
+        self.since: float | None = None  # the outage being reported, from its first failure
         self.failures = 0
+        self._last_failure = self._last_ok = self._back = 0.0
         self._lock = threading.Lock()
 
     @property
     def down(self) -> bool:
-        return self.since is not None
+        """The last call failed."""
+        return self.since is not None and self._last_failure >= self._last_ok
 
     def failed(self, exc: BaseException, **more: Any) -> None:
         if not is_store_failure(exc):
             return
         with self._lock:
             self.failures += 1
+            self._last_failure = time.monotonic()
             if self.since is not None:
                 return
-            self.since = time.monotonic()
+            self.since = self._last_failure
         extra = "".join(f", {k} {v}" for k, v in more.items())
         log.error("%s unavailable: %s (%s%s); retrying", self.what, exc, getattr(exc, "sqlite_errorname", "?"), extra)
 
     def ok(self) -> None:
         if self.since is None:
             return
+        now = time.monotonic()
+        if self._last_ok <= self._last_failure:
+            self._back = now  # the first success after a failure
+        self._last_ok = now
+        self.settle()
+
+    def settle(self) -> None:
+        """Report the end of the outage once it is over (the flusher asks regularly)."""
+        if self.since is None or self._last_ok <= self._last_failure or time.monotonic() - self._last_failure < self.SETTLE:
+            return
         with self._lock:
             since, failures, self.since, self.failures = self.since, self.failures, None, 0
         if since is not None:
-            log.warning("%s available again after %.1f s (%d failed calls)", self.what, time.monotonic() - since, failures)
+            log.warning("%s available again after %.1f s (%d failed calls)", self.what, self._back - since, failures)
 
 
 class _tx:
