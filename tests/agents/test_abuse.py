@@ -295,3 +295,23 @@ def test_a_body_trickled_byte_by_byte_is_answered_408(node: Node) -> None:
     print(f"answered after {took:.2f} s: {answer[:60]!r}")
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert took <= HEADER_TIMEOUT + SLACK
+
+
+def test_the_bounds_are_in_the_kms_config_and_checked_at_load(node: Node) -> None:
+    import json
+
+    from sdqkd.agents import config as agent_config
+
+    data = json.loads(node.proc.config_path.read_text())
+    assert agent_config.parse(data).kms.header_timeout == HEADER_TIMEOUT
+    del data["kms"]["header_timeout"], data["kms"]["max_connections"]
+    kms = agent_config.parse(data).kms
+    assert (kms.header_timeout, kms.max_connections) == (10.0, 512)  # the defaults
+    data["kms"].update(header_timeout=0, max_connections=0)
+    with pytest.raises(agent_config.ConfigError) as err:
+        agent_config.parse(data)
+    assert any("header_timeout" in p for p in err.value.problems)
+    assert any("max_connections" in p for p in err.value.problems)
+    data["kms"].update(header_timeout="10", max_connections=1.5)
+    with pytest.raises(agent_config.ConfigError):
+        agent_config.parse(data)
