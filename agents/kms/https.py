@@ -199,7 +199,7 @@ async def call(request: web.Request, fn: Callable[..., T], *args: Any, inline: b
         return await loop.run_in_executor(request.app[_EXECUTOR], functools.partial(fn, *args))
 
 
-# Hostile JSON (agents/kms/README or the module docstring): a request body is at most
+# Hostile JSON (see the module docstring): a request body is at most
 # aiohttp's client_max_size (1 MiB); within it, nesting deeper than MAX_JSON_DEPTH or a
 # number longer than MAX_NUMBER_CHARS is 400 before any of it is built. Python's own
 # parser would recurse 100,000 levels deep into a RecursionError (a 503), turn a
@@ -367,6 +367,13 @@ class _BoundedSite(web.BaseSite):
         self._open = {t for t in self._open if not t.is_closing()}
         return len(self._open)
 
+    def abort_all(self) -> None:
+        """At the very end (after the runner's cleanup): drop every connection still there,
+        e.g. TLS closes waiting for the client's close_notify."""
+        for raw in self._open:
+            raw.abort()  # nothing for one already gone
+        self._open.clear()
+
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
@@ -526,4 +533,6 @@ class HttpsServer:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            site.abort_all()
+            loop.run_until_complete(asyncio.sleep(0))  # their connection_lost callbacks
             loop.close()

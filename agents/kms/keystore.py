@@ -50,6 +50,15 @@ Link keys are bounded: like a QKD device's key buffer, a link holds at most
 modules, which then keep distilling (the link's SKR is still measured) but store
 nothing until keys are used. Unbounded, one fast MadQCI link (2.8 Mb/s, 11,000
 keys/s) filled 170 MB of disk in two minutes of an idle lab.
+
+Faults. A disk that is full, an I/O error, a lock held past the busy timeout (5 s) fail
+the call with SQLite's error; is_store_failure() tells them from a refusal or a bug, and
+the front ends answer them 503 "key store unavailable". Nothing half-done stays: a failed
+COMMIT is rolled back, a group whose transaction SQLite undid on its own answers none of
+its calls, link keys not yet flushed are kept for the next try. The outage is logged once
+(_Health), and its end once no call failed for 2 s. The flusher (flush, sweep, checkpoint)
+outlives errors: it backs off to 5 s between tries, reconnects, and once checkpoints work
+again truncates the WAL, which grows while they fail.
 """
 from __future__ import annotations
 
