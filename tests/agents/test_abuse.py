@@ -18,8 +18,8 @@ import pytest
 
 from kmeproc import KmeAgent as Node, start_kme_agent as start_node
 
-HEADER_TIMEOUT = 5.0  # the agents of this module: a short bound keeps the test short
-SLACK = 3.0  # the TLS close (server's close_notify, up to min(5 s, bound) for the client's) and scheduling
+HEADER_TIMEOUT = 10.0  # the agents of this module: the default bound
+SLACK = 5.0  # the TLS close (server's close_notify, up to min(5 s, bound) for the client's) and scheduling
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,10 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
     one_key_round(node)  # warm: the pools the first request starts are up before counting
     threads0, fds0 = node.threads(), node.fds()
     start = time.monotonic()
-    kinds = [tcp_only(node, 200), tls_only(node, 200), tls_only(node, 200)]
+    kinds = [tcp_only(node, 200)]
+    time.sleep(0.2)  # accepted: a descriptor each, and no thread
+    tcp_held = {"threads": node.threads(), "fds": node.fds()}
+    kinds += [tls_only(node, 200), tls_only(node, 200)]
     kinds[2].kind = "TLS, head trickled 1 byte/s"
     opened_in = time.monotonic() - start
     stop = threading.Event()
@@ -126,7 +129,7 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
         time.sleep(0.3)
         for k in kinds:
             k.poll()
-        held = sum(len(k.open()) for k in kinds)  # on a slow machine the first may be gone already
+        held = sum(len(k.open()) for k in kinds)
         during = {"threads": node.threads(), "fds": node.fds()}
         t = time.monotonic()
         one_key_round(node)  # 600 connections held open: a real client is still served
@@ -144,7 +147,7 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
     for k in kinds:
         life = k.lifetimes()
         print(f"{k.kind}: {len(life)}/200 closed by the server, after {life[0]:.2f} .. {life[-1]:.2f} s" if life else k.kind)
-    print(f"opened 600 in {opened_in:.2f} s; during ({held} open): {during}; before: threads {threads0}, fds {fds0}; "
+    print(f"opened 600 in {opened_in:.2f} s; with the 200 TCP ones: {tcp_held}; with all ({held} open): {during}; before: threads {threads0}, fds {fds0}; "
           f"a key round took {served_in:.2f} s meanwhile")
     for k in kinds:
         assert not k.open(), f"{k.kind}: {len(k.open())} connections still open"
@@ -152,7 +155,8 @@ def test_half_open_and_trickling_connections_are_closed_within_the_bound(node: N
         assert life[-1] <= opened_in + HEADER_TIMEOUT + SLACK, f"{k.kind}: the last one lived {life[-1]:.1f} s"
         assert life[0] >= HEADER_TIMEOUT - 0.5, f"{k.kind}: closed after {life[0]:.1f} s, before the bound"
     assert during["threads"] == threads0, "a thread per connection?"
-    assert held >= 400 and during["fds"] >= fds0 + held - 20  # all held, a descriptor each
+    assert tcp_held["fds"] >= fds0 + 195 and tcp_held["threads"] == threads0
+    assert held == 600 and during["fds"] >= fds0 + 590  # all held at once, a descriptor each
     t = time.monotonic()
     while node.fds() > fds0 + 2 and time.monotonic() - t < 5:
         time.sleep(0.1)
@@ -266,7 +270,7 @@ def test_json_within_the_limits_still_works(node: Node) -> None:
 
 def test_a_body_trickled_byte_by_byte_is_answered_408(node: Node) -> None:
     ctx = node.tls()
-    body = b'{"number": 1}'
+    body = b'{"number": 1, "pad": "' + b"x" * 40 + b'"}'  # 1 byte each 0.5 s: 27 s, past the bound
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", node.port)), server_hostname="127.0.0.1") as s:
         s.sendall(b"POST /api/v1/keys/sae-b/enc_keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body))
