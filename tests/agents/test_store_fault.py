@@ -23,7 +23,7 @@ from sdqkd.agents.kms.keystore import Deliverable, KeyStore
 from kmeproc import KmeAgent, kme, start_kme_agent  # noqa: F401 - kme: the in-process KME fixture
 
 UNAVAILABLE = {"message": "key store unavailable"}
-TTL = 6  # s: kms.default_ttl of the agent whose disk fills
+TTL = 10  # s: kms.default_ttl of the agent whose disk fills (the outage loop must end well before)
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_disk_full_is_503_and_the_store_recovers(tmp_path: Path, small_fs: Path)
             start = time.monotonic()
             pool = list(waiting)  # not delivered yet (one may be, from the blocks the WAL still had)
             with node.client("sae-a") as a, node.client("sae-b") as b:
-                for i in range(40):
+                for i in range(30):
                     answers.append(a.post("/api/v1/keys/sae-b/enc_keys", json={"number": 1}))
                     answers.append(a.get("/api/v1/keys/sae-b/enc_keys"))
                     for form, key in (("POST", pool[0]), ("GET", pool[-1])) if pool else ():
