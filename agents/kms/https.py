@@ -508,7 +508,8 @@ class HttpsServer:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        self.app[_BODY_TIMEOUT] = self.header_timeout
+        if not self.app.frozen:  # (an app served before keeps the bound it had)
+            self.app[_BODY_TIMEOUT] = self.header_timeout
         # keepalive_timeout: aiohttp closes a connection that has not sent a whole request
         # head that long after it came up or after its last answer.
         runner = web.AppRunner(self.app, access_log=log if self._access_log else None,
