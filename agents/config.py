@@ -168,6 +168,10 @@ class KmsConf:
     relay_workers: int = 8  # threads handling relay messages (the connections wait in one selector)
     etsi004_json: Etsi004JsonConf | None = None  # off unless configured (`sdqkd lab up` configures it)
     etsi004_binary: Etsi004BinaryConf | None = None  # not served without
+    # Bounds of the HTTPS front end under abuse (agents/kms/web.py Limits): s for a TLS
+    # handshake, a request head and a request body each; TCP connections open at once.
+    header_timeout: float = 10.0
+    max_connections: int = 512
 
 
 @dataclass
@@ -318,6 +322,10 @@ def _check(cfg: AgentConfig) -> list[str]:
             problems.append(f"{where}: read_timeout and handshake_timeout from 0 to 3600 s")
         if not (1 <= b.max_connections <= 10_000 and 1 <= b.workers <= 256):
             problems.append(f"{where}: max_connections from 1 to 10000, workers from 1 to 256")
+    if cfg.kms is not None and not 0 < cfg.kms.header_timeout <= 300:
+        problems.append("config.kms.header_timeout: from 0 to 300 s")
+    if cfg.kms is not None and not 1 <= cfg.kms.max_connections <= 65536:
+        problems.append("config.kms.max_connections: from 1 to 65536")
     if cfg.qrng is not None and cfg.qrng.source not in ("emulated", "os"):
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:

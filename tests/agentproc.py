@@ -36,9 +36,14 @@ class AgentProc:
     config_path: Path
     state_dir: Path
     proc: subprocess.Popen | None = None
+    log_path: Path | None = None  # default: agent.log in state_dir
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_path or self.state_dir / "agent.log"
 
     def start(self, timeout: float = 20.0) -> "AgentProc":
-        log = os.fdopen(private.open_append(self.state_dir / "agent.log"), "ab")  # 0600, as `lab up` makes it
+        log = os.fdopen(private.open_append(self.log_file), "ab")  # 0600, as `lab up` makes it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdqkd", "agent", "--config", str(self.config_path)],
             stdout=log,
@@ -48,7 +53,7 @@ class AgentProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent {self.name} exited: {(self.state_dir / 'agent.log').read_text()[-3000:]}")
+                raise RuntimeError(f"agent {self.name} exited: {self.log_file.read_text()[-3000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
@@ -79,7 +84,7 @@ class AgentProc:
         return manager.connect(**args)
 
     def log(self) -> str:
-        return (self.state_dir / "agent.log").read_text(errors="replace")
+        return self.log_file.read_text(errors="replace")
 
 
 def agent_config(tmp: Path, name: str = "alice", qkdn_id: str | None = None, authorized_keys: list[str] | None = None,

@@ -1,12 +1,18 @@
 """One in-process ETSI GS QKD 014 KME (real HTTPS, mutual TLS, the real LKMS with one node
-holding both SAEs), shared by the ETSI 014 tests and the QKD-keyed TLS tests."""
+holding both SAEs), shared by the ETSI 014 tests and the QKD-keyed TLS tests; and a real
+KME agent process (start_kme_agent) for tests that watch the server's threads, descriptors
+and files from outside."""
 from __future__ import annotations
 
+import json
 import os
+import ssl
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +23,7 @@ from sdqkd.agents.kms import etsi014
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
+from agentproc import AgentProc, agent_config, free_port
 
 KME = str(uuid.uuid5(uuid.NAMESPACE_URL, "sdqkd-test/etsi014/alice"))
 
@@ -53,3 +60,62 @@ def kme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kme]:
     yield Kme(f"https://127.0.0.1:{srv.port}", f"127.0.0.1:{srv.port}", ca[0], certs, lkms)
     srv.stop()
     lkms.shutdown()
+
+
+@dataclass
+class KmeAgent:
+    proc: AgentProc
+    url: str
+    port: int
+    ca: str
+    certs: dict[str, tuple[str, str]]
+
+    def client(self, sae: str = "sae-a", timeout: float = 10) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=pki.client_ssl_context(*self.certs[sae], self.ca), timeout=timeout)
+
+    def tls(self, sae: str = "sae-a") -> ssl.SSLContext:
+        return pki.client_ssl_context(*self.certs[sae], self.ca)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.proc is not None
+        return self.proc.proc.pid
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def start_kme_agent(tmp: Path, name: str, state_dir: Path | None = None, **kms: Any) -> KmeAgent:
+    """A real agent process (`sdqkd agent`) whose LKMS holds two SAEs (sae-a, sae-b): their keys
+    never leave the node. `kms`: more of the config's kms section (header_timeout...)."""
+    qkdn_id = str(uuid.uuid4())
+    d = tmp / f"pki-{name}"
+    d.mkdir(parents=True, exist_ok=True)
+    ca = pki.make_ca(d, "ca")
+    cert, key = pki.issue(ca, qkdn_id, d, server_names=("127.0.0.1",), client=True)
+    certs = {sae: tuple(map(str, pki.issue(ca, sae, d, client=True))) for sae in ("sae-a", "sae-b")}
+    port = free_port()
+    section = {"port": port, "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
+               "saes": {"sae-a": qkdn_id, "sae-b": qkdn_id}, **kms}
+    proc = agent_config(tmp, name, qkdn_id, extra={"kms": section})
+    if state_dir is not None:  # the state (key store...) elsewhere, e.g. on a small file system; the log stays
+        cfg = json.loads(proc.config_path.read_text())
+        cfg["state_dir"] = str(state_dir)
+        proc.config_path.write_text(json.dumps(cfg))
+        proc.log_path, proc.state_dir = proc.state_dir / "agent.log", state_dir
+    proc.start()
+    node = KmeAgent(proc, f"https://127.0.0.1:{port}", port, str(ca[0]), certs)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 15
+    while True:  # NETCONF answers first; the HTTPS server comes up right after
+        try:
+            with node.client() as c:
+                c.get("/openapi.json")
+            return node
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise
+            time.sleep(0.05)

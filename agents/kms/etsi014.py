@@ -136,7 +136,7 @@ def _query_int(query: web.Query, name: str) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit() or not text.isascii():
+    if not text.isdigit() or not text.isascii() or len(text) > 10:  # int() of 5,000 digits is a ValueError
         raise ApiError(400, f"{name} must be a positive integer")
     return _positive(int(text), name)
 

@@ -20,6 +20,22 @@ its optional `details` (an array of free-form objects that clients parsed in
 incompatible ways, so it is not sent; a KmsError may still carry details for the
 server's own use, e.g. the ETSI 004 counter-offer). An unexpected exception becomes 503 {"message": "internal error"} with its traceback
 logged but never its message (it might quote key bytes).
+
+Bounded under abuse (limits in the agent config's kms section, agents/config.py):
+- a TCP connection must finish its TLS handshake within `header_timeout` (10 s by
+  default), then send each request head, and each request body, within as long again
+  (a trickled body is 408); a connection idle between requests is closed after it too
+  (agents/kms/web.py Limits). Nothing else holds a connection open: 600 half-open or
+  trickling connections were all closed at the bound (tests/agents/test_abuse.py).
+- at most `max_connections` (512) TCP connections are open at once, handshakes
+  included; past it a new one is closed on accept, before any TLS work. No connection
+  has a thread of its own: one event loop serves them all.
+- a request body is at most 1 MiB (413); JSON in it nesting deeper
+  than MAX_JSON_DEPTH (32) or with a number longer than MAX_NUMBER_CHARS (64), or NaN,
+  Infinity or a float out of range, is 400 before anything is built (parse_json, the one
+  place request JSON is parsed).
+- a key store that fails (disk full, I/O error, locked too long) is 503
+  {"message": "key store unavailable"}, logged once per outage, with no traceback.
 """
 from __future__ import annotations
 
@@ -27,6 +43,8 @@ import asyncio
 import functools
 import json
 import logging
+import math
+import re
 import ssl
 import threading
 import traceback
@@ -43,6 +61,7 @@ from . import web
 
 from sdqkd.pki import sae_id_of
 from .interface import KmsError
+from .keystore import is_store_failure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -202,15 +221,82 @@ async def call(request: web.Request, fn: Callable[..., T], *args: Any, inline: b
         return await loop.run_in_executor(request.app[_EXECUTOR], functools.partial(fn, *args))
 
 
+# Hostile JSON (see the module docstring): a request body is at most
+# 1 MiB (web.Application.client_max_size); within it, nesting deeper than MAX_JSON_DEPTH or a
+# number longer than MAX_NUMBER_CHARS is 400 before any of it is built. Python's own
+# parser would recurse 100,000 levels deep into a RecursionError (a 503), turn a
+# 5,000-digit integer into a ValueError, and a 400-digit float or 1e999 into inf.
+MAX_JSON_DEPTH = 32  # no request of these APIs nests more than 4 levels
+MAX_NUMBER_CHARS = 64  # a uint32 needs 10; a float with its exponent well under 64
+# A JSON string, or an unterminated one to the end of the body: one pass, no backtracking.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*+(?:"|\Z)', re.DOTALL)
+_OPEN_CLOSE = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+class _Hostile(ValueError):
+    """A body refused for its shape, not its syntax."""
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in `raw` nest deeper than `limit`, at the cost of a few
+    passes of C over the body (strings are taken out first: a "[" in one is no nesting).
+
+    Each pass deletes the innermost "()" pairs, one level; what is left after `limit`
+    passes nests deeper. What does not balance is no JSON (the parser says where), but
+    its unclosed brackets nest too: more than `limit` of them is refused here as well, so
+    the parser never goes deeper than twice the limit."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(_OPEN_CLOSE, _NOT_BRACKET)
+    if b"(" * (limit + 1) in brackets:  # the plain attack: [[[[... or {"a":{"a":...
+        return True
+    for _ in range(limit):
+        if not brackets:
+            return False
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):  # unbalanced: ")))(((" is left
+            return brackets.count(b"(") > limit
+        brackets = shorter
+    return bool(brackets)
+
+
+def _number(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise _Hostile(f"a number longer than {MAX_NUMBER_CHARS} characters")
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Hostile("a number out of range")
+        return value
+    return parse
+
+
+def _constant(name: str) -> Any:
+    raise _Hostile(f"{name} is not JSON")  # Python's json takes NaN, Infinity, -Infinity
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """`raw` as JSON, within the limits above; ApiError 400 {"message"} otherwise. The one
+    place a JSON request body is parsed (json_object)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise ApiError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw, parse_int=_number(int), parse_float=_number(float), parse_constant=_constant)
+    except _Hostile as exc:
+        raise ApiError(400, f"request body refused: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"request body is not valid JSON: {_reason(exc)}") from None
+    except RecursionError:  # not reached within MAX_JSON_DEPTH; kept so that it never is a 503
+        raise ApiError(400, "request body nests too deeply") from None
+
+
 async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object; an empty body counts as {}. Else 400."""
+    """The request body as a JSON object; an empty body counts as {}. Else 400. (The
+    server read the body within its body timeout before the handler ran: web.Server.)"""
     raw = await request.read()
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ApiError(400, f"request body is not valid JSON: {_reason(exc)}") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -237,6 +323,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
     except Exception as exc:
+        if is_store_failure(exc):  # disk full, I/O error, locked too long: the store logs the outage once
+            log.debug("%s %s: key store unavailable (%s)", request.method, request.path, type(exc).__name__)
+            return error(503, "key store unavailable")
         tb = "".join(traceback.format_tb(exc.__traceback__))
         log.error("unexpected %s in %s %s\n%s", type(exc).__name__, request.method, request.path, tb)
         return error(503, "internal error")

@@ -50,6 +50,15 @@ Link keys are bounded: like a QKD device's key buffer, a link holds at most
 modules, which then keep distilling (the link's SKR is still measured) but store
 nothing until keys are used. Unbounded, one fast MadQCI link (2.8 Mb/s, 11,000
 keys/s) filled 170 MB of disk in two minutes of an idle lab.
+
+Faults. A disk that is full, an I/O error, a lock held past the busy timeout (5 s) fail
+the call with SQLite's error; is_store_failure() tells them from a refusal or a bug, and
+the front ends answer them 503 "key store unavailable". Nothing half-done stays: a failed
+COMMIT is rolled back, a group whose transaction SQLite undid on its own answers none of
+its calls, link keys not yet flushed are kept for the next try. The outage is logged once
+(_Health), and its end once no call failed for 2 s. The flusher (flush, sweep, checkpoint)
+outlives errors: it backs off to 5 s between tries, reconnects, and once checkpoints work
+again truncates the WAL, which grows while they fail.
 """
 from __future__ import annotations
 
@@ -182,6 +191,9 @@ class KeyStore:
         # older WAL frames until the next sweep truncates it (_erase_history).
         self._erased = False
         self._closed = threading.Event()
+        self._health = _Health("key store")  # commits failing (disk full, I/O error, locked)
+        self._checkpoints = _Health("key store checkpoint")  # the WAL not copied back, so growing
+        self._group_lost = False
         self._burn_reservations()
         self._flusher = threading.Thread(target=self._flush_loop, name="keystore-flush", daemon=True)
         self._flusher.start()
@@ -206,10 +218,19 @@ class KeyStore:
             if self._grouped:  # already in one: part of it
                 yield
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self._health.failed(exc)
+                raise
             self._grouped = True
+            self._group_lost = False
+            changes = self._db.total_changes
             try:
                 yield
+                if self._group_lost:  # SQLite rolled the whole transaction back (disk full, I/O
+                    # error): the calls that went through before are undone too, so none may answer
+                    raise sqlite3.OperationalError("the key store's transaction was rolled back")
             except BaseException:
                 self._grouped = False
                 self._undo_group()
@@ -217,14 +238,20 @@ class KeyStore:
             self._grouped = False
             try:
                 self._db.execute("COMMIT")
-            except sqlite3.Error:
+            except sqlite3.Error as exc:
+                self._health.failed(exc)
                 self._undo_group()
                 raise
+            if self._db.total_changes != changes:  # a commit that wrote: the store works (again)
+                self._health.ok()
 
     def _undo_group(self) -> None:
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
         self._counts.clear()  # adjusted by calls that are now undone
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # what failed the group may fail this too: SQLite undoes it on the next open
+                self._health.failed(exc)
 
     # --- link keys ------------------------------------------------------------------
 
@@ -244,8 +271,11 @@ class KeyStore:
         """Key sink for a QKD driver: buffered, written in batches."""
         with self._lock:
             self._pending.append((key_id, link, bytes(key), time.time()))
-            if len(self._pending) >= 1024:
-                self._flush_locked()
+            if len(self._pending) >= 1024 and not self._health.down:
+                try:
+                    self._flush_locked()
+                except sqlite3.Error:  # kept for the flusher to retry (room() still bounds them)
+                    pass
 
     def flush(self) -> None:
         with self._lock:
@@ -258,16 +288,20 @@ class KeyStore:
         for key_id, link, key, added in self._pending:
             mine = 1 if self._mine.get(link, _default_mine)(key_id) else 0
             groups.setdefault((link, mine), []).append((key_id, link, mine, key, added))
-        self._pending = []
+        pending, self._pending = self._pending, []
         added_rows = {}
-        with _tx(self):
-            for group, rows in groups.items():
-                added_rows[group] = self._db.executemany(
-                    "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
-                    "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1) "
-                    "AND NOT EXISTS (SELECT 1 FROM reserved WHERE key_id = ?1)",
-                    rows,
-                ).rowcount
+        try:
+            with _tx(self):
+                for group, rows in groups.items():
+                    added_rows[group] = self._db.executemany(
+                        "INSERT OR IGNORE INTO link_keys(key_id, link, mine, key, added) "
+                        "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM spent WHERE key_id = ?1) "
+                        "AND NOT EXISTS (SELECT 1 FROM reserved WHERE key_id = ?1)",
+                        rows,
+                    ).rowcount
+        except sqlite3.Error:
+            self._pending = pending + self._pending  # not stored: the next flush tries again
+            raise
         for group, n in added_rows.items():
             self._adjust(group, n)
 
@@ -284,27 +318,43 @@ class KeyStore:
         return self._counts[(link, mine)]
 
     def _flush_loop(self) -> None:
-        checkpointer = sqlite3.connect(str(self.path), isolation_level=None)
-        checkpointer.execute("PRAGMA cache_size=-128")  # it reads the WAL index, not the tables
+        """Flush, sweep and checkpoint until close(). A failing store (disk full, I/O error,
+        locked) does not stop it: the outage is logged once (_Health), the loop backs off
+        (flush_every doubling up to 5 s) and keeps trying, and once the store works again
+        the WAL is truncated at the next sweep (what piled up meanwhile goes)."""
+        checkpointer: sqlite3.Connection | None = None
         next_checkpoint = time.monotonic() + self._checkpoint_every
         next_sweep = time.monotonic() + self._expire_every
-        try:
-            while not self._closed.wait(self._flush_every):
-                try:
-                    self.flush()
-                    if time.monotonic() >= next_sweep:
-                        self.expire()
-                        if self._erased:
-                            self._erase_history(checkpointer)
-                        next_sweep = time.monotonic() + self._expire_every
-                    if time.monotonic() >= next_checkpoint:
-                        self._checkpoint(checkpointer)
-                        next_checkpoint = time.monotonic() + self._checkpoint_every
-                except sqlite3.Error:
-                    if self._closed.is_set():
-                        return
-                    raise
-        finally:
+        wait = self._flush_every
+        while not self._closed.wait(wait):
+            try:
+                if checkpointer is None:
+                    checkpointer = sqlite3.connect(str(self.path), isolation_level=None)
+                    checkpointer.execute("PRAGMA cache_size=-128")  # it reads the WAL index, not the tables
+                self.flush()
+                if time.monotonic() >= next_sweep:
+                    self.expire()
+                    if self._erased:
+                        self._erase_history(checkpointer)
+                    next_sweep = time.monotonic() + self._expire_every
+                if time.monotonic() >= next_checkpoint:
+                    self._checkpoint(checkpointer)
+                    next_checkpoint = time.monotonic() + self._checkpoint_every
+                wait = self._flush_every
+                self._health.settle()
+                self._checkpoints.settle()
+            except sqlite3.Error as exc:
+                if self._closed.is_set():
+                    break
+                if is_store_failure(exc):
+                    self._health.failed(exc)
+                else:  # a bug, not the disk: said with its traceback, and the loop goes on
+                    log.exception("key store flusher")
+                if checkpointer is not None:  # a fresh connection after the error
+                    checkpointer.close()
+                    checkpointer = None
+                wait = min(max(wait, self._flush_every) * 2, _MAX_BACKOFF)
+        if checkpointer is not None:
             checkpointer.close()
 
     def _checkpoint(self, checkpointer: sqlite3.Connection) -> None:
@@ -315,9 +365,16 @@ class KeyStore:
         over once all of it is copied: a second pass under the store's lock copies the
         few frames written meanwhile, so the WAL stays small.
         """
-        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        with self._lock:
+        try:
             checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            with self._lock:
+                checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            self._checkpoints.failed(exc, wal=self._wal_size())
+            raise
+        if self._checkpoints.down:
+            self._erased = True  # the WAL grew while checkpoints failed: truncate it at the next sweep
+        self._checkpoints.ok()
 
     def _erase_history(self, checkpointer: sqlite3.Connection) -> None:
         """After keys left the store (delivered, taken, committed, expired, dropped), at the
@@ -332,10 +389,23 @@ class KeyStore:
         after it left: `expire_every` + `flush_every` (1.05 s with the defaults), unless a
         reader blocks the checkpoint, which is then retried at the next sweep."""
         with self._lock:
-            self._erased = False
-            busy = checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            if busy:
-                self._erased = True
+            try:
+                busy = checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.Error as exc:
+                self._checkpoints.failed(exc, wal=self._wal_size())
+                raise  # _erased stays set: tried again at the next sweep
+            self._erased = bool(busy)
+
+    def _wal_size(self) -> int:
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except OSError:
+            return 0
+
+    @property
+    def available(self) -> bool:
+        """False from a failed commit (disk full, I/O error, locked too long) until one succeeds."""
+        return not self._health.down
 
     def count(self, link: str, *, mine: bool = True) -> int:
         with self._lock:
@@ -688,7 +758,10 @@ class KeyStore:
         self._closed.set()
         self._flusher.join(2)
         with self._lock:
-            self._flush_locked()
+            try:
+                self._flush_locked()
+            except sqlite3.Error as exc:  # the store failing at the end too: what it could not take is lost
+                log.error("key store closed with %d link keys unstored: %s", len(self._pending), exc)
             self._db.close()
 
 
@@ -700,21 +773,116 @@ def _marks(items: list[Any]) -> str:
     return ",".join("?" * len(items))
 
 
+_MAX_BACKOFF = 5.0  # s between the flusher's tries while the store fails
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether `exc` says the key store cannot work now (disk full, I/O error, locked too
+    long, a corrupt file), as opposed to a request it refused (a constraint) or a bug."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError, sqlite3.NotSupportedError))
+
+
+class _Health:
+    """One line when `what` starts failing and one when it works again, however many
+    calls fail in between (the error's SQLite name and message: never a key). A nearly full
+    disk flaps (a commit that fits in the WAL's old blocks goes through, the next does not):
+    the outage is over only once a call succeeded and none failed for SETTLE s."""
+
+    SETTLE = 2.0
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None  # the outage being reported, from its first failure
+        self.failures = 0
+        self._last_failure = self._last_ok = self._back = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        """The last call failed."""
+        return self.since is not None and self._last_failure >= self._last_ok
+
+    def failed(self, exc: BaseException, **more: Any) -> None:
+        if not is_store_failure(exc):
+            return
+        with self._lock:
+            self.failures += 1
+            self._last_failure = time.monotonic()
+            if self.since is not None:
+                return
+            self.since = self._last_failure
+        extra = "".join(f", {k} {v}" for k, v in more.items())
+        log.error("%s unavailable: %s (%s%s); retrying", self.what, exc, getattr(exc, "sqlite_errorname", "?"), extra)
+
+    def ok(self) -> None:
+        if self.since is None:
+            return
+        now = time.monotonic()
+        if self._last_ok <= self._last_failure:
+            self._back = now  # the first success after a failure
+        self._last_ok = now
+        self.settle()
+
+    def settle(self) -> None:
+        """Report the end of the outage once it is over (the flusher asks regularly)."""
+        if self.since is None or self._last_ok <= self._last_failure or time.monotonic() - self._last_failure < self.SETTLE:
+            return
+        with self._lock:
+            since, failures, self.since, self.failures = self.since, self.failures, None, 0
+        if since is not None:
+            log.warning("%s available again after %.1f s (%d failed calls)", self.what, self._back - since, failures)
+
+
 class _tx:
-    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection; inside group(), a savepoint."""
+    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection; inside group(), a savepoint.
+
+    SQLite may roll a whole transaction back on its own after SQLITE_FULL, IOERR or BUSY:
+    then there is nothing to roll back here, and inside group() the group is lost
+    (every call of it fails, group())."""
 
     def __init__(self, store: KeyStore) -> None:
         self.store = store
 
     def __enter__(self) -> sqlite3.Connection:
-        self.store._db.execute("SAVEPOINT call" if self.store._grouped else "BEGIN IMMEDIATE")
-        return self.store._db
+        store = self.store
+        if store._grouped and (store._group_lost or not store._db.in_transaction):
+            store._group_lost = True  # a SAVEPOINT now would start a transaction of its own
+            raise sqlite3.OperationalError("the key store's transaction was rolled back")
+        try:
+            store._db.execute("SAVEPOINT call" if store._grouped else "BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            store._health.failed(exc)
+            raise
+        self._changes = store._db.total_changes
+        return store._db
 
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        db = self.store._db
-        if self.store._grouped:
-            if exc_type:
-                db.execute("ROLLBACK TO call")
-            db.execute("RELEASE call")
-        else:
-            db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        store, db = self.store, self.store._db
+        try:
+            if store._grouped:
+                if not db.in_transaction:
+                    store._group_lost = True
+                    if exc_type is None:
+                        raise sqlite3.OperationalError("the key store's transaction was rolled back")
+                    return
+                if exc_type:
+                    db.execute("ROLLBACK TO call")
+                db.execute("RELEASE call")
+            elif exc_type:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            else:
+                try:
+                    db.execute("COMMIT")
+                except sqlite3.Error:
+                    if db.in_transaction:  # a COMMIT that failed may leave it open: no later BEGIN would work
+                        db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as err:
+            store._health.failed(err)
+            raise
+        if exc is not None:
+            store._health.failed(exc)
+        elif not store._grouped and db.total_changes != self._changes:  # a read-only commit proves nothing
+            store._health.ok()

@@ -82,8 +82,11 @@ def build(cfg: AgentConfig, entropy: Callable[[int], bytes] = os.urandom,
     if more_routes is not None:
         more_routes(app, lkms)
     sae_only = pki.server_ssl_context(k.cert, k.key, [k.sae_ca])
+    t = k.header_timeout
     server = https.HttpsServer(app, k.address, k.port, pki.server_ssl_context(k.cert, k.key, callers),
-                               role="ETSI 014/004 HTTPS")
+                               role="ETSI 014/004 HTTPS",
+                               limits=web.Limits(head_timeout=t, body_timeout=t, handshake_timeout=t,
+                                                 max_connections=k.max_connections))
     node = KmsNode(lkms, server)
     if k.etsi004_json is not None:
         j = k.etsi004_json

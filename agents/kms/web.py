@@ -9,8 +9,8 @@ take to send its first request head (200 half-open TLS connections stayed open o
 parsing and framing; what is left here is dispatch and timeouts:
 
 - a request head must arrive within `head_timeout` of the connection (or of the
-  previous answer, on a kept-alive connection), a body within `body_timeout`; else the
-  connection is closed;
+  previous answer, on a kept-alive connection), else the connection is closed; a body
+  within `body_timeout`, else 408 and the connection is closed;
 - at most `max_connections` connections; one more is closed at once;
 - bodies over `max_body` are 413, malformed requests 400, unknown paths 404, other
   methods 405 with Allow; HEAD is answered for GET routes that allow it.
@@ -402,7 +402,9 @@ class Server:
         chunks, size = [], 0
         while True:
             event = await self._next(conn, reader, self.limits.body_timeout)
-            if event is None or isinstance(event, h11.ConnectionClosed):
+            if event is None:  # trickled or stalled: said, then the connection ends
+                raise HTTPException(408, f"request body not received within {self.limits.body_timeout:g} s")
+            if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionError("request body not received")
             if isinstance(event, h11.Data):
                 size += len(event.data)
