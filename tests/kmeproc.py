@@ -94,11 +94,13 @@ def start_kme_agent(tmp: Path, name: str, state_dir: Path | None = None, **kms: 
     qkdn_id = str(uuid.uuid4())
     d = tmp / f"pki-{name}"
     d.mkdir(parents=True, exist_ok=True)
-    ca = pki.make_ca(d, "ca")
-    cert, key = pki.issue(ca, qkdn_id, d, server_names=("127.0.0.1",), client=True)
-    certs = {sae: tuple(map(str, pki.issue(ca, sae, d, client=True))) for sae in ("sae-a", "sae-b")}
+    cas = pki.make_lab_cas(d, "lab")
+    ca = cas.root
+    cert, key = pki.issue(cas.kme, qkdn_id, d, server_names=("127.0.0.1",), client=True, kme=True)
+    certs = {sae: tuple(map(str, pki.issue(cas.sae, sae, d, client=True))) for sae in ("sae-a", "sae-b")}
     port = free_port()
-    section = {"port": port, "relay_port": free_port(), "ca": str(ca[0]), "cert": str(cert), "key": str(key),
+    section = {"port": port, "relay_port": free_port(), "sae_ca": str(cas.sae[0]), "kme_ca": str(cas.kme[0]),
+               "cert": str(cert), "key": str(key),
                "saes": {"sae-a": qkdn_id, "sae-b": qkdn_id}, **kms}
     proc = agent_config(tmp, name, qkdn_id, extra={"kms": section})
     if state_dir is not None:  # the state (key store...) elsewhere, e.g. on a small file system; the log stays

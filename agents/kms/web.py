@@ -277,12 +277,16 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: set[asyncio.Task[None]] = set()  # waiting for a request head
         self._closing = False
+        self._full = False  # at max_connections (logged once until under 90 % again)
+        self.ssl_ctx: ssl.SSLContext | None = None
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int, ssl_ctx: ssl.SSLContext | None) -> int:
-        self.server = await asyncio.start_server(
-            self._accept, host, port, ssl=ssl_ctx, ssl_handshake_timeout=self.limits.handshake_timeout if ssl_ctx else None,
-            limit=self.limits.max_head, backlog=256)
+        """Listen; the bound port. TLS starts per connection (`_Gate`), so the connection
+        limit counts connections still in their handshake too."""
+        self.ssl_ctx = ssl_ctx
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Gate(self), host, port, backlog=256)
         return self.server.sockets[0].getsockname()[1]
 
     @property
@@ -305,26 +309,52 @@ class Server:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) >= self.limits.max_connections:
-            writer.transport.abort()
+    def _admit(self, transport: asyncio.Transport) -> None:
+        """A TCP connection came in: over the limit it is closed at once (no TLS work),
+        else its TLS handshake and then its requests run in a task of its own."""
+        if len(self._tasks) >= self.limits.max_connections or self._closing:
+            if not self._full and not self._closing:
+                self._full = True
+                log.warning("%d connections open, the limit: refusing new ones", len(self._tasks))
+            transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
+        if self._full and len(self._tasks) < self.limits.max_connections * 9 // 10:
+            self._full = False
+            log.warning("%d connections open: accepting connections again", len(self._tasks))
+        transport.pause_reading()  # nothing is read before TLS takes the connection over
+        task = asyncio.get_running_loop().create_task(self._connection(transport))
         self._tasks.add(task)
+
+    async def _connection(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        transport: asyncio.BaseTransport = raw
+        reader = asyncio.StreamReader(limit=self.limits.max_head, loop=loop)
+        proto = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
+            if self.ssl_ctx is not None:
+                transport = await loop.start_tls(raw, proto, self.ssl_ctx, server_side=True,
+                                                 ssl_handshake_timeout=self.limits.handshake_timeout,
+                                                 ssl_shutdown_timeout=min(5.0, self.limits.handshake_timeout))
+            else:
+                raw.set_protocol(proto)
+                raw.resume_reading()
+            proto.connection_made(transport)
+            writer = asyncio.StreamWriter(transport, proto, reader, loop)  # type: ignore[arg-type]
             await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError, OSError):
             pass
         except asyncio.CancelledError:
             pass
         finally:
-            self._tasks.discard(task)
-            self._idle.discard(task)
-            if self._closing or writer.transport.is_closing():
-                writer.transport.abort()
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._idle.discard(task)  # type: ignore[arg-type]
+            if self._closing or transport.is_closing() or transport is raw:
+                raw.abort()
+                if transport is not raw:
+                    transport.abort()  # type: ignore[attr-defined]
             else:
-                writer.close()  # a FIN (and TLS close_notify) the client can tell from a reset
+                transport.close()  # a FIN after the TLS close_notify: the client can tell it from a reset
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
@@ -372,11 +402,12 @@ class Server:
                 return
 
     async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader, timeout: float,
-                    idle: asyncio.Task[None] | None = None) -> Any:
-        """The next h11 event, reading as needed; None when the client took too long.
-        `idle`: the connection's task, no longer idle once a byte arrived."""
+                    idle: asyncio.Task[None] | None = None, deadline: float | None = None) -> Any:
+        """The next h11 event, reading as needed; None when the client took too long
+        (`timeout` from now, or the loop time `deadline`). `idle`: the connection's task,
+        no longer idle once a byte arrived."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + timeout if deadline is None else deadline
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
@@ -400,8 +431,9 @@ class Server:
         if conn.they_are_waiting_for_100_continue:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.limits.body_timeout  # for the whole body
         while True:
-            event = await self._next(conn, reader, self.limits.body_timeout)
+            event = await self._next(conn, reader, self.limits.body_timeout, deadline=deadline)
             if event is None:  # trickled or stalled: said, then the connection ends
                 raise HTTPException(408, f"request body not received within {self.limits.body_timeout:g} s")
             if isinstance(event, h11.ConnectionClosed):
@@ -437,3 +469,16 @@ class Server:
             await self._send(conn, writer, resp)
         except (h11.LocalProtocolError, ConnectionError):
             pass
+
+
+class _Gate(asyncio.Protocol):
+    """A TCP connection's protocol until Server._admit has decided about it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.server._admit(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:  # reading is paused at once; nothing comes here
+        pass
