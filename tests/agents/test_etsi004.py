@@ -8,6 +8,7 @@ import json
 import dataclasses
 import logging
 import os
+import ssl
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,14 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from lkmspair import lkms_pair
 
 from sdqkd.agents.kms import etsi004
 from sdqkd import pki
-from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms.https import HttpsServer, make_app
 from sdqkd.agents.kms.keystore import KeyStore
 from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
-from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 
 A, B = (str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqkd-test/etsi004/{n}")) for n in ("alice", "bob"))
 LINK, APP = "10000000-0000-4000-8000-0000000000ab", "30000000-0000-4000-8000-0000000000ab"
@@ -43,14 +43,10 @@ class Lab:
         return httpx.Client(base_url=self.urls[node_of or sae], verify=ctx, timeout=10)
 
 
-def _node(d: Path, ca: tuple[Path, Path], kme: str, name: str) -> tuple[Lkms, HttpsServer]:
-    cert = pki.issue(ca, kme, d / name, server_names=["127.0.0.1"], client=True)
-    server_ctx, client_ctx = pki.server_ssl_context(*cert, ca[0]), pki.client_ssl_context(*cert, ca[0])
-    lkms = Lkms(LkmsConfig(kme, name, SAES), KeyStore(d / f"{name}.sqlite"), os.urandom,
-                fm.Forwarder(kme, ("127.0.0.1", 0), server_ctx, client_ctx, {}))
+def _serve(lkms: Lkms, server_ctx: ssl.SSLContext) -> HttpsServer:
     app = make_app()
     etsi004.add_routes(app, lkms, {"sae-a": {A, "alice"}, "sae-b": {B, "bob"}, "sae-c": {B, "bob"}})
-    return lkms, HttpsServer(app, "127.0.0.1", 0, server_ctx, access_log=True).start()
+    return HttpsServer(app, "127.0.0.1", 0, server_ctx, access_log=True).start()
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +55,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     ca = pki.make_ca(d / "ca", "lab-ca")
     certs = {sae: pki.issue(ca, sae, d / "sae", client=True) for sae in ("sae-a", "sae-b", "sae-c", "sae-x")}
     certs["rogue"] = pki.issue(pki.make_ca(d / "other", "other-ca"), "sae-a", d / "other", client=True)
-    (alice, alice_srv), (bob, bob_srv) = _node(d, ca, A, "alice"), _node(d, ca, B, "bob")
-    alice.forwarder.peers, bob.forwarder.peers = {B: bob.forwarder.address}, {A: alice.forwarder.address}
-    for lkms, remote in ((alice, B), (bob, A)):
-        lkms.update_routes(RouteTable(lkms.cfg.kme_id, {LINK: LinkRoute(LINK, "PHYS", True, remote)},
-                                      (AppRoute(APP, frozenset(SAES), (LINK,)),)))
-    link_keys = [(str(uuid.uuid4()), os.urandom(32)) for _ in range(200)]  # as a QKD pair delivers them
-    for lkms in (alice, bob):
-        for key_id, key in link_keys:
-            lkms.key_sink(LINK, key_id, key)
-        lkms.store.flush()
+    (alice, alice_srv), (bob, bob_srv) = lkms_pair(d, ca, (A, B), SAES, LINK, APP, _serve)
     urls = {"sae-a": f"https://127.0.0.1:{alice_srv.port}", "sae-b": f"https://127.0.0.1:{bob_srv.port}"}
     lab = Lab({**urls, "sae-c": urls["sae-b"], "sae-x": urls["sae-a"], "rogue": urls["sae-a"]}, ca[0], certs)
     lab.nodes = {"alice": alice, "bob": bob}

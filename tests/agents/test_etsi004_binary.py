@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from lkmspair import lkms_pair
 
 from agentproc import agent_config, free_port
 from sdqkd import pki
 from sdqkd.agents import config as agent_cfg
 from sdqkd.agents.kms import etsi004_binary as b4
-from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import keystream as ks
 from sdqkd.agents.kms.interface import Qos
-from sdqkd.agents.kms.keystore import KeyStore
-from sdqkd.agents.kms.lkms import Lkms, LkmsConfig
-from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
+from sdqkd.agents.kms.lkms import Lkms
 from sdqkd.agents.kms.streamserver import Limits, StreamServer
 from sdqkd.configfile import ConfigError
 
@@ -251,13 +249,9 @@ def closed_without_answer(s: ssl.SSLSocket) -> bool:
         return True
 
 
-def _node(d: Path, ca: tuple[Path, Path], kme: str, name: str) -> tuple[Lkms, StreamServer]:
-    cert = pki.issue(ca, kme, d / name, server_names=["127.0.0.1"], client=True)
-    server_ctx, client_ctx = pki.server_ssl_context(*cert, ca[0]), pki.client_ssl_context(*cert, ca[0])
-    lkms = Lkms(LkmsConfig(kme, name, SAES), KeyStore(d / f"{name}.sqlite"), os.urandom,
-                fm.Forwarder(kme, ("127.0.0.1", 0), server_ctx, client_ctx, {}))
+def _serve(lkms: Lkms, server_ctx: ssl.SSLContext) -> StreamServer:
     limits = Limits(read_timeout=READ_TIMEOUT, handshake_timeout=5, max_request=b4.MAX_MESSAGE, max_connections=16)
-    return lkms, b4.server(lkms, "127.0.0.1", 0, server_ctx, limits=limits).start()
+    return b4.server(lkms, "127.0.0.1", 0, server_ctx, limits=limits).start()
 
 
 @pytest.fixture(scope="module")
@@ -265,16 +259,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     d = tmp_path_factory.mktemp("etsi004bin")
     ca = pki.make_ca(d / "ca", "lab-ca")
     certs = {sae: pki.issue(ca, sae, d / "sae", client=True) for sae in ("sae-a", "sae-b", "sae-x")}
-    (alice, alice_srv), (bob, bob_srv) = _node(d, ca, A, "alice"), _node(d, ca, B, "bob")
-    alice.forwarder.peers, bob.forwarder.peers = {B: bob.forwarder.address}, {A: alice.forwarder.address}
-    for lkms, remote in ((alice, B), (bob, A)):
-        lkms.update_routes(RouteTable(lkms.cfg.kme_id, {LINK: LinkRoute(LINK, "PHYS", True, remote)},
-                                      (AppRoute(APP, frozenset(SAES), (LINK,)),)))
-    link_keys = [(str(uuid.uuid4()), os.urandom(32)) for _ in range(600)]  # as a QKD pair delivers them
-    for lkms in (alice, bob):
-        for key_id, key in link_keys:
-            lkms.key_sink(LINK, key_id, key)
-        lkms.store.flush()
+    (alice, alice_srv), (bob, bob_srv) = lkms_pair(d, ca, (A, B), SAES, LINK, APP, _serve, link_keys=600)
     ports = {"sae-a": alice_srv.port, "sae-b": bob_srv.port, "sae-x": alice_srv.port}
     yield Lab(ports, ca[0], certs, {"alice": alice_srv, "bob": bob_srv})
     for srv, lkms in ((alice_srv, alice), (bob_srv, bob)):
