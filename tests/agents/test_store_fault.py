@@ -144,7 +144,8 @@ def test_disk_full_is_503_and_the_store_recovers(tmp_path: Path, small_fs: Path)
                     assert r.status_code == 200 or (r.status_code == 503 and r.json() == UNAVAILABLE), \
                         (r.request.method, r.request.url, r.status_code)
                 refused = sum(r.status_code == 503 for r in last)
-                assert refused >= 45, f"only {refused} of the last 50 requests met the full disk"
+                # (an OPEN_CONNECT writes one small stream record: it fits a freed block more often)
+                assert refused >= 40, f"only {refused} of the last 50 requests met the full disk"
                 ok = sum(r.status_code == 200 for r in answers)
                 assert took < TTL - 1, "too slow: the keys expired while the test still wanted them"
                 # the keys expire: the flusher's sweep meets the full disk (before, that killed its
