@@ -46,7 +46,6 @@ import logging
 import math
 import re
 import ssl
-import threading
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
@@ -62,6 +61,7 @@ from . import web
 from sdqkd.pki import sae_id_of
 from .interface import KmsError
 from .keystore import is_store_failure
+from .loopthread import LoopThread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -357,8 +357,10 @@ def _reason(exc: Exception) -> str:
     return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else type(exc).__name__
 
 
-class HttpsServer:
+class HttpsServer(LoopThread):
     """Serves `app` over TLS on host:port from a thread of its own (port 0: any free one)."""
+
+    thread_prefix = "https"
 
     def __init__(self, app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext, *,
                  access_log: bool = False, shutdown_timeout: float = 2.0, role: str = "HTTPS",
@@ -369,26 +371,7 @@ class HttpsServer:
         self.server: web.Server | None = None
         self._access_log = access_log
         self._shutdown_timeout = shutdown_timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._failure: BaseException | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (known once start() returned)."""
-        return self._port
-
-    def start(self, timeout: float = 10.0) -> HttpsServer:
-        """Listen, or raise what stopped it (e.g. port in use); returns self."""
-        self._thread = threading.Thread(target=self._run, name=f"https-{self.host}:{self._port}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"HTTPS server on {self.host}:{self._port} did not start in {timeout} s")
-        if self._failure is not None:
-            self._thread.join(timeout)
-            raise self._failure
-        return self
+        self._init_thread()
 
     def stop(self) -> None:
         """Stop listening, let requests in progress finish (up to shutdown_timeout), join."""
@@ -405,13 +388,12 @@ class HttpsServer:
             with binding(self.role, self.host, self._port):
                 self._port = loop.run_until_complete(server.start(self.host, self._port, self.ssl_ctx))
         except BaseException as exc:  # reported to start()'s caller
-            self._failure = exc
             loop.run_until_complete(self.app.cleanup())
             loop.close()
-            self._ready.set()
+            self._failed(exc)
             return
-        self._loop, self.server = loop, server
-        self._ready.set()
+        self.server = server
+        self._listening(loop)
         log.info("ETSI key delivery listening on https://%s:%d", self.host, self._port)
         try:
             loop.run_forever()

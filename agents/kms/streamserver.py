@@ -38,13 +38,13 @@ import asyncio
 import functools
 import logging
 import ssl
-import threading
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sdqkd.agents.kms.loopthread import LoopThread
 from sdqkd.listen import binding, is_loopback
 from sdqkd.pki import sae_id_of
 
@@ -165,13 +165,15 @@ class Connection:
 Handler = Callable[[Connection], Awaitable[None]]
 
 
-class StreamServer:
+class StreamServer(LoopThread):
     """Serves `handler` on host:port from a thread of its own (port 0: any free one).
 
     `ssl_ctx` None means plain TCP, allowed on a loopback address only: there the
     operator trusts every local process, elsewhere anyone on the network could claim
     any SAE.
     """
+
+    thread_prefix = "stream"
 
     def __init__(self, handler: Handler, host: str, port: int, ssl_ctx: ssl.SSLContext | None, *,
                  limits: Limits = Limits(), role: str = "key delivery") -> None:
@@ -181,35 +183,15 @@ class StreamServer:
             raise ValueError(f"{role}: the TLS context must require a client certificate")
         self.handler, self.host, self._port, self.ssl_ctx = handler, host, port, ssl_ctx
         self.limits, self.role = limits, role
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._failure: BaseException | None = None
+        self._init_thread()
         self._stopping: asyncio.Event | None = None
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # open connections
         self._executor: ThreadPoolExecutor | None = None
 
     @property
-    def port(self) -> int:
-        """The bound port (known once start() returned)."""
-        return self._port
-
-    @property
     def connections(self) -> int:
         """Connections open now (for tests and health)."""
         return len(self._tasks)
-
-    def start(self, timeout: float = 10.0) -> StreamServer:
-        """Listen, or raise what stopped it (a ListenError naming `role`); returns self."""
-        name = f"stream-{self.role}-{self.host}:{self._port}"
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"{self.role} server on {self.host}:{self._port} did not start in {timeout} s")
-        if self._failure is not None:
-            self._thread.join(timeout)
-            raise self._failure
-        return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop listening, close every connection, join the thread. LKMS calls already
@@ -226,8 +208,7 @@ class StreamServer:
             loop.run_until_complete(self._serve())
         except BaseException as exc:  # reported to start()'s caller when it happens before listening
             if not self._ready.is_set():
-                self._failure = exc
-                self._ready.set()
+                self._failed(exc)
             else:
                 log.error("%s server stopped on %s", self.role, type(exc).__name__)
         finally:
@@ -245,8 +226,7 @@ class StreamServer:
         with binding(self.role, self.host, self._port):
             server = await loop.create_server(protocol, self.host, self._port, reuse_address=True)
         self._port = server.sockets[0].getsockname()[1]
-        self._loop = loop
-        self._ready.set()
+        self._listening(loop)
         log.info("%s listening on %s://%s:%d", self.role, "tls" if self.ssl_ctx else "tcp", self.host, self._port)
         try:
             await self._stopping.wait()
