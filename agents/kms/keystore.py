@@ -743,9 +743,14 @@ class KeyStore:
             row = self._db.execute("SELECT data FROM streams WHERE ksid = ?", (ksid,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def list_streams(self) -> list[dict[str, Any]]:
+    def list_streams(self, prefix: str | None = None) -> list[dict[str, Any]]:
+        """Every stream record, or those whose key starts with `prefix` (an index range scan)."""
         with self._lock:
-            rows = self._db.execute("SELECT data FROM streams").fetchall()
+            if prefix is None:
+                rows = self._db.execute("SELECT data FROM streams").fetchall()
+            else:
+                rows = self._db.execute("SELECT data FROM streams WHERE ksid >= ? AND ksid < ?",
+                                        (prefix, prefix + "\U0010ffff")).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def delete_stream(self, ksid: str) -> None:

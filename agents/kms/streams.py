@@ -92,7 +92,7 @@ class Streams:
         """The stream `ksid` the caller is an open end of here, and which end; else status 4.
         Records are per (KSID, source): a KSID someone else chose for a stream of their own
         is another stream."""
-        found = [(rec, end) for rec in self._records() if rec["ksid"] == ksid
+        found = [(rec, end) for rec in self.k.store.list_streams(prefix=f"{ksid}|") if rec["ksid"] == ksid
                  for end, sae in (("src", rec["source"]), ("dst", rec["destination"]))
                  if rec.get(f"{end}_open") and rec.get(f"{end}_kme") == self._me and (caller is None or caller == sae)]
         if len(found) != 1:
