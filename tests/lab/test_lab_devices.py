@@ -100,7 +100,12 @@ def test_real_device_link_relays_an_application_key(vendor) -> None:
         while launcher.status("site", root)["links"][0]["status"] == "ACTIVE":
             assert time.monotonic() < deadline, "the link stayed ACTIVE without its device"
             time.sleep(0.5)
-        failures.start("VA", "vendor", root)
+        failures.start("VA", "vendor", root)  # the driver finds its device again
+        deadline = time.monotonic() + 60
+        while launcher.status("site", root)["links"][0]["status"] != "ACTIVE":
+            assert time.monotonic() < deadline, "the link did not come back with its device"
+            time.sleep(0.5)
+        assert keys.get(data, "SA", "SB").key_id != res.key_id
     finally:
         launcher.down("site", root)
 
