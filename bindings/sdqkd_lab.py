@@ -1871,7 +1871,12 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
   the container is represented as a class variable - with a specific
   YANG type.
 
-  YANG Description: A real module whose keys come from its ETSI 014 interface.
+  YANG Description: A real module whose keys come from its ETSI 014 interface:
+the agent gets an ETSI 014 driver instead of the emulator.
+Its link is a fixed link to the peer device of its pair (the
+other end has a device too); the files are PEM, relative
+names from the topology file's folder, the key its owner's
+only (lab check).
   """
   __slots__ = ('_path_helper', '_extmethods', '__url','__sae_id','__peer_sae_id','__ca_certificate','__certificate','__private_key',)
 
@@ -1960,7 +1965,8 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     """
     Getter method for sae_id, mapped from YANG variable /lab/node/qkd_interface/device/sae_id (string)
 
-    YANG Description: SAE ID the agent uses towards the device.
+    YANG Description: SAE ID the agent uses towards the device: the peer end's
+peer-sae-id.
     """
     return self.__sae_id
       
@@ -1972,7 +1978,8 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_sae_id() directly.
 
-    YANG Description: SAE ID the agent uses towards the device.
+    YANG Description: SAE ID the agent uses towards the device: the peer end's
+peer-sae-id.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -1997,7 +2004,8 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     """
     Getter method for peer_sae_id, mapped from YANG variable /lab/node/qkd_interface/device/peer_sae_id (string)
 
-    YANG Description: SAE ID of the peer module's agent.
+    YANG Description: SAE ID of the peer module's agent at its device: the
+peer end's sae-id.
     """
     return self.__peer_sae_id
       
@@ -2009,7 +2017,8 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_peer_sae_id() directly.
 
-    YANG Description: SAE ID of the peer module's agent.
+    YANG Description: SAE ID of the peer module's agent at its device: the
+peer end's sae-id.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -2034,7 +2043,8 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     """
     Getter method for ca_certificate, mapped from YANG variable /lab/node/qkd_interface/device/ca_certificate (string)
 
-    YANG Description: PEM file of the CA that signs the device's certificate.
+    YANG Description: PEM file of the CA that signs the device's certificate
+(needed: lab check).
     """
     return self.__ca_certificate
       
@@ -2046,7 +2056,8 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_ca_certificate() directly.
 
-    YANG Description: PEM file of the CA that signs the device's certificate.
+    YANG Description: PEM file of the CA that signs the device's certificate
+(needed: lab check).
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -2071,7 +2082,7 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     """
     Getter method for certificate, mapped from YANG variable /lab/node/qkd_interface/device/certificate (string)
 
-    YANG Description: PEM file of the agent's client certificate.
+    YANG Description: PEM file of the agent's client certificate (needed).
     """
     return self.__certificate
       
@@ -2083,7 +2094,7 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_certificate() directly.
 
-    YANG Description: PEM file of the agent's client certificate.
+    YANG Description: PEM file of the agent's client certificate (needed).
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -2108,7 +2119,7 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     """
     Getter method for private_key, mapped from YANG variable /lab/node/qkd_interface/device/private_key (string)
 
-    YANG Description: PEM file of the agent's client key.
+    YANG Description: PEM file of the agent's client key (needed; mode 600).
     """
     return self.__private_key
       
@@ -2120,7 +2131,7 @@ class yc_device_sdqkd_lab__lab_node_qkd_interface_device(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_private_key() directly.
 
-    YANG Description: PEM file of the agent's client key.
+    YANG Description: PEM file of the agent's client key (needed; mode 600).
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -2400,7 +2411,12 @@ class yc_qkd_interface_sdqkd_lab__lab_node_qkd_interface(PybindBase):
     """
     Getter method for device, mapped from YANG variable /lab/node/qkd_interface/device (container)
 
-    YANG Description: A real module whose keys come from its ETSI 014 interface.
+    YANG Description: A real module whose keys come from its ETSI 014 interface:
+the agent gets an ETSI 014 driver instead of the emulator.
+Its link is a fixed link to the peer device of its pair (the
+other end has a device too); the files are PEM, relative
+names from the topology file's folder, the key its owner's
+only (lab check).
     """
     return self.__device
       
@@ -2412,7 +2428,12 @@ class yc_qkd_interface_sdqkd_lab__lab_node_qkd_interface(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_device() directly.
 
-    YANG Description: A real module whose keys come from its ETSI 014 interface.
+    YANG Description: A real module whose keys come from its ETSI 014 interface:
+the agent gets an ETSI 014 driver instead of the emulator.
+Its link is a fixed link to the peer device of its pair (the
+other end has a device too); the files are PEM, relative
+names from the topology file's folder, the key its owner's
+only (lab check).
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)

@@ -246,6 +246,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
                 "role": _role(lab, np.name, i),
                 "service_port": np.service_ports[int(i["id"])],
                 **({"device": i["attachment"]["switch"], "port": int(i["attachment"]["port"])} if i.get("attachment", {}).get("switch") else {}),
+                **({"driver": "qkd-etsi014", "etsi014": etsi014_device(i["device"])} if i.get("device") else {}),
             }
             for i in node.get("qkd-interface", [])
         ],
@@ -272,6 +273,15 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
         },
         **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
     }
+
+
+def etsi014_device(device: dict[str, Any]) -> dict[str, Any]:
+    """A topology `device` as the agent's ETSI 014 driver config (agents/config.py
+    Etsi014DeviceConf): the agent is SAE `sae-id` at its device and asks it for the keys it
+    shares with `peer-sae-id`, the peer agent's SAE at the peer device. The files are the
+    operator's (lab check made sure they are readable and the key private), used in place."""
+    return {"url": str(device["url"]).rstrip("/"), "sae_id": device["sae-id"], "peer_sae_id": device["peer-sae-id"],
+            "ca": device["ca-certificate"], "cert": device["certificate"], "key": device["private-key"]}
 
 
 def resolved_profile(topo: dict[str, Any], node: str, qkdi_id: int, name: str) -> QkdProfile:

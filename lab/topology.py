@@ -103,7 +103,23 @@ def load(path: str | Path) -> dict[str, Any]:
         raise TopologyError([Problem("", f"not a JSON or XML instance: {exc}", "parse")]) from None
     if not isinstance(data, dict):
         raise TopologyError([Problem("", "a JSON object is expected", "parse")])
-    return decode(data)
+    return resolve_device_files(decode(data), path.parent)
+
+
+DEVICE_FILES = ("ca-certificate", "certificate", "private-key")  # a real device's mutual TLS
+
+
+def resolve_device_files(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative certificate and key paths of real devices, made absolute from the topology
+    file's folder: the lab keeps a copy of the topology elsewhere, and agents start elsewhere."""
+    for node in _entries(_lab(data), "node"):
+        for qi in _entries(node, "qkd-interface"):
+            dev = qi.get("device")
+            if isinstance(dev, dict):
+                for leaf in DEVICE_FILES:
+                    if isinstance(dev.get(leaf), str) and dev[leaf] and not Path(dev[leaf]).is_absolute():
+                        dev[leaf] = str((base / dev[leaf]).resolve())
+    return data
 
 
 def load_valid(path: str | Path) -> dict[str, Any]:
@@ -552,6 +568,76 @@ def check_qrng(lab: Mapping[str, Any], ix: _Index) -> Found:
             yield _at("node", node["name"], "qrng", "rate"), "an emulated QRNG needs its rate (bit/s)"
 
 
+def _device_file(leaf: str, value: Any) -> str | None:
+    """Why a device's certificate, CA or key file cannot serve the agent, or None. The key
+    must be its owner's alone, as every key file the lab writes."""
+    path = Path(str(value))
+    try:
+        mode = path.stat().st_mode
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        return f"{leaf} {_q(value)} cannot be read: {exc.strerror or exc}"
+    if not path.is_file():
+        return f"{leaf} {_q(value)} is not a file"
+    if leaf == "private-key" and mode & 0o077:
+        return f"private-key {_q(value)} is open to others (mode {mode & 0o777:o}): chmod 600 it"
+    return None
+
+
+def check_devices(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """A real device (an interface's `device`) is reached over its ETSI 014 API with mutual
+    TLS: an https URL, two different SAE IDs, a CA, a client certificate and a private key
+    (readable, the key private). Its link is fixed (the device pairs with one peer device),
+    so it is in one link and in no switch."""
+    linked = {ix.endpoint(ep) for link in ix.links.values() for ep in _seq(link, "endpoints")}
+    for (node, qid), qi in ix.ifaces.items():
+        dev = _sub(qi, "device")
+        if not qi.get("device"):
+            continue
+        at = _iface_at(node, qid, "device")
+        if not str(dev.get("url", "")).lower().startswith("https://"):
+            yield f"{at}/url", f"url {_q(dev.get('url'))}: a device's ETSI 014 API is https://host:port"
+        if dev.get("sae-id") == dev.get("peer-sae-id"):
+            yield f"{at}/peer-sae-id", f"peer-sae-id is this end's own sae-id {_q(dev.get('sae-id'))}"
+        for leaf in DEVICE_FILES:
+            if not dev.get(leaf):
+                yield f"{at}/{leaf}", f"a device needs its {leaf} (PEM file) for the agent's mutual TLS with it"
+                continue
+            why = _device_file(leaf, dev[leaf])
+            if why:
+                yield f"{at}/{leaf}", why
+        if _sub(qi, "attachment").get("switch"):
+            yield (_iface_at(node, qid, "attachment"),
+                   "a real device pairs with one peer device: its link is fixed, not switched")
+        elif (node, qid) not in linked:
+            yield at, "a real device needs the link to its peer device (a link with both as endpoints)"
+
+
+def check_device_links(lab: Mapping[str, Any], ix: _Index) -> Found:
+    """Both ends of a link are emulated, or both are real devices of one pair: each end's
+    sae-id is the other's peer-sae-id (the devices' key stream joins those two SAEs)."""
+    for link in ix.links.values():
+        eps = [str(ep) for ep in _seq(link, "endpoints")]
+        ends = [ix.endpoint(ep) for ep in eps]
+        if len(ends) != 2 or any(e not in ix.ifaces for e in ends):
+            continue
+        devs = [_sub(ix.ifaces[e], "device") if ix.ifaces[e].get("device") else None for e in ends]  # type: ignore[index]
+        at = _at("link", link["name"], "endpoints")
+        if (devs[0] is None) != (devs[1] is None):
+            real, emu = (eps[0], eps[1]) if devs[0] is not None else (eps[1], eps[0])
+            yield at, (f"{_q(real)} is a real device but {_q(emu)} is emulated: "
+                       "both ends of a link are real devices of one pair, or both emulated")
+        elif devs[0] is not None and devs[1] is not None:
+            a, b = devs
+            if a.get("sae-id") == a.get("peer-sae-id") or b.get("sae-id") == b.get("peer-sae-id"):
+                continue  # reported by devices
+            if a.get("sae-id") != b.get("peer-sae-id") or a.get("peer-sae-id") != b.get("sae-id"):
+                yield at, (f"the devices are not one pair: {_q(eps[0])} is SAE {_q(a.get('sae-id'))} towards "
+                           f"{_q(a.get('peer-sae-id'))}, {_q(eps[1])} is SAE {_q(b.get('sae-id'))} towards "
+                           f"{_q(b.get('peer-sae-id'))}")
+
+
 def check_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
     """The lab's fixed port ranges (one NETCONF, KMS, ETSI 004 JSON and relay port per node, one service
     port per QKD interface from relay base + 100, one ETSI 004 binary port per node from
@@ -617,6 +703,8 @@ CHECKS: tuple[tuple[str, Callable[[Mapping[str, Any], _Index], Found]], ...] = (
     ("coexistence", check_coexistence),
     ("identities", check_identities),
     ("qrng", check_qrng),
+    ("devices", check_devices),
+    ("device-links", check_device_links),
     ("ports", check_ports),
     ("key-links", check_key_links),
 )
