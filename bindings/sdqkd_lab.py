@@ -534,7 +534,7 @@ class yc_profile_sdqkd_lab__lab_profile(PybindBase):
   YANG Description: A kind of QKD module: what a vendor's device does, as data for
 the emulator. Nodes' QKD interfaces name a profile.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__name','__vendor','__model','__technology','__protocol','__band','__wavelength_range','__role_support','__max_absorption','__symbol_rate','__reference_skr','__reference_loss','__loss_exponent','__qber','__qber_noise','__qber_threshold','__classical_penalty','__mtbf',)
+  __slots__ = ('_path_helper', '_extmethods', '__name','__vendor','__model','__technology','__protocol','__band','__wavelength_range','__role_support','__max_absorption','__symbol_rate','__reference_skr','__reference_loss','__loss_exponent','__qber','__qber_noise','__qber_threshold','__classical_penalty','__loss_limit','__span_penalty','__max_skr','__mtbf',)
 
   _yang_name = 'profile'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -563,6 +563,9 @@ the emulator. Nodes' QKD interfaces name a profile.
     self.__qber_noise = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..50']}), default=Decimal(0.3), is_leaf=True, yang_name="qber-noise", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='decimal64', is_config=True)
     self.__qber_threshold = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..50']}), default=Decimal(11.0), is_leaf=True, yang_name="qber-threshold", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='decimal64', is_config=True)
     self.__classical_penalty = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), default=Decimal(0.5), is_leaf=True, yang_name="classical-penalty", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+    self.__loss_limit = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), is_leaf=True, yang_name="loss-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+    self.__span_penalty = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), default=Decimal(0.0), is_leaf=True, yang_name="span-penalty", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+    self.__max_skr = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..max']}), is_leaf=True, yang_name="max-skr", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='key-rate', is_config=True)
     self.__mtbf = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="mtbf", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
 
     load = kwargs.pop("load", None)
@@ -1236,6 +1239,145 @@ the fibre in the same band (Raman and leakage noise).
     self.__classical_penalty = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), default=Decimal(0.5), is_leaf=True, yang_name="classical-penalty", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
 
 
+  def _get_loss_limit(self):
+    """
+    Getter method for loss_limit, mapped from YANG variable /lab/profile/loss_limit (loss-db)
+
+    YANG Description: CV only: the loss at which the asymptotic key rate of a
+one-span path reaches zero (the excess noise uses up the
+reverse-reconciliation margin). When present the rate
+follows the CV form
+  x = A * T^loss-exponent * (1 - T_lim / T),
+  SKR = x / (1 + x / max-skr),
+with T = 10^(-loss/10), T_lim = 10^(-limit/10),
+limit = loss-limit - span-penalty * (spans - 1), and A such
+that the rate at reference-loss is reference-skr. Must be
+above reference-loss. Absent: the plain power law of
+loss-exponent (DV).
+    """
+    return self.__loss_limit
+      
+  def _set_loss_limit(self, v, load=False):
+    """
+    Setter method for loss_limit, mapped from YANG variable /lab/profile/loss_limit (loss-db)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_loss_limit is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_loss_limit() directly.
+
+    YANG Description: CV only: the loss at which the asymptotic key rate of a
+one-span path reaches zero (the excess noise uses up the
+reverse-reconciliation margin). When present the rate
+follows the CV form
+  x = A * T^loss-exponent * (1 - T_lim / T),
+  SKR = x / (1 + x / max-skr),
+with T = 10^(-loss/10), T_lim = 10^(-limit/10),
+limit = loss-limit - span-penalty * (spans - 1), and A such
+that the rate at reference-loss is reference-skr. Must be
+above reference-loss. Absent: the plain power law of
+loss-exponent (DV).
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), is_leaf=True, yang_name="loss-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """loss_limit must be of a type compatible with loss-db""",
+          'defined-type': "sdqkd-lab:loss-db",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), is_leaf=True, yang_name="loss-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)""",
+        })
+
+    self.__loss_limit = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_loss_limit(self):
+    self.__loss_limit = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), is_leaf=True, yang_name="loss-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+
+
+  def _get_span_penalty(self):
+    """
+    Getter method for span_penalty, mapped from YANG variable /lab/profile/span_penalty (loss-db)
+
+    YANG Description: CV only: how much each further fibre span of a switched
+path (a switch and two fixed-mux passes, adding excess
+noise) lowers loss-limit.
+    """
+    return self.__span_penalty
+      
+  def _set_span_penalty(self, v, load=False):
+    """
+    Setter method for span_penalty, mapped from YANG variable /lab/profile/span_penalty (loss-db)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_span_penalty is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_span_penalty() directly.
+
+    YANG Description: CV only: how much each further fibre span of a switched
+path (a switch and two fixed-mux passes, adding excess
+noise) lowers loss-limit.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), default=Decimal(0.0), is_leaf=True, yang_name="span-penalty", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """span_penalty must be of a type compatible with loss-db""",
+          'defined-type': "sdqkd-lab:loss-db",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), default=Decimal(0.0), is_leaf=True, yang_name="span-penalty", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)""",
+        })
+
+    self.__span_penalty = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_span_penalty(self):
+    self.__span_penalty = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..100']}), default=Decimal(0.0), is_leaf=True, yang_name="span-penalty", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='loss-db', is_config=True)
+
+
+  def _get_max_skr(self):
+    """
+    Getter method for max_skr, mapped from YANG variable /lab/profile/max_skr (key-rate)
+
+    YANG Description: Post-processing (error-correction) throughput: the key rate
+the module cannot exceed however short the link. Must be
+above reference-skr; no cap when absent.
+    """
+    return self.__max_skr
+      
+  def _set_max_skr(self, v, load=False):
+    """
+    Setter method for max_skr, mapped from YANG variable /lab/profile/max_skr (key-rate)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_max_skr is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_max_skr() directly.
+
+    YANG Description: Post-processing (error-correction) throughput: the key rate
+the module cannot exceed however short the link. Must be
+above reference-skr; no cap when absent.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..max']}), is_leaf=True, yang_name="max-skr", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='key-rate', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """max_skr must be of a type compatible with key-rate""",
+          'defined-type': "sdqkd-lab:key-rate",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..max']}), is_leaf=True, yang_name="max-skr", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='key-rate', is_config=True)""",
+        })
+
+    self.__max_skr = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_max_skr(self):
+    self.__max_skr = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['0..max']}), is_leaf=True, yang_name="max-skr", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='key-rate', is_config=True)
+
+
   def _get_mtbf(self):
     """
     Getter method for mtbf, mapped from YANG variable /lab/profile/mtbf (uint32)
@@ -1289,10 +1431,13 @@ the fibre in the same band (Raman and leakage noise).
   qber_noise = __builtin__.property(_get_qber_noise, _set_qber_noise)
   qber_threshold = __builtin__.property(_get_qber_threshold, _set_qber_threshold)
   classical_penalty = __builtin__.property(_get_classical_penalty, _set_classical_penalty)
+  loss_limit = __builtin__.property(_get_loss_limit, _set_loss_limit)
+  span_penalty = __builtin__.property(_get_span_penalty, _set_span_penalty)
+  max_skr = __builtin__.property(_get_max_skr, _set_max_skr)
   mtbf = __builtin__.property(_get_mtbf, _set_mtbf)
 
 
-  _pyangbind_elements = OrderedDict([('name', name), ('vendor', vendor), ('model', model), ('technology', technology), ('protocol', protocol), ('band', band), ('wavelength_range', wavelength_range), ('role_support', role_support), ('max_absorption', max_absorption), ('symbol_rate', symbol_rate), ('reference_skr', reference_skr), ('reference_loss', reference_loss), ('loss_exponent', loss_exponent), ('qber', qber), ('qber_noise', qber_noise), ('qber_threshold', qber_threshold), ('classical_penalty', classical_penalty), ('mtbf', mtbf), ])
+  _pyangbind_elements = OrderedDict([('name', name), ('vendor', vendor), ('model', model), ('technology', technology), ('protocol', protocol), ('band', band), ('wavelength_range', wavelength_range), ('role_support', role_support), ('max_absorption', max_absorption), ('symbol_rate', symbol_rate), ('reference_skr', reference_skr), ('reference_loss', reference_loss), ('loss_exponent', loss_exponent), ('qber', qber), ('qber_noise', qber_noise), ('qber_threshold', qber_threshold), ('classical_penalty', classical_penalty), ('loss_limit', loss_limit), ('span_penalty', span_penalty), ('max_skr', max_skr), ('mtbf', mtbf), ])
 
 
 class yc_sae_sdqkd_lab__lab_node_sae(PybindBase):

@@ -130,6 +130,6 @@ def _set_up(topo: Topology, profiles: dict[str, QkdProfile], tx: str, rx: str) -
         switches[sw] = dataclasses.replace(s, cross_connects=(*s.cross_connects, (min(pin, pout), max(pin, pout))))
     links = dict(topo.links)
     lid = f"qkdl-cv-{tx.lower()}-{rx.lower()}"
-    links[lid] = QkdLink(lid, *t, *r, skr=round(secret_key_rate(profile, path.loss_db, classical), 3),
+    links[lid] = QkdLink(lid, *t, *r, skr=round(secret_key_rate(profile, path.loss_db, classical, spans=len(path.fibres)), 3),
                          channel=path.channel, fibres=path.fibres)
     return topo.replace(fibres=fibres, switches=switches, links=links)

@@ -274,11 +274,12 @@ class EmulatedQkdModule(QkdModule):
         qber = physics.sample_qber(p, ch.loss_db, classical, self._rng)
         if crosstalk:
             qber = min(DARK_QBER, qber + CROSSTALK_QBER)
-        reason = physics.no_key_reason(p, ch.loss_db, qber, crosstalk, budget)
+        spans = max(1, len(ch.fibres))  # a switched CV path: one span per fibre (profile.py)
+        reason = physics.no_key_reason(p, ch.loss_db, qber, crosstalk, budget, classical, spans)
         if reason is not None:
             return 0, qber, reason
         return physics.distilled_bits(p, ch.loss_db, classical, qber, seconds, self._rng,
-                                      budget_db=budget), qber, None
+                                      budget_db=budget, spans=spans), qber, None
 
     # --- internals: transmitter -----------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import pytest
 
 from sdqkd.agents.emulation.profile import (
     BUILTIN_PROFILES, QkdProfile, calibrate, can_make_key, distilled_bits, mean_qber,
-    no_key_reason, parse_wavelength_range, sample_qber, secret_key_rate,
+    no_key_reason, parse_wavelength_range, sample_qber, secret_key_rate, span_loss_limit,
 )
 
 TOSHIBA = BUILTIN_PROFILES["toshiba-bb84-o"]
@@ -34,7 +34,10 @@ def test_no_key_beyond_max_absorption() -> None:
 def test_classical_channels_in_band_lower_rate_and_raise_qber() -> None:
     clean = secret_key_rate(HUAWEI, 11.8)
     noisy = secret_key_rate(HUAWEI, 11.8, same_band_classical=4)
-    assert noisy == pytest.approx(clean * 10 ** (-HUAWEI.classical_penalty * 4 / 10))
+    # each classical channel is an equivalent loss (on the CV curve as on the DV power law)
+    assert noisy == pytest.approx(secret_key_rate(HUAWEI, 11.8 + HUAWEI.classical_penalty * 4)) and noisy < clean
+    cer = BUILTIN_PROFILES["idq-cerberis3-c"]
+    assert secret_key_rate(cer, 7.47, 4) == pytest.approx(secret_key_rate(cer, 7.47) * 10 ** (-cer.classical_penalty * 4 / 10))
     assert mean_qber(HUAWEI, 11.8, 4) > mean_qber(HUAWEI, 11.8, 0)
     assert secret_key_rate(HUAWEI, 11.8, crosstalk=True) == 0
 
@@ -109,3 +112,39 @@ def test_channels_and_roles() -> None:
     assert set(BUILTIN_PROFILES) >= {"idq-cerberis3-o", "idq-cerberis3-c", "toshiba-bb84-o",
                                      "huawei-cv-c", "heqa-dv-o", "ait-cv-qpsk"}
     assert HUAWEI.max_absorption == 23.0
+
+
+def test_dv_profiles_keep_the_power_law() -> None:
+    """Profiles without the CV leaves (loss-limit, max-skr) follow the old model exactly."""
+    for prof in BUILTIN_PROFILES.values():
+        if prof.loss_limit is None and prof.max_skr is None:
+            assert span_loss_limit(prof, 3) is None
+            for loss in (1.0, prof.reference_loss + 3.0):
+                want = prof.reference_skr * 1000 * 10 ** (-prof.loss_exponent * (loss - prof.reference_loss) / 10)
+                assert secret_key_rate(prof, loss) == pytest.approx(want)
+                assert secret_key_rate(prof, loss, spans=4) == secret_key_rate(prof, loss)
+    assert HUAWEI.loss_limit is not None and HUAWEI.max_skr is not None
+
+
+def test_cv_form_limit_spans_cap_and_calibration() -> None:
+    limit = HUAWEI.loss_limit
+    assert span_loss_limit(HUAWEI, 1) == limit and span_loss_limit(HUAWEI, 2) == limit - HUAWEI.span_penalty
+    # more spans, less key at the same loss (each switched span adds excess noise)
+    assert secret_key_rate(HUAWEI, 15.0, spans=1) > secret_key_rate(HUAWEI, 15.0, spans=2) > \
+        secret_key_rate(HUAWEI, 15.0, spans=3) > 0
+    assert secret_key_rate(HUAWEI, 0.0) < HUAWEI.max_skr * 1000
+    # calibration keeps the shape and lands on the measured point, also over a classical penalty
+    cal = calibrate(HUAWEI, 10.0, 9.0, same_band_classical=2)
+    assert secret_key_rate(cal, 10.0, 2) == pytest.approx(9000)
+    assert (cal.loss_limit, cal.span_penalty, cal.max_skr, cal.loss_exponent) == \
+        (HUAWEI.loss_limit, HUAWEI.span_penalty, HUAWEI.max_skr, HUAWEI.loss_exponent)
+    # a measured rate over the throughput cap lifts it (the device did better)
+    fast = calibrate(HUAWEI, 3.0, 15.0)
+    assert fast.max_skr == 30.0 and secret_key_rate(fast, 3.0) == pytest.approx(15000)
+    # the YANG leaves round-trip and are checked
+    assert QkdProfile.from_dict(HUAWEI.to_dict()) == HUAWEI
+    assert {"loss-limit", "span-penalty", "max-skr"} <= set(HUAWEI.to_dict())
+    with pytest.raises(ValueError) as err:
+        QkdProfile.from_dict({**HUAWEI.to_dict(), "loss-limit": "5.0", "max-skr": "1.0"})
+    assert "loss-limit must be above reference-loss" in str(err.value)
+    assert "max-skr must be above reference-skr" in str(err.value)

@@ -381,3 +381,38 @@ def test_switched_c_band_link_follows_switches_and_wavelength(tmp_path: Path) ->
         for sw in switches:
             sw.close()
         lab.close()
+
+
+CHAIN = {  # alice -> carol -> dave -> bob through four switches: a 3-span switched CV path
+    "name": "c",
+    "switch": [{"name": f"sw{n}", "node": n, "ports": 4, "insertion-loss": "0.5"} for n in ("alice", "carol", "dave", "bob")],
+    "node": [{"name": "alice", "qkd-interface": [{"id": 1, "profile": "cv", "attachment": {"switch": "swalice", "port": 1}}]},
+             {"name": "bob", "qkd-interface": [{"id": 1, "profile": "cv", "attachment": {"switch": "swbob", "port": 1}}]},
+             {"name": "carol"}, {"name": "dave"}],
+    "fibre": [{"name": f"f{i}", "length": "8", "loss": "4", "a-end": {"node": a, "switch": f"sw{a}", "port": 2},
+               "b-end": {"node": b, "switch": f"sw{b}", "port": 3}}
+              for i, (a, b) in enumerate((("alice", "carol"), ("carol", "dave"), ("dave", "bob")))],
+}
+
+
+def test_multi_span_cv_path_over_its_loss_limit_goes_passive(tmp_path: Path) -> None:
+    """14 dB over three switched spans: within the 23 dB budget, but over the loss limit that
+    the spans' excess noise leaves (20 - 2 x 4 = 12 dB), so no key and the reason says why."""
+    cv = QkdProfile.from_dict({**BUILTIN_PROFILES["huawei-cv-c"].to_dict(), "name": "cv", "reference-loss": "5",
+                               "loss-limit": "20", "span-penalty": "4"})
+    lab = Lab(tmp_path, CHAIN)
+    try:
+        for name, pairs in (("swalice", {1: 2}), ("swcarol", {3: 2}), ("swdave", {3: 2}), ("swbob", {3: 1})):
+            for pa, pb in pairs.items():
+                lab.plant.set_cross_connects(name, {pa: pb})
+        ch = lab.plant.trace("alice", 1, wavelength=37)
+        assert (ch.peer_node, len(ch.fibres), ch.loss_db) == ("bob", 3, pytest.approx(14.0))
+        a = lab.module("alice", "TRANSMITTER", profile=cv)
+        b = lab.module("bob", "RECEIVER", profile=cv)
+        configure(b, link(QAB, "bob", "alice", "RECEIVER", phys_wavelength="37"))
+        configure(a, link(QAB, "alice", "bob", "TRANSMITTER", phys_wavelength="37"))
+        wait_for(lambda: status(a) == "PASSIVE")
+        assert a.module.state()["links"][QAB]["reason"] == "loss 14.00 dB at or over the loss limit 12.00 dB of a 3-span path"
+        assert not b.keys
+    finally:
+        lab.close()
