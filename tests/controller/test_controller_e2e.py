@@ -14,35 +14,23 @@ import httpx
 import pytest
 
 from testlib import wait_for
-from agentproc import AgentProc
+from labnets import ring_topology, start_agents
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller, ControllerError
 from sdqkd.controller.pathcomp.optical import OpticalRequest
 from sdqkd.lab import plan as lab_plan
 
-PROFILE = {"name": "dv", "technology": "etsi-qkd-node-types:DV-QKD", "band": "O-band", "max-absorption": "20.0",
-           "reference-skr": "300.0", "reference-loss": "4.0", "qber": "2.5"}
 RING = ["A", "B", "C", "D"]
 LINK_KEY_LIMIT = 3000  # a link (~1,200 keys/s here) fills its stores in a few seconds
-TOPOLOGY = {"sdqkd-lab:lab": {
-    "name": "ring",
-    "defaults": {"link-key-limit": LINK_KEY_LIMIT},
-    "profile": [PROFILE],
-    "node": [{"name": n, "qkd-interface": [{"id": 1, "profile": "dv"}, {"id": 2, "profile": "dv"}], "sae": [{"id": f"sae-{n.lower()}"}]}
-             for n in RING],
-    "fibre": [{"name": f"{a}{b}", "a-end": {"node": a}, "b-end": {"node": b}, "length": "10.0", "loss": "4.0"}
-              for a, b in zip(RING, RING[1:] + RING[:1])],
-    "link": [{"name": f"l-{a}{b}", "endpoints": [f"{a}:1", f"{b}:2"], "path": [f"{a}{b}"]}
-             for a, b in zip(RING, RING[1:] + RING[:1])],
-}}
+TOPOLOGY = ring_topology("ring", RING, **{"link-key-limit": LINK_KEY_LIMIT})
 
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ring")
     plan = lab_plan.make(TOPOLOGY, tmp, free_ports=True)
-    procs = {n: AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start() for n, np in plan.nodes.items()}
+    procs = start_agents(plan)
     cfg_path = lab_plan.write_controller_config(plan)
     yield plan, procs, cfg_path
     for p in procs.values():

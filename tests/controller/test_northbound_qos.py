@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from testlib import wait_for
-from agentproc import AgentProc, free_port
+from agentproc import free_port
+from labnets import DV_PROFILE, dv_nodes, fibres, start_agents
 from sdqkd import pki
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller
@@ -32,17 +33,13 @@ from sdqkd.controller.northbound.servicer import REFUSAL_KEY
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab.labjson import controller_access
 
-PROFILE = {"name": "dv", "technology": "etsi-qkd-node-types:DV-QKD", "band": "O-band", "max-absorption": "20.0",
-           "reference-skr": "300.0", "reference-loss": "4.0", "qber": "2.5"}
 NODES = ["A", "B", "C", "D"]
 EDGES = [("A", "B"), ("B", "C"), ("A", "D"), ("D", "C")]
 TOPOLOGY = {"sdqkd-lab:lab": {
     "name": "diamond",
-    "profile": [PROFILE],
-    "node": [{"name": n, "qkd-interface": [{"id": 1, "profile": "dv"}, {"id": 2, "profile": "dv"}],
-              "sae": [{"id": f"sae-{n.lower()}"}]} for n in NODES],
-    "fibre": [{"name": f"{a}{b}", "a-end": {"node": a}, "b-end": {"node": b}, "length": "10.0", "loss": "4.0"}
-              for a, b in EDGES],
+    "profile": [DV_PROFILE],
+    "node": dv_nodes(NODES),
+    "fibre": fibres(EDGES),
     # every node transmits on interface 1 and receives on 2: A->B->C, D->A, C->D
     "link": [{"name": "l-AB", "endpoints": ["A:1", "B:2"], "path": ["AB"]},
              {"name": "l-BC", "endpoints": ["B:1", "C:2"], "path": ["BC"]},
@@ -79,7 +76,7 @@ class Diamond:
 def diamond(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("diamond")
     plan = lab_plan.make(TOPOLOGY, tmp, free_ports=True)
-    procs = {n: AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start() for n, np in plan.nodes.items()}
+    procs = start_agents(plan)
     cfg = controller_config.load(lab_plan.write_controller_config(plan))
     port = free_port()
     ctl = Controller(cfg)

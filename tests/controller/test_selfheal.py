@@ -26,6 +26,7 @@ import pytest
 
 from testlib import wait_for
 from agentproc import AgentProc, free_port
+from labnets import ring_topology, start_agents
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
@@ -36,21 +37,9 @@ from sdqkd.controller.provisioning import reconcile, txn
 from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, LinkEdit, config_element, present
 from sdqkd.lab import plan as lab_plan
 
-PROFILE = {"name": "dv", "technology": "etsi-qkd-node-types:DV-QKD", "band": "O-band", "max-absorption": "20.0",
-           "reference-skr": "300.0", "reference-loss": "4.0", "qber": "2.5"}
 RING = ["A", "B", "C", "D", "E"]
 HOLD_DOWN = 2.0
-TOPOLOGY = {"sdqkd-lab:lab": {
-    "name": "pentagon",
-    "defaults": {"link-key-limit": 3000},
-    "profile": [PROFILE],
-    "node": [{"name": n, "qkd-interface": [{"id": 1, "profile": "dv"}, {"id": 2, "profile": "dv"}], "sae": [{"id": f"sae-{n.lower()}"}]}
-             for n in RING],
-    "fibre": [{"name": f"{a}{b}", "a-end": {"node": a}, "b-end": {"node": b}, "length": "10.0", "loss": "4.0"}
-              for a, b in zip(RING, RING[1:] + RING[:1])],
-    "link": [{"name": f"l-{a}{b}", "endpoints": [f"{a}:1", f"{b}:2"], "path": [f"{a}{b}"]}
-             for a, b in zip(RING, RING[1:] + RING[:1])],
-}}
+TOPOLOGY = ring_topology("pentagon", RING, **{"link-key-limit": 3000})
 SHORT, DETOUR = ["A", "B", "C"], ["A", "E", "D", "C"]
 
 
@@ -143,7 +132,7 @@ class Net:
 def net(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pentagon")
     plan = lab_plan.make(TOPOLOGY, tmp, free_ports=True)
-    procs = {n: AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start() for n, np in plan.nodes.items()}
+    procs = start_agents(plan)
     cfg = controller_config.load(lab_plan.write_controller_config(plan))
     cfg.heal_interval, cfg.hold_down, cfg.reconcile_interval, cfg.confirm_timeout = 0.5, HOLD_DOWN, 4.0, 20
     ctl = Controller(cfg)
