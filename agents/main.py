@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import signal
 import sys
 
@@ -36,8 +35,7 @@ def run(config_path: str) -> int:
     from sdqkd.agents.netconf.ssh import return_large_blocks_to_the_os
 
     one_malloc_arena()
-    os.umask(private.UMASK)  # what it creates (key stores, logs) is its owner's only
-    private.tighten(config_path)  # a config written readable by others holds a password hash and keys
+    private.private_process(config_path)
     try:
         cfg = agent_config.load(config_path)
     except agent_config.ConfigError as exc:

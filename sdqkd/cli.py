@@ -63,17 +63,6 @@ def proto(check: bool) -> None:
     _regenerate(codegen.generate, codegen.drift, "generated gRPC code is stale: run `sdqkd proto`", check)
 
 
-def _private_process(config_path: str | None = None) -> None:
-    """What this daemon (and the libraries and helpers it runs) creates is for its owner
-    only (key stores, logs, files charon writes): umask 077. Its config holds a password
-    hash or a password and the service key: one written readable by others is tightened."""
-    import os
-
-    os.umask(private.UMASK)
-    if config_path is not None:
-        private.tighten(config_path)
-
-
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Agent config (JSON).")
 def agent(config_path: str) -> None:
@@ -95,7 +84,7 @@ def controller(config_path: str) -> None:
     from sdqkd.controller import config as controller_config
     from sdqkd.controller.daemon import serve
 
-    _private_process(config_path)
+    private.private_process(config_path)
     try:
         cfg = controller_config.load(config_path)
     except ConfigError as exc:
@@ -158,7 +147,7 @@ def lab_up(topology: str, free_ports: bool, lab_dir: str | None) -> None:
 
     console = Console(stderr=True)
     root = _labs(lab_dir)
-    _private_process()
+    private.private_process()
     try:
         data = launcher.up(Path(topology), root, free_ports=free_ports, console=console)
     except lab_topology.TopologyError as exc:

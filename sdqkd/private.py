@@ -22,6 +22,16 @@ DIR_MODE = 0o700
 UMASK = 0o077  # for the daemons: what they (and the libraries they call) create is private too
 
 
+def private_process(config_path: Path | str | None = None) -> None:
+    """For a daemon: what it (and the libraries and helpers it runs) creates is for its
+    owner only (key stores, logs, files charon writes): umask 077. Its config holds a
+    password hash or a password and the service key: one written readable by others is
+    tightened."""
+    os.umask(UMASK)
+    if config_path is not None:
+        tighten(config_path)
+
+
 def private_dir(path: Path | str, *, tighten_existing: bool = True) -> Path:
     """`path` as a directory only its owner can enter: the missing components are created
     0700 (mkdir with the mode: no window), and `path` itself, if it already existed with
