@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms.interface import KmsError, Qos, Stream
 from sdqkd.agents.kms.keystore import Deliverable
+from sdqkd.agents.kms.routes import AppRoute
 
 if TYPE_CHECKING:
     from sdqkd.agents.kms.lkms import Lkms
@@ -63,6 +65,10 @@ class Streams:
     def __init__(self, lkms: Lkms) -> None:
         self.k = lkms
         self.link_rate: Callable[[str], float] | None = None  # PHYS link -> measured secret key rate, bit/s
+        # One GET_KEY at a time per stream: two at once would take the same next index
+        # (two keys for one chunk at the source, one chunk for two callers at the other end).
+        self._busy: dict[str, threading.Lock] = {}
+        self._busy_guard = threading.Lock()
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -87,6 +93,12 @@ class Streams:
 
     def _drop(self, rec: dict[str, Any]) -> None:
         self.k.store.delete_stream(_key(rec["ksid"], rec["source"]))
+        with self._busy_guard:
+            self._busy.pop(_key(rec["ksid"], rec["source"]), None)
+
+    def _serial(self, rec: dict[str, Any]) -> threading.Lock:
+        with self._busy_guard:
+            return self._busy.setdefault(_key(rec["ksid"], rec["source"]), threading.Lock())
 
     def _find(self, caller: str | None, ksid: str) -> tuple[dict[str, Any], str]:
         """The stream `ksid` the caller is an open end of here, and which end; else status 4.
@@ -125,10 +137,9 @@ class Streams:
 
     # --- QoS admission --------------------------------------------------------------------------
 
-    def _capacity(self, source: str, destination: str, qos: Qos) -> float | None:
-        """bit/s the application's paths can give a stream with this QoS now, less what the
-        streams open on them hold; None when not known (no meter on a PHYS path)."""
-        app = self.k._app(source, destination, qos)  # 503 (and the controller asked) when none
+    def _capacity(self, app: AppRoute) -> float | None:
+        """bit/s the application's paths can give a stream now, less what the streams open
+        on them hold; None when not known (no meter on a PHYS path)."""
         total = 0.0
         for path in self.k._paths(app):
             if path.kind == "VIRT":
@@ -152,11 +163,12 @@ class Streams:
         app_id = None
         if self._kme(destination) != self._me:
             try:
-                app_id = self.k._app(source, destination, qos).app_id
+                app = self.k._app(source, destination, qos)  # none: the controller is asked for one
             except KmsError:
                 raise _refuse(NO_QKD_CONNECTION, f"no QKD connection between '{source}' and '{destination}' yet; "
                               "the controller has been asked for one, retry", 503) from None
-            can = self._capacity(source, destination, qos) if qos.min_bps else None
+            app_id = app.app_id
+            can = self._capacity(app) if qos.min_bps else None
             if can is not None:
                 if qos.min_bps > can:
                     counter["min_bps"] = int(can)
@@ -194,6 +206,8 @@ class Streams:
             rec = self._load(ksid, source)
             if rec is not None and (rec["destination"] != destination or rec.get(f"{end}_open") or rec.get(f"{end}_closed")):
                 raise _refuse(KSID_IN_USE, "key_stream_id is already in use")
+        if rec is not None and dst_kme is not None and rec["dst_kme"] != dst_kme:
+            raise _refuse(NO_QKD_CONNECTION, "the stream's destination is at another KME")
         if rec is None:
             granted, app_id = self._admit(source, destination, qos)
             rec = {"ksid": ksid or str(uuid.uuid4()), "source": source, "destination": destination, "qos": asdict(granted),
@@ -225,7 +239,12 @@ class Streams:
     # --- GET_KEY -------------------------------------------------------------------------------
 
     def get_key(self, caller: str | None, ksid: str, index: int | None, metadata_size: int | None) -> tuple[int, bytes, bytes]:
-        rec, end = self._find(caller, ksid)
+        rec, _ = self._find(caller, ksid)
+        with self._serial(rec):
+            return self._get_key(caller, ksid, index, metadata_size)
+
+    def _get_key(self, caller: str | None, ksid: str, index: int | None, metadata_size: int | None) -> tuple[int, bytes, bytes]:
+        rec, end = self._find(caller, ksid)  # again, under the stream's lock: the next index is current
         qos = Qos(**rec["qos"])
         idx = rec[f"{end}_next"] if index is None else index
         if idx < rec[f"{end}_next"] and end == "src":
@@ -237,9 +256,10 @@ class Streams:
             raise _refuse(METADATA_SIZE, f"the metadata needs {len(metadata)} bytes", metadata_size=len(metadata))
         deadline = time.monotonic() + qos.timeout / 1000.0
         key = self._chunk_at_source(rec, idx, qos, deadline) if end == "src" else self._chunk_at_destination(rec, idx, qos, deadline)
-        rec = self._load(ksid, rec["source"]) or rec  # a join or close may have landed meanwhile
-        rec[f"{end}_next"] = max(rec.get(f"{end}_next", 0), idx + 1)
-        self._save(rec)
+        now = self._load(ksid, rec["source"])  # a join or close may have landed meanwhile
+        if now is not None:  # (a stream closed meanwhile stays closed)
+            now[f"{end}_next"] = max(now.get(f"{end}_next", 0), idx + 1)
+            self._save(now)
         return idx, key, metadata
 
     def _metadata(self, rec: dict[str, Any], idx: int, qos: Qos) -> bytes:
@@ -384,8 +404,6 @@ class Streams:
                 out: dict[str, Any] = {"ok": False, "status": exc.status004 or NO_QKD_CONNECTION, "error": exc.message}
                 counter = next((d["qos"] for d in exc.details if isinstance(d.get("qos"), dict)), None)
                 return {**out, "qos": counter} if counter else out
-            if rec["dst_kme"] != str(msg["from"]):
-                raise fm.RelayError("the stream's destination is at another KME", 400)
             return {"ok": True, "ksid": rec["ksid"], "qos": rec["qos"], "src_open": bool(rec.get("src_open"))}
         rec = self._load(ksid, source) if ksid else None
         if rec is None or rec["destination"] != destination:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -686,3 +687,19 @@ def test_a_relay_consumed_by_the_peer_whose_answer_fails_is_spent_at_both_ends(n
     assert held_ids(nodes, A, L1) == held_ids(nodes, B, L1)
     monkeypatch.undo()
     relay_and_check(nodes)
+
+
+def test_etsi004_concurrent_get_keys_on_one_stream_take_distinct_chunks(net) -> None:
+    """GET_KEYs of one stream sent at once (an application pipelining): each gets its own
+    index, and the other end gets the same key for each index."""
+    nodes, _ = net
+    qos = Qos(key_chunk_size=32, timeout=5000)
+    stream = nodes[A].open_connect("sa", "sa", "sc", qos, None)
+    nodes[C].open_connect("sc", "sa", "sc", qos, stream.key_stream_id)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: nodes[A].get_key("sa", stream.key_stream_id, None), range(6)))
+    assert sorted(i for i, _, _ in got) == list(range(6))
+    for i, key, _ in got:
+        assert nodes[C].get_key("sc", stream.key_stream_id, i)[:2] == (i, key)
+    nodes[A].close("sa", stream.key_stream_id)
+    nodes[C].close("sc", stream.key_stream_id)
