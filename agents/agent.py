@@ -53,6 +53,7 @@ class Agent:
                                       app, qaas.Context(cfg, lkms, self.qrng, self.hub.publish)))
         self.devices = wiring.build(cfg, key_sink=self.kms.lkms.key_sink, key_room=self.kms.lkms.key_room)
         self.drivers: list[Driver] = self.devices.drivers + ([self.qrng] if self.qrng is not None else [])
+        wiring.attach_qrng_faults(self.qrng, self.devices.plant, cfg.node.name)
         self.kms.lkms.streams.link_rate = lambda qkdl_id: operational.link_rate(self.drivers, qkdl_id)
         self.datastores = Datastores(
             self.models,
@@ -103,7 +104,8 @@ class Agent:
         return self.server.sessions() if self.server else []
 
     def _fill_state(self, data: dict[str, Any]) -> None:
-        operational.fill(data, self.drivers, self.kms.lkms.store.usage)
+        lkms = self.kms.lkms
+        operational.fill(data, self.drivers, lkms.store.usage, stock=lkms.link_stock, delivery=lkms.app_delivery)
 
     def _on_commit(self, changes: list[Any]) -> None:
         if any(c.kind in ("qkd-link", "qkd-app") for c in changes):  # what routes are made of

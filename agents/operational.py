@@ -97,22 +97,35 @@ def qber_perf(qber: float) -> list[dict[str, Any]]:
     return [{"perf_type": identity("QBER"), "value": str(Decimal(str(round(float(qber), 3))))}]
 
 
-def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None) -> None:
+StockOf = Callable[[str], "dict[str, Any] | None"]
+
+
+def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable[[str], list[tuple[int, int, int]]] | None = None,
+         stock: StockOf | None = None, delivery: StockOf | None = None) -> None:
     """Write live state into a copy of running's per-module RFC 7951 JSON (the datastore's
     validated running): a <get> shows what the devices report now. Whatever state a copy
-    holds is replaced, never accumulated."""
+    holds is replaced, never accumulated. stock(qkdl_id) / delivery(app_id): the LKMS's
+    counts for sdqkd-key-stock (None: nothing to say)."""
     node = data.setdefault("etsi-qkd-sdn-node", {}).setdefault("etsi-qkd-sdn-node:qkd_node", {})
     node["qkdn_status"] = identity("OPERATING")
     for app in node.get("qkd_applications", {}).get("qkd_app", []):
         app["app_status"] = identity("ON")
+        app.pop("sdqkd-key-stock:key-delivery", None)
+        got = delivery(str(app["app_id"])) if delivery else None
+        if got is not None:
+            app["sdqkd-key-stock:key-delivery"] = key_delivery(got)
         stats = [{"end_time": _time(end), "start_time": _time(start), "consumed_bits": min(bits, 2**32 - 1)}
                  for start, end, bits in (usage(str(app["app_id"]).lower()) if usage else [])]
         app.setdefault("app_statistics", {})["statistics"] = stats
         if not stats:
             del app["app_statistics"]["statistics"]
     links = {str(lk["qkdl_id"]).lower(): lk for lk in node.get("qkd_links", {}).get("qkd_link", [])}
-    for lk in links.values():
+    for lid, lk in links.items():
         lk.get("qkdl_performance", {}).pop("phys_perf", None)
+        lk.pop("sdqkd-key-stock:key-stock", None)
+        got = stock(lid) if stock else None
+        if got is not None:
+            lk["sdqkd-key-stock:key-stock"] = key_stock(got)
     ifaces = {int(i["qkdi_id"]): i for i in node.get("qkd_interfaces", {}).get("qkd_interface", [])}
     modules, switch_states = _states(drivers)
     for iface in ifaces.values():  # an interface no module serves is down; a module's own says otherwise
@@ -132,6 +145,10 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
                 perf["phys_perf"] = qber_perf(ls["qber"])
             # qkdl_status is configuration in ETSI 015; the device's view wins on <get>.
             entry["qkdl_status"] = identity(ls["status"])
+    qrngs = [st["qrng"] for st in (d.state() for d in drivers if getattr(d, "kind", None) == "qrng")]
+    data.pop("sdqkd-qrng", None)
+    if qrngs:
+        data["sdqkd-qrng"] = {"sdqkd-qrng:qrng": qrng_state(qrngs[0])}
     switches = {sw["name"]: sw for sw in data.get("sdqkd-optical-switch", {})
                 .get("sdqkd-optical-switch:optical-switches", {}).get("switch", [])}
     for st in switch_states:
@@ -152,3 +169,54 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
         sw["port"] = ports
         if not ports:
             del sw["port"]
+
+
+def key_stock(st: dict[str, Any]) -> dict[str, Any]:
+    """sdqkd-key-stock key-stock of a link (uint64 leaves are JSON strings, RFC 7951)."""
+    out = {"stored-keys": str(st["keys"]), "stored-bits": str(st["bits"]), "local-keys": str(st["local"]),
+           "limit-keys": str(st["limit"])}
+    if st.get("key_size"):
+        out["key-size"] = int(st["key_size"])
+    return out
+
+
+def key_delivery(st: dict[str, Any]) -> dict[str, Any]:
+    """sdqkd-key-stock key-delivery of an application."""
+    out = {"key-requests": str(st["requests"]), "keys-delivered": str(st["keys"]), "bits-delivered": str(st["bits"]),
+           "rate": f"{float(st['rate']):.1f}", "rate-window": int(st["window"]), "discontinuity-time": _time(st["since"])}
+    if st.get("available_keys") is not None:
+        out["available-keys"] = str(st["available_keys"])
+        out["available-bits"] = str(st["available_bits"])
+    return out
+
+
+def qrng_state(st: dict[str, Any]) -> dict[str, Any]:
+    """sdqkd-qrng `qrng` from the QRNG driver's state()."""
+    out: dict[str, Any] = {"source": st["source"], "state": st["state"], "state-since": _time(st["since"]),
+                           "degraded-hold": int(st["degraded_hold"]), "bits-generated": str(st["bits_delivered"]),
+                           "failures": int(st["failures"]), "discontinuity-time": _time(st["opened"])}
+    if st.get("reason"):
+        out["message"] = st["reason"]
+    if st.get("rate"):
+        out["rate"] = str(int(st["rate"]))
+    health = st.get("health")
+    if health is not None:
+        out["raw-samples-tested"] = str(health["samples"])
+        tests = []
+        for name, (cutoff, window) in health["cutoffs"].items():
+            t: dict[str, Any] = {"name": name, "cutoff": cutoff, "failures": int(st["tests"].get(name, {}).get("failures", 0))}
+            if window is not None:
+                t["window"] = window
+            seen = st["tests"].get(name)
+            if seen and seen.get("last") is not None:
+                t["last-failure"] = _time(seen["last"])
+                if seen.get("observed") is not None:
+                    t["last-observed"] = int(seen["observed"])
+            tests.append(t)
+        out["health-tests"] = {"min-entropy": f"{health['min_entropy']:.6f}", "false-positive-log2": int(health["alpha_log2"]),
+                               "test": tests, **({"start-up-passed": _time(health["passed_at"])} if health.get("passed_at") else {})}
+    last = st.get("last_failure")
+    if last:
+        out["last-failure"] = {"time": _time(last["time"]), "message": last["message"],
+                               **{k: last[k] for k in ("test", "phase") if last.get(k)}}
+    return out

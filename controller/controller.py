@@ -53,6 +53,7 @@ from sdqkd.controller.provisioning import txn
 from sdqkd.controller.southbound.agent import ETSI_NS, NSMAP, AgentAddress, AgentConnection, ident, qkd_node, text
 from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, Edit, LinkEdit, Plan, present
 from sdqkd.controller.topology import builder
+from sdqkd.controller.topology.delivery import app_delivery
 from sdqkd.controller.topology.model import Topology
 
 log = logging.getLogger(__name__)
@@ -497,6 +498,17 @@ class Controller:
             out.append({"qkdl_id": lid, "a": lk.a if lk else "", "b": lk.b if lk else "",
                         "status": lk.status if lk else "UNKNOWN", "capacity_bps": cap, "reserved_bps": total,
                         "available_bps": max(0.0, cap - total), "reservations": [(h.app_id, h.bps) for h in hs]})
+        return out
+
+    def app_delivery(self, app: svc.Application) -> list[tuple[str, dict[str, Any]]]:
+        """(qkdn_id, counts) of an application's key delivery at its end nodes, from each
+        agent's last read; an end whose agent is down or silent is left out."""
+        out = []
+        for qid in dict.fromkeys((app.src, app.dst)):
+            conn = self.conns.get(qid)
+            got = app_delivery(conn.data, app.app_id) if conn is not None and conn.is_up() else None
+            if got is not None:
+                out.append((qid, got))
         return out
 
     def known_links(self) -> set[str]:

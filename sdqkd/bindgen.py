@@ -36,6 +36,8 @@ BINDING_SETS: tuple[BindingSet, ...] = (
 
 # Modules served without bindings, and why.
 UNBOUND: dict[str, str] = {
+    "sdqkd-key-stock": "state only (config false augments of etsi-qkd-sdn-node, no configuration to bind); "
+    "agents/operational.py states it as JSON and libyang validates and encodes it",
     "ietf-netconf": "the base protocol's operations: libyang checks their parameters (e.g. "
     "confirm-timeout), there is no data to bind",
     "ietf-netconf-with-defaults": "only the <with-defaults> parameter of get, get-config and copy-config "
@@ -45,7 +47,8 @@ UNBOUND: dict[str, str] = {
     "notifications": "RFC 5277 create-subscription only: libyang checks its parameters, there is no data to bind",
     "nc-notifications": "RFC 5277 /netconf/streams (state the agent states as RFC 7951 JSON, libyang encodes "
     "it) and two notifications the hub sends as they are",
-    "sdqkd-qrng": "notifications only (no data to bind); agents/device_notifications.py states them as JSON "
+    "sdqkd-qrng": "notifications and state only (no configuration to bind); agents/device_notifications.py and "
+    "agents/operational.py state them as JSON "
     "and libyang validates and encodes them",
 }
 

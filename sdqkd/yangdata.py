@@ -36,6 +36,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "etsi-qkd-sdn-node": (),
     "sdqkd-optical-switch": (),
     "sdqkd-qrng": (),
+    "sdqkd-key-stock": (),
     "sdqkd-lab": (),
     "ietf-netconf-monitoring": (),
     "notifications": (),  # RFC 5277 create-subscription

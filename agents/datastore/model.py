@@ -92,4 +92,4 @@ class ModelSet:
 @functools.lru_cache(maxsize=None)
 def agent_models() -> ModelSet:
     """The modules whose data every sdqkd agent serves."""
-    return ModelSet(["etsi-qkd-sdn-node", "sdqkd-optical-switch"])
+    return ModelSet(["etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "sdqkd-key-stock"])

@@ -17,6 +17,12 @@ as hardware, not as a constant:
   repeating output, as a real conditioner would.
 - rate: output bits accumulate at `rate` bit/s in the device FIFO (a token bucket of
   `fifo_bits`); `read(n, timeout)` waits for them or raises TimeoutError.
+- continuous sampling: a device's noise source runs whether or not anyone reads, and its
+  health tests with it. While open, a watcher thread draws IDLE_SAMPLES raw samples every
+  WATCH_EVERY s when no read did since its last look (costing the rate model's tokens, about
+  0.05 % of the output), so a fault is found on an idle device too; it also polls
+  `fault_source` (the lab's optical plant, where `sdqkd lab qrng-fail` writes) and injects or
+  repairs what it says.
 - failures: inject_failure("stuck") freezes the raw samples at the last value,
   "biased" pushes P(1) to 0.5 + FAILED_BIAS, both until repair(); "glitch" freezes
   the next GLITCH_SAMPLES samples only (a transient, e.g. a supply dip), then the
@@ -52,9 +58,12 @@ log = logging.getLogger(__name__)
 SOURCES = ("emulated", "os")
 FAILURE_KINDS = ("stuck", "biased", "glitch")
 GLITCH_SAMPLES = 64              # raw samples a "glitch" freezes
+WATCH_EVERY = 0.2                # s between the watcher's looks (fault source, idle sampling)
+IDLE_SAMPLES = 1024              # raw samples the watcher tests on an idle device, each look
 BLOCK_BITS = 256                 # SHA-256 output per conditioning step
 RAW_PER_BLOCK = 3 * BLOCK_BITS   # raw samples per output block: entropy ratio 1/3
 FAILED_BIAS = 0.35               # "biased" failure: P(1) = 0.85
+DEGRADED_HOLD = 300              # s a source that recovered by itself is reported "degraded"
 _PRECISION = 12                  # binary digits of the modelled probabilities
 
 RawTap = Callable[[bytes], None]
@@ -66,6 +75,9 @@ class HealthTap(Protocol):
     ready: bool
 
     def __call__(self, raw: bytes) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """The tests' parameters and what they have seen (operational state)."""
 
     def restart(self) -> None:
         """Power-on: start-up tests on the next samples."""
@@ -187,6 +199,19 @@ class Qrng(Driver):
         self._last_fill = 0.0
         self._fifo = bytearray()  # conditioned output made but not yet read
         self._delivered = 0
+        # health history (operational state): counters since power-on
+        self._since = self._opened = time.time()
+        self._failures = 0
+        self._last_failure: dict[str, Any] | None = None
+        self._tests: dict[str, dict[str, Any]] = {}  # per health test: failures, last time, observed
+        self._recovered_at: float | None = None  # recovered by itself (not repaired): degraded for a while
+        self._repaired = False
+        # where hardware faults come from (the lab's plant): None or (FAILURE_KINDS kind, when)
+        self.fault_source: Callable[[], tuple[str, float] | None] | None = None
+        self._fault: tuple[str, float] | None = None
+        self._sampled = False  # raw samples drawn since the watcher's last look
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # --- Driver ---------------------------------------------------------------------------
 
@@ -197,8 +222,18 @@ class Qrng(Driver):
             tap.restart()
         with self._lock:
             self._status, self._tokens, self._last_fill = "ENABLED", 0.0, self._clock.now()
+            self._since = self._opened = time.time()
+            self._failures, self._last_failure, self._tests, self._recovered_at = 0, None, {}, None
+        if self._noise is not None and self._watcher is None:
+            self._watch_stop.clear()
+            self._watcher = threading.Thread(target=self._watch, name=f"qrng-{self.node}", daemon=True)
+            self._watcher.start()
 
     def close(self) -> None:
+        self._watch_stop.set()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(5)
         with self._lock:
             self._status = "DISABLED"
             self._fifo.clear()
@@ -213,9 +248,26 @@ class Qrng(Driver):
         return None
 
     def state(self) -> dict[str, Any]:
+        """Status and health (NETCONF <get>, sdqkd-qrng `qrng`): `state` is ok, degraded
+        (recovered by itself within DEGRADED_HOLD s), start-up (tests not passed yet),
+        failed or disabled; times are Unix seconds."""
         with self._lock:
-            return {"qrng": {"source": self.source, "rate": self.rate, "status": self._status,
-                             "bits_delivered": 8 * self._delivered}}
+            health = list(self._health)
+            st = {"source": self.source, "rate": self.rate, "status": self._status, "reason": self._reason,
+                  "bits_delivered": 8 * self._delivered, "since": self._since, "opened": self._opened,
+                  "failures": self._failures, "last_failure": dict(self._last_failure) if self._last_failure else None,
+                  "tests": {k: dict(v) for k, v in self._tests.items()}, "degraded_hold": DEGRADED_HOLD}
+            recovered, status = self._recovered_at, self._status
+        described = [tap.describe() for tap in health if hasattr(tap, "describe")]
+        if described:
+            st["health"] = described[0]
+        if status == "ENABLED" and not all(tap.ready for tap in health):
+            st["state"] = "start-up"
+        elif status == "ENABLED":
+            st["state"] = "degraded" if recovered is not None and time.time() - recovered < DEGRADED_HOLD else "ok"
+        else:
+            st["state"] = status.lower()
+        return {"qrng": st}
 
     def min_entropy(self) -> float | None:
         """Assessed min-entropy per raw sample (the health tests' H); None for the OS source."""
@@ -326,12 +378,35 @@ class Qrng(Driver):
                 self._noise.fault = None
             self._fifo.clear()  # output of the faulty period is thrown away
             health = list(self._health)
+            self._repaired = True  # its recovery is the repair's, not an intermittent fault's
         for tap in health:
             tap.retest()
         if not health:
             self._set_status("ENABLED", "repaired")
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """The device's own life while open: hardware faults from `fault_source`, and health
+        tests on raw samples while nobody reads (module docstring)."""
+        while not self._watch_stop.wait(WATCH_EVERY):
+            try:
+                fault = self.fault_source() if self.fault_source is not None else self._fault
+                if fault != self._fault:
+                    self._fault = fault
+                    if fault is None:
+                        self.repair()
+                    else:
+                        self.inject_failure(fault[0])
+                with self._lock:
+                    idle, self._sampled = not self._sampled, False
+                    testing = bool(self._health) and self._status == "ENABLED"
+                if idle and testing:
+                    self.read_raw(IDLE_SAMPLES // 8, timeout=1.0)
+            except (OSError, TimeoutError):  # closed meanwhile, or the sampler busy: next look
+                continue
+            except Exception:  # the watcher must outlive a bad fault source
+                log.exception("%s QRNG watcher", self.node)
 
     def _fill(self, now: float) -> None:
         """Token bucket (caller holds the lock): output bits made since the last look, up to the FIFO."""
@@ -363,6 +438,7 @@ class Qrng(Driver):
         with self._lock:
             raw = self._noise.samples(nbits).to_bytes(nbits // 8, "big")
             taps = list(self._taps)
+            self._sampled = True
         for tap in taps:
             try:
                 tap(raw)
@@ -380,7 +456,19 @@ class Qrng(Driver):
         with self._lock:
             if self._status in (status, "DISABLED"):
                 return
-            self._status, self._reason = status, reason if status == "FAILED" else ""
+            self._status, self._reason = status, reason
+            self._since = now = time.time()
+            if status == "FAILED":
+                self._failures += 1
+                self._recovered_at = None
+                self._last_failure = {"time": now, "message": reason, **{k: (details or {}).get(k) for k in ("test", "phase")}}
+                test = (details or {}).get("test")
+                if test:
+                    seen = self._tests.setdefault(str(test), {"failures": 0})
+                    seen.update(failures=seen["failures"] + 1, last=now, observed=(details or {}).get("observed"))
+            else:
+                self._recovered_at = None if self._repaired else now
+                self._repaired = False
         log.warning("%s QRNG %s (%s)", self.node, status, reason)
         try:
             self._emit(Event("qrng-status", {"node": self.node, "source": self.source, "status": status,

@@ -93,3 +93,10 @@ def build_qrng(cfg: AgentConfig) -> Driver | None:
 
         health.HealthTap(qrng, h)
     return qrng
+
+
+def attach_qrng_faults(qrng: Any, plant: Plant | None, node: str) -> None:
+    """Let the lab break `node`'s emulated QRNG: its driver polls the plant for a hardware
+    fault (`sdqkd lab qrng-fail`) as it polls nothing else, and injects or repairs it."""
+    if qrng is not None and plant is not None and getattr(qrng, "source", None) == "emulated":
+        qrng.fault_source = lambda: plant.qrng_fault(node)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ class HealthTests:
     FAILED) until `restart()`."""
 
     def __init__(self, h: float, window: int = BINARY_WINDOW, alpha_log2: int = ALPHA_LOG2) -> None:
-        self.h, self.window = h, window
+        self.h, self.window, self.alpha_log2 = h, window, alpha_log2
         self.rct_c, self.apt_c = rct_cutoff(h, alpha_log2), apt_cutoff(h, window, alpha_log2)
         self.restart()
 
@@ -171,7 +172,17 @@ class HealthTap:
         self._lock = threading.Lock()
         self._retesting = False
         self._timer: threading.Timer | None = None
+        self.samples = 0  # raw samples tested since power-on
+        self.passed_at: float | None = None  # when the start-up tests last passed (Unix s)
         qrng.add_raw_tap(self, health=True)
+
+    def describe(self) -> dict[str, Any]:
+        """Cutoffs, samples tested and the last start-up pass, for the operational state."""
+        t = self.tests
+        with self._lock:
+            return {"min_entropy": round(t.h, 6), "alpha_log2": t.alpha_log2, "samples": self.samples,
+                    "passed_at": self.passed_at if t.ready else None,
+                    "cutoffs": {"repetition-count": (t.rct_c, None), "adaptive-proportion": (t.apt_c, t.window)}}
 
     @property
     def ready(self) -> bool:
@@ -182,6 +193,7 @@ class HealthTap:
         with self._lock:
             self.tests.restart()
             self._retesting = False
+            self.samples, self.passed_at = 0, None
 
     def retest(self) -> None:
         """Start-up tests now, on fresh samples drawn in the device's raw mode; the tap
@@ -196,7 +208,11 @@ class HealthTap:
 
     def __call__(self, raw: bytes) -> None:
         with self._lock:
+            was_ready = self.tests.ready
             failure = self.tests.feed(np.unpackbits(np.frombuffer(raw, dtype=np.uint8)))
+            self.samples += 8 * len(raw)
+            if self.tests.ready and not was_ready:
+                self.passed_at = time.time()
             recovered = self._retesting and self.tests.ready
             if recovered:
                 self._retesting = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ _SCHEMA = (
     " switch TEXT NOT NULL, port_a INTEGER NOT NULL, port_b INTEGER NOT NULL,"
     " PRIMARY KEY (switch, port_a))",
     "CREATE TABLE IF NOT EXISTS cut_fibre (name TEXT PRIMARY KEY)",
+    # a node's QRNG hardware fault (agents/drivers/qrng.py FAILURE_KINDS), until repaired
+    "CREATE TABLE IF NOT EXISTS qrng_fault (node TEXT PRIMARY KEY, kind TEXT NOT NULL, at REAL NOT NULL)",
 )
 _MAX_HOPS = 64
 
@@ -246,6 +249,25 @@ class Plant:
         """The fibres cut now, in topology order (what `sdqkd lab status` shows)."""
         cut = self._snapshot()[1]
         return [f for f in self._fibres if f in cut]
+
+    def set_qrng_fault(self, node: str, kind: str | None) -> None:
+        """Failure injection: `node`'s QRNG hardware develops fault `kind` now (its driver
+        makes the raw samples stuck or biased, its health tests trip); None repairs it."""
+        if kind is None:
+            self._write([("DELETE FROM qrng_fault WHERE node = ?", (node,))])
+        else:
+            self._write([("INSERT OR REPLACE INTO qrng_fault VALUES (?, ?, ?)", (node, kind, time.time()))])
+
+    def qrng_fault(self, node: str) -> tuple[str, float] | None:
+        """(kind, when it was injected): a second transient fault of one kind is a new one."""
+        with self._lock:
+            row = self._db.execute("SELECT kind, at FROM qrng_fault WHERE node = ?", (node,)).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    def qrng_faults(self) -> dict[str, str]:
+        """Every QRNG fault injected now, by node (what `sdqkd lab status` shows)."""
+        with self._lock:
+            return {str(n): str(k) for n, k in self._db.execute("SELECT node, kind FROM qrng_fault ORDER BY node")}
 
     def close(self) -> None:
         with self._lock:

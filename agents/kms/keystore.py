@@ -412,6 +412,17 @@ class KeyStore:
             self._flush_locked()
             return self._count_locked(link, int(mine))
 
+    def stock(self, link: str) -> tuple[int, int, int]:
+        """(this end's keys, the peer's half, bits of one key; 0 while none) of a link, keys
+        reserved for a relay in progress not counted. A link's keys are all of the size its
+        QKD module delivers, so one row gives the size."""
+        with self._lock:
+            self._flush_locked()
+            mine, theirs = self._count_locked(link, 1), self._count_locked(link, 0)
+            row = self._db.execute("SELECT LENGTH(key) FROM link_keys WHERE link = ? LIMIT 1", (link,)).fetchone() \
+                if mine + theirs else None
+        return mine, theirs, 8 * int(row[0]) if row else 0
+
     def take(self, link: str, n: int) -> list[tuple[str, bytes]]:
         """n of this end's keys of `link`, oldest first, removed and marked spent; all or nothing."""
         with self._lock:

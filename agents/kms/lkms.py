@@ -31,6 +31,7 @@ from typing import Any
 
 from sdqkd.agents.kms import forwarding as fm
 from sdqkd.agents.kms import lending
+from sdqkd.agents.kms.delivery import Deliveries
 from sdqkd.agents.kms.keystore import Deliverable, KeyStore, MissingKeys, Reservation
 from sdqkd.agents.kms.routes import AppRoute, LinkRoute, RouteTable
 from sdqkd.agents.kms.interface import Key, KmsError, Qos, Status, Stream
@@ -86,6 +87,7 @@ class Lkms:
         self._borrowing: dict[str, threading.Lock] = {}  # per link: one borrow at a time
         self._allocated: dict[str, str] = {}  # PHYS link -> the remote its allocator was set for
         self.streams = Streams(self)
+        self.deliveries = Deliveries()  # per application: keys handed to its SAEs here
         if forwarder is not None:
             forwarder.start(self.handle_relay)
 
@@ -191,6 +193,7 @@ class Lkms:
             if paths and all(p.kind == "PHYS" for p in paths):
                 keys = self._reserve(paths, ids, size, master_sae, slave_sae, expires)
                 self.store.record_usage(apps[0][1].app_id, number * size)
+                self.deliveries.record(apps[0][1].app_id, number, number * size)
                 return keys
         end_keys = [self.entropy(size // 8) for _ in ids]
         for t, app in apps:
@@ -199,6 +202,7 @@ class Lkms:
             else:
                 self._relay_over(app, ids, end_keys, master_sae, t, expires)
                 self.store.record_usage(app.app_id, number * size)
+                self.deliveries.record(app.app_id, number, number * size)
         return [Key(i, k) for i, k in zip(ids, end_keys)]
 
     def batch(self) -> AbstractContextManager[None]:
@@ -220,6 +224,9 @@ class Lkms:
             keys = self.store.fetch_deliverable(slave_sae, master_sae, [k.lower() for k in key_ids])
         except MissingKeys as exc:
             raise KmsError(400, "one or more keys specified are not found on KME", [{"key_IDs_not_found": exc.key_ids}]) from None
+        app = self.routes.app_for(slave_sae, master_sae)
+        if app is not None:
+            self.deliveries.record(app.app_id, len(keys), 8 * sum(len(k) for k in keys))
         return [Key(i, k) for i, k in zip(key_ids, keys)]
 
     # --- how keys move ------------------------------------------------------------------------
@@ -277,6 +284,34 @@ class Lkms:
                 credit[pick] -= sum(weights[q] for q in ok)
                 stock[firsts[pick].qkdl_id] -= cost[pick]
                 out[pick].append(n)
+        return out
+
+    # --- operational state (sdqkd-key-stock): counts only, never a key ------------------------
+
+    def link_stock(self, link: str) -> dict[str, int] | None:
+        """Link keys stored for a PHYS link (None for a link that is not one of ours)."""
+        route = self.routes.links.get(link.lower())
+        if route is None or route.kind != "PHYS":
+            return None
+        try:
+            mine, theirs, size = self.store.stock(link.lower())
+        except sqlite3.Error:  # the store is down (logged by it): no figure rather than a failed <get>
+            return None
+        return {"keys": mine + theirs, "local": mine, "bits": (mine + theirs) * size, "key_size": size,
+                "limit": self.store.link_key_limit}
+
+    def app_delivery(self, app_id: str) -> dict[str, Any] | None:
+        """Keys delivered to an application's SAEs here, and how many its SAE on this node
+        could be given now (ETSI 014 stored_key_count, from the other SAE's side)."""
+        app = next((a for a in self.routes.apps if a.app_id.lower() == app_id.lower()), None)
+        if app is None:
+            return None
+        out = self.deliveries.get(app.app_id)
+        local = sorted(s for s in app.saes if s in self.cfg.local_saes)
+        others = sorted(app.saes - set(local)) or local[1:]
+        if local and others and others[0] in self.cfg.saes:
+            n = self._stored(local[0], others[0], self.cfg.saes[others[0]])
+            out.update(available_keys=n, available_bits=n * self.cfg.key_size)
         return out
 
     def _stock(self, link: str) -> int:

@@ -256,6 +256,9 @@ class Streams:
             raise _refuse(METADATA_SIZE, f"the metadata needs {len(metadata)} bytes", metadata_size=len(metadata))
         deadline = time.monotonic() + qos.timeout / 1000.0
         key = self._chunk_at_source(rec, idx, qos, deadline) if end == "src" else self._chunk_at_destination(rec, idx, qos, deadline)
+        app = self.k.routes.app_for(rec["source"], rec["destination"])
+        if app is not None:
+            self.k.deliveries.record(app.app_id, 1, 8 * len(key))
         now = self._load(ksid, rec["source"])  # a join or close may have landed meanwhile
         if now is not None:  # (a stream closed meanwhile stays closed)
             now[f"{end}_next"] = max(now.get(f"{end}_next", 0), idx + 1)

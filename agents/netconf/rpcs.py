@@ -39,7 +39,7 @@ BASE_CAPS = [
     "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=explicit&also-supported=report-all,trim",
 ]
 # Modules whose data the agent serves; their imports are advertised too.
-SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "ietf-netconf-monitoring",
+SERVED = ("etsi-qkd-sdn-node", "sdqkd-optical-switch", "sdqkd-qrng", "sdqkd-key-stock", "ietf-netconf-monitoring",
           "notifications", "nc-notifications", "ietf-netconf-with-defaults")
 WD_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults"
 WITH_DEFAULTS = ("explicit", "report-all", "trim")  # the capability's basic-mode and also-supported

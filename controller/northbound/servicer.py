@@ -135,7 +135,9 @@ def topology_message(topo: Topology) -> pb.Topology:
                            port=i.port, fixed_channel=i.fixed_channel, up=i.up)
     for lk in sorted(topo.links.values(), key=lambda lk: lk.qkdl_id):
         out.links.add(qkdl_id=lk.qkdl_id, a=lk.a, a_if=lk.a_if, b=lk.b, b_if=lk.b_if, status=lk.status, skr=lk.skr,
-                      qber=lk.qber, key_bits=lk.key_bits, channel=lk.channel, fibres=list(lk.fibres))
+                      qber=lk.qber, key_bits=lk.key_bits, channel=lk.channel, fibres=list(lk.fibres),
+                      stock=[pb.LinkKeyStock(node=st.node, stored_keys=st.keys, stored_bits=st.bits, local_keys=st.local_keys,
+                                             key_size=st.key_size, limit_keys=st.limit_keys) for st in lk.stock])
     for f in sorted(topo.fibres.values(), key=lambda f: f.name):
         out.fibres.add(
             name=f.name, loss_db=f.loss_db, length_km=f.length_km,
@@ -200,7 +202,16 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             paths=[self._path(p["nodes"], p["links"], p["bps"], p.get("vlink"), topo, p.get("reserved") or 0.0)
                    for p in app.paths],
             qos=pb.Qos(min_bps=app.min_bps, max_bps=app.max_bps, ttl=app.ttl, priority=app.priority),
-            created=_ts(app.created))
+            created=_ts(app.created),
+            delivery=[self._delivery(qid, d, topo) for qid, d in self.ctl.app_delivery(app)])
+
+    def _delivery(self, qid: str, d: dict[str, Any], topo: Topology) -> pb.AppKeyDelivery:
+        out = pb.AppKeyDelivery(node=self._ref(qid, topo), key_requests=d["requests"], keys_delivered=d["keys"],
+                                bits_delivered=d["bits"], rate_bps=d["rate"], rate_window_s=d["window"],
+                                available_keys=d["available_keys"], available_bits=d["available_bits"])
+        if d.get("since"):
+            out.since.FromJsonString(d["since"])
+        return out
 
     def _channel(self, ch: svc.Channel) -> pb.Channel:
         topo = self.ctl.topology()

@@ -13,6 +13,7 @@ from lxml import etree
 from sdqkd.controller.southbound.agent import NSMAP, ident, qkd_node, text
 from sdqkd.controller.topology.model import (
     ClassicalChannel,
+    KeyStock,
     Fibre,
     FibreEnd,
     Node,
@@ -21,6 +22,21 @@ from sdqkd.controller.topology.model import (
     Switch,
     Topology,
 )
+
+KS = {"ks": "urn:sdqkd:yang:sdqkd-key-stock"}
+
+
+def key_stock(node: str, lk: etree._Element) -> KeyStock | None:
+    """One end's sdqkd-key-stock key-stock of a qkd_link, if its agent reports one."""
+    ks = lk.find("ks:key-stock", KS)
+    if ks is None:
+        return None
+
+    def num(name: str) -> int:
+        return int(ks.findtext(f"ks:{name}", "0", KS) or 0)
+
+    return KeyStock(node, num("stored-keys"), num("stored-bits"), num("local-keys"), num("key-size"), num("limit-keys"))
+
 
 def _channels(rng: str | None) -> frozenset[int]:
     out: set[int] = set()
@@ -123,6 +139,7 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
                 "qber": float(text(qv, "q:value")) if qv is not None and text(qv, "q:value") else None,
                 "channel": int(text(lk, "q:phys_wavelength")) if text(lk, "q:phys_wavelength") else None,
                 "up": up,
+                "stock": key_stock(qid, lk) if up else None,
             })
         for sw in data.findall("o:optical-switches/o:switch", NSMAP) if data is not None else []:
             sname = text(sw, "o:name") or ""
@@ -145,6 +162,7 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
         status = "ACTIVE" if both_active else (a["status"] if a["status"] != "ACTIVE" else "PENDING")
         skr = min(v["skr"] for v in views) if both_active else 0.0
         qbers = [v["qber"] for v in views if v["qber"] is not None]
+        stock = tuple(sorted((v["stock"] for v in views if v["stock"] is not None), key=lambda st: st.node))
         links[lid] = QkdLink(
             qkdl_id=lid,
             a=a["node"],
@@ -155,5 +173,7 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
             skr=skr,
             qber=max(qbers) if qbers else None,
             channel=a["channel"],
+            key_bits=min(st.bits for st in stock) if stock else 0,
+            stock=stock,
         )
     return Topology(nodes=nodes, interfaces=ifaces, links=links, fibres=inv.fibres(ids, in_use or {}), switches=switches)

@@ -74,6 +74,19 @@ class QkdInterface:
 
 
 @dataclass(frozen=True)
+class KeyStock:
+    """Link keys one end of a PHYS link holds (its agent's sdqkd-key-stock), as last read:
+    counts and sizes, never a key."""
+
+    node: str  # qkdn_id
+    keys: int
+    bits: int
+    local_keys: int = 0
+    key_size: int = 0
+    limit_keys: int = 0
+
+
+@dataclass(frozen=True)
 class QkdLink:
     """An existing PHYS QKD link: the key source for relaying. skr in bit/s, as measured."""
 
@@ -85,9 +98,10 @@ class QkdLink:
     status: str = ACTIVE
     skr: float = 0.0
     qber: float | None = None
-    key_bits: int = 0
+    key_bits: int = 0  # what both ends hold: the smaller of their stocks' bits
     channel: int | None = None
     fibres: tuple[str, ...] = ()
+    stock: tuple[KeyStock, ...] = ()
 
     @property
     def active(self) -> bool:

@@ -197,7 +197,7 @@ def test_health_test_failure_stops_delivery_and_raises_the_alarm(tmp_path, yangl
                             hostkey_verify=False, look_for_keys=False, allow_agent=False, timeout=20)
         try:
             caps = list(m.server_capabilities)
-            assert any(c.startswith(f"{QRNG_NS}?module=sdqkd-qrng&revision=2026-11-24") for c in caps), caps
+            assert any(c.startswith(f"{QRNG_NS}?module=sdqkd-qrng&revision=2026-12-04") for c in caps), caps
             assert "notification source-failed" in m.get_schema("sdqkd-qrng").data
             m.create_subscription()
             with client(creds) as c:
