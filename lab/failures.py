@@ -1,20 +1,28 @@
-"""`sdqkd lab kill|start NODE` and `sdqkd lab cut|splice FIBRE`: the failures the controller
-must survive (a crashed agent or controller, a cut fibre), rehearsed on a running lab.
+"""`sdqkd lab kill|start NODE`, `sdqkd lab cut|splice FIBRE` and `sdqkd lab qrng-fail|qrng-repair
+NODE`: the failures the controller and the nodes must survive (a crashed agent or controller,
+a cut fibre, a broken entropy source), rehearsed on a running lab.
 
 A node's process is found and restarted through lab.json only: `kill` records the node as
 down there, `start` starts it with the config file `lab up` wrote (the same code path as
 `lab up`) and records its new pid at once, so `lab down` stops it whoever started it. A
 fibre is cut in the lab's optical plant (the SQLite file every agent traces its quantum
 channels through): its QKD links go dark at their modules' next tick, as on a real fibre.
+A QRNG fault goes the same way: the node's emulated QRNG reads it from the plant within
+0.2 s and its raw samples really go stuck or biased, so its SP 800-90B health tests trip
+(sdqkd-qrng `qrng` state failed, a source-failed notification); a repair clears it and the
+start-up tests bring it back.
 """
 from __future__ import annotations
 
+import json
 import signal
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sdqkd.agents.drivers.qrng import FAILURE_KINDS
 from sdqkd.lab import labjson, launcher
+from sdqkd.lab import plan as lab_plan
 from sdqkd.lab.launcher import LabError
 from sdqkd import private
 
@@ -111,3 +119,28 @@ def cut(fibre: str, name: str | None = None, root: Path | None = None, *, splice
     if splice:
         return f"fibre {fibre} spliced" if was_cut else f"fibre {fibre} was not cut"
     return f"fibre {fibre} was already cut" if was_cut else f"fibre {fibre} cut"
+
+
+def qrng(node: str, kind: str | None, name: str | None = None, root: Path | None = None) -> str:
+    """Give `node`'s emulated QRNG hardware fault `kind` (stuck, biased: until repaired;
+    glitch: a transient the source recovers from by itself), or repair it (kind None)."""
+    if kind is not None and kind not in FAILURE_KINDS:
+        raise LabError(f"unknown QRNG fault {kind!r} (known: {', '.join(FAILURE_KINDS)})")
+    data = labjson.read(labjson.find(name, root))
+    lab = lab_plan.lab_object(json.loads(Path(data["topology"]).read_text()))
+    entry = next((n for n in lab.get("node", []) if n["name"].lower() == node.lower()), None)
+    if entry is None:
+        raise LabError(f"no node {node!r} in lab {data['name']} (nodes: {', '.join(n['name'] for n in lab.get('node', []))})")
+    with_qrng = [n["name"] for n in lab.get("node", []) if (n.get("qrng") or {}).get("source", "emulated") == "emulated"
+                 and n.get("qrng") is not None]
+    if entry["name"] not in with_qrng:
+        raise LabError(f"node {entry['name']} has no emulated QRNG (nodes with one: {', '.join(with_qrng) or 'none'})")
+    plant = launcher.plant(data)
+    try:
+        was = plant.qrng_fault(entry["name"])
+        plant.set_qrng_fault(entry["name"], kind)
+    finally:
+        plant.close()
+    if kind is None:
+        return f"QRNG of {entry['name']} repaired ({was[0]} fault cleared)" if was else f"QRNG of {entry['name']} had no fault"
+    return f"QRNG of {entry['name']}: {kind} fault injected"

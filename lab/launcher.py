@@ -28,7 +28,7 @@ from sdqkd.controller.northbound import client as nb_client
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.lab import hosts as lab_hosts
 from sdqkd.lab import plan as lab_plan
-from sdqkd.lab import labjson, topology
+from sdqkd.lab import keyview, labjson, topology
 from sdqkd.listen import bind_error
 from sdqkd import private
 
@@ -367,6 +367,15 @@ def processes(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def qrng_faults(data: dict[str, Any]) -> dict[str, str]:
+    """The QRNG hardware faults `lab qrng-fail` injected and no `qrng-repair` cleared, by node."""
+    p = plant(data)
+    try:
+        return p.qrng_faults()
+    finally:
+        p.close()
+
+
 def fibres(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The topology's fibres with their ends, loss and whether they are cut now."""
     lab = lab_plan.lab_object(json.loads(Path(data["topology"]).read_text()))
@@ -383,19 +392,21 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
     """lab.json, which processes run and which fibres are cut, plus the controller's live
     view (nodes up, links with key rates) when it answers."""
     data = labjson.read(labjson.find(name, root))
-    local = {"lab": data, "processes": processes(data), "fibres": fibres(data)}
+    local = {"lab": data, "processes": processes(data), "fibres": fibres(data), "qrng_faults": qrng_faults(data)}
     try:
-        topo = controller_stub(data["controller"]).GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+        stub = controller_stub(data["controller"])
+        topo = stub.GetTopology(pb.GetTopologyRequest(), timeout=5).topology
+        apps = list(stub.ListApplications(pb.ListApplicationsRequest(), timeout=5).applications)
     except grpc.RpcError as exc:
         return {**local, "error": f"controller unreachable: {exc.code().name}"}
     except LabError as exc:
         return {**local, "error": str(exc)}
-    names = {x.qkdn_id: x.name for x in topo.nodes}
+    lab = lab_plan.lab_object(json.loads(Path(data["topology"]).read_text()))
     return {
         **local,
         "nodes": [{"name": x.name, "qkdn_id": x.qkdn_id, "domain": x.domain, "up": x.up} for x in topo.nodes],
-        "links": [{"qkdl_id": lk.qkdl_id, "a": names.get(lk.a, lk.a), "b": names.get(lk.b, lk.b), "status": lk.status,
-                   "skr_kbps": round(lk.skr / 1000, 3), "qber": lk.qber if lk.HasField("qber") else None} for lk in topo.links],
+        "links": keyview.links(topo, keyview.devices(lab)),
+        "applications": keyview.applications(apps),
     }
 
 
@@ -420,15 +431,13 @@ def render(st: dict[str, Any], console: Console) -> None:
         for f in cut:
             fib.add_row(f["name"], f"{f['a']} - {f['b']}", f"{f['loss_db']:g}")
         console.print(fib)
+    for node, kind in st.get("qrng_faults", {}).items():
+        console.print(f"[red]QRNG of {node}: {kind} fault injected (`sdqkd lab qrng-repair {node}`)[/red]")
     if "error" in st:
         console.print(f"[red]{st['error']}[/red]")
         return
-    links = Table(title="QKD links")
-    for col in ("link", "status", "key rate (kb/s)", "QBER"):
-        links.add_column(col)
-    for lk in sorted(st["links"], key=lambda x: (x["a"], x["b"])):
-        links.add_row(f"{lk['a']} - {lk['b']}", lk["status"], f"{lk['skr_kbps']:.3f}", f"{lk['qber']:.3f}" if lk["qber"] is not None else "")
-    console.print(links)
+    keyview.render_links(st["links"], console)
+    keyview.render_applications(st.get("applications", []), console)
     console.print(f"controller gRPC {lab['controller']['grpc']}   lab state {Path(lab['dir']) / 'lab.json'}")
 
 

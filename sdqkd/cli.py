@@ -253,6 +253,30 @@ def lab_splice(fibre: str, lab_name: str | None, lab_dir: str | None) -> None:
     _rehearse(failures.cut, fibre, lab_name, _labs(lab_dir), splice=True)
 
 
+@lab.command("qrng-fail")
+@click.argument("node")
+@click.option("--kind", type=click.Choice(["stuck", "biased", "glitch"]), default="stuck", show_default=True,
+              help="stuck: raw samples frozen; biased: P(1) = 0.85 (both until qrng-repair); glitch: 64 samples frozen once.")
+@lab_name_option
+@lab_dir_option
+def lab_qrng_fail(node: str, kind: str, lab_name: str | None, lab_dir: str | None) -> None:
+    """Break NODE's emulated QRNG: its health tests trip and it stops delivering entropy."""
+    from sdqkd.lab import failures
+
+    _rehearse(failures.qrng, node, kind, lab_name, _labs(lab_dir))
+
+
+@lab.command("qrng-repair")
+@click.argument("node")
+@lab_name_option
+@lab_dir_option
+def lab_qrng_repair(node: str, lab_name: str | None, lab_dir: str | None) -> None:
+    """Repair NODE's QRNG: it delivers again once its start-up health tests pass."""
+    from sdqkd.lab import failures
+
+    _rehearse(failures.qrng, node, None, lab_name, _labs(lab_dir))
+
+
 @lab.command("env")
 @click.argument("name", required=False)
 @lab_dir_option

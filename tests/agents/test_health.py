@@ -153,3 +153,35 @@ def test_a_transient_glitch_is_an_intermittent_failure_that_clears_itself() -> N
     assert len(q.read(32, timeout=WAIT)) == 32
     q.close()
     q.inject_failure("stuck")  # a closed source: the retries stop quietly
+
+
+def test_an_idle_source_finds_a_hardware_fault_and_its_state_says_so() -> None:
+    """Nobody reads: the device's own sampling runs the tests (a fault from its fault
+    source, as the lab's plant gives it); state() is what NETCONF <get> shows."""
+    q, tap, events, _ = qrng()
+    fault: list = [None]
+    q.fault_source = lambda: fault[0]
+
+    def state_is(want: str) -> dict:
+        deadline = time.monotonic() + WAIT
+        while (st := q.state()["qrng"])["state"] != want:
+            assert time.monotonic() < deadline, f"state {st['state']}, not {want}"
+            time.sleep(0.02)
+        return st
+
+    ok = state_is("ok")  # the start-up tests passed on the idle sampling alone
+    assert ok["failures"] == 0 and ok["health"]["samples"] >= STARTUP_SAMPLES and ok["health"]["passed_at"]
+    assert ok["health"]["cutoffs"] == {"repetition-count": (rct_cutoff(q.min_entropy()), None),
+                                       "adaptive-proportion": (apt_cutoff(q.min_entropy()), 1024)}
+    fault[0] = ("stuck", 1.0)
+    failed = state_is("failed")
+    assert failed["failures"] == 1 and failed["last_failure"]["test"] == "repetition-count"
+    assert failed["tests"]["repetition-count"]["failures"] == 1 and failed["health"]["passed_at"] is None
+    assert [e.data["status"] for e in events] == ["FAILED"]
+    fault[0] = None  # repaired: ok (not degraded) once the start-up tests pass
+    assert state_is("ok")["failures"] == 1
+    fault[0] = ("glitch", 2.0)  # recovers by itself: degraded for DEGRADED_HOLD
+    assert state_is("degraded")["failures"] == 2
+    assert [e.data["status"] for e in events] == ["FAILED", "ENABLED", "FAILED", "ENABLED"]
+    q.close()
+    assert q.state()["qrng"]["state"] == "disabled"

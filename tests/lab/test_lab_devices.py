@@ -92,6 +92,10 @@ def test_real_device_link_relays_an_application_key(vendor) -> None:
             "cert": va["saes"][0]["cert"], "key": va["saes"][0]["key"]}  # relative paths resolved
         st = launcher.status("site", root)
         assert [(lk["status"], lk["skr_kbps"] > 0) for lk in st["links"]] == [("ACTIVE", True)]
+        # marked as a real-device link, with both devices' ETSI 014 URLs
+        vb = next(x for x in vendor_lab["nodes"] if x["name"] == "VB")
+        assert st["links"][0]["device"] == "real"
+        assert sorted(st["links"][0]["device_urls"]) == sorted([va["kms"]["url"], vb["kms"]["url"]])
         res = keys.get(data, "SA", "SB")  # relayed over the device link; raises unless both ends agree
         assert len(res.key) == 32
         # the link's keys are the devices': without device VA the link stops

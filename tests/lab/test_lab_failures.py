@@ -106,6 +106,53 @@ def test_cut_darkens_the_link_over_the_fibre_and_splice_brings_it_back(lab: dict
     assert not any(f["cut"] for f in st["fibres"]) and link(st, "CCS", "Rectorado")["status"] == "ACTIVE"
 
 
+QRNG_NS = "urn:sdqkd:yang:sdqkd-qrng"
+
+
+def qrng_state(m: manager.Manager) -> str | None:
+    """The node's QRNG state (sdqkd-qrng `qrng`), from its NETCONF operational state."""
+    return m.get(filter=("subtree", f'<qrng xmlns="{QRNG_NS}"/>')).data.findtext(f"{{{QRNG_NS}}}qrng/{{{QRNG_NS}}}state")
+
+
+def test_status_shows_key_stock_delivery_and_devices(lab: dict[str, Any]) -> None:
+    top = lab["top"]
+    got = sdqkd("key", "get", "--from", "CAIT", "--to", "Rectorado", cwd=top)
+    assert got.returncode == 0, got.stderr
+    st = wait_for(lambda: (s := status(lab)) and all(len(lk["stock"]) == 2 and lk["key_bits"] > 0 for lk in s["links"]) and s,
+                  "lab status: keys stored at both ends of both links")
+    for lk in st["links"]:
+        assert lk["device"] == "emulated" and lk["device_urls"] == []
+        assert lk["key_bits"] == min(end["bits"] for end in lk["stock"].values())
+        assert set(lk["stock"]) == {lk["a"], lk["b"]}
+    app = next(a for a in st["applications"] if (a["master_sae"], a["slave_sae"]) == ("sae-cait", "sae-rectorado"))
+    assert app["ends"]["CAIT"]["keys"] >= 1 and app["ends"]["Rectorado"]["keys"] >= 1, app
+    assert app["ends"]["CAIT"]["bits"] == 256 * app["ends"]["CAIT"]["keys"]
+    assert app["ends"]["CAIT"]["available_keys"] is not None
+    text = sdqkd("lab", "status", cwd=top)
+    assert text.returncode == 0, text.stderr
+    for heading in ("keys a/b", "kbit", "device", "emulated", "applications", "available"):
+        assert heading in text.stdout, text.stdout
+
+
+def test_qrng_fail_and_repair(lab: dict[str, Any]) -> None:
+    top = lab["top"]
+    line = one_line_error(sdqkd("lab", "qrng-fail", "CCS", cwd=top))
+    assert "node CCS has no emulated QRNG (nodes with one: Rectorado)" in line
+    with netconf(node(lab, "Rectorado")) as m:
+        assert wait_for(lambda: qrng_state(m) == "ok", "Rectorado's QRNG ok")
+        res = sdqkd("lab", "qrng-fail", "rectorado", "--kind", "biased", cwd=top)
+        assert res.returncode == 0 and res.stdout.strip() == "QRNG of Rectorado: biased fault injected", res.stderr
+        wait_for(lambda: qrng_state(m) == "failed", "Rectorado's QRNG failed (adaptive proportion test)")
+        data = m.get(filter=("subtree", f'<qrng xmlns="{QRNG_NS}"><last-failure/></qrng>')).data
+        assert data.findtext(f".//{{{QRNG_NS}}}last-failure/{{{QRNG_NS}}}test") in ("adaptive-proportion", "repetition-count")
+        assert status(lab)["qrng_faults"] == {"Rectorado": "biased"}
+        assert "QRNG of Rectorado: biased fault injected" in sdqkd("lab", "status", cwd=top).stdout
+        res = sdqkd("lab", "qrng-repair", "Rectorado", cwd=top)
+        assert res.returncode == 0 and res.stdout.strip() == "QRNG of Rectorado repaired (biased fault cleared)", res.stderr
+        wait_for(lambda: qrng_state(m) == "ok", "Rectorado's QRNG ok after the repair")
+    assert status(lab)["qrng_faults"] == {}
+
+
 def test_the_controller_killed_and_started_again(lab: dict[str, Any]) -> None:
     top = lab["top"]
     pid = lab_json(lab)["controller"]["pid"]
