@@ -131,11 +131,12 @@ def test_phys_link_comes_up_and_reacts_to_a_fibre_cut(pair, tmp_path, yanglint) 
         _, skr_a = link_state(ma)
         _, skr_b = link_state(mb)
         assert skr_a > 1000 and skr_b > 1000  # ~tens of kb/s at 4 dB for this profile
-        # The operational view validates against our modules.
+        # The operational view validates against our modules (with the link's key stock).
         data = ma.get().data
         node = data.find(f"{{{ETSI}}}qkd_node")
+        assert int(node.findtext(".//{urn:sdqkd:yang:sdqkd-key-stock}stored-keys")) > 0
         (tmp_path / "get.xml").write_text(etree.tostring(node, encoding="unicode"))
-        mods = [str(yangmodels.module_path(n)) for n in ("etsi-qkd-node-types", "etsi-qkd-sdn-node")]
+        mods = [str(yangmodels.module_path(n)) for n in ("etsi-qkd-node-types", "etsi-qkd-sdn-node", "sdqkd-key-stock")]
         proc = run([yanglint, "-p", str(yangmodels.YANG_DIR), "-t", "data", *mods, str(tmp_path / "get.xml")])
         assert proc.returncode == 0, proc.stderr
         qber = node.findtext(f".//{{{ETSI}}}phys_perf/{{{ETSI}}}value")

@@ -9,12 +9,15 @@ from __future__ import annotations
 import time
 
 import pytest
+from lxml import etree
 from ncclient import manager
 
 import grpctls
 from labnets import ring_topology, start_agents
 from test_controller_e2e import active_links, sae_client, wait
 from test_northbound import serve
+from testlib import run
+from sdqkd import yangmodels
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller
@@ -103,10 +106,14 @@ def test_list_applications_reports_delivery_at_both_ends(net) -> None:
     assert a.since.seconds > 0
 
 
+def qrng_element(m: manager.Manager):
+    q = m.get(filter=("subtree", f'<qrng xmlns="{QRNG}"/>')).data.find(f"{{{QRNG}}}qrng")
+    assert q is not None
+    return q
+
+
 def qrng_state(m: manager.Manager) -> dict:
-    data = m.get(filter=("subtree", f'<qrng xmlns="{QRNG}"/>')).data
-    q = data.find(f"{{{QRNG}}}qrng")
-    assert q is not None, data
+    q = qrng_element(m)
 
     def t(path: str) -> str | None:
         return q.findtext("/".join(f"{{{QRNG}}}{p}" for p in path.split("/")))
@@ -117,7 +124,7 @@ def qrng_state(m: manager.Manager) -> dict:
             "phase": t("last-failure/phase"), "message": t("message"), "passed": t("health-tests/start-up-passed")}
 
 
-def test_qrng_health_state_follows_an_injected_fault(net) -> None:
+def test_qrng_health_state_follows_an_injected_fault(net, tmp_path, yanglint) -> None:
     plan, procs, _, _ = net
     plant = Plant(topology(), plan.dir / "plant.sqlite")
     m = procs["A"].connect(username=plan.username, password=plan.password)
@@ -134,6 +141,10 @@ def test_qrng_health_state_follows_an_injected_fault(net) -> None:
         assert failed["tests"]["repetition-count"]["failures"] == "1"
         assert int(failed["tests"]["repetition-count"]["last-observed"]) >= 51
         assert "repetition-count test failed" in failed["message"] and failed["passed"] is None
+        (tmp_path / "qrng.xml").write_text(etree.tostring(qrng_element(m), encoding="unicode"))  # yanglint agrees
+        proc = run([yanglint, "-p", str(yangmodels.YANG_DIR), "-t", "data", str(yangmodels.module_path("sdqkd-qrng")),
+                    str(tmp_path / "qrng.xml")])
+        assert proc.returncode == 0, proc.stderr
         time.sleep(1.0)  # the start-up retries keep failing: still one failure, not one per retry
         assert qrng_state(m)["failures"] == 1
 
