@@ -231,12 +231,12 @@ class Qrng(Driver):
 
     def close(self) -> None:
         self._watch_stop.set()
+        with self._lock:
+            self._status = "DISABLED"  # first: a watcher waiting for samples gives up at once
+            self._fifo.clear()
         watcher, self._watcher = self._watcher, None
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(5)
-        with self._lock:
-            self._status = "DISABLED"
-            self._fifo.clear()
 
     def handles(self, change: Change) -> bool:
         return False
@@ -403,6 +403,8 @@ class Qrng(Driver):
                     testing = bool(self._health) and self._status == "ENABLED"
                 if idle and testing:
                     self.read_raw(IDLE_SAMPLES // 8, timeout=1.0)
+                    with self._lock:
+                        self._sampled = False  # its own samples: still idle at the next look
             except (OSError, TimeoutError):  # closed meanwhile, or the sampler busy: next look
                 continue
             except Exception:  # the watcher must outlive a bad fault source

@@ -310,7 +310,10 @@ class Lkms:
         local = sorted(s for s in app.saes if s in self.cfg.local_saes)
         others = sorted(app.saes - set(local)) or local[1:]
         if local and others and others[0] in self.cfg.saes:
-            n = self._stored(local[0], others[0], self.cfg.saes[others[0]])
+            try:
+                n = self._stored(local[0], others[0], self.cfg.saes[others[0]])
+            except sqlite3.Error:  # the store is down (logged by it): the figure is left out
+                return out
             out.update(available_keys=n, available_bits=n * self.cfg.key_size)
         return out
 
