@@ -432,7 +432,10 @@ def render(st: dict[str, Any], console: Console) -> None:
             fib.add_row(f["name"], f"{f['a']} - {f['b']}", f"{f['loss_db']:g}")
         console.print(fib)
     for node, kind in st.get("qrng_faults", {}).items():
-        console.print(f"[red]QRNG of {node}: {kind} fault injected (`sdqkd lab qrng-repair {node}`)[/red]")
+        if kind == "glitch":
+            console.print(f"QRNG of {node}: a glitch was injected (transient: the source recovers by itself)")
+        else:
+            console.print(f"[red]QRNG of {node}: {kind} fault injected (`sdqkd lab qrng-repair {node}`)[/red]")
     if "error" in st:
         console.print(f"[red]{st['error']}[/red]")
         return

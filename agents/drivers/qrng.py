@@ -392,6 +392,8 @@ class Qrng(Driver):
         while not self._watch_stop.wait(WATCH_EVERY):
             try:
                 fault = self.fault_source() if self.fault_source is not None else self._fault
+                if fault is not None and fault[0] == "glitch" and fault[1] < self._opened:
+                    self._fault = fault  # a transient from before power-on is over
                 if fault != self._fault:
                     self._fault = fault
                     if fault is None:

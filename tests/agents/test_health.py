@@ -180,7 +180,7 @@ def test_an_idle_source_finds_a_hardware_fault_and_its_state_says_so() -> None:
     assert [e.data["status"] for e in events] == ["FAILED"]
     fault[0] = None  # repaired: ok (not degraded) once the start-up tests pass
     assert state_is("ok")["failures"] == 1
-    fault[0] = ("glitch", 2.0)  # recovers by itself: degraded for DEGRADED_HOLD
+    fault[0] = ("glitch", time.time())  # recovers by itself: degraded for DEGRADED_HOLD
     assert state_is("degraded")["failures"] == 2
     assert [e.data["status"] for e in events] == ["FAILED", "ENABLED", "FAILED", "ENABLED"]
     q.close()
