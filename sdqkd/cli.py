@@ -298,12 +298,17 @@ def topo() -> None:
 @click.option("-o", "--output", default=None, help="PNG file (default: <lab dir>/topology.png).")
 @lab_dir_option
 def topo_plot(lab_name: str | None, output: str | None, lab_dir: str | None) -> None:
-    """Write a PNG of the network with live key rates."""
+    """Write a PNG of the network: nodes, fibres, switches with their cross-connects and
+    wavelengths, and every QKD link with its live key rate and status."""
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
     from sdqkd.lab import plot
 
     lab = _find_lab(lab_name, lab_dir)
     out = Path(output) if output else Path(lab["dir"]) / "topology.png"
-    click.echo(f"wrote {plot.plot(lab, out)}")
+    topo = _controller_call(lab, "GetTopology", pb.GetTopologyRequest()).topology
+    channels = list(_controller_call(lab, "ListChannels", pb.ListChannelsRequest()).channels)
+    title = f"lab {lab['name']}"
+    click.echo(f"wrote {plot.write(topo, channels, out, title)}")
 
 
 def _controller_call(lab: dict, rpc: str, request):  # type: ignore[no-untyped-def, type-arg]
