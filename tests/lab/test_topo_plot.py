@@ -3,10 +3,14 @@ the lab file the way the controller builds it (tests/madqci.py), its CV links se
 controller's optical path computation, turned into the northbound messages by the servicer's
 own conversion. Checked on the rendered figure: no two labels overlap (boxes measured by the
 renderer), parallel links are separate curves, every fibre and cross-connect is drawn with its
-wavelength. (The live path, GetTopology and ListChannels from a running lab, is in test_lab.py.)"""
+wavelength. Then the same on a running MadQCI lab, fetched as `sdqkd topo plot` fetches it."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,12 +19,14 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
+from rich.console import Console
 
 import madqci
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound.servicer import topology_message
-from sdqkd.lab import plot, topofigure
+from sdqkd.lab import launcher, plot, topofigure
 from sdqkd.lab.labelplace import box
+from testlib import REPO
 
 # The issue's case: Distrito-Norte carries its DV link and a CV link (Norte's CV receiver taken
 # from Quevedo), so three node pairs have a DV and a CV link side by side.
@@ -135,3 +141,48 @@ def test_writes_the_png(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
     again = plot.write(topo, channels, tmp_path / "again.png", "lab madqci")
     assert again.read_bytes() == out.read_bytes()  # the same topology draws the same picture
+
+
+def test_live_lab_plot(tmp_path: Path) -> None:
+    """A running MadQCI lab (real agents and controller) with a CV channel set up by the
+    operator beside Distrito-Norte's DV link: what `sdqkd topo plot` fetches and draws."""
+    console = Console(file=open(os.devnull, "w"))
+    root = tmp_path / "lab"  # what --lab-dir tmp_path names
+    data = launcher.up(REPO / "lab" / "topologies" / "madqci.json", root=root, free_ports=True, console=console)
+    try:
+        stub = launcher.controller_stub(data["controller"])
+        made = stub.CreateChannel(pb.CreateChannelRequest(tx=pb.InterfaceRef(node="Distrito", qkdi_id=11),
+                                                          rx=pb.InterfaceRef(node="Norte", qkdi_id=12)), timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            topo, channels = plot.fetch(data)
+            cv = next((lk for lk in topo.links if lk.qkdl_id == made.chan_id), None)
+            if cv is not None and cv.status == "ACTIVE" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert cv is not None and cv.status == "ACTIVE" and len(made.hops) == 2
+        fig = topofigure.figure(topo, channels, "lab madqci")
+        fig.canvas.draw()
+        names = {n.qkdn_id: n.name for n in topo.nodes}
+        between = {lk.qkdl_id for lk in topo.links if {names[lk.a], names[lk.b]} == {"Distrito", "Norte"}}
+        curves = _by_gid(fig, Line2D, "link:")
+        assert made.chan_id in between and len(between) == 2 and between <= set(curves)
+        assert set(_by_gid(fig, Line2D, "fibre:")) == {f.name for f in topo.fibres} and len(topo.fibres) == len(madqci.lab()["fibre"])
+        xcs = _by_gid(fig, Line2D, "xc:")
+        assert {f"{h.switch}:{min(h.port_in, h.port_out)}-{max(h.port_in, h.port_out)}" for h in made.hops} <= set(xcs)
+        labels = _by_gid(fig, Text, "label:")
+        for h in made.hops:
+            gid = f"xc:{h.switch}:{min(h.port_in, h.port_out)}-{max(h.port_in, h.port_out)}"
+            assert labels[gid].get_text().startswith(f"C{made.channel} ")
+        renderer = fig.canvas.get_renderer()
+        boxes = [box(t, renderer) for t in labels.values()]
+        assert all(t.get_visible() for t in labels.values())
+        assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+        # the command itself, as an operator runs it
+        out = tmp_path / "topology.png"
+        res = subprocess.run([sys.executable, "-m", "sdqkd", "topo", "plot", "--lab", "madqci", "--lab-dir", str(tmp_path),
+                              "-o", str(out)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and res.stdout.strip() == f"wrote {out}", res.stderr
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        launcher.down("madqci", root)
