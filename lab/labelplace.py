@@ -28,6 +28,8 @@ class Label:
     text: Text  # already added to the axes, centred (ha/va "center") on its anchor
     anchor: tuple[float, float]  # data coordinates
     prefer: Sequence[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0)])  # first tries, pixels
+    beside: float = 0.0  # > 0: the label names a marker of this radius (pixels) at the anchor; first tries
+    # are then just below, above, right and left of it instead of `prefer`
 
 
 def box(text: Text, renderer: object) -> Bbox:
@@ -79,8 +81,12 @@ def place(ax: Axes, labels: Sequence[Label], obstacles: Sequence[Bbox]) -> list[
         b = box(lb.text, renderer)
         ax_px = ax.transData.transform(lb.anchor)
         base = np.array([b.x0 - GAP_PX, b.y0 - GAP_PX, b.x1 + GAP_PX, b.y1 + GAP_PX])
+        prefer = lb.prefer
+        if lb.beside > 0:
+            dx, dy = lb.beside + b.width / 2 + 2 * GAP_PX, lb.beside + b.height / 2 + 2 * GAP_PX
+            prefer = [(0.0, -dy), (0.0, dy), (dx, 0.0), (-dx, 0.0)]
         found = None
-        for spots in _spots(lb.prefer, max_r):
+        for spots in _spots(prefer, max_r):
             cands = base[None, :] + np.tile(spots, 2)
             inside = ((cands[:, 0] >= limits[0]) & (cands[:, 1] >= limits[1])
                       & (cands[:, 2] <= limits[2]) & (cands[:, 3] <= limits[3]))

@@ -158,11 +158,11 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
     labels: list[tuple[int, Label]] = []  # (priority, label)
 
     def label(gid: str, text: str, at: np.ndarray, prio: int, colour: str = "#333333", size: float = 7.5,
-              prefer: Sequence[tuple[float, float]] = ((0.0, 0.0),), edge: str | None = None, weight: str = "normal") -> None:
+              beside: float = 0.0, edge: str | None = None, weight: str = "normal") -> None:
         t = ax.text(float(at[0]), float(at[1]), text, ha="center", va="center", fontsize=size, color=colour, zorder=10,
                     gid=f"label:{gid}", fontweight=weight,
                     bbox={"boxstyle": "round,pad=0.18", "fc": "white", "ec": edge or "none", "lw": 0.6, "alpha": 0.92})
-        labels.append((prio, Label(t, (float(at[0]), float(at[1])), list(prefer))))
+        labels.append((prio, Label(t, (float(at[0]), float(at[1])), beside=beside)))
 
     def place_of(end: pb.FibreEnd) -> np.ndarray:
         return sw_pos[end.switch] if end.switch in sw_pos else pos[end.node]
@@ -259,8 +259,7 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
             text += " (relay)"
         if not up:
             text += " DOWN"
-        r = NODE_PT / 2 * DPI / 72
-        label(f"node:{q}", text, pos[q], 0, "#111111", 9.5, prefer=[(0, -r - 9), (0, r + 9), (r + 30, 0), (-r - 30, 0)], weight="bold")
+        label(f"node:{q}", text, pos[q], 0, "#111111", 9.5, beside=NODE_PT / 2 * DPI / 72 + 1, weight="bold")
     for s in sorted(topo.switches, key=lambda s: s.name):
         if s.name not in sw_pos:
             continue
@@ -269,12 +268,12 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
                    zorder=9, gid=f"switch:{s.name}")
         ax.add_line(m)
         markers.append(m)
-        r = SWITCH_PT / 2 * DPI / 72
-        label(f"switch:{s.name}", s.name, p, 1, "#444444", 6.5, prefer=[(0, -r - 7), (0, r + 7), (r + 22, 0), (-r - 22, 0)])
+        label(f"switch:{s.name}", s.name, p, 1, "#444444", 6.5, beside=SWITCH_PT / 2 * DPI / 72 + 1)
 
-    everything = np.vstack([*pos.values(), *(sw_pos.values() or [np.zeros(2)])])
+    everything = np.vstack([np.zeros((1, 2)) if not pos else np.array(list(pos.values())),
+                            *(np.asarray(line.get_xydata(), dtype=float) for line in ax.lines)])
     lo, hi = everything.min(axis=0), everything.max(axis=0)
-    margin = 0.12 * max(hi - lo)
+    margin = 0.12 * max(hi - lo) or 1.0
     ax.set_xlim(lo[0] - margin, hi[0] + margin)
     ax.set_ylim(lo[1] - margin, hi[1] + margin)
     ax.set_autoscale_on(False)
