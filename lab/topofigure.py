@@ -128,6 +128,17 @@ def _curve(p0: np.ndarray, p2: np.ndarray, bend: float, n: int = 48) -> np.ndarr
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * ctrl + t ** 2 * p2
 
 
+def _outer_side(p0: np.ndarray, p2: np.ndarray, neighbours: list[np.ndarray]) -> float:
+    """+1 or -1: the side of the chord p0-p2 away from the middle of the ends' other neighbours
+    and their switches, where the first of the pair's curves goes (a triangle's links bend
+    outwards, not across it; links stay clear of the switched plane)."""
+    if not neighbours:
+        return 1.0
+    apex = _curve(p0, p2, BEND, 3)[1]
+    middle = np.mean(np.array(neighbours), axis=0)
+    return 1.0 if np.linalg.norm(apex - middle) >= np.linalg.norm((p0 + p2) / 2 - middle) else -1.0
+
+
 def _bends(count: int, always: bool) -> list[float]:
     """Sideways bends for `count` curves between one pair of places: 0 first unless `always`,
     then alternately left and right, further each time."""
@@ -190,11 +201,15 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
     pairs: dict[tuple[str, str], list[pb.Link]] = defaultdict(list)
     for lk in sorted(topo.links, key=lambda lk: lk.qkdl_id):
         pairs[tuple(sorted((lk.a, lk.b)))].append(lk)  # type: ignore[arg-type]
-    for (first, _), links in pairs.items():
+    for (first, second), links in pairs.items():
         links.sort(key=lambda lk: (_technology(ifaces, lk), lk.qkdl_id))
+        near = {x for lk2 in topo.links for x in (lk2.a, lk2.b) if {lk2.a, lk2.b} & {first, second}}
+        near |= {x for f in topo.fibres for x in (f.a.node, f.b.node) if {f.a.node, f.b.node} & {first, second}}
+        side = _outer_side(pos[first], pos[second], [pos[q] for q in sorted(near - {first, second})]
+                           + [sw_pos[sw.name] for sw in topo.switches if sw.node in near and sw.name in sw_pos])
         for lk, bend in zip(links, _bends(len(links), always=True)):
             a, b = (lk.a, lk.b) if lk.a == first else (lk.b, lk.a)
-            pts = _curve(pos[a], pos[b], bend)
+            pts = _curve(pos[a], pos[b], side * bend)
             tech = _technology(ifaces, lk)
             colour = chan_colour.get(lk.qkdl_id, DV_COLOUR if tech == "DV" else CHANNEL_COLOURS[-1])
             active = lk.status == "ACTIVE"
