@@ -129,9 +129,10 @@ def _curve(p0: np.ndarray, p2: np.ndarray, bend: float, n: int = 48) -> np.ndarr
 
 
 def _outer_side(p0: np.ndarray, p2: np.ndarray, neighbours: list[np.ndarray]) -> float:
-    """+1 or -1: the side of the chord p0-p2 away from the middle of the ends' other neighbours
-    and their switches, where the first of the pair's curves goes (a triangle's links bend
-    outwards, not across it; links stay clear of the switched plane)."""
+    """+1 or -1: the side of the chord p0-p2 away from the middle of `neighbours`, where the first
+    of the pair's curves goes: the third corners of the triangles the pair is in (links bend out of
+    a triangle, not across it), else the ends' other neighbours and switches (links stay clear of
+    the switched plane)."""
     if not neighbours:
         return 1.0
     apex = _curve(p0, p2, BEND, 3)[1]
@@ -201,12 +202,18 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
     pairs: dict[tuple[str, str], list[pb.Link]] = defaultdict(list)
     for lk in sorted(topo.links, key=lambda lk: lk.qkdl_id):
         pairs[tuple(sorted((lk.a, lk.b)))].append(lk)  # type: ignore[arg-type]
+    adjacent: dict[str, set[str]] = defaultdict(set)
+    for x, y in [(lk.a, lk.b) for lk in topo.links] + [(f.a.node, f.b.node) for f in topo.fibres]:
+        adjacent[x].add(y)
+        adjacent[y].add(x)
     for (first, second), links in pairs.items():
         links.sort(key=lambda lk: (_technology(ifaces, lk), lk.qkdl_id))
-        near = {x for lk2 in topo.links for x in (lk2.a, lk2.b) if {lk2.a, lk2.b} & {first, second}}
-        near |= {x for f in topo.fibres for x in (f.a.node, f.b.node) if {f.a.node, f.b.node} & {first, second}}
-        side = _outer_side(pos[first], pos[second], [pos[q] for q in sorted(near - {first, second})]
-                           + [sw_pos[sw.name] for sw in topo.switches if sw.node in near and sw.name in sw_pos])
+        near = {first: adjacent[first] - {second}, second: adjacent[second] - {first}}
+        common = near[first] & near[second]  # a triangle: bend out of it
+        around = [pos[q] for q in sorted(common)] or (
+            [pos[q] for q in sorted(near[first] | near[second])]
+            + [sw_pos[sw.name] for sw in topo.switches if sw.name in sw_pos and sw.node in near[first] | near[second] | {first, second}])
+        side = _outer_side(pos[first], pos[second], around)
         for lk, bend in zip(links, _bends(len(links), always=True)):
             a, b = (lk.a, lk.b) if lk.a == first else (lk.b, lk.a)
             pts = _curve(pos[a], pos[b], side * bend)
