@@ -56,7 +56,7 @@ def wavelength(channel: int | None) -> str:
 
 def layout(topo: pb.Topology) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Positions of nodes (by qkdn_id) and of switches (by name): stress majorization on the path
-    lengths of the fibre plant counted in spans (a switch half a span from its node; links
+    lengths of the fibre plant counted in spans (a switch SWITCH_SPAN from its node; links
     count where no fibre is known), so neighbours sit about one step apart and a dense cluster
     is not squeezed; started from a seeded spring layout, so the same topology always lands
     the same way."""
@@ -156,7 +156,6 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
     names = {n.qkdn_id: n.name for n in topo.nodes}
     pos, sw_pos = layout(topo)
     ifaces = {(i.node, i.qkdi_id): i for i in topo.interfaces}
-    chan_by_id = {c.chan_id: c for c in channels}
     switched = sorted(c.chan_id for c in channels if c.hops)
     chan_colour = {cid: CHANNEL_COLOURS[i % len(CHANNEL_COLOURS)] for i, cid in enumerate(switched)}
     domains = sorted({n.domain for n in topo.nodes})
@@ -176,6 +175,9 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
                     bbox={"boxstyle": "round,pad=0.18", "fc": "white", "ec": edge or "none", "lw": 0.6, "alpha": 0.92})
         labels.append((prio, Label(t, (float(at[0]), float(at[1])), beside=beside)))
 
+    def end_key(end: pb.FibreEnd) -> str:
+        return f"switch:{end.switch}" if end.switch in sw_pos else end.node
+
     def place_of(end: pb.FibreEnd) -> np.ndarray:
         return sw_pos[end.switch] if end.switch in sw_pos else pos[end.node]
 
@@ -183,16 +185,12 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
     fibre_line: dict[str, np.ndarray] = {}
     groups: dict[tuple[str, str], list[pb.Fibre]] = defaultdict(list)
     for f in sorted(topo.fibres, key=lambda f: f.name):
-        ends = (f.a.switch or f.a.node, f.b.switch or f.b.node)
-        groups[tuple(sorted(ends))].append(f)  # type: ignore[arg-type]
+        groups[tuple(sorted((end_key(f.a), end_key(f.b))))].append(f)  # type: ignore[arg-type]
     for (first, _), fibres in groups.items():
         for f, bend in zip(fibres, _bends(len(fibres), always=False)):
             p0, p2 = place_of(f.a), place_of(f.b)
-            if (f.a.switch or f.a.node) != first:
-                p0, p2 = p2, p0  # bends counted from one side of the pair
-            pts = _curve(p0, p2, bend)
-            if (f.a.switch or f.a.node) != first:
-                pts = pts[::-1]
+            flip = end_key(f.a) != first  # bends counted from one side of the pair
+            pts = _curve(p2, p0, bend)[::-1] if flip else _curve(p0, p2, bend)
             fibre_line[f.name] = pts
             ax.add_line(Line2D(pts[:, 0], pts[:, 1], color=FIBRE_COLOUR, lw=2.2, alpha=0.8, zorder=1,
                                solid_capstyle="round", gid=f"fibre:{f.name}"))

@@ -126,6 +126,17 @@ def test_every_fibre_and_cross_connect_is_drawn(drawn: tuple[pb.Topology, list[p
     for gid, sw in expected.items():  # fibre (or module) - switch - fibre, through the switch marker
         middle = xcs[gid].get_xydata()[1]
         assert np.allclose(middle, switches[sw].get_xydata()[0])
+    # each arm heads along what its port is patched to: the fibre at that port, or the node's module
+    nodes = _by_gid(fig, Line2D, "node:")
+    patched = {(e.switch, e.port): fibres[f.name].get_xydata() for f in topo.fibres for e in (f.a, f.b) if e.switch}
+    patched |= {(i.switch, i.port): np.array([nodes[i.node].get_xydata()[0]] * 2) for i in topo.interfaces if i.switch}
+    for gid, sw in expected.items():
+        centre = switches[sw].get_xydata()[0]
+        for port, arm in zip((int(p) for p in gid.split(":")[1].split("-")), xcs[gid].get_xydata()[::2]):
+            line = patched[(sw, port)]
+            towards = line[1] if np.allclose(line[0], centre) else line[-2] if np.allclose(line[-1], centre) else line[0]
+            u, v = arm - centre, towards - centre
+            assert abs(u[0] * v[1] - u[1] * v[0]) < 1e-9 and u @ v > 0, (gid, port)
     wavelength = {(h.switch, frozenset((h.port_in, h.port_out))): f"C{c.channel}" for c in channels for h in c.hops}
     for gid, sw in expected.items():
         a, b = (int(p) for p in gid.split(":")[1].split("-"))
