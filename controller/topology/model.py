@@ -104,11 +104,28 @@ class ClassicalChannel:
 
 @dataclass(frozen=True)
 class FibreEnd:
-    """Where a fibre ends: at a node (qkdn_id), patched to a switch port or not."""
+    """Where a fibre ends: at a node (qkdn_id), patched to a switch port or not.
+
+    mux_ports: the fixed mux/demux at this end, as (switch port, DWDM channels it passes):
+    the fibre lands on all those ports, so it carries one quantum channel per port at once.
+    Without it the end is one port (`port`), which carries one quantum channel."""
 
     node: str
     switch: str | None = None
     port: int | None = None
+    mux_ports: tuple[tuple[int, frozenset[int]], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mux_ports", tuple((int(p), frozenset(int(c) for c in chans))
+                                                    for p, chans in self.mux_ports))
+
+    def ports(self) -> tuple[tuple[int, frozenset[int] | None], ...]:
+        """The switch ports this end lands on, each with the channels it passes (None: any)."""
+        if self.switch is None:
+            return ()
+        if self.mux_ports:
+            return tuple((p, chans) for p, chans in self.mux_ports)
+        return ((self.port, None),) if self.port is not None else ()
 
 
 @dataclass(frozen=True)
@@ -217,7 +234,8 @@ class Topology:
             patch(iface.switch, iface.port, f"interface {iface.node}:{iface.qkdi_id}")
         for fibre in self.fibres.values():
             for end in (fibre.a, fibre.b):
-                patch(end.switch, end.port, f"fibre {fibre.name}")
+                for port, _ in end.ports() or ((end.port, None),):
+                    patch(end.switch, port, f"fibre {fibre.name}")
         for sw in self.switches.values():
             ports = [p for pair in sw.cross_connects for p in pair]
             if len(ports) != len(set(ports)) or any(not 1 <= p <= sw.ports for p in ports):
