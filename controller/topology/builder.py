@@ -59,7 +59,10 @@ class Inventory:
         out = {}
         for f in self.lab.get("fibre", []):
             def end(e: dict[str, Any]) -> FibreEnd:
-                return FibreEnd(ids.get(e["node"], e["node"]), e.get("switch"), int(e["port"]) if e.get("port") is not None else None)
+                return FibreEnd(ids.get(e["node"], e["node"]), e.get("switch"),
+                                int(e["port"]) if e.get("port") is not None else None,
+                                tuple((int(m["port"]), frozenset(int(c) for c in m.get("channel", [])))
+                                      for m in e.get("mux-port", [])))
 
             out[f["name"]] = Fibre(
                 name=f["name"],
