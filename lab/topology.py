@@ -22,7 +22,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.agents.emulation.profile import QkdProfile, identity_name
+from sdqkd.qkdprofile import QkdProfile, identity_name
 from sdqkd.lab.plan import ETSI004_JSON_OFFSET, node_id
 
 MODULE = "sdqkd-lab"

@@ -269,18 +269,44 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     # --- direct quantum channels ------------------------------------------------------------------
 
+    def _optical_request(self, request: pb.CreateChannelRequest | pb.ComputeChannelRequest) -> OpticalRequest:
+        """The request's interfaces or nodes and wavelength; same-node pairs and channels off the
+        grid are INVALID_ARGUMENT."""
+        by_if, by_node = (request.HasField("tx"), request.HasField("rx")), (bool(request.src), bool(request.dst))
+        wavelength = request.wavelength if request.HasField("wavelength") else None
+        if wavelength is not None and not 1 <= wavelength <= 96:
+            raise RequestError(S.INVALID_ARGUMENT, f"wavelength must be a DWDM channel 1..96, not {wavelength}")
+        if by_if == (True, True) and by_node == (False, False):
+            tx = (self._node(request.tx.node, "tx node"), request.tx.qkdi_id)
+            rx = (self._node(request.rx.node, "rx node"), request.rx.qkdi_id)
+            if tx[0] == rx[0]:
+                raise RequestError(S.INVALID_ARGUMENT, "tx and rx are on the same node: a quantum channel joins two nodes")
+            return OpticalRequest(tx=tx, rx=rx, channel=wavelength)
+        if by_node == (True, True) and by_if == (False, False):
+            src, dst = self._node(request.src, "source"), self._node(request.dst, "destination")
+            if src == dst:
+                raise RequestError(S.INVALID_ARGUMENT, "source and destination are the same node")
+            return OpticalRequest(src=src, dst=dst, channel=wavelength)
+        raise RequestError(S.INVALID_ARGUMENT, "give either tx and rx, or src and dst")
+
     @_rpc
     def CreateChannel(self, request: pb.CreateChannelRequest, context: grpc.ServicerContext) -> pb.Channel:
-        by_if, by_node = (request.HasField("tx"), request.HasField("rx")), (bool(request.src), bool(request.dst))
-        if by_if == (True, True) and by_node == (False, False):
-            req = OpticalRequest(tx=(self._node(request.tx.node, "tx node"), request.tx.qkdi_id),
-                                 rx=(self._node(request.rx.node, "rx node"), request.rx.qkdi_id))
-        elif by_node == (True, True) and by_if == (False, False):
-            req = OpticalRequest(src=self._node(request.src, "source"), dst=self._node(request.dst, "destination"))
-        else:
-            raise RequestError(S.INVALID_ARGUMENT, "give either tx and rx, or src and dst")
+        req = self._optical_request(request)
         ch = self.ctl.create_channel(req, request.chan_id if request.HasField("chan_id") else None)
         return self._channel(ch)
+
+    @_rpc
+    def ComputeChannel(self, request: pb.ComputeChannelRequest, context: grpc.ServicerContext) -> pb.ChannelPlan:
+        req = self._optical_request(request)
+        options = self.ctl.compute_channel(req)
+        if request.max_alternatives:
+            options = options[:request.max_alternatives]
+        topo = self.ctl.topology()
+        return pb.ChannelPlan(options=[
+            pb.ChannelOption(tx=self._if(p.tx, topo), rx=self._if(p.rx, topo), channel=p.channel, loss_db=p.loss_db,
+                             fibres=list(p.fibres), expected_skr=rate, busy=busy,
+                             hops=[pb.Hop(switch=sw, port_in=pin, port_out=pout) for sw, pin, pout in p.hops])
+            for p, rate, busy in options])
 
     @_rpc
     def DeleteChannel(self, request: pb.DeleteChannelRequest, context: grpc.ServicerContext) -> pb.DeleteChannelResponse:

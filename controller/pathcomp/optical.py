@@ -93,7 +93,7 @@ def optical_options(topo: Topology, req: OpticalRequest) -> list[OpticalPath]:
         except _Fail as exc:
             fails.append((exc, t, r))
     if paths:
-        busy = topo.memo("optical_busy", _busy_ifaces)
+        busy = topo.memo("optical_busy", busy_interfaces)
         return sorted(paths, key=lambda p: (p.tx in busy or p.rx in busy, p.loss_db,
                                              -1 if p.channel is None else p.channel, p.tx, p.rx))
     exc, t, r = max(fails, key=lambda f: (f[0].stage, -f[0].loss))
@@ -122,8 +122,8 @@ def _pairs(topo: Topology, req: OpticalRequest) -> list[tuple[IfKey, IfKey]]:
         [(t.key, r.key) for t in txs for r in rxs]
 
 
-def _busy_ifaces(topo: Topology) -> dict[IfKey, str]:
-    """Interfaces that already terminate a link -> that link's id."""
+def busy_interfaces(topo: Topology) -> dict[IfKey, str]:
+    """Interfaces that already terminate a link -> that link's id (memoised per snapshot by callers)."""
     out: dict[IfKey, str] = {}
     for lk in topo.links.values():
         out.setdefault((lk.a, lk.a_if), lk.qkdl_id)

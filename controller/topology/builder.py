@@ -11,6 +11,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd.controller.southbound.agent import NSMAP, ident, qkd_node, text
+from sdqkd.qkdprofile import QkdProfile
 from sdqkd.controller.topology.model import (
     ClassicalChannel,
     Fibre,
@@ -50,6 +51,15 @@ class Inventory:
         i = self.ifaces.get((node, qkdi))
         p = self.profiles.get(i["profile"]) if i else None
         return p.get("band") if p else None
+
+    def profile(self, node: str, qkdi: int) -> QkdProfile | None:
+        """The calibrated profile of a module (by node name), or None when the inventory has none."""
+        i = self.ifaces.get((node, qkdi))
+        p = self.profiles.get(i["profile"]) if i else None
+        try:
+            return QkdProfile.from_dict(p) if p else None
+        except (ValueError, TypeError):
+            return None
 
     def fixed_channel(self, node: str, qkdi: int) -> int | None:
         i = self.ifaces.get((node, qkdi))

@@ -32,7 +32,7 @@ import pytest
 
 from testlib import REPO
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import (
+from sdqkd.qkdprofile import (
     QkdProfile, mean_qber, no_key_reason, sample_qber, secret_key_rate, span_loss_limit,
 )
 from sdqkd.lab import plan as lab_plan

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from testlib import REPO, run
 from sdqkd import yangdata, yangmodels
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import BUILTIN_PROFILES, QkdProfile
+from sdqkd.qkdprofile import BUILTIN_PROFILES, QkdProfile
 from sdqkd.cli import main
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab import topology
