@@ -858,9 +858,18 @@ class Controller:
 
     # --- direct quantum channels -------------------------------------------------------------
 
+    def _busy(self, topo: Topology) -> dict[tuple[str, int], str]:
+        """Modules serving a link: the agents' links and the channels set up, reported yet or not."""
+        busy = dict(topo.memo("optical_busy", busy_interfaces))
+        for ch in self.store.channels():
+            for end in (ch.tx, ch.rx):
+                busy.setdefault((end[0], int(end[1])), ch.chan_id)
+        return busy
+
     def compute_optical(self, req: OpticalRequest) -> OpticalPath:
         try:
-            return optical_path(self.topology(), req)
+            topo = self.topology()
+            return optical_path(topo, req, self._busy(topo))
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
 
@@ -868,11 +877,11 @@ class Controller:
         """Dry run of create_channel: every feasible (Tx, Rx, channel) with its lowest-loss route,
         the key rate the Tx's profile gives at that loss, and whether a module of it is busy."""
         topo = self.topology()
+        busy = self._busy(topo)
         try:
-            options = optical_options(topo, req)
+            options = optical_options(topo, req, busy)
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
-        busy = topo.memo("optical_busy", busy_interfaces)
         return [(p, self.expected_rate(topo, p), p.tx in busy or p.rx in busy) for p in options]
 
     def expected_rate(self, topo: Topology, path: OpticalPath) -> float:

@@ -41,7 +41,7 @@ from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.pathcomp.optical import OpticalRequest
 from sdqkd.controller.pathcomp.relay import RelayPlan
-from sdqkd.controller.topology.model import Topology
+from sdqkd.controller.topology.model import FibreEnd, Topology
 from sdqkd.tapi.context import to_tapi_text
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,11 @@ def _ts(seconds: float) -> Timestamp:
 # --- model -> messages ------------------------------------------------------------------
 
 
+def _fibre_end(e: FibreEnd) -> pb.FibreEnd:
+    return pb.FibreEnd(node=e.node, switch=e.switch or "", port=e.port,
+                       mux_ports=[pb.MuxPort(port=p, channels=sorted(c)) for p, c in e.mux_ports])
+
+
 def topology_message(topo: Topology) -> pb.Topology:
     """The controller's snapshot, field for field."""
     out = pb.Topology()
@@ -139,8 +144,7 @@ def topology_message(topo: Topology) -> pb.Topology:
     for f in sorted(topo.fibres.values(), key=lambda f: f.name):
         out.fibres.add(
             name=f.name, loss_db=f.loss_db, length_km=f.length_km,
-            a=pb.FibreEnd(node=f.a.node, switch=f.a.switch or "", port=f.a.port),
-            b=pb.FibreEnd(node=f.b.node, switch=f.b.switch or "", port=f.b.port),
+            a=_fibre_end(f.a), b=_fibre_end(f.b),
             classical=[pb.ClassicalChannel(channel=c.channel, band=c.band) for c in f.classical],
             mux_channels=sorted(f.mux_channels), quantum_in_use=sorted(f.quantum_in_use))
     for s in sorted(topo.switches.values(), key=lambda s: s.name):

@@ -23,7 +23,7 @@ max_absorption wins, and equal losses go to the lowest channel.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,17 +67,26 @@ class OpticalPath:
     loss_db: float
 
 
-def optical_path(topo: Topology, req: OpticalRequest) -> OpticalPath:
+def optical_path(topo: Topology, req: OpticalRequest, busy: Mapping[IfKey, str] | None = None) -> OpticalPath:
     """The lowest-loss feasible channel for the request, or NoPath with the most specific reason.
 
-    Between two nodes, a free Tx/Rx pair of one technology wins over any pair with a module
-    already in a link, whatever the loss: a busy module would lose the link it serves."""
-    return optical_options(topo, req)[0]
+    Only free modules: one already terminating a link serves that link (one module, one quantum
+    channel), so between two nodes a free Tx/Rx pair of one technology is taken whatever the loss."""
+    busy = topo.memo("optical_busy", busy_interfaces) if busy is None else busy
+    options = optical_options(topo, req, busy)
+    p = options[0]
+    for key in (p.tx, p.rx):
+        if key in busy:
+            raise NoPath(f"{_ifname(topo, key)} is busy: it terminates link {busy[key]}"
+                         + (" (and no free Tx/Rx pair works)" if len(options) > 1 or req.src else ""))
+    return p
 
 
-def optical_options(topo: Topology, req: OpticalRequest) -> list[OpticalPath]:
+def optical_options(topo: Topology, req: OpticalRequest,
+                    busy: Mapping[IfKey, str] | None = None) -> list[OpticalPath]:
     """Every feasible (Tx, Rx, channel) for the request with its lowest-loss route, best first
-    (free pairs, then loss, then channel): what a dry run shows. NoPath when there is none."""
+    (free pairs, then loss, then channel): what a dry run shows. NoPath when there is none.
+    busy: interfaces already serving a link (default: the snapshot's links' ends)."""
     pairs = _pairs(topo, req)
     paths, fails = [], []
     for t, r in pairs:
@@ -93,7 +102,7 @@ def optical_options(topo: Topology, req: OpticalRequest) -> list[OpticalPath]:
         except _Fail as exc:
             fails.append((exc, t, r))
     if paths:
-        busy = topo.memo("optical_busy", busy_interfaces)
+        busy = topo.memo("optical_busy", busy_interfaces) if busy is None else busy
         return sorted(paths, key=lambda p: (p.tx in busy or p.rx in busy, p.loss_db,
                                              -1 if p.channel is None else p.channel, p.tx, p.rx))
     exc, t, r = max(fails, key=lambda f: (f[0].stage, -f[0].loss))
@@ -375,8 +384,10 @@ def _build_graph(topo: Topology) -> nx.DiGraph:
 
 
 def _plugged(topo: Topology) -> dict[IfKey, frozenset[str]]:
-    """Unswitched interface -> the fibres of the links it terminates."""
-    out: dict[IfKey, frozenset[str]] = {}
+    """Unswitched interface -> the fibres it is plugged into: the inventory's record, and the
+    fibres of the links it terminates."""
+    out: dict[IfKey, frozenset[str]] = {i.key: frozenset(i.plugged) for i in topo.interfaces.values()
+                                        if i.plugged and i.switch is None}
     for lk in topo.links.values():
         for key in ((lk.a, lk.a_if), (lk.b, lk.b_if)):
             iface = topo.interfaces.get(key)

@@ -46,6 +46,12 @@ class Inventory:
             for i in n.get("qkd-interface", []):
                 self.ifaces[(n["name"], int(i["id"]))] = i
         self.kms = {n["name"]: bool(n.get("kms", True)) for n in lab.get("node", [])}
+        # a fixed link's modules are plugged into its fibres, whether the link is set up yet or not
+        self.plugged: dict[tuple[str, int], tuple[str, ...]] = {}
+        for lk in lab.get("link", []):
+            for ep in lk.get("endpoints", []):
+                node, _, qkdi = str(ep).rpartition(":")
+                self.plugged[(node, int(qkdi))] = self.plugged.get((node, int(qkdi)), ()) + tuple(lk.get("path", ()))
 
     def band(self, node: str, qkdi: int) -> str | None:
         i = self.ifaces.get((node, qkdi))
@@ -120,6 +126,7 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
                 switch=text(i, "q:qkdi_att_point/q:device"),
                 port=int(text(i, "q:qkdi_att_point/q:port")) if text(i, "q:qkdi_att_point/q:port") else None,
                 fixed_channel=inv.fixed_channel(name, qkdi),
+                plugged=inv.plugged.get((name, qkdi), ()),
                 up=up and (ident(text(i, "q:qkdi_status")) or "ENABLED") == "ENABLED",
             )
         for lk in node.findall("q:qkd_links/q:qkd_link", NSMAP) if node is not None else []:

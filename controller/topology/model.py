@@ -39,7 +39,7 @@ class Node:
 @dataclass(frozen=True)
 class QkdInterface:
     """One QKD module. switch/port: where its fibre is patched (ETSI 015 qkdi_att_point);
-    None means it sits on a fixed fibre to its peer. channels: DWDM channels it can be tuned
+    None means it sits on a fixed fibre to its peer (plugged, when the inventory says which). channels: DWDM channels it can be tuned
     to (empty: fixed or O-band); max_absorption: the receiver's loss budget in dB."""
 
     node: str
@@ -53,8 +53,10 @@ class QkdInterface:
     port: int | None = None
     fixed_channel: int | None = None
     up: bool = True
+    plugged: tuple[str, ...] = ()  # unswitched: the fibres it is plugged into (the plant's record)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "plugged", tuple(self.plugged))
         object.__setattr__(self, "roles", frozenset(self.roles))
         object.__setattr__(self, "channels", frozenset(int(c) for c in self.channels))
         if not self.roles <= ROLES:
