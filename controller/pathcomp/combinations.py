@@ -18,7 +18,7 @@ switching makes possible, and on a busy one what is left.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
@@ -75,12 +75,10 @@ def count(combos: list[Combination]) -> dict[str, int]:
 
 
 def _both(i: QkdInterface) -> QkdInterface:
-    from dataclasses import replace
     return replace(i, roles=frozenset({TRANSMITTER, RECEIVER}))
 
 
 def _as(i: QkdInterface, role: str) -> QkdInterface:
-    from dataclasses import replace
     return replace(i, roles=frozenset({role}))
 
 
