@@ -43,10 +43,11 @@ from lxml import etree
 from sdqkd.controller import qos
 from sdqkd.controller import store as svc
 from sdqkd.private import private_dir
+from sdqkd.qkdprofile import secret_key_rate
 from sdqkd.controller.alarms import CRITICAL, MAJOR, MINOR, Alarm, AlarmClock
 from sdqkd.controller.config import ControllerConfig
 from sdqkd.controller.pathcomp import NoPath
-from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path
+from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, busy_interfaces, optical_options, optical_path
 from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
 from sdqkd.controller.provisioning import reconcile as recon
 from sdqkd.controller.provisioning import txn
@@ -857,11 +858,42 @@ class Controller:
 
     # --- direct quantum channels -------------------------------------------------------------
 
+    def _busy(self, topo: Topology) -> dict[tuple[str, int], str]:
+        """Modules serving a link: the agents' links and the channels set up, reported yet or not."""
+        busy = dict(topo.memo("optical_busy", busy_interfaces))
+        for ch in self.store.channels():
+            for end in (ch.tx, ch.rx):
+                busy.setdefault((end[0], int(end[1])), ch.chan_id)
+        return busy
+
     def compute_optical(self, req: OpticalRequest) -> OpticalPath:
         try:
-            return optical_path(self.topology(), req)
+            topo = self.topology()
+            return optical_path(topo, req, self._busy(topo))
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
+
+    def compute_channel(self, req: OpticalRequest) -> list[tuple[OpticalPath, float, bool]]:
+        """Dry run of create_channel: every feasible (Tx, Rx, channel) with its lowest-loss route,
+        the key rate the Tx's profile gives at that loss, and whether a module of it is busy."""
+        topo = self.topology()
+        busy = self._busy(topo)
+        try:
+            options = optical_options(topo, req, busy)
+        except NoPath as exc:
+            raise ControllerError("no-path", str(exc)) from None
+        return [(p, self.expected_rate(topo, p), p.tx in busy or p.rx in busy) for p in options]
+
+    def expected_rate(self, topo: Topology, path: OpticalPath) -> float:
+        """Mean key rate (bit/s) the Tx's profile gives for the path: its loss, the most same-band
+        classical channels on one of its fibres, one span per fibre; 0 without a profile."""
+        node = topo.nodes.get(path.tx[0])
+        profile = self.inventory.profile(node.name, path.tx[1]) if node else None
+        if profile is None:
+            return 0.0
+        classical = max((sum(1 for c in topo.fibres[f].classical if c.band == profile.band)
+                         for f in path.fibres if f in topo.fibres), default=0)
+        return secret_key_rate(profile, path.loss_db, classical, spans=max(1, len(path.fibres)))
 
     def create_channel(self, req: OpticalRequest, chan_id: str | None = None) -> svc.Channel:
         with self._intent:

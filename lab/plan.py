@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents.emulation.profile import QkdProfile, calibrate
+from sdqkd.qkdprofile import QkdProfile, calibrate
 from sdqkd.agents.netconf import ssh
 from sdqkd import pki
 from sdqkd.lab import hosts as lab_hosts

@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents.emulation.profile import QkdProfile, identity_name, secret_key_rate
+from sdqkd.qkdprofile import QkdProfile, identity_name, secret_key_rate
 from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path
 from sdqkd.controller.topology.builder import Inventory
 from sdqkd.controller.topology.model import QkdInterface, QkdLink, Node, Switch, Topology
