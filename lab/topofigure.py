@@ -238,6 +238,8 @@ def figure(topo: pb.Topology, channels: Sequence[pb.Channel] = (), title: str = 
         for end, near in ((f.a, pts[1]), (f.b, pts[-2])):
             if end.switch and end.HasField("port"):
                 port_to[(end.switch, end.port)] = near
+            for mux in end.mux_ports:  # a fixed mux: one switch port per passband, all on this fibre
+                port_to[(end.switch, mux.port)] = near
     for i in topo.interfaces:
         if i.switch and i.HasField("port") and i.node in pos:
             port_to[(i.switch, i.port)] = pos[i.node]

@@ -128,7 +128,8 @@ def test_every_fibre_and_cross_connect_is_drawn(drawn: tuple[pb.Topology, list[p
         assert np.allclose(middle, switches[sw].get_xydata()[0])
     # each arm heads along what its port is patched to: the fibre at that port, or the node's module
     nodes = _by_gid(fig, Line2D, "node:")
-    patched = {(e.switch, e.port): fibres[f.name].get_xydata() for f in topo.fibres for e in (f.a, f.b) if e.switch}
+    patched = {(e.switch, port): fibres[f.name].get_xydata() for f in topo.fibres for e in (f.a, f.b) if e.switch
+               for port in ([e.port] if e.HasField("port") else []) + [m.port for m in e.mux_ports]}
     patched |= {(i.switch, i.port): np.array([nodes[i.node].get_xydata()[0]] * 2) for i in topo.interfaces if i.switch}
     for gid, sw in expected.items():
         centre = switches[sw].get_xydata()[0]
