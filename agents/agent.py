@@ -19,6 +19,7 @@ from typing import Any
 from sdqkd.agents import config as agent_config
 from sdqkd.agents import operational
 from sdqkd.agents import device_notifications
+from sdqkd.agents import metrics as agent_metrics
 from sdqkd.agents.netconf import ssh
 from sdqkd.agents.datastore.model import agent_models
 from sdqkd.agents.datastore.store import Datastores
@@ -64,6 +65,13 @@ class Agent:
             on_commit=self._on_commit,
         )
         self.server: NetconfServer | None = None
+        self.metrics = agent_metrics.AgentMetrics(drivers=lambda: self.drivers, store=self.kms.lkms.store,
+                                                  routes=lambda: self.kms.lkms.routes, netconf=lambda: self.server)
+        if self.kms.server is not None:
+            self.kms.server.app.middlewares.insert(0, self.metrics.middleware)
+        if self.kms.lkms.forwarder is not None:
+            self.kms.lkms.forwarder.observe = self.metrics.observe_relay
+        self.metrics_port: int | None = None  # bound once start() returned, when configured
         self._stopped = threading.Event()
         # Drivers emit from their own threads, possibly while a commit holds the
         # datastore lock: events are queued and sent by one thread of ours.
@@ -93,6 +101,8 @@ class Agent:
             limits=SessionLimits(max_message_size=nc.max_message_size, hello_timeout=nc.hello_timeout),
             login=ssh.LoginLimits(login_timeout=nc.login_timeout, max_auth_tries=nc.max_auth_tries,
                                   max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay))
+        if self.cfg.metrics is not None and self.cfg.metrics.port:
+            self.metrics_port = self.metrics.serve(self.server.loop, self.cfg.metrics.address, self.cfg.metrics.port)
         # Everything built so far lives as long as the process: keep it out of the
         # collector's way (full collections rescanned it on every pass).
         gc.collect()
@@ -153,6 +163,7 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.metrics.stop()
         if self.server is not None:
             self.server.stop()
         for drv in self.drivers:
