@@ -117,6 +117,8 @@ class Agent:
                                                       routes=lambda: self.kms.lkms.routes, netconf=lambda: self.server)
         if self.kms.server is not None:
             self.kms.server.app.middlewares.insert(0, m.middleware)
+        for stream in self.kms.streams:
+            stream.observe = m.observe_stream
         if self.kms.lkms.forwarder is not None:
             self.kms.lkms.forwarder.observe = m.observe_relay
 

@@ -4,7 +4,8 @@ Each agent has a registry of its own (never the library's global one: tests run 
 agents in one process). What the devices and the key store know is read when Prometheus
 scrapes (collectors: key rate, QBER, link status and stored keys per link, NETCONF
 sessions and RFC 6022 counters); what happens between scrapes is counted where it happens
-(ETSI 014/004 and QaaS requests by route and status code, relay requests by peer).
+(ETSI 014/004 and QaaS requests by route and status code, the ETSI 004 JSON and binary
+forms' requests by call and code, relay requests by peer).
 
 Labels are bounded by the configuration: qkdl_id, qkdi_id, peer (an adjacent KME's
 qkdn_id), route (a route pattern, never the URL: no SAE ID or key ID reaches a label),
@@ -127,6 +128,10 @@ class AgentMetrics:
                                 ["route", "method", "code"], registry=self.registry)
         self.request_seconds = Histogram("sdqkd_kms_request_duration_seconds", "Time to answer a key-delivery request",
                                          ["route"], buckets=REQUEST_BUCKETS, registry=self.registry)
+        self.stream_requests = Counter("sdqkd_kms_stream_requests",
+                                       "Key-delivery requests of the ETSI 004 JSON and binary forms, by LKMS call and "
+                                       "the HTTP status ETSI 014 would answer", ["protocol", "call", "code"],
+                                       registry=self.registry)
         self.relay_seconds = Histogram("sdqkd_relay_request_duration_seconds",
                                        "Time from sending a message to an adjacent KME to its reply",
                                        ["peer", "op"], buckets=RELAY_BUCKETS, registry=self.registry)
@@ -154,6 +159,9 @@ class AgentMetrics:
             route = request.route or "unmatched"  # a 404 or 405: no pattern, the path is not a label
             self.requests.labels(route, request.method if request.method in _METHODS else "other", str(code)).inc()
             self.request_seconds.labels(route).observe(time.perf_counter() - t0)
+
+    def observe_stream(self, protocol: str, call: str, code: int) -> None:
+        self.stream_requests.labels(protocol, call, str(code)).inc()
 
     def observe_relay(self, peer: str, op: str, seconds: float, ok: bool) -> None:
         self.relay_seconds.labels(peer, op).observe(seconds)

@@ -204,3 +204,31 @@ def test_controller_counts_provisioning_reconciliation_and_northbound_calls(lab)
     # OpenMetrics for a scraper that asks for it
     om = scrape(url, accept="application/openmetrics-text; version=1.0.0")
     assert value(om, "sdqkd_agent_up") == 2
+
+
+def test_an_etsi004_json_request_is_counted_by_call_and_code(lab) -> None:
+    """OPEN_CONNECT then CLOSE in the JSON command form (mutual TLS with A's SAE certificate)."""
+    import json
+    import socket
+
+    plan, _, data, _ = lab
+    a, b = plan.nodes["A"], plan.nodes["B"]
+    url = data["nodes"][0]["metrics"]
+    s0 = scrape(url)
+    ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
+    ctx.load_cert_chain(*(str(p) for p in a.sae_certs["sae-a"]))
+    request = {"command": "OPEN_CONNECT", "data": {
+        "source": f"qkd://sae-a@{a.qkdn_id}", "destination": f"qkd://sae-b@{b.qkdn_id}",
+        "qos": {"key_chunk_size": 32, "max_bps": 32, "min_bps": 32, "jitter": 0, "priority": 0, "timeout": 0, "ttl": 0,
+                "metadata_mimetype": "application/json"}}}
+    with socket.create_connection(("127.0.0.1", a.etsi004_json_port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(json.dumps(request).encode())
+        opened = json.loads(s.recv(65057))
+        s.sendall(json.dumps({"command": "CLOSE", "data": {"key_stream_id": opened["key_stream_id"]}}).encode())
+        assert json.loads(s.recv(65057)) == {"status": 0}
+    s1 = scrape(url)
+    for call in ("open_connect", "close"):
+        assert value(s1, "sdqkd_kms_stream_requests_total", protocol="ETSI 004 JSON", call=call, code="200") == \
+            value(s0, "sdqkd_kms_stream_requests_total", protocol="ETSI 004 JSON", call=call, code="200") + 1
+    assert opened["key_stream_id"] not in {v for (_, ls) in s1 for _, v in ls}
