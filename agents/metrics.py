@@ -65,9 +65,15 @@ class _NodeCollector(Collector):
         self._drivers, self._store, self._routes, self._netconf = drivers, store, routes, netconf
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._links()
-        yield from self._stored()
-        yield from self._sessions()
+        # A part that cannot be read now (a key store on a full disk, a driver mid-restart) is
+        # left out of this scrape, never the whole scrape: the rest is what an operator needs then.
+        for part in (self._links, self._store_up, self._stored, self._sessions):
+            try:
+                got = list(part())
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.debug("metrics: %s skipped (%s)", part.__name__, type(exc).__name__)
+                continue
+            yield from got
 
     def _links(self) -> Iterator[Metric]:
         labels = ["qkdl_id", "qkdi_id"]
@@ -79,7 +85,11 @@ class _NodeCollector(Collector):
         bits = CounterMetricFamily("sdqkd_link_key_bits", "Secret key bits the module distilled on the link",
                                    labels=labels)
         for drv in self._drivers():
-            st = drv.state()
+            try:
+                st = drv.state()
+            except Exception as exc:  # noqa: BLE001 - the other modules are still reported
+                log.debug("metrics: %s state unreadable (%s)", type(drv).__name__, type(exc).__name__)
+                continue
             if "interface" not in st:
                 continue
             qkdi = str(st["interface"].get("qkdi_id", ""))
@@ -92,6 +102,10 @@ class _NodeCollector(Collector):
                 bits.add_metric(lv, float(ls.get("key_bits") or 0))
         yield from (skr, qber, up, bits)
 
+    def _store_up(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("sdqkd_key_store_available", "0 while the key store fails to commit (disk full, I/O error)",
+                                value=1.0 if self._store.available else 0.0)
+
     def _stored(self) -> Iterator[Metric]:
         table = self._routes()
         links = sorted(table.links) if table is not None else []
@@ -101,8 +115,6 @@ class _NodeCollector(Collector):
             keys.add_metric([lid, "local"], float(self._store.count(lid, mine=True)))
             keys.add_metric([lid, "peer"], float(self._store.count(lid, mine=False)))
         yield keys
-        yield GaugeMetricFamily("sdqkd_key_store_available", "0 while the key store fails to commit (disk full, I/O error)",
-                                value=1.0 if self._store.available else 0.0)
 
     def _sessions(self) -> Iterator[Metric]:
         server = self._netconf()
@@ -180,8 +192,12 @@ class AgentMetrics:
         app = web.Application()
 
         async def scrape(request: web.Request) -> web.Response:
-            body, ctype = await asyncio.get_running_loop().run_in_executor(
-                None, self.exposition, request.headers.get("accept"))
+            try:
+                body, ctype = await asyncio.get_running_loop().run_in_executor(
+                    None, self.exposition, request.headers.get("accept"))
+            except Exception:  # noqa: BLE001 - said to the scraper (the target shows down), logged here
+                log.exception("metrics scrape failed")
+                return web.Response(500, b"metrics scrape failed\n", {}, "text/plain; charset=utf-8")
             return web.Response(200, body, {}, ctype)
 
         app.add_routes([web.get("/metrics", scrape)])
