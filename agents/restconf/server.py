@@ -164,7 +164,6 @@ class RestconfServer:
 
     def _only(self, request: web.Request, *methods: str) -> None:
         if request.method not in methods:
-            allow = ",".join(sorted({*methods, "OPTIONS"}))
             raise RestconfError([nc.OperationNotSupported(f"{request.method} is not allowed here")], 405)
 
     def _options(self, allow: str, patch: bool = False) -> web.Response:

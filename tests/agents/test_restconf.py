@@ -260,3 +260,15 @@ def test_event_stream_gets_notifications(rc: RestconfAgent, c: httpx.Client) -> 
         stop.set()
         send(c, "DELETE", f"{NODE}/qkd_applications/qkd_app={APP}")
         t.join(20)
+
+
+def test_datastore_resource_and_its_query_parameters(c: httpx.Client) -> None:
+    assert c.get("/restconf/data", params={"depth": "1"}).json() == {"ietf-restconf:data": {}}
+    some = c.get("/restconf/data", params={"fields": "etsi-qkd-sdn-node:qkd_node/qkdn_id"}).json()["ietf-restconf:data"]
+    assert list(some) == ["etsi-qkd-sdn-node:qkd_node"] and list(some["etsi-qkd-sdn-node:qkd_node"]) == ["qkdn_id"]
+    conf = c.get("/restconf/data", params={"content": "config"}).json()["ietf-restconf:data"]
+    assert "ietf-yang-library:yang-library" not in conf and "qkdn_status" not in conf["etsi-qkd-sdn-node:qkd_node"]
+    x = c.get("/restconf/data", params={"depth": "3"}, headers={"Accept": XML})
+    root = etree.fromstring(x.content)
+    assert root.tag == "{urn:ietf:params:xml:ns:yang:ietf-restconf}data"
+    assert root.find("{urn:etsi:qkd:yang:etsi-qkd-node}qkd_node") is not None
