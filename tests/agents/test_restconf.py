@@ -272,3 +272,15 @@ def test_datastore_resource_and_its_query_parameters(c: httpx.Client) -> None:
     root = etree.fromstring(x.content)
     assert root.tag == "{urn:ietf:params:xml:ns:yang:ietf-restconf}data"
     assert root.find("{urn:etsi:qkd:yang:etsi-qkd-node}qkd_node") is not None
+
+
+def test_semantic_checks_are_the_netconf_ones(rc: RestconfAgent, c: httpx.Client) -> None:
+    before = c.get(NODE, params={"content": "config"}).headers["etag"]
+    bad = {"qkdl_id": LINK, "qkdl_type": "etsi-qkd-node-types:PHYS", "qkdl_local": {"qkdi_id": 99}}
+    r = send(c, "POST", f"{NODE}/qkd_links", {"etsi-qkd-sdn-node:qkd_link": [bad]})
+    assert r.status_code == 400
+    errs = r.json()["ietf-restconf:errors"]["error"]
+    assert sorted(e["error-tag"] for e in errs) == ["invalid-value", "missing-element"]  # no interface 99, no remote
+    where = f"/etsi-qkd-sdn-node:qkd_node/qkd_links/qkd_link[qkdl_id='{LINK}']"
+    assert {e["error-path"] for e in errs} == {f"{where}/qkdl_local/qkdi_id", f"{where}/qkdl_remote/qkdn_id"}
+    assert c.get(NODE).headers["etag"] == before  # nothing changed
