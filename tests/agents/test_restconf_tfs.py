@@ -182,3 +182,16 @@ def test_driver_creates_phys_and_virt_links(pair: RestconfAgent) -> None:
         assert phys_id in running and virt_id in running
     finally:
         m.close_session()
+
+
+def test_device_checks_apply_to_restconf_edits(pair: RestconfAgent) -> None:
+    """Not the driver's: the QKD module's own refusal (Driver.check) reaches a RESTCONF client."""
+    link = {"qkdl_id": str(uuid.uuid4()), "qkdl_type": "etsi-qkd-node-types:PHYS", "phys_channel_att": "45.0",
+            "qkdl_local": {"qkdn_id": IDS["qkd1"], "qkdi_id": 1}, "qkdl_remote": {"qkdn_id": IDS["qkd2"], "qkdi_id": 1}}
+    with pair.client() as c:
+        r = c.post(f"{NODE_URL}/qkd_links", content=json.dumps({"etsi-qkd-sdn-node:qkd_link": [link]}),
+                   headers={"Content-Type": "application/yang-data+json"})
+        assert r.status_code == 400
+        err = r.json()["ietf-restconf:errors"]["error"][0]
+        assert err["error-tag"] == "invalid-value" and "phys_channel_att" in err["error-message"]
+        assert c.get(f"{NODE_URL}/qkd_links/qkd_link={link['qkdl_id']}").status_code == 404
