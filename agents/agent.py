@@ -93,7 +93,7 @@ class Agent:
             rc = self.cfg.restconf
             self.restconf = restconf.RestconfServer(
                 Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
-                restconf.ssl_context(rc.cert, rc.key, rc.client_ca)).start()
+                restconf.ssl_context(rc.cert, rc.key, rc.client_ca), self.cfg.netconf.auth_failure_delay).start()
         rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions,
                     lambda: dict(self.server.stats) if self.server else {})
         nc = self.cfg.netconf

@@ -22,7 +22,7 @@ from sdqkd.agents.kms import web
 from sdqkd.agents.kms.https import HttpsServer
 from sdqkd.agents.netconf import errors as nc
 from sdqkd.agents.netconf import notifications
-from sdqkd.agents.netconf.ssh import User, check_password
+from sdqkd.agents.netconf.ssh import FailureLog, LoginLimits, User, check_password
 from sdqkd.agents.restconf import etag, events, params, paths, tfs
 from sdqkd.agents.restconf.errors import JSON, XML, RESTCONF_NS, RestconfError, fail, render
 from sdqkd.agents.restconf.methods import Resources, parse_json, xml_body
@@ -60,31 +60,34 @@ class Auth:
         self.users = {u.name: u for u in users}
         self._good: set[bytes] = set()
 
-    def user(self, request: web.Request) -> str | None:
+    def user(self, request: web.Request) -> tuple[str | None, bool]:
+        """(the user, or None; whether a password was tried and failed). Blocking (scrypt)."""
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
         cert = sslobj.getpeercert() if sslobj is not None else None
         if cert:
             cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
             if cn in self.users:
-                return cn
+                return cn, False
         header = request.headers.get("authorization", "")
         scheme, _, cred = header.partition(" ")
         if scheme.lower() != "basic":
-            return None
+            return None, False
         try:
             name, _, password = base64.b64decode(cred.strip(), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return None
+            return None, True
         u = self.users.get(name)
-        if u is None or not u.password_hash:
-            return None
-        digest = hashlib.sha256(f"{name}\0{password}\0{u.password_hash}".encode()).digest()
+        stored = u.password_hash if u is not None and u.password_hash else _DUMMY
+        digest = hashlib.sha256(f"{name}\0{password}\0{stored}".encode()).digest()
         if digest in self._good:
-            return name
-        if check_password(password, u.password_hash):
+            return name, False
+        if check_password(password, stored) and u is not None:  # unknown users cost the same scrypt
             self._good.add(digest)
-            return name
-        return None
+            return name, False
+        return None, True
+
+
+_DUMMY = "scrypt$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
 def _media(request: web.Request) -> str:
@@ -103,8 +106,10 @@ def _media(request: web.Request) -> str:
 
 class RestconfServer:
     def __init__(self, resources: Resources, hub: notifications.NotificationHub, users: list[User], host: str,
-                 port: int, ssl_ctx: ssl.SSLContext) -> None:
+                 port: int, ssl_ctx: ssl.SSLContext, failure_delay: float = 0.5) -> None:
         self.resources, self.hub, self.auth = resources, hub, Auth(users)
+        # a wrong password is answered late, later for each one from the address (as NETCONF's)
+        self.failures = FailureLog(LoginLimits(failure_delay=failure_delay))
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
         self.app.add_routes([
             web.get("/.well-known/host-meta", self._host_meta),
@@ -135,8 +140,13 @@ class RestconfServer:
         try:
             streams = request.raw_path.startswith("/restconf/streams/")  # text/event-stream: their own
             media = _media(request) if request.method != "OPTIONS" and not streams else JSON
-            if self.auth.user(request) is None:
+            user, failed = await asyncio.get_running_loop().run_in_executor(None, self.auth.user, request)
+            peer = (request.transport.get_extra_info("peername") or ("?",))[0] if request.transport else "?"
+            if user is None:
+                if failed:
+                    await asyncio.sleep(self.failures.fail(peer))
                 raise RestconfError([nc.AccessDenied("authentication required (HTTP basic or a client certificate)")], 401)
+            self.failures.succeed(peer)
             rest = request.raw_path[len("/restconf"):]
             if rest in ("", "/"):
                 return self._root(request, media)

@@ -177,7 +177,9 @@ def test_authentication(rc: RestconfAgent) -> None:
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
         assert error(r)["error-tag"] == "access-denied"
     with rc.client(auth=("admin", "wrong")) as bad:
+        t0 = time.monotonic()
         assert bad.get(NODE).status_code == 401
+        assert time.monotonic() - t0 >= 0.4  # answered late, as a wrong NETCONF password is
     with rc.client(auth=None, cert=rc.client_cert) as by_cert:
         assert by_cert.get(NODE).status_code == 200
     with rc.client(auth=None, cert=rc.stranger_cert) as stranger:
