@@ -167,14 +167,15 @@ class RestconfServer:
 
     def _error(self, exc: RestconfError, media: str) -> web.Response:
         body, ctype = render(exc, media)
-        headers = {}
+        headers = dict(exc.headers)
         if exc.status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="restconf", charset="UTF-8"'
         return web.Response(exc.status, body, headers, ctype)
 
     def _only(self, request: web.Request, *methods: str) -> None:
         if request.method not in methods:
-            raise RestconfError([nc.OperationNotSupported(f"{request.method} is not allowed here")], 405)
+            raise RestconfError([nc.OperationNotSupported(f"{request.method} is not allowed here")], 405,
+                                {"Allow": ",".join(sorted({*methods, "OPTIONS"}))})
 
     def _options(self, allow: str, patch: bool = False) -> web.Response:
         headers = {"Allow": allow}
@@ -263,7 +264,8 @@ class RestconfServer:
         if method == "OPTIONS":
             return self._options(DATA_METHODS, patch=True)
         if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
-            raise RestconfError([nc.OperationNotSupported(f"{method} is not a RESTCONF method")], 405)
+            raise RestconfError([nc.OperationNotSupported(f"{method} is not a RESTCONF method")], 405,
+                                {"Allow": DATA_METHODS})
         q = params.parse(method, request.query.items())
         if method in ("GET", "HEAD"):
             host = request.headers.get("host", "localhost")

@@ -167,7 +167,10 @@ def test_errors_carry_path_and_tag(c: httpx.Client) -> None:
     el = etree.fromstring(x.content)
     assert el.tag == "{urn:ietf:params:xml:ns:yang:ietf-restconf}errors"
     assert c.get(f"{NODE}/qkd_links/qkd_link={PEER}").status_code == 404
-    assert c.request("TRACE", NODE).status_code == 405
+    trace = c.request("TRACE", NODE)
+    assert trace.status_code == 405 and error(trace)["error-tag"] == "operation-not-supported"
+    assert "PATCH" in trace.headers["allow"]
+    assert c.delete("/restconf").headers["allow"] == "GET,HEAD,OPTIONS"
     assert c.get(f"{NODE}/qkd_applications/qkd_app={APP}").status_code == 404
 
 
