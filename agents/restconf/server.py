@@ -248,9 +248,12 @@ class RestconfServer:
             raise RestconfError([exc], 400) from None
 
         async def body() -> Any:
-            yield first
-            async for chunk in gen:
-                yield chunk
+            try:
+                yield first
+                async for chunk in gen:
+                    yield chunk
+            finally:
+                await gen.aclose()  # unsubscribes now, not when the collector gets to it
         return web.Response(200, b"", headers, "text/event-stream", stream=body())
 
     async def _data(self, request: web.Request, media: str, rest: str) -> web.Response:
