@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
 import json
 import logging
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
@@ -205,11 +203,15 @@ class RestconfServer:
         return web.Response(200, json.dumps({f"ietf-restconf:{name}": value}).encode(), {}, media)
 
     def _operations(self, request: web.Request, media: str, rest: str) -> web.Response:
+        """{+restconf}/operations: this server has no RPC of its own to offer (RFC 8040 3.3.2)."""
         if rest != "/operations":
             raise fail(404, nc.InvalidValue, "this server has no RESTCONF operations")
-        return self._leaf(request, media, "operations", "") if media == XML else (
-            self._options("GET,HEAD,OPTIONS") if request.method == "OPTIONS"
-            else web.Response(200, json.dumps({"ietf-restconf:operations": {}}).encode(), {}, media))
+        if request.method == "OPTIONS":
+            return self._options("GET,HEAD,OPTIONS")
+        self._only(request, "GET", "HEAD")
+        if media == XML:
+            return web.Response(200, f'<operations xmlns="{RESTCONF_NS}"/>'.encode(), {}, media)
+        return web.Response(200, json.dumps({"ietf-restconf:operations": {}}).encode(), {}, media)
 
     def stream_state(self, host: str) -> dict[str, Any]:
         """ietf-restconf-monitoring:restconf-state: capabilities and the stream's locations."""
@@ -329,8 +331,7 @@ class RestconfServer:
                 root.extend(yangdata.encode_json(value).elements() if value else [])
                 return etree.tostring(root)
             node = steps[-1].node
-            leaf = value if node.keyword != "list" else value
-            doc = paths.skeleton(steps, leaf if node.keyword != "leaf-list" else value)
+            doc = paths.skeleton(steps, value)
             els = yangdata.encode_json(doc).elements()
         except yangdata.YangError as exc:
             raise RestconfError([nc.OperationFailed(str(exc))], 500) from None

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from lxml import etree
 
-from agentproc import PASSWORD
 from restconfproc import RestconfAgent, start
 
 JSON = "application/yang-data+json"
