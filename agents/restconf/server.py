@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lxml import etree
@@ -57,6 +58,8 @@ class Auth:
     def __init__(self, users: list[User]) -> None:
         self.users = {u.name: u for u in users}
         self._good: set[bytes] = set()
+        # scrypt takes 16 MiB per check: two at a time at most, whatever the clients send
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="restconf-auth")
 
     def user(self, request: web.Request) -> tuple[str | None, bool]:
         """(the user, or None; whether a password was tried and failed). Blocking (scrypt)."""
@@ -126,6 +129,7 @@ class RestconfServer:
 
     def stop(self) -> None:
         self.https.stop()
+        self.auth.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- routes --------------------------------------------------------------------------
 
@@ -138,10 +142,11 @@ class RestconfServer:
         try:
             streams = request.raw_path.startswith("/restconf/streams/")  # text/event-stream: their own
             media = _media(request) if request.method != "OPTIONS" and not streams else JSON
-            user, failed = await asyncio.get_running_loop().run_in_executor(None, self.auth.user, request)
+            user, failed = await asyncio.get_running_loop().run_in_executor(self.auth.executor, self.auth.user, request)
             peer = (request.transport.get_extra_info("peername") or ("?",))[0] if request.transport else "?"
             if user is None:
                 if failed:
+                    log.info("RESTCONF login refused from %s", peer)
                     await asyncio.sleep(self.failures.fail(peer))
                 raise RestconfError([nc.AccessDenied("authentication required (HTTP basic or a client certificate)")], 401)
             self.failures.succeed(peer)
