@@ -32,6 +32,8 @@ from sdqkd.agents.netconf.notifications import NotificationHub
 from sdqkd.agents.netconf.rpcs import Rpcs
 from sdqkd.agents.netconf.server import NetconfServer
 from sdqkd.agents.netconf.session import SessionLimits
+from sdqkd.agents.restconf import server as restconf
+from sdqkd.agents.restconf.methods import Resources
 from sdqkd.private import private_dir
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ class Agent:
         self.metrics_port: int | None = None  # bound once start() returned
         if cfg.metrics is not None and cfg.metrics.port:
             self._add_metrics()
+        self.restconf: restconf.RestconfServer | None = None
         self._stopped = threading.Event()
         # Drivers emit from their own threads, possibly while a commit holds the
         # datastore lock: events are queued and sent by one thread of ours.
@@ -92,6 +95,12 @@ class Agent:
             ssh.User(u.name, u.password_hash, [ssh.parse_public_key(k) for k in u.authorized_keys]) for u in self.cfg.netconf.users
         ]
         host_key = ssh.load_or_create_host_key(Path(self.cfg.netconf.host_key))
+        if self.cfg.restconf is not None:  # RFC 8040: a second front end on the same datastores; up
+            # before NETCONF, whose port says the agent is ready
+            rc = self.cfg.restconf
+            self.restconf = restconf.RestconfServer(
+                Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
+                restconf.ssl_context(rc.cert, rc.key, rc.client_ca), self.cfg.netconf.auth_failure_delay).start()
         rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions,
                     lambda: dict(self.server.stats) if self.server else {})
         nc = self.cfg.netconf
@@ -129,6 +138,8 @@ class Agent:
         operational.fill(data, self.drivers, self.kms.lkms.store.usage)
 
     def _on_commit(self, changes: list[Any]) -> None:
+        if self.restconf is not None:
+            self.restconf.resources.versions.changed()  # RESTCONF's Last-Modified
         if any(c.kind in ("qkd-link", "qkd-app") for c in changes):  # what routes are made of
             self._refresh_routes()
         for content in device_notifications.application_changes(changes):
@@ -180,6 +191,8 @@ class Agent:
             self.metrics.stop()
         if self.server is not None:
             self.server.stop()
+        if self.restconf is not None:
+            self.restconf.stop()
         for drv in self.drivers:
             try:
                 drv.close()

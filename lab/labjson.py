@@ -68,6 +68,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1]), "pin": pki.spki_pin(n.kme_cert[0])}
             if n.kme_cert else None,
             "metrics": f"http://{plan.address}:{n.metrics_port}/metrics" if n.metrics_port else None,
+            **({"restconf": {"url": f"https://{plan.address}:{n.restconf_port}/restconf", "ca": str(plan.ca[0])}}
+               if n.restconf_port else {}),
             "log": str(n.dir / "agent.log"),
             "config": str(n.config_path),
             "host": ({"netns": h.netns, "address": h.address, "inner": h.inner}

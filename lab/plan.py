@@ -42,6 +42,8 @@ class NodePlan:
     config_path: Path | None = None
     etsi004_json_port: int = 0  # ETSI 004 JSON command form over mutual TLS (kms-port-base + 1000 up)
     metrics_port: int = 0  # Prometheus GET /metrics, plain HTTP (netconf-port-base + 801 up)
+    restconf_port: int = 0  # RESTCONF (RFC 8040) over HTTPS (restconf-port-base up)
+    restconf_cert: tuple[Path, Path] | None = None  # its server certificate, from the lab's root CA
 
 
 @dataclass
@@ -136,6 +138,7 @@ class _Ports:
             "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
             "etsi004-json": int(defaults.get("kms-port-base", 8400)) + ETSI004_JSON_OFFSET,
             "metrics": int(defaults.get("netconf-port-base", 8300)) + METRICS_OFFSET,
+            "restconf": int(defaults.get("restconf-port-base", 8800)),
         }
 
     def take(self, kind: str) -> int:
@@ -201,7 +204,10 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             dir=nd,
             etsi004_json_port=ports.take("etsi004-json"),
             metrics_port=ports.take("metrics"),
+            restconf_port=ports.take("restconf"),
         )
+        np.restconf_cert = pki.issue(ca, f"{np.name} RESTCONF", nd / "pki" / "restconf",
+                                     server_names=[plan.address], client=False)
         np.kme_cert = pki.issue(plan.kme_ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"],
                                 client=True, kme=True)
         for sae in np.saes:
@@ -281,6 +287,8 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
         },
         **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
         **({"metrics": {"address": plan.address, "port": np.metrics_port}} if np.metrics_port else {}),
+        **({"restconf": {"host": plan.address, "port": np.restconf_port, "cert": str(np.restconf_cert[0]),
+                         "key": str(np.restconf_cert[1])}} if np.restconf_cert else {}),
     }
 
 
