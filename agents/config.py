@@ -211,6 +211,9 @@ class MetricsConf:
 
     port: int = 0
     address: str = "127.0.0.1"
+
+
+@dataclass
 class RestconfConf:
     """The RESTCONF (RFC 8040) front end over HTTPS (agents/restconf/); absent: off.
     Clients log in as a NETCONF user: HTTP basic, or a certificate from `client_ca`
