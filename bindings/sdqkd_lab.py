@@ -26,7 +26,7 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
 
   YANG Description: Values every node takes unless it says otherwise.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__address','__netconf_port_base','__kms_port_base','__relay_port_base','__controller_grpc_port','__netconf_username','__link_key_limit',)
+  __slots__ = ('_path_helper', '_extmethods', '__address','__netconf_port_base','__kms_port_base','__relay_port_base','__restconf_port_base','__controller_grpc_port','__netconf_username','__link_key_limit',)
 
   _yang_name = 'defaults'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -42,6 +42,7 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
     self.__netconf_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8300), is_leaf=True, yang_name="netconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__kms_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8400), is_leaf=True, yang_name="kms-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__relay_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8500), is_leaf=True, yang_name="relay-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
+    self.__restconf_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8800), is_leaf=True, yang_name="restconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__controller_grpc_port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(50051), is_leaf=True, yang_name="controller-grpc-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__netconf_username = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'length': ['1..32']}), default=str("admin"), is_leaf=True, yang_name="netconf-username", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='string', is_config=True)
     self.__link_key_limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(100000), is_leaf=True, yang_name="link-key-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
@@ -221,6 +222,43 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
     self.__relay_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8500), is_leaf=True, yang_name="relay-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
 
 
+  def _get_restconf_port_base(self):
+    """
+    Getter method for restconf_port_base, mapped from YANG variable /lab/defaults/restconf_port_base (inet:port-number)
+
+    YANG Description: RESTCONF (RFC 8040) HTTPS port of the first node.
+    """
+    return self.__restconf_port_base
+      
+  def _set_restconf_port_base(self, v, load=False):
+    """
+    Setter method for restconf_port_base, mapped from YANG variable /lab/defaults/restconf_port_base (inet:port-number)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_restconf_port_base is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_restconf_port_base() directly.
+
+    YANG Description: RESTCONF (RFC 8040) HTTPS port of the first node.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8800), is_leaf=True, yang_name="restconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """restconf_port_base must be of a type compatible with inet:port-number""",
+          'defined-type': "inet:port-number",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8800), is_leaf=True, yang_name="restconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)""",
+        })
+
+    self.__restconf_port_base = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_restconf_port_base(self):
+    self.__restconf_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8800), is_leaf=True, yang_name="restconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
+
+
   def _get_controller_grpc_port(self):
     """
     Getter method for controller_grpc_port, mapped from YANG variable /lab/defaults/controller_grpc_port (inet:port-number)
@@ -341,12 +379,13 @@ until some are used.
   netconf_port_base = __builtin__.property(_get_netconf_port_base, _set_netconf_port_base)
   kms_port_base = __builtin__.property(_get_kms_port_base, _set_kms_port_base)
   relay_port_base = __builtin__.property(_get_relay_port_base, _set_relay_port_base)
+  restconf_port_base = __builtin__.property(_get_restconf_port_base, _set_restconf_port_base)
   controller_grpc_port = __builtin__.property(_get_controller_grpc_port, _set_controller_grpc_port)
   netconf_username = __builtin__.property(_get_netconf_username, _set_netconf_username)
   link_key_limit = __builtin__.property(_get_link_key_limit, _set_link_key_limit)
 
 
-  _pyangbind_elements = OrderedDict([('address', address), ('netconf_port_base', netconf_port_base), ('kms_port_base', kms_port_base), ('relay_port_base', relay_port_base), ('controller_grpc_port', controller_grpc_port), ('netconf_username', netconf_username), ('link_key_limit', link_key_limit), ])
+  _pyangbind_elements = OrderedDict([('address', address), ('netconf_port_base', netconf_port_base), ('kms_port_base', kms_port_base), ('relay_port_base', relay_port_base), ('restconf_port_base', restconf_port_base), ('controller_grpc_port', controller_grpc_port), ('netconf_username', netconf_username), ('link_key_limit', link_key_limit), ])
 
 
 class yc_domain_sdqkd_lab__lab_domain(PybindBase):
@@ -3236,6 +3275,145 @@ class yc_switch_sdqkd_lab__lab_switch(PybindBase):
   _pyangbind_elements = OrderedDict([('name', name), ('node', node), ('ports', ports), ('insertion_loss', insertion_loss), ])
 
 
+class yc_mux_port_sdqkd_lab__lab_fibre_a_end_mux_port(PybindBase):
+  """
+  This class was auto-generated by the PythonClass plugin for PYANG
+  from YANG module sdqkd-lab - based on the path /lab/fibre/a-end/mux-port. Each member element of
+  the container is represented as a class variable - with a specific
+  YANG type.
+
+  YANG Description: The fixed mux/demux at this end: each of its channel ports and
+the switch port it is patched into. With mux ports the fibre
+lands on all of them (not on 'port'), so it carries one quantum
+channel per mux port at once, each on a channel its port passes.
+  """
+  __slots__ = ('_path_helper', '_extmethods', '__port','__channel',)
+
+  _yang_name = 'mux-port'
+  _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
+
+  _pybind_generated_by = 'container'
+
+  def __init__(self, *args, **kwargs):
+
+    self._path_helper = False
+
+    self._extmethods = False
+    self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    self.__channel = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)
+
+    load = kwargs.pop("load", None)
+    if args:
+      if len(args) > 1:
+        raise TypeError("cannot create a YANG container with >1 argument")
+      all_attr = True
+      for e in self._pyangbind_elements:
+        if not hasattr(args[0], e):
+          all_attr = False
+          break
+      if not all_attr:
+        raise ValueError("Supplied object did not have the correct attributes")
+      for e in self._pyangbind_elements:
+        nobj = getattr(args[0], e)
+        if nobj._changed() is False:
+          continue
+        setmethod = getattr(self, "_set_%s" % e)
+        if load is None:
+          setmethod(getattr(args[0], e))
+        else:
+          setmethod(getattr(args[0], e), load=load)
+
+  def _path(self):
+    if hasattr(self, "_parent"):
+      return self._parent._path()+[self._yang_name]
+    else:
+      return ['lab', 'fibre', 'a-end', 'mux-port']
+
+  def _get_port(self):
+    """
+    Getter method for port, mapped from YANG variable /lab/fibre/a_end/mux_port/port (uint32)
+
+    YANG Description: Switch port the mux port is patched into.
+    """
+    return self.__port
+      
+  def _set_port(self, v, load=False):
+    """
+    Setter method for port, mapped from YANG variable /lab/fibre/a_end/mux_port/port (uint32)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_port is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_port() directly.
+
+    YANG Description: Switch port the mux port is patched into.
+    """
+    parent = getattr(self, "_parent", None)
+    if parent is not None and load is False:
+      raise AttributeError("Cannot set keys directly when" +
+                             " within an instantiated list")
+
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """port must be of a type compatible with uint32""",
+          'defined-type': "uint32",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)""",
+        })
+
+    self.__port = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_port(self):
+    self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+
+
+  def _get_channel(self):
+    """
+    Getter method for channel, mapped from YANG variable /lab/fibre/a_end/mux_port/channel (etsi-qkdn-types:wavelength)
+
+    YANG Description: DWDM channels this mux port passes.
+    """
+    return self.__channel
+      
+  def _set_channel(self, v, load=False):
+    """
+    Setter method for channel, mapped from YANG variable /lab/fibre/a_end/mux_port/channel (etsi-qkdn-types:wavelength)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_channel is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_channel() directly.
+
+    YANG Description: DWDM channels this mux port passes.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """channel must be of a type compatible with etsi-qkdn-types:wavelength""",
+          'defined-type': "etsi-qkdn-types:wavelength",
+          'generated-type': """YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)""",
+        })
+
+    self.__channel = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_channel(self):
+    self.__channel = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)
+
+  port = __builtin__.property(_get_port, _set_port)
+  channel = __builtin__.property(_get_channel, _set_channel)
+
+
+  _pyangbind_elements = OrderedDict([('port', port), ('channel', channel), ])
+
+
 class yc_a_end_sdqkd_lab__lab_fibre_a_end(PybindBase):
   """
   This class was auto-generated by the PythonClass plugin for PYANG
@@ -3245,7 +3423,7 @@ class yc_a_end_sdqkd_lab__lab_fibre_a_end(PybindBase):
 
   YANG Description: First end.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__node','__switch','__port',)
+  __slots__ = ('_path_helper', '_extmethods', '__node','__switch','__port','__mux_port',)
 
   _yang_name = 'a-end'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -3260,6 +3438,7 @@ class yc_a_end_sdqkd_lab__lab_fibre_a_end(PybindBase):
     self.__node = YANGDynClass(base=str, is_leaf=True, yang_name="node", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='leafref', is_config=True)
     self.__switch = YANGDynClass(base=str, is_leaf=True, yang_name="switch", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='leafref', is_config=True)
     self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    self.__mux_port = YANGDynClass(base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_a_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
 
     load = kwargs.pop("load", None)
     if args:
@@ -3398,12 +3577,195 @@ class yc_a_end_sdqkd_lab__lab_fibre_a_end(PybindBase):
   def _unset_port(self):
     self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
 
+
+  def _get_mux_port(self):
+    """
+    Getter method for mux_port, mapped from YANG variable /lab/fibre/a_end/mux_port (list)
+
+    YANG Description: The fixed mux/demux at this end: each of its channel ports and
+the switch port it is patched into. With mux ports the fibre
+lands on all of them (not on 'port'), so it carries one quantum
+channel per mux port at once, each on a channel its port passes.
+    """
+    return self.__mux_port
+      
+  def _set_mux_port(self, v, load=False):
+    """
+    Setter method for mux_port, mapped from YANG variable /lab/fibre/a_end/mux_port (list)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_mux_port is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_mux_port() directly.
+
+    YANG Description: The fixed mux/demux at this end: each of its channel ports and
+the switch port it is patched into. With mux ports the fibre
+lands on all of them (not on 'port'), so it carries one quantum
+channel per mux port at once, each on a channel its port passes.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_a_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """mux_port must be of a type compatible with list""",
+          'defined-type': "list",
+          'generated-type': """YANGDynClass(base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_a_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)""",
+        })
+
+    self.__mux_port = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_mux_port(self):
+    self.__mux_port = YANGDynClass(base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_a_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
+
   node = __builtin__.property(_get_node, _set_node)
   switch = __builtin__.property(_get_switch, _set_switch)
   port = __builtin__.property(_get_port, _set_port)
+  mux_port = __builtin__.property(_get_mux_port, _set_mux_port)
 
 
-  _pyangbind_elements = OrderedDict([('node', node), ('switch', switch), ('port', port), ])
+  _pyangbind_elements = OrderedDict([('node', node), ('switch', switch), ('port', port), ('mux_port', mux_port), ])
+
+
+class yc_mux_port_sdqkd_lab__lab_fibre_b_end_mux_port(PybindBase):
+  """
+  This class was auto-generated by the PythonClass plugin for PYANG
+  from YANG module sdqkd-lab - based on the path /lab/fibre/b-end/mux-port. Each member element of
+  the container is represented as a class variable - with a specific
+  YANG type.
+
+  YANG Description: The fixed mux/demux at this end: each of its channel ports and
+the switch port it is patched into. With mux ports the fibre
+lands on all of them (not on 'port'), so it carries one quantum
+channel per mux port at once, each on a channel its port passes.
+  """
+  __slots__ = ('_path_helper', '_extmethods', '__port','__channel',)
+
+  _yang_name = 'mux-port'
+  _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
+
+  _pybind_generated_by = 'container'
+
+  def __init__(self, *args, **kwargs):
+
+    self._path_helper = False
+
+    self._extmethods = False
+    self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    self.__channel = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)
+
+    load = kwargs.pop("load", None)
+    if args:
+      if len(args) > 1:
+        raise TypeError("cannot create a YANG container with >1 argument")
+      all_attr = True
+      for e in self._pyangbind_elements:
+        if not hasattr(args[0], e):
+          all_attr = False
+          break
+      if not all_attr:
+        raise ValueError("Supplied object did not have the correct attributes")
+      for e in self._pyangbind_elements:
+        nobj = getattr(args[0], e)
+        if nobj._changed() is False:
+          continue
+        setmethod = getattr(self, "_set_%s" % e)
+        if load is None:
+          setmethod(getattr(args[0], e))
+        else:
+          setmethod(getattr(args[0], e), load=load)
+
+  def _path(self):
+    if hasattr(self, "_parent"):
+      return self._parent._path()+[self._yang_name]
+    else:
+      return ['lab', 'fibre', 'b-end', 'mux-port']
+
+  def _get_port(self):
+    """
+    Getter method for port, mapped from YANG variable /lab/fibre/b_end/mux_port/port (uint32)
+
+    YANG Description: Switch port the mux port is patched into.
+    """
+    return self.__port
+      
+  def _set_port(self, v, load=False):
+    """
+    Setter method for port, mapped from YANG variable /lab/fibre/b_end/mux_port/port (uint32)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_port is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_port() directly.
+
+    YANG Description: Switch port the mux port is patched into.
+    """
+    parent = getattr(self, "_parent", None)
+    if parent is not None and load is False:
+      raise AttributeError("Cannot set keys directly when" +
+                             " within an instantiated list")
+
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """port must be of a type compatible with uint32""",
+          'defined-type': "uint32",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)""",
+        })
+
+    self.__port = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_port(self):
+    self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+
+
+  def _get_channel(self):
+    """
+    Getter method for channel, mapped from YANG variable /lab/fibre/b_end/mux_port/channel (etsi-qkdn-types:wavelength)
+
+    YANG Description: DWDM channels this mux port passes.
+    """
+    return self.__channel
+      
+  def _set_channel(self, v, load=False):
+    """
+    Setter method for channel, mapped from YANG variable /lab/fibre/b_end/mux_port/channel (etsi-qkdn-types:wavelength)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_channel is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_channel() directly.
+
+    YANG Description: DWDM channels this mux port passes.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """channel must be of a type compatible with etsi-qkdn-types:wavelength""",
+          'defined-type': "etsi-qkdn-types:wavelength",
+          'generated-type': """YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)""",
+        })
+
+    self.__channel = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_channel(self):
+    self.__channel = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '([1-9][0-9]{0,3})'})), is_leaf=False, yang_name="channel", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='etsi-qkdn-types:wavelength', is_config=True)
+
+  port = __builtin__.property(_get_port, _set_port)
+  channel = __builtin__.property(_get_channel, _set_channel)
+
+
+  _pyangbind_elements = OrderedDict([('port', port), ('channel', channel), ])
 
 
 class yc_b_end_sdqkd_lab__lab_fibre_b_end(PybindBase):
@@ -3415,7 +3777,7 @@ class yc_b_end_sdqkd_lab__lab_fibre_b_end(PybindBase):
 
   YANG Description: Second end.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__node','__switch','__port',)
+  __slots__ = ('_path_helper', '_extmethods', '__node','__switch','__port','__mux_port',)
 
   _yang_name = 'b-end'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -3430,6 +3792,7 @@ class yc_b_end_sdqkd_lab__lab_fibre_b_end(PybindBase):
     self.__node = YANGDynClass(base=str, is_leaf=True, yang_name="node", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='leafref', is_config=True)
     self.__switch = YANGDynClass(base=str, is_leaf=True, yang_name="switch", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='leafref', is_config=True)
     self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
+    self.__mux_port = YANGDynClass(base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_b_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
 
     load = kwargs.pop("load", None)
     if args:
@@ -3568,12 +3931,56 @@ class yc_b_end_sdqkd_lab__lab_fibre_b_end(PybindBase):
   def _unset_port(self):
     self.__port = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
 
+
+  def _get_mux_port(self):
+    """
+    Getter method for mux_port, mapped from YANG variable /lab/fibre/b_end/mux_port (list)
+
+    YANG Description: The fixed mux/demux at this end: each of its channel ports and
+the switch port it is patched into. With mux ports the fibre
+lands on all of them (not on 'port'), so it carries one quantum
+channel per mux port at once, each on a channel its port passes.
+    """
+    return self.__mux_port
+      
+  def _set_mux_port(self, v, load=False):
+    """
+    Setter method for mux_port, mapped from YANG variable /lab/fibre/b_end/mux_port (list)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_mux_port is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_mux_port() directly.
+
+    YANG Description: The fixed mux/demux at this end: each of its channel ports and
+the switch port it is patched into. With mux ports the fibre
+lands on all of them (not on 'port'), so it carries one quantum
+channel per mux port at once, each on a channel its port passes.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_b_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """mux_port must be of a type compatible with list""",
+          'defined-type': "list",
+          'generated-type': """YANGDynClass(base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_b_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)""",
+        })
+
+    self.__mux_port = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_mux_port(self):
+    self.__mux_port = YANGDynClass(base=YANGListType("port",yc_mux_port_sdqkd_lab__lab_fibre_b_end_mux_port, yang_name="mux-port", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='port', extensions=None), is_container='list', yang_name="mux-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
+
   node = __builtin__.property(_get_node, _set_node)
   switch = __builtin__.property(_get_switch, _set_switch)
   port = __builtin__.property(_get_port, _set_port)
+  mux_port = __builtin__.property(_get_mux_port, _set_mux_port)
 
 
-  _pyangbind_elements = OrderedDict([('node', node), ('switch', switch), ('port', port), ])
+  _pyangbind_elements = OrderedDict([('node', node), ('switch', switch), ('port', port), ('mux_port', mux_port), ])
 
 
 class yc_classical_channel_sdqkd_lab__lab_fibre_classical_channel(PybindBase):

@@ -46,6 +46,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "tapi-topology": (),
     "tapi-connectivity": (),
     "tapi-photonic-media": (),
+    "ietf-restconf": (),  # RFC 8040: the agents' RESTCONF front end (agents/restconf/)
+    "ietf-restconf-monitoring": (),
 }
 
 _LOCATION = re.compile(r'(?:Data|Schema) location "([^"]+)"')
@@ -359,6 +361,39 @@ def encode_json(data: dict[str, Any] | str, *, config: bool = False) -> Document
             lib.lyd_free_all(tree)
 
 
+def parsed(elements: Iterable[etree._Element], *, config: bool) -> Document:
+    """Top-level XML elements re-encoded by libyang (values type-checked, canonical; the
+    whole not validated): the RFC 7951 JSON of a datastore's content or of a <get> reply."""
+    elements = [el for el in elements if isinstance(el.tag, str)]
+    if not elements:
+        return Document("", {})
+    tree = _parse(b"".join(etree.tostring(el) for el in elements), "xml", config=config, validate=False)
+    try:
+        return _document(tree)
+    finally:
+        if tree:
+            lib.lyd_free_all(tree)
+
+
+def notification_json(content: etree._Element) -> dict[str, Any]:
+    """A notification's content element (RFC 5277) as RFC 7951 JSON {"module:name": {...}}."""
+    with _operation(etree.tostring(content), "xml", lib.LYD_TYPE_NOTIF_YANG, validate=False) as tree:
+        return json.loads(_print(tree, "json") or "{}")
+
+
+def yang_library(content_id: int) -> dict[str, Any]:
+    """The context's ietf-yang-library data (RFC 8525, and RFC 7895's modules-state), libyang's own."""
+    ctx = context()
+    tree = ffi.new("struct lyd_node **")
+    if lib.ly_ctx_get_yanglib_data(ctx.cdata, tree, b"%u", ffi.cast("uint32_t", content_id)) != lib.LY_SUCCESS:
+        raise YangError(_problems(ctx))
+    try:
+        return json.loads(_print(tree[0], "json") or "{}")
+    finally:
+        if tree[0]:
+            lib.lyd_free_all(tree[0])
+
+
 # RFC 6243 retrieval modes this engine renders, as libyang's printer modes.
 WITH_DEFAULTS = {"explicit": lib.LYD_PRINT_WD_EXPLICIT, "trim": lib.LYD_PRINT_WD_TRIM, "report-all": lib.LYD_PRINT_WD_ALL}
 
@@ -636,6 +671,20 @@ def tops() -> dict[tuple[str, str], SchemaNode]:
                 n = _snode(s)
                 out[(n.namespace, n.name)] = n
     return out
+
+
+@functools.cache
+def module_top(module: str, name: str) -> SchemaNode | None:
+    """The top-level data node `name` of any module of the context (libyang's own
+    ietf-yang-library too, which tops() leaves out)."""
+    try:
+        mod = context().get_module(module)
+    except libyang.LibyangError:
+        return None
+    for s in mod.children():
+        if s.name() == name and s.keyword() in ("container", "list", "leaf", "leaf-list", "anydata", "anyxml"):
+            return _snode(s)
+    return None
 
 
 def top(namespace: str, name: str) -> SchemaNode | None:
