@@ -96,6 +96,7 @@ def test_open_get_key_by_index_and_close_at_both_ends(lab: Lab) -> None:
                                                 "QoS": {"Key_chunk_size": 32, "Timeout": 2000, "TTL": 60}, "vendor": 1})
     assert dst.status_code == 200 and dst.json() == {"status": 0, "key_stream_id": ksid, "qos": QOS}
 
+    delivered = {n: lab.nodes[n].deliveries.get(APP.lower()) for n in ("alice", "bob")}
     with lab.client("sae-a") as a, lab.client("sae-b") as b:
         first, second = get_key(a, ksid).json(), get_key(a, ksid).json()
         assert (first["status"], first["index"], second["status"], second["index"]) == (0, 0, 0, 1)
@@ -107,6 +108,10 @@ def test_open_get_key_by_index_and_close_at_both_ends(lab: Lab) -> None:
         assert [(r["status"], r["index"], r["key_buffer"]) for r in at_b] == [(0, 1, second["key_buffer"]), (0, 0, first["key_buffer"])]
         again = get_key(a, ksid, 0).json()  # each chunk leaves each end once
         assert again["status"] == 2 and again["key_buffer"] == "" and again["message"]
+        for n in ("alice", "bob"):  # sdqkd-key-stock key-delivery: two chunks at each end, the refusal not counted
+            now = lab.nodes[n].deliveries.get(APP.lower())
+            assert (now["requests"] - delivered[n]["requests"], now["keys"] - delivered[n]["keys"],
+                    now["bits"] - delivered[n]["bits"]) == (2, 2, 512)
         reused = a.post("/api/open_connect", json={"source": "sae-a", "destination": "sae-b", "qos": QOS, "key_stream_id": ksid})
         assert reused.status_code == 200 and reused.json()["status"] == 5  # KSID in use
 
