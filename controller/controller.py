@@ -240,7 +240,7 @@ class Controller:
 
     def _on_notification(self, conn: AgentConnection, content: etree._Element) -> None:
         """One small handler per notification type (Faucet style); failures are contained."""
-        name = etree.QName(content).localname
+        name = etree.QName(content).localname.replace("-", "_")  # sdqkd-qrng's source-failed: _n_source_failed
         handler = getattr(self, f"_n_{name}", None)
         if handler is not None:
             handler(conn, content)
@@ -260,6 +260,17 @@ class Controller:
     def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
         # A re-read, not the figures patched into the last <get> in place: tried, the
         # create p99 got worse in bench/provision.py (160 vs 81 ms, same machine state)
+        self._mark_dirty(conn.qkdn_id)
+
+    def _n_source_failed(self, conn: AgentConnection, content: etree._Element) -> None:
+        """sdqkd-qrng: the node's QRNG failed its health tests (no end keys from it until repaired)."""
+        ns = "{urn:sdqkd:yang:sdqkd-qrng}"
+        self._emit("qrng-failed", {"node": conn.addr.name, "message": content.findtext(f"{ns}message"),
+                                   "test": content.findtext(f"{ns}health-test/{ns}test")})
+        self._mark_dirty(conn.qkdn_id)
+
+    def _n_source_recovered(self, conn: AgentConnection, content: etree._Element) -> None:
+        self._emit("qrng-recovered", {"node": conn.addr.name})
         self._mark_dirty(conn.qkdn_id)
 
     def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:

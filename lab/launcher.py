@@ -408,7 +408,8 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
     lab = lab_plan.lab_object(json.loads(Path(data["topology"]).read_text()))
     return {
         **local,
-        "nodes": [{"name": x.name, "qkdn_id": x.qkdn_id, "domain": x.domain, "up": x.up} for x in topo.nodes],
+        "nodes": [{"name": x.name, "qkdn_id": x.qkdn_id, "domain": x.domain, "up": x.up, "qrng": x.qrng_state or None}
+                  for x in topo.nodes],
         "links": keyview.links(topo, keyview.devices(lab)),
         "applications": keyview.applications(apps),
     }
@@ -417,13 +418,14 @@ def status(name: str | None = None, root: Path | None = None) -> dict[str, Any]:
 def render(st: dict[str, Any], console: Console) -> None:
     lab = st["lab"]
     nodes = Table(title=f"lab {lab['name']}: nodes")
-    for col in ("node", "domain", "NETCONF", "ETSI 014", "process", "up"):
+    for col in ("node", "domain", "NETCONF", "ETSI 014", "process", "up", "QRNG"):
         nodes.add_column(col)
     up_by = {n["name"]: n["up"] for n in st.get("nodes", [])}
+    qrng_by = {n["name"]: n.get("qrng") for n in st.get("nodes", [])}
     procs = {p["name"]: p for p in st.get("processes", [])}
     for n in lab["nodes"]:
         nodes.add_row(n["name"], n.get("domain") or "", f"{n['netconf']['host']}:{n['netconf']['port']}", n["kms"]["etsi014"],
-                      _process_cell(procs.get(n["name"])), "yes" if up_by.get(n["name"]) else "no")
+                      _process_cell(procs.get(n["name"])), "yes" if up_by.get(n["name"]) else "no", qrng_by.get(n["name"]) or "")
     console.print(nodes)
     if "controller" in procs and not procs["controller"]["running"]:
         console.print(f"[red]controller: {_process_cell(procs['controller'])}[/red]")

@@ -133,7 +133,7 @@ def topology_message(topo: Topology) -> pb.Topology:
     """The controller's snapshot, field for field."""
     out = pb.Topology()
     for n in sorted(topo.nodes.values(), key=lambda n: n.qkdn_id):
-        out.nodes.add(qkdn_id=n.qkdn_id, name=n.name, domain=n.domain or "", kms=n.kms, up=n.up)
+        out.nodes.add(qkdn_id=n.qkdn_id, name=n.name, domain=n.domain or "", kms=n.kms, up=n.up, qrng_state=n.qrng_state or "")
     for i in sorted(topo.interfaces.values(), key=lambda i: i.key):
         out.interfaces.add(node=i.node, qkdi_id=i.qkdi_id, technology=i.technology, band=i.band, roles=sorted(i.roles),
                            channels=sorted(i.channels), max_absorption=i.max_absorption, switch=i.switch or "",

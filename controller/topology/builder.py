@@ -124,7 +124,8 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
     inv_switches = inv.switches(ids)
     link_views: dict[str, list[dict[str, Any]]] = {}
     for name, qid, domain, up, data in agents:
-        nodes[qid] = Node(qid, name, domain, inv.kms.get(name, True), up)
+        qrng = data.findtext("{urn:sdqkd:yang:sdqkd-qrng}qrng/{urn:sdqkd:yang:sdqkd-qrng}state") if data is not None else None
+        nodes[qid] = Node(qid, name, domain, inv.kms.get(name, True), up, qrng if up else None)
         node = qkd_node(data)
         for i in node.findall("q:qkd_interfaces/q:qkd_interface", NSMAP) if node is not None else []:
             qkdi = int(text(i, "q:qkdi_id") or 0)

@@ -34,6 +34,7 @@ class Node:
     domain: str | None = None
     kms: bool = True
     up: bool = True
+    qrng_state: str | None = None  # sdqkd-qrng state; None: no QRNG
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ node A's QRNG health state (NETCONF <get> of sdqkd-qrng `qrng`) follows a hardwa
 injected through the lab's optical plant, as `sdqkd lab qrng-fail` does it."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -125,7 +126,10 @@ def qrng_state(m: manager.Manager) -> dict:
 
 
 def test_qrng_health_state_follows_an_injected_fault(net, tmp_path, yanglint) -> None:
-    plan, procs, _, _ = net
+    plan, procs, ctl, stub = net
+    events = ctl.events(stop := threading.Event())
+    seen: list = []
+    threading.Thread(target=lambda: seen.extend(events), daemon=True).start()  # until stop
     plant = Plant(topology(), plan.dir / "plant.sqlite")
     m = procs["A"].connect(username=plan.username, password=plan.password)
     try:
@@ -147,6 +151,13 @@ def test_qrng_health_state_follows_an_injected_fault(net, tmp_path, yanglint) ->
         assert proc.returncode == 0, proc.stderr
         time.sleep(1.0)  # the start-up retries keep failing: still one failure, not one per retry
         assert qrng_state(m)["failures"] == 1
+        # the controller: a qrng-failed event, and the node's qrng_state in GetTopology
+        ev = wait(lambda: next((e for e in seen if e.kind == "qrng-failed"), None), what="a qrng-failed event")
+        assert ev.data["node"] == "A" and ev.data["test"] == "repetition-count"
+        nodes = wait(lambda: (lambda ns: ns if ns["A"] == "failed" else None)(
+            {n.name: n.qrng_state for n in stub.GetTopology(pb.GetTopologyRequest(), timeout=10).topology.nodes}),
+            what="GetTopology: A's QRNG failed")
+        assert nodes["B"] == ""  # no QRNG
 
         plant.set_qrng_fault("A", None)  # repaired: start-up tests pass on fresh samples
         back = wait(lambda: (lambda s: s if s["state"] == "ok" else None)(qrng_state(m)), what="QRNG ok after repair")
@@ -156,6 +167,7 @@ def test_qrng_health_state_follows_an_injected_fault(net, tmp_path, yanglint) ->
         flaky = wait(lambda: (lambda s: s if s["state"] == "degraded" else None)(qrng_state(m)), what="QRNG degraded")
         assert flaky["failures"] == 2
     finally:
+        stop.set()
         m.close_session()
         plant.set_qrng_fault("A", None)
         plant.close()

@@ -148,6 +148,9 @@ def test_qrng_fail_and_repair(lab: dict[str, Any]) -> None:
         res = sdqkd("lab", "qrng-fail", "rectorado", "--kind", "biased", cwd=top)
         assert res.returncode == 0 and res.stdout.strip() == "QRNG of Rectorado: biased fault injected", res.stderr
         wait_for(lambda: qrng_state(m) == "failed", "Rectorado's QRNG failed (adaptive proportion test)")
+        # the controller re-reads the node on its source-failed notification: lab status has it too
+        wait_for(lambda: {n["name"]: n["qrng"] for n in status(lab)["nodes"]} == {"CAIT": None, "CCS": None, "Rectorado": "failed"},
+                 "lab status: Rectorado's QRNG failed")
         data = m.get(filter=("subtree", f'<qrng xmlns="{QRNG_NS}"><last-failure/></qrng>')).data
         assert data.findtext(f".//{{{QRNG_NS}}}last-failure/{{{QRNG_NS}}}test") in ("adaptive-proportion", "repetition-count")
         assert status(lab)["qrng_faults"] == {"Rectorado": "biased"}
