@@ -38,6 +38,7 @@ class NodePlan:
     sae_certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     config_path: Path | None = None
     etsi004_json_port: int = 0  # ETSI 004 JSON command form over mutual TLS (kms-port-base + 1000 up)
+    southbound: str = "netconf"  # how the controller manages the node (topology node/southbound)
 
 
 @dataclass
@@ -193,6 +194,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
             etsi004_json_port=ports.take("etsi004-json"),
+            southbound=str(node.get("southbound", "netconf")),
         )
         np.kme_cert = pki.issue(plan.kme_ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"],
                                 client=True, kme=True)
@@ -330,7 +332,7 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
     return {
         "agents": [
             {"name": n.name, "qkdn_id": n.qkdn_id, "host": plan.address, "port": n.netconf_port,
-             "username": plan.username, "password": plan.password, "domain": n.domain}
+             "username": plan.username, "password": plan.password, "domain": n.domain, **_southbound(plan, n)}
             for n in plan.nodes.values()
         ],
         "state_dir": str(plan.dir / "controller"),
@@ -339,6 +341,19 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
         "grpc": {"address": plan.address, "port": plan.controller_port, "ca": str(plan.ca[0]),
                  **({"cert": str(plan.controller_cert[0]), "key": str(plan.controller_cert[1])} if plan.controller_cert else {})},
     }
+
+
+def restconf_url(plan: LabPlan, n: NodePlan) -> str:
+    """The node's RESTCONF root (RFC 8040 3.1)."""
+    return f"https://{plan.address}:{n.restconf_port}/restconf"
+
+
+def _southbound(plan: LabPlan, n: NodePlan) -> dict[str, Any]:
+    """How the controller manages node `n` (controller/config.py AgentEntry): NETCONF, or
+    RESTCONF at the node's RFC 8040 root, its certificate checked against the lab CA."""
+    if n.southbound != "restconf":
+        return {"southbound": "netconf"}
+    return {"southbound": "restconf", "restconf": {"url": restconf_url(plan, n), "ca": str(plan.ca[0])}}
 
 
 def write_controller_config(plan: LabPlan) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -127,9 +128,13 @@ class RestconfConnection:
         self._stop.set()
         stream = self._stream
         if stream is not None:
+            # the reader blocks in recv(): closing the response from here would not wake it
+            ns = stream.extensions.get("network_stream")
+            sock = ns.get_extra_info("socket") if ns is not None else None
             try:
-                stream.close()
-            except Exception:  # noqa: BLE001 - closing from another thread may race the reader
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already gone
                 pass
         if self._thread.ident is not None:
             self._thread.join(5)
