@@ -32,6 +32,8 @@ from sdqkd.agents.netconf.notifications import NotificationHub
 from sdqkd.agents.netconf.rpcs import Rpcs
 from sdqkd.agents.netconf.server import NetconfServer
 from sdqkd.agents.netconf.session import SessionLimits
+from sdqkd.agents.restconf import server as restconf
+from sdqkd.agents.restconf.methods import Resources
 from sdqkd.private import private_dir
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Agent:
             on_commit=self._on_commit,
         )
         self.server: NetconfServer | None = None
+        self.restconf: restconf.RestconfServer | None = None
         self._stopped = threading.Event()
         # Drivers emit from their own threads, possibly while a commit holds the
         # datastore lock: events are queued and sent by one thread of ours.
@@ -93,6 +96,11 @@ class Agent:
             limits=SessionLimits(max_message_size=nc.max_message_size, hello_timeout=nc.hello_timeout),
             login=ssh.LoginLimits(login_timeout=nc.login_timeout, max_auth_tries=nc.max_auth_tries,
                                   max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay))
+        if self.cfg.restconf is not None:  # RFC 8040: a second front end on the same datastores
+            rc = self.cfg.restconf
+            self.restconf = restconf.RestconfServer(
+                Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
+                restconf.ssl_context(rc.cert, rc.key, rc.client_ca)).start()
         # Everything built so far lives as long as the process: keep it out of the
         # collector's way (full collections rescanned it on every pass).
         gc.collect()
@@ -106,6 +114,8 @@ class Agent:
         operational.fill(data, self.drivers, self.kms.lkms.store.usage)
 
     def _on_commit(self, changes: list[Any]) -> None:
+        if self.restconf is not None:
+            self.restconf.resources.versions.changed()  # RESTCONF's Last-Modified
         if any(c.kind in ("qkd-link", "qkd-app") for c in changes):  # what routes are made of
             self._refresh_routes()
         for content in device_notifications.application_changes(changes):
@@ -155,6 +165,8 @@ class Agent:
         self._stopped.set()
         if self.server is not None:
             self.server.stop()
+        if self.restconf is not None:
+            self.restconf.stop()
         for drv in self.drivers:
             try:
                 drv.close()

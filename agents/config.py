@@ -204,6 +204,19 @@ class SwitchConf:
 
 
 @dataclass
+class RestconfConf:
+    """The RESTCONF (RFC 8040) front end over HTTPS (agents/restconf/); absent: off.
+    Clients log in as a NETCONF user: HTTP basic, or a certificate from `client_ca`
+    whose common name is the user's name."""
+
+    port: int
+    cert: str
+    key: str
+    host: str = "127.0.0.1"
+    client_ca: str | None = None
+
+
+@dataclass
 class AgentConfig:
     node: NodeConf
     netconf: NetconfConf
@@ -216,6 +229,7 @@ class AgentConfig:
     kms: KmsConf | None = None
     qrng: QrngConf | None = None
     ipsec: IpsecConf | None = None
+    restconf: RestconfConf | None = None
     log_level: str = "INFO"
     # Where running is persisted on every commit (agents/datastore/store.py): a restarted
     # node comes back with it. Default: running.xml in state_dir.

@@ -45,6 +45,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "tapi-topology": (),
     "tapi-connectivity": (),
     "tapi-photonic-media": (),
+    "ietf-restconf": (),  # RFC 8040: the agents' RESTCONF front end (agents/restconf/)
+    "ietf-restconf-monitoring": (),
 }
 
 _LOCATION = re.compile(r'(?:Data|Schema) location "([^"]+)"')
@@ -356,6 +358,39 @@ def encode_json(data: dict[str, Any] | str, *, config: bool = False) -> Document
     finally:
         if tree:
             lib.lyd_free_all(tree)
+
+
+def parsed(elements: Iterable[etree._Element], *, config: bool) -> Document:
+    """Top-level XML elements re-encoded by libyang (values type-checked, canonical; the
+    whole not validated): the RFC 7951 JSON of a datastore's content or of a <get> reply."""
+    elements = [el for el in elements if isinstance(el.tag, str)]
+    if not elements:
+        return Document("", {})
+    tree = _parse(b"".join(etree.tostring(el) for el in elements), "xml", config=config, validate=False)
+    try:
+        return _document(tree)
+    finally:
+        if tree:
+            lib.lyd_free_all(tree)
+
+
+def notification_json(content: etree._Element) -> dict[str, Any]:
+    """A notification's content element (RFC 5277) as RFC 7951 JSON {"module:name": {...}}."""
+    with _operation(etree.tostring(content), "xml", lib.LYD_TYPE_NOTIF_YANG, validate=False) as tree:
+        return json.loads(_print(tree, "json") or "{}")
+
+
+def yang_library(content_id: int) -> dict[str, Any]:
+    """The context's ietf-yang-library data (RFC 8525, and RFC 7895's modules-state), libyang's own."""
+    ctx = context()
+    tree = ffi.new("struct lyd_node **")
+    if lib.ly_ctx_get_yanglib_data(ctx.cdata, tree, b"%u", ffi.cast("uint32_t", content_id)) != lib.LY_SUCCESS:
+        raise YangError(_problems(ctx))
+    try:
+        return json.loads(_print(tree[0], "json") or "{}")
+    finally:
+        if tree[0]:
+            lib.lyd_free_all(tree[0])
 
 
 # RFC 6243 retrieval modes this engine renders, as libyang's printer modes.

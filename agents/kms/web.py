@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -127,6 +127,8 @@ class Response:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
+    # A body sent as it is produced (chunked; server-sent events): `body` is then unused.
+    stream: AsyncIterator[bytes] | None = None
 
 
 StreamResponse = Response
@@ -173,6 +175,12 @@ def put(path: str, handler: Handler) -> RouteDef:
     return RouteDef("PUT", path, handler, False)
 
 
+def any_method(path: str, handler: Handler) -> RouteDef:
+    """Every method (the handler answers 405 itself); a last path part "{name*}" takes
+    the rest of the path, possibly empty (RESTCONF's api-paths)."""
+    return RouteDef("*", path, handler, False)
+
+
 class Application:
     """Routes, middlewares, shared objects (by AppKey) and cleanup hooks."""
 
@@ -206,7 +214,7 @@ class Application:
             params = _match(route.parts, parts)
             if params is None:
                 continue
-            if route.method == method or (method == "HEAD" and route.method == "GET" and route.allow_head):
+            if route.method in (method, "*") or (method == "HEAD" and route.method == "GET" and route.allow_head):
                 return route.handler, params
             allowed.append(route.method)
             if route.method == "GET" and route.allow_head:
@@ -240,6 +248,11 @@ def _bind(mw: Middleware, inner: Handler) -> Handler:
 
 
 def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] | None:
+    if pattern and pattern[-1].startswith("{") and pattern[-1].endswith("*}"):
+        head = len(pattern) - 1
+        if len(parts) < head or _match(pattern[:head], parts[:head]) is None:
+            return None
+        return {**(_match(pattern[:head], parts[:head]) or {}), pattern[-1][1:-2]: "/".join(parts[head:])}
     if len(pattern) != len(parts):
         return None
     params: dict[str, str] = {}
@@ -266,7 +279,9 @@ class Limits:
 
 _REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
             403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
-            413: b"Request Entity Too Large", 503: b"Service Unavailable"}
+            413: b"Request Entity Too Large", 503: b"Service Unavailable", 304: b"Not Modified",
+            406: b"Not Acceptable", 409: b"Conflict", 412: b"Precondition Failed", 415: b"Unsupported Media Type",
+            500: b"Internal Server Error", 501: b"Not Implemented"}
 
 
 class Server:
@@ -450,14 +465,38 @@ class Server:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
         if resp.content_type and "content-type" not in {k.lower() for k in resp.headers}:
             headers.append((b"Content-Type", resp.content_type.encode("latin-1")))
-        if resp.status != 204:
+        if resp.stream is not None and not head_only:
+            await self._send_stream(conn, writer, resp, headers)
+            return
+        if resp.status not in (204, 304):
             headers.append((b"Content-Length", str(len(resp.body)).encode()))
         out = conn.send(h11.Response(status_code=resp.status, headers=headers, reason=_REASONS.get(resp.status, b"")))
-        if resp.body and not head_only and resp.status != 204:
+        if resp.body and not head_only and resp.status not in (204, 304):
             out += conn.send(h11.Data(data=resp.body))
         out += conn.send(h11.EndOfMessage())
         writer.write(out)
         await writer.drain()
+
+    async def _send_stream(self, conn: h11.Connection, writer: asyncio.StreamWriter, resp: Response,
+                           headers: list[tuple[bytes, bytes]]) -> None:
+        """A body of unknown length, chunk by chunk as the stream yields it (h11 frames it
+        chunked); the connection closes after it. Ends when the stream does, or when the
+        client goes (the next write fails), or at server stop (the task is cancelled)."""
+        assert resp.stream is not None
+        headers.append((b"Connection", b"close"))
+        writer.write(conn.send(h11.Response(status_code=resp.status, headers=headers, reason=_REASONS.get(resp.status, b""))) or b"")
+        await writer.drain()
+        try:
+            async for chunk in resp.stream:
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                    await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await writer.drain()
+        finally:
+            close = getattr(resp.stream, "aclose", None)
+            if close is not None:
+                await close()
 
     async def _error(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str) -> None:
         """Answer a request the server could not read as JSON {"message"}, then close."""
