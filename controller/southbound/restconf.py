@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 YANG_JSON = "application/yang-data+json"
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NOTIF_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+# The events, and an error about the stream request in JSON (RFC 8040 6.3, RFC 7231 5.3.2).
+EVENTS_ACCEPT = f"text/event-stream, {YANG_JSON};q=0.5"
 STREAMS = "data/ietf-restconf-monitoring:restconf-state/streams"
 BACKOFF = (0.2, 2.0)  # as southbound/agent.py: reconnect delays, doubling to the cap
 
@@ -102,7 +104,8 @@ class RestconfConnection:
         self.on_state, self.on_notification, self.on_lost, self.on_up = on_state, on_notification, on_lost, on_up
         self.backoff = backoff
         self.data: etree._Element | None = None
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # up: the stream open and the agent read
+        self._live = threading.Event()  # the stream open: requests may go
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._stream: httpx.Response | None = None
@@ -146,8 +149,9 @@ class RestconfConnection:
     def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None,
                 headers: dict[str, str] | None = None, ok_missing: bool = False) -> httpx.Response:
         """One RESTCONF request (path below the RESTCONF root, e.g. data/...); an error answer
-        raised as its RPCError (with `ok_missing`, a 404 is an answer)."""
-        if not self.connected.is_set():
+        raised as its RPCError (with `ok_missing`, a target that does not exist is an
+        answer: DELETE as NETCONF's "remove")."""
+        if not self._live.is_set():
             raise AgentUnavailable(f"agent {self.addr.name} is not connected")
         hdrs = dict(headers or {})
         content = None
@@ -156,7 +160,9 @@ class RestconfConnection:
             content = json.dumps(body).encode()
         r = self.client.request(method, path, params=params, content=content, headers=hdrs)
         if r.status_code >= 400 and not (ok_missing and r.status_code == 404):
-            raise from_restconf(r.status_code, r.content, r.headers.get("content-type", ""))
+            err = from_restconf(r.status_code, r.content, r.headers.get("content-type", ""))
+            if not (ok_missing and err.tag == "data-missing"):  # RFC 8040 4.7: 409 data-missing
+                raise err
         return r
 
     def get_json(self, path: str = "data", content: str | None = None) -> tuple[dict[str, Any], str | None]:
@@ -193,13 +199,14 @@ class RestconfConnection:
         while not self._stop.is_set():
             try:
                 location = self._stream_location()
-                with self._events.stream("GET", location, headers={"Accept": "text/event-stream"}) as resp:
+                with self._events.stream("GET", location, headers={"Accept": EVENTS_ACCEPT}) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         raise from_restconf(resp.status_code, resp.content, resp.headers.get("content-type", ""))
                     self._stream = resp
-                    self.connected.set()
+                    self._live.set()
                     self.resync()
+                    self.connected.set()
                     self.last_error = None
                     delay = self.backoff[0]
                     log.info("agent %s connected over RESTCONF (%s)", self.addr.name, location)
@@ -217,6 +224,7 @@ class RestconfConnection:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.info("agent %s unavailable: %s", self.addr.name, self.last_error)
             self._stream = None
+            self._live.clear()
             was_up = self.connected.is_set()
             self.connected.clear()
             if was_up and not self._stop.is_set() and self.on_lost is not None:
