@@ -67,6 +67,8 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1]), "pin": pki.spki_pin(n.kme_cert[0])}
             if n.kme_cert else None,
+            **({"restconf": {"url": f"https://{plan.address}:{n.restconf_port}/restconf", "ca": str(plan.ca[0])}}
+               if n.restconf_port else {}),
             "log": str(n.dir / "agent.log"),
             "config": str(n.config_path),
             "host": ({"netns": h.netns, "address": h.address, "inner": h.inner}

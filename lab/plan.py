@@ -38,6 +38,8 @@ class NodePlan:
     sae_certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     config_path: Path | None = None
     etsi004_json_port: int = 0  # ETSI 004 JSON command form over mutual TLS (kms-port-base + 1000 up)
+    restconf_port: int = 0  # RESTCONF (RFC 8040) over HTTPS (restconf-port-base up)
+    restconf_cert: tuple[Path, Path] | None = None  # its server certificate, from the lab's root CA
     southbound: str = "netconf"  # how the controller manages the node (topology node/southbound)
 
 
@@ -131,6 +133,7 @@ class _Ports:
             "service": int(defaults.get("relay-port-base", 8500)) + 100,
             "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
             "etsi004-json": int(defaults.get("kms-port-base", 8400)) + ETSI004_JSON_OFFSET,
+            "restconf": int(defaults.get("restconf-port-base", 8800)),
         }
 
     def take(self, kind: str) -> int:
@@ -194,8 +197,11 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
             etsi004_json_port=ports.take("etsi004-json"),
+            restconf_port=ports.take("restconf"),
             southbound=str(node.get("southbound", "netconf")),
         )
+        np.restconf_cert = pki.issue(ca, f"{np.name} RESTCONF", nd / "pki" / "restconf",
+                                     server_names=[plan.address], client=False)
         np.kme_cert = pki.issue(plan.kme_ca, np.qkdn_id, nd / "pki", server_names=["127.0.0.1", "localhost", "::1"],
                                 client=True, kme=True)
         for sae in np.saes:
@@ -274,6 +280,8 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "etsi004_json": {"port": np.etsi004_json_port},
         },
         **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
+        **({"restconf": {"host": plan.address, "port": np.restconf_port, "cert": str(np.restconf_cert[0]),
+                         "key": str(np.restconf_cert[1])}} if np.restconf_cert else {}),
     }
 
 

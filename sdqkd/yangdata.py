@@ -672,6 +672,20 @@ def tops() -> dict[tuple[str, str], SchemaNode]:
     return out
 
 
+@functools.cache
+def module_top(module: str, name: str) -> SchemaNode | None:
+    """The top-level data node `name` of any module of the context (libyang's own
+    ietf-yang-library too, which tops() leaves out)."""
+    try:
+        mod = context().get_module(module)
+    except libyang.LibyangError:
+        return None
+    for s in mod.children():
+        if s.name() == name and s.keyword() in ("container", "list", "leaf", "leaf-list", "anydata", "anyxml"):
+            return _snode(s)
+    return None
+
+
 def top(namespace: str, name: str) -> SchemaNode | None:
     """The top-level data node `name` of the module with `namespace`."""
     return tops().get((namespace, name))

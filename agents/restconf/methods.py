@@ -272,19 +272,10 @@ def xml_body(raw: bytes, steps: list[Step], post: bool) -> dict[str, Any]:
     except etree.XMLSyntaxError as exc:
         raise fail(400, nc.MalformedMessage, f"the body is not XML: {exc}", error_type="rpc") from None
     parents = steps if post else steps[:-1]
-    doc_els = paths.skeleton(parents, {}) if parents else {}
-    try:
-        holder = yangdata.encode_json(doc_els, config=True).elements() if parents else []
-    except yangdata.YangError as exc:
-        raise from_rpc(nc.from_yang(exc)) from None
     if parents:
-        at = paths.find_xml(holder, parents)
-        assert at is not None
-        for c in list(at):  # the keys the skeleton put there are the body's business for the entry itself
-            if not post:
-                pass
+        top, at = paths.xml_skeleton(parents)
         at.append(root)
-        elements = holder
+        elements = [top]
     else:
         elements = [root]
     try:

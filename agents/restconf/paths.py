@@ -59,8 +59,7 @@ def parse(raw: str) -> list[Step]:
         if parent is None:
             if module is None:
                 raise _bad(f"the first step '{name}' needs its module name (module:node)")
-            ns = yangdata.namespace_of(module)
-            node = yangdata.top(ns, name) if ns else None
+            node = yangdata.module_top(module, name)
         else:
             if parent.keyword not in ("container", "list"):
                 raise _bad(f"'{parent.name}' has no child nodes")
@@ -161,6 +160,21 @@ def skeleton(steps: list[Step], leaf: Any) -> dict[str, Any]:
             cur[name] = leaf
         parent = step.node
     return doc
+
+
+def xml_skeleton(steps: list[Step]) -> tuple[etree._Element, etree._Element]:
+    """The path `steps` as XML elements (list entries with their key leaves): (top, last)."""
+    top = last = None
+    for step in steps:
+        qn = f"{{{step.node.namespace}}}{step.node.name}"
+        el = etree.Element(qn) if last is None else etree.SubElement(last, qn)
+        if step.node.keyword == "list":
+            for k, v in zip(step.node.keys, step.keys or ()):
+                etree.SubElement(el, f"{{{step.node.namespace}}}{k}").text = v
+        top = el if top is None else top
+        last = el
+    assert top is not None and last is not None
+    return top, last
 
 
 def find_xml(elements: list[etree._Element], steps: list[Step]) -> etree._Element | None:

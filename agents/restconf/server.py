@@ -133,7 +133,8 @@ class RestconfServer:
     async def _restconf(self, request: web.Request) -> web.Response:
         media = JSON
         try:
-            media = _media(request) if request.method != "OPTIONS" else JSON
+            streams = request.raw_path.startswith("/restconf/streams/")  # text/event-stream: their own
+            media = _media(request) if request.method != "OPTIONS" and not streams else JSON
             if self.auth.user(request) is None:
                 raise RestconfError([nc.AccessDenied("authentication required (HTTP basic or a client certificate)")], 401)
             rest = request.raw_path[len("/restconf"):]
