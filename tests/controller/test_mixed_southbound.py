@@ -120,9 +120,10 @@ def test_the_restconf_node_refusing_rolls_back_the_netconf_nodes(lab) -> None:
 
 
 def test_a_netconf_node_failing_after_the_restconf_node_wrote_restores_it(lab) -> None:
-    """C's agent dies between validation and commit: B (RESTCONF) has written its entries in
-    the commit phase by then or does so alongside; they are put back as they were, A's
-    confirmed commit is cancelled."""
+    """C's agent dies between validation and commit: A makes its confirmed commit and B
+    (RESTCONF) writes its link and application in that phase (every hop's step runs to its
+    end), then B's entries are deleted again (they did not exist before) and A's commit is
+    cancelled."""
     plan, procs, ctl = lab
     q = ids(plan)
     p, entries = relay_plan(q)
