@@ -140,3 +140,24 @@ def test_a_netconf_node_failing_after_the_restconf_node_wrote_restores_it(lab) -
     finally:
         procs["C"].start()
         assert ctl.conns[q["C"]].wait_connected(20)
+
+
+def test_the_restconf_node_lost_and_back_is_reconciled(lab) -> None:
+    """The event stream is B's session: when B's agent dies the stream ends and B leaves the
+    view at once; when it is back the stream reopens, B is read again and reconciled over
+    RESTCONF (an entry the controller owns and no longer wants, left on B while it was
+    away from the controller's view, is removed)."""
+    plan, procs, ctl = lab
+    q = ids(plan)
+    b = ctl.conns[q["B"]]
+    orphan = str(uuid.uuid4())
+    stray = Plan()
+    stray.add(q["B"], LinkEdit(orphan, "VIRT", q["B"], q["C"], prev_hop=q["A"], next_hops=(q["C"],)))
+    ctl.store.own([(q["B"], "link", orphan)])  # as a transaction does before it pushes
+    txn.apply(stray, ctl.conns)
+    procs["B"].kill()
+    wait_for(lambda: not b.is_up() and not ctl.topology().nodes[q["B"]].up, 10, "B out of the view", poll=0.1)
+    procs["B"].start()
+    assert b.wait_connected(20), b.last_error
+    wait_for(lambda: ("link", orphan) not in present(b.get_config()), 20, "the orphan removed from B", poll=0.2)
+    assert ctl.topology().nodes[q["B"]].up
