@@ -16,7 +16,9 @@ atomic enough this way:
   phase where NETCONF hops make their confirmed commit, after every NETCONF hop has
   validated its candidate, so the usual refusal (validation) never reaches a RESTCONF
   agent's running; and when this hop refuses, the NETCONF hops' commits are cancelled.
-- confirm: nothing left to do.
+- confirm: nothing left to do; the writes stay undoable, so when a NETCONF hop fails its
+  confirm this hop is put back too (only the NETCONF hops whose confirm went through are
+  then left for the controller to reconcile).
 - rollback (a hop anywhere failed before the end): each entry written is put back as saved:
   PUT of the saved entry, or DELETE of one that did not exist. Only what was written is put
   back (a write refused, 412 included, changed nothing), so a concurrent change by someone
@@ -106,12 +108,11 @@ class RestconfHop:
         self.etag: str | None = None
         self.requests: list[tuple[str, str, Any, Edit]] = []
         self.written: list[Edit] = []  # applied, or sent without an answer (may be applied)
-        self.done = False
-        self.restored = True
+        self.restored = True  # nothing written stands
 
     @property
     def committed(self) -> bool:
-        return self.done or not self.restored
+        return not self.restored
 
     def lock(self) -> None:
         self.saved, self.etag = self.conn.get_json("data", content="config")
@@ -143,10 +144,10 @@ class RestconfHop:
             self.etag = r.headers.get("etag")
 
     def confirm(self) -> None:
-        self.done = True
+        pass
 
     def rollback(self) -> None:
-        if self.done or not self.written:
+        if not self.written:
             return
         ok = True
         for e in reversed(self.written):

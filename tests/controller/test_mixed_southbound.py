@@ -142,6 +142,33 @@ def test_a_netconf_node_failing_after_the_restconf_node_wrote_restores_it(lab) -
         assert ctl.conns[q["C"]].wait_connected(20)
 
 
+def test_a_netconf_node_failing_its_confirm_leaves_only_the_confirmed_netconf_hops(lab) -> None:
+    """C's agent dies before the confirm phase: A's confirm goes through (committed: the
+    controller would reconcile it), B's writes are still undoable and are put back."""
+    plan, procs, ctl = lab
+    q = ids(plan)
+    p, entries = relay_plan(q)
+
+    def kill_c(phase: str) -> None:
+        if phase == "confirm":
+            procs["C"].kill()
+
+    try:
+        with pytest.raises(txn.TxnError) as err:
+            txn.apply(p, ctl.conns, before_phase=kill_c)
+        assert err.value.node == "C" and err.value.committed == [q["A"]], err.value
+        assert [n for n in half_configured(ctl, entries) if n != "C"] == ["A"]
+    finally:
+        procs["C"].start()
+        assert ctl.conns[q["C"]].wait_connected(20)
+        undo = Plan()
+        for n in LINE:
+            for kind, ident in sorted(entries):
+                undo.add(q[n], AppEdit(ident, delete=True) if kind == "app" else LinkEdit(ident, "VIRT", "", "", delete=True))
+        txn.apply(undo, ctl.conns)
+    assert half_configured(ctl, entries) == []
+
+
 def test_the_restconf_node_lost_and_back_is_reconciled(lab) -> None:
     """The event stream is B's session: when B's agent dies the stream ends and B leaves the
     view at once; when it is back the stream reopens, B is read again and reconciled over

@@ -14,6 +14,7 @@ from agentproc import PASSWORD, agent_config, free_port
 from testlib import wait_for
 from sdqkd import pki
 from sdqkd.controller.provisioning import txn
+from sdqkd.controller.southbound.errors import from_restconf
 from sdqkd.controller.southbound.interface import AgentAddress
 from sdqkd.controller.southbound.ops import AppEdit, LinkEdit, Plan, present
 from sdqkd.controller.southbound.restconf import RestconfConnection
@@ -152,3 +153,10 @@ def test_errors_of_plain_requests(agent) -> None:
     with pytest.raises(RPCError) as err:
         conn.request("PATCH", "data", body={"etsi-qkd-sdn-node:qkd_node": {"no_such_leaf": 1}})
     assert err.value.tag in ("unknown-element", "malformed-message", "invalid-value"), err.value.tag
+    # the same refusal in XML (RFC 8040 7.1: ietf-restconf:errors as XML)
+    r = conn.client.get(f"data/etsi-qkd-sdn-node:qkd_node/qkd_links/qkd_link={uuid.uuid4()}",
+                        headers={"Accept": "application/yang-data+xml"})
+    err2 = from_restconf(r.status_code, r.content, r.headers["content-type"])
+    assert r.status_code == 404 and err2.tag == "invalid-value" and err2.message
+    # no body at all (an If-Match refused by a proxy, say): RFC 8040 7's tag for the status
+    assert from_restconf(412, b"").tag == "operation-failed"
