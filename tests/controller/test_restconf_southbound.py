@@ -160,3 +160,20 @@ def test_errors_of_plain_requests(agent) -> None:
     assert r.status_code == 404 and err2.tag == "invalid-value" and err2.message
     # no body at all (an If-Match refused by a proxy, say): RFC 8040 7's tag for the status
     assert from_restconf(412, b"").tag == "operation-failed"
+
+
+def test_a_netconf_lock_on_the_agent_refuses_the_write(agent) -> None:
+    """A NETCONF session holding running's lock keeps RESTCONF writes out (409 lock-denied):
+    the transaction reports it as the NETCONF path reports a held lock."""
+    proc, conn, _ = agent
+    lid = str(uuid.uuid4())
+    other = proc.connect()
+    try:
+        other.lock("running")
+        with pytest.raises(txn.TxnError) as err:
+            txn.apply(link_plan(proc, lid), {proc.qkdn_id: conn})
+        assert err.value.tag == "lock-denied" and err.value.node == proc.name and err.value.committed == []
+    finally:
+        other.unlock("running")
+        other.close_session()
+    assert ("link", lid) not in present(netconf_config(proc))
