@@ -88,6 +88,12 @@ class Agent:
             ssh.User(u.name, u.password_hash, [ssh.parse_public_key(k) for k in u.authorized_keys]) for u in self.cfg.netconf.users
         ]
         host_key = ssh.load_or_create_host_key(Path(self.cfg.netconf.host_key))
+        if self.cfg.restconf is not None:  # RFC 8040: a second front end on the same datastores; up
+            # before NETCONF, whose port says the agent is ready
+            rc = self.cfg.restconf
+            self.restconf = restconf.RestconfServer(
+                Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
+                restconf.ssl_context(rc.cert, rc.key, rc.client_ca)).start()
         rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions,
                     lambda: dict(self.server.stats) if self.server else {})
         nc = self.cfg.netconf
@@ -96,11 +102,6 @@ class Agent:
             limits=SessionLimits(max_message_size=nc.max_message_size, hello_timeout=nc.hello_timeout),
             login=ssh.LoginLimits(login_timeout=nc.login_timeout, max_auth_tries=nc.max_auth_tries,
                                   max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay))
-        if self.cfg.restconf is not None:  # RFC 8040: a second front end on the same datastores
-            rc = self.cfg.restconf
-            self.restconf = restconf.RestconfServer(
-                Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
-                restconf.ssl_context(rc.cert, rc.key, rc.client_ca)).start()
         # Everything built so far lives as long as the process: keep it out of the
         # collector's way (full collections rescanned it on every pass).
         gc.collect()

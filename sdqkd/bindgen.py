@@ -45,6 +45,9 @@ UNBOUND: dict[str, str] = {
     "notifications": "RFC 5277 create-subscription only: libyang checks its parameters, there is no data to bind",
     "nc-notifications": "RFC 5277 /netconf/streams (state the agent states as RFC 7951 JSON, libyang encodes "
     "it) and two notifications the hub sends as they are",
+    "ietf-restconf": "RFC 8040 yang-data (errors) and the API root only: agents/restconf/ writes them, "
+    "there is no datastore data to bind",
+    "ietf-restconf-monitoring": "RFC 8040 restconf-state: state agents/restconf/ states as RFC 7951 JSON",
     "sdqkd-qrng": "notifications only (no data to bind); agents/device_notifications.py states them as JSON "
     "and libyang validates and encodes them",
 }

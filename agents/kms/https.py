@@ -394,7 +394,7 @@ class HttpsServer(LoopThread):
             return
         self.server = server
         self._listening(loop)
-        log.info("ETSI key delivery listening on https://%s:%d", self.host, self._port)
+        log.info("%s listening on https://%s:%d", "ETSI key delivery" if self.role == "HTTPS" else self.role, self.host, self._port)
         try:
             loop.run_forever()
         finally:

@@ -5,6 +5,7 @@ locks, semantic and device checks, commit hooks and notifications as a NETCONF o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,20 +86,34 @@ class Resources:
             if value is None:
                 raise fail(404, nc.InvalidValue, "no such data resource", error_type="application",
                            path=None)
-        if q.content != "all" and node is not None:
+        if not steps:  # the datastore (depth 1): each top-level node on its own, at depth 2
+            if q.depth == 1:
+                return {}
+            out = {}
+            for m, v in value.items():
+                name = m.rpartition(":")[2]
+                if q.fields is not None and name not in q.fields:
+                    continue
+                sub = dataclasses.replace(q, fields=q.fields.get(name) if q.fields is not None else None)
+                shaped = self._shape(v, _top(m), sub, depth_offset=1)
+                if shaped is not None:
+                    out[m] = shaped
+            return out
+        value = self._shape(value, node, q)
+        if value is None:
+            raise fail(404, nc.InvalidValue, f"the resource has no {q.content} data", error_type="application")
+        return value
+
+    @staticmethod
+    def _shape(value: Any, node: Any, q: params.Query, depth_offset: int = 0) -> Any:
+        """content, then fields and depth, on one node's value (None: nothing of it is left)."""
+        if q.content != "all":
             value = params.by_content(value, node, q.content == "config")
             if value is None:
-                raise fail(404, nc.InvalidValue, f"the resource has no {q.content} data", error_type="application")
-        elif q.content == "nonconfig" and node is None:
-            value = {k: v for k, v in ((m, params.by_content(v, yangdata.top(yangdata.namespace_of(m.split(':')[0]) or "", m.split(':')[1]), False)) for m, v in value.items()) if v is not None}
+                return None
         if q.depth is not None or q.fields is not None:
-            if node is None:
-                value = {m: params.prune(v, _top(m), depth=None if q.depth is None else q.depth - 1, fields=(q.fields or {}).get(m.split(":")[-1], None) if q.fields else None)
-                         for m, v in value.items() if q.fields is None or m.split(":")[-1] in q.fields}
-                if q.depth == 1:
-                    value = {}
-            else:
-                value = params.prune(value, node, depth=q.depth, fields=q.fields)
+            depth = None if q.depth is None else q.depth - depth_offset
+            value = params.prune(value, node, depth=depth, fields=q.fields)
         return value
 
     def etag(self) -> tuple[str, float]:
@@ -236,7 +251,7 @@ class Resources:
 
 def _top(member: str) -> Any:
     mod, _, name = member.partition(":")
-    return yangdata.top(yangdata.namespace_of(mod) or "", name)
+    return yangdata.module_top(mod, name)
 
 
 def _text(v: Any) -> str:

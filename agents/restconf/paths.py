@@ -103,11 +103,14 @@ def key_json(list_node: SchemaNode, name: str, value: str) -> Any:
 
 
 def same_value(json_value: Any, text: str) -> bool:
+    """A JSON value against a URI key value (RFC 8040 3.5.3: the value's canonical string;
+    an identity may be given with or without its module)."""
     if isinstance(json_value, bool):
         return ("true" if json_value else "false") == text
-    if isinstance(json_value, list):  # empty type
+    if isinstance(json_value, (list, dict)):
         return False
-    return str(json_value) == text or str(json_value).split(":", 1)[-1] == text.split(":", 1)[-1] and ":" in str(json_value)
+    value = str(json_value)
+    return value == text or (":" in value and ":" not in text and value.split(":", 1)[1] == text)
 
 
 def matches(entry: dict[str, Any], step: Step) -> bool:

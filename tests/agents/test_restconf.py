@@ -260,3 +260,27 @@ def test_event_stream_gets_notifications(rc: RestconfAgent, c: httpx.Client) -> 
         stop.set()
         send(c, "DELETE", f"{NODE}/qkd_applications/qkd_app={APP}")
         t.join(20)
+
+
+def test_datastore_resource_and_its_query_parameters(c: httpx.Client) -> None:
+    assert c.get("/restconf/data", params={"depth": "1"}).json() == {"ietf-restconf:data": {}}
+    some = c.get("/restconf/data", params={"fields": "etsi-qkd-sdn-node:qkd_node/qkdn_id"}).json()["ietf-restconf:data"]
+    assert list(some) == ["etsi-qkd-sdn-node:qkd_node"] and list(some["etsi-qkd-sdn-node:qkd_node"]) == ["qkdn_id"]
+    conf = c.get("/restconf/data", params={"content": "config"}).json()["ietf-restconf:data"]
+    assert "ietf-yang-library:yang-library" not in conf and "qkdn_status" not in conf["etsi-qkd-sdn-node:qkd_node"]
+    x = c.get("/restconf/data", params={"depth": "3"}, headers={"Accept": XML})
+    root = etree.fromstring(x.content)
+    assert root.tag == "{urn:ietf:params:xml:ns:yang:ietf-restconf}data"
+    assert root.find("{urn:etsi:qkd:yang:etsi-qkd-node}qkd_node") is not None
+
+
+def test_semantic_checks_are_the_netconf_ones(rc: RestconfAgent, c: httpx.Client) -> None:
+    before = c.get(NODE, params={"content": "config"}).headers["etag"]
+    bad = {"qkdl_id": LINK, "qkdl_type": "etsi-qkd-node-types:PHYS", "qkdl_local": {"qkdi_id": 99}}
+    r = send(c, "POST", f"{NODE}/qkd_links", {"etsi-qkd-sdn-node:qkd_link": [bad]})
+    assert r.status_code == 400
+    errs = r.json()["ietf-restconf:errors"]["error"]
+    assert sorted(e["error-tag"] for e in errs) == ["invalid-value", "missing-element"]  # no interface 99, no remote
+    where = f"/etsi-qkd-sdn-node:qkd_node/qkd_links/qkd_link[qkdl_id='{LINK}']"
+    assert {e["error-path"] for e in errs} == {f"{where}/qkdl_local/qkdi_id", f"{where}/qkdl_remote/qkdn_id"}
+    assert c.get(NODE).headers["etag"] == before  # nothing changed
