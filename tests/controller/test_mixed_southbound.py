@@ -31,13 +31,15 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mixed")
     plan = lab_plan.make(TOPOLOGY, tmp, free_ports=True)
     procs = start_agents(plan)
-    ctl = Controller(controller_config.load(lab_plan.write_controller_config(plan)))
-    ctl.start()
+    ctl = None
     try:
+        ctl = Controller(controller_config.load(lab_plan.write_controller_config(plan)))
+        ctl.start()
         assert ctl.wait_discovered(30), {c.addr.name: c.last_error for c in ctl.conns.values()}
         yield plan, procs, ctl
     finally:
-        ctl.stop()
+        if ctl is not None:
+            ctl.stop()
         for p in procs.values():
             p.stop()
 

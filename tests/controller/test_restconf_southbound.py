@@ -34,13 +34,15 @@ def agent(tmp_path_factory):
     notes: queue.Queue[etree._Element] = queue.Queue()
     addr = AgentAddress(proc.name, proc.qkdn_id, "127.0.0.1", proc.port, "admin", PASSWORD,
                         restconf_url=f"https://127.0.0.1:{port}/restconf", restconf_ca=str(ca[0]))
-    conn = RestconfConnection(addr, lambda c: None, lambda c, n: notes.put(n))
-    conn.start()
     try:
-        assert conn.wait_connected(20), conn.last_error
-        yield proc, conn, notes
+        conn = RestconfConnection(addr, lambda c: None, lambda c, n: notes.put(n))
+        conn.start()
+        try:
+            assert conn.wait_connected(20), conn.last_error
+            yield proc, conn, notes
+        finally:
+            conn.stop()
     finally:
-        conn.stop()
         proc.stop()
 
 
