@@ -14,15 +14,19 @@ atomic enough this way:
   validates after each: link before the application over it, deletions last and in the
   reverse order), each If-Match the entity-tag the previous answered. This runs in the
   phase where NETCONF hops make their confirmed commit, after every NETCONF hop has
-  validated its candidate, so the usual refusal (validation) never reaches a RESTCONF
-  agent's running; and when this hop refuses, the NETCONF hops' commits are cancelled.
+  validated its candidate, so a NETCONF hop's usual refusal (validation) comes before any
+  RESTCONF write; and when this hop refuses, the NETCONF hops' commits are cancelled.
+  Unlike a confirmed commit, the writes are live from here on: until the end (or the
+  rollback) the agent may already act on them, as a NETCONF agent acts on its
+  confirmed commit.
 - confirm: nothing left to do; the writes stay undoable, so when a NETCONF hop fails its
   confirm this hop is put back too (only the NETCONF hops whose confirm went through are
   then left for the controller to reconcile).
 - rollback (a hop anywhere failed before the end): each entry written is put back as saved:
   PUT of the saved entry, or DELETE of one that did not exist. Only what was written is put
   back (a write refused, 412 included, changed nothing), so a concurrent change by someone
-  else survives. If a restore fails the hop counts as committed (Hop.committed) and the
+  else survives (the restore itself is unconditional: a change to the same entry in the
+  milliseconds between write and restore would be overwritten). If a restore fails the hop counts as committed (Hop.committed) and the
   controller reconciles it, as it does a NETCONF hop that died in the confirm phase; if the
   controller itself dies between commit and the end, reconciliation on its restart removes
   what it owned and no longer desires (every entry is owned before it is pushed).
