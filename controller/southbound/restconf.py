@@ -108,6 +108,7 @@ class RestconfConnection:
         self._live = threading.Event()  # the stream open: requests may go
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._read_lock = threading.Lock()
         self._stream: httpx.Response | None = None
         self.client = self._client(timeout=httpx.Timeout(30.0))
         self._events = self._client(timeout=httpx.Timeout(30.0, read=None))  # a stream idles between events
@@ -245,10 +246,12 @@ class RestconfConnection:
                 log.exception("notification from %s not handled", self.addr.name)
 
     def resync(self) -> None:
-        """Read the whole datastore (config and state) of the agent."""
-        doc, _ = self.get_json("data")
-        self.data = xml_data(doc, config=False)
-        self.on_state(self)
+        """Read the whole datastore (config and state) of the agent; one read at a time, so an
+        older answer never replaces a newer one."""
+        with self._read_lock:
+            doc, _ = self.get_json("data")
+            self.data = xml_data(doc, config=False)
+            self.on_state(self)
 
     def refresh(self) -> None:
         """Re-read the agent (HTTP requests do not queue behind each other: no second session
