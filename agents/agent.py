@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from sdqkd.agents import config as agent_config
@@ -35,6 +35,9 @@ from sdqkd.agents.netconf.session import SessionLimits
 from sdqkd.agents.restconf import server as restconf
 from sdqkd.agents.restconf.methods import Resources
 from sdqkd.private import private_dir
+
+if TYPE_CHECKING:
+    from sdqkd.agents.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ class Agent:
             on_commit=self._on_commit,
         )
         self.server: NetconfServer | None = None
+        self.metrics: AgentMetrics | None = None  # when the config serves them
+        self.metrics_port: int | None = None  # bound once start() returned
+        if cfg.metrics is not None and cfg.metrics.port:
+            self._add_metrics()
         self.restconf: restconf.RestconfServer | None = None
         self._stopped = threading.Event()
         # Drivers emit from their own threads, possibly while a commit holds the
@@ -93,7 +100,7 @@ class Agent:
             rc = self.cfg.restconf
             self.restconf = restconf.RestconfServer(
                 Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
-                restconf.ssl_context(rc.cert, rc.key, rc.client_ca)).start()
+                restconf.ssl_context(rc.cert, rc.key, rc.client_ca), self.cfg.netconf.auth_failure_delay).start()
         rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions,
                     lambda: dict(self.server.stats) if self.server else {})
         nc = self.cfg.netconf
@@ -102,11 +109,27 @@ class Agent:
             limits=SessionLimits(max_message_size=nc.max_message_size, hello_timeout=nc.hello_timeout),
             login=ssh.LoginLimits(login_timeout=nc.login_timeout, max_auth_tries=nc.max_auth_tries,
                                   max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay))
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.server.loop, self.cfg.metrics.address, self.cfg.metrics.port)
         # Everything built so far lives as long as the process: keep it out of the
         # collector's way (full collections rescanned it on every pass).
         gc.collect()
         gc.freeze()
         log.info("agent %s (%s) serving NETCONF on %s:%s", self.cfg.node.name, self.cfg.node.qkdn_id, self.cfg.netconf.address, self.server.port)
+
+    def _add_metrics(self) -> None:
+        """Metrics from the drivers, key store, key delivery, relay and NETCONF server. Imported
+        only when served: prometheus_client costs an agent ~1.5 MB of memory."""
+        from sdqkd.agents import metrics as agent_metrics
+
+        self.metrics = m = agent_metrics.AgentMetrics(drivers=lambda: self.drivers, store=self.kms.lkms.store,
+                                                      routes=lambda: self.kms.lkms.routes, netconf=lambda: self.server)
+        if self.kms.server is not None:
+            self.kms.server.app.middlewares.insert(0, m.middleware)
+        for stream in self.kms.streams:
+            stream.observe = m.observe_stream
+        if self.kms.lkms.forwarder is not None:
+            self.kms.lkms.forwarder.observe = m.observe_relay
 
     def _sessions(self) -> list[Any]:
         return self.server.sessions() if self.server else []
@@ -164,6 +187,8 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.server is not None:
             self.server.stop()
         if self.restconf is not None:

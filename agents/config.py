@@ -204,6 +204,16 @@ class SwitchConf:
 
 
 @dataclass
+class MetricsConf:
+    """The Prometheus endpoint, GET http://address:port/metrics (agents/metrics.py); port 0:
+    not served. Plain HTTP without authentication: it carries no key material or key ID,
+    but says what links and peers the node has, so it listens on loopback unless told."""
+
+    port: int = 0
+    address: str = "127.0.0.1"
+
+
+@dataclass
 class RestconfConf:
     """The RESTCONF (RFC 8040) front end over HTTPS (agents/restconf/); absent: off.
     Clients log in as a NETCONF user: HTTP basic, or a certificate from `client_ca`
@@ -231,6 +241,7 @@ class AgentConfig:
     ipsec: IpsecConf | None = None
     restconf: RestconfConf | None = None
     log_level: str = "INFO"
+    metrics: MetricsConf | None = None  # absent: no metrics endpoint
     # Where running is persisted on every commit (agents/datastore/store.py): a restarted
     # node comes back with it. Default: running.xml in state_dir.
     running_path: str | None = None
@@ -344,6 +355,8 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.qrng.source: 'emulated' or 'os'")
     if cfg.qrng is not None and cfg.qrng.source == "emulated" and not cfg.qrng.rate:
         problems.append("config.qrng.rate: an emulated QRNG needs its rate (bit/s)")
+    if cfg.metrics is not None and not 0 <= cfg.metrics.port <= 65535:
+        problems.append("config.metrics.port: out of range (0: not served)")
     if cfg.ipsec is not None and cfg.kms is None:
         problems.append("config.ipsec: IPsec tunnels take their keys from the LKMS, which needs config.kms")
     if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):

@@ -10,7 +10,7 @@ from lxml import etree
 
 from sdqkd import yangdata
 from sdqkd.agents.drivers.base import Event
-from sdqkd.agents.emulation.profile import identity
+from sdqkd.qkdprofile import identity
 from sdqkd.agents.operational import qber_perf
 
 ETSI = "etsi-qkd-sdn-node"

@@ -18,7 +18,7 @@ from lxml import etree
 from sdqkd import __version__, yangdata
 from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers.base import Driver
-from sdqkd.agents.emulation.profile import identity, parse_wavelength_range
+from sdqkd.qkdprofile import identity, parse_wavelength_range
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,15 @@ class GrpcConf:
 
 
 @dataclass
+class MetricsConf:
+    """The Prometheus endpoint, GET http://address:port/metrics (controller/metrics.py);
+    port 0: not served. Plain HTTP: it carries no secret, but describes the network."""
+
+    port: int = 0
+    address: str = "127.0.0.1"
+
+
+@dataclass
 class ControllerConfig:
     agents: list[AgentEntry]
     state_dir: str
@@ -72,6 +81,7 @@ class ControllerConfig:
     hold_down: float = 5.0
     better_margin: float = 0.2
     log_level: str = "INFO"
+    metrics: MetricsConf | None = None  # absent: no metrics endpoint
 
 
 def parse(data: dict[str, Any]) -> ControllerConfig:
@@ -88,6 +98,8 @@ def parse(data: dict[str, Any]) -> ControllerConfig:
         missing = [f"config.grpc.{k}" for k in ("cert", "key", "ca") if not getattr(cfg.grpc, k)]
         if missing:
             problems.append(f"{', '.join(missing)}: required for mutual TLS (or set config.grpc.insecure: true for plaintext)")
+    if cfg is not None and cfg.metrics is not None and not 0 <= cfg.metrics.port <= 65535:
+        problems.append("config.metrics.port: out of range (0: not served)")
     if problems:
         raise ConfigError(problems)
     return cfg

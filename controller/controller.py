@@ -43,10 +43,12 @@ from lxml import etree
 from sdqkd.controller import qos
 from sdqkd.controller import store as svc
 from sdqkd.private import private_dir
+from sdqkd.qkdprofile import secret_key_rate
 from sdqkd.controller.alarms import CRITICAL, MAJOR, MINOR, Alarm, AlarmClock
 from sdqkd.controller.config import ControllerConfig
+from sdqkd.controller.metrics import ControllerMetrics
 from sdqkd.controller.pathcomp import NoPath
-from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path
+from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, busy_interfaces, optical_options, optical_path
 from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
 from sdqkd.controller.provisioning import reconcile as recon
 from sdqkd.controller.provisioning import txn
@@ -140,6 +142,7 @@ class Controller:
         self._healed_shape: Any = None  # the relay graph's nodes and hops at the last heal pass
         # Runs before each transaction phase (txn.apply before_phase): tests kill hops there.
         self.txn_hook: Any = None
+        self.metrics = ControllerMetrics(self)  # served by the daemon (config metrics.port)
         # A store from before ownership was recorded: what it desires is the controller's.
         self.store.own([(n, *e.key) for n, edits in self._desired().items() for e in edits])
 
@@ -158,6 +161,7 @@ class Controller:
             self._refresher.join(5)
         for c in self.conns.values():
             c.stop()
+        self.metrics.stop()
         self.store.close()
 
     def wait_discovered(self, timeout: float) -> bool:
@@ -806,10 +810,12 @@ class Controller:
             try:
                 data = conn.get_config()
             except Exception as exc:  # noqa: BLE001 - down again: its next (re)connect reconciles it
+                self.metrics.reconciled(conn.addr.name, "unavailable")
                 raise ControllerError("unavailable", f"agent {conn.addr.name} is unreachable ({exc})") from None
             d = recon.diff(self._desired().get(qkdn_id, []), present(data), self.store.owned(qkdn_id))
             self.store.disown([(qkdn_id, *k) for k in d.forget])
             if not d:
+                self.metrics.reconciled(conn.addr.name, "in-sync")
                 return 0
             edits = d.edits
             plan = Plan()
@@ -820,6 +826,7 @@ class Controller:
                 done = len(edits)
             except ControllerError as exc:
                 if exc.kind == "unavailable":
+                    self.metrics.reconciled(conn.addr.name, "unavailable")
                     raise
                 log.warning("reconciling %s in one edit failed (%s): entry by entry", conn.addr.name, exc.message)
                 done = 0
@@ -831,6 +838,7 @@ class Controller:
                         done += 1
                     except ControllerError as exc1:
                         log.warning("reconciling %s: %s %s refused: %s", conn.addr.name, *e.key, exc1.message)
+        self.metrics.reconciled(conn.addr.name, "repaired" if done == len(edits) else "partly", len(d.push), len(d.remove))
         log.info("agent %s reconciled: %d pushed, %d orphans removed", conn.addr.name, len(d.push), len(d.remove))
         self._emit("node-reconciled", {"node": conn.addr.name, "qkdn_id": qkdn_id, "pushed": [list(e.key) for e in d.push],
                                        "removed": [list(k) for k in d.remove]})
@@ -842,9 +850,12 @@ class Controller:
         (a hop died in the confirm phase), those hops are reconciled against the store at once,
         so none keeps half a path."""
         self.store.own([(n, *e.key) for n, edits in plan.edits.items() for e in edits if not e.delete])
+        t0 = time.perf_counter()
         try:
             report = txn.apply(plan, self.conns, confirm_timeout=self.cfg.confirm_timeout, before_phase=self.txn_hook)
+            self.metrics.transaction(time.perf_counter() - t0, report, "ok")
         except txn.TxnError as exc:
+            self.metrics.transaction(time.perf_counter() - t0, None, "unavailable" if exc.unavailable else "failed")
             if exc.unavailable:
                 self._invalidate()  # the dead hop leaves the view now, not when its pump notices
             for n in exc.committed:
@@ -861,11 +872,42 @@ class Controller:
 
     # --- direct quantum channels -------------------------------------------------------------
 
+    def _busy(self, topo: Topology) -> dict[tuple[str, int], str]:
+        """Modules serving a link: the agents' links and the channels set up, reported yet or not."""
+        busy = dict(topo.memo("optical_busy", busy_interfaces))
+        for ch in self.store.channels():
+            for end in (ch.tx, ch.rx):
+                busy.setdefault((end[0], int(end[1])), ch.chan_id)
+        return busy
+
     def compute_optical(self, req: OpticalRequest) -> OpticalPath:
         try:
-            return optical_path(self.topology(), req)
+            topo = self.topology()
+            return optical_path(topo, req, self._busy(topo))
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
+
+    def compute_channel(self, req: OpticalRequest) -> list[tuple[OpticalPath, float, bool]]:
+        """Dry run of create_channel: every feasible (Tx, Rx, channel) with its lowest-loss route,
+        the key rate the Tx's profile gives at that loss, and whether a module of it is busy."""
+        topo = self.topology()
+        busy = self._busy(topo)
+        try:
+            options = optical_options(topo, req, busy)
+        except NoPath as exc:
+            raise ControllerError("no-path", str(exc)) from None
+        return [(p, self.expected_rate(topo, p), p.tx in busy or p.rx in busy) for p in options]
+
+    def expected_rate(self, topo: Topology, path: OpticalPath) -> float:
+        """Mean key rate (bit/s) the Tx's profile gives for the path: its loss, the most same-band
+        classical channels on one of its fibres, one span per fibre; 0 without a profile."""
+        node = topo.nodes.get(path.tx[0])
+        profile = self.inventory.profile(node.name, path.tx[1]) if node else None
+        if profile is None:
+            return 0.0
+        classical = max((sum(1 for c in topo.fibres[f].classical if c.band == profile.band)
+                         for f in path.fibres if f in topo.fibres), default=0)
+        return secret_key_rate(profile, path.loss_db, classical, spans=max(1, len(path.fibres)))
 
     def create_channel(self, req: OpticalRequest, chan_id: str | None = None) -> svc.Channel:
         with self._intent:

@@ -21,6 +21,13 @@ def serve(cfg: ControllerConfig, stop: threading.Event) -> None:
     except BaseException:
         ctl.stop()
         raise
+    if cfg.metrics is not None and cfg.metrics.port:
+        try:
+            ctl.metrics.serve(cfg.metrics.address, cfg.metrics.port)
+        except BaseException:
+            grpc_server.stop(grace=0)
+            ctl.stop()
+            raise
     log.info("controller serving gRPC on %s:%s (%s) for %d agents", cfg.grpc.address, cfg.grpc.port,
              "PLAINTEXT: insecure" if cfg.grpc.insecure else "mutual TLS", len(cfg.agents))
     try:

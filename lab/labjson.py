@@ -67,6 +67,7 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
             "saes": [{"id": s, "cert": str(n.sae_certs[s][0]), "key": str(n.sae_certs[s][1])} for s in n.saes],
             "kme": {"cert": str(n.kme_cert[0]), "key": str(n.kme_cert[1]), "pin": pki.spki_pin(n.kme_cert[0])}
             if n.kme_cert else None,
+            "metrics": f"http://{plan.address}:{n.metrics_port}/metrics" if n.metrics_port else None,
             **({"restconf": {"url": f"https://{plan.address}:{n.restconf_port}/restconf", "ca": str(plan.ca[0])}}
                if n.restconf_port else {}),
             "log": str(n.dir / "agent.log"),
@@ -81,7 +82,9 @@ def describe(plan: LabPlan, pids: dict[str, int], controller_pid: int | None) ->
         "ca": {"cert": str(plan.ca[0]), "key": str(plan.ca[1])},
         **{name: {"cert": str(c[0]), "key": str(c[1])} for name, c in (("kme_ca", plan.kme_ca), ("sae_ca", plan.sae_ca)) if c},
         "controller": {**controller_access(plan), "pid": controller_pid, "log": str(plan.dir / "controller.log"),
-                       "config": str(plan.controller_config_path)},
+                       "config": str(plan.controller_config_path),
+                       "metrics": f"http://{plan.address}:{plan.controller_metrics_port}/metrics"
+                       if plan.controller_metrics_port else None},
         "plant": str(plan.plant_path),
         "nodes": nodes,
     }
@@ -142,19 +145,24 @@ def shell_env(data: dict[str, Any]) -> dict[str, str]:
     once work whatever ports (--free-ports) and folder the lab has: LAB_CA, LAB_GRPC,
     LAB_NETCONF_USER/PASSWORD, and per node <NODE>_KME (HTTPS base URL), _NETCONF_PORT,
     _ETSI004_JSON_PORT (the JSON command form, mutual TLS), _SAE, _CERT, _KEY (its first SAE's credentials) and, with a lab host, _NETNS, _ADDRESS, _INNER;
-    LAB_GRPC_CERT and LAB_GRPC_KEY: the orchestrator's client certificate for the gRPC northbound."""
+    LAB_GRPC_CERT and LAB_GRPC_KEY: the orchestrator's client certificate for the gRPC northbound;
+    LAB_METRICS and <NODE>_METRICS: the controller's and each agent's Prometheus endpoint URL."""
     labs = Path(data["dir"]).parent  # <lab dir>/lab/<name>
     env = {"SDQKD_LAB_DIR": str(labs.parent), "SDQKD_LAB": data["name"], "LAB_CA": data["ca"]["cert"],
            "LAB_GRPC": data["controller"]["grpc"]}
     tls = data["controller"].get("tls")
     if tls:
         env.update({"LAB_GRPC_CERT": tls["cert"], "LAB_GRPC_KEY": tls["key"]})
+    if data["controller"].get("metrics"):  # none in a lab brought up before the metrics endpoints
+        env["LAB_METRICS"] = data["controller"]["metrics"]
     for n in data["nodes"]:
         nc, v = n["netconf"], _var(n["name"])
         env.update({"LAB_NETCONF_HOST": nc["host"], "LAB_NETCONF_USER": nc["username"], "LAB_NETCONF_PASSWORD": nc["password"]})
         env.update({f"{v}_KME": n["kms"]["url"], f"{v}_NETCONF_PORT": str(nc["port"])})
         if n["kms"].get("etsi004_json"):  # a lab brought up before the JSON form had none
             env[f"{v}_ETSI004_JSON_PORT"] = str(n["kms"]["etsi004_json"]["port"])
+        if n.get("metrics"):
+            env[f"{v}_METRICS"] = n["metrics"]
         if n["saes"]:
             sae = n["saes"][0]
             env.update({f"{v}_SAE": sae["id"], f"{v}_CERT": sae["cert"], f"{v}_KEY": sae["key"]})

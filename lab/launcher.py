@@ -109,7 +109,11 @@ def wait_controller(proc: LabProcess, port: int, timeout: float, host: str = "12
 def _planned_ports(plan: lab_plan.LabPlan) -> list[tuple[int, str]]:
     """Every port the lab's processes will listen on, with who listens."""
     out = [(plan.controller_port, "controller gRPC")]
+    if plan.controller_metrics_port:
+        out.append((plan.controller_metrics_port, "controller metrics HTTP"))
     for n in plan.nodes.values():
+        if n.metrics_port:
+            out.append((n.metrics_port, f"agent {n.name} metrics HTTP"))
         out += [(n.netconf_port, f"agent {n.name} NETCONF"), (n.kms_port, f"agent {n.name} ETSI 014/004 HTTPS"),
                 (n.relay_port, f"agent {n.name} key relay"), (n.etsi004_json_port, f"agent {n.name} ETSI 004 JSON"),
                 (n.etsi004_binary_port, f"agent {n.name} ETSI 004 binary")]

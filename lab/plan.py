@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents.emulation.profile import QkdProfile, calibrate
+from sdqkd.qkdprofile import QkdProfile, calibrate
 from sdqkd.agents.netconf import ssh
 from sdqkd import pki
 from sdqkd.lab import hosts as lab_hosts
@@ -20,6 +20,9 @@ from sdqkd.private import private_dir, write_private
 
 LAB_NS = uuid.UUID("0b5e2f7a-6c1d-4e8b-9a3f-7d2c1b0a9e8f")
 ETSI004_JSON_OFFSET = 1000  # the JSON 004 ports count up from kms-port-base + this
+# The Prometheus endpoints count up from netconf-port-base + this (9100 for MadQCI's 8300, 9150
+# for the cloud lab's 8350, so both labs run side by side): the controller's first, then the agents'.
+METRICS_OFFSET = 800
 
 
 @dataclass
@@ -38,6 +41,7 @@ class NodePlan:
     sae_certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     config_path: Path | None = None
     etsi004_json_port: int = 0  # ETSI 004 JSON command form over mutual TLS (kms-port-base + 1000 up)
+    metrics_port: int = 0  # Prometheus GET /metrics, plain HTTP (netconf-port-base + 801 up)
     restconf_port: int = 0  # RESTCONF (RFC 8040) over HTTPS (restconf-port-base up)
     restconf_cert: tuple[Path, Path] | None = None  # its server certificate, from the lab's root CA
     southbound: str = "netconf"  # how the controller manages the node (topology node/southbound)
@@ -64,6 +68,7 @@ class LabPlan:
     # HTTPS servers) and SAE client certificates; each port trusts one of them only
     kme_ca: tuple[Path, Path] | None = None
     sae_ca: tuple[Path, Path] | None = None
+    controller_metrics_port: int = 0  # the controller's Prometheus endpoint (netconf-port-base + 800)
 
     @property
     def plant_path(self) -> Path:
@@ -133,6 +138,7 @@ class _Ports:
             "service": int(defaults.get("relay-port-base", 8500)) + 100,
             "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
             "etsi004-json": int(defaults.get("kms-port-base", 8400)) + ETSI004_JSON_OFFSET,
+            "metrics": int(defaults.get("netconf-port-base", 8300)) + METRICS_OFFSET,
             "restconf": int(defaults.get("restconf-port-base", 8800)),
         }
 
@@ -179,6 +185,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
         username=str(defaults.get("netconf-username", "admin")),
     )
     plan.kme_ca, plan.sae_ca = cas.kme, cas.sae
+    plan.controller_metrics_port = ports.take("metrics")
     plan.controller_cert = pki.issue(ca, "sdqkd-controller", lab_dir / "pki" / "controller",
                                      server_names=[plan.address], client=False)
     plan.orchestrator_cert = pki.issue(ca, "sdqkd-orchestrator", lab_dir / "pki" / "orchestrator", client=True)
@@ -197,6 +204,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             saes=[s["id"] for s in node.get("sae", [])],
             dir=nd,
             etsi004_json_port=ports.take("etsi004-json"),
+            metrics_port=ports.take("metrics"),
             restconf_port=ports.take("restconf"),
             southbound=str(node.get("southbound", "netconf")),
         )
@@ -280,6 +288,7 @@ def agent_config(plan: LabPlan, lab: dict[str, Any], node: dict[str, Any], np: N
             "etsi004_json": {"port": np.etsi004_json_port},
         },
         **({"ipsec": ipsec_config(plan, lab, np.name)} if np.name in plan.hosts else {}),
+        **({"metrics": {"address": plan.address, "port": np.metrics_port}} if np.metrics_port else {}),
         **({"restconf": {"host": plan.address, "port": np.restconf_port, "cert": str(np.restconf_cert[0]),
                          "key": str(np.restconf_cert[1])}} if np.restconf_cert else {}),
     }
@@ -348,6 +357,8 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
         "saes": plan.sae_directory(),
         "grpc": {"address": plan.address, "port": plan.controller_port, "ca": str(plan.ca[0]),
                  **({"cert": str(plan.controller_cert[0]), "key": str(plan.controller_cert[1])} if plan.controller_cert else {})},
+        **({"metrics": {"address": plan.address, "port": plan.controller_metrics_port}}
+           if plan.controller_metrics_port else {}),
     }
 
 

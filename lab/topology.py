@@ -22,7 +22,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.agents.emulation.profile import QkdProfile, identity_name
+from sdqkd.qkdprofile import QkdProfile, identity_name
 from sdqkd.lab.plan import ETSI004_JSON_OFFSET, node_id
 
 MODULE = "sdqkd-lab"
@@ -404,11 +404,24 @@ def check_switch_ports(lab: Mapping[str, Any], ix: _Index) -> Found:
             yield from port(str(att["switch"]), att.get("port"), node, f"qkd-interface {node}:{qid}",
                             _iface_at(node, qid, "attachment"))
     for fibre in ix.fibres.values():
+        mux = {_int(m) for m in _seq(fibre, "mux-channel")} - {None}
         for end in ("a-end", "b-end"):
             e = _sub(fibre, end)
-            if e.get("switch"):
-                yield from port(str(e["switch"]), e.get("port"), e.get("node"), f"fibre {_q(fibre['name'])} {end}",
-                                _at("fibre", fibre["name"], end))
+            if not e.get("switch"):
+                continue
+            at = _at("fibre", fibre["name"], end)
+            muxed = _entries(e, "mux-port")
+            if muxed and e.get("port") is not None:
+                yield f"{at}/port", "an end with mux ports lands on them: leave 'port' out"
+            for m in muxed:
+                who = f"fibre {_q(fibre['name'])} {end} mux port"
+                yield from port(str(e["switch"]), m.get("port"), e.get("node"), who, f"{at}/mux-port[port={_q(m.get('port'))}]")
+                extra = sorted({_int(c) for c in _seq(m, "channel")} - {None} - mux) if mux else []
+                if extra:
+                    yield (f"{at}/mux-port[port={_q(m.get('port'))}]/channel",
+                           f"channels {extra} are not among the fibre's mux-channel {sorted(mux)}")  # type: ignore[type-var]
+            if not muxed:
+                yield from port(str(e["switch"]), e.get("port"), e.get("node"), f"fibre {_q(fibre['name'])} {end}", at)
 
 
 def check_roles(lab: Mapping[str, Any], ix: _Index) -> Found:

@@ -298,22 +298,27 @@ def topo() -> None:
 @click.option("-o", "--output", default=None, help="PNG file (default: <lab dir>/topology.png).")
 @lab_dir_option
 def topo_plot(lab_name: str | None, output: str | None, lab_dir: str | None) -> None:
-    """Write a PNG of the network with live key rates."""
+    """Write a PNG of the network: nodes, fibres, switches with their cross-connects and
+    wavelengths, and every QKD link with its live key rate and status."""
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
     from sdqkd.lab import plot
 
     lab = _find_lab(lab_name, lab_dir)
     out = Path(output) if output else Path(lab["dir"]) / "topology.png"
-    click.echo(f"wrote {plot.plot(lab, out)}")
+    topo = _controller_call(lab, "GetTopology", pb.GetTopologyRequest()).topology
+    channels = list(_controller_call(lab, "ListChannels", pb.ListChannelsRequest()).channels)
+    title = f"lab {lab['name']}"
+    click.echo(f"wrote {plot.write(topo, channels, out, title)}")
 
 
-def _controller_call(lab: dict, rpc: str, request):  # type: ignore[no-untyped-def, type-arg]
+def _controller_call(lab: dict, rpc: str, request, timeout: float = 10):  # type: ignore[no-untyped-def, type-arg]
     """One call to the lab's controller with the orchestrator certificate from lab.json."""
     import grpc
 
     from sdqkd.lab import launcher
 
     try:
-        return getattr(launcher.controller_stub(lab["controller"]), rpc)(request, timeout=10)
+        return getattr(launcher.controller_stub(lab["controller"]), rpc)(request, timeout=timeout)
     except launcher.LabError as exc:
         raise click.ClickException(str(exc)) from None
     except grpc.RpcError as exc:
@@ -509,3 +514,73 @@ def tls_connect(lab_name, lab_dir, node, kme, cert, key, ca, peer_saes, host, vi
     except qkdtls.KeySourceError as exc:  # the session's or the key source's
         raise click.ClickException(str(exc)) from None
     sys.stdout.buffer.write(answer)
+
+
+@main.group()
+def channel() -> None:
+    """Direct quantum channels through the optical switches (the lab's controller)."""
+
+
+def _channel_request(message, src: str, dst: str, wavelength: int | None):  # type: ignore[no-untyped-def]
+    """SRC/DST as NODE (the controller picks the modules) or NODE:QKDI (these two modules)."""
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
+
+    ends = [e.rpartition(":") for e in (src, dst)]
+    extra = {"wavelength": wavelength} if wavelength is not None else {}
+    if all(sep and qkdi.isdigit() for _, sep, qkdi in ends):
+        (tn, _, ti), (rn, _, ri) = ends
+        return message(tx=pb.InterfaceRef(node=tn, qkdi_id=int(ti)), rx=pb.InterfaceRef(node=rn, qkdi_id=int(ri)), **extra)
+    if any(sep for _, sep, _ in ends):
+        raise click.UsageError("give two nodes, or two NODE:QKDI interfaces")
+    return message(src=src, dst=dst, **extra)
+
+
+def _channel_options(f):  # type: ignore[no-untyped-def]
+    f = click.option("--wavelength", type=int, default=None, help="DWDM channel to use (default: the controller picks).")(f)
+    f = click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True,
+                     help="Lab name (default: the only running lab).")(f)
+    f = lab_dir_option(f)
+    f = click.argument("dst")(f)
+    return click.argument("src")(f)
+
+
+@channel.command("compute")
+@_channel_options
+@click.option("--max", "max_alternatives", type=int, default=0, help="At most this many alternatives (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def channel_compute(src: str, dst: str, wavelength: int | None, lab_name: str | None, lab_dir: str | None,
+                    max_alternatives: int, as_json: bool) -> None:
+    """Dry run: the ways to make a channel SRC -> DST (route, wavelength, loss, expected key rate); changes nothing."""
+    import json
+
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
+
+    lab = _find_lab(lab_name, lab_dir)
+    req = _channel_request(pb.ComputeChannelRequest, src, dst, wavelength)
+    req.max_alternatives = max_alternatives
+    options = _controller_call(lab, "ComputeChannel", req).options
+    rows = [{"tx": f"{o.tx.node_name}:{o.tx.qkdi_id}", "rx": f"{o.rx.node_name}:{o.rx.qkdi_id}",
+             "channel": o.channel if o.HasField("channel") else None, "loss_db": round(o.loss_db, 3),
+             "expected_skr": round(o.expected_skr, 1), "busy": o.busy, "fibres": list(o.fibres),
+             "hops": [[h.switch, h.port_in, h.port_out] for h in o.hops]} for o in options]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'tx':<14} {'rx':<14} {'ch':>4} {'loss dB':>8} {'rate b/s':>10}  route")
+    for r in rows:
+        ch = "-" if r["channel"] is None else str(r["channel"])
+        route = " > ".join(r["fibres"]) + ("  (busy)" if r["busy"] else "")
+        click.echo(f"{r['tx']:<14} {r['rx']:<14} {ch:>4} {r['loss_db']:>8.2f} {r['expected_skr']:>10.0f}  {route}")
+
+
+@channel.command("create")
+@_channel_options
+def channel_create(src: str, dst: str, wavelength: int | None, lab_name: str | None, lab_dir: str | None) -> None:
+    """Set up a channel SRC -> DST: cross-connects on the way and a PHYS link at both ends."""
+    from sdqkd.controller.northbound import sdqkd_pb2 as pb
+
+    lab = _find_lab(lab_name, lab_dir)
+    ch = _controller_call(lab, "CreateChannel", _channel_request(pb.CreateChannelRequest, src, dst, wavelength), timeout=60)
+    wl = f"ch {ch.channel}" if ch.HasField("channel") else "O-band"
+    click.echo(f"{ch.chan_id} {ch.tx.node_name}:{ch.tx.qkdi_id} -> {ch.rx.node_name}:{ch.rx.qkdi_id} {wl} "
+               f"{ch.loss_db:.2f} dB over {', '.join(ch.fibres)}")

@@ -82,6 +82,24 @@ class FibreEndLike(Protocol):
     node: str
     switch: str | None
     port: int | None
+    mux_ports: tuple[tuple[int, frozenset[int]], ...]  # a fixed mux: (switch port, channels it passes)
+
+
+def _end_ports(e: FibreEndLike) -> list[tuple[int | None, frozenset[int] | None]]:
+    """The switch ports a fibre end lands on, with the channels each passes (None: any)."""
+    return [(p, c) for p, c in e.mux_ports] if e.mux_ports else [(e.port, None)]
+
+
+def _spans(a: FibreEndLike, b: FibreEndLike) -> list[tuple[int | None, int | None, str]]:
+    """The port pairs a fibre joins: one, or one per channel set its two muxes share ('' or '34,37')."""
+    out = []
+    for pa, ca in _end_ports(a):
+        for pb, cb in _end_ports(b):
+            sets = [c for c in (ca, cb) if c is not None]
+            chans = frozenset.intersection(*sets) if sets else None
+            if chans is None or chans:
+                out.append((pa, pb, ",".join(map(str, sorted(chans))) if chans else ""))
+    return out
 
 
 class FibreLike(Protocol):
@@ -234,7 +252,7 @@ class _Builder:
         t = self.topo
         used: dict[str, set[int]] = {}
         plugs = [(i.switch, i.port) for i in t.interfaces.values()]
-        plugs += [(e.switch, e.port) for f in t.fibres.values() for e in (f.a, f.b)]
+        plugs += [(e.switch, p) for f in t.fibres.values() for e in (f.a, f.b) for p, _ in _end_ports(e)]
         plugs += [(s.name, p) for s in t.switches.values() for pair in s.cross_connects for p in pair]
         plugs += [(str(h[0]), int(p)) for ch in channels for h in ch.hops for p in h[1:]]
         for sw, port in plugs:
@@ -291,10 +309,12 @@ class _Builder:
         t = self.topo
         for fname in sorted(t.fibres):
             f = t.fibres[fname]
-            ends = tuple(("port", e.switch, str(e.port)) if e.switch is not None else ("line", fname, side)
-                         for side, e in (("a", f.a), ("b", f.b)))
             up = all(t.nodes[e.node].up for e in (f.a, f.b) if e.node in t.nodes)
-            self._link(topo, f"fibre/{fname}", fname, ends, f.loss_db, f.length_km, ("fibre-span", fname), up)  # type: ignore[arg-type]
+            for pa, pb, chans in _spans(f.a, f.b):  # a fibre behind fixed muxes: one link per passband
+                ends = tuple(("port", e.switch, str(p)) if e.switch is not None else ("line", fname, side)
+                             for side, e, p in (("a", f.a, pa), ("b", f.b, pb)))
+                name = f"{fname}:{chans}" if chans and f.a.mux_ports else fname
+                self._link(topo, f"fibre/{name}", name, ends, f.loss_db, f.length_km, ("fibre-span", fname), up)  # type: ignore[arg-type]
         for key in sorted(t.interfaces):
             i = t.interfaces[key]
             if i.switch is not None:

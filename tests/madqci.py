@@ -13,12 +13,13 @@ path's loss and the same-band classical channels on its fibres.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sdqkd.agents.emulation.profile import QkdProfile, identity_name, secret_key_rate
-from sdqkd.controller.pathcomp.optical import OpticalRequest, optical_path
+from sdqkd.qkdprofile import QkdProfile, identity_name, secret_key_rate
+from sdqkd.controller.pathcomp.optical import OpticalPath, OpticalRequest, optical_path
 from sdqkd.controller.topology.builder import Inventory
 from sdqkd.controller.topology.model import QkdInterface, QkdLink, Node, Switch, Topology
 from sdqkd.lab import topology as labfile
@@ -87,6 +88,13 @@ def cv_mux() -> frozenset[int]:
 def topology(cv_in_service: bool = True) -> Topology:
     """MadQCI. cv_in_service=False: CV modules idle and switches clear (to count what
     switching can reach); True: the CV links of CV_IN_SERVICE are up and hold their ports."""
+    return topology_and_paths(cv_in_service)[0]
+
+
+def topology_and_paths(cv_in_service: bool = True, cv_links: Sequence[tuple[str, str]] = CV_IN_SERVICE
+                       ) -> tuple[Topology, dict[str, OpticalPath]]:
+    """topology(), with the optical path of each CV link in service by its qkdl_id (what the
+    controller keeps as the link's channel); cv_links: other (Tx site, Rx site) to set up instead."""
     lb, profiles = lab(), _profiles()
     ids = {n["name"]: node_id(lb["name"], n) for n in lb["node"]}
     inv = Inventory(lb)
@@ -109,13 +117,14 @@ def topology(cv_in_service: bool = True) -> Topology:
     switches = [Switch(name, s["qkdn_id"], int(s["ports"]), float(s.get("insertion-loss", 1.0)))
                 for name, s in inv.switches(ids).items()]
     topo = Topology.build(nodes, interfaces, links, inv.fibres(ids, {}).values(), switches)
+    paths = {}
     if cv_in_service:
-        for tx, rx in CV_IN_SERVICE:
-            topo = _set_up(topo, profiles, tx, rx)
-    return topo
+        for tx, rx in cv_links:
+            topo, lid, paths[lid] = _set_up(topo, profiles, tx, rx)
+    return topo, paths
 
 
-def _set_up(topo: Topology, profiles: dict[str, QkdProfile], tx: str, rx: str) -> Topology:
+def _set_up(topo: Topology, profiles: dict[str, QkdProfile], tx: str, rx: str) -> tuple[Topology, str, OpticalPath]:
     """The CV link tx -> rx as the controller makes it: path, cross-connects, channel."""
     t, r = cv_tx(tx), cv_rx(rx)
     path = optical_path(topo, OpticalRequest(tx=t, rx=r))
@@ -132,4 +141,4 @@ def _set_up(topo: Topology, profiles: dict[str, QkdProfile], tx: str, rx: str) -
     lid = f"qkdl-cv-{tx.lower()}-{rx.lower()}"
     links[lid] = QkdLink(lid, *t, *r, skr=round(secret_key_rate(profile, path.loss_db, classical, spans=len(path.fibres)), 3),
                          channel=path.channel, fibres=path.fibres)
-    return topo.replace(fibres=fibres, switches=switches, links=links)
+    return topo.replace(fibres=fibres, switches=switches, links=links), lid, path

@@ -34,11 +34,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sdqkd.agents.emulation import profile as physics
+from sdqkd import qkdprofile as physics
 from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import DriverError
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import QkdProfile, identity_name
+from sdqkd.qkdprofile import QkdProfile, identity_name
 from sdqkd.agents.drivers.qkd_link import BlockMeter, KeyRoom, KeySink, Link, LinkConfig, NodeOf, PeerAddress, QkdModule
 
 __all__ = ["EmulatedQkdModule", "KeySink", "KeyStream", "NodeOf", "PeerAddress"]

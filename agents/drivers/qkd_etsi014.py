@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import DriverError
-from sdqkd.agents.emulation.profile import IDENTITY_MODULE, ROLES, identity, identity_name, parse_wavelength_range
+from sdqkd.qkdprofile import IDENTITY_MODULE, ROLES, identity, identity_name, parse_wavelength_range
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink, Link, LinkConfig, PeerAddress, QkdModule, RateMeter
 from sdqkd.etsi014_client import DeviceApi, DeviceClient, DeviceError
 

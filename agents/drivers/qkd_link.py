@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 from sdqkd.agents.drivers import service_channel as sc
 from sdqkd.agents.drivers.base import Change, Driver, DriverError, Emit, Event
-from sdqkd.agents.emulation.profile import identity_name
+from sdqkd.qkdprofile import identity_name
 
 KeySink = Callable[[str, str, bytes], None]
 KeyRoom = Callable[[str], bool]  # link -> may the sink take more keys (a full key store: no)

@@ -11,7 +11,7 @@ from sdqkd.agents.config import AgentConfig
 from sdqkd.agents.drivers import registry
 from sdqkd.agents.drivers.base import Driver
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import QkdProfile
+from sdqkd.qkdprofile import QkdProfile
 from sdqkd.agents.drivers.qkd_link import KeyRoom, KeySink
 
 

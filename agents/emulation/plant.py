@@ -68,6 +68,17 @@ class _End:
     node: str
     switch: str | None
     port: int | None
+    mux: tuple[tuple[int, frozenset[int]], ...] = ()  # fixed mux ports: (switch port, channels passed)
+
+    def ports(self) -> list[tuple[int, frozenset[int] | None]]:
+        """Switch ports the end lands on, with the channels each passes (None: any)."""
+        if not self.switch:
+            return []
+        return [(p, c) for p, c in self.mux] if self.mux else [(int(self.port or 0), None)]
+
+    def passes(self, port: int, wavelength: int | None) -> bool:
+        chans = dict(self.ports()).get(port)
+        return chans is None or wavelength is None or wavelength in chans
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,9 @@ class Plant:
                 if where:
                     self._patch(where, ("iface", iface))
         for fb in lab.get("fibre", []):
-            ends = [_End(e["node"], e.get("switch"), _opt_int(e.get("port")))
+            ends = [_End(e["node"], e.get("switch"), _opt_int(e.get("port")),
+                         tuple((int(m["port"]), frozenset(int(c) for c in m.get("channel", [])))
+                               for m in e.get("mux-port", [])))
                     for e in (fb.get("a-end", {}), fb.get("b-end", {}))]
             fibre = _Fibre(fb["name"], ends[0], ends[1], float(fb["loss"]),
                            frozenset(int(c) for c in fb.get("mux-channel", [])),
@@ -147,8 +160,8 @@ class Plant:
                                  for c in fb.get("classical-channel", [])))
             self._fibres[fibre.name] = fibre
             for end in ends:
-                if end.switch:
-                    self._patch((end.switch, int(end.port or 0)), ("fibre", fibre))
+                for port, _ in end.ports():
+                    self._patch((end.switch, port), ("fibre", fibre))  # type: ignore[arg-type]
         for lk in lab.get("link", []):
             ends = []
             for ep in lk.get("endpoints", []):
@@ -287,10 +300,15 @@ class Plant:
             fibre: _Fibre = obj
             fibres.append(fibre.name)
             loss += fibre.loss
-            far = fibre.b if (fibre.a.switch, fibre.a.port) == (switch, out) else fibre.a
-            if not far.switch:
+            near = fibre.a if fibre.a.switch == switch and any(p == out for p, _ in fibre.a.ports()) else fibre.b
+            far = fibre.b if near is fibre.a else fibre.a
+            if not far.switch or not near.passes(out, wavelength):
+                return None  # the near mux port does not pass this channel
+            # the far demux sends the channel to the one port whose passband holds it
+            landing = [p for p, _ in far.ports() if far.passes(p, wavelength)]
+            if len(landing) != 1:
                 return None
-            switch, port = far.switch, int(far.port or 0)
+            switch, port = far.switch, landing[0]
         return None  # a loop of cross-connects
 
     def _trace_fixed(self, iface: _Iface, wavelength: int | None, cut: frozenset[str]) -> Channel | None:

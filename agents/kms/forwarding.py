@@ -203,6 +203,9 @@ class Forwarder:
         self.limits = limits or RelayLimits()
         self.timeout = timeout
         self.handler: Handler | None = None
+        # Told of every request sent (peer, op, seconds until its reply or failure, whether it
+        # succeeded): the agent's relay latency metrics (agents/metrics.py).
+        self.observe: Callable[[str, str, float, bool], None] | None = None
         with binding("key relay", *address):
             self._sock = socket.create_server(address)
         self._sock.setblocking(False)
@@ -550,10 +553,15 @@ class Forwarder:
         slot = self._slot(peer)
         if not slot.acquire(timeout=self.timeout):
             raise RelayError(f"relay to {peer}: {self.limits.max_per_peer} requests in flight already", sent=False)
+        t0, ok = time.monotonic(), False
         try:
-            return self._request(peer, msg, idempotent)
+            reply = self._request(peer, msg, idempotent)
+            ok = True
+            return reply
         finally:
             slot.release()
+            if self.observe is not None:
+                self.observe(peer, str(msg.get("op", "")), time.monotonic() - t0, ok)
 
     def _slot(self, peer: str) -> threading.BoundedSemaphore:
         with self._pool_lock:

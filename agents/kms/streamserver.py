@@ -90,11 +90,13 @@ class Connection:
     deadline and size, answers, and LKMS calls off the loop."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, caller: str | None,
-                 peer: str, limits: Limits, executor: ThreadPoolExecutor) -> None:
+                 peer: str, limits: Limits, executor: ThreadPoolExecutor,
+                 observe: Callable[[str, int], None] | None = None) -> None:
         self.caller = caller  # SAE ID from the client certificate; None on trusted plain TCP
         self.peer = peer  # host:port, for logs
         self._reader, self._writer = reader, writer
         self._limits, self._executor = limits, executor
+        self._observe = observe
         self._loop = asyncio.get_running_loop()
         self._deadline = self._loop.time() + limits.read_timeout
         self._size = 0
@@ -146,7 +148,18 @@ class Connection:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call (the LKMS may wait on a relay or a peer) on the server's pool."""
-        return await self._loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        if self._observe is None:
+            return await self._loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        code = 500
+        try:
+            result = await self._loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            code = 200
+            return result
+        except Exception as exc:
+            code = getattr(exc, "http_status", 500)  # a KmsError: what ETSI 014 would answer
+            raise
+        finally:
+            self._observe(getattr(fn, "__name__", "call"), code)
 
     async def _timed(self, aw: Awaitable[bytes]) -> bytes:
         left = self._deadline - self._loop.time()
@@ -187,6 +200,9 @@ class StreamServer(LoopThread):
         self._stopping: asyncio.Event | None = None
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # open connections
         self._executor: ThreadPoolExecutor | None = None
+        # Told of every LKMS call a request made (role, the call's name, the HTTP status
+        # ETSI 014 would answer): the agent's metrics (agents/metrics.py).
+        self.observe: Callable[[str, str, int], None] | None = None
 
     @property
     def connections(self) -> int:
@@ -254,7 +270,8 @@ class StreamServer(LoopThread):
         try:
             caller = await self._secure(writer)
             assert self._executor is not None
-            await self.handler(Connection(reader, writer, caller, peer, self.limits, self._executor))
+            observe = functools.partial(self.observe, self.role) if self.observe is not None else None
+            await self.handler(Connection(reader, writer, caller, peer, self.limits, self._executor, observe))
         except StreamError as exc:
             log.info("%s: closing the connection from %s: %s", self.role, peer, exc)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as exc:

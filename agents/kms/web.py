@@ -105,6 +105,7 @@ class Request:
         self.path = unquote(path)
         self.query = Query(parse_qsl(qs, keep_blank_values=True))
         self.match_info: dict[str, str] = {}
+        self.route: str | None = None  # the matched route's pattern ("/api/v1/keys/{slave_SAE_ID}/status"), once resolved
         self._body = body
         self._store: dict[Any, Any] = {}
 
@@ -208,6 +209,11 @@ class Application:
 
     def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
         """The handler for (method, decoded path) and its path parameters; 404/405 if none."""
+        route, params = self.route_of(method, path)
+        return route.handler, params
+
+    def route_of(self, method: str, path: str) -> tuple[RouteDef, dict[str, str]]:
+        """The route for (method, decoded path) and its path parameters; 404/405 if none."""
         parts = tuple(path.strip("/").split("/"))
         allowed: list[str] = []
         for route in self._routes:
@@ -215,7 +221,7 @@ class Application:
             if params is None:
                 continue
             if route.method in (method, "*") or (method == "HEAD" and route.method == "GET" and route.allow_head):
-                return route.handler, params
+                return route, params
             allowed.append(route.method)
             if route.method == "GET" and route.allow_head:
                 allowed.append("HEAD")
@@ -225,8 +231,9 @@ class Application:
 
     async def handle(self, request: Request) -> Response:
         async def endpoint(req: Request) -> Response:
-            handler, req.match_info = self.resolve(req.method, req.path)
-            return await handler(req)
+            route, req.match_info = self.route_of(req.method, req.path)
+            req.route = route.path
+            return await route.handler(req)
 
         chain: Handler = endpoint
         for mw in reversed(self.middlewares):

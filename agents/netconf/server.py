@@ -137,8 +137,23 @@ class NetconfServer:
     def unregister(self, session: NetconfSession, dropped: bool) -> None:
         """dropped: ended otherwise than by close-session or kill-session (RFC 6022)."""
         with self._lock:
-            if self._sessions.pop(session.session_id, None) is not None and dropped:
+            if self._sessions.pop(session.session_id, None) is None:
+                return
+            if dropped:
                 self.stats["dropped-sessions"] += 1
+            # RFC 6022 counts since the server started: an ended session's RPCs still count.
+            for k, v in session.counters.items():
+                self.stats[k] = self.stats.get(k, 0) + v
+
+    def counters(self) -> dict[str, int]:
+        """The RFC 6022 statistics since start (ended and open sessions), read at once, so
+        that they never go down between two reads (the agent's Prometheus counters)."""
+        with self._lock:
+            out = dict(self.stats)
+            for s in self._sessions.values():
+                for k, v in s.counters.items():
+                    out[k] = out.get(k, 0) + v
+            return out
 
     def open_sessions(self) -> int:
         """Sessions started or starting (channels accepted and not yet ended)."""

@@ -3,7 +3,7 @@ ietf-restconf:errors body, in JSON (RFC 7951) or XML."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lxml import etree
 
@@ -31,6 +31,7 @@ class RestconfError(Exception):
 
     errors: list[nc.RpcError]
     status: int
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Allow with a 405
 
     def __post_init__(self) -> None:
         Exception.__init__(self, "; ".join(e.message for e in self.errors))

@@ -47,7 +47,8 @@ class Subscriber:
                 self.queue.put_nowait(None)
         except asyncio.QueueFull:  # a reader this slow loses its subscription, as a NETCONF one would
             log.info("event stream subscriber %d too slow: ending it", self.session_id)
-            self.queue = asyncio.Queue(maxsize=1)
+            while not self.queue.empty():
+                self.queue.get_nowait()
             self.queue.put_nowait(None)
 
 

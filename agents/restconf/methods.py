@@ -136,7 +136,8 @@ class Resources:
             if method == "DELETE":
                 if existing is None:
                     raise fail(409, nc.DataMissing, "no such data resource", error_type="application")
-                doc, target = paths.skeleton(steps, existing if steps[-1].node.keyword == "leaf" else {}), steps
+                kind = steps[-1].node.keyword
+                doc, target = paths.skeleton(steps, existing if kind in ("leaf", "leaf-list") else {}), steps
             elif method == "POST":
                 doc, target = self._post(steps, body or {}, create_children)
             else:
@@ -221,9 +222,16 @@ class Resources:
             el = paths.find_xml(elements, target)
             if el is None:
                 raise fail(400, nc.InvalidValue, "the body does not hold the target resource")
-            for e in (list(el) if create_children else [el]):
-                if isinstance(e.tag, str):
-                    e.set(OPERATION, op)
+            node = target[-1].node
+            if create_children:
+                marked = [e for e in el if isinstance(e.tag, str)]
+            elif node.keyword == "leaf-list" and target[-1].keys is None:  # the whole leaf-list: every entry
+                parent = el.getparent()
+                marked = [e for e in (parent if parent is not None else [el]) if e.tag == el.tag]
+            else:
+                marked = [el]
+            for e in marked:
+                e.set(OPERATION, op)
         elif op != "merge":
             for e in elements:
                 e.set(OPERATION, op)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
 import json
 import logging
 import ssl
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lxml import etree
@@ -22,7 +21,7 @@ from sdqkd.agents.kms import web
 from sdqkd.agents.kms.https import HttpsServer
 from sdqkd.agents.netconf import errors as nc
 from sdqkd.agents.netconf import notifications
-from sdqkd.agents.netconf.ssh import User, check_password
+from sdqkd.agents.netconf.ssh import FailureLog, LoginLimits, User, check_password
 from sdqkd.agents.restconf import etag, events, params, paths, tfs
 from sdqkd.agents.restconf.errors import JSON, XML, RESTCONF_NS, RestconfError, fail, render
 from sdqkd.agents.restconf.methods import Resources, parse_json, xml_body
@@ -59,32 +58,37 @@ class Auth:
     def __init__(self, users: list[User]) -> None:
         self.users = {u.name: u for u in users}
         self._good: set[bytes] = set()
+        # scrypt takes 16 MiB per check: two at a time at most, whatever the clients send
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="restconf-auth")
 
-    def user(self, request: web.Request) -> str | None:
+    def user(self, request: web.Request) -> tuple[str | None, bool]:
+        """(the user, or None; whether a password was tried and failed). Blocking (scrypt)."""
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
         cert = sslobj.getpeercert() if sslobj is not None else None
         if cert:
             cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
             if cn in self.users:
-                return cn
+                return cn, False
         header = request.headers.get("authorization", "")
         scheme, _, cred = header.partition(" ")
         if scheme.lower() != "basic":
-            return None
+            return None, False
         try:
             name, _, password = base64.b64decode(cred.strip(), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return None
+            return None, True
         u = self.users.get(name)
-        if u is None or not u.password_hash:
-            return None
-        digest = hashlib.sha256(f"{name}\0{password}\0{u.password_hash}".encode()).digest()
+        stored = u.password_hash if u is not None and u.password_hash else _DUMMY
+        digest = hashlib.sha256(f"{name}\0{password}\0{stored}".encode()).digest()
         if digest in self._good:
-            return name
-        if check_password(password, u.password_hash):
+            return name, False
+        if check_password(password, stored) and u is not None:  # unknown users cost the same scrypt
             self._good.add(digest)
-            return name
-        return None
+            return name, False
+        return None, True
+
+
+_DUMMY = "scrypt$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
 def _media(request: web.Request) -> str:
@@ -103,8 +107,10 @@ def _media(request: web.Request) -> str:
 
 class RestconfServer:
     def __init__(self, resources: Resources, hub: notifications.NotificationHub, users: list[User], host: str,
-                 port: int, ssl_ctx: ssl.SSLContext) -> None:
+                 port: int, ssl_ctx: ssl.SSLContext, failure_delay: float = 0.5) -> None:
         self.resources, self.hub, self.auth = resources, hub, Auth(users)
+        # a wrong password is answered late, later for each one from the address (as NETCONF's)
+        self.failures = FailureLog(LoginLimits(failure_delay=failure_delay))
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
         self.app.add_routes([
             web.get("/.well-known/host-meta", self._host_meta),
@@ -123,6 +129,7 @@ class RestconfServer:
 
     def stop(self) -> None:
         self.https.stop()
+        self.auth.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- routes --------------------------------------------------------------------------
 
@@ -135,8 +142,14 @@ class RestconfServer:
         try:
             streams = request.raw_path.startswith("/restconf/streams/")  # text/event-stream: their own
             media = _media(request) if request.method != "OPTIONS" and not streams else JSON
-            if self.auth.user(request) is None:
+            user, failed = await asyncio.get_running_loop().run_in_executor(self.auth.executor, self.auth.user, request)
+            peer = (request.transport.get_extra_info("peername") or ("?",))[0] if request.transport else "?"
+            if user is None:
+                if failed:
+                    log.info("RESTCONF login refused from %s", peer)
+                    await asyncio.sleep(self.failures.fail(peer))
                 raise RestconfError([nc.AccessDenied("authentication required (HTTP basic or a client certificate)")], 401)
+            self.failures.succeed(peer)
             rest = request.raw_path[len("/restconf"):]
             if rest in ("", "/"):
                 return self._root(request, media)
@@ -157,14 +170,15 @@ class RestconfServer:
 
     def _error(self, exc: RestconfError, media: str) -> web.Response:
         body, ctype = render(exc, media)
-        headers = {}
+        headers = dict(exc.headers)
         if exc.status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="restconf", charset="UTF-8"'
         return web.Response(exc.status, body, headers, ctype)
 
     def _only(self, request: web.Request, *methods: str) -> None:
         if request.method not in methods:
-            raise RestconfError([nc.OperationNotSupported(f"{request.method} is not allowed here")], 405)
+            raise RestconfError([nc.OperationNotSupported(f"{request.method} is not allowed here")], 405,
+                                {"Allow": ",".join(sorted({*methods, "OPTIONS"}))})
 
     def _options(self, allow: str, patch: bool = False) -> web.Response:
         headers = {"Allow": allow}
@@ -194,11 +208,15 @@ class RestconfServer:
         return web.Response(200, json.dumps({f"ietf-restconf:{name}": value}).encode(), {}, media)
 
     def _operations(self, request: web.Request, media: str, rest: str) -> web.Response:
+        """{+restconf}/operations: this server has no RPC of its own to offer (RFC 8040 3.3.2)."""
         if rest != "/operations":
             raise fail(404, nc.InvalidValue, "this server has no RESTCONF operations")
-        return self._leaf(request, media, "operations", "") if media == XML else (
-            self._options("GET,HEAD,OPTIONS") if request.method == "OPTIONS"
-            else web.Response(200, json.dumps({"ietf-restconf:operations": {}}).encode(), {}, media))
+        if request.method == "OPTIONS":
+            return self._options("GET,HEAD,OPTIONS")
+        self._only(request, "GET", "HEAD")
+        if media == XML:
+            return web.Response(200, f'<operations xmlns="{RESTCONF_NS}"/>'.encode(), {}, media)
+        return web.Response(200, json.dumps({"ietf-restconf:operations": {}}).encode(), {}, media)
 
     def stream_state(self, host: str) -> dict[str, Any]:
         """ietf-restconf-monitoring:restconf-state: capabilities and the stream's locations."""
@@ -237,9 +255,12 @@ class RestconfServer:
             raise RestconfError([exc], 400) from None
 
         async def body() -> Any:
-            yield first
-            async for chunk in gen:
-                yield chunk
+            try:
+                yield first
+                async for chunk in gen:
+                    yield chunk
+            finally:
+                await gen.aclose()  # unsubscribes now, not when the collector gets to it
         return web.Response(200, b"", headers, "text/event-stream", stream=body())
 
     async def _data(self, request: web.Request, media: str, rest: str) -> web.Response:
@@ -253,7 +274,8 @@ class RestconfServer:
         if method == "OPTIONS":
             return self._options(DATA_METHODS, patch=True)
         if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
-            raise RestconfError([nc.OperationNotSupported(f"{method} is not a RESTCONF method")], 405)
+            raise RestconfError([nc.OperationNotSupported(f"{method} is not a RESTCONF method")], 405,
+                                {"Allow": DATA_METHODS})
         q = params.parse(method, request.query.items())
         if method in ("GET", "HEAD"):
             host = request.headers.get("host", "localhost")
@@ -314,8 +336,7 @@ class RestconfServer:
                 root.extend(yangdata.encode_json(value).elements() if value else [])
                 return etree.tostring(root)
             node = steps[-1].node
-            leaf = value if node.keyword != "list" else value
-            doc = paths.skeleton(steps, leaf if node.keyword != "leaf-list" else value)
+            doc = paths.skeleton(steps, value)
             els = yangdata.encode_json(doc).elements()
         except yangdata.YangError as exc:
             raise RestconfError([nc.OperationFailed(str(exc))], 500) from None

@@ -61,6 +61,11 @@ class ControllerStub:
                 request_serializer=sdqkd__pb2.CreateChannelRequest.SerializeToString,
                 response_deserializer=sdqkd__pb2.Channel.FromString,
                 _registered_method=True)
+        self.ComputeChannel = channel.unary_unary(
+                '/sdqkd.v1.Controller/ComputeChannel',
+                request_serializer=sdqkd__pb2.ComputeChannelRequest.SerializeToString,
+                response_deserializer=sdqkd__pb2.ChannelPlan.FromString,
+                _registered_method=True)
         self.DeleteChannel = channel.unary_unary(
                 '/sdqkd.v1.Controller/DeleteChannel',
                 request_serializer=sdqkd__pb2.DeleteChannelRequest.SerializeToString,
@@ -130,6 +135,14 @@ class ControllerServicer:
     def CreateChannel(self, request, context):
         """A direct quantum channel through optical switches (route, wavelength,
         loss budget): cross-connects plus a PHYS link at both ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ComputeChannel(self, request, context):
+        """Dry run of CreateChannel: the feasible (Tx, Rx, wavelength) alternatives with
+        route, loss and expected key rate, best first; changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +218,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.CreateChannel,
                     request_deserializer=sdqkd__pb2.CreateChannelRequest.FromString,
                     response_serializer=sdqkd__pb2.Channel.SerializeToString,
+            ),
+            'ComputeChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeChannel,
+                    request_deserializer=sdqkd__pb2.ComputeChannelRequest.FromString,
+                    response_serializer=sdqkd__pb2.ChannelPlan.SerializeToString,
             ),
             'DeleteChannel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteChannel,
@@ -374,6 +392,33 @@ class Controller:
             '/sdqkd.v1.Controller/CreateChannel',
             sdqkd__pb2.CreateChannelRequest.SerializeToString,
             sdqkd__pb2.Channel.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdqkd.v1.Controller/ComputeChannel',
+            sdqkd__pb2.ComputeChannelRequest.SerializeToString,
+            sdqkd__pb2.ChannelPlan.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,7 @@ def start(controller: Controller, address: str, port: int, tls: GrpcConf | None 
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc-northbound"),
         # gRPC sets SO_REUSEPORT by default: a second controller would share the port silently.
         options=[("grpc.so_reuseport", 0)],
+        interceptors=[controller.metrics.interceptor],  # calls by method and status code
     )
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -41,7 +41,7 @@ from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.controller.northbound import sdqkd_pb2_grpc as pb_grpc
 from sdqkd.controller.pathcomp.optical import OpticalRequest
 from sdqkd.controller.pathcomp.relay import RelayPlan
-from sdqkd.controller.topology.model import Topology
+from sdqkd.controller.topology.model import FibreEnd, Topology
 from sdqkd.tapi.context import to_tapi_text
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,11 @@ def _ts(seconds: float) -> Timestamp:
 # --- model -> messages ------------------------------------------------------------------
 
 
+def _fibre_end(e: FibreEnd) -> pb.FibreEnd:
+    return pb.FibreEnd(node=e.node, switch=e.switch or "", port=e.port,
+                       mux_ports=[pb.MuxPort(port=p, channels=sorted(c)) for p, c in e.mux_ports])
+
+
 def topology_message(topo: Topology) -> pb.Topology:
     """The controller's snapshot, field for field."""
     out = pb.Topology()
@@ -139,8 +144,7 @@ def topology_message(topo: Topology) -> pb.Topology:
     for f in sorted(topo.fibres.values(), key=lambda f: f.name):
         out.fibres.add(
             name=f.name, loss_db=f.loss_db, length_km=f.length_km,
-            a=pb.FibreEnd(node=f.a.node, switch=f.a.switch or "", port=f.a.port),
-            b=pb.FibreEnd(node=f.b.node, switch=f.b.switch or "", port=f.b.port),
+            a=_fibre_end(f.a), b=_fibre_end(f.b),
             classical=[pb.ClassicalChannel(channel=c.channel, band=c.band) for c in f.classical],
             mux_channels=sorted(f.mux_channels), quantum_in_use=sorted(f.quantum_in_use))
     for s in sorted(topo.switches.values(), key=lambda s: s.name):
@@ -269,18 +273,44 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     # --- direct quantum channels ------------------------------------------------------------------
 
+    def _optical_request(self, request: pb.CreateChannelRequest | pb.ComputeChannelRequest) -> OpticalRequest:
+        """The request's interfaces or nodes and wavelength; same-node pairs and channels off the
+        grid are INVALID_ARGUMENT."""
+        by_if, by_node = (request.HasField("tx"), request.HasField("rx")), (bool(request.src), bool(request.dst))
+        wavelength = request.wavelength if request.HasField("wavelength") else None
+        if wavelength is not None and not 1 <= wavelength <= 96:
+            raise RequestError(S.INVALID_ARGUMENT, f"wavelength must be a DWDM channel 1..96, not {wavelength}")
+        if by_if == (True, True) and by_node == (False, False):
+            tx = (self._node(request.tx.node, "tx node"), request.tx.qkdi_id)
+            rx = (self._node(request.rx.node, "rx node"), request.rx.qkdi_id)
+            if tx[0] == rx[0]:
+                raise RequestError(S.INVALID_ARGUMENT, "tx and rx are on the same node: a quantum channel joins two nodes")
+            return OpticalRequest(tx=tx, rx=rx, channel=wavelength)
+        if by_node == (True, True) and by_if == (False, False):
+            src, dst = self._node(request.src, "source"), self._node(request.dst, "destination")
+            if src == dst:
+                raise RequestError(S.INVALID_ARGUMENT, "source and destination are the same node")
+            return OpticalRequest(src=src, dst=dst, channel=wavelength)
+        raise RequestError(S.INVALID_ARGUMENT, "give either tx and rx, or src and dst")
+
     @_rpc
     def CreateChannel(self, request: pb.CreateChannelRequest, context: grpc.ServicerContext) -> pb.Channel:
-        by_if, by_node = (request.HasField("tx"), request.HasField("rx")), (bool(request.src), bool(request.dst))
-        if by_if == (True, True) and by_node == (False, False):
-            req = OpticalRequest(tx=(self._node(request.tx.node, "tx node"), request.tx.qkdi_id),
-                                 rx=(self._node(request.rx.node, "rx node"), request.rx.qkdi_id))
-        elif by_node == (True, True) and by_if == (False, False):
-            req = OpticalRequest(src=self._node(request.src, "source"), dst=self._node(request.dst, "destination"))
-        else:
-            raise RequestError(S.INVALID_ARGUMENT, "give either tx and rx, or src and dst")
+        req = self._optical_request(request)
         ch = self.ctl.create_channel(req, request.chan_id if request.HasField("chan_id") else None)
         return self._channel(ch)
+
+    @_rpc
+    def ComputeChannel(self, request: pb.ComputeChannelRequest, context: grpc.ServicerContext) -> pb.ChannelPlan:
+        req = self._optical_request(request)
+        options = self.ctl.compute_channel(req)
+        if request.max_alternatives:
+            options = options[:request.max_alternatives]
+        topo = self.ctl.topology()
+        return pb.ChannelPlan(options=[
+            pb.ChannelOption(tx=self._if(p.tx, topo), rx=self._if(p.rx, topo), channel=p.channel, loss_db=p.loss_db,
+                             fibres=list(p.fibres), expected_skr=rate, busy=busy,
+                             hops=[pb.Hop(switch=sw, port_in=pin, port_out=pout) for sw, pin, pout in p.hops])
+            for p, rate, busy in options])
 
     @_rpc
     def DeleteChannel(self, request: pb.DeleteChannelRequest, context: grpc.ServicerContext) -> pb.DeleteChannelResponse:

@@ -11,6 +11,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd.controller.southbound.agent import NSMAP, ident, qkd_node, text
+from sdqkd.qkdprofile import QkdProfile
 from sdqkd.controller.topology.model import (
     ClassicalChannel,
     Fibre,
@@ -45,11 +46,26 @@ class Inventory:
             for i in n.get("qkd-interface", []):
                 self.ifaces[(n["name"], int(i["id"]))] = i
         self.kms = {n["name"]: bool(n.get("kms", True)) for n in lab.get("node", [])}
+        # a fixed link's modules are plugged into its fibres, whether the link is set up yet or not
+        self.plugged: dict[tuple[str, int], tuple[str, ...]] = {}
+        for lk in lab.get("link", []):
+            for ep in lk.get("endpoints", []):
+                node, _, qkdi = str(ep).rpartition(":")
+                self.plugged[(node, int(qkdi))] = self.plugged.get((node, int(qkdi)), ()) + tuple(lk.get("path", ()))
 
     def band(self, node: str, qkdi: int) -> str | None:
         i = self.ifaces.get((node, qkdi))
         p = self.profiles.get(i["profile"]) if i else None
         return p.get("band") if p else None
+
+    def profile(self, node: str, qkdi: int) -> QkdProfile | None:
+        """The calibrated profile of a module (by node name), or None when the inventory has none."""
+        i = self.ifaces.get((node, qkdi))
+        p = self.profiles.get(i["profile"]) if i else None
+        try:
+            return QkdProfile.from_dict(p) if p else None
+        except (ValueError, TypeError):
+            return None
 
     def fixed_channel(self, node: str, qkdi: int) -> int | None:
         i = self.ifaces.get((node, qkdi))
@@ -59,7 +75,10 @@ class Inventory:
         out = {}
         for f in self.lab.get("fibre", []):
             def end(e: dict[str, Any]) -> FibreEnd:
-                return FibreEnd(ids.get(e["node"], e["node"]), e.get("switch"), int(e["port"]) if e.get("port") is not None else None)
+                return FibreEnd(ids.get(e["node"], e["node"]), e.get("switch"),
+                                int(e["port"]) if e.get("port") is not None else None,
+                                tuple((int(m["port"]), frozenset(int(c) for c in m.get("channel", [])))
+                                      for m in e.get("mux-port", [])))
 
             out[f["name"]] = Fibre(
                 name=f["name"],
@@ -107,6 +126,7 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
                 switch=text(i, "q:qkdi_att_point/q:device"),
                 port=int(text(i, "q:qkdi_att_point/q:port")) if text(i, "q:qkdi_att_point/q:port") else None,
                 fixed_channel=inv.fixed_channel(name, qkdi),
+                plugged=inv.plugged.get((name, qkdi), ()),
                 up=up and (ident(text(i, "q:qkdi_status")) or "ENABLED") == "ENABLED",
             )
         for lk in node.findall("q:qkd_links/q:qkd_link", NSMAP) if node is not None else []:

@@ -39,7 +39,7 @@ class Node:
 @dataclass(frozen=True)
 class QkdInterface:
     """One QKD module. switch/port: where its fibre is patched (ETSI 015 qkdi_att_point);
-    None means it sits on a fixed fibre to its peer. channels: DWDM channels it can be tuned
+    None means it sits on a fixed fibre to its peer (plugged, when the inventory says which). channels: DWDM channels it can be tuned
     to (empty: fixed or O-band); max_absorption: the receiver's loss budget in dB."""
 
     node: str
@@ -53,8 +53,10 @@ class QkdInterface:
     port: int | None = None
     fixed_channel: int | None = None
     up: bool = True
+    plugged: tuple[str, ...] = ()  # unswitched: the fibres it is plugged into (the plant's record)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "plugged", tuple(self.plugged))
         object.__setattr__(self, "roles", frozenset(self.roles))
         object.__setattr__(self, "channels", frozenset(int(c) for c in self.channels))
         if not self.roles <= ROLES:
@@ -104,11 +106,28 @@ class ClassicalChannel:
 
 @dataclass(frozen=True)
 class FibreEnd:
-    """Where a fibre ends: at a node (qkdn_id), patched to a switch port or not."""
+    """Where a fibre ends: at a node (qkdn_id), patched to a switch port or not.
+
+    mux_ports: the fixed mux/demux at this end, as (switch port, DWDM channels it passes):
+    the fibre lands on all those ports, so it carries one quantum channel per port at once.
+    Without it the end is one port (`port`), which carries one quantum channel."""
 
     node: str
     switch: str | None = None
     port: int | None = None
+    mux_ports: tuple[tuple[int, frozenset[int]], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mux_ports", tuple((int(p), frozenset(int(c) for c in chans))
+                                                    for p, chans in self.mux_ports))
+
+    def ports(self) -> tuple[tuple[int, frozenset[int] | None], ...]:
+        """The switch ports this end lands on, each with the channels it passes (None: any)."""
+        if self.switch is None:
+            return ()
+        if self.mux_ports:
+            return tuple((p, chans) for p, chans in self.mux_ports)
+        return ((self.port, None),) if self.port is not None else ()
 
 
 @dataclass(frozen=True)
@@ -217,7 +236,8 @@ class Topology:
             patch(iface.switch, iface.port, f"interface {iface.node}:{iface.qkdi_id}")
         for fibre in self.fibres.values():
             for end in (fibre.a, fibre.b):
-                patch(end.switch, end.port, f"fibre {fibre.name}")
+                for port, _ in end.ports() or ((end.port, None),):
+                    patch(end.switch, port, f"fibre {fibre.name}")
         for sw in self.switches.values():
             ports = [p for pair in sw.cross_connects for p in pair]
             if len(ports) != len(set(ports)) or any(not 1 <= p <= sw.ports for p in ports):

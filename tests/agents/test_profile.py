@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from sdqkd.agents.emulation.profile import (
+from sdqkd.qkdprofile import (
     BUILTIN_PROFILES, QkdProfile, calibrate, can_make_key, distilled_bits, mean_qber,
     no_key_reason, parse_wavelength_range, sample_qber, secret_key_rate, span_loss_limit,
 )

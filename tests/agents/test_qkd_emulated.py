@@ -16,7 +16,7 @@ import pytest
 from sdqkd.agents.drivers.base import Change, DriverError
 from sdqkd.agents.drivers.optical_switch import OpticalSwitch
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import BUILTIN_PROFILES, QkdProfile, secret_key_rate
+from sdqkd.qkdprofile import BUILTIN_PROFILES, QkdProfile, secret_key_rate
 from sdqkd.agents.drivers.qkd_emulated import EmulatedQkdModule, KeyStream
 from qkdpair import End, Ends, node_ids, phys_link, wait_for
 

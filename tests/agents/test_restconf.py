@@ -14,7 +14,6 @@ import httpx
 import pytest
 from lxml import etree
 
-from agentproc import PASSWORD
 from restconfproc import RestconfAgent, start
 
 JSON = "application/yang-data+json"
@@ -167,7 +166,10 @@ def test_errors_carry_path_and_tag(c: httpx.Client) -> None:
     el = etree.fromstring(x.content)
     assert el.tag == "{urn:ietf:params:xml:ns:yang:ietf-restconf}errors"
     assert c.get(f"{NODE}/qkd_links/qkd_link={PEER}").status_code == 404
-    assert c.request("TRACE", NODE).status_code == 405
+    trace = c.request("TRACE", NODE)
+    assert trace.status_code == 405 and error(trace)["error-tag"] == "operation-not-supported"
+    assert "PATCH" in trace.headers["allow"]
+    assert c.delete("/restconf").headers["allow"] == "GET,HEAD,OPTIONS"
     assert c.get(f"{NODE}/qkd_applications/qkd_app={APP}").status_code == 404
 
 
@@ -177,7 +179,9 @@ def test_authentication(rc: RestconfAgent) -> None:
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
         assert error(r)["error-tag"] == "access-denied"
     with rc.client(auth=("admin", "wrong")) as bad:
+        t0 = time.monotonic()
         assert bad.get(NODE).status_code == 401
+        assert time.monotonic() - t0 >= 0.4  # answered late, as a wrong NETCONF password is
     with rc.client(auth=None, cert=rc.client_cert) as by_cert:
         assert by_cert.get(NODE).status_code == 200
     with rc.client(auth=None, cert=rc.stranger_cert) as stranger:
@@ -284,3 +288,19 @@ def test_semantic_checks_are_the_netconf_ones(rc: RestconfAgent, c: httpx.Client
     where = f"/etsi-qkd-sdn-node:qkd_node/qkd_links/qkd_link[qkdl_id='{LINK}']"
     assert {e["error-path"] for e in errs} == {f"{where}/qkdl_local/qkdi_id", f"{where}/qkdl_remote/qkdn_id"}
     assert c.get(NODE).headers["etag"] == before  # nothing changed
+
+
+def test_event_stream_replays_in_xml_and_ends_at_stop_time(rc: RestconfAgent, c: httpx.Client) -> None:
+    app = {"app_id": APP, "app_type": "etsi-qkd-node-types:CLIENT", "server_app_id": "sae://alice/enc1"}
+    assert send(c, "POST", f"{NODE}/qkd_applications", {"etsi-qkd-sdn-node:qkd_app": [app]}).status_code == 201
+    assert send(c, "DELETE", f"{NODE}/qkd_applications/qkd_app={APP}").status_code == 204
+    time.sleep(0.2)
+    stop = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+    params = {"start-time": "2000-01-01T00:00:00Z", "stop-time": stop}
+    with rc.client() as sc, sc.stream("GET", "/restconf/streams/NETCONF/xml", params=params) as resp:
+        assert resp.status_code == 200
+        text = "\n".join(line[6:] for line in resp.iter_lines() if line.startswith("data: "))  # ends by itself
+    assert "sdqkdn_application_disconnected" in text
+    assert text.index("replayComplete") < text.index("notificationComplete")
+    assert c.get("/restconf/streams/NETCONF/xml", params={"start-time": "2999-01-01T00:00:00Z"}).status_code == 400
+    assert c.get("/restconf/streams/OTHER/json").status_code == 404

@@ -30,7 +30,7 @@ from sdqkd.controller.northbound.servicer import status_for
 from sdqkd.controller.topology.model import Node, QkdLink, Topology
 from topo_samples import A, B, TAPI, small_channel, small_topology
 
-RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
+RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel", "ComputeChannel",
         "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents", "ListReservations", "ListAlarms"]
 
 

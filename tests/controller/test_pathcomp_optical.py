@@ -159,7 +159,8 @@ def test_node_request_tries_every_compatible_pair() -> None:
     assert p.tx == ("A", 1)
     with pytest.raises(NoPath, match="no transmitter at C"):
         optical_path(topo, OpticalRequest(src="C", dst="A"))
-    with pytest.raises(NoPath, match=r"none of 2 Tx/Rx pairs works; best try A:\d -> C:2: loss over budget"):
+    # only the CV Tx matches the CV Rx's technology: the DV one is not tried
+    with pytest.raises(NoPath, match=r"^loss over budget: 14.00 dB > 10.00 dB \(A:1 -> C:2\)"):
         optical_path(line(rx={"budget": 10.0}).replace(interfaces={**line(rx={"budget": 10.0}).interfaces,
                                                                    dv_tx.key: dv_tx}),
                      OpticalRequest(src="A", dst="C"))
@@ -237,9 +238,14 @@ def test_madqci_switched_rows_of_the_table_are_reproduced() -> None:
 
 def test_madqci_in_service_ports_and_channels_are_taken() -> None:
     topo = madqci.topology()
-    assert cv_links(direct_links(topo), topo) == []  # idle Distrito Tx cannot reach idle Quevedo Rx
-    with pytest.raises(NoPath, match="no route from Distrito:11 to Quevedo:12 over free switch ports"):
-        optical_path(topo, OpticalRequest(tx=madqci.cv_tx("Distrito"), rx=madqci.cv_rx("Quevedo")))
+    # the idle Distrito Tx reaches the idle Quevedo Rx over fibres already carrying CV channels on
+    # DWDM 34: the muxes give each fibre end a port per channel, so it goes on 37 (contention per wavelength)
+    (p,) = cv_links(direct_links(topo), topo)
+    assert (p.tx, p.rx) == (madqci.cv_tx("Distrito"), madqci.cv_rx("Quevedo")) and p.channel == 37
+    assert p.fibres == ("cv-distrito-norte", "cv-quevedo-norte") and p.loss_db == pytest.approx(15.7)
+    assert 34 in topo.fibres["cv-quevedo-norte"].quantum_in_use
+    with pytest.raises(NoPath, match=r"no common free wavelength .*: ch 34 already carries a quantum channel on cv-quevedo-norte"):
+        optical_path(topo, OpticalRequest(tx=madqci.cv_tx("Distrito"), rx=madqci.cv_rx("Quevedo"), channel=34))
     with pytest.raises(NoPath, match="already cross-connected"):
         optical_path(topo, OpticalRequest(tx=madqci.cv_tx("Quiron"), rx=madqci.cv_rx("Norte")))
     assert topo.fibres["cv-quevedo-norte"].quantum_in_use == {34}

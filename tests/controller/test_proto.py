@@ -7,7 +7,7 @@ from google.protobuf import descriptor_pb2
 
 from sdqkd.controller.northbound import codegen, sdqkd_pb2, sdqkd_pb2_grpc
 
-RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel",
+RPCS = ["CreateApplication", "DeleteApplication", "ListApplications", "ComputePath", "CreateChannel", "ComputeChannel",
         "DeleteChannel", "ListChannels", "GetTopology", "StreamEvents", "ListReservations", "ListAlarms"]
 
 

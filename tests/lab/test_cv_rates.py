@@ -32,7 +32,7 @@ import pytest
 
 from testlib import REPO
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import (
+from sdqkd.qkdprofile import (
     QkdProfile, mean_qber, no_key_reason, sample_qber, secret_key_rate, span_loss_limit,
 )
 from sdqkd.lab import plan as lab_plan
@@ -78,6 +78,14 @@ def _lab() -> dict:
     return topology.load(MADQCI)["sdqkd-lab:lab"]
 
 
+def mux_port(end: dict, channel: int) -> int:
+    """The switch port a fibre end gives a DWDM channel: its mux port passing it, else its one port."""
+    if "mux-port" not in end:
+        return end["port"]
+    (port,) = [m["port"] for m in end["mux-port"] if str(channel) in m["channel"]]
+    return port
+
+
 def _trace(lb: dict, sites: list[str], tmp_path: Path):
     """Cross-connect a Tx at the first site to an Rx at the last over the co-located fibres
     and trace it in the emulated plant, on C-37."""
@@ -91,8 +99,8 @@ def _trace(lb: dict, sites: list[str], tmp_path: Path):
         (f,) = [f for f in lb["fibre"] if f["name"].startswith("cv-")
                 and {f["a-end"]["node"], f["b-end"]["node"]} == {here, there}]
         near, far = (f["a-end"], f["b-end"]) if f["a-end"]["node"] == here else (f["b-end"], f["a-end"])
-        xc[sw[here]][port_in] = near["port"]
-        port_in = far["port"]
+        xc[sw[here]][port_in] = mux_port(near, 37)
+        port_in = mux_port(far, 37)
     xc[sw[sites[-1]]][port_in] = rx["attachment"]["port"]
     plant = Plant({"sdqkd-lab:lab": lb}, tmp_path / f"plant-{'-'.join(sites)}.sqlite")
     try:

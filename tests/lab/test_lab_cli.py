@@ -92,6 +92,7 @@ def test_a_held_port_is_named_with_its_role(tmp_path: Path) -> None:
 def _roles(node: lab_plan.NodePlan) -> list[tuple[str, int]]:
     return [("NETCONF", node.netconf_port), ("ETSI 014/004 HTTPS", node.kms_port), ("key relay", node.relay_port),
             ("ETSI 004 JSON", node.etsi004_json_port), ("ETSI 004 binary", node.etsi004_binary_port),
+            ("metrics HTTP", node.metrics_port),
             *((f"QKD service channel of interface {i}", p) for i, p in node.service_ports.items())]
 
 
@@ -103,7 +104,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> lab_plan.LabPlan:
 
 
 @pytest.mark.parametrize("role", ["NETCONF", "ETSI 014/004 HTTPS", "key relay", "ETSI 004 JSON", "ETSI 004 binary",
-                                  "QKD service channel of interface 1"])
+                                  "metrics HTTP", "QKD service channel of interface 1"])
 def test_an_agent_that_loses_its_port_says_which_in_one_line(planned: lab_plan.LabPlan, role: str) -> None:
     """A port taken after `lab up` checked it: the agent exits 3 with one line, which `lab up` shows."""
     node = planned.nodes["CAIT"]
@@ -119,17 +120,19 @@ def test_an_agent_that_loses_its_port_says_which_in_one_line(planned: lab_plan.L
     assert res.stderr.splitlines()[-1] == f"error: agent CAIT: {role} cannot listen on 127.0.0.1:{port}: address already in use"
 
 
-def test_a_controller_that_loses_its_port_says_so_in_one_line(planned: lab_plan.LabPlan) -> None:
+@pytest.mark.parametrize("role", ["controller gRPC", "controller metrics HTTP"])
+def test_a_controller_that_loses_its_port_says_so_in_one_line(planned: lab_plan.LabPlan, role: str) -> None:
     config = lab_plan.write_controller_config(planned)
-    held = Held(planned.controller_port)
+    port = planned.controller_port if role == "controller gRPC" else planned.controller_metrics_port
+    held = Held(port)
     try:
         res = subprocess.run([sys.executable, "-m", "sdqkd", "controller", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
     finally:
         held.close()
     assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.splitlines()[-1] == (f"error: controller: controller gRPC cannot listen on "
-                                           f"127.0.0.1:{planned.controller_port}: address already in use")
+    assert res.stderr.splitlines()[-1] == (f"error: controller: {role} cannot listen on "
+                                           f"127.0.0.1:{port}: address already in use")
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +249,24 @@ def test_each_node_serves_the_json_004_form_where_lab_json_and_lab_env_say(two_l
         assert opened["status"] == 1, opened  # open, Rectorado's application not yet
         s.sendall(json.dumps({"command": "CLOSE", "data": {"key_stream_id": opened["key_stream_id"]}}).encode())
         assert json.loads(s.recv(65057)) == {"status": 0}
+
+
+def test_every_process_serves_prometheus_metrics_where_lab_json_says(two_labs: dict[str, Any]) -> None:
+    """`lab up` gives the controller and every agent a /metrics endpoint (lab.json, lab env)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sdqkd.lab import labjson
+
+    lab = json.loads((two_labs["top"] / ".sdqkd" / "lab" / "alpha" / "lab.json").read_text())
+    env = labjson.shell_env(lab)
+    urls = {"controller": env["LAB_METRICS"], **{n["name"]: env[f"{n['name'].upper()}_METRICS"] for n in lab["nodes"]}}
+    assert len(set(urls.values())) == len(lab["nodes"]) + 1
+    for who, url in urls.items():
+        with urllib.request.urlopen(url, timeout=10) as r:
+            names = {f.name for f in text_string_to_metric_families(r.read().decode())}
+        assert ("sdqkd_agent_up" if who == "controller" else "sdqkd_netconf_sessions") in names, who
 
 
 def test_an_agent_killed_during_up_fails_it_cleanly(tmp_path: Path) -> None:

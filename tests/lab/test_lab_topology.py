@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from testlib import REPO, run
 from sdqkd import yangdata, yangmodels
 from sdqkd.agents.emulation.plant import Plant
-from sdqkd.agents.emulation.profile import BUILTIN_PROFILES, QkdProfile
+from sdqkd.qkdprofile import BUILTIN_PROFILES, QkdProfile
 from sdqkd.cli import main
 from sdqkd.lab import plan as lab_plan
 from sdqkd.lab import topology
@@ -231,13 +231,19 @@ def test_plant_traces_cv_through_switches_once_cross_connected(tmp_path: Path) -
     plant = Plant({"sdqkd-lab:lab": lb}, tmp_path / "plant.sqlite")
     try:
         assert plant.trace("Quijote", 11) is None  # no cross-connect yet
-        plant.set_cross_connects("sw-quijote", {1: 7})  # Tx -> fibre to Quevedo
-        plant.set_cross_connects("sw-quevedo", {5: 2})  # fibre from Quijote -> Rx
+        plant.set_cross_connects("sw-quijote", {1: 13})  # Tx -> the C-37 mux port of the fibre to Quevedo
+        plant.set_cross_connects("sw-quevedo", {9: 2})  # its C-37 demux port at Quevedo -> Rx
         ch = plant.trace("Quijote", 11, wavelength=37)
         assert (ch.peer_node, ch.peer_qkdi_id) == ("Quevedo", 12)
         assert ch.fibres == ("cv-quijote-quevedo",) and ch.switches == ("sw-quijote", "sw-quevedo")
         assert ch.loss_db == pytest.approx(0.4 + 4.8 + 0.4) and not ch.blocked and not ch.crosstalk
-        assert plant.trace("Quijote", 11, wavelength=36).blocked == ("cv-quijote-quevedo",)  # the muxes
+        # the muxes: C-34 and C-36 do not pass the C-37 port; C-34 goes by its own port pair
+        assert plant.trace("Quijote", 11, wavelength=34) is None
+        assert plant.trace("Quijote", 11, wavelength=36) is None
+        plant.set_cross_connects("sw-quijote", {1: 7})
+        plant.set_cross_connects("sw-quevedo", {5: 2})
+        assert plant.trace("Quijote", 11, wavelength=34).peer_node == "Quevedo"
+        assert plant.trace("Quijote", 11, wavelength=37) is None
     finally:
         plant.close()
 
@@ -261,6 +267,14 @@ MEASURED_CV_PATHS = {
 }
 
 
+def mux_port(end: dict, channel: int) -> int:
+    """The switch port a fibre end gives a DWDM channel: its mux port passing it, else its one port."""
+    if "mux-port" not in end:
+        return end["port"]
+    (port,) = [m["port"] for m in end["mux-port"] if str(channel) in m["channel"]]
+    return port
+
+
 @pytest.mark.parametrize("sites", MEASURED_CV_PATHS.values(), ids=MEASURED_CV_PATHS.keys())
 def test_every_measured_cv_path_is_routable_within_budget(sites: list[str], tmp_path: Path) -> None:
     """A Tx at the first site, an Rx at the last, and the switched path within the 23 dB
@@ -274,8 +288,8 @@ def test_every_measured_cv_path_is_routable_within_budget(sites: list[str], tmp_
     for here, there in zip(sites, sites[1:]):
         (f,) = between(lb, here, there, "cv-")
         near, far = (f["a-end"], f["b-end"]) if f["a-end"]["node"] == here else (f["b-end"], f["a-end"])
-        xc[sw[here]][port_in] = near["port"]
-        port_in = far["port"]
+        xc[sw[here]][port_in] = mux_port(near, 37)
+        port_in = mux_port(far, 37)
     xc[sw[sites[-1]]][port_in] = rx["attachment"]["port"]
     plant = Plant({"sdqkd-lab:lab": lb}, tmp_path / "plant.sqlite")
     try:
@@ -362,8 +376,10 @@ BAD: list[tuple[str, str, Mutation, str, str]] = [
      "the path ends at Quijote, not at the second endpoint's node Quijano"),
     ("no-path", "cloud", lambda lb: link(lb, "cait-ccs").pop("path"), "link-paths",
      "a fixed link needs the fibres it crosses (path)"),
-    ("port-out-of-range", "madqci", lambda lb: fibre(lb, "cv-quijote-quevedo")["a-end"].update(port=9),
-     "switch-ports", "a-end: switch 'sw-quijote' has no port 9 (ports 1..8)"),
+    ("port-out-of-range", "madqci", lambda lb: fibre(lb, "cv-quijote-quevedo")["a-end"]["mux-port"][1].update(port=17),
+     "switch-ports", "a-end/mux-port[port='17']: switch 'sw-quijote' has no port 17 (ports 1..16)"),
+    ("mux-port-twice", "madqci", lambda lb: fibre(lb, "cv-quijote-quevedo")["a-end"]["mux-port"][1].update(port=1),
+     "switch-ports", "switch 'sw-quijote' port 1 is already used by qkd-interface Quijote:11"),
     ("port-twice", "madqci", lambda lb: iface(lb, "Quijote", 12)["attachment"].update(port=1), "switch-ports",
      "switch 'sw-quijote' port 1 is already used by qkd-interface Quijote:11"),
     ("switch-elsewhere", "madqci", lambda lb: fibre(lb, "cv-quintin-quijote")["a-end"].update(switch="sw-norte"),
