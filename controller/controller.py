@@ -208,7 +208,7 @@ class Controller:
     # The view goes stale in these two places only: an agent re-read, or its session
     # lost (its node and links leave the view until it is back).
 
-    def _on_state(self, conn: AgentConnection) -> None:
+    def _on_state(self, conn: Southbound) -> None:
         self._invalidate()
         self.alarms.clear("node-disconnected", conn.qkdn_id)
         summary = _node_summary(conn.data)
@@ -223,13 +223,13 @@ class Controller:
                     self.alarms.mark("link-down", lid)
         self._emit("node-synced", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, **summary})
 
-    def _on_lost(self, conn: AgentConnection) -> None:
+    def _on_lost(self, conn: Southbound) -> None:
         self._invalidate()
         self.alarms.mark("node-disconnected", conn.qkdn_id)
         self._emit("node-lost", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, "error": conn.last_error})
         self._want_heal()
 
-    def _on_up(self, conn: AgentConnection) -> None:
+    def _on_up(self, conn: Southbound) -> None:
         """A (re)connected agent may have restarted empty, or with entries of a transaction
         that never finished: reconcile it, then see whether applications can use it again."""
         self._work.put(("reconcile", conn.qkdn_id))
@@ -241,35 +241,35 @@ class Controller:
             self._heal_queued.set()
             self._work.put(("heal",))
 
-    def _on_notification(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _on_notification(self, conn: Southbound, content: etree._Element) -> None:
         """One small handler per notification type (Faucet style); failures are contained."""
         name = etree.QName(content).localname
         handler = getattr(self, f"_n_{name}", None)
         if handler is not None:
             handler(conn, content)
 
-    def _n_sdqkdn_link_down(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_link_down(self, conn: Southbound, content: etree._Element) -> None:
         lid = (content.findtext(f".//{{{ETSI_NS}}}qkdl_id") or "").lower()
         self._emit("link-down", {"node": conn.addr.name, "qkdl_id": lid, "reason": content.findtext(f".//{{{ETSI_NS}}}reason")})
         self._work.put(("refresh-and-reroute", conn.qkdn_id, lid))
 
-    def _n_event(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_event(self, conn: Southbound, content: etree._Element) -> None:
         link = content.find(f"{{{ETSI_NS}}}link")
         if link is not None:
             status = ident(link.findtext(f"{{{ETSI_NS}}}qkdl_status"))
             self._emit("link-status", {"node": conn.addr.name, "qkdl_id": link.findtext(f"{{{ETSI_NS}}}qkdl_id"), "status": status})
             self._mark_dirty(conn.qkdn_id)
 
-    def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_link_perf_update(self, conn: Southbound, content: etree._Element) -> None:
         # A re-read, not the figures patched into the last <get> in place: tried, the
         # create p99 got worse in bench/provision.py (160 vs 81 ms, same machine state)
         self._mark_dirty(conn.qkdn_id)
 
-    def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_interface_down(self, conn: Southbound, content: etree._Element) -> None:
         self._emit("interface-down", {"node": conn.addr.name, "qkdi_id": content.findtext(f".//{{{ETSI_NS}}}qkdi_id")})
         self._mark_dirty(conn.qkdn_id)
 
-    def _n_sdqkdn_application_new(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_application_new(self, conn: Southbound, content: etree._Element) -> None:
         """An SAE asked its node for keys with a peer no application covers. The QoS it
         asked with (ETSI 004 open_connect: min/max bps, TTL, priority) comes in the
         notification's app_qos / app_priority (ETSI 015), and the application made for it
