@@ -2657,7 +2657,7 @@ class yc_node_sdqkd_lab__lab_node(PybindBase):
 
   YANG Description: An SD-QKD node: one agent process.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__name','__qkdn_id','__domain','__location','__kms','__sae','__qrng','__host','__qkd_interface',)
+  __slots__ = ('_path_helper', '_extmethods', '__name','__qkdn_id','__domain','__location','__kms','__southbound','__sae','__qrng','__host','__qkd_interface',)
 
   _yang_name = 'node'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -2674,6 +2674,7 @@ class yc_node_sdqkd_lab__lab_node(PybindBase):
     self.__domain = YANGDynClass(base=str, is_leaf=True, yang_name="domain", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='leafref', is_config=True)
     self.__location = YANGDynClass(base=str, is_leaf=True, yang_name="location", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='string', is_config=True)
     self.__kms = YANGDynClass(base=YANGBool, default=YANGBool("true"), is_leaf=True, yang_name="kms", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='boolean', is_config=True)
+    self.__southbound = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'netconf': {}, 'restconf': {}},), default=str("netconf"), is_leaf=True, yang_name="southbound", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='enumeration', is_config=True)
     self.__sae = YANGDynClass(base=YANGListType("id",yc_sae_sdqkd_lab__lab_node_sae, yang_name="sae", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='id', extensions=None), is_container='list', yang_name="sae", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='list', is_config=True)
     self.__qrng = YANGDynClass(base=yc_qrng_sdqkd_lab__lab_node_qrng, is_container='container', yang_name="qrng", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='container', is_config=True)
     self.__host = YANGDynClass(base=yc_host_sdqkd_lab__lab_node_host, is_container='container', yang_name="host", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='container', is_config=True)
@@ -2898,6 +2899,45 @@ absent.
     self.__kms = YANGDynClass(base=YANGBool, default=YANGBool("true"), is_leaf=True, yang_name="kms", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='boolean', is_config=True)
 
 
+  def _get_southbound(self):
+    """
+    Getter method for southbound, mapped from YANG variable /lab/node/southbound (enumeration)
+
+    YANG Description: How the controller manages this node's agent; a lab may mix
+them.
+    """
+    return self.__southbound
+      
+  def _set_southbound(self, v, load=False):
+    """
+    Setter method for southbound, mapped from YANG variable /lab/node/southbound (enumeration)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_southbound is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_southbound() directly.
+
+    YANG Description: How the controller manages this node's agent; a lab may mix
+them.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'netconf': {}, 'restconf': {}},), default=str("netconf"), is_leaf=True, yang_name="southbound", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='enumeration', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """southbound must be of a type compatible with enumeration""",
+          'defined-type': "sdqkd-lab:enumeration",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'netconf': {}, 'restconf': {}},), default=str("netconf"), is_leaf=True, yang_name="southbound", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='enumeration', is_config=True)""",
+        })
+
+    self.__southbound = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_southbound(self):
+    self.__southbound = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'netconf': {}, 'restconf': {}},), default=str("netconf"), is_leaf=True, yang_name="southbound", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='enumeration', is_config=True)
+
+
   def _get_sae(self):
     """
     Getter method for sae, mapped from YANG variable /lab/node/sae (list)
@@ -3052,13 +3092,14 @@ QKD-keyed IPsec tunnels end; `lab up` creates it.
   domain = __builtin__.property(_get_domain, _set_domain)
   location = __builtin__.property(_get_location, _set_location)
   kms = __builtin__.property(_get_kms, _set_kms)
+  southbound = __builtin__.property(_get_southbound, _set_southbound)
   sae = __builtin__.property(_get_sae, _set_sae)
   qrng = __builtin__.property(_get_qrng, _set_qrng)
   host = __builtin__.property(_get_host, _set_host)
   qkd_interface = __builtin__.property(_get_qkd_interface, _set_qkd_interface)
 
 
-  _pyangbind_elements = OrderedDict([('name', name), ('qkdn_id', qkdn_id), ('domain', domain), ('location', location), ('kms', kms), ('sae', sae), ('qrng', qrng), ('host', host), ('qkd_interface', qkd_interface), ])
+  _pyangbind_elements = OrderedDict([('name', name), ('qkdn_id', qkdn_id), ('domain', domain), ('location', location), ('kms', kms), ('southbound', southbound), ('sae', sae), ('qrng', qrng), ('host', host), ('qkd_interface', qkd_interface), ])
 
 
 class yc_switch_sdqkd_lab__lab_switch(PybindBase):

@@ -9,6 +9,15 @@ from sdqkd.configfile import ConfigError, parse_into, read_json
 
 
 @dataclass
+class RestconfEntry:
+    """Where an agent serves RESTCONF (lab.json's node `restconf`): the RFC 8040 root
+    (https://host:port/restconf) and the CA its certificate is checked against."""
+
+    url: str
+    ca: str | None = None
+
+
+@dataclass
 class AgentEntry:
     name: str
     qkdn_id: str
@@ -19,6 +28,13 @@ class AgentEntry:
     key_filename: str | None = None
     hostkey_b64: str | None = None
     domain: str | None = None
+    # How the controller manages this agent: "netconf" (SSH, host/port above) or "restconf"
+    # (`restconf`, logging in with the same username and password); a lab may mix them.
+    southbound: str = "netconf"
+    restconf: RestconfEntry | None = None
+
+
+SOUTHBOUNDS = ("netconf", "restconf")
 
 
 @dataclass
@@ -73,6 +89,11 @@ def parse(data: dict[str, Any]) -> ControllerConfig:
     cfg = parse_into(ControllerConfig, data, "config", problems)
     if cfg is not None and not cfg.agents:
         problems.append("config.agents: at least one agent")
+    for i, a in enumerate(cfg.agents if cfg is not None else []):
+        if a.southbound not in SOUTHBOUNDS:
+            problems.append(f"config.agents[{i}].southbound: one of {', '.join(SOUTHBOUNDS)}, not {a.southbound!r}")
+        elif a.southbound == "restconf" and a.restconf is None:
+            problems.append(f"config.agents[{i}].restconf: required when southbound is restconf")
     if cfg is not None and not cfg.grpc.insecure:
         missing = [f"config.grpc.{k}" for k in ("cert", "key", "ca") if not getattr(cfg.grpc, k)]
         if missing:

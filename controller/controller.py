@@ -53,6 +53,8 @@ from sdqkd.controller.pathcomp.relay import RelayPlan, RelayRequest, relay_paths
 from sdqkd.controller.provisioning import reconcile as recon
 from sdqkd.controller.provisioning import txn
 from sdqkd.controller.southbound.agent import ETSI_NS, NSMAP, AgentAddress, AgentConnection, ident, qkd_node, text
+from sdqkd.controller.southbound.interface import Southbound
+from sdqkd.controller.southbound.restconf import RestconfConnection
 from sdqkd.controller.southbound.ops import AppEdit, CrossConnectEdit, Edit, LinkEdit, Plan, present
 from sdqkd.controller.topology import builder
 from sdqkd.controller.topology.delivery import app_delivery
@@ -105,11 +107,13 @@ class Controller:
         self.inventory = builder.Inventory(lab)
         private_dir(cfg.state_dir)  # its store: services, channels; one of an older version is tightened
         self.store = svc.ServiceStore(Path(cfg.state_dir) / "controller.sqlite")
-        self.conns: dict[str, AgentConnection] = {}
+        self.conns: dict[str, Southbound] = {}
         for a in cfg.agents:
-            addr = AgentAddress(a.name, a.qkdn_id.lower(), a.host, a.port, a.username, a.password, a.key_filename, a.hostkey_b64, a.domain)
-            self.conns[addr.qkdn_id] = AgentConnection(addr, self._on_state, self._on_notification, on_lost=self._on_lost,
-                                                       on_up=self._on_up)
+            rc = a.restconf
+            addr = AgentAddress(a.name, a.qkdn_id.lower(), a.host, a.port, a.username, a.password, a.key_filename, a.hostkey_b64, a.domain,
+                                rc.url if rc else None, rc.ca if rc else None)
+            kind = RestconfConnection if a.southbound == "restconf" else AgentConnection
+            self.conns[addr.qkdn_id] = kind(addr, self._on_state, self._on_notification, on_lost=self._on_lost, on_up=self._on_up)
         self._topo: Topology | None = None
         self._topo_lock = threading.Lock()
         self._subscribers: list[queue.Queue[Event]] = []
@@ -205,7 +209,7 @@ class Controller:
     # The view goes stale in these two places only: an agent re-read, or its session
     # lost (its node and links leave the view until it is back).
 
-    def _on_state(self, conn: AgentConnection) -> None:
+    def _on_state(self, conn: Southbound) -> None:
         self._invalidate()
         self.alarms.clear("node-disconnected", conn.qkdn_id)
         summary = _node_summary(conn.data)
@@ -220,13 +224,13 @@ class Controller:
                     self.alarms.mark("link-down", lid)
         self._emit("node-synced", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, **summary})
 
-    def _on_lost(self, conn: AgentConnection) -> None:
+    def _on_lost(self, conn: Southbound) -> None:
         self._invalidate()
         self.alarms.mark("node-disconnected", conn.qkdn_id)
         self._emit("node-lost", {"node": conn.addr.name, "qkdn_id": conn.qkdn_id, "error": conn.last_error})
         self._want_heal()
 
-    def _on_up(self, conn: AgentConnection) -> None:
+    def _on_up(self, conn: Southbound) -> None:
         """A (re)connected agent may have restarted empty, or with entries of a transaction
         that never finished: reconcile it, then see whether applications can use it again."""
         self._work.put(("reconcile", conn.qkdn_id))
@@ -238,46 +242,46 @@ class Controller:
             self._heal_queued.set()
             self._work.put(("heal",))
 
-    def _on_notification(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _on_notification(self, conn: Southbound, content: etree._Element) -> None:
         """One small handler per notification type (Faucet style); failures are contained."""
         name = etree.QName(content).localname.replace("-", "_")  # sdqkd-qrng's source-failed: _n_source_failed
         handler = getattr(self, f"_n_{name}", None)
         if handler is not None:
             handler(conn, content)
 
-    def _n_sdqkdn_link_down(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_link_down(self, conn: Southbound, content: etree._Element) -> None:
         lid = (content.findtext(f".//{{{ETSI_NS}}}qkdl_id") or "").lower()
         self._emit("link-down", {"node": conn.addr.name, "qkdl_id": lid, "reason": content.findtext(f".//{{{ETSI_NS}}}reason")})
         self._work.put(("refresh-and-reroute", conn.qkdn_id, lid))
 
-    def _n_event(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_event(self, conn: Southbound, content: etree._Element) -> None:
         link = content.find(f"{{{ETSI_NS}}}link")
         if link is not None:
             status = ident(link.findtext(f"{{{ETSI_NS}}}qkdl_status"))
             self._emit("link-status", {"node": conn.addr.name, "qkdl_id": link.findtext(f"{{{ETSI_NS}}}qkdl_id"), "status": status})
             self._mark_dirty(conn.qkdn_id)
 
-    def _n_sdqkdn_link_perf_update(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_link_perf_update(self, conn: Southbound, content: etree._Element) -> None:
         # A re-read, not the figures patched into the last <get> in place: tried, the
         # create p99 got worse in bench/provision.py (160 vs 81 ms, same machine state)
         self._mark_dirty(conn.qkdn_id)
 
-    def _n_source_failed(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_source_failed(self, conn: Southbound, content: etree._Element) -> None:
         """sdqkd-qrng: the node's QRNG failed its health tests (no end keys from it until repaired)."""
         ns = "{urn:sdqkd:yang:sdqkd-qrng}"
         self._emit("qrng-failed", {"node": conn.addr.name, "message": content.findtext(f"{ns}message"),
                                    "test": content.findtext(f"{ns}health-test/{ns}test")})
         self._mark_dirty(conn.qkdn_id)
 
-    def _n_source_recovered(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_source_recovered(self, conn: Southbound, content: etree._Element) -> None:
         self._emit("qrng-recovered", {"node": conn.addr.name})
         self._mark_dirty(conn.qkdn_id)
 
-    def _n_sdqkdn_interface_down(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_interface_down(self, conn: Southbound, content: etree._Element) -> None:
         self._emit("interface-down", {"node": conn.addr.name, "qkdi_id": content.findtext(f".//{{{ETSI_NS}}}qkdi_id")})
         self._mark_dirty(conn.qkdn_id)
 
-    def _n_sdqkdn_application_new(self, conn: AgentConnection, content: etree._Element) -> None:
+    def _n_sdqkdn_application_new(self, conn: Southbound, content: etree._Element) -> None:
         """An SAE asked its node for keys with a peer no application covers. The QoS it
         asked with (ETSI 004 open_connect: min/max bps, TTL, priority) comes in the
         notification's app_qos / app_priority (ETSI 015), and the application made for it
@@ -827,7 +831,7 @@ class Controller:
         conn = self.conns[qkdn_id]
         with self._intent:
             try:
-                data = conn.call(lambda m: m.get_config(source="running").data)
+                data = conn.get_config()
             except Exception as exc:  # noqa: BLE001 - down again: its next (re)connect reconciles it
                 self.metrics.reconciled(conn.addr.name, "unavailable")
                 raise ControllerError("unavailable", f"agent {conn.addr.name} is unreachable ({exc})") from None

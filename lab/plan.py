@@ -44,6 +44,7 @@ class NodePlan:
     metrics_port: int = 0  # Prometheus GET /metrics, plain HTTP (netconf-port-base + 801 up)
     restconf_port: int = 0  # RESTCONF (RFC 8040) over HTTPS (restconf-port-base up)
     restconf_cert: tuple[Path, Path] | None = None  # its server certificate, from the lab's root CA
+    southbound: str = "netconf"  # how the controller manages the node (topology node/southbound)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def make(topology: dict[str, Any], lab_dir: Path, *, free_ports: bool = False) -
             etsi004_json_port=ports.take("etsi004-json"),
             metrics_port=ports.take("metrics"),
             restconf_port=ports.take("restconf"),
+            southbound=str(node.get("southbound", "netconf")),
         )
         np.restconf_cert = pki.issue(ca, f"{np.name} RESTCONF", nd / "pki" / "restconf",
                                      server_names=[plan.address], client=False)
@@ -347,7 +349,7 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
     return {
         "agents": [
             {"name": n.name, "qkdn_id": n.qkdn_id, "host": plan.address, "port": n.netconf_port,
-             "username": plan.username, "password": plan.password, "domain": n.domain}
+             "username": plan.username, "password": plan.password, "domain": n.domain, **_southbound(plan, n)}
             for n in plan.nodes.values()
         ],
         "state_dir": str(plan.dir / "controller"),
@@ -358,6 +360,19 @@ def controller_config(plan: LabPlan) -> dict[str, Any]:
         **({"metrics": {"address": plan.address, "port": plan.controller_metrics_port}}
            if plan.controller_metrics_port else {}),
     }
+
+
+def restconf_url(plan: LabPlan, n: NodePlan) -> str:
+    """The node's RESTCONF root (RFC 8040 3.1)."""
+    return f"https://{plan.address}:{n.restconf_port}/restconf"
+
+
+def _southbound(plan: LabPlan, n: NodePlan) -> dict[str, Any]:
+    """How the controller manages node `n` (controller/config.py AgentEntry): NETCONF, or
+    RESTCONF at the node's RFC 8040 root, its certificate checked against the lab CA."""
+    if n.southbound != "restconf":
+        return {"southbound": "netconf"}
+    return {"southbound": "restconf", "restconf": {"url": restconf_url(plan, n), "ca": str(plan.ca[0])}}
 
 
 def write_controller_config(plan: LabPlan) -> Path:

@@ -75,7 +75,7 @@ def agent(config_path: str) -> None:
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Controller config (JSON).")
 def controller(config_path: str) -> None:
-    """Run the SDN controller (southbound NETCONF, path computation, gRPC northbound)."""
+    """Run the SDN controller (southbound NETCONF or RESTCONF, path computation, gRPC northbound)."""
     import logging
     import signal
     import threading

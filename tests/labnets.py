@@ -34,6 +34,22 @@ def ring_topology(name: str, ring: list[str], **defaults: Any) -> dict[str, Any]
     return {"sdqkd-lab:lab": lab}
 
 
+def line_topology(name: str, line: list[str], southbound: dict[str, str] | None = None, **defaults: Any) -> dict[str, Any]:
+    """A line: each node's interface 1 transmits to the next node's interface 2 (link l-AB);
+    `southbound`: node -> how the controller manages it (netconf when not given)."""
+    edges = list(zip(line, line[1:]))
+    nodes = dv_nodes(line)
+    for n in nodes:
+        if (southbound or {}).get(n["name"]):
+            n["southbound"] = southbound[n["name"]]
+    lab: dict[str, Any] = {"name": name, "profile": [DV_PROFILE], "node": nodes, "fibre": fibres(edges),
+                           "link": [{"name": f"l-{a}{b}", "endpoints": [f"{a}:1", f"{b}:2"], "path": [f"{a}{b}"]}
+                                    for a, b in edges]}
+    if defaults:
+        lab["defaults"] = defaults
+    return {"sdqkd-lab:lab": lab}
+
+
 def start_agents(plan: Any) -> dict[str, AgentProc]:
     """Every node of a planned lab (sdqkd.lab.plan.make) as a running agent process."""
     return {n: AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start() for n, np in plan.nodes.items()}

@@ -1,1 +1,1 @@
-"""The controller's NETCONF side: sessions to the agents, edit operations, notifications."""
+"""The controller's southbound: NETCONF or RESTCONF sessions to the agents, edit operations, notifications."""

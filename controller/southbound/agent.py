@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
@@ -21,6 +20,10 @@ from ncclient.operations.errors import TimeoutExpiredError
 from ncclient.operations.rpc import RPCError
 from ncclient.xml_ import to_ele
 
+from sdqkd.controller.southbound.errors import AgentUnavailable
+from sdqkd.controller.southbound.interface import AgentAddress
+from sdqkd.controller.southbound.netconf_txn import NetconfHop
+from sdqkd.controller.southbound.ops import Edit
 from sdqkd.controller.southbound.session import connect
 
 log = logging.getLogger(__name__)
@@ -31,27 +34,10 @@ NSMAP = {"q": ETSI_NS, "o": OSW_NS}  # prefixes of the paths text() and the topo
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 
 
-@dataclass(frozen=True)
-class AgentAddress:
-    name: str
-    qkdn_id: str
-    host: str
-    port: int
-    username: str
-    password: str | None = None
-    key_filename: str | None = None
-    hostkey_b64: str | None = None  # the agent's SSH host key (lab.json); verified when given
-    domain: str | None = None
-
-
 # Reconnect delays, doubling from the first to the cap. The cap bounds how long a restarted
 # agent waits to be reconnected, and so reconciled and used again (with 10 s, a restart after
 # ~10 s down waited up to 6.4 s more); a refused connect every 2 s per dead agent costs nothing.
 BACKOFF = (0.2, 2.0)
-
-
-class AgentUnavailable(Exception):
-    """The agent is not connected right now."""
 
 
 class AgentConnection:
@@ -235,6 +221,12 @@ class AgentConnection:
                 else:
                     out.append(rpc.reply)
             return out
+
+    def get_config(self) -> etree._Element:
+        return self.call(lambda m: m.get_config(source="running").data)
+
+    def begin(self, txn_id: str, edits: list[Edit]) -> NetconfHop:
+        return NetconfHop(self, txn_id, edits)
 
     def is_up(self) -> bool:
         """Connected, and the session not seen dropped: ncclient marks a session closed the

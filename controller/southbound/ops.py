@@ -57,8 +57,32 @@ class Edit:
         cross-connects: yes; applications and VIRT links: no)."""
         return True
 
-    def elements(self) -> list[etree._Element]:
+    @property
+    def operation(self) -> str:
+        """What the edit does to its entry (RFC 6241 7.2): remove, replace (stated whole) or merge."""
+        return "remove" if self.delete else "merge"
+
+    def content(self) -> dict[str, Any]:
+        """The edit as RFC 7951 JSON from the top-level node down to its entry (for a removal,
+        the entry's keys only): the one statement each transport encodes."""
         raise NotImplementedError
+
+    def target(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """The entry's data path, top-level node first (module-qualified), each step with its
+        list keys (none for a container): where RESTCONF puts, and deletes, it."""
+        raise NotImplementedError
+
+    def elements(self) -> list[etree._Element]:
+        """The content as XML for <edit-config>, the operation on the entry."""
+        els = _xml(self.content())
+        if self.delete:
+            _mark_delete(els[0], self.ENTRY)
+        elif self.operation == "replace":
+            for el in els[0].iter(self.ENTRY):
+                el.set(f"{{{NC_NS}}}operation", "replace")
+        return els
+
+    ENTRY: ClassVar[str] = ""  # the entry's XML tag
 
 
 def _mark_delete(top: etree._Element, entry_tag: str) -> None:
@@ -95,7 +119,12 @@ class LinkEdit(Edit):
     def key(self) -> Key:
         return ("link", self.qkdl_id.lower())
 
-    def elements(self) -> list[etree._Element]:
+    ENTRY: ClassVar[str] = f"{{{ETSI_NS}}}qkd_link"
+
+    def target(self) -> list[tuple[str, tuple[Any, ...]]]:
+        return [("etsi-qkd-sdn-node:qkd_node", ()), ("qkd_links", ()), ("qkd_link", (self.qkdl_id,))]
+
+    def content(self) -> dict[str, Any]:
         lk: dict[str, Any] = {"qkdl_id": self.qkdl_id}
         if not self.delete:
             lk["qkdl_type"] = f"etsi-qkd-node-types:{self.kind}"
@@ -118,10 +147,7 @@ class LinkEdit(Edit):
                 lk["phys_wavelength"] = str(self.channel)
             if self.attenuation is not None:
                 lk["phys_channel_att"] = f"{self.attenuation:.3f}"
-        els = _xml({"etsi-qkd-sdn-node:qkd_node": {"qkd_links": {"qkd_link": [lk]}}})
-        if self.delete:
-            _mark_delete(els[0], f"{{{ETSI_NS}}}qkd_link")
-        return els
+        return {"etsi-qkd-sdn-node:qkd_node": {"qkd_links": {"qkd_link": [lk]}}}
 
 
 @dataclass
@@ -154,7 +180,17 @@ class AppEdit(Edit):
         return (found.get("backing") == sorted(b.lower() for b in self.backing) and found.get("server") == self.server
                 and found.get("clients") == sorted(self.clients))
 
-    def elements(self) -> list[etree._Element]:
+    ENTRY: ClassVar[str] = f"{{{ETSI_NS}}}qkd_app"
+
+    @property
+    def operation(self) -> str:
+        # The entry is stated whole: a reroute must replace backing_qkdl_id, not add to it.
+        return "remove" if self.delete else "replace"
+
+    def target(self) -> list[tuple[str, tuple[Any, ...]]]:
+        return [("etsi-qkd-sdn-node:qkd_node", ()), ("qkd_applications", ()), ("qkd_app", (self.app_id,))]
+
+    def content(self) -> dict[str, Any]:
         app: dict[str, Any] = {"app_id": self.app_id}
         if not self.delete:
             app["app_type"] = "etsi-qkd-node-types:CLIENT"
@@ -172,14 +208,7 @@ class AppEdit(Edit):
             qos = {k: v for k, v in (("min_bandwidth", self.min_bps), ("max_bandwidth", self.max_bps), ("ttl", self.ttl)) if v is not None}
             if qos:
                 app["app_qos"] = qos
-        els = _xml({"etsi-qkd-sdn-node:qkd_node": {"qkd_applications": {"qkd_app": [app]}}})
-        if self.delete:
-            _mark_delete(els[0], f"{{{ETSI_NS}}}qkd_app")
-        else:
-            # The entry is stated whole: a reroute must replace backing_qkdl_id, not add to it.
-            for el in els[0].iter(f"{{{ETSI_NS}}}qkd_app"):
-                el.set(f"{{{NC_NS}}}operation", "replace")
-        return els
+        return {"etsi-qkd-sdn-node:qkd_node": {"qkd_applications": {"qkd_app": [app]}}}
 
 
 @dataclass
@@ -196,14 +225,16 @@ class CrossConnectEdit(Edit):
     def matches(self, found: dict[str, Any]) -> bool:
         return found.get("port-b") == self.port_b
 
-    def elements(self) -> list[etree._Element]:
+    ENTRY: ClassVar[str] = f"{{{OSW_NS}}}cross-connect"
+
+    def target(self) -> list[tuple[str, tuple[Any, ...]]]:
+        return [("sdqkd-optical-switch:optical-switches", ()), ("switch", (self.switch,)), ("cross-connect", (self.port_a,))]
+
+    def content(self) -> dict[str, Any]:
         xc: dict[str, Any] = {"port-a": self.port_a}
         if not self.delete:
             xc["port-b"] = self.port_b
-        els = _xml({"sdqkd-optical-switch:optical-switches": {"switch": [{"name": self.switch, "cross-connect": [xc]}]}})
-        if self.delete:
-            _mark_delete(els[0], "{urn:sdqkd:yang:sdqkd-optical-switch}cross-connect")
-        return els
+        return {"sdqkd-optical-switch:optical-switches": {"switch": [{"name": self.switch, "cross-connect": [xc]}]}}
 
 
 def removal(key: Key) -> Edit:
