@@ -12,6 +12,7 @@ import time
 import pytest
 from lxml import etree
 from ncclient import manager
+from ncclient.operations.rpc import RPCError
 
 import grpctls
 from labnets import ring_topology, start_agents
@@ -183,7 +184,7 @@ def test_key_stock_is_served_and_advertised(net) -> None:
         assert len(stocks) == 2 and all(int(s.findtext(f"{{{KS}}}stored-keys")) >= 0 for s in stocks)
         # no QRNG at B: no qrng container
         assert m.get(filter=("subtree", f'<qrng xmlns="{QRNG}"/>')).data.find(f"{{{QRNG}}}qrng") is None
-        with pytest.raises(Exception):  # state is not configuration
+        with pytest.raises(RPCError):  # state is not configuration
             m.edit_config(target="running", config=f'<config><qrng xmlns="{QRNG}"><state>ok</state></qrng></config>')
     finally:
         m.close_session()
