@@ -939,12 +939,30 @@ class Controller:
             chan_id = (chan_id or str(uuid.uuid4())).lower()
             switch_nodes = {hop[0]: topo.switches[hop[0]].node for hop in path.hops}
             ch = svc.Channel(chan_id, path.tx, path.rx, path.channel, list(path.fibres), [list(h) for h in path.hops], path.loss_db, switch_nodes)
-            self._apply(self._channel_plan(ch))
+            plan = self._channel_plan(ch)
+            self._apply(plan)
             self.store.put_channel(ch)
-        self._invalidate()
+        self._reread(plan)
         log.info("direct channel %s %s:%s -> %s:%s, %.2f dB", chan_id, *path.tx, *path.rx, path.loss_db)
         self._emit("channel-created", {"chan_id": chan_id, "tx": list(path.tx), "rx": list(path.rx), "channel": path.channel, "loss_db": path.loss_db})
         return ch
+
+    def _reread(self, plan: Plan) -> None:
+        """Re-read the switches and ends a channel change touched before returning: the next
+        channel request is computed on their cross-connects and links as they now are (with
+        the refresh loop's deferred re-read, a channel created right after a delete was
+        refused a port the delete had freed). Channel changes are rare; applications keep the
+        deferred re-read (ops.Plan.stale_views)."""
+        for n in plan.stale_views():
+            conn = self.conns.get(n)
+            if conn is None:
+                continue
+            try:
+                conn.refresh()
+            except Exception as exc:  # noqa: BLE001 - the refresh loop reads it again later
+                log.debug("re-read of %s after a channel change failed: %s", n, exc)
+                self._mark_dirty(n)
+        self._invalidate()
 
     def _channel_plan(self, ch: svc.Channel, delete: bool = False) -> Plan:
         plan = Plan()
@@ -965,7 +983,7 @@ class Controller:
             if plan.edits:
                 self._apply(plan)
             self.store.delete_channel(ch.chan_id)
-        self._invalidate()
+        self._reread(plan)
         self._emit("channel-deleted", {"chan_id": ch.chan_id})
 
 
