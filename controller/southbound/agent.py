@@ -9,9 +9,10 @@ next transaction's lock or edit behind it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lxml import etree
@@ -22,6 +23,7 @@ from ncclient.xml_ import to_ele
 
 from sdqkd.controller.southbound.errors import AgentUnavailable
 from sdqkd.controller.southbound.interface import AgentAddress
+from sdqkd.controller.southbound.keeper import BACKOFF, SessionKeeper
 from sdqkd.controller.southbound.netconf_txn import NetconfHop
 from sdqkd.controller.southbound.ops import Edit
 from sdqkd.controller.southbound.session import connect
@@ -34,44 +36,19 @@ NSMAP = {"q": ETSI_NS, "o": OSW_NS}  # prefixes of the paths text() and the topo
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 
 
-# Reconnect delays, doubling from the first to the cap. The cap bounds how long a restarted
-# agent waits to be reconnected, and so reconciled and used again (with 10 s, a restart after
-# ~10 s down waited up to 6.4 s more); a refused connect every 2 s per dead agent costs nothing.
-BACKOFF = (0.2, 2.0)
-
-
-class AgentConnection:
-    """Keeps one session up; `on_state(conn)` after each resync, `on_up(conn)` once per
-    (re)connection after its first resync (where the controller reconciles the agent),
-    `on_lost(conn)` when a session that was up ends, `on_notification(conn, element)`."""
+class AgentConnection(SessionKeeper):
+    """An agent over NETCONF: the provisioning session (subscribed to the agent's
+    notifications) and a second, read-only one for refreshes."""
 
     def __init__(self, addr: AgentAddress, on_state: Callable[["AgentConnection"], None],
                  on_notification: Callable[["AgentConnection", etree._Element], None],
                  backoff: tuple[float, float] = BACKOFF,
                  on_lost: Callable[["AgentConnection"], None] | None = None,
                  on_up: Callable[["AgentConnection"], None] | None = None) -> None:
-        self.addr = addr
-        self.on_up = on_up
-        self.on_state = on_state
-        self.on_notification = on_notification
-        self.on_lost = on_lost
-        self.backoff = backoff
+        super().__init__(addr, on_state, on_notification, backoff, on_lost, on_up)
         self.lock = threading.RLock()  # one RPC conversation at a time on the session
         self.manager: Manager | None = None
-        self.data: etree._Element | None = None  # last <data> of a full <get>
-        self.connected = threading.Event()
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._read_lock = threading.Lock()
         self._reader: Manager | None = None  # the refresh session, opened on first use
-        self._thread = threading.Thread(target=self._run, name=f"agent-{addr.name}", daemon=True)
-
-    @property
-    def qkdn_id(self) -> str:
-        return self.addr.qkdn_id
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -83,8 +60,7 @@ class AgentConnection:
                 m.close_session()
             except Exception:  # noqa: BLE001
                 pass
-        if self._thread.ident is not None:
-            self._thread.join(5)
+        self._join()
 
     # --- session life ---------------------------------------------------------------------
 
@@ -102,40 +78,28 @@ class AgentConnection:
             kw["hostkey_verify"] = False
         return connect(**kw)
 
-    def _run(self) -> None:
-        delay = self.backoff[0]
-        while not self._stop.is_set():
-            try:
-                m = self._connect()
-                m.create_subscription()
-                with self.lock:
-                    self.manager = m
-                    self.resync()
-                self.connected.set()
-                self.last_error = None
-                delay = self.backoff[0]
-                log.info("agent %s connected (session %s)", self.addr.name, m.session_id)
-                if self.on_up is not None:
-                    try:
-                        self.on_up(self)
-                    except Exception:  # noqa: BLE001 - the session stays up whatever the handler does
-                        log.exception("on_up handler failed for %s", self.addr.name)
-                self._pump(m)
-                if not self._stop.is_set():
-                    self.last_error = "session closed"
-                    log.info("agent %s closed the session", self.addr.name)
-            except Exception as exc:  # noqa: BLE001 - any failure: reconnect later
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.info("agent %s unavailable: %s", self.addr.name, self.last_error)
-            was_up = self.connected.is_set()
-            self.connected.clear()
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Manager]:
+        m = self._connect()
+        try:
+            m.create_subscription()
             with self.lock:
-                self.manager = None
-            if was_up and not self._stop.is_set() and self.on_lost is not None:
-                self.on_lost(self)
-            if self._stop.wait(delay):
-                return
-            delay = min(delay * 2, self.backoff[1])
+                self.manager = m
+                self.resync()
+            yield m
+        finally:
+            if m.connected and not self._stop.is_set():  # a failed subscribe or resync: not left open
+                try:
+                    m.close_session()
+                except Exception:  # noqa: BLE001 - it may be going already
+                    pass
+
+    def _describe(self, m: Manager) -> str:
+        return f" (session {m.session_id})"
+
+    def _dropped(self) -> None:
+        with self.lock:
+            self.manager = None
 
     def _pump(self, m: Manager) -> None:
         while not self._stop.is_set() and m.connected:
@@ -234,9 +198,6 @@ class AgentConnection:
         loop notices and on_lost runs; path computation must not wait for that."""
         m = self.manager
         return self.connected.is_set() and m is not None and m.connected
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self.connected.wait(timeout)
 
 
 def qkd_node(data: etree._Element | None) -> etree._Element | None:

@@ -19,6 +19,7 @@ southbound/agent.py, over HTTPS with httpx.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -33,6 +34,7 @@ from lxml import etree
 from sdqkd import yangdata
 from sdqkd.controller.southbound.errors import AgentUnavailable, from_restconf
 from sdqkd.controller.southbound.interface import AgentAddress
+from sdqkd.controller.southbound.keeper import BACKOFF, SessionKeeper
 from sdqkd.controller.southbound.ops import Edit
 from sdqkd.controller.southbound.restconf_txn import RestconfHop
 
@@ -44,7 +46,6 @@ NOTIF_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
 # The events, and an error about the stream request in JSON (RFC 8040 6.3, RFC 7231 5.3.2).
 EVENTS_ACCEPT = f"text/event-stream, {YANG_JSON};q=0.5"
 STREAMS = "data/ietf-restconf-monitoring:restconf-state/streams"
-BACKOFF = (0.2, 2.0)  # as southbound/agent.py: reconnect delays, doubling to the cap
 
 
 def xml_data(doc: dict[str, Any], *, config: bool) -> etree._Element:
@@ -90,8 +91,10 @@ def notification_content(event: str) -> etree._Element | None:
     return yangdata.notification(content) if content else None
 
 
-class RestconfConnection:
-    """Keeps the event stream up; the callbacks as AgentConnection's (southbound/agent.py)."""
+class RestconfConnection(SessionKeeper):
+    """An agent over RESTCONF: the event stream is the session (southbound/keeper.py)."""
+
+    closed_reason = "event stream closed"
 
     def __init__(self, addr: AgentAddress, on_state: Callable[[Any], None],
                  on_notification: Callable[[Any, etree._Element], None],
@@ -100,19 +103,12 @@ class RestconfConnection:
                  on_up: Callable[[Any], None] | None = None) -> None:
         if not addr.restconf_url:
             raise ValueError(f"agent {addr.name}: no RESTCONF url")
-        self.addr = addr
-        self.on_state, self.on_notification, self.on_lost, self.on_up = on_state, on_notification, on_lost, on_up
-        self.backoff = backoff
-        self.data: etree._Element | None = None
-        self.connected = threading.Event()  # up: the stream open and the agent read
+        super().__init__(addr, on_state, on_notification, backoff, on_lost, on_up)
         self._live = threading.Event()  # the stream open: requests may go
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._read_lock = threading.Lock()
         self._stream: httpx.Response | None = None
+        self._location = ""
         self.client = self._client(timeout=httpx.Timeout(30.0))
         self._events = self._client(timeout=httpx.Timeout(30.0, read=None))  # a stream idles between events
-        self._thread = threading.Thread(target=self._run, name=f"agent-{addr.name}", daemon=True)
 
     def _client(self, timeout: httpx.Timeout) -> httpx.Client:
         a = self.addr
@@ -120,13 +116,6 @@ class RestconfConnection:
         root = (a.restconf_url or "").rstrip("/") + "/"
         return httpx.Client(base_url=root, verify=verify, auth=(a.username, a.password or ""), timeout=timeout,
                             headers={"Accept": YANG_JSON})
-
-    @property
-    def qkdn_id(self) -> str:
-        return self.addr.qkdn_id
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -140,8 +129,7 @@ class RestconfConnection:
                     sock.shutdown(socket.SHUT_RDWR)
             except OSError:  # already gone
                 pass
-        if self._thread.ident is not None:
-            self._thread.join(5)
+        self._join()
         self._events.close()
         self.client.close()
 
@@ -195,44 +183,24 @@ class RestconfConnection:
             raise AgentUnavailable(f"agent {self.addr.name}: stream {stream.get('name')} has no location")
         return str(location)
 
-    def _run(self) -> None:
-        delay = self.backoff[0]
-        while not self._stop.is_set():
-            try:
-                location = self._stream_location()
-                with self._events.stream("GET", location, headers={"Accept": EVENTS_ACCEPT}) as resp:
-                    if resp.status_code >= 400:
-                        resp.read()
-                        raise from_restconf(resp.status_code, resp.content, resp.headers.get("content-type", ""))
-                    self._stream = resp
-                    self._live.set()
-                    self.resync()
-                    self.connected.set()
-                    self.last_error = None
-                    delay = self.backoff[0]
-                    log.info("agent %s connected over RESTCONF (%s)", self.addr.name, location)
-                    if self.on_up is not None:
-                        try:
-                            self.on_up(self)
-                        except Exception:  # noqa: BLE001 - the session stays up whatever the handler does
-                            log.exception("on_up handler failed for %s", self.addr.name)
-                    self._pump(resp)
-                if not self._stop.is_set():
-                    self.last_error = "event stream closed"
-                    log.info("agent %s closed the event stream", self.addr.name)
-            except Exception as exc:  # noqa: BLE001 - any failure: reconnect later
-                if not self._stop.is_set():
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.info("agent %s unavailable: %s", self.addr.name, self.last_error)
-            self._stream = None
-            self._live.clear()
-            was_up = self.connected.is_set()
-            self.connected.clear()
-            if was_up and not self._stop.is_set() and self.on_lost is not None:
-                self.on_lost(self)
-            if self._stop.wait(delay):
-                return
-            delay = min(delay * 2, self.backoff[1])
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[httpx.Response]:
+        location = self._stream_location()
+        with self._events.stream("GET", location, headers={"Accept": EVENTS_ACCEPT}) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise from_restconf(resp.status_code, resp.content, resp.headers.get("content-type", ""))
+            self._stream, self._location = resp, location
+            self._live.set()
+            self.resync()
+            yield resp
+
+    def _describe(self, resp: httpx.Response) -> str:
+        return f" over RESTCONF ({self._location})"
+
+    def _dropped(self) -> None:
+        self._stream = None
+        self._live.clear()
 
     def _pump(self, resp: httpx.Response) -> None:
         for event in sse_events(resp.iter_lines()):
@@ -257,9 +225,3 @@ class RestconfConnection:
         """Re-read the agent (HTTP requests do not queue behind each other: no second session
         is needed, unlike NETCONF's)."""
         self.resync()
-
-    def is_up(self) -> bool:
-        return self.connected.is_set()
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self.connected.wait(timeout)
