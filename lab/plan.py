@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdqkd.qkdprofile import QkdProfile, calibrate
+from sdqkd.qkdprofile import resolved_profile
 from sdqkd.agents.netconf import ssh
 from sdqkd import pki
 from sdqkd.lab import hosts as lab_hosts
@@ -301,26 +301,6 @@ def etsi014_device(device: dict[str, Any]) -> dict[str, Any]:
     operator's (lab check made sure they are readable and the key private), used in place."""
     return {"url": str(device["url"]).rstrip("/"), "sae_id": device["sae-id"], "peer_sae_id": device["peer-sae-id"],
             "ca": device["ca-certificate"], "cert": device["certificate"], "key": device["private-key"]}
-
-
-def resolved_profile(topo: dict[str, Any], node: str, qkdi_id: int, name: str) -> QkdProfile:
-    """The module's profile from the topology, calibrated to the measured rate of its link
-    when the topology gives one (the rate was taken with the fibre's classical channels lit)."""
-    entry = next((p for p in topo.get("profile", []) if p.get("name") == name), None)
-    if entry is None:
-        raise ValueError(f"profile '{name}' is not in the lab topology")
-    profile = QkdProfile.from_dict(entry)
-    endpoint = f"{node}:{qkdi_id}"
-    fibres = {f["name"]: f for f in topo.get("fibre", [])}
-    for link in topo.get("link", []):
-        if endpoint in link.get("endpoints", []) and link.get("expected-skr") is not None and link.get("loss") is not None:
-            # The measured rate was taken with the fibre's classical channels lit.
-            classical = max(
-                (sum(1 for c in fibres.get(f, {}).get("classical-channel", []) if c.get("band", "C-band") == profile.band) for f in link.get("path", [])),
-                default=0,
-            )
-            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]), same_band_classical=classical)
-    return profile
 
 
 def plant_inventory(lab: dict[str, Any]) -> dict[str, Any]:

@@ -429,3 +429,23 @@ _BUILTIN: tuple[dict[str, Any], ...] = (
 )
 
 BUILTIN_PROFILES: dict[str, QkdProfile] = {e["name"]: QkdProfile.from_dict(e) for e in _BUILTIN}
+
+
+def resolved_profile(topo: Mapping[str, Any], node: str, qkdi_id: int, name: str) -> QkdProfile:
+    """The module's profile from the topology, calibrated to the measured rate of its link
+    when the topology gives one (the rate was taken with the fibre's classical channels lit)."""
+    entry = next((p for p in topo.get("profile", []) if p.get("name") == name), None)
+    if entry is None:
+        raise ValueError(f"profile '{name}' is not in the lab topology")
+    profile = QkdProfile.from_dict(entry)
+    endpoint = f"{node}:{qkdi_id}"
+    fibres = {f["name"]: f for f in topo.get("fibre", [])}
+    for link in topo.get("link", []):
+        if endpoint in link.get("endpoints", []) and link.get("expected-skr") is not None and link.get("loss") is not None:
+            # The measured rate was taken with the fibre's classical channels lit.
+            classical = max(
+                (sum(1 for c in fibres.get(f, {}).get("classical-channel", []) if c.get("band", "C-band") == profile.band) for f in link.get("path", [])),
+                default=0,
+            )
+            return calibrate(profile, float(link["loss"]), float(link["expected-skr"]), same_band_classical=classical)
+    return profile

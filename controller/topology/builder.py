@@ -11,7 +11,7 @@ from typing import Any
 from lxml import etree
 
 from sdqkd.controller.southbound.agent import NSMAP, ident, qkd_node, text
-from sdqkd.qkdprofile import QkdProfile
+from sdqkd.qkdprofile import QkdProfile, resolved_profile
 from sdqkd.controller.topology.model import (
     ClassicalChannel,
     KeyStock,
@@ -77,9 +77,10 @@ class Inventory:
     def profile(self, node: str, qkdi: int) -> QkdProfile | None:
         """The calibrated profile of a module (by node name), or None when the inventory has none."""
         i = self.ifaces.get((node, qkdi))
-        p = self.profiles.get(i["profile"]) if i else None
-        try:
-            return QkdProfile.from_dict(p) if p else None
+        if i is None or i.get("profile") not in self.profiles:
+            return None
+        try:  # as the lab resolved it for the agent: the dry run's rate is the one the link will make
+            return resolved_profile(self.lab, node, qkdi, i["profile"])
         except (ValueError, TypeError):
             return None
 

@@ -122,6 +122,9 @@ def test_dry_run_lists_alternatives_and_changes_nothing(clean: Lab) -> None:
     assert 1000 < first.expected_skr < 20000  # the CV profile at 5.1 dB over one span (paper: 8.7-12 kb/s)
     last = plan.options[-1]
     assert last.busy and (last.tx.qkdi_id, last.rx.qkdi_id) == (3, 3) and last.loss_db < first.loss_db
+    # a fixed link's modules are calibrated to its measured rate, in the dry run as in the agents
+    # (paper: Quevedo-Norte 1.38 kb/s; the uncalibrated Cerberis profile would say 2.6 kb/s at 3 dB)
+    assert last.expected_skr == pytest.approx(1380, rel=0.01)
     assert len(lab.stub.ComputeChannel(pb.ComputeChannelRequest(src="Quevedo", dst="Norte", max_alternatives=2),
                                        timeout=30).options) == 2
     assert lab.cross_connects() == before
