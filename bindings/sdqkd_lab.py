@@ -26,7 +26,7 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
 
   YANG Description: Values every node takes unless it says otherwise.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__address','__netconf_port_base','__kms_port_base','__relay_port_base','__restconf_port_base','__controller_grpc_port','__netconf_username','__link_key_limit',)
+  __slots__ = ('_path_helper', '_extmethods', '__address','__netconf_port_base','__kms_port_base','__relay_port_base','__restconf_port_base','__metrics_port_base','__controller_grpc_port','__netconf_username','__link_key_limit',)
 
   _yang_name = 'defaults'
   _yang_namespace = 'urn:sdqkd:yang:sdqkd-lab'
@@ -43,6 +43,7 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
     self.__kms_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8400), is_leaf=True, yang_name="kms-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__relay_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8500), is_leaf=True, yang_name="relay-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__restconf_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8800), is_leaf=True, yang_name="restconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
+    self.__metrics_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), is_leaf=True, yang_name="metrics-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__controller_grpc_port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(50051), is_leaf=True, yang_name="controller-grpc-port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
     self.__netconf_username = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'length': ['1..32']}), default=str("admin"), is_leaf=True, yang_name="netconf-username", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='string', is_config=True)
     self.__link_key_limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(100000), is_leaf=True, yang_name="link-key-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='uint32', is_config=True)
@@ -259,6 +260,47 @@ class yc_defaults_sdqkd_lab__lab_defaults(PybindBase):
     self.__restconf_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(8800), is_leaf=True, yang_name="restconf-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
 
 
+  def _get_metrics_port_base(self):
+    """
+    Getter method for metrics_port_base, mapped from YANG variable /lab/defaults/metrics_port_base (inet:port-number)
+
+    YANG Description: Prometheus metrics port of the controller; the agents' count up
+from the next one. Absent: netconf-port-base + 800 (9100 with the
+default NETCONF base, which node_exporter also uses by default).
+    """
+    return self.__metrics_port_base
+      
+  def _set_metrics_port_base(self, v, load=False):
+    """
+    Setter method for metrics_port_base, mapped from YANG variable /lab/defaults/metrics_port_base (inet:port-number)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_metrics_port_base is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_metrics_port_base() directly.
+
+    YANG Description: Prometheus metrics port of the controller; the agents' count up
+from the next one. Absent: netconf-port-base + 800 (9100 with the
+default NETCONF base, which node_exporter also uses by default).
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), is_leaf=True, yang_name="metrics-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """metrics_port_base must be of a type compatible with inet:port-number""",
+          'defined-type': "inet:port-number",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), is_leaf=True, yang_name="metrics-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)""",
+        })
+
+    self.__metrics_port_base = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_metrics_port_base(self):
+    self.__metrics_port_base = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), is_leaf=True, yang_name="metrics-port-base", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:sdqkd:yang:sdqkd-lab', defining_module='sdqkd-lab', yang_type='inet:port-number', is_config=True)
+
+
   def _get_controller_grpc_port(self):
     """
     Getter method for controller_grpc_port, mapped from YANG variable /lab/defaults/controller_grpc_port (inet:port-number)
@@ -380,12 +422,13 @@ until some are used.
   kms_port_base = __builtin__.property(_get_kms_port_base, _set_kms_port_base)
   relay_port_base = __builtin__.property(_get_relay_port_base, _set_relay_port_base)
   restconf_port_base = __builtin__.property(_get_restconf_port_base, _set_restconf_port_base)
+  metrics_port_base = __builtin__.property(_get_metrics_port_base, _set_metrics_port_base)
   controller_grpc_port = __builtin__.property(_get_controller_grpc_port, _set_controller_grpc_port)
   netconf_username = __builtin__.property(_get_netconf_username, _set_netconf_username)
   link_key_limit = __builtin__.property(_get_link_key_limit, _set_link_key_limit)
 
 
-  _pyangbind_elements = OrderedDict([('address', address), ('netconf_port_base', netconf_port_base), ('kms_port_base', kms_port_base), ('relay_port_base', relay_port_base), ('restconf_port_base', restconf_port_base), ('controller_grpc_port', controller_grpc_port), ('netconf_username', netconf_username), ('link_key_limit', link_key_limit), ])
+  _pyangbind_elements = OrderedDict([('address', address), ('netconf_port_base', netconf_port_base), ('kms_port_base', kms_port_base), ('relay_port_base', relay_port_base), ('restconf_port_base', restconf_port_base), ('metrics_port_base', metrics_port_base), ('controller_grpc_port', controller_grpc_port), ('netconf_username', netconf_username), ('link_key_limit', link_key_limit), ])
 
 
 class yc_domain_sdqkd_lab__lab_domain(PybindBase):

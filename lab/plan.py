@@ -138,7 +138,8 @@ class _Ports:
             "service": int(defaults.get("relay-port-base", 8500)) + 100,
             "etsi004-binary": int(defaults.get("relay-port-base", 8500)) + 200,
             "etsi004-json": int(defaults.get("kms-port-base", 8400)) + ETSI004_JSON_OFFSET,
-            "metrics": int(defaults.get("netconf-port-base", 8300)) + METRICS_OFFSET,
+            "metrics": int(defaults["metrics-port-base"]) if "metrics-port-base" in defaults
+            else int(defaults.get("netconf-port-base", 8300)) + METRICS_OFFSET,
             "restconf": int(defaults.get("restconf-port-base", 8800)),
         }
 

@@ -25,6 +25,7 @@ from sdqkd.controller.northbound import client as nb_client
 from sdqkd.controller.northbound import sdqkd_pb2 as pb
 from sdqkd.lab import labjson
 from sdqkd.lab import plan as lab_plan
+from sdqkd import yangdata
 
 ENC_KEYS = "/api/v1/keys/{slave_SAE_ID}/enc_keys"
 CREATE_APP = "/sdqkd.v1.Controller/CreateApplication"
@@ -108,6 +109,14 @@ def test_fixed_bases_put_the_endpoints_beside_the_netconf_ports(tmp_path) -> Non
     cfg = agent_config.load(plan.nodes["A"].config_path)
     assert cfg.metrics is not None and (cfg.metrics.address, cfg.metrics.port) == ("127.0.0.1", 9151)
     assert controller_config.load(lab_plan.write_controller_config(plan)).metrics.port == 9150
+
+
+def test_metrics_port_base_moves_them(tmp_path) -> None:
+    """An operator whose hosts run node_exporter on 9100 moves the lab's endpoints."""
+    topo = ring_topology("moved", ["A", "B"], **{"metrics-port-base": 9400})
+    assert yangdata.validate_json(topo).json["sdqkd-lab:lab"]["defaults"]["metrics-port-base"] == 9400
+    plan = lab_plan.make(topo, tmp_path)
+    assert (plan.controller_metrics_port, [n.metrics_port for n in plan.nodes.values()]) == (9400, [9401, 9402])
 
 
 def test_metrics_port_out_of_range_is_refused(tmp_path) -> None:
