@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from lxml import etree
 from sdqkd import yangdata
 from sdqkd.agents.datastore.model import ModelSet
 from sdqkd.agents.datastore.store import Datastores
+from sdqkd.agents.kms import https
 from sdqkd.agents.netconf import errors as nc
 from sdqkd.agents.restconf import etag, params, paths
 from sdqkd.agents.restconf.errors import RestconfError, fail, from_rpc
@@ -278,10 +278,12 @@ def _only_member(body: dict[str, Any], node: Any) -> Any:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, through the agent's one JSON parser and its limits on
+    nesting and numbers (https.parse_json): a hostile body is malformed, never a 500."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise fail(400, nc.MalformedMessage, f"the body is not JSON: {exc}", error_type="rpc") from None
+        body = https.parse_json(raw)
+    except https.ApiError as exc:
+        raise fail(400, nc.MalformedMessage, f"the body is not acceptable JSON: {exc.message}", error_type="rpc") from None
     if not isinstance(body, dict):
         raise fail(400, nc.MalformedMessage, "the body is not a JSON object", error_type="rpc")
     return body

@@ -304,3 +304,20 @@ def test_event_stream_replays_in_xml_and_ends_at_stop_time(rc: RestconfAgent, c:
     assert text.index("replayComplete") < text.index("notificationComplete")
     assert c.get("/restconf/streams/NETCONF/xml", params={"start-time": "2999-01-01T00:00:00Z"}).status_code == 400
     assert c.get("/restconf/streams/OTHER/json").status_code == 404
+
+
+def test_hostile_json_bodies_are_malformed_messages(c: httpx.Client) -> None:
+    """The agent's one JSON parser and its limits (agents/kms/https.parse_json) guard RESTCONF
+    too: deep nesting, huge numbers and NaN are 400 malformed-message, never a 500, and the
+    agent still answers."""
+    url = f"{NODE}/qkd_links"
+    hdrs = {"Content-Type": JSON}
+    for raw in (b"[" * 100_000 + b"]" * 100_000,
+                b'{"etsi-qkd-sdn-node:qkd_link": [{"virt_bandwidth": ' + b"9" * 5000 + b"}]}",
+                b'{"etsi-qkd-sdn-node:qkd_link": [{"virt_bandwidth": NaN}]}',
+                b'{"a": ' * 40 + b"1" + b"}" * 40):
+        r = c.post(url, content=raw, headers=hdrs)
+        assert r.status_code == 400, (raw[:40], r.status_code, r.text[:200])
+        e = error(r)
+        assert e["error-tag"] == "malformed-message" and e["error-type"] == "rpc"
+    assert c.get(NODE).status_code == 200
