@@ -111,6 +111,8 @@ class Resources:
             value = params.by_content(value, node, q.content == "config")
             if value is None:
                 return None
+        if q.fields is not None:
+            params.check_fields(q.fields, node)
         if q.depth is not None or q.fields is not None:
             depth = None if q.depth is None else q.depth - depth_offset
             value = params.prune(value, node, depth=depth, fields=q.fields)

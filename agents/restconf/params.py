@@ -73,6 +73,8 @@ _TOKEN = re.compile(r"\s*([();/]|[A-Za-z_][\w.-]*(?::[A-Za-z_][\w.-]*)?)")
 
 def parse_fields(text: str) -> Fields:
     """fields-expr (RFC 8040 4.8.3): path "(" fields-expr ")" / path ";" fields-expr / path."""
+    if not text.strip():
+        raise _bad("fields: empty (RFC 8040 4.8.3: at least one path)")
     tokens, pos = [], 0
     while pos < len(text):
         m = _TOKEN.match(text, pos)
@@ -130,6 +132,19 @@ def _child(node: SchemaNode | None, member: str) -> SchemaNode | None:
         return node.named(member.split(":")[-1])
     except KeyError:
         return None
+
+
+def check_fields(fields: Fields, node: SchemaNode | None) -> None:
+    """Every name in `fields` is a data node below the target: a name the schema does not
+    have is the client's mistake (400 invalid-value), not a request for nothing."""
+    if node is None:  # the datastore resource: its members are checked as modules' top nodes
+        return
+    for name, sub in fields.items():
+        child = _child(node, name)
+        if child is None:
+            raise _bad(f"fields: '{name}' is not a data node below '{node.name}'")
+        if sub:
+            check_fields(sub, child)
 
 
 def prune(value: Any, node: SchemaNode | None, *, depth: int | None, fields: Fields | None) -> Any:

@@ -321,3 +321,18 @@ def test_hostile_json_bodies_are_malformed_messages(c: httpx.Client) -> None:
         e = error(r)
         assert e["error-tag"] == "malformed-message" and e["error-type"] == "rpc"
     assert c.get(NODE).status_code == 200
+
+
+@pytest.mark.parametrize("target", [
+    "?depth=0", "?depth=-1", "?depth=99999999999999999999999", "?depth=abc", "?depth=1&depth=2",
+    "?fields=" + "(" * 5000, "?fields=" + "a/" * 5000 + "b", "?fields=qkd_links;;;", "?fields=",
+    "?content=nope", "?with-defaults=nope", "?%ff=1", "?depth=%00",
+    "/qkd_links/qkd_link=%ZZ", "/qkd_links/qkd_link=a,b,c", "/qkd_links/qkd_link=" + "x" * 60_000, "?fields=qkd_links(qkd_link(nope))", "?fields=nope",
+    "/qkd_links/qkd_link=%00", "/../../etc/passwd", "/qkd_links//qkd_link", "/qkd_links/qkd_link=",
+    "/etsi-qkd-sdn-node:qkd_links", "/qkd_links/qkd_link=" + "%2F" * 3000 + "/qkdl_id",
+])
+def test_hostile_urls_are_client_errors(c: httpx.Client, target: str) -> None:
+    """Malformed query parameters and api-paths are 4xx with an ietf-restconf:errors body,
+    never a 500 (a 414/431-style refusal of an over-long request head included)."""
+    r = c.get(NODE + target)
+    assert 400 <= r.status_code < 500, (target[:60], r.status_code, r.text[:200])
