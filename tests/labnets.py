@@ -3,7 +3,10 @@ rings of nodes each with a transmitter (interface 1) and a receiver (interface 2
 the agents of a planned lab started as real processes."""
 from __future__ import annotations
 
+import ssl
 from typing import Any
+
+import httpx
 
 from agentproc import AgentProc
 
@@ -53,3 +56,12 @@ def line_topology(name: str, line: list[str], southbound: dict[str, str] | None 
 def start_agents(plan: Any) -> dict[str, AgentProc]:
     """Every node of a planned lab (sdqkd.lab.plan.make) as a running agent process."""
     return {n: AgentProc(n, np.qkdn_id, np.netconf_port, np.config_path, np.dir).start() for n, np in plan.nodes.items()}
+
+
+def sae_client(plan: Any, sae: str) -> httpx.Client:
+    """An ETSI 014 client of a planned lab's SAE: its certificate, the lab CA, its node's
+    key-delivery base URL."""
+    node = next(n for n in plan.nodes.values() if sae in n.saes)
+    ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
+    ctx.load_cert_chain(*(str(p) for p in node.sae_certs[sae]))
+    return httpx.Client(verify=ctx, timeout=20, base_url=f"https://127.0.0.1:{node.kms_port}/api/v1/keys")

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import ssl
 import threading
 import time
 
-import httpx
 import pytest
 
 from testlib import wait_for
-from labnets import ring_topology, start_agents
+from labnets import ring_topology, sae_client, start_agents
 from sdqkd.agents.emulation.plant import Plant
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller, ControllerError
@@ -36,12 +34,6 @@ def ring(tmp_path_factory):
     for p in procs.values():
         p.stop()
 
-
-def sae_client(plan, sae: str) -> httpx.Client:
-    node = next(n for n in plan.nodes.values() if sae in n.saes)
-    ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
-    ctx.load_cert_chain(*(str(p) for p in node.sae_certs[sae]))
-    return httpx.Client(verify=ctx, timeout=20, base_url=f"https://127.0.0.1:{node.kms_port}/api/v1/keys")
 
 
 def wait(pred, timeout: float = 25.0, what: str = "condition"):

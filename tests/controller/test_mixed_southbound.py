@@ -5,13 +5,11 @@ get the same keys at both ends; a transaction the RESTCONF node refuses, or one 
 node fails after the RESTCONF node has written, leaves no hop half-configured."""
 from __future__ import annotations
 
-import ssl
 import uuid
 
-import httpx
 import pytest
 
-from labnets import line_topology, start_agents
+from labnets import line_topology, sae_client, start_agents
 from testlib import wait_for
 from sdqkd.controller import config as controller_config
 from sdqkd.controller.controller import Controller
@@ -47,12 +45,6 @@ def lab(tmp_path_factory):
 def ids(plan) -> dict[str, str]:
     return {n: np.qkdn_id for n, np in plan.nodes.items()}
 
-
-def sae_client(plan, sae: str) -> httpx.Client:
-    node = next(n for n in plan.nodes.values() if sae in n.saes)
-    ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
-    ctx.load_cert_chain(*(str(p) for p in node.sae_certs[sae]))
-    return httpx.Client(verify=ctx, timeout=20, base_url=f"https://127.0.0.1:{node.kms_port}/api/v1/keys")
 
 
 def half_configured(ctl: Controller, entries: set[tuple[str, str]]) -> list[str]:

@@ -16,7 +16,7 @@ from ncclient import manager
 from prometheus_client.parser import text_string_to_metric_families
 
 from testlib import wait_for
-from labnets import ring_topology, start_agents
+from labnets import ring_topology, sae_client, start_agents
 from sdqkd.agents import config as agent_config
 from sdqkd.configfile import ConfigError
 from sdqkd.controller import config as controller_config
@@ -79,12 +79,6 @@ def lab(tmp_path_factory):
         for p in procs.values():
             p.stop()
 
-
-def sae_client(plan, sae: str) -> httpx.Client:
-    node = next(n for n in plan.nodes.values() if sae in n.saes)
-    ctx = ssl.create_default_context(cafile=str(plan.ca[0]))
-    ctx.load_cert_chain(*(str(p) for p in node.sae_certs[sae]))
-    return httpx.Client(verify=ctx, timeout=20, base_url=f"https://127.0.0.1:{node.kms_port}/api/v1/keys")
 
 
 def test_lab_json_and_lab_env_list_every_endpoint(lab) -> None:
