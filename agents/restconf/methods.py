@@ -127,6 +127,7 @@ class Resources:
              create_children: bool = False) -> Edited:
         """PUT, PATCH, POST or DELETE of the target `steps` with an RFC 7951 body (one member)."""
         with self.datastores.lock:  # the preconditions hold until the edit is done
+            self._no_netconf_change_pending()
             self.preconditions(headers)
             running = _flat(self.datastores.running_config().json)
             existing = paths.select(running, steps) if steps else running
@@ -240,6 +241,22 @@ class Resources:
         holder = etree.Element(f"{{{NC_NS}}}config", nsmap={"nc": NC_NS})
         holder.extend(elements)
         self._edit(lambda: self.datastores.edit("running", holder, SESSION, "merge"))
+
+    def _no_netconf_change_pending(self) -> None:
+        """A RESTCONF edit goes to running at once (RFC 8040 1.4). A NETCONF client with the
+        candidate locked is preparing a change whose commit copies the candidate over
+        running, and a confirmed commit not yet confirmed is rolled back to the running
+        configuration from before it: either would silently undo this edit. Refused as the
+        running lock is: 409 lock-denied naming the session."""
+        ds = self.datastores
+        holder = ds.locks.get("candidate")
+        if holder:
+            raise RestconfError([nc.LockDenied(f"candidate is locked by session {holder}: its commit would overwrite "
+                                               "this edit", info={"session-id": str(holder)})], 409)
+        pending = ds.confirmed
+        if pending is not None:
+            raise RestconfError([nc.LockDenied("a confirmed commit is pending: its rollback would undo this edit",
+                                               info={"session-id": str(pending.session_id)})], 409)
 
     def _replace_all(self, body: dict[str, Any]) -> Edited:
         try:

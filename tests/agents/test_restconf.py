@@ -220,6 +220,18 @@ def test_netconf_lock_denies_restconf_edits(rc: RestconfAgent, c: httpx.Client) 
         assert send(c, "PUT", url, {"etsi-qkd-sdn-node:qkd_link": [link()]}).status_code == 201
         # NETCONF sees the RESTCONF edit: one datastore
         assert LINK in m.get_config("running").data_xml
+        # a candidate lock, and a confirmed commit pending, would overwrite or roll back a
+        # RESTCONF edit to running: refused the same way
+        m.lock("candidate")
+        r = send(c, "PATCH", url, {"etsi-qkd-sdn-node:qkd_link": [link(bw=2000)]})
+        assert r.status_code == 409 and error(r)["error-tag"] == "lock-denied"
+        assert error(r)["error-info"]["session-id"] == str(m.session_id)
+        m.commit(confirmed=True, timeout="60")
+        m.unlock("candidate")
+        r = send(c, "PATCH", url, {"etsi-qkd-sdn-node:qkd_link": [link(bw=2000)]})
+        assert r.status_code == 409 and "confirmed commit" in error(r)["error-message"]
+        m.commit()  # confirmed
+        assert send(c, "PATCH", url, {"etsi-qkd-sdn-node:qkd_link": [link(bw=2000)]}).status_code == 204
     finally:
         send(c, "DELETE", url)
         m.close_session()
