@@ -957,6 +957,8 @@ class Controller:
             conn = self.conns.get(n)
             if conn is None:
                 continue
+            with self._dirty_lock:  # read now: the refresh loop need not read it again
+                self._dirty.discard(n)
             try:
                 conn.refresh()
             except Exception as exc:  # noqa: BLE001 - the refresh loop reads it again later

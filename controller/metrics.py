@@ -50,7 +50,7 @@ class _StateCollector(Collector):
         self._ctl = ctl
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("sdqkd_agent_up", "1 while the controller's NETCONF session to the agent is up",
+        up = GaugeMetricFamily("sdqkd_agent_up", "1 while the controller's session to the agent is up (NETCONF, or a RESTCONF event stream)",
                                labels=["agent", "qkdn_id"])
         for qid, conn in sorted(self._ctl.conns.items()):
             up.add_metric([conn.addr.name, qid], 1.0 if conn.is_up() else 0.0)
@@ -77,7 +77,7 @@ class ControllerMetrics:
         self.registry.register(_StateCollector(ctl))
         r = self.registry
         self.txn_seconds = Histogram("sdqkd_provisioning_duration_seconds",
-                                     "Time of a NETCONF provisioning transaction over its hops (lock to confirm)",
+                                     "Time of a provisioning transaction over its hops, NETCONF or RESTCONF (lock to confirm)",
                                      ["outcome"], buckets=TXN_BUCKETS, registry=r)
         self.phase_seconds = Histogram("sdqkd_provisioning_phase_duration_seconds",
                                        "Time of one phase (lock, edit, commit, confirm) of a successful transaction",

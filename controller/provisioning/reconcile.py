@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdqkd.controller.southbound.ops import Edit, Key, removal
+from sdqkd.controller.southbound.ops import DEPENDENCY_RANK, Edit, Key, removal
 
 # Pushed in this order when one edit-config of them all is refused: what others refer to first
 # (a PHYS link or cross-connect before the VIRT links and applications over it).
-_ORDER = {"xc": 0, "link": 1, "app": 2}
 
 
 @dataclass
@@ -32,7 +31,7 @@ class Diff:
     @property
     def edits(self) -> list[Edit]:
         """Removals first, then what is pushed, in dependency order."""
-        return [removal(k) for k in self.remove] + sorted(self.push, key=lambda e: _ORDER[e.key[0]])
+        return [removal(k) for k in self.remove] + sorted(self.push, key=lambda e: DEPENDENCY_RANK[e.key[0]])
 
     def __bool__(self) -> bool:
         return bool(self.push or self.remove)

@@ -29,17 +29,9 @@ STATUS_TAG = {400: "invalid-value", 401: "access-denied", 403: "access-denied", 
 _FIELDS = ("error-type", "error-tag", "error-app-tag", "error-severity", "error-path", "error-message")
 
 
-def rpc_error(tag: str, message: str, *, path: str | None = None, error_type: str = "application",
-              app_tag: str | None = None, info: etree._Element | None = None) -> RPCError:
+def rpc_error(tag: str, message: str, *, error_type: str = "application") -> RPCError:
     """An RPCError as an agent's <rpc-error> with these fields would have produced it."""
-    el = etree.Element(f"{{{NC_NS}}}rpc-error", nsmap={None: NC_NS})
-    for name, value in (("error-type", error_type), ("error-tag", tag), ("error-app-tag", app_tag),
-                        ("error-severity", "error"), ("error-path", path), ("error-message", message)):
-        if value is not None:
-            etree.SubElement(el, f"{{{NC_NS}}}{name}").text = value
-    if info is not None:
-        etree.SubElement(el, f"{{{NC_NS}}}error-info").append(info)
-    return RPCError(el)
+    return _one({"error-type": error_type, "error-tag": tag, "error-message": message})
 
 
 def _one(raw: dict[str, Any]) -> RPCError:
@@ -53,6 +45,11 @@ def _one(raw: dict[str, Any]) -> RPCError:
     if raw.get("error-info") is not None:
         etree.SubElement(el, f"{{{NC_NS}}}error-info").text = json.dumps(raw["error-info"])
     return RPCError(el)
+
+
+def from_response(r: Any) -> RPCError:
+    """from_restconf of an httpx response."""
+    return from_restconf(r.status_code, r.content, r.headers.get("content-type", ""))
 
 
 def from_restconf(status: int, body: bytes, content_type: str = "application/yang-data+json") -> RPCError:

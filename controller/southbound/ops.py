@@ -14,6 +14,9 @@ from lxml import etree
 from sdqkd import yangdata
 
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+# Edits in an order in which each leaves a valid configuration: what others refer to first
+# (a cross-connect under a link, a link under an application); removals in the reverse one.
+DEPENDENCY_RANK = {"xc": 0, "link": 1, "app": 2}
 ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
 CANDIDATE = "urn:ietf:params:netconf:capability:candidate:1.0"
 CONFIRMED = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"

@@ -32,17 +32,15 @@ import httpx
 from lxml import etree
 
 from sdqkd import yangdata
-from sdqkd.controller.southbound.errors import AgentUnavailable, from_restconf
+from sdqkd.controller.southbound.errors import AgentUnavailable, from_response
 from sdqkd.controller.southbound.interface import AgentAddress
 from sdqkd.controller.southbound.keeper import BACKOFF, SessionKeeper
-from sdqkd.controller.southbound.ops import Edit
+from sdqkd.controller.southbound.ops import NC_NS, Edit
 from sdqkd.controller.southbound.restconf_txn import RestconfHop
 
 log = logging.getLogger(__name__)
 
 YANG_JSON = "application/yang-data+json"
-NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
-NOTIF_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
 # The events, and an error about the stream request in JSON (RFC 8040 6.3, RFC 7231 5.3.2).
 EVENTS_ACCEPT = f"text/event-stream, {YANG_JSON};q=0.5"
 STREAMS = "data/ietf-restconf-monitoring:restconf-state/streams"
@@ -107,13 +105,14 @@ class RestconfConnection(SessionKeeper):
         self._live = threading.Event()  # the stream open: requests may go
         self._stream: httpx.Response | None = None
         self._location = ""
-        self.client = self._client(timeout=httpx.Timeout(30.0))
-        self._events = self._client(timeout=httpx.Timeout(30.0, read=None))  # a stream idles between events
-
-    def _client(self, timeout: httpx.Timeout) -> httpx.Client:
-        a = self.addr
+        a = addr
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=a.restconf_ca) if a.restconf_ca else True
-        root = (a.restconf_url or "").rstrip("/") + "/"
+        self.client = self._client(verify, timeout=httpx.Timeout(30.0))
+        self._events = self._client(verify, timeout=httpx.Timeout(30.0, read=None))  # a stream idles between events
+
+    def _client(self, verify: ssl.SSLContext | bool, timeout: httpx.Timeout) -> httpx.Client:
+        a = self.addr
+        root = str(a.restconf_url).rstrip("/") + "/"
         return httpx.Client(base_url=root, verify=verify, auth=(a.username, a.password or ""), timeout=timeout,
                             headers={"Accept": YANG_JSON})
 
@@ -149,7 +148,7 @@ class RestconfConnection(SessionKeeper):
             content = json.dumps(body).encode()
         r = self.client.request(method, path, params=params, content=content, headers=hdrs)
         if r.status_code >= 400 and not (ok_missing and r.status_code == 404):
-            err = from_restconf(r.status_code, r.content, r.headers.get("content-type", ""))
+            err = from_response(r)
             if not (ok_missing and err.tag == "data-missing"):  # RFC 8040 4.7: 409 data-missing
                 raise err
         return r
@@ -172,7 +171,7 @@ class RestconfConnection(SessionKeeper):
         """Where the NETCONF event stream is served (ietf-restconf-monitoring), JSON preferred."""
         r = self.client.get(STREAMS)
         if r.status_code >= 400:
-            raise from_restconf(r.status_code, r.content, r.headers.get("content-type", ""))
+            raise from_response(r)
         streams = r.json().get("ietf-restconf-monitoring:streams", {}).get("stream", [])
         stream = next((s for s in streams if s.get("name") == "NETCONF"), streams[0] if streams else None)
         if stream is None:
@@ -189,7 +188,7 @@ class RestconfConnection(SessionKeeper):
         with self._events.stream("GET", location, headers={"Accept": EVENTS_ACCEPT}) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                raise from_restconf(resp.status_code, resp.content, resp.headers.get("content-type", ""))
+                raise from_response(resp)
             self._stream, self._location = resp, location
             self._live.set()
             self.resync()

@@ -40,17 +40,16 @@ from urllib.parse import quote
 from ncclient.operations.rpc import RPCError
 
 from sdqkd import yangdata
-from sdqkd.controller.southbound.ops import Edit
+from sdqkd.controller.southbound.ops import DEPENDENCY_RANK, Edit
 
 log = logging.getLogger(__name__)
 
-_RANK = {"xc": 0, "link": 1, "app": 2}  # what others refer to first
 
 
 def write_order(edits: list[Edit]) -> list[Edit]:
     """Merges and replacements in dependency order, then removals in the reverse one."""
-    keep = sorted((e for e in edits if not e.delete), key=lambda e: _RANK[e.key[0]])
-    drop = sorted((e for e in edits if e.delete), key=lambda e: -_RANK[e.key[0]])
+    keep = sorted((e for e in edits if not e.delete), key=lambda e: DEPENDENCY_RANK[e.key[0]])
+    drop = sorted((e for e in edits if e.delete), key=lambda e: -DEPENDENCY_RANK[e.key[0]])
     return keep + drop
 
 
@@ -111,12 +110,11 @@ class RestconfHop:
         self.saved: dict[str, Any] = {}
         self.etag: str | None = None
         self.requests: list[tuple[str, str, Any, Edit]] = []
-        self.written: list[Edit] = []  # applied, or sent without an answer (may be applied)
-        self.restored = True  # nothing written stands
+        self.written: list[Edit] = []  # applied, or sent without an answer (may be applied); emptied once put back
 
     @property
     def committed(self) -> bool:
-        return not self.restored
+        return bool(self.written)
 
     def lock(self) -> None:
         self.saved, self.etag = self.conn.get_json("data", content="config")
@@ -138,12 +136,10 @@ class RestconfHop:
         for method, path, body, e in self.requests:
             headers = {"If-Match": self.etag} if self.etag else {}
             self.written.append(e)
-            self.restored = False
             try:
                 r = self.conn.request(method, path, body=body, headers=headers, ok_missing=method == "DELETE")
             except RPCError:
                 self.written.pop()  # refused: a RESTCONF edit is all or nothing, this one changed nothing
-                self.restored = not self.written
                 raise
             self.etag = r.headers.get("etag")
 
@@ -165,7 +161,6 @@ class RestconfHop:
             except Exception as exc:  # noqa: BLE001 - reconciliation puts it right (committed)
                 ok = False
                 log.warning("restoring %s %s on %s failed: %s", *e.key, self.name, exc)
-        self.restored = ok
         if ok:
             self.written = []
 
