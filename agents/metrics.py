@@ -112,8 +112,9 @@ class _NodeCollector(Collector):
         keys = GaugeMetricFamily("sdqkd_stored_keys", "Link keys in the key store, by who allocates them",
                                  labels=["qkdl_id", "owner"])
         for lid in links:
-            keys.add_metric([lid, "local"], float(self._store.count(lid, mine=True)))
-            keys.add_metric([lid, "peer"], float(self._store.count(lid, mine=False)))
+            mine, theirs, _ = self._store.stock(lid)  # the figures <get> reports (sdqkd-key-stock), in one read
+            keys.add_metric([lid, "local"], float(mine))
+            keys.add_metric([lid, "peer"], float(theirs))
         yield keys
 
     def _sessions(self) -> Iterator[Metric]:

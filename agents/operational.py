@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 
-def _states(drivers: list[Driver]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each driver's state read once: the QKD modules' and the optical switches'."""
+def _states(drivers: list[Driver]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each driver's state read once: the QKD modules', the optical switches' and the QRNGs'."""
     states = [d.state() for d in drivers]
-    return [st for st in states if "interface" in st], [st for st in states if "cross-connects" in st]
+    return ([st for st in states if "interface" in st], [st for st in states if "cross-connects" in st],
+            [st["qrng"] for st in states if "qrng" in st])
 
 
 def link_rate(drivers: list[Driver], qkdl_id: str) -> float:
@@ -47,7 +48,7 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     node["qkdn_capabilities"] = {"link_stats_support": True, "application_stats_support": True,
                                  "key_relay_mode_enable": True}
     mods = {m.qkdi_id: m for m in cfg.qkd_modules}
-    modules, switches = _states(drivers)
+    modules, switches, _ = _states(drivers)
     ifaces = []
     for st in modules:
         info = st["interface"]
@@ -127,7 +128,7 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
         if got is not None:
             lk["sdqkd-key-stock:key-stock"] = key_stock(got)
     ifaces = {int(i["qkdi_id"]): i for i in node.get("qkd_interfaces", {}).get("qkd_interface", [])}
-    modules, switch_states = _states(drivers)
+    modules, switch_states, qrngs = _states(drivers)
     for iface in ifaces.values():  # an interface no module serves is down; a module's own says otherwise
         iface["qkdi_status"] = identity("DISABLED")
     for st in modules:
@@ -145,7 +146,6 @@ def fill(data: dict[str, dict[str, Any]], drivers: list[Driver], usage: Callable
                 perf["phys_perf"] = qber_perf(ls["qber"])
             # qkdl_status is configuration in ETSI 015; the device's view wins on <get>.
             entry["qkdl_status"] = identity(ls["status"])
-    qrngs = [st["qrng"] for st in (d.state() for d in drivers if getattr(d, "kind", None) == "qrng")]
     data.pop("sdqkd-qrng", None)
     if qrngs:
         data["sdqkd-qrng"] = {"sdqkd-qrng:qrng": qrng_state(qrngs[0])}
