@@ -257,9 +257,10 @@ def _bind(mw: Middleware, inner: Handler) -> Handler:
 def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] | None:
     if pattern and pattern[-1].startswith("{") and pattern[-1].endswith("*}"):
         head = len(pattern) - 1
-        if len(parts) < head or _match(pattern[:head], parts[:head]) is None:
+        fixed = _match(pattern[:head], parts[:head]) if len(parts) >= head else None
+        if fixed is None:
             return None
-        return {**(_match(pattern[:head], parts[:head]) or {}), pattern[-1][1:-2]: "/".join(parts[head:])}
+        return {**fixed, pattern[-1][1:-2]: "/".join(parts[head:])}
     if len(pattern) != len(parts):
         return None
     params: dict[str, str] = {}

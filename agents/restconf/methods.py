@@ -77,20 +77,11 @@ class Resources:
         """The target's value (no steps: the datastore's), pruned per the query; 404 if absent.
         `extra`: state of other modules (ietf-restconf-monitoring) for content=all/nonconfig."""
         doc = self.document(q.content, q.with_defaults, extra)
-        if not steps:
-            value: Any = doc
-            node = None
-        else:
-            value = paths.select(doc, steps)
-            node = steps[-1].node
-            if value is None:
-                raise fail(404, nc.InvalidValue, "no such data resource", error_type="application",
-                           path=None)
         if not steps:  # the datastore (depth 1): each top-level node on its own, at depth 2
             if q.depth == 1:
                 return {}
             out = {}
-            for m, v in value.items():
+            for m, v in doc.items():
                 name = m.rpartition(":")[2]
                 if q.fields is not None and name not in q.fields:
                     continue
@@ -99,7 +90,10 @@ class Resources:
                 if shaped is not None:
                     out[m] = shaped
             return out
-        value = self._shape(value, node, q)
+        value = paths.select(doc, steps)
+        if value is None:
+            raise fail(404, nc.InvalidValue, "no such data resource", error_type="application", path=None)
+        value = self._shape(value, steps[-1].node, q)
         if value is None:
             raise fail(404, nc.InvalidValue, f"the resource has no {q.content} data", error_type="application")
         return value

@@ -264,7 +264,7 @@ class RestconfServer:
         return web.Response(200, b"", headers, "text/event-stream", stream=body())
 
     async def _data(self, request: web.Request, media: str, rest: str) -> web.Response:
-        raw = rest.lstrip("/") if rest.startswith("/") else rest
+        raw = rest.lstrip("/")
         compat = raw.endswith("/") and raw.strip("/") != ""  # TFS's URIs (agents/restconf/tfs.py)
         raw = raw.rstrip("/") if compat else raw
         steps = paths.parse(raw) if raw else []
