@@ -910,16 +910,17 @@ class Controller:
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
 
-    def compute_channel(self, req: OpticalRequest) -> list[tuple[OpticalPath, float, bool]]:
-        """Dry run of create_channel: every feasible (Tx, Rx, channel) with its lowest-loss route,
-        the key rate the Tx's profile gives at that loss, and whether a module of it is busy."""
+    def compute_channel(self, req: OpticalRequest, limit: int | None = None) -> list[tuple[OpticalPath, float, bool]]:
+        """Dry run of create_channel: every feasible (Tx, Rx, channel) with its lowest-loss route
+        (the best `limit` of them when given), the key rate the Tx's profile gives at that
+        loss, and whether a module of it is busy."""
         topo = self.topology()
         busy = self._busy(topo)
         try:
             options = optical_options(topo, req, busy)
         except NoPath as exc:
             raise ControllerError("no-path", str(exc)) from None
-        return [(p, self.expected_rate(topo, p), p.tx in busy or p.rx in busy) for p in options]
+        return [(p, self.expected_rate(topo, p), p.tx in busy or p.rx in busy) for p in options[:limit]]
 
     def expected_rate(self, topo: Topology, path: OpticalPath) -> float:
         """Mean key rate (bit/s) the Tx's profile gives for the path: its loss, the most same-band

@@ -293,7 +293,7 @@ def lab_env(name: str | None, lab_dir: str | None) -> None:
 @lab.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("node")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@lab_name_option
 @lab_dir_option
 def lab_exec(node: str, command: tuple[str, ...], lab_name: str | None, lab_dir: str | None) -> None:
     """Run COMMAND on NODE's lab host (its network namespace), e.g. `lab exec CAIT -- ping 10.78.0.2`."""
@@ -318,7 +318,7 @@ def topo() -> None:
 
 
 @topo.command("plot")
-@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@lab_name_option
 @click.option("-o", "--output", default=None, help="PNG file (default: <lab dir>/topology.png).")
 @lab_dir_option
 def topo_plot(lab_name: str | None, output: str | None, lab_dir: str | None) -> None:
@@ -350,7 +350,7 @@ def _controller_call(lab: dict, rpc: str, request, timeout: float = 10):  # type
 
 
 @topo.command("reservations")
-@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@lab_name_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @lab_dir_option
 def topo_reservations(lab_name: str | None, as_json: bool, lab_dir: str | None) -> None:
@@ -375,7 +375,7 @@ def topo_reservations(lab_name: str | None, as_json: bool, lab_dir: str | None) 
 
 
 @topo.command("alarms")
-@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@lab_name_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 @lab_dir_option
 def topo_alarms(lab_name: str | None, as_json: bool, lab_dir: str | None) -> None:
@@ -407,7 +407,7 @@ def key() -> None:
 @key.command("get")
 @click.option("--from", "src", required=True, help="Master: a node name (its first SAE) or an SAE ID.")
 @click.option("--to", "dst", required=True, help="Slave: a node name or an SAE ID.")
-@click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab).")
+@lab_name_option
 @click.option("--size", default=256, show_default=True, help="Key size in bits.")
 @click.option("--show-key", is_flag=True, help="Print the key itself (base64), not only its fingerprint.")
 @click.option("--wait", default=60.0, show_default=True, type=click.FloatRange(0, 600),
@@ -457,7 +457,7 @@ def tls() -> None:
 def _tls_options(peer_help: str):  # type: ignore[no-untyped-def]
     """Where this SAE takes its keys: a running lab, or a KME URL and SAE credentials."""
     opts = [
-        click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True, help="Lab name (default: the only running lab)."),
+        lab_name_option,
         lab_dir_option,
         click.option("--node", default=None, help="This SAE: a lab node name (its first SAE) or an SAE ID."),
         click.option("--kme", default=None, help="Without a lab: this SAE's KME, https://host:port."),
@@ -561,8 +561,7 @@ def _channel_request(message, src: str, dst: str, wavelength: int | None):  # ty
 
 def _channel_options(f):  # type: ignore[no-untyped-def]
     f = click.option("--wavelength", type=int, default=None, help="DWDM channel to use (default: the controller picks).")(f)
-    f = click.option("--lab", "lab_name", default=None, envvar="SDQKD_LAB", show_envvar=True,
-                     help="Lab name (default: the only running lab).")(f)
+    f = lab_name_option(f)
     f = lab_dir_option(f)
     f = click.argument("dst")(f)
     return click.argument("src")(f)

@@ -313,9 +313,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     @_rpc
     def ComputeChannel(self, request: pb.ComputeChannelRequest, context: grpc.ServicerContext) -> pb.ChannelPlan:
         req = self._optical_request(request)
-        options = self.ctl.compute_channel(req)
-        if request.max_alternatives:
-            options = options[:request.max_alternatives]
+        options = self.ctl.compute_channel(req, request.max_alternatives or None)
         topo = self.ctl.topology()
         return pb.ChannelPlan(options=[
             pb.ChannelOption(tx=self._if(p.tx, topo), rx=self._if(p.rx, topo), channel=p.channel, loss_db=p.loss_db,

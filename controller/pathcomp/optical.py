@@ -152,7 +152,7 @@ def direct_links(topo: Topology) -> list[OpticalPath]:
             if t[0] == r[0] or _incompatible(topo, topo.interfaces[t], topo.interfaces[r]):
                 continue
             try:
-                found.append(_route(topo, topo.interfaces[t], topo.interfaces[r]))
+                found.append(_routes(topo, topo.interfaces[t], topo.interfaces[r])[0])  # the lowest loss, then channel
             except _Fail:
                 continue
     return found
@@ -218,11 +218,6 @@ def _blocked(fibre: Fibre, channel: int | None, band: str) -> str | None:
 
 
 # --- routing ------------------------------------------------------------------------
-
-def _route(topo: Topology, tx: QkdInterface, rx: QkdInterface) -> OpticalPath:
-    """The best of _routes (lowest loss, then lowest channel)."""
-    return _routes(topo, tx, rx)[0]
-
 
 def _candidates(topo: Topology, tx: QkdInterface, rx: QkdInterface, channel: int | None) -> list[int | None]:
     """The channels to try, lowest first; only `channel` when one is asked for."""

@@ -56,6 +56,7 @@ class Inventory:
         lab = (lab or {}).get("sdqkd-lab:lab", lab or {})
         self.lab = lab
         self.profiles = {p["name"]: p for p in lab.get("profile", [])}
+        self._resolved: dict[tuple[str, int], QkdProfile | None] = {}
         self.node_names = {n["name"] for n in lab.get("node", [])}
         self.ifaces: dict[tuple[str, int], dict[str, Any]] = {}
         for n in lab.get("node", []):
@@ -76,13 +77,16 @@ class Inventory:
 
     def profile(self, node: str, qkdi: int) -> QkdProfile | None:
         """The calibrated profile of a module (by node name), or None when the inventory has none."""
-        i = self.ifaces.get((node, qkdi))
-        if i is None or i.get("profile") not in self.profiles:
-            return None
-        try:  # as the lab resolved it for the agent: the dry run's rate is the one the link will make
-            return resolved_profile(self.lab, node, qkdi, i["profile"])
-        except (ValueError, TypeError):
-            return None
+        if (node, qkdi) not in self._resolved:  # the lab does not change: resolved once per module
+            i = self.ifaces.get((node, qkdi))
+            got = None
+            if i is not None and i.get("profile") in self.profiles:
+                try:  # as the lab resolved it for the agent: the dry run's rate is the one the link will make
+                    got = resolved_profile(self.lab, node, qkdi, i["profile"])
+                except (ValueError, TypeError):
+                    got = None
+            self._resolved[(node, qkdi)] = got
+        return self._resolved[(node, qkdi)]
 
     def fixed_channel(self, node: str, qkdi: int) -> int | None:
         i = self.ifaces.get((node, qkdi))
