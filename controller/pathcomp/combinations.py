@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 import networkx as nx
 
-from sdqkd.controller.pathcomp.optical import IfKey, _blocked, _channels, _incompatible
-from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, QkdInterface, Topology
+from sdqkd.controller.pathcomp.optical import IfKey, common_channels, fibre_blocks, incompatible
+from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, FibreEnd, QkdInterface, Topology
 
 _EPS = 1e-9
 
@@ -86,7 +86,7 @@ def _site_graph(topo: Topology) -> nx.MultiGraph:
     """Switches joined by fibres that have a free port pair at both ends; each edge keeps the
     channels those port pairs pass (None: any)."""
     g = nx.MultiGraph()
-    usable = {n: s for n, s in topo.switches.items() if s.node not in topo.nodes or topo.nodes[s.node].up}
+    usable = topo.usable_switches()
     for f in sorted(topo.fibres.values(), key=lambda f: f.name):
         if f.a.switch not in usable or f.b.switch not in usable:
             continue
@@ -95,21 +95,21 @@ def _site_graph(topo: Topology) -> nx.MultiGraph:
             for pb, cb in f.b.ports():
                 if pa in usable[f.a.switch].used_ports or pb in usable[f.b.switch].used_ports:
                     continue
-                sets = [c for c in (ca, cb) if c is not None]
-                passed |= set(frozenset.intersection(*sets)) if sets else {None}
+                chans = FibreEnd.pair_channels(ca, cb)
+                passed |= set(chans) if chans is not None else {None}
         if passed:
             g.add_edge(f.a.switch, f.b.switch, key=f.name, channels=frozenset(passed))
     return g
 
 
 def _combinations(topo: Topology, g: nx.MultiGraph, tx: QkdInterface, rx: QkdInterface) -> list[Combination]:
-    if _incompatible(topo, tx, rx) or tx.switch not in g or rx.switch not in g:
+    if incompatible(topo, tx, rx) or tx.switch not in g or rx.switch not in g:
         return []
     for i in (tx, rx):
         if i.port in topo.switches[i.switch].used_ports:  # type: ignore[index]
             return []
     il = {n: s.insertion_loss for n, s in topo.switches.items()}
-    wanted = _channels(tx, rx)
+    wanted = common_channels(tx, rx)
     out = []
     for route in nx.all_simple_edge_paths(g, tx.switch, rx.switch):
         fibres = [topo.fibres[k] for _, _, k in route]
@@ -119,7 +119,7 @@ def _combinations(topo: Topology, g: nx.MultiGraph, tx: QkdInterface, rx: QkdInt
         chans = set(wanted)
         for (u, v, k), f in zip(route, fibres):
             passed = g.edges[u, v, k]["channels"]
-            chans = {c for c in chans if (c is None or None in passed or c in passed) and not _blocked(f, c, tx.band)}
+            chans = {c for c in chans if (c is None or None in passed or c in passed) and not fibre_blocks(f, c, tx.band)}
         if chans:
             out.append(Combination(tx.key, rx.key, tuple(f.name for f in fibres), round(loss, 6), frozenset(chans)))
     return out

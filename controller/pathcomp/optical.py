@@ -30,7 +30,7 @@ from typing import Any
 import networkx as nx
 
 from sdqkd.controller.pathcomp import NoPath
-from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, Fibre, QkdInterface, Topology
+from sdqkd.controller.topology.model import RECEIVER, TRANSMITTER, Fibre, FibreEnd, QkdInterface, Topology
 
 _EPS = 1e-9
 IfKey = tuple[str, int]
@@ -95,7 +95,7 @@ def optical_options(topo: Topology, req: OpticalRequest,
             if tx.node == rx.node:
                 raise _Fail(_Fail.COMPAT, f"{_ifname(topo, t)} and {_ifname(topo, r)} are on the same node: "
                                           "a quantum channel joins two nodes")
-            reason = _incompatible(topo, tx, rx)
+            reason = incompatible(topo, tx, rx)
             if reason:
                 raise _Fail(_Fail.COMPAT, reason)
             paths.extend(_routes(topo, tx, rx, req.channel))
@@ -149,7 +149,7 @@ def direct_links(topo: Topology) -> list[OpticalPath]:
     rxs = sorted(i.key for i in topo.interfaces.values() if RECEIVER in i.roles)
     for t in txs:
         for r in rxs:
-            if t[0] == r[0] or _incompatible(topo, topo.interfaces[t], topo.interfaces[r]):
+            if t[0] == r[0] or incompatible(topo, topo.interfaces[t], topo.interfaces[r]):
                 continue
             try:
                 found.append(_routes(topo, topo.interfaces[t], topo.interfaces[r])[0])  # the lowest loss, then channel
@@ -177,7 +177,7 @@ def _iface(topo: Topology, key: IfKey, what: str) -> QkdInterface:
     return iface
 
 
-def _incompatible(topo: Topology, tx: QkdInterface, rx: QkdInterface) -> str | None:
+def incompatible(topo: Topology, tx: QkdInterface, rx: QkdInterface) -> str | None:
     """Why this Tx cannot talk to this Rx whatever the route, or None."""
     checks = [
         (TRANSMITTER not in tx.roles, f"{_ifname(topo, tx.key)} cannot transmit"),
@@ -188,13 +188,13 @@ def _incompatible(topo: Topology, tx: QkdInterface, rx: QkdInterface) -> str | N
         (not topo.nodes[rx.node].up, f"node {_name(topo, rx.node)} is down"),
         (tx.technology != rx.technology, f"technology {tx.technology} (Tx) != {rx.technology} (Rx)"),
         (tx.band != rx.band, f"band {tx.band} (Tx) != {rx.band} (Rx)"),
-        (_channels(tx, rx) == frozenset(), f"Tx channels {sorted(tx.wavelengths())} and Rx channels "
+        (common_channels(tx, rx) == frozenset(), f"Tx channels {sorted(tx.wavelengths())} and Rx channels "
                                            f"{sorted(rx.wavelengths())} have none in common"),
     ]
     return next((why for bad, why in checks if bad), None)
 
 
-def _channels(tx: QkdInterface, rx: QkdInterface) -> frozenset[int | None]:
+def common_channels(tx: QkdInterface, rx: QkdInterface) -> frozenset[int | None]:
     """Channels both ends can use; {None} when neither has a DWDM channel (O-band, or not known)."""
     a, b = tx.wavelengths(), rx.wavelengths()
     if tx.band == "O-band" or (not a and not b):
@@ -202,7 +202,7 @@ def _channels(tx: QkdInterface, rx: QkdInterface) -> frozenset[int | None]:
     return (a & b) if a and b else (a or b)
 
 
-def _blocked(fibre: Fibre, channel: int | None, band: str) -> str | None:
+def fibre_blocks(fibre: Fibre, channel: int | None, band: str) -> str | None:
     """Why `channel` cannot cross this fibre, or None."""
     if channel is None:
         return None
@@ -221,7 +221,7 @@ def _blocked(fibre: Fibre, channel: int | None, band: str) -> str | None:
 
 def _candidates(topo: Topology, tx: QkdInterface, rx: QkdInterface, channel: int | None) -> list[int | None]:
     """The channels to try, lowest first; only `channel` when one is asked for."""
-    chans = sorted(_channels(tx, rx), key=lambda c: -1 if c is None else c)
+    chans = sorted(common_channels(tx, rx), key=lambda c: -1 if c is None else c)
     if channel is None:
         return chans
     if chans == [None]:
@@ -260,7 +260,7 @@ def _fixed(topo: Topology, tx: QkdInterface, rx: QkdInterface, chans: list[int |
     best: dict[int | None, Fibre] = {}
     for f in fibres:  # lowest loss first
         for c in chans:
-            if c not in best and _blocked(f, c, tx.band) is None:
+            if c not in best and fibre_blocks(f, c, tx.band) is None:
                 best[c] = f
     if not best:
         raise _Fail(_Fail.WAVELENGTH, _no_wavelength(tx, rx, fibres, chans))
@@ -287,7 +287,7 @@ def _switched(topo: Topology, tx: QkdInterface, rx: QkdInterface, chans: list[in
     by_blocked: dict[frozenset[tuple[Any, Any]], list[int | None]] = {}
     for c in chans:
         blocked = frozenset((u, v) for u, v, d in g.graph["spans"]
-                            if not _passes(d, c) or _blocked(topo.fibres[d["fibre"]], c, tx.band))
+                            if not _passes(d, c) or fibre_blocks(topo.fibres[d["fibre"]], c, tx.band))
         by_blocked.setdefault(blocked, []).append(c)
     found = []
     for blocked, channels in by_blocked.items():
@@ -324,7 +324,7 @@ def _no_wavelength(tx: QkdInterface, rx: QkdInterface, fibres: Iterable[Fibre],
     channels = sorted(c for c in chans if c is not None)
     muxed, details = 0, []
     for c in channels:
-        why = next((w for w in (_blocked(f, c, tx.band) for f in fibres) if w), None)
+        why = next((w for w in (fibre_blocks(f, c, tx.band) for f in fibres) if w), None)
         if why == "mux":
             muxed += 1
         elif why:
@@ -341,8 +341,7 @@ def _build_graph(topo: Topology) -> nx.DiGraph:
     graph["spans"]: the fibre edges (out port -> far in port) with the channels their mux
     ports pass (None: any)."""
     g = nx.DiGraph(spans=[])
-    usable = {name: sw for name, sw in sorted(topo.switches.items())
-              if sw.node not in topo.nodes or topo.nodes[sw.node].up}
+    usable = topo.usable_switches()
 
     def free(switch: str | None, port: int | None) -> bool:
         return switch in usable and port not in usable[switch].used_ports
@@ -366,8 +365,7 @@ def _build_graph(topo: Topology) -> nx.DiGraph:
                 for pf, cf in far.ports():
                     if not (free(near.switch, pn) and free(far.switch, pf)):
                         continue
-                    sets = [c for c in (cn, cf) if c is not None]
-                    chans = frozenset.intersection(*sets) if sets else None
+                    chans = FibreEnd.pair_channels(cn, cf)
                     if chans is not None and not chans:
                         continue  # the demux sends no channel of this port to that one
                     u, v = ("out", near.switch, pn), ("in", far.switch, pf)

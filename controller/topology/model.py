@@ -136,6 +136,13 @@ class FibreEnd:
         object.__setattr__(self, "mux_ports", tuple((int(p), frozenset(int(c) for c in chans))
                                                     for p, chans in self.mux_ports))
 
+    @staticmethod
+    def pair_channels(a: frozenset[int] | None, b: frozenset[int] | None) -> frozenset[int] | None:
+        """What a port of this end and one of the far end pass between them: None (any) when
+        neither is behind a mux, else what both muxes pass (empty: nothing)."""
+        sets = [c for c in (a, b) if c is not None]
+        return frozenset.intersection(*sets) if sets else None
+
     def ports(self) -> tuple[tuple[int, frozenset[int] | None], ...]:
         """The switch ports this end lands on, each with the channels it passes (None: any)."""
         if self.switch is None:
@@ -215,6 +222,11 @@ class Topology:
         return cls({n.qkdn_id: n for n in nodes}, {i.key: i for i in interfaces},
                    {lk.qkdl_id: lk for lk in links}, {f.name: f for f in fibres},
                    {s.name: s for s in switches})
+
+    def usable_switches(self) -> dict[str, Switch]:
+        """The switches a channel may cross: those of nodes that are up (or of no node), by name."""
+        return {name: sw for name, sw in sorted(self.switches.items())
+                if sw.node not in self.nodes or self.nodes[sw.node].up}
 
     def replace(self, **changes: Any) -> Topology:
         """A new snapshot with some collections replaced (caches start empty)."""
