@@ -268,9 +268,8 @@ class Controller:
 
     def _n_source_failed(self, conn: Southbound, content: etree._Element) -> None:
         """sdqkd-qrng: the node's QRNG failed its health tests (no end keys from it until repaired)."""
-        ns = "{urn:sdqkd:yang:sdqkd-qrng}"
-        self._emit("qrng-failed", {"node": conn.addr.name, "message": content.findtext(f"{ns}message"),
-                                   "test": content.findtext(f"{ns}health-test/{ns}test")})
+        self._emit("qrng-failed", {"node": conn.addr.name, "message": content.findtext("qr:message", namespaces=NSMAP),
+                                   "test": content.findtext("qr:health-test/qr:test", namespaces=NSMAP)})
         self._mark_dirty(conn.qkdn_id)
 
     def _n_source_recovered(self, conn: Southbound, content: etree._Element) -> None:

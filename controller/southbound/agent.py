@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 ETSI_NS = "urn:etsi:qkd:yang:etsi-qkd-node"
 OSW_NS = "urn:sdqkd:yang:sdqkd-optical-switch"
-NSMAP = {"q": ETSI_NS, "o": OSW_NS}  # prefixes of the paths text() and the topology builder use
+KS_NS = "urn:sdqkd:yang:sdqkd-key-stock"
+QRNG_NS = "urn:sdqkd:yang:sdqkd-qrng"
+# prefixes of the paths text() and the topology builder use
+NSMAP = {"q": ETSI_NS, "o": OSW_NS, "ks": KS_NS, "qr": QRNG_NS}
 NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 
 

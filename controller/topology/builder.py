@@ -24,17 +24,15 @@ from sdqkd.controller.topology.model import (
     Topology,
 )
 
-KS = {"ks": "urn:sdqkd:yang:sdqkd-key-stock"}
-
 
 def key_stock(node: str, lk: etree._Element) -> KeyStock | None:
     """One end's sdqkd-key-stock key-stock of a qkd_link, if its agent reports one."""
-    ks = lk.find("ks:key-stock", KS)
+    ks = lk.find("ks:key-stock", NSMAP)
     if ks is None:
         return None
 
     def num(name: str) -> int:
-        return int(ks.findtext(f"ks:{name}", "0", KS) or 0)
+        return int(ks.findtext(f"ks:{name}", "0", NSMAP) or 0)
 
     return KeyStock(node, num("stored-keys"), num("stored-bits"), num("local-keys"), num("key-size"), num("limit-keys"))
 
@@ -129,7 +127,7 @@ def build(agents: Iterable[tuple[str, str, str | None, bool, etree._Element | No
     inv_switches = inv.switches(ids)
     link_views: dict[str, list[dict[str, Any]]] = {}
     for name, qid, domain, up, data in agents:
-        qrng = data.findtext("{urn:sdqkd:yang:sdqkd-qrng}qrng/{urn:sdqkd:yang:sdqkd-qrng}state") if data is not None else None
+        qrng = data.findtext("qr:qrng/qr:state", namespaces=NSMAP) if data is not None else None
         nodes[qid] = Node(qid, name, domain, inv.kms.get(name, True), up, qrng if up else None)
         node = qkd_node(data)
         for i in node.findall("q:qkd_interfaces/q:qkd_interface", NSMAP) if node is not None else []:

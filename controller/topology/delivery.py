@@ -8,8 +8,6 @@ from lxml import etree
 
 from sdqkd.controller.southbound.agent import NSMAP, qkd_node, text
 
-KS_NS = "urn:sdqkd:yang:sdqkd-key-stock"
-
 
 def app_delivery(data: etree._Element | None, app_id: str) -> dict[str, Any] | None:
     """requests, keys, bits, rate, window, available_keys/_bits (None when not reported),
@@ -21,12 +19,12 @@ def app_delivery(data: etree._Element | None, app_id: str) -> dict[str, Any] | N
     for app in node.findall("q:qkd_applications/q:qkd_app", NSMAP):
         if (text(app, "q:app_id") or "").lower() != want:
             continue
-        kd = app.find(f"{{{KS_NS}}}key-delivery")
+        kd = app.find("ks:key-delivery", NSMAP)
         if kd is None:
             return None
 
         def leaf(name: str) -> str | None:
-            return kd.findtext(f"{{{KS_NS}}}{name}")
+            return kd.findtext(f"ks:{name}", namespaces=NSMAP)
 
         def num(name: str) -> int | None:
             v = leaf(name)
