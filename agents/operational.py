@@ -75,7 +75,7 @@ def initial_config(cfg: AgentConfig, drivers: list[Driver]) -> list[etree._Eleme
     data: dict[str, Any] = {"etsi-qkd-sdn-node:qkd_node": node}
     if switches:
         data["sdqkd-optical-switch:optical-switches"] = {"switch": [{"name": st["name"]} for st in switches]}
-    return yangdata.encode_json(data, config=True).elements()
+    return yangdata.encode_json_xml(data, config=True)
 
 
 def wavelength_range(channels: str) -> str:

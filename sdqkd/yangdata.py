@@ -308,10 +308,13 @@ class Document:
         return out
 
 
-def _document(tree: Any) -> Document:
+def _document(tree: Any, forms: str = "xml json") -> Document:
+    """The tree printed in `forms` (a form not asked for is left empty: printing a whole
+    datastore costs as much as parsing it, and most callers read one form)."""
     if not tree:
         return Document("", {})
-    return Document(_print(tree, "xml"), json.loads(_print(tree, "json") or "{}"))
+    return Document(_print(tree, "xml") if "xml" in forms else "",
+                    json.loads(_print(tree, "json") or "{}") if "json" in forms else {})
 
 
 def validate(text: str | bytes, fmt: str = "xml", *, config: bool = True,
@@ -349,19 +352,24 @@ def validate_json(data: dict[str, Any] | str, *, config: bool = True) -> Documen
     return validate(json.dumps(data), "json", config=config, parsed=data)
 
 
-def encode_json(data: dict[str, Any] | str, *, config: bool = False) -> Document:
+def encode_json(data: dict[str, Any] | str, *, config: bool = False, forms: str = "xml json") -> Document:
     """An RFC 7951 JSON document (config and state) re-encoded by libyang: every value is
     type-checked and made canonical, but the document as a whole is not validated (a
     <get> answers with what the devices report, even while a link lacks a mandatory figure)."""
     tree = _parse(data if isinstance(data, str) else json.dumps(data), "json", config=config, validate=False)
     try:
-        return _document(tree)
+        return _document(tree, forms)
     finally:
         if tree:
             lib.lyd_free_all(tree)
 
 
-def parsed(elements: Iterable[etree._Element], *, config: bool) -> Document:
+def encode_json_xml(data: dict[str, Any] | str, *, config: bool = False) -> list[etree._Element]:
+    """encode_json's XML elements alone (the JSON it would print is not made)."""
+    return encode_json(data, config=config, forms="xml").elements()
+
+
+def parsed(elements: Iterable[etree._Element], *, config: bool, forms: str = "xml json") -> Document:
     """Top-level XML elements re-encoded by libyang (values type-checked, canonical; the
     whole not validated): the RFC 7951 JSON of a datastore's content or of a <get> reply."""
     elements = [el for el in elements if isinstance(el.tag, str)]
@@ -369,10 +377,15 @@ def parsed(elements: Iterable[etree._Element], *, config: bool) -> Document:
         return Document("", {})
     tree = _parse(b"".join(etree.tostring(el) for el in elements), "xml", config=config, validate=False)
     try:
-        return _document(tree)
+        return _document(tree, forms)
     finally:
         if tree:
             lib.lyd_free_all(tree)
+
+
+def parsed_json(elements: Iterable[etree._Element], *, config: bool) -> dict[str, Any]:
+    """parsed's RFC 7951 JSON alone (the XML it would print is not made)."""
+    return parsed(elements, config=config, forms="json").json
 
 
 def notification_json(content: etree._Element) -> dict[str, Any]:

@@ -74,10 +74,9 @@ class ModelSet:
         type-checked by libyang on the way."""
         merged = {k: v for per_module in data.values() for k, v in per_module.items()}
         try:
-            doc = yangdata.encode_json(merged)
+            return yangdata.encode_json_xml(merged)
         except yangdata.YangError as exc:
             raise errors.from_yang(exc) from None
-        return doc.elements()
 
     def with_defaults(self, elements: list[etree._Element], mode: str, *, config: bool) -> list[etree._Element]:
         """`elements` (a datastore's content, or the operational document) in an RFC 6243

@@ -63,7 +63,7 @@ class Resources:
             elements, config = self.models.operational(live), False
         try:
             elements = self.models.with_defaults(elements, with_defaults, config=config)
-            doc = yangdata.parsed(elements, config=config).json
+            doc = yangdata.parsed_json(elements, config=config)
         except yangdata.YangError as exc:
             raise from_rpc(nc.from_yang(exc)) from None
         except (nc.RpcError, nc.RpcErrors) as exc:
@@ -211,7 +211,7 @@ class Resources:
 
     def _apply(self, doc: dict[str, Any], target: list[Step], method: str, create_children: bool) -> None:
         try:
-            elements = yangdata.encode_json(doc, config=True).elements()
+            elements = yangdata.encode_json_xml(doc, config=True)
         except yangdata.YangError as exc:
             raise from_rpc(nc.from_yang(exc)) from None
         op = {"PUT": "replace", "PATCH": "merge", "POST": "create", "DELETE": "delete"}[method]
@@ -254,7 +254,7 @@ class Resources:
 
     def _replace_all(self, body: dict[str, Any]) -> Edited:
         try:
-            elements = yangdata.encode_json(body, config=True).elements() if body else []
+            elements = yangdata.encode_json_xml(body, config=True) if body else []
         except yangdata.YangError as exc:
             raise from_rpc(nc.from_yang(exc)) from None
         self._edit(lambda: self.datastores.copy(elements, "running", SESSION))
@@ -317,7 +317,7 @@ def xml_body(raw: bytes, steps: list[Step], post: bool) -> dict[str, Any]:
     else:
         elements = [root]
     try:
-        doc = yangdata.parsed(elements, config=True).json
+        doc = yangdata.parsed_json(elements, config=True)
     except yangdata.YangError as exc:
         raise from_rpc(nc.from_yang(exc)) from None
     q = etree.QName(root)

@@ -333,11 +333,11 @@ class RestconfServer:
         root = etree.Element(f"{{{RESTCONF_NS}}}data", nsmap={None: RESTCONF_NS})
         try:
             if not steps:
-                root.extend(yangdata.encode_json(value).elements() if value else [])
+                root.extend(yangdata.encode_json_xml(value) if value else [])
                 return etree.tostring(root)
             node = steps[-1].node
             doc = paths.skeleton(steps, value)
-            els = yangdata.encode_json(doc).elements()
+            els = yangdata.encode_json_xml(doc)
         except yangdata.YangError as exc:
             raise RestconfError([nc.OperationFailed(str(exc))], 500) from None
         target = paths.find_xml(els, steps)

@@ -26,7 +26,7 @@ def _xml(content: dict[str, Any]) -> list[etree._Element]:
     """A partial configuration (an edit) in XML, each value checked against its type; `nc`
     declared on top for the operation attributes."""
     out = []
-    for el in yangdata.encode_json(content, config=True).elements():
+    for el in yangdata.encode_json_xml(content, config=True):
         top = etree.Element(el.tag, nsmap={**el.nsmap, "nc": NC_NS})
         top.extend(list(el))
         out.append(top)

@@ -53,7 +53,7 @@ def xml_data(doc: dict[str, Any], *, config: bool) -> etree._Element:
     doc = doc.get("ietf-restconf:data", doc)
     known = {k: v for k, v in doc.items() if k.split(":", 1)[0] in yangdata.MODULES}
     data = etree.Element(f"{{{NC_NS}}}data", nsmap={None: NC_NS})
-    data.extend(yangdata.encode_json(known, config=config).elements() if known else [])
+    data.extend(yangdata.encode_json_xml(known, config=config) if known else [])
     return data
 
 

@@ -122,7 +122,7 @@ class RestconfHop:
     def edit(self) -> None:
         self.requests = []
         for e in self.edits:
-            doc = yangdata.encode_json(e.content(), config=True).json  # type-checked, canonical
+            doc = yangdata.encode_json(e.content(), config=True, forms="json").json  # type-checked, canonical
             target = e.target()
             if e.operation == "remove":
                 self.requests.append(("DELETE", resource(target), None, e))
