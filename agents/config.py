@@ -357,10 +357,26 @@ def _check(cfg: AgentConfig) -> list[str]:
         problems.append("config.qrng.rate: an emulated QRNG needs its rate (bit/s)")
     if cfg.metrics is not None and not 0 <= cfg.metrics.port <= 65535:
         problems.append("config.metrics.port: out of range (0: not served)")
+    if cfg.restconf is not None:
+        problems += _check_restconf(cfg.restconf)
     if cfg.ipsec is not None and cfg.kms is None:
         problems.append("config.ipsec: IPsec tunnels take their keys from the LKMS, which needs config.kms")
     if cfg.qrng is not None and not (32 <= cfg.qrng.max_request_bytes <= MAX_ENTROPY_REQUEST):
         problems.append(f"config.qrng.max_request_bytes: between 32 (the default request) and {MAX_ENTROPY_REQUEST}")
+    return problems
+
+
+def _check_restconf(rc: RestconfConf) -> list[str]:
+    """What would otherwise fail only once the agent starts its RESTCONF server (or, for a
+    client CA, at the first client certificate)."""
+    from sdqkd import pki
+
+    problems = [] if 0 <= rc.port <= 65535 else ["config.restconf.port: out of range"]
+    for name in ("cert", "key"):
+        if not Path(getattr(rc, name)).is_file():
+            problems.append(f"config.restconf.{name}: {getattr(rc, name)}: no such file")
+    if rc.client_ca is not None and (why := pki.check_ca(rc.client_ca)) is not None:
+        problems.append(f"config.restconf.client_ca: {rc.client_ca}: {why}")
     return problems
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import ssl
 
 import httpx
+import pytest
 
 from agentproc import AgentProc
 from labnets import ring_topology
+from sdqkd.agents import config as agent_config
+from sdqkd.configfile import ConfigError
 from sdqkd.lab import labjson
 from sdqkd.lab import plan as lab_plan
 
@@ -36,3 +39,17 @@ def test_lab_json_leads_to_a_working_restconf_server(tmp_path) -> None:
         assert r.status_code == 200 and r.json() == {"etsi-qkd-sdn-node:qkdn_id": np.qkdn_id}
     finally:
         proc.stop()
+
+
+def test_a_broken_restconf_section_is_refused_at_load(tmp_path) -> None:
+    """A missing certificate, a client CA that is no CA, a port out of range: said when the
+    config is read, all at once, not when the server starts or a client connects."""
+    plan = lab_plan.make(ring_topology("rcbad", ["A", "B"]), tmp_path, free_ports=True)
+    raw = agent_config.read_json(plan.nodes["A"].config_path)
+    assert agent_config.parse(raw).restconf is not None
+    raw["restconf"].update(port=70000, cert=str(tmp_path / "gone.crt"), client_ca=raw["restconf"]["key"])
+    with pytest.raises(ConfigError) as err:
+        agent_config.parse(raw)
+    said = "\n".join(err.value.problems)
+    for what in ("config.restconf.port: out of range", "config.restconf.cert:", "config.restconf.client_ca:"):
+        assert what in said, said
