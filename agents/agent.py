@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,7 @@ class Agent:
         if cfg.metrics is not None and cfg.metrics.port:
             self._add_metrics()
         self.restconf: restconf.RestconfServer | None = None
+        self._auth_pool: ThreadPoolExecutor | None = None
         self._stopped = threading.Event()
         # Drivers emit from their own threads, possibly while a commit holds the
         # datastore lock: events are queued and sent by one thread of ours.
@@ -96,12 +98,14 @@ class Agent:
             ssh.User(u.name, u.password_hash, [ssh.parse_public_key(k) for k in u.authorized_keys]) for u in self.cfg.netconf.users
         ]
         host_key = ssh.load_or_create_host_key(Path(self.cfg.netconf.host_key))
+        self._auth_pool = ssh.auth_executor()  # NETCONF's and RESTCONF's password checks, two at a time in all
         if self.cfg.restconf is not None:  # RFC 8040: a second front end on the same datastores; up
             # before NETCONF, whose port says the agent is ready
             rc = self.cfg.restconf
             self.restconf = restconf.RestconfServer(
                 Resources(self.models, self.datastores, self._fill_state), self.hub, users, rc.host, rc.port,
-                restconf.ssl_context(rc.cert, rc.key, rc.client_ca), self.cfg.netconf.auth_failure_delay).start()
+                restconf.ssl_context(rc.cert, rc.key, rc.client_ca), self.cfg.netconf.auth_failure_delay,
+                auth_pool=self._auth_pool).start()
         rpcs = Rpcs(self.models, self.datastores, self.hub, self._fill_state, self._sessions,
                     lambda: dict(self.server.stats) if self.server else {})
         nc = self.cfg.netconf
@@ -109,7 +113,8 @@ class Agent:
             rpcs, users, host_key, nc.address, nc.port,
             limits=SessionLimits(max_message_size=nc.max_message_size, hello_timeout=nc.hello_timeout),
             login=ssh.LoginLimits(login_timeout=nc.login_timeout, max_auth_tries=nc.max_auth_tries,
-                                  max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay))
+                                  max_startups=nc.max_startups, failure_delay=nc.auth_failure_delay),
+            auth_pool=self._auth_pool)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.server.loop, self.cfg.metrics.address, self.cfg.metrics.port)
         # Everything built so far lives as long as the process: keep it out of the
@@ -195,6 +200,8 @@ class Agent:
             self.server.stop()
         if self.restconf is not None:
             self.restconf.stop()
+        if self._auth_pool is not None:
+            self._auth_pool.shutdown(wait=False, cancel_futures=True)
         for drv in self.drivers:
             try:
                 drv.close()

@@ -25,15 +25,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-def _start_all(pool: ThreadPoolExecutor, n: int) -> None:
-    """Start every thread of a pool now (it starts them one busy moment at a time), so the
-    process's thread count is fixed from the first request on."""
-    barrier = threading.Barrier(n + 1)
-    for _ in range(n):
-        pool.submit(barrier.wait)
-    barrier.wait()
-
-
 class _Connection(ssh.Login):
     """One SSH connection: login (ssh.Login), then NETCONF sessions on its channels."""
 
@@ -87,7 +78,10 @@ class NetconfServer:
 
     def __init__(self, rpcs: Rpcs, users: list[ssh.User], host_key: asyncssh.SSHKey, address: str = "127.0.0.1",
                  port: int = 0, limits: SessionLimits | None = None, login: ssh.LoginLimits | None = None,
-                 workers: int = 4) -> None:
+                 workers: int = 4, auth_pool: ThreadPoolExecutor | None = None) -> None:
+        """`auth_pool`: where password checks run (scrypt, 16 MiB each: its threads bound how
+        many at once), shared with the node's other front ends (RESTCONF) and then owned by the
+        caller; a pool of two of its own when not given."""
         self.rpcs = rpcs
         self.limits = limits or SessionLimits()
         self.address = address
@@ -97,9 +91,9 @@ class NetconfServer:
         self._next_id = 1
         self._lock = threading.Lock()
         self.workers = ThreadPoolExecutor(workers, thread_name_prefix="netconf-rpc")
-        self._auth = ThreadPoolExecutor(2, thread_name_prefix="netconf-auth")  # scrypt: 16 MiB each
-        _start_all(self.workers, workers)
-        _start_all(self._auth, 2)
+        self._own_auth = auth_pool is None
+        self._auth = auth_pool or ssh.auth_executor()
+        ssh.start_all(self.workers, workers)
         self.gate = ssh.Gate(users, login or ssh.LoginLimits(), self._auth)
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(self.workers)  # asyncssh's and asyncio's blocking calls: no pool of their own
@@ -197,6 +191,7 @@ class NetconfServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.workers.shutdown(wait=True, cancel_futures=True)
-        self._auth.shutdown(wait=False, cancel_futures=True)
+        if self._own_auth:
+            self._auth.shutdown(wait=False, cancel_futures=True)
         if not self._thread.is_alive():
             self.loop.close()

@@ -19,10 +19,11 @@ import hmac
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,25 @@ class FailureLog:
 
     def succeed(self, address: str) -> None:
         self._seen.pop(address, None)
+
+
+def start_all(pool: ThreadPoolExecutor, n: int) -> None:
+    """Start every thread of a pool now (it starts them one busy moment at a time), so the
+    process's thread count is fixed from the first request on."""
+    barrier = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(barrier.wait)
+    barrier.wait()
+
+
+AUTH_THREADS = 2  # password checks at once, across a node's front ends: scrypt takes 16 MiB each
+
+
+def auth_executor() -> ThreadPoolExecutor:
+    """The pool password checks run on, its threads started now."""
+    pool = ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="auth")
+    start_all(pool, AUTH_THREADS)
+    return pool
 
 
 class Gate:

@@ -21,7 +21,7 @@ from sdqkd.agents.kms import web
 from sdqkd.agents.kms.https import HttpsServer
 from sdqkd.agents.netconf import errors as nc
 from sdqkd.agents.netconf import notifications
-from sdqkd.agents.netconf.ssh import FailureLog, LoginLimits, User, check_password
+from sdqkd.agents.netconf.ssh import FailureLog, LoginLimits, User, auth_executor, check_password
 from sdqkd.agents.restconf import etag, events, params, paths, tfs
 from sdqkd.agents.restconf.errors import JSON, XML, RESTCONF_NS, RestconfError, fail, render
 from sdqkd.agents.restconf.methods import Resources, parse_json, xml_body
@@ -55,11 +55,11 @@ class Auth:
     """Who is asking: a NETCONF user, by password (scrypt, as ssh.py checks it; a pair
     once verified is remembered by its digest) or by certificate common name."""
 
-    def __init__(self, users: list[User]) -> None:
+    def __init__(self, users: list[User], executor: ThreadPoolExecutor) -> None:
         self.users = {u.name: u for u in users}
         self._good: set[bytes] = set()
-        # scrypt takes 16 MiB per check: two at a time at most, whatever the clients send
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="restconf-auth")
+        # scrypt takes 16 MiB per check: the node's one password-check pool bounds how many at once
+        self.executor = executor
 
     def user(self, request: web.Request) -> tuple[str | None, bool]:
         """(the user, or None; whether a password was tried and failed). Blocking (scrypt)."""
@@ -107,8 +107,12 @@ def _media(request: web.Request) -> str:
 
 class RestconfServer:
     def __init__(self, resources: Resources, hub: notifications.NotificationHub, users: list[User], host: str,
-                 port: int, ssl_ctx: ssl.SSLContext, failure_delay: float = 0.5) -> None:
-        self.resources, self.hub, self.auth = resources, hub, Auth(users)
+                 port: int, ssl_ctx: ssl.SSLContext, failure_delay: float = 0.5,
+                 auth_pool: ThreadPoolExecutor | None = None) -> None:
+        """`auth_pool`: the node's password-check pool, shared with NETCONF (the caller's); one
+        of its own when not given."""
+        self._own_auth = auth_pool is None
+        self.resources, self.hub, self.auth = resources, hub, Auth(users, auth_pool or auth_executor())
         # a wrong password is answered late, later for each one from the address (as NETCONF's)
         self.failures = FailureLog(LoginLimits(failure_delay=failure_delay))
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -129,7 +133,8 @@ class RestconfServer:
 
     def stop(self) -> None:
         self.https.stop()
-        self.auth.executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_auth:
+            self.auth.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- routes --------------------------------------------------------------------------
 
